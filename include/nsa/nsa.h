@@ -1,0 +1,247 @@
+/*
+ * nsa.h: the public C API of nsa, a library of Native Sparse Attention
+ * (Yuan et al., "Native Sparse Attention: Hardware-Aligned and Natively Trainable
+ * Sparse Attention", arXiv 2502.11089).
+ *
+ * What is computed is fixed by SPEC.md (the contract); this header only says how to ask.
+ *
+ * Shape letters, used in every comment below:
+ *   B batch, T tokens, Hq query heads, Hkv key/value heads (G = Hq / Hkv), Dk query/key head dim,
+ *   Dv value head dim, Tc compressed tokens (T >= l ? (T - l) / d + 1 : 0), n = slc_count,
+ *   S packed sequences (variable-length mode).
+ *
+ * Conventions:
+ *   - Every call takes an nsa_context, which holds the backend choice, the thread count and the
+ *     last error message. There is no global state: two contexts never interact.
+ *   - Every call returns an nsa_status. On error it writes nothing to any output and stores a
+ *     message naming the offending argument in the context (nsa_last_error).
+ *   - Tensors are described, not owned: nsa_tensor is a data pointer, a dtype, a shape and element
+ *     strides. Layout is [B, T, H, D] with the last dimension contiguous (stride 1); the other
+ *     strides are free, so views into a larger buffer (a KV cache) are legal.
+ *   - A tensor whose data pointer is NULL is "absent"; optional arguments may be absent.
+ *   - All sizes, strides and offsets are 64-bit.
+ */
+#ifndef NSA_NSA_H_
+#define NSA_NSA_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32) && defined(NSA_BUILDING_SHARED)
+#define NSA_API __declspec(dllexport)
+#elif defined(__GNUC__)
+#define NSA_API __attribute__((visibility("default")))
+#else
+#define NSA_API
+#endif
+
+#define NSA_VERSION_MAJOR 0
+#define NSA_VERSION_MINOR 1
+#define NSA_VERSION_PATCH 0
+
+/* ---------------------------------------------------------------------------------------------
+ * Status codes and errors
+ * ------------------------------------------------------------------------------------------- */
+
+typedef enum nsa_status {
+  NSA_OK = 0,
+  NSA_ERR_NULL_POINTER = 1,     /* a required pointer (context, params, tensor data) is NULL */
+  NSA_ERR_INVALID_CONFIG = 2,   /* an nsa_config field is out of range */
+  NSA_ERR_INVALID_SHAPE = 3,    /* a shape does not match the others, or is impossible */
+  NSA_ERR_INVALID_STRIDE = 4,   /* an inner stride is not 1, a stride is negative, or an
+                                   output view overlaps itself */
+  NSA_ERR_INVALID_DTYPE = 5,    /* a dtype that this argument does not accept */
+  NSA_ERR_INVALID_SEQLENS = 6,  /* cu_seqlens does not start at 0, decreases, or does not end at T */
+  NSA_ERR_INVALID_INDEX = 7,    /* a caller-supplied selection index is out of range */
+  NSA_ERR_INVALID_ARGUMENT = 8, /* any other bad argument (unknown enum value, ...) */
+  NSA_ERR_UNSUPPORTED = 9,      /* valid, but the chosen backend cannot do it (yet) */
+  NSA_ERR_OUT_OF_MEMORY = 10,
+  NSA_ERR_INTERNAL = 11
+} nsa_status;
+
+/* A static, human-readable name of a status code ("NSA_ERR_INVALID_SHAPE"). Never NULL. */
+NSA_API const char* nsa_status_name(nsa_status status);
+
+/* ---------------------------------------------------------------------------------------------
+ * Context
+ * ------------------------------------------------------------------------------------------- */
+
+typedef enum nsa_backend {
+  NSA_BACKEND_AUTO = 0, /* the fastest backend available for the call */
+  NSA_BACKEND_REF = 1,  /* the float64 reference (src/ref): slow, always built, the oracle */
+  NSA_BACKEND_CPU = 2,  /* the CPU kernels (src/cpu) */
+  NSA_BACKEND_CUDA = 3  /* reserved: CUDA kernels; data pointers are then device pointers */
+} nsa_backend;
+
+typedef struct nsa_context nsa_context;
+
+/* Creates a context with backend AUTO and the default thread count (OpenMP's). */
+NSA_API nsa_status nsa_context_create(nsa_context** out);
+/* Destroys a context; NULL is a no-op. */
+NSA_API void nsa_context_destroy(nsa_context* ctx);
+
+NSA_API nsa_status nsa_context_set_backend(nsa_context* ctx, nsa_backend backend);
+NSA_API nsa_backend nsa_context_backend(const nsa_context* ctx);
+/* n >= 1 threads; 0 restores the default. */
+NSA_API nsa_status nsa_context_set_num_threads(nsa_context* ctx, int32_t n);
+NSA_API int32_t nsa_context_num_threads(const nsa_context* ctx);
+
+/* The message of the last failed call on this context, or "" if the last call succeeded.
+ * The pointer stays valid until the next call on the context. NULL ctx gives "". */
+NSA_API const char* nsa_last_error(const nsa_context* ctx);
+
+/* Whether this build has a backend (CUDA: compiled in and a device present). AUTO is always 1. */
+NSA_API int32_t nsa_backend_available(nsa_backend backend);
+NSA_API const char* nsa_backend_name(nsa_backend backend);
+
+/* ---------------------------------------------------------------------------------------------
+ * Configuration (SPEC.md section 2)
+ * ------------------------------------------------------------------------------------------- */
+
+typedef struct nsa_config {
+  int32_t cmp_block;  /* l: tokens per compression block (default 32) */
+  int32_t cmp_stride; /* d: stride between compression blocks, d <= l (default 16) */
+  int32_t slc_block;  /* l': tokens per selection block (default 64) */
+  int32_t slc_count;  /* n: selected blocks per query, forced blocks included (default 16) */
+  int32_t slc_init;   /* n_init: leading blocks always selected (default 1) */
+  int32_t slc_local;  /* n_local: most recent blocks always selected (default 2) */
+  int32_t window;     /* w: sliding-window size, own token included (default 512) */
+  float scale;        /* softmax scale; 0 means 1/sqrt(Dk) (default 0) */
+} nsa_config;
+
+/* Fills the paper's defaults (Section 4.1). */
+NSA_API void nsa_config_default(nsa_config* cfg);
+/* NSA_OK, or NSA_ERR_INVALID_CONFIG with a message naming the field (stored in ctx if ctx is not
+ * NULL). */
+NSA_API nsa_status nsa_config_validate(nsa_context* ctx, const nsa_config* cfg);
+/* Tc for a sequence of t tokens: t >= l ? (t - l) / d + 1 : 0. */
+NSA_API int64_t nsa_cmp_len(const nsa_config* cfg, int64_t t);
+
+/* ---------------------------------------------------------------------------------------------
+ * Tensors
+ * ------------------------------------------------------------------------------------------- */
+
+typedef enum nsa_dtype {
+  NSA_DTYPE_F32 = 0,
+  NSA_DTYPE_BF16 = 1,
+  NSA_DTYPE_F16 = 2, /* reserved: no op accepts it yet */
+  NSA_DTYPE_I32 = 3  /* indices only */
+} nsa_dtype;
+
+NSA_API const char* nsa_dtype_name(nsa_dtype dtype);
+NSA_API size_t nsa_dtype_size(nsa_dtype dtype);
+
+#define NSA_MAX_DIMS 4
+
+typedef struct nsa_tensor {
+  void* data;                    /* NULL: absent */
+  nsa_dtype dtype;
+  int32_t ndim;                  /* 1 .. NSA_MAX_DIMS */
+  int64_t shape[NSA_MAX_DIMS];
+  int64_t stride[NSA_MAX_DIMS];  /* in elements; stride[ndim-1] must be 1 */
+} nsa_tensor;
+
+/* A contiguous row-major descriptor of rank ndim (shape[0..ndim-1]). */
+NSA_API nsa_tensor nsa_tensor_contiguous(void* data, nsa_dtype dtype, int32_t ndim,
+                                         const int64_t* shape);
+
+/* ---------------------------------------------------------------------------------------------
+ * Forward (SPEC.md sections 3 and 4)
+ * ------------------------------------------------------------------------------------------- */
+
+typedef struct nsa_fwd_params {
+  nsa_config cfg;
+
+  /* Inputs. q, k, v, k_cmp, v_cmp share one dtype (f32 or bf16); gates are f32 or that dtype. */
+  nsa_tensor q;      /* [B, T, Hq, Dk] */
+  nsa_tensor k;      /* [B, T, Hkv, Dk] raw keys, shared by the slc and win branches */
+  nsa_tensor v;      /* [B, T, Hkv, Dv] raw values, likewise */
+  nsa_tensor k_slc;  /* optional [B, T, Hkv, Dk]: the slc branch's own keys (SPEC 3); absent: k */
+  nsa_tensor v_slc;  /* optional [B, T, Hkv, Dv]; absent: v. Give both or neither. */
+  nsa_tensor k_win;  /* optional [B, T, Hkv, Dk]: the win branch's own keys; absent: k */
+  nsa_tensor v_win;  /* optional [B, T, Hkv, Dv]; absent: v. Give both or neither. */
+  nsa_tensor k_cmp;  /* [B, Tc, Hkv, Dk] compressed keys (nsa_compress, or the caller's) */
+  nsa_tensor v_cmp;  /* [B, Tc, Hkv, Dv] compressed values */
+  nsa_tensor g_cmp;  /* [B, T, Hq] gate values (the op applies no sigmoid) */
+  nsa_tensor g_slc;  /* [B, T, Hq] */
+  nsa_tensor g_win;  /* [B, T, Hq] */
+
+  /* Optional variable-length packing: S sequences packed along T with B = 1. cu_seqlens has
+   * S + 1 entries, starts at 0, never decreases and ends at T. k_cmp / v_cmp are then packed the
+   * same way: sequence s owns nsa_cmp_len(len_s) rows, in order (see nsa_cmp_seqlens). */
+  const int32_t* cu_seqlens; /* host memory; NULL: B independent sequences of length T */
+  int64_t num_seqs;          /* S */
+
+  /* Optional caller-supplied selection [B, T, Hkv, n] int32, replacing the computed top-n.
+   * Each entry is -1 (unused) or a block index in [0, t / l']; duplicates count once.
+   * The forced blocks are not added: the caller's set is used as given. */
+  nsa_tensor slc_indices_in;
+
+  /* Outputs. */
+  nsa_tensor o;       /* [B, T, Hq, Dv], f32 or bf16 */
+  nsa_tensor lse_cmp; /* optional [B, T, Hq] f32: per-branch log-sum-exp (natural log, scaled
+                         scores); -inf where the branch is empty */
+  nsa_tensor lse_slc; /* optional [B, T, Hq] f32 */
+  nsa_tensor lse_win; /* optional [B, T, Hq] f32 */
+  nsa_tensor o_cmp;   /* optional [B, T, Hq, Dv] f32 or bf16: the ungated branch outputs */
+  nsa_tensor o_slc;   /* optional */
+  nsa_tensor o_win;   /* optional */
+  nsa_tensor slc_indices_out; /* optional [B, T, Hkv, n] int32: sorted ascending, -1 padded */
+} nsa_fwd_params;
+
+/* Zeroes every field (all tensors absent) and fills cfg with the defaults. */
+NSA_API void nsa_fwd_params_init(nsa_fwd_params* p);
+NSA_API nsa_status nsa_fwd(nsa_context* ctx, const nsa_fwd_params* p);
+
+/* Writes the cumulative compressed lengths cu_cmp[0..S] for cu_seqlens[0..S]. */
+NSA_API nsa_status nsa_cmp_seqlens(nsa_context* ctx, const nsa_config* cfg,
+                                   const int32_t* cu_seqlens, int64_t num_seqs, int32_t* cu_cmp);
+
+/* ---------------------------------------------------------------------------------------------
+ * Compression (SPEC.md section 5)
+ * ------------------------------------------------------------------------------------------- */
+
+typedef enum nsa_cmp_kind {
+  NSA_CMP_MEAN = 0, /* the mean of the block's l tokens */
+  NSA_CMP_MLP = 1   /* W2 relu(W1 flatten(X + P) + b1) + b2, one parameter set per KV head */
+} nsa_cmp_kind;
+
+typedef struct nsa_compress_params {
+  nsa_config cfg; /* uses cmp_block (l) and cmp_stride (d) */
+  nsa_cmp_kind kind;
+
+  nsa_tensor x;   /* [B, T, Hkv, D] raw keys or values; f32 or bf16 */
+  const int32_t* cu_seqlens; /* optional, as in nsa_fwd_params */
+  int64_t num_seqs;
+
+  /* kind == NSA_CMP_MLP only; same dtype as x. Dh is the hidden width. */
+  nsa_tensor pos; /* [Hkv, l, D] intra-block position encoding P */
+  nsa_tensor w1;  /* [Hkv, Dh, l * D] */
+  nsa_tensor b1;  /* [Hkv, Dh] */
+  nsa_tensor w2;  /* [Hkv, D, Dh] */
+  nsa_tensor b2;  /* [Hkv, D] */
+
+  nsa_tensor out; /* [B, Tc, Hkv, D] (packed per sequence with cu_seqlens), f32 or bf16 */
+} nsa_compress_params;
+
+NSA_API void nsa_compress_params_init(nsa_compress_params* p);
+NSA_API nsa_status nsa_compress(nsa_context* ctx, const nsa_compress_params* p);
+
+/* ---------------------------------------------------------------------------------------------
+ * Build information
+ * ------------------------------------------------------------------------------------------- */
+
+/* "0.1.0". */
+NSA_API const char* nsa_version(void);
+/* One line each: compiler, build type, options. Static storage. */
+NSA_API const char* nsa_build_info(void);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* NSA_NSA_H_ */

@@ -1,0 +1,267 @@
+// The C API: argument checks, backend dispatch, and the translation of Status into a status code
+// plus the context's last-error message. No exception crosses this boundary.
+#include <cmath>
+#include <cstring>
+#include <exception>
+#include <new>
+
+#include "api/context.h"
+#include "api/validate.h"
+#include "build_info.h"
+#include "common/backends.h"
+
+using nsa::Status;
+
+namespace {
+
+// Records the outcome of a call in ctx (when there is one) and returns its code.
+nsa_status finish(nsa_context* ctx, const Status& s) {
+  if (ctx != nullptr) ctx->last_error = s.is_ok() ? std::string() : s.message;
+  return s.code;
+}
+
+// Runs `body` (returning Status), turning exceptions into status codes.
+template <typename Body>
+nsa_status guarded(nsa_context* ctx, Body&& body) {
+  try {
+    return finish(ctx, body());
+  } catch (const std::bad_alloc&) {
+    return finish(ctx, nsa::error(NSA_ERR_OUT_OF_MEMORY, "out of memory"));
+  } catch (const std::exception& e) {
+    return finish(ctx, nsa::error(NSA_ERR_INTERNAL, std::string("internal error: ") + e.what()));
+  } catch (...) {
+    return finish(ctx, nsa::error(NSA_ERR_INTERNAL, "internal error: unknown exception"));
+  }
+}
+
+// AUTO picks the fastest backend the build has.
+nsa_backend resolve(nsa_backend b) {
+  if (b != NSA_BACKEND_AUTO) return b;
+  return nsa::cpu::available() ? NSA_BACKEND_CPU : NSA_BACKEND_REF;
+}
+
+Status unavailable(nsa_backend b) {
+  return nsa::error(NSA_ERR_UNSUPPORTED, std::string("backend ") + nsa_backend_name(b) +
+                                             " is not available in this build");
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* nsa_status_name(nsa_status status) {
+  switch (status) {
+    case NSA_OK: return "NSA_OK";
+    case NSA_ERR_NULL_POINTER: return "NSA_ERR_NULL_POINTER";
+    case NSA_ERR_INVALID_CONFIG: return "NSA_ERR_INVALID_CONFIG";
+    case NSA_ERR_INVALID_SHAPE: return "NSA_ERR_INVALID_SHAPE";
+    case NSA_ERR_INVALID_STRIDE: return "NSA_ERR_INVALID_STRIDE";
+    case NSA_ERR_INVALID_DTYPE: return "NSA_ERR_INVALID_DTYPE";
+    case NSA_ERR_INVALID_SEQLENS: return "NSA_ERR_INVALID_SEQLENS";
+    case NSA_ERR_INVALID_INDEX: return "NSA_ERR_INVALID_INDEX";
+    case NSA_ERR_INVALID_ARGUMENT: return "NSA_ERR_INVALID_ARGUMENT";
+    case NSA_ERR_UNSUPPORTED: return "NSA_ERR_UNSUPPORTED";
+    case NSA_ERR_OUT_OF_MEMORY: return "NSA_ERR_OUT_OF_MEMORY";
+    case NSA_ERR_INTERNAL: return "NSA_ERR_INTERNAL";
+  }
+  return "NSA_ERR_UNKNOWN";
+}
+
+nsa_status nsa_context_create(nsa_context** out) {
+  if (out == nullptr) return NSA_ERR_NULL_POINTER;
+  *out = new (std::nothrow) nsa_context();
+  return *out != nullptr ? NSA_OK : NSA_ERR_OUT_OF_MEMORY;
+}
+
+void nsa_context_destroy(nsa_context* ctx) { delete ctx; }
+
+nsa_status nsa_context_set_backend(nsa_context* ctx, nsa_backend backend) {
+  if (ctx == nullptr) return NSA_ERR_NULL_POINTER;
+  if (backend < NSA_BACKEND_AUTO || backend > NSA_BACKEND_CUDA) {
+    return finish(ctx, nsa::error(NSA_ERR_INVALID_ARGUMENT,
+                                  "backend: unknown value " + std::to_string(int(backend))));
+  }
+  if (!nsa_backend_available(backend)) return finish(ctx, unavailable(backend));
+  ctx->backend = backend;
+  return finish(ctx, Status::ok());
+}
+
+nsa_backend nsa_context_backend(const nsa_context* ctx) {
+  return ctx != nullptr ? ctx->backend : NSA_BACKEND_AUTO;
+}
+
+nsa_status nsa_context_set_num_threads(nsa_context* ctx, int32_t n) {
+  if (ctx == nullptr) return NSA_ERR_NULL_POINTER;
+  if (n < 0) {
+    return finish(ctx, nsa::error(NSA_ERR_INVALID_ARGUMENT,
+                                  "num_threads: must be >= 0 (0: default), got " +
+                                      std::to_string(n)));
+  }
+  ctx->num_threads = n;
+  return finish(ctx, Status::ok());
+}
+
+int32_t nsa_context_num_threads(const nsa_context* ctx) {
+  return ctx != nullptr ? ctx->num_threads : 0;
+}
+
+const char* nsa_last_error(const nsa_context* ctx) {
+  return ctx != nullptr ? ctx->last_error.c_str() : "";
+}
+
+int32_t nsa_backend_available(nsa_backend backend) {
+  switch (backend) {
+    case NSA_BACKEND_AUTO:
+    case NSA_BACKEND_REF: return 1;
+    case NSA_BACKEND_CPU: return nsa::cpu::available() ? 1 : 0;
+    case NSA_BACKEND_CUDA: return 0;
+  }
+  return 0;
+}
+
+const char* nsa_backend_name(nsa_backend backend) {
+  switch (backend) {
+    case NSA_BACKEND_AUTO: return "auto";
+    case NSA_BACKEND_REF: return "ref";
+    case NSA_BACKEND_CPU: return "cpu";
+    case NSA_BACKEND_CUDA: return "cuda";
+  }
+  return "unknown";
+}
+
+void nsa_config_default(nsa_config* cfg) {
+  if (cfg == nullptr) return;
+  cfg->cmp_block = 32;
+  cfg->cmp_stride = 16;
+  cfg->slc_block = 64;
+  cfg->slc_count = 16;
+  cfg->slc_init = 1;
+  cfg->slc_local = 2;
+  cfg->window = 512;
+  cfg->scale = 0.0f;
+}
+
+nsa_status nsa_config_validate(nsa_context* ctx, const nsa_config* cfg) {
+  if (cfg == nullptr) return finish(ctx, nsa::error(NSA_ERR_NULL_POINTER, "cfg: NULL"));
+  return finish(ctx, nsa::validate_config(*cfg));
+}
+
+int64_t nsa_cmp_len(const nsa_config* cfg, int64_t t) {
+  if (cfg == nullptr || cfg->cmp_block < 1 || cfg->cmp_stride < 1 || t < cfg->cmp_block) return 0;
+  return (t - cfg->cmp_block) / cfg->cmp_stride + 1;
+}
+
+const char* nsa_dtype_name(nsa_dtype dtype) {
+  switch (dtype) {
+    case NSA_DTYPE_F32: return "f32";
+    case NSA_DTYPE_BF16: return "bf16";
+    case NSA_DTYPE_F16: return "f16";
+    case NSA_DTYPE_I32: return "i32";
+  }
+  return "unknown";
+}
+
+size_t nsa_dtype_size(nsa_dtype dtype) {
+  switch (dtype) {
+    case NSA_DTYPE_F32:
+    case NSA_DTYPE_I32: return 4;
+    case NSA_DTYPE_BF16:
+    case NSA_DTYPE_F16: return 2;
+  }
+  return 0;
+}
+
+nsa_tensor nsa_tensor_contiguous(void* data, nsa_dtype dtype, int32_t ndim, const int64_t* shape) {
+  nsa_tensor t;
+  std::memset(&t, 0, sizeof t);
+  t.data = data;
+  t.dtype = dtype;
+  if (shape == nullptr || ndim < 1 || ndim > NSA_MAX_DIMS) {
+    t.ndim = 0;  // rejected by every op as a shape error
+    return t;
+  }
+  t.ndim = ndim;
+  int64_t stride = 1;
+  for (int32_t i = ndim - 1; i >= 0; --i) {
+    t.shape[i] = shape[i];
+    t.stride[i] = stride;
+    stride *= shape[i] > 0 ? shape[i] : 1;
+  }
+  return t;
+}
+
+void nsa_fwd_params_init(nsa_fwd_params* p) {
+  if (p == nullptr) return;
+  std::memset(p, 0, sizeof *p);
+  nsa_config_default(&p->cfg);
+}
+
+nsa_status nsa_fwd(nsa_context* ctx, const nsa_fwd_params* p) {
+  if (ctx == nullptr) return NSA_ERR_NULL_POINTER;
+  return guarded(ctx, [&]() -> Status {
+    if (p == nullptr) return nsa::error(NSA_ERR_NULL_POINTER, "params: NULL");
+    nsa::FwdProblem problem;
+    NSA_RETURN_IF_ERROR(nsa::make_fwd_problem(*p, &problem));
+    problem.num_threads = ctx->num_threads;
+    switch (resolve(ctx->backend)) {
+      case NSA_BACKEND_REF: return nsa::ref::forward(problem);
+      case NSA_BACKEND_CPU: return nsa::cpu::forward(problem);
+      default: return unavailable(ctx->backend);
+    }
+  });
+}
+
+nsa_status nsa_cmp_seqlens(nsa_context* ctx, const nsa_config* cfg, const int32_t* cu_seqlens,
+                           int64_t num_seqs, int32_t* cu_cmp) {
+  return guarded(ctx, [&]() -> Status {
+    if (cfg == nullptr) return nsa::error(NSA_ERR_NULL_POINTER, "cfg: NULL");
+    if (cu_seqlens == nullptr) return nsa::error(NSA_ERR_NULL_POINTER, "cu_seqlens: NULL");
+    if (cu_cmp == nullptr) return nsa::error(NSA_ERR_NULL_POINTER, "cu_cmp: NULL");
+    NSA_RETURN_IF_ERROR(nsa::validate_config(*cfg));
+    if (num_seqs < 1) {
+      return nsa::error(NSA_ERR_INVALID_SEQLENS,
+                        "num_seqs: must be at least 1, got " + std::to_string(num_seqs));
+    }
+    for (int64_t s = 0; s < num_seqs; ++s) {
+      if (cu_seqlens[s + 1] < cu_seqlens[s] || cu_seqlens[0] != 0) {
+        return nsa::error(NSA_ERR_INVALID_SEQLENS,
+                          "cu_seqlens: must start at 0 and never decrease (index " +
+                              std::to_string(s + 1) + ")");
+      }
+    }
+    cu_cmp[0] = 0;
+    for (int64_t s = 0; s < num_seqs; ++s) {
+      cu_cmp[s + 1] =
+          cu_cmp[s] + static_cast<int32_t>(nsa_cmp_len(cfg, cu_seqlens[s + 1] - cu_seqlens[s]));
+    }
+    return Status::ok();
+  });
+}
+
+void nsa_compress_params_init(nsa_compress_params* p) {
+  if (p == nullptr) return;
+  std::memset(p, 0, sizeof *p);
+  nsa_config_default(&p->cfg);
+  p->kind = NSA_CMP_MEAN;
+}
+
+nsa_status nsa_compress(nsa_context* ctx, const nsa_compress_params* p) {
+  if (ctx == nullptr) return NSA_ERR_NULL_POINTER;
+  return guarded(ctx, [&]() -> Status {
+    if (p == nullptr) return nsa::error(NSA_ERR_NULL_POINTER, "params: NULL");
+    nsa::CompressProblem problem;
+    NSA_RETURN_IF_ERROR(nsa::make_compress_problem(*p, &problem));
+    problem.num_threads = ctx->num_threads;
+    switch (resolve(ctx->backend)) {
+      case NSA_BACKEND_REF: return nsa::ref::compress(problem);
+      case NSA_BACKEND_CPU: return nsa::cpu::compress(problem);
+      default: return unavailable(ctx->backend);
+    }
+  });
+}
+
+const char* nsa_version(void) { return NSA_VERSION_STRING; }
+
+const char* nsa_build_info(void) { return NSA_BUILD_INFO; }
+
+}  // extern "C"

@@ -1,0 +1,21 @@
+// The backends' entry points, as the C API dispatches to them. Each receives a validated problem.
+#pragma once
+
+#include "common/problem.h"
+#include "common/status.h"
+
+namespace nsa {
+
+namespace ref {
+Status forward(const FwdProblem& problem);
+Status compress(const CompressProblem& problem);
+}  // namespace ref
+
+namespace cpu {
+// Whether this build carries the CPU kernels.
+bool available();
+Status forward(const FwdProblem& problem);
+Status compress(const CompressProblem& problem);
+}  // namespace cpu
+
+}  // namespace nsa

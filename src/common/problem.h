@@ -1,0 +1,47 @@
+// Validated problem descriptions: what the C API hands to a backend after every check passed.
+// A backend may assume everything stated here; it never re-validates.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "nsa/nsa.h"
+
+namespace nsa {
+
+// Offset in elements of [i0, i1, i2, i3] in a tensor (unused trailing indices are 0).
+inline int64_t offset_of(const nsa_tensor& t, int64_t i0, int64_t i1 = 0, int64_t i2 = 0,
+                         int64_t i3 = 0) {
+  return i0 * t.stride[0] + i1 * t.stride[1] + i2 * t.stride[2] + i3 * t.stride[3];
+}
+
+inline bool present(const nsa_tensor& t) { return t.data != nullptr; }
+
+// One independent sequence: batch row `batch`, tokens [start, start + len) of that row, and
+// compressed tokens [cmp_start, cmp_start + cmp_len). Without cu_seqlens there is one per batch
+// row with start = cmp_start = 0.
+struct Sequence {
+  int64_t batch = 0;
+  int64_t start = 0;
+  int64_t len = 0;
+  int64_t cmp_start = 0;
+  int64_t cmp_len = 0;
+};
+
+struct FwdProblem {
+  // The caller's params, with k_slc/v_slc/k_win/v_win filled in from k/v when absent and
+  // cfg.scale resolved to 1/sqrt(Dk) when it was 0.
+  nsa_fwd_params p;
+  int64_t B = 0, T = 0, Hq = 0, Hkv = 0, G = 0, Dk = 0, Dv = 0, Tc = 0;
+  std::vector<Sequence> seqs;
+  int32_t num_threads = 0;  // 0: OpenMP's default
+};
+
+struct CompressProblem {
+  nsa_compress_params p;
+  int64_t B = 0, T = 0, Hkv = 0, D = 0, Dh = 0, Tc = 0;
+  std::vector<Sequence> seqs;
+  int32_t num_threads = 0;
+};
+
+}  // namespace nsa
