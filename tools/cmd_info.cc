@@ -1,0 +1,55 @@
+// `nsa info`: the build, the CPU features this machine has, and the backends and kernels built.
+#include <omp.h>
+
+#include <cstdio>
+#include <string>
+
+#include "commands.h"
+#include "nsa/nsa.h"
+
+namespace {
+
+void print_cpu_features() {
+  std::string features;
+  auto add = [&](const char* name, bool has) {
+    if (has) features += std::string(features.empty() ? "" : " ") + name;
+  };
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  add("sse4.2", __builtin_cpu_supports("sse4.2"));
+  add("avx", __builtin_cpu_supports("avx"));
+  add("avx2", __builtin_cpu_supports("avx2"));
+  add("fma", __builtin_cpu_supports("fma"));
+  add("avx512f", __builtin_cpu_supports("avx512f"));
+  add("avx512bw", __builtin_cpu_supports("avx512bw"));
+  add("avx512vl", __builtin_cpu_supports("avx512vl"));
+  add("avx512bf16", __builtin_cpu_supports("avx512bf16"));
+  add("avx512vnni", __builtin_cpu_supports("avx512vnni"));
+#elif defined(__aarch64__)
+  add("aarch64", true);
+#endif
+  std::printf("cpu features: %s\n", features.empty() ? "(none detected)" : features.c_str());
+  std::printf("openmp threads: %d available, %d processors\n", omp_get_max_threads(),
+              omp_get_num_procs());
+}
+
+}  // namespace
+
+Command add_info_command(CLI::App& app) {
+  app.add_subcommand("info", "Print the build, the CPU features and the available backends");
+  return [] {
+    std::printf("nsa %s\n%s\n", nsa_version(), nsa_build_info());
+    print_cpu_features();
+    const nsa_backend backends[] = {NSA_BACKEND_REF, NSA_BACKEND_CPU, NSA_BACKEND_CUDA};
+    std::printf("backends:\n");
+    for (nsa_backend b : backends) {
+      std::printf("  %-5s %s\n", nsa_backend_name(b),
+                  nsa_backend_available(b) ? "available: forward (cmp, slc, win, gates), "
+                                             "compress (mean, mlp)"
+                                           : "not available in this build");
+    }
+    std::printf("auto backend resolves to: %s\n",
+                nsa_backend_available(NSA_BACKEND_CPU) ? "cpu" : "ref");
+    return 0;
+  };
+}
