@@ -102,7 +102,11 @@ class Tensor {
       case NSA_DTYPE_BF16:
         reinterpret_cast<uint16_t*>(bytes_.data())[off] = float_to_bf16_bits(static_cast<float>(v));
         break;
-      case NSA_DTYPE_I32: reinterpret_cast<int32_t*>(bytes_.data())[off] = static_cast<int32_t>(v); break;
+      case NSA_DTYPE_I32:
+        // NaN has no int32 value; padding of index tensors gets INT32_MIN, which no index is.
+        reinterpret_cast<int32_t*>(bytes_.data())[off] =
+            std::isnan(v) ? std::numeric_limits<int32_t>::min() : static_cast<int32_t>(v);
+        break;
       default: reinterpret_cast<float*>(bytes_.data())[off] = static_cast<float>(v);
     }
   }

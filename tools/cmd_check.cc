@@ -31,6 +31,15 @@ struct Buffer {
   std::vector<unsigned char> bytes;
   nsa_tensor desc{};
   Buffer() = default;
+  // Copies and moves re-point the descriptor at their own bytes.
+  Buffer(const Buffer& o) : bytes(o.bytes), desc(o.desc) { desc.data = bytes.data(); }
+  Buffer(Buffer&& o) noexcept : bytes(std::move(o.bytes)), desc(o.desc) { desc.data = bytes.data(); }
+  Buffer& operator=(Buffer o) noexcept {
+    bytes.swap(o.bytes);
+    desc = o.desc;
+    desc.data = bytes.data();
+    return *this;
+  }
   Buffer(nsa_dtype dtype, std::vector<int64_t> shape) {
     int64_t n = 1;
     for (int64_t s : shape) n *= s;

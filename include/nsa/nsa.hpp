@@ -7,6 +7,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "nsa/nsa.h"
 
@@ -41,7 +42,9 @@ class Error : public std::runtime_error {
 // A contiguous descriptor of `shape` over `data` (which the caller keeps alive).
 template <typename T>
 nsa_tensor tensor(T* data, std::initializer_list<int64_t> shape) {
-  return nsa_tensor_contiguous(const_cast<void*>(static_cast<const void*>(data)), dtype_of<T>(),
+  // Inputs may be const; the descriptor's pointer is not, as in the C API.
+  return nsa_tensor_contiguous(const_cast<void*>(static_cast<const void*>(data)),
+                               dtype_of<std::remove_const_t<T>>(),
                                static_cast<int32_t>(shape.size()), shape.begin());
 }
 

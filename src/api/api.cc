@@ -50,7 +50,7 @@ Status unavailable(nsa_backend b) {
 extern "C" {
 
 const char* nsa_status_name(nsa_status status) {
-  switch (status) {
+  switch (nsa::enum_value(status)) {  // any int: C callers may pass one
     case NSA_OK: return "NSA_OK";
     case NSA_ERR_NULL_POINTER: return "NSA_ERR_NULL_POINTER";
     case NSA_ERR_INVALID_CONFIG: return "NSA_ERR_INVALID_CONFIG";
@@ -77,9 +77,10 @@ void nsa_context_destroy(nsa_context* ctx) { delete ctx; }
 
 nsa_status nsa_context_set_backend(nsa_context* ctx, nsa_backend backend) {
   if (ctx == nullptr) return NSA_ERR_NULL_POINTER;
-  if (backend < NSA_BACKEND_AUTO || backend > NSA_BACKEND_CUDA) {
+  const int b = nsa::enum_value(backend);  // any int: C callers may pass one
+  if (b < NSA_BACKEND_AUTO || b > NSA_BACKEND_CUDA) {
     return finish(ctx, nsa::error(NSA_ERR_INVALID_ARGUMENT,
-                                  "backend: unknown value " + std::to_string(int(backend))));
+                                  "backend: unknown value " + std::to_string(b)));
   }
   if (!nsa_backend_available(backend)) return finish(ctx, unavailable(backend));
   ctx->backend = backend;
@@ -110,7 +111,7 @@ const char* nsa_last_error(const nsa_context* ctx) {
 }
 
 int32_t nsa_backend_available(nsa_backend backend) {
-  switch (backend) {
+  switch (nsa::enum_value(backend)) {
     case NSA_BACKEND_AUTO:
     case NSA_BACKEND_REF: return 1;
     case NSA_BACKEND_CPU: return nsa::cpu::available() ? 1 : 0;
@@ -120,7 +121,7 @@ int32_t nsa_backend_available(nsa_backend backend) {
 }
 
 const char* nsa_backend_name(nsa_backend backend) {
-  switch (backend) {
+  switch (nsa::enum_value(backend)) {
     case NSA_BACKEND_AUTO: return "auto";
     case NSA_BACKEND_REF: return "ref";
     case NSA_BACKEND_CPU: return "cpu";
@@ -152,7 +153,7 @@ int64_t nsa_cmp_len(const nsa_config* cfg, int64_t t) {
 }
 
 const char* nsa_dtype_name(nsa_dtype dtype) {
-  switch (dtype) {
+  switch (nsa::enum_value(dtype)) {
     case NSA_DTYPE_F32: return "f32";
     case NSA_DTYPE_BF16: return "bf16";
     case NSA_DTYPE_F16: return "f16";
@@ -162,7 +163,7 @@ const char* nsa_dtype_name(nsa_dtype dtype) {
 }
 
 size_t nsa_dtype_size(nsa_dtype dtype) {
-  switch (dtype) {
+  switch (nsa::enum_value(dtype)) {
     case NSA_DTYPE_F32:
     case NSA_DTYPE_I32: return 4;
     case NSA_DTYPE_BF16:
@@ -175,7 +176,7 @@ nsa_tensor nsa_tensor_contiguous(void* data, nsa_dtype dtype, int32_t ndim, cons
   nsa_tensor t;
   std::memset(&t, 0, sizeof t);
   t.data = data;
-  t.dtype = dtype;
+  std::memcpy(&t.dtype, &dtype, sizeof dtype);  // copied, not loaded: any int passes through
   if (shape == nullptr || ndim < 1 || ndim > NSA_MAX_DIMS) {
     t.ndim = 0;  // rejected by every op as a shape error
     return t;
@@ -203,6 +204,8 @@ nsa_status nsa_fwd(nsa_context* ctx, const nsa_fwd_params* p) {
     nsa::FwdProblem problem;
     NSA_RETURN_IF_ERROR(nsa::make_fwd_problem(*p, &problem));
     problem.num_threads = ctx->num_threads;
+    // No token: nothing to compute or write, so no backend needs to handle the empty case.
+    if (problem.B == 0 || problem.T == 0) return Status::ok();
     switch (resolve(ctx->backend)) {
       case NSA_BACKEND_REF: return nsa::ref::forward(problem);
       case NSA_BACKEND_CPU: return nsa::cpu::forward(problem);
@@ -222,11 +225,16 @@ nsa_status nsa_cmp_seqlens(nsa_context* ctx, const nsa_config* cfg, const int32_
       return nsa::error(NSA_ERR_INVALID_SEQLENS,
                         "num_seqs: must be at least 1, got " + std::to_string(num_seqs));
     }
+    if (cu_seqlens[0] != 0) {
+      return nsa::error(NSA_ERR_INVALID_SEQLENS,
+                        "cu_seqlens[0]: must be 0, got " + std::to_string(cu_seqlens[0]));
+    }
     for (int64_t s = 0; s < num_seqs; ++s) {
-      if (cu_seqlens[s + 1] < cu_seqlens[s] || cu_seqlens[0] != 0) {
+      if (cu_seqlens[s + 1] < cu_seqlens[s]) {
         return nsa::error(NSA_ERR_INVALID_SEQLENS,
-                          "cu_seqlens: must start at 0 and never decrease (index " +
-                              std::to_string(s + 1) + ")");
+                          "cu_seqlens: decreases at index " + std::to_string(s + 1) + " (" +
+                              std::to_string(cu_seqlens[s]) + " then " +
+                              std::to_string(cu_seqlens[s + 1]) + ")");
       }
     }
     cu_cmp[0] = 0;
@@ -252,6 +260,7 @@ nsa_status nsa_compress(nsa_context* ctx, const nsa_compress_params* p) {
     nsa::CompressProblem problem;
     NSA_RETURN_IF_ERROR(nsa::make_compress_problem(*p, &problem));
     problem.num_threads = ctx->num_threads;
+    if (problem.B == 0 || problem.Tc == 0) return Status::ok();  // no compressed token to write
     switch (resolve(ctx->backend)) {
       case NSA_BACKEND_REF: return nsa::ref::compress(problem);
       case NSA_BACKEND_CPU: return nsa::cpu::compress(problem);

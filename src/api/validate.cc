@@ -50,6 +50,24 @@ bool views_overlap(const nsa_tensor& t) {
   return false;
 }
 
+// Whether the byte offset of the view's last element fits in int64, so that no offset a kernel
+// computes can overflow (sizes and strides are already known to be non-negative).
+bool span_fits(const nsa_tensor& t) {
+  int64_t last = 0;
+  for (int i = 0; i < t.ndim; ++i) {
+    if (t.shape[i] == 0) return true;  // empty: no element is ever addressed
+    int64_t step = 0;
+    if (__builtin_mul_overflow(t.shape[i] - 1, t.stride[i], &step) ||
+        __builtin_add_overflow(last, step, &last)) {
+      return false;
+    }
+  }
+  const int dtype = enum_value(t.dtype);
+  const int64_t size = dtype == NSA_DTYPE_BF16 || dtype == NSA_DTYPE_F16 ? 2 : 4;
+  int64_t bytes = 0;
+  return !__builtin_mul_overflow(last + 1, size, &bytes);
+}
+
 enum class Role { kInput, kOutput };
 
 // Checks presence, rank, shape, strides and dtype of one tensor. `shape` entries of -1 accept any
@@ -76,6 +94,11 @@ Status check_tensor(const char* name, const nsa_tensor& t, const std::vector<int
                    cat(name, ": negative stride ", t.stride[i], " in dimension ", i));
     }
   }
+  if (!span_fits(t)) {
+    return error(NSA_ERR_INVALID_SHAPE,
+                 cat(name, ": shape ", shape_str(t), " with these strides spans more memory than "
+                     "a 64-bit offset can address"));
+  }
   if (t.shape[nd - 1] > 1 && t.stride[nd - 1] != 1) {
     return error(NSA_ERR_INVALID_STRIDE, cat(name, ": the last dimension must be contiguous "
                                                "(stride 1), got stride ", t.stride[nd - 1]));
@@ -84,10 +107,14 @@ Status check_tensor(const char* name, const nsa_tensor& t, const std::vector<int
     return error(NSA_ERR_INVALID_STRIDE,
                  cat(name, ": the strides make elements of this output overlap"));
   }
-  if (std::find(dtypes.begin(), dtypes.end(), t.dtype) == dtypes.end()) {
+  const int dtype = enum_value(t.dtype);  // may be any int a C caller stored
+  if (std::none_of(dtypes.begin(), dtypes.end(), [&](nsa_dtype d) { return d == dtype; })) {
     std::string accepted;
     for (nsa_dtype d : dtypes) accepted += cat(accepted.empty() ? "" : " or ", nsa_dtype_name(d));
-    return error(NSA_ERR_INVALID_DTYPE, cat(name, ": dtype ", nsa_dtype_name(t.dtype),
+    const bool known = dtype >= NSA_DTYPE_F32 && dtype <= NSA_DTYPE_I32;
+    const std::string got = known ? std::string(nsa_dtype_name(static_cast<nsa_dtype>(dtype)))
+                                  : cat("unknown (", dtype, ")");
+    return error(NSA_ERR_INVALID_DTYPE, cat(name, ": dtype ", got,
                                             " is not accepted here (expected ", accepted, ")"));
   }
   return Status::ok();
@@ -142,11 +169,29 @@ Status make_sequences(const nsa_config& cfg, int64_t B, int64_t T, const int32_t
   return Status::ok();
 }
 
-int64_t total_cmp_len(const std::vector<Sequence>& seqs, bool packed) {
-  if (!packed) return seqs.empty() ? 0 : seqs.front().cmp_len;
+// Rows of k_cmp / v_cmp / compress out: Tc of T for a fixed-length batch (even when B = 0, where
+// there is no sequence to ask), else the per-sequence Tc summed.
+int64_t total_cmp_len(const nsa_config& cfg, int64_t T, const std::vector<Sequence>& seqs,
+                      bool packed) {
+  if (!packed) return nsa_cmp_len(&cfg, T);
   int64_t n = 0;
   for (const Sequence& s : seqs) n += s.cmp_len;
   return n;
+}
+
+// A shape error on a compressed tensor whose row count is wrong gets Tc explained, since Tc is
+// derived (SPEC 3) rather than visible in any other argument.
+Status explain_cmp_rows(Status s, const nsa_tensor& t, int64_t Tc, const nsa_config& cfg,
+                        int64_t T, int64_t num_seqs, bool packed) {
+  if (s.code != NSA_ERR_INVALID_SHAPE || t.ndim != 4 || t.shape[1] == Tc) return s;
+  if (packed) {
+    s.message += cat("; Tc = ", Tc, " compressed tokens, summed over the ", num_seqs,
+                     " packed sequences (see nsa_cmp_seqlens)");
+  } else {
+    s.message += cat("; Tc = ", Tc, " compressed tokens for T = ", T, " (cmp_block ",
+                     cfg.cmp_block, ", cmp_stride ", cfg.cmp_stride, ")");
+  }
+  return s;
 }
 
 // Every caller-supplied index is -1 or a visible block of its query: [0, t / l'].
@@ -268,11 +313,14 @@ Status make_fwd_problem(const nsa_fwd_params& in, FwdProblem* out) {
   }
 
   NSA_RETURN_IF_ERROR(make_sequences(p.cfg, pr.B, pr.T, p.cu_seqlens, p.num_seqs, &pr.seqs));
-  pr.Tc = total_cmp_len(pr.seqs, p.cu_seqlens != nullptr);
-  NSA_RETURN_IF_ERROR(
-      check_tensor("k_cmp", p.k_cmp, {pr.B, pr.Tc, pr.Hkv, pr.Dk}, same, Role::kInput));
-  NSA_RETURN_IF_ERROR(
-      check_tensor("v_cmp", p.v_cmp, {pr.B, pr.Tc, pr.Hkv, pr.Dv}, same, Role::kInput));
+  const bool packed = p.cu_seqlens != nullptr;
+  pr.Tc = total_cmp_len(p.cfg, pr.T, pr.seqs, packed);
+  NSA_RETURN_IF_ERROR(explain_cmp_rows(
+      check_tensor("k_cmp", p.k_cmp, {pr.B, pr.Tc, pr.Hkv, pr.Dk}, same, Role::kInput), p.k_cmp,
+      pr.Tc, p.cfg, pr.T, p.num_seqs, packed));
+  NSA_RETURN_IF_ERROR(explain_cmp_rows(
+      check_tensor("v_cmp", p.v_cmp, {pr.B, pr.Tc, pr.Hkv, pr.Dv}, same, Role::kInput), p.v_cmp,
+      pr.Tc, p.cfg, pr.T, p.num_seqs, packed));
 
   const std::vector<nsa_dtype> gate_dtypes =
       dt == NSA_DTYPE_F32 ? std::vector<nsa_dtype>{NSA_DTYPE_F32} : floats;
@@ -309,9 +357,11 @@ Status make_compress_problem(const nsa_compress_params& in, CompressProblem* out
   pr.p = in;
   const nsa_compress_params& p = pr.p;
   NSA_RETURN_IF_ERROR(validate_config(p.cfg));
-  if (p.kind != NSA_CMP_MEAN && p.kind != NSA_CMP_MLP) {
+  const int kind = enum_value(p.kind);  // may hold any int a C caller stored
+  if (kind != NSA_CMP_MEAN && kind != NSA_CMP_MLP) {
     return error(NSA_ERR_INVALID_ARGUMENT,
-                 cat("kind: unknown compression kind ", static_cast<int>(p.kind)));
+                 cat("kind: unknown compression kind ", kind, " (expected NSA_CMP_MEAN or "
+                     "NSA_CMP_MLP)"));
   }
   const std::vector<nsa_dtype> floats = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
   NSA_RETURN_IF_ERROR(check_tensor("x", p.x, {-1, -1, -1, -1}, floats, Role::kInput));
@@ -324,7 +374,8 @@ Status make_compress_problem(const nsa_compress_params& in, CompressProblem* out
                  cat("x: needs at least one head and D >= 1, got shape ", shape_str(p.x)));
   }
   NSA_RETURN_IF_ERROR(make_sequences(p.cfg, pr.B, pr.T, p.cu_seqlens, p.num_seqs, &pr.seqs));
-  pr.Tc = total_cmp_len(pr.seqs, p.cu_seqlens != nullptr);
+  const bool packed = p.cu_seqlens != nullptr;
+  pr.Tc = total_cmp_len(p.cfg, pr.T, pr.seqs, packed);
   if (p.kind == NSA_CMP_MLP) {
     const std::vector<nsa_dtype> same = {p.x.dtype};
     const int64_t l = p.cfg.cmp_block, H = pr.Hkv, D = pr.D;
@@ -336,8 +387,9 @@ Status make_compress_problem(const nsa_compress_params& in, CompressProblem* out
     NSA_RETURN_IF_ERROR(check_tensor("w2", p.w2, {H, D, pr.Dh}, same, Role::kInput));
     NSA_RETURN_IF_ERROR(check_tensor("b2", p.b2, {H, D}, same, Role::kInput));
   }
-  NSA_RETURN_IF_ERROR(
-      check_tensor("out", p.out, {pr.B, pr.Tc, pr.Hkv, pr.D}, floats, Role::kOutput));
+  NSA_RETURN_IF_ERROR(explain_cmp_rows(
+      check_tensor("out", p.out, {pr.B, pr.Tc, pr.Hkv, pr.D}, floats, Role::kOutput), p.out,
+      pr.Tc, p.cfg, pr.T, p.num_seqs, packed));
   *out = std::move(pr);
   return Status::ok();
 }

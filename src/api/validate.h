@@ -2,10 +2,24 @@
 // output is touched, and every failure names the argument (SPEC.md section 8).
 #pragma once
 
+#include <cstring>
+#include <type_traits>
+
 #include "common/problem.h"
 #include "common/status.h"
 
 namespace nsa {
+
+// The integer a C caller stored in an enum argument or field. C may store any int there, and
+// loading an out-of-range value as the C++ enum type is undefined (UBSan: "load of value ... not a
+// valid value"), so the bytes are copied out instead of loading the enum.
+template <typename E>
+int enum_value(const E& e) {
+  std::underlying_type_t<E> v;
+  static_assert(sizeof v == sizeof e);
+  std::memcpy(&v, &e, sizeof v);
+  return static_cast<int>(v);
+}
 
 Status validate_config(const nsa_config& cfg);
 
