@@ -232,6 +232,28 @@ NSA_API void nsa_compress_params_init(nsa_compress_params* p);
 NSA_API nsa_status nsa_compress(nsa_context* ctx, const nsa_compress_params* p);
 
 /* ---------------------------------------------------------------------------------------------
+ * Dense causal attention: the baseline NSA is measured against
+ * ------------------------------------------------------------------------------------------- */
+
+/* Causal (optionally sliding-window) softmax attention over all keys, computed with the same
+ * care as the NSA kernels (tiles, online softmax, SIMD). It is the baseline of every speedup that
+ * nsa reports, and FlashAttention's op with window_size = (window - 1, 0). */
+typedef struct nsa_dense_fwd_params {
+  nsa_tensor q;   /* [B, T, Hq, Dk], f32 or bf16 */
+  nsa_tensor k;   /* [B, T, Hkv, Dk], same dtype as q */
+  nsa_tensor v;   /* [B, T, Hkv, Dv], same dtype as q */
+  const int32_t* cu_seqlens; /* optional, as in nsa_fwd_params */
+  int64_t num_seqs;
+  float scale;    /* 0: 1/sqrt(Dk) */
+  int32_t window; /* 0: every earlier key; w >= 1: keys t - w + 1 .. t */
+  nsa_tensor o;   /* [B, T, Hq, Dv], f32 or bf16 */
+  nsa_tensor lse; /* optional [B, T, Hq] f32 */
+} nsa_dense_fwd_params;
+
+NSA_API void nsa_dense_fwd_params_init(nsa_dense_fwd_params* p);
+NSA_API nsa_status nsa_dense_fwd(nsa_context* ctx, const nsa_dense_fwd_params* p);
+
+/* ---------------------------------------------------------------------------------------------
  * Build information
  * ------------------------------------------------------------------------------------------- */
 

@@ -1,6 +1,7 @@
 // The C API: argument checks, backend dispatch, and the translation of Status into a status code
 // plus the context's last-error message. No exception crosses this boundary.
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <exception>
 #include <new>
@@ -186,7 +187,10 @@ nsa_tensor nsa_tensor_contiguous(void* data, nsa_dtype dtype, int32_t ndim, cons
   for (int32_t i = ndim - 1; i >= 0; --i) {
     t.shape[i] = shape[i];
     t.stride[i] = stride;
-    stride *= shape[i] > 0 ? shape[i] : 1;
+    // A product past INT64_MAX (signed overflow, undefined) saturates instead: such a tensor
+    // cannot be addressed, and every op rejects the saturated stride as a span that does not fit
+    // a 64-bit offset (validate.cc, span_fits), rather than seeing a wrapped stride.
+    if (__builtin_mul_overflow(stride, shape[i] > 0 ? shape[i] : 1, &stride)) stride = INT64_MAX;
   }
   return t;
 }
@@ -239,8 +243,10 @@ nsa_status nsa_cmp_seqlens(nsa_context* ctx, const nsa_config* cfg, const int32_
     }
     cu_cmp[0] = 0;
     for (int64_t s = 0; s < num_seqs; ++s) {
-      cu_cmp[s + 1] =
-          cu_cmp[s] + static_cast<int32_t>(nsa_cmp_len(cfg, cu_seqlens[s + 1] - cu_seqlens[s]));
+      // In 64 bits, then narrowed: cu_seqlens is checked non-decreasing from 0, so every
+      // length is >= 0 and every compressed prefix sum is <= cu_seqlens[s + 1] <= INT32_MAX.
+      const int64_t len = int64_t{cu_seqlens[s + 1]} - int64_t{cu_seqlens[s]};
+      cu_cmp[s + 1] = static_cast<int32_t>(int64_t{cu_cmp[s]} + nsa_cmp_len(cfg, len));
     }
     return Status::ok();
   });
@@ -264,6 +270,26 @@ nsa_status nsa_compress(nsa_context* ctx, const nsa_compress_params* p) {
     switch (resolve(ctx->backend)) {
       case NSA_BACKEND_REF: return nsa::ref::compress(problem);
       case NSA_BACKEND_CPU: return nsa::cpu::compress(problem);
+      default: return unavailable(ctx->backend);
+    }
+  });
+}
+
+void nsa_dense_fwd_params_init(nsa_dense_fwd_params* p) {
+  if (p != nullptr) std::memset(p, 0, sizeof *p);
+}
+
+nsa_status nsa_dense_fwd(nsa_context* ctx, const nsa_dense_fwd_params* p) {
+  if (ctx == nullptr) return NSA_ERR_NULL_POINTER;
+  return guarded(ctx, [&]() -> Status {
+    if (p == nullptr) return nsa::error(NSA_ERR_NULL_POINTER, "params: NULL");
+    nsa::DenseProblem problem;
+    NSA_RETURN_IF_ERROR(nsa::make_dense_problem(*p, &problem));
+    problem.num_threads = ctx->num_threads;
+    if (problem.B == 0 || problem.T == 0) return Status::ok();
+    switch (resolve(ctx->backend)) {
+      case NSA_BACKEND_REF: return nsa::ref::dense_forward(problem);
+      case NSA_BACKEND_CPU: return nsa::cpu::dense_forward(problem);
       default: return unavailable(ctx->backend);
     }
   });

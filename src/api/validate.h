@@ -26,5 +26,6 @@ Status validate_config(const nsa_config& cfg);
 // Checks `p` and builds the problem a backend runs. Reads cu_seqlens and slc_indices_in.
 Status make_fwd_problem(const nsa_fwd_params& p, FwdProblem* out);
 Status make_compress_problem(const nsa_compress_params& p, CompressProblem* out);
+Status make_dense_problem(const nsa_dense_fwd_params& p, DenseProblem* out);
 
 }  // namespace nsa

@@ -9,6 +9,7 @@ namespace nsa {
 namespace ref {
 Status forward(const FwdProblem& problem);
 Status compress(const CompressProblem& problem);
+Status dense_forward(const DenseProblem& problem);
 }  // namespace ref
 
 namespace cpu {
@@ -16,6 +17,7 @@ namespace cpu {
 bool available();
 Status forward(const FwdProblem& problem);
 Status compress(const CompressProblem& problem);
+Status dense_forward(const DenseProblem& problem);
 }  // namespace cpu
 
 }  // namespace nsa

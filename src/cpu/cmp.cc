@@ -64,7 +64,8 @@ void cmp_attend(const Group& g, Scratch& s) {
   for (int64_t h = 0; h < G; ++h) {
     float* row = sc + h * ss;
     float mx = kNegInf;
-    for (int64_t i = 0; i < nc; ++i) mx = std::max(mx, row[i]);
+    // max_nan: a NaN score makes the maximum, and so every probability, NaN (not "empty").
+    for (int64_t i = 0; i < nc; ++i) mx = max_nan(mx, row[i]);
     if (mx == kNegInf) {  // every score -inf: treated as empty, like the reference
       fill(0.0f, row, nc);
       s.lse_cmp[h] = kNegInf;

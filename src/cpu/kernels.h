@@ -58,6 +58,11 @@ inline void fill(float v, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = v;
 }
 
+// max(a, b), NaN if either is NaN. std::max(a, b) drops a NaN b, so a row of NaN scores would
+// look like a row of -inf ones (empty) and its NaN would vanish; a NaN score must instead make
+// its branch NaN, as in the reference (README "Non-finite inputs").
+inline float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
+
 // ---- Element access (offsets from offset_of, so strided views work). ----
 
 // The n elements at `off` of a float tensor as f32: a pointer into the tensor when it holds f32
@@ -160,11 +165,14 @@ inline void softmax_begin(int64_t G, int64_t Dv, Scratch& s, float* acc) {
 // Normalises acc into the branch output; an empty branch gives o = 0, lse = -inf (SPEC 4.1).
 inline void softmax_finish(int64_t G, int64_t Dv, Scratch& s, float* acc, float* lse) {
   for (int64_t h = 0; h < G; ++h) {
-    if (s.l[h] > 0.0f) {
+    if (s.l[h] == 0.0f) {
+      // No key, or every score -inf: empty. acc holds sum 0 * v, which is 0 unless a value in
+      // the key set is NaN or infinite (then that channel stays NaN, as in the reference).
+      lse[h] = kNegInf;
+    } else {
+      // l is NaN after a NaN or +inf score: o and lse become NaN, not the empty branch's -inf.
       scale_by(1.0f / s.l[h], acc + h * Dv, Dv);
       lse[h] = s.m[h] + std::log(s.l[h]);
-    } else {
-      lse[h] = kNegInf;
     }
   }
 }

@@ -28,7 +28,8 @@ void attend_span(const Group& g, const nsa_tensor& k, const nsa_tensor& v, int64
     for (int64_t h = 0; h < G; ++h) {
       float* row = s.s + h * ss;
       float mx = s.m[h];
-      for (int64_t j = 0; j < nk; ++j) mx = std::max(mx, row[j]);
+      // max_nan: a NaN score makes m, l and acc NaN for the rest of the span (not "no weight").
+      for (int64_t j = 0; j < nk; ++j) mx = max_nan(mx, row[j]);
       if (mx == kNegInf) {  // only -inf scores so far: they carry no weight
         fill(0.0f, row, nk);
         continue;

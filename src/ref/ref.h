@@ -43,5 +43,7 @@ Attention attend(const std::vector<double>& q, const std::vector<std::vector<dou
 
 Status forward(const FwdProblem& problem);
 Status compress(const CompressProblem& problem);
+// Dense causal attention (the baseline op), optionally windowed.
+Status dense_forward(const DenseProblem& problem);
 
 }  // namespace nsa::ref

@@ -111,8 +111,12 @@ void forward_group(const FwdProblem& pr, const Sequence& s, int64_t t, int64_t h
     const double gs = load_as_double(p.g_slc.data, p.g_slc.dtype, offset_of(p.g_slc, b, tok, h));
     const double gw = load_as_double(p.g_win.data, p.g_win.dtype, offset_of(p.g_win, b, tok, h));
     std::vector<double> o(pr.Dv, 0.0);
+    // An empty branch (no keys) has no o and counts as zeros; gate * 0 is still added so that a
+    // NaN or infinite gate poisons o as it does on the CPU (README "Non-finite inputs").
     auto add = [&](const Attention& a, double gate) {
-      for (size_t i = 0; i < a.o.size(); ++i) o[i] += gate * a.o[i];
+      for (int64_t i = 0; i < pr.Dv; ++i) {
+        o[i] += gate * (i < static_cast<int64_t>(a.o.size()) ? a.o[i] : 0.0);
+      }
     };
     add(cmp[g], gc);
     add(slc, gs);

@@ -92,26 +92,28 @@ Attention attend(const std::vector<double>& q, const std::vector<std::vector<dou
     double dot = 0.0;
     for (size_t i = 0; i < q.size(); ++i) dot += q[i] * keys[p][i];
     s[p] = scale * dot;
-    max_s = std::max(max_s, s[p]);
+    // A maximum that keeps NaN: std::max drops it, so an all-NaN row would pass for an all -inf
+    // (empty) one. A NaN max makes every weight, the lse and o NaN, as a +inf max does through
+    // exp(inf - inf) (README "Non-finite inputs").
+    if (std::isnan(s[p]) || s[p] > max_s) max_s = s[p];
   }
-  // Shift by the maximum so exp never overflows; an all -inf row keeps max_s = -inf and is
-  // handled as empty.
-  if (max_s == -std::numeric_limits<double>::infinity()) {
-    a.lse = max_s;
-    a.p.assign(keys.size(), 0.0);
-    a.o.assign(dv, 0.0);
-    return a;
-  }
-  double sum = 0.0;
-  a.p.resize(keys.size());
-  for (size_t p = 0; p < keys.size(); ++p) {
-    a.p[p] = std::exp(s[p] - max_s);
-    sum += a.p[p];
-  }
-  a.lse = max_s + std::log(sum);
+  a.p.assign(keys.size(), 0.0);
   a.o.assign(dv, 0.0);
+  if (max_s == -std::numeric_limits<double>::infinity()) {
+    // Every score -inf: no key has weight, the branch is empty (lse = -inf, never NaN). o still
+    // sums 0 * v below, so a NaN value in the key set shows, as on the CPU.
+    a.lse = max_s;
+  } else {
+    // Shift by the maximum so exp never overflows; a -inf score gets weight exp(-inf) = 0.
+    double sum = 0.0;
+    for (size_t p = 0; p < keys.size(); ++p) {
+      a.p[p] = std::exp(s[p] - max_s);
+      sum += a.p[p];
+    }
+    a.lse = max_s + std::log(sum);
+    for (double& w : a.p) w /= sum;
+  }
   for (size_t p = 0; p < keys.size(); ++p) {
-    a.p[p] /= sum;
     for (size_t i = 0; i < dv; ++i) a.o[i] += a.p[p] * values[p][i];
   }
   return a;
