@@ -66,12 +66,15 @@ class Buf {
     d_.dtype = dt;
     d_.ndim = nd;
     for (int i = 0; i < nd; ++i) d_.shape[i] = shape[i];
-    // Memory order of the outer dimensions: row-major, or a random permutation.
-    std::vector<int> order(nd - 1);
+    // Layout kinds: 0 contiguous; 1, 2 padded; 3 padded with the outer dimensions permuted in
+    // memory; 4 padded, and for an input one outer dimension collapsed (stride 0 or another
+    // dimension's stride); 5 padded, offset from the buffer start, and size-1 dimensions with a
+    // stride of 2^40 (never stepped, so legal).
+    const int kind = o.plain ? 0 : static_cast<int>(uni(rng, 0, 5));
+    std::vector<int> order(nd - 1);  // memory order of the outer dimensions, outermost first
     std::iota(order.begin(), order.end(), 0);
-    const int kind = o.plain ? 0 : static_cast<int>(uni(rng, 0, 5));  // 0 contiguous, 1-2 padded,
-    if (kind == 3) std::shuffle(order.begin(), order.end(), rng);       // 3 permuted, 4 broadcast,
-    const bool pad = kind >= 1;                                         // 5 offset + huge strides
+    if (kind == 3) std::shuffle(order.begin(), order.end(), rng);
+    const bool pad = kind >= 1;
     int64_t extent = 1;
     d_.stride[nd - 1] = 1;
     if (!o.plain && shape[nd - 1] == 1 && chance(rng, 0.3)) {

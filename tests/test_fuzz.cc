@@ -216,7 +216,7 @@ int64_t failures_so_far() {
 }
 
 TEST(Fuzz, Api) {
-  const int64_t iters = env_int("NSA_FUZZ_ITERS", 4000);
+  const int64_t iters = env_int("NSA_FUZZ_ITERS", 5000);
   const uint64_t seed = static_cast<uint64_t>(env_int("NSA_FUZZ_SEED", 20250211));
   const auto t0 = std::chrono::steady_clock::now();
   int64_t failed_iters = 0, done = 0;
