@@ -227,14 +227,6 @@ class Snapshot {
   std::vector<std::vector<unsigned char>> bytes_;
 };
 
-inline bool huge_n_enabled() {
-  static const bool on = [] {
-    const char* s = std::getenv("NSA_FUZZ_HUGE_N");
-    return s != nullptr && std::string(s) == "1";
-  }();
-  return on;
-}
-
 // A random valid config with sizes small enough for T <= 200, or (rarely) with extreme values
 // (INT32_MAX blocks, window, count) that no buffer has to match: indices must then be absent.
 inline nsa_config random_config(Rng& r, bool extreme) {
@@ -255,10 +247,9 @@ inline nsa_config random_config(Rng& r, bool extreme) {
   c.slc_local = static_cast<int32_t>(uni(r, 0, 3));
   c.slc_count = static_cast<int32_t>(c.slc_init + c.slc_local + uni(r, 0, 6));
   if (c.slc_count == 0) c.slc_count = 1;
-  // A count far above any block count, with no index tensor to match it. INT32_MAX itself only
-  // with NSA_FUZZ_HUGE_N=1: both backends size per-query storage by n (see the report), which
-  // makes such a call allocate gigabytes.
-  const int32_t many = huge_n_enabled() ? big : 4096;
+  // A count far above any block count, with no index tensor to match it: per-query storage must
+  // be sized by the blocks that exist, not by n (an earlier version allocated gigabytes here).
+  const int32_t many = big;
   if (extreme && chance(r, 0.3)) c.slc_count = many;
   if (extreme && c.slc_count == many && chance(r, 0.5)) c.slc_init = many / 2, c.slc_local = many / 2;
   c.window = field(1, 250);

@@ -297,3 +297,32 @@ TEST(ApiCpp, TensorHelpers) {
   int32_t ib[3];
   EXPECT_EQ(nsa::tensor(ib, {3}).dtype, NSA_DTYPE_I32);
 }
+
+// A legal slc_count far above the number of blocks must not make a backend allocate or fill in
+// proportion to n per query (found by the fuzzer: REF aborted with bad_alloc, CPU returned
+// out-of-memory). The reported indices are still padded with -1 to n.
+TEST(ApiHugeSlcCount, ValidCallSucceedsOnEveryBackend) {
+  using namespace nsa_test;
+  Shape s;
+  s.B = 1; s.T = 70; s.Hq = 2; s.Hkv = 1; s.Dk = 4; s.Dv = 4;
+  for (nsa_backend b : {NSA_BACKEND_CPU, NSA_BACKEND_REF}) {
+    FwdCase c = make_case(s, config(32, 16, 64, 16, 1, 2, 512), NSA_DTYPE_F32, 1);
+    nsa_fwd_params p = c.params();
+    p.cfg.slc_count = INT32_MAX;  // valid: >= slc_init + slc_local
+    std::memset(&p.slc_indices_out, 0, sizeof p.slc_indices_out);  // [.., n] would not fit
+    std::string msg;
+    EXPECT_EQ(run_fwd(b, c, &msg, &p), NSA_OK) << nsa_backend_name(b) << ": " << msg;
+    // Every block is selected (n exceeds them), so o_slc is causal attention over all keys:
+    // row 69 is finite.
+    EXPECT_TRUE(std::isfinite(c.o_slc.at({0, 69, 1, 3})));
+  }
+  // With a caller-supplied n-wide output, the padding is -1 (n = 1000, T = 70: two blocks).
+  FwdCase c = make_case(s, config(32, 16, 64, 1000, 1, 2, 512), NSA_DTYPE_F32, 1);
+  for (nsa_backend b : {NSA_BACKEND_CPU, NSA_BACKEND_REF}) {
+    ASSERT_EQ(run_fwd(b, c), NSA_OK);
+    EXPECT_EQ(c.idx_out.at_i32({0, 69, 0, 0}), 0);
+    EXPECT_EQ(c.idx_out.at_i32({0, 69, 0, 1}), 1);
+    EXPECT_EQ(c.idx_out.at_i32({0, 69, 0, 2}), -1);
+    EXPECT_EQ(c.idx_out.at_i32({0, 69, 0, 999}), -1);
+  }
+}

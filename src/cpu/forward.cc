@@ -39,7 +39,8 @@ Layout layout_of(const FwdProblem& pr) {
   L.floats = padded(G * Dk) + padded(kTile * Dk) + padded(kTile * Dv) + G * L.s_stride +
              L.s_stride + 2 * padded(G) + 3 * padded(G * Dv) + 3 * padded(G) +
              padded(L.max_blocks);
-  L.ints = padded(L.max_blocks) + padded(pr.p.cfg.slc_count);
+  // The selected set never holds more than the blocks that exist, however large n is.
+  L.ints = padded(L.max_blocks) + padded(std::min<int64_t>(pr.p.cfg.slc_count, L.max_blocks));
   return L;
 }
 

@@ -132,7 +132,8 @@ struct Scratch {
   float* lse_win = nullptr;
   float* score = nullptr;    // [J_max + 1] block scores (SPEC 4.2)
   int32_t* cand = nullptr;   // [J_max + 1] top-n candidates
-  int32_t* blocks = nullptr; // [n] the selected set, sorted, -1 padded (SPEC 4.3)
+  int32_t* blocks = nullptr; // [min(n, J_max + 1)] the selected set, sorted (SPEC 4.3)
+  int64_t num_blocks = 0;    // its size; indices_out pads it with -1 to n
   int64_t s_stride = 0;      // row stride of `s`
 };
 
@@ -141,7 +142,8 @@ struct Scratch {
 // cmp.cc, steps 1-2: o_cmp, lse_cmp and the group-summed block scores score[0 .. t/l'].
 void cmp_attend(const Group& g, Scratch& s);
 
-// topk.cc, step 3: blocks[0 .. n) from the scores or from slc_indices_in; writes slc_indices_out.
+// topk.cc, step 3: blocks[0 .. num_blocks) from the scores or from slc_indices_in; writes
+// slc_indices_out.
 void slc_select(const Group& g, Scratch& s);
 
 // slc.cc, step 4: o_slc, lse_slc over the selected blocks.

@@ -11,9 +11,8 @@ void slc_attend(const Group& g, Scratch& s) {
   const FwdProblem& pr = *g.pr;
   const nsa_config& cfg = pr.p.cfg;
   softmax_begin(pr.G, pr.Dv, s, s.o_slc);
-  for (int64_t k = 0; k < cfg.slc_count; ++k) {
+  for (int64_t k = 0; k < s.num_blocks; ++k) {
     const int64_t j = s.blocks[k];
-    if (j < 0) break;  // sorted ascending with -1 padding at the end
     // Keys p <= t of block j: the causal mask cuts only the query's own block, j = t / l'.
     const int64_t first = j * cfg.slc_block;
     const int64_t end = std::min<int64_t>(first + cfg.slc_block, g.t + 1);

@@ -10,38 +10,37 @@
 namespace nsa::cpu {
 namespace {
 
-// Sorts blocks[0 .. count), drops duplicates and pads with -1 up to n: the reported form.
-void normalise(int32_t* blocks, int64_t count, int64_t n) {
-  std::sort(blocks, blocks + count);
-  const int64_t unique = std::unique(blocks, blocks + count) - blocks;
-  std::fill(blocks + unique, blocks + n, -1);
-}
-
-// The caller's selection (already validated): -1 entries ignored, duplicates count once, and the
-// forced blocks are not added (nsa.h: "the caller's set is used as given").
-void given_blocks(const Group& g, int32_t* blocks) {
+// The caller's selection (already validated: entries are -1 or in [0, t / l']): -1 ignored,
+// duplicates count once, and the forced blocks are not added (nsa.h: "the caller's set is used
+// as given"). Marks in `mark` (one per block) make it O(n + blocks) and never longer than the
+// blocks that exist. Returns the set's size.
+int64_t given_blocks(const Group& g, int32_t* mark, int32_t* blocks) {
   const nsa_tensor& ix = g.pr->p.slc_indices_in;
-  const int64_t n = g.pr->p.cfg.slc_count;
+  const int64_t n = g.pr->p.cfg.slc_count, last = g.t / g.pr->p.cfg.slc_block;
   const int32_t* base = static_cast<const int32_t*>(ix.data);
-  int64_t count = 0;
+  std::fill(mark, mark + last + 1, 0);
   for (int64_t k = 0; k < n; ++k) {
     const int32_t j = base[offset_of(ix, g.seq->batch, g.tok, g.hk, k)];
-    if (j >= 0) blocks[count++] = j;
+    if (j >= 0) mark[j] = 1;
   }
-  normalise(blocks, count, n);
+  int64_t count = 0;
+  for (int64_t j = 0; j <= last; ++j) {
+    if (mark[j]) blocks[count++] = static_cast<int32_t>(j);
+  }
+  return count;
 }
 
 // I_t = F_t plus the n - |F_t| best-scoring other blocks; ties to the lower index (SPEC 4.3).
-void top_blocks(const nsa_config& cfg, int64_t t, const float* score, int32_t* cand,
-                int32_t* blocks) {
+// Returns the set's size, at most min(n, t / l' + 1); blocks come out sorted.
+int64_t top_blocks(const nsa_config& cfg, int64_t t, const float* score, int32_t* cand,
+                   int32_t* blocks) {
   const int64_t n = cfg.slc_count;
   const int64_t last = t / cfg.slc_block;  // J, the query's own block
   int64_t count = 0;
   if (last + 1 <= n) {
     // Fewer eligible blocks than n: all of them.
     for (int64_t j = 0; j <= last; ++j) blocks[count++] = static_cast<int32_t>(j);
-    normalise(blocks, count, n);
-    return;
+    return count;
   }
   int64_t num_cand = 0;
   for (int64_t j = 0; j <= last; ++j) {
@@ -65,22 +64,22 @@ void top_blocks(const nsa_config& cfg, int64_t t, const float* score, int32_t* c
   const int64_t room = std::min<int64_t>(n - count, num_cand);
   if (room > 0 && room < num_cand) std::nth_element(cand, cand + room, cand + num_cand, better);
   for (int64_t r = 0; r < room; ++r) blocks[count++] = cand[r];
-  normalise(blocks, count, n);
+  std::sort(blocks, blocks + count);  // the forced and chosen blocks are distinct
+  return count;
 }
 
 }  // namespace
 
 void slc_select(const Group& g, Scratch& s) {
   const nsa_fwd_params& p = g.pr->p;
-  if (present(p.slc_indices_in)) {
-    given_blocks(g, s.blocks);
-  } else {
-    top_blocks(p.cfg, g.t, s.score, s.cand, s.blocks);
-  }
+  s.num_blocks = present(p.slc_indices_in) ? given_blocks(g, s.cand, s.blocks)
+                                            : top_blocks(p.cfg, g.t, s.score, s.cand, s.blocks);
   if (present(p.slc_indices_out)) {
+    // The reported form: sorted ascending, padded with -1 to n (SPEC 4.3).
     int32_t* out = static_cast<int32_t*>(p.slc_indices_out.data);
     for (int64_t k = 0; k < p.cfg.slc_count; ++k) {
-      out[offset_of(p.slc_indices_out, g.seq->batch, g.tok, g.hk, k)] = s.blocks[k];
+      out[offset_of(p.slc_indices_out, g.seq->batch, g.tok, g.hk, k)] =
+          k < s.num_blocks ? s.blocks[k] : -1;
     }
   }
 }

@@ -25,7 +25,10 @@ std::vector<double> block_scores(const nsa_config& cfg, int64_t t,
                                  const std::vector<std::vector<double>>& p_cmp);
 
 // The selected set I_t: forced blocks, then the highest scores, ties to the lower index; sorted
-// ascending and padded with -1 to slc_count (step 3).
+// ascending (step 3). It holds min(n, t / l' + 1) blocks, whatever n is.
+std::vector<int32_t> selected_set(const nsa_config& cfg, int64_t t,
+                                  const std::vector<double>& scores);
+// The same in the reported form: padded with -1 to slc_count.
 std::vector<int32_t> select_blocks(const nsa_config& cfg, int64_t t,
                                    const std::vector<double>& scores);
 

@@ -1,10 +1,9 @@
 // The float64 reference of the compression functions phi (SPEC.md section 5, paper Eq. 7).
-#include <omp.h>
-
 #include <algorithm>
 
 #include "common/dtype.h"
 #include "ref/ref.h"
+#include "ref/ref_parallel.h"
 
 namespace nsa::ref {
 namespace {
@@ -50,17 +49,14 @@ std::vector<double> compress_block(const CompressProblem& pr, const Sequence& s,
 Status compress(const CompressProblem& pr) {
   const nsa_compress_params& p = pr.p;
   const int64_t d = p.cfg.cmp_stride;
-  const int threads = pr.num_threads > 0 ? pr.num_threads : omp_get_max_threads();
   for (const Sequence& s : pr.seqs) {
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-    for (int64_t i = 0; i < s.cmp_len; ++i) {
-      for (int64_t h = 0; h < pr.Hkv; ++h) {
-        // Compressed token i summarises raw tokens i*d .. i*d + l - 1 of its sequence (SPEC 3).
-        const std::vector<double> c = compress_block(pr, s, s.start + i * d, h);
-        const int64_t base = offset_of(p.out, s.batch, s.cmp_start + i, h);
-        for (int64_t k = 0; k < pr.D; ++k) store_from_double(p.out.data, p.out.dtype, base + k, c[k]);
-      }
-    }
+    NSA_RETURN_IF_ERROR(parallel_for(s.cmp_len * pr.Hkv, pr.num_threads, [&](int64_t item) {
+      const int64_t i = item / pr.Hkv, h = item % pr.Hkv;
+      // Compressed token i summarises raw tokens i*d .. i*d + l - 1 of its sequence (SPEC 3).
+      const std::vector<double> c = compress_block(pr, s, s.start + i * d, h);
+      const int64_t base = offset_of(p.out, s.batch, s.cmp_start + i, h);
+      for (int64_t k = 0; k < pr.D; ++k) store_from_double(p.out.data, p.out.dtype, base + k, c[k]);
+    }));
   }
   return Status::ok();
 }

@@ -1,11 +1,10 @@
 // The float64 reference of dense causal (optionally windowed) attention: the baseline op.
-#include <omp.h>
-
 #include <algorithm>
 #include <utility>
 
 #include "ref/ref.h"
 #include "ref/ref_io.h"
+#include "ref/ref_parallel.h"
 
 namespace nsa::ref {
 
@@ -15,10 +14,7 @@ Status dense_forward(const DenseProblem& pr) {
   for (int64_t si = 0; si < static_cast<int64_t>(pr.seqs.size()); ++si) {
     for (int64_t t = 0; t < pr.seqs[si].len; ++t) work.emplace_back(si, t);
   }
-  const int64_t n = static_cast<int64_t>(work.size());
-  const int threads = pr.num_threads > 0 ? pr.num_threads : omp_get_max_threads();
-#pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
-  for (int64_t w = 0; w < n; ++w) {
+  return parallel_for(static_cast<int64_t>(work.size()), pr.num_threads, [&](int64_t w) {
     const Sequence& s = pr.seqs[work[w].first];
     const int64_t t = work[w].second, tok = s.start + t;
     const int64_t first = p.window > 0 ? std::max<int64_t>(0, t - p.window + 1) : 0;
@@ -37,8 +33,7 @@ Status dense_forward(const DenseProblem& pr) {
         }
       }
     }
-  }
-  return Status::ok();
+  });
 }
 
 }  // namespace nsa::ref

@@ -1,6 +1,4 @@
 // The float64 reference forward: SPEC.md section 4 for every query, one query group at a time.
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -8,32 +6,19 @@
 
 #include "common/dtype.h"
 #include "ref/ref.h"
+#include "ref/ref_io.h"
+#include "ref/ref_parallel.h"
 
 namespace nsa::ref {
 namespace {
 
 using Rows = std::vector<std::vector<double>>;
 
-std::vector<double> load_row(const nsa_tensor& t, int64_t i0, int64_t i1, int64_t i2, int64_t n) {
-  std::vector<double> row(n);
-  const int64_t base = offset_of(t, i0, i1, i2);
-  for (int64_t i = 0; i < n; ++i) row[i] = load_as_double(t.data, t.dtype, base + i);
-  return row;
-}
-
-void store_row(const nsa_tensor& t, int64_t i0, int64_t i1, int64_t i2,
-               const std::vector<double>& row, int64_t n) {
-  const int64_t base = offset_of(t, i0, i1, i2);
-  for (int64_t i = 0; i < n; ++i) {
-    store_from_double(t.data, t.dtype, base + i, i < static_cast<int64_t>(row.size()) ? row[i] : 0.0);
-  }
-}
-
 void store_lse(const nsa_tensor& t, int64_t b, int64_t tok, int64_t h, double lse) {
   if (present(t)) static_cast<float*>(t.data)[offset_of(t, b, tok, h)] = static_cast<float>(lse);
 }
 
-// The caller's selection, as a set: -1 entries dropped, duplicates merged, sorted, -1 padded.
+// The caller's selection, as a set: -1 entries dropped, duplicates merged, sorted.
 std::vector<int32_t> given_blocks(const FwdProblem& pr, int64_t b, int64_t tok, int64_t hk) {
   const nsa_tensor& ix = pr.p.slc_indices_in;
   const int64_t n = pr.p.cfg.slc_count;
@@ -44,7 +29,6 @@ std::vector<int32_t> given_blocks(const FwdProblem& pr, int64_t b, int64_t tok, 
   }
   std::sort(blocks.begin(), blocks.end());
   blocks.erase(std::unique(blocks.begin(), blocks.end()), blocks.end());
-  blocks.resize(n, -1);
   return blocks;
 }
 
@@ -75,18 +59,19 @@ void forward_group(const FwdProblem& pr, const Sequence& s, int64_t t, int64_t h
   // Steps 2-3: block scores summed over the group, then top-n (or the caller's set).
   const std::vector<int32_t> blocks = present(p.slc_indices_in)
                                           ? given_blocks(pr, b, tok, hk)
-                                          : select_blocks(cfg, t, block_scores(cfg, t, p_cmp));
+                                          : selected_set(cfg, t, block_scores(cfg, t, p_cmp));
   if (present(p.slc_indices_out)) {
+    // Reported sorted and padded with -1 to n (SPEC 4.3).
     int32_t* out = static_cast<int32_t*>(p.slc_indices_out.data);
     for (int64_t k = 0; k < cfg.slc_count; ++k) {
-      out[offset_of(p.slc_indices_out, b, tok, hk, k)] = blocks[k];
+      out[offset_of(p.slc_indices_out, b, tok, hk, k)] =
+          k < static_cast<int64_t>(blocks.size()) ? blocks[k] : -1;
     }
   }
 
   // Step 4: selected branch, keys p <= t of the chosen blocks (causal only inside block t/l').
   Rows ks, vs;
   for (int32_t j : blocks) {
-    if (j < 0) continue;
     const int64_t first = int64_t{j} * cfg.slc_block;
     const int64_t end = std::min<int64_t>(first + cfg.slc_block, t + 1);
     for (int64_t pos = first; pos < end; ++pos) {
@@ -139,14 +124,10 @@ Status forward(const FwdProblem& pr) {
   for (int64_t si = 0; si < static_cast<int64_t>(pr.seqs.size()); ++si) {
     for (int64_t t = 0; t < pr.seqs[si].len; ++t) work.emplace_back(si, t);
   }
-  const int64_t n = static_cast<int64_t>(work.size());
-  const int threads = pr.num_threads > 0 ? pr.num_threads : omp_get_max_threads();
-#pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
-  for (int64_t w = 0; w < n; ++w) {
+  return parallel_for(static_cast<int64_t>(work.size()), pr.num_threads, [&](int64_t w) {
     const Sequence& s = pr.seqs[work[w].first];
     for (int64_t hk = 0; hk < pr.Hkv; ++hk) forward_group(pr, s, work[w].second, hk);
-  }
-  return Status::ok();
+  });
 }
 
 }  // namespace nsa::ref

@@ -40,8 +40,8 @@ std::vector<double> block_scores(const nsa_config& cfg, int64_t t,
   return score;
 }
 
-std::vector<int32_t> select_blocks(const nsa_config& cfg, int64_t t,
-                                   const std::vector<double>& scores) {
+std::vector<int32_t> selected_set(const nsa_config& cfg, int64_t t,
+                                  const std::vector<double>& scores) {
   const int64_t n = cfg.slc_count;
   const int64_t last = t / cfg.slc_block;  // J: the query's own block
   std::vector<int32_t> chosen;
@@ -74,7 +74,13 @@ std::vector<int32_t> select_blocks(const nsa_config& cfg, int64_t t,
     }
   }
   std::sort(chosen.begin(), chosen.end());
-  chosen.resize(n, -1);
+  return chosen;
+}
+
+std::vector<int32_t> select_blocks(const nsa_config& cfg, int64_t t,
+                                   const std::vector<double>& scores) {
+  std::vector<int32_t> chosen = selected_set(cfg, t, scores);
+  chosen.resize(cfg.slc_count, -1);
   return chosen;
 }
 
