@@ -9,3 +9,4 @@ using Command = std::function<int()>;
 
 Command add_info_command(CLI::App& app);
 Command add_check_command(CLI::App& app);
+Command add_bench_command(CLI::App& app);

@@ -1,5 +1,6 @@
 // nsa: the command-line tool. `nsa info` describes the build and the machine; `nsa check` runs a
-// random case through every backend and compares it with the float64 reference.
+// random case through every backend and compares it with the float64 reference; `nsa bench`
+// times the NSA forward against the dense baseline.
 #include <iostream>
 #include <map>
 #include <string>
@@ -12,6 +13,7 @@ int main(int argc, char** argv) {
   std::map<std::string, Command> commands;
   commands["info"] = add_info_command(app);
   commands["check"] = add_check_command(app);
+  commands["bench"] = add_bench_command(app);
   CLI11_PARSE(app, argc, argv);
   for (const auto& [name, run] : commands) {
     if (app.got_subcommand(name)) return run();

@@ -1,0 +1,178 @@
+// `nsa bench`: forward timing of NSA (compression + attention) against the dense causal flash
+// baseline on the same inputs, on the paper's GQA group (Hq = 16, Hkv = 1, Dk = 192, Dv = 128)
+// and the default config. Each figure is the median of --repeats runs after one warm-up run.
+//
+// Effective GFLOP/s count only the keys each query attends: 2 * (Dk + Dv) FLOPs per attended
+// (query, key) pair per head, for NSA the keys of all three branches. The ratio model is the
+// paper's token budget: (T / 2) / (T / (2d) + n l' + w).
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <cstdio>
+#include <memory>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "commands.h"
+#include "nsa/nsa.h"
+
+namespace {
+
+struct BenchOptions {
+  std::string pass = "fwd", lengths = "4096,8192,16384,32768", dtype = "f32";
+  int32_t threads = 0, repeats = 3;
+  bool json = false;
+  int64_t hq = 16, hkv = 1, dk = 192, dv = 128;
+};
+
+// Keys attended by the query at position t, summed over the three branches (SPEC 4).
+double attended_keys(const nsa_config& c, int64_t t) {
+  const double cmp = t + 1 >= c.cmp_block ? double((t + 1 - c.cmp_block) / c.cmp_stride + 1) : 0;
+  const int64_t blocks = t / c.slc_block + 1;
+  // All blocks when they fit in n; otherwise n blocks, the query's own (forced, partial) among
+  // them when n_local >= 1.
+  const double slc = blocks <= c.slc_count ? double(t + 1)
+                     : c.slc_local >= 1    ? double(c.slc_count - 1) * c.slc_block + double(t % c.slc_block + 1)
+                                           : double(c.slc_count) * c.slc_block;
+  const double win = double(std::min<int64_t>(c.window, t + 1));
+  return cmp + slc + win;
+}
+
+template <typename F>
+double median_ms(int repeats, F&& run) {
+  run();  // warm-up: first-touch page faults and caches
+  std::vector<double> ms;
+  for (int r = 0; r < repeats; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    run();
+    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+struct Buf {
+  std::vector<uint16_t> bytes;  // bf16, or f32 as two halves
+  nsa_tensor t{};
+  Buf(nsa_dtype dt, std::vector<int64_t> shape, std::mt19937_64& rng, float lo, float hi) {
+    int64_t n = 1;
+    for (int64_t s : shape) n *= s;
+    bytes.resize(static_cast<size_t>(n) * (dt == NSA_DTYPE_F32 ? 2 : 1) + 2);
+    t = nsa_tensor_contiguous(bytes.data(), dt, int32_t(shape.size()), shape.data());
+    std::uniform_real_distribution<float> u(lo, hi);
+    for (int64_t i = 0; i < n; ++i) {
+      const float f = u(rng);
+      if (dt == NSA_DTYPE_F32) {
+        reinterpret_cast<float*>(bytes.data())[i] = f;
+      } else {
+        uint32_t b;
+        std::memcpy(&b, &f, 4);
+        bytes[i] = uint16_t((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+      }
+    }
+  }
+};
+
+int run_bench(const BenchOptions& opt) {
+  if (opt.pass != "fwd") {
+    std::fprintf(stderr, "nsa bench: --pass %s is not implemented yet (only fwd)\n", opt.pass.c_str());
+    return 2;
+  }
+  nsa_context* ctx = nullptr;
+  nsa_context_create(&ctx);
+  nsa_context_set_num_threads(ctx, opt.threads);
+  const nsa_dtype dt = opt.dtype == "bf16" ? NSA_DTYPE_BF16 : NSA_DTYPE_F32;
+  nsa_config cfg;
+  nsa_config_default(&cfg);
+  nlohmann::json rows = nlohmann::json::array();
+  if (!opt.json) {
+    std::printf("nsa bench fwd: B=1 Hq=%lld Hkv=%lld Dk=%lld Dv=%lld %s, threads=%d, median of %d\n",
+                (long long)opt.hq, (long long)opt.hkv, (long long)opt.dk, (long long)opt.dv,
+                opt.dtype.c_str(), opt.threads, opt.repeats);
+    std::printf("%8s %10s %10s %10s %10s %9s %9s %9s %9s\n", "T", "cmp_ms", "nsa_ms", "total_ms",
+                "dense_ms", "speedup", "model", "nsa_GF/s", "dense_GF/s");
+  }
+  std::stringstream ss(opt.lengths);
+  std::string item;
+  int rc = 0;
+  while (std::getline(ss, item, ',')) {
+    const int64_t T = std::stoll(item), Tc = nsa_cmp_len(&cfg, T);
+    std::mt19937_64 rng(1);
+    Buf q(dt, {1, T, opt.hq, opt.dk}, rng, -1, 1), k(dt, {1, T, opt.hkv, opt.dk}, rng, -1, 1);
+    Buf v(dt, {1, T, opt.hkv, opt.dv}, rng, -1, 1);
+    Buf g_cmp(dt, {1, T, opt.hq}, rng, 0, 1), g_slc(dt, {1, T, opt.hq}, rng, 0, 1),
+        g_win(dt, {1, T, opt.hq}, rng, 0, 1);
+    Buf k_cmp(dt, {1, Tc, opt.hkv, opt.dk}, rng, 0, 0), v_cmp(dt, {1, Tc, opt.hkv, opt.dv}, rng, 0, 0);
+    Buf o(NSA_DTYPE_F32, {1, T, opt.hq, opt.dv}, rng, 0, 0);
+    nsa_status st = NSA_OK;
+    auto compress = [&] {
+      nsa_compress_params cp;
+      nsa_compress_params_init(&cp);
+      cp.x = k.t;
+      cp.out = k_cmp.t;
+      st = st != NSA_OK ? st : nsa_compress(ctx, &cp);
+      cp.x = v.t;
+      cp.out = v_cmp.t;
+      st = st != NSA_OK ? st : nsa_compress(ctx, &cp);
+    };
+    nsa_fwd_params p;
+    nsa_fwd_params_init(&p);
+    p.q = q.t; p.k = k.t; p.v = v.t; p.k_cmp = k_cmp.t; p.v_cmp = v_cmp.t;
+    p.g_cmp = g_cmp.t; p.g_slc = g_slc.t; p.g_win = g_win.t; p.o = o.t;
+    nsa_dense_fwd_params dp;
+    nsa_dense_fwd_params_init(&dp);
+    dp.q = q.t; dp.k = k.t; dp.v = v.t; dp.o = o.t;
+    const double cmp_ms = median_ms(opt.repeats, compress);
+    const double nsa_ms = median_ms(opt.repeats, [&] { st = st != NSA_OK ? st : nsa_fwd(ctx, &p); });
+    const double dense_ms = median_ms(opt.repeats, [&] { st = st != NSA_OK ? st : nsa_dense_fwd(ctx, &dp); });
+    if (st != NSA_OK) {
+      std::fprintf(stderr, "nsa bench: %s: %s\n", nsa_status_name(st), nsa_last_error(ctx));
+      rc = 1;
+      break;
+    }
+    double nsa_keys = 0;
+    for (int64_t t = 0; t < T; ++t) nsa_keys += attended_keys(cfg, t);
+    const double per_key = 2.0 * double(opt.dk + opt.dv) * double(opt.hq);
+    const double dense_keys = double(T) * double(T + 1) / 2;
+    const double total_ms = cmp_ms + nsa_ms;
+    const double model = (T / 2.0) / (double(T) / (2.0 * cfg.cmp_stride) +
+                                      double(cfg.slc_count) * cfg.slc_block + cfg.window);
+    const double gflops = per_key * nsa_keys / (nsa_ms * 1e6);
+    const double dense_gflops = per_key * dense_keys / (dense_ms * 1e6);
+    rows.push_back({{"pass", "fwd"}, {"dtype", opt.dtype}, {"T", T}, {"threads", opt.threads},
+                    {"cmp_ms", cmp_ms}, {"attn_ms", nsa_ms}, {"ms", total_ms},
+                    {"dense_ms", dense_ms}, {"speedup", dense_ms / total_ms},
+                    {"gflops", gflops}, {"dense_gflops", dense_gflops}, {"model_ratio", model}});
+    if (!opt.json) {
+      std::printf("%8lld %10.1f %10.1f %10.1f %10.1f %8.2fx %8.2fx %9.1f %9.1f\n", (long long)T,
+                  cmp_ms, nsa_ms, total_ms, dense_ms, dense_ms / total_ms, model, gflops,
+                  dense_gflops);
+      std::fflush(stdout);
+    }
+  }
+  if (opt.json) std::printf("%s\n", rows.dump(2).c_str());
+  nsa_context_destroy(ctx);
+  return rc;
+}
+
+}  // namespace
+
+Command add_bench_command(CLI::App& app) {
+  auto* cmd = app.add_subcommand("bench", "Time the NSA forward against the dense baseline");
+  auto opt = std::make_shared<BenchOptions>();
+  cmd->add_option("--pass", opt->pass, "fwd (bwd and fwdbwd: not yet)")->check(CLI::IsMember({"fwd", "bwd", "fwdbwd"}))->capture_default_str();
+  cmd->add_option("--lengths", opt->lengths, "comma-separated sequence lengths")->capture_default_str();
+  cmd->add_option("--dtype", opt->dtype, "input dtype")->check(CLI::IsMember({"f32", "bf16"}))->capture_default_str();
+  cmd->add_option("--threads", opt->threads, "threads (0: OpenMP's default)")->capture_default_str();
+  cmd->add_option("--repeats", opt->repeats, "timed runs per figure (median)")->check(CLI::PositiveNumber)->capture_default_str();
+  cmd->add_option("--hq", opt->hq, "query heads")->capture_default_str();
+  cmd->add_option("--hkv", opt->hkv, "key/value heads")->capture_default_str();
+  cmd->add_option("--dk", opt->dk, "query/key head dim")->capture_default_str();
+  cmd->add_option("--dv", opt->dv, "value head dim")->capture_default_str();
+  cmd->add_flag("--json", opt->json, "print the rows as JSON");
+  return [opt] { return run_bench(*opt); };
+}
