@@ -37,7 +37,7 @@ void block_scores(const nsa_config& cfg, int64_t t, int64_t nc, const float* p_s
 
 }  // namespace
 
-void cmp_attend(const Group& g, Scratch& s) {
+NSA_CPU_DISPATCH void cmp_attend(const Group& g, Scratch& s) {
   const FwdProblem& pr = *g.pr;
   const nsa_fwd_params& p = pr.p;
   const int64_t G = pr.G, Dk = pr.Dk, Dv = pr.Dv, b = g.seq->batch;

@@ -16,6 +16,15 @@
 
 namespace nsa::cpu {
 
+// Runtime dispatch for the plain-loop kernels: GCC compiles each marked function once per target
+// and picks the best one at load time (function multiversioning), so the inlined loops below
+// run on AVX-512 or AVX2 where the CPU has them and the binary still runs everywhere.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define NSA_CPU_DISPATCH __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define NSA_CPU_DISPATCH
+#endif
+
 // ---- Inner loops. ----
 
 // Independent partial sums: the compiler may not reorder a float reduction on its own, so the

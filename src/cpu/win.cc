@@ -7,7 +7,7 @@
 
 namespace nsa::cpu {
 
-void attend_span(const Group& g, const nsa_tensor& k, const nsa_tensor& v, int64_t first,
+NSA_CPU_DISPATCH void attend_span(const Group& g, const nsa_tensor& k, const nsa_tensor& v, int64_t first,
                  int64_t end, Scratch& s, float* acc) {
   const FwdProblem& pr = *g.pr;
   const int64_t G = pr.G, Dk = pr.Dk, Dv = pr.Dv, b = g.seq->batch;
