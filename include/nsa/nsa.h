@@ -90,6 +90,24 @@ NSA_API nsa_backend nsa_context_backend(const nsa_context* ctx);
 NSA_API nsa_status nsa_context_set_num_threads(nsa_context* ctx, int32_t n);
 NSA_API int32_t nsa_context_num_threads(const nsa_context* ctx);
 
+/* Per-stage timing of the forward, for benchmarks. Off by default: when on, each nsa_fwd on the
+ * context records where its time went (a few clock reads per query position and KV head). */
+typedef struct nsa_fwd_profile {
+  /* Thread-seconds, summed over the threads that ran each stage (SPEC 4 steps). */
+  double pack_s;    /* converting K/V to the kernels' f32 tiles (once per call) */
+  double cmp_s;     /* step 1: compressed attention */
+  double scores_s;  /* step 2: group-summed block scores (the overhead over plain cmp attention) */
+  double topn_s;    /* step 3: top-n selection */
+  double slc_s;     /* step 4: selected attention */
+  double win_s;     /* step 5: window attention */
+  double combine_s; /* step 6: gates and stores */
+  double wall_s;    /* wall-clock seconds of the call */
+  int32_t kernel;   /* 1: the heads-in-lanes SIMD path served the call, 0: the per-head path */
+} nsa_fwd_profile;
+NSA_API nsa_status nsa_context_set_profiling(nsa_context* ctx, int32_t on);
+/* The profile of the last successful nsa_fwd on ctx with profiling on (zeros before one). */
+NSA_API nsa_status nsa_context_fwd_profile(const nsa_context* ctx, nsa_fwd_profile* out);
+
 /* The message of the last failed call on this context, or "" if the last call succeeded.
  * The pointer stays valid until the next call on the context. NULL ctx gives "". */
 NSA_API const char* nsa_last_error(const nsa_context* ctx);

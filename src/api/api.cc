@@ -1,5 +1,6 @@
 // The C API: argument checks, backend dispatch, and the translation of Status into a status code
 // plus the context's last-error message. No exception crosses this boundary.
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -107,6 +108,18 @@ int32_t nsa_context_num_threads(const nsa_context* ctx) {
   return ctx != nullptr ? ctx->num_threads : 0;
 }
 
+nsa_status nsa_context_set_profiling(nsa_context* ctx, int32_t on) {
+  if (ctx == nullptr) return NSA_ERR_NULL_POINTER;
+  ctx->profiling = on != 0;
+  return finish(ctx, Status::ok());
+}
+
+nsa_status nsa_context_fwd_profile(const nsa_context* ctx, nsa_fwd_profile* out) {
+  if (ctx == nullptr || out == nullptr) return NSA_ERR_NULL_POINTER;
+  *out = ctx->fwd_profile;
+  return NSA_OK;
+}
+
 const char* nsa_last_error(const nsa_context* ctx) {
   return ctx != nullptr ? ctx->last_error.c_str() : "";
 }
@@ -210,11 +223,21 @@ nsa_status nsa_fwd(nsa_context* ctx, const nsa_fwd_params* p) {
     problem.num_threads = ctx->num_threads;
     // No token: nothing to compute or write, so no backend needs to handle the empty case.
     if (problem.B == 0 || problem.T == 0) return Status::ok();
+    nsa_fwd_profile profile{};
+    if (ctx->profiling) problem.profile = &profile;
+    const auto t0 = std::chrono::steady_clock::now();
+    Status st;
     switch (resolve(ctx->backend)) {
-      case NSA_BACKEND_REF: return nsa::ref::forward(problem);
-      case NSA_BACKEND_CPU: return nsa::cpu::forward(problem);
+      case NSA_BACKEND_REF: st = nsa::ref::forward(problem); break;
+      case NSA_BACKEND_CPU: st = nsa::cpu::forward(problem); break;
       default: return unavailable(ctx->backend);
     }
+    if (st.is_ok() && ctx->profiling) {
+      profile.wall_s =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      ctx->fwd_profile = profile;
+    }
+    return st;
   });
 }
 

@@ -8,5 +8,7 @@
 struct nsa_context {
   nsa_backend backend = NSA_BACKEND_AUTO;
   int32_t num_threads = 0;  // 0: OpenMP's default
+  bool profiling = false;
+  nsa_fwd_profile fwd_profile{};
   std::string last_error;
 };

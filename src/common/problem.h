@@ -35,6 +35,7 @@ struct FwdProblem {
   int64_t B = 0, T = 0, Hq = 0, Hkv = 0, G = 0, Dk = 0, Dv = 0, Tc = 0;
   std::vector<Sequence> seqs;
   int32_t num_threads = 0;  // 0: OpenMP's default
+  nsa_fwd_profile* profile = nullptr;  // stage times to fill in, when profiling is on
 };
 
 struct CompressProblem {

@@ -8,7 +8,6 @@
 #include "cpu/kernels.h"
 
 namespace nsa::cpu {
-namespace {
 
 // |C_t|: compressed token i is visible once complete, i*d + l - 1 <= t (SPEC 4.1).
 int64_t visible_cmp_count(const nsa_config& cfg, int64_t t) {
@@ -34,8 +33,6 @@ void block_scores(const nsa_config& cfg, int64_t t, int64_t nc, const float* p_s
     }
   }
 }
-
-}  // namespace
 
 NSA_CPU_DISPATCH void cmp_attend(const Group& g, Scratch& s) {
   const FwdProblem& pr = *g.pr;

@@ -74,17 +74,22 @@ Scratch carve(const FwdProblem& pr, const Layout& L, float* f, int32_t* n) {
 }
 
 // All the steps of SPEC 4 for one group; the order matters (scores before selection).
-void run_group(const Group& g, Scratch& s) {
+void run_group(const Group& g, Scratch& s, StageClock& clock) {
   const FwdProblem& pr = *g.pr;
   for (int64_t h = 0; h < pr.G; ++h) {
     load_row(pr.p.q, offset_of(pr.p.q, g.seq->batch, g.tok, g.hk * pr.G + h), pr.Dk,
              s.q + h * pr.Dk);
   }
-  cmp_attend(g, s);
+  cmp_attend(g, s);  // the block scores are fused into it: all counted as cmp
+  clock.lap(kStageCmp);
   slc_select(g, s);
+  clock.lap(kStageTopn);
   slc_attend(g, s);
+  clock.lap(kStageSlc);
   win_attend(g, s);
+  clock.lap(kStageWin);
   combine(g, s);
+  clock.lap(kStageCombine);
 }
 
 }  // namespace
@@ -98,17 +103,25 @@ Status forward(const FwdProblem& pr) {
   }
   const int64_t total = first_item.back();
   if (total == 0) return Status::ok();
+  if (lanes_suit(pr)) {
+    if (!forward_lanes(pr)) {
+      return error(NSA_ERR_OUT_OF_MEMORY, "forward: cannot allocate the packed K/V tiles");
+    }
+    return Status::ok();
+  }
 
   // Scratch for every thread, allocated here: an exception inside the parallel region could not
   // reach the C API's handler, so nothing below allocates.
   const Layout L = layout_of(pr);
   std::vector<float> fbuf(static_cast<size_t>(threads * L.floats));
   std::vector<int32_t> ibuf(static_cast<size_t>(threads * L.ints));
+  std::vector<double> stage_s(pr.profile ? static_cast<size_t>(threads * kStageCount) : 0);
 
 #pragma omp parallel num_threads(threads)
   {
     const int tid = omp_get_thread_num();
     Scratch s = carve(pr, L, fbuf.data() + tid * L.floats, ibuf.data() + tid * L.ints);
+    StageClock clock(pr.profile ? stage_s.data() + tid * kStageCount : nullptr);
 #pragma omp for schedule(static, kChunk)
     for (int64_t w = 0; w < total; ++w) {
       // The last sequence whose first item is <= w (empty sequences own no item).
@@ -122,9 +135,10 @@ Status forward(const FwdProblem& pr) {
       g.t = rem / pr.Hkv;
       g.tok = seq.start + g.t;
       g.hk = rem % pr.Hkv;
-      run_group(g, s);
+      run_group(g, s, clock);
     }
   }
+  if (pr.profile) add_stage_times(stage_s.data(), threads, pr.profile);
   return Status::ok();
 }
 

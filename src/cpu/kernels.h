@@ -7,6 +7,7 @@
 // runtime dispatch replaces them here, in one place.
 #pragma once
 
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -107,6 +108,39 @@ inline void store_row(const nsa_tensor& t, int64_t off, const float* src, int64_
   }
 }
 
+// ---- Stage timing (nsa_fwd_profile). ----
+
+enum Stage { kStagePack, kStageCmp, kStageScores, kStageTopn, kStageSlc, kStageWin,
+             kStageCombine, kStageCount };
+
+// One thread's stage clock: lap(stage) adds the time since the previous lap to that stage. With
+// no sink (profiling off) it reads no clock.
+class StageClock {
+ public:
+  explicit StageClock(double* sink) : sink_(sink) {
+    if (sink_) last_ = std::chrono::steady_clock::now();
+  }
+  void lap(Stage stage) {
+    if (!sink_) return;
+    const auto now = std::chrono::steady_clock::now();
+    sink_[stage] += std::chrono::duration<double>(now - last_).count();
+    last_ = now;
+  }
+
+ private:
+  double* sink_;
+  std::chrono::steady_clock::time_point last_{};
+};
+
+// Adds per-thread stage sums ([threads][kStageCount]) into the caller's profile.
+inline void add_stage_times(const double* per_thread, int threads, nsa_fwd_profile* out) {
+  double* fields[kStageCount] = {&out->pack_s, &out->cmp_s,  &out->scores_s, &out->topn_s,
+                                 &out->slc_s,  &out->win_s,  &out->combine_s};
+  for (int t = 0; t < threads; ++t) {
+    for (int k = 0; k < kStageCount; ++k) *fields[k] += per_thread[t * kStageCount + k];
+  }
+}
+
 // ---- One work item and its scratch. ----
 
 // Keys per tile of the online softmax (slc, win): scores of a tile for all G heads stay in L1.
@@ -148,6 +182,14 @@ struct Scratch {
 
 // ---- The steps of SPEC 4 (one file each). ----
 
+// cmp.cc: |C_t|, the compressed tokens visible at position t (SPEC 4.1).
+int64_t visible_cmp_count(const nsa_config& cfg, int64_t t);
+
+// cmp.cc, step 2: score[0 .. t / l'] from the group-summed probabilities p_sum[0 .. nc) of the
+// nc visible compressed tokens (Eq. 9 with the overlap weights of SPEC 4.2).
+void block_scores(const nsa_config& cfg, int64_t t, int64_t nc, const float* p_sum,
+                  float* score);
+
 // cmp.cc, steps 1-2: o_cmp, lse_cmp and the group-summed block scores score[0 .. t/l'].
 void cmp_attend(const Group& g, Scratch& s);
 
@@ -157,6 +199,12 @@ void slc_select(const Group& g, Scratch& s);
 
 // slc.cc, step 4: o_slc, lse_slc over the selected blocks.
 void slc_attend(const Group& g, Scratch& s);
+
+// forward_lanes.cc: the whole forward with the G heads of a group in SIMD lanes (for G large
+// enough to fill them). Returns false when its buffers cannot be allocated.
+bool forward_lanes(const FwdProblem& pr);
+// Whether forward_lanes serves this problem on this CPU.
+bool lanes_suit(const FwdProblem& pr);
 
 // win.cc, step 5: o_win, lse_win over the sliding window.
 void win_attend(const Group& g, Scratch& s);
