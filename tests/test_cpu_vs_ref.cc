@@ -8,6 +8,7 @@
 #include <cstring>
 #include <sstream>
 
+#include "ref/ref.h"
 #include "test_util.h"
 
 namespace {
@@ -261,6 +262,190 @@ TEST(CpuVsRef, ThreadsBitwiseIdentical) {
       EXPECT_TRUE(a->storage() == b->storage()) << "1 and 2 threads differ";
     }
   }
+}
+
+// ---- The heads-in-lanes path (forward_lanes.cc): G >= half a vector. ----
+
+// Which path served a forward with G = Hq / Hkv heads per group (nsa_fwd_profile.kernel).
+int32_t kernel_used(int64_t Hq, int64_t Hkv) {
+  Shape s;
+  s.T = 40, s.Hq = Hq, s.Hkv = Hkv, s.Dk = 8, s.Dv = 8;
+  FwdCase c = make_case(s, configs()[0], NSA_DTYPE_F32, kSeed);
+  nsa_context* ctx = nullptr;
+  nsa_context_create(&ctx);
+  nsa_context_set_backend(ctx, NSA_BACKEND_CPU);
+  nsa_context_set_profiling(ctx, 1);
+  nsa_fwd_params p = c.params();
+  EXPECT_EQ(nsa_fwd(ctx, &p), NSA_OK) << nsa_last_error(ctx);
+  nsa_fwd_profile prof{};
+  EXPECT_EQ(nsa_context_fwd_profile(ctx, &prof), NSA_OK);
+  nsa_context_destroy(ctx);
+  EXPECT_GT(prof.wall_s, 0.0);
+  return prof.kernel;
+}
+
+TEST(CpuVsRef, HeadsInLanesServesLargeGroups) {
+  // The paper's group of 16 fills half an AVX2 vector and a whole AVX-512 one: always the lanes
+  // path; a single head per group never is (it would fill one lane in 8 or 16).
+  EXPECT_EQ(kernel_used(16, 1), 1);
+  EXPECT_EQ(kernel_used(2, 2), 0);
+}
+
+TEST(CpuVsRef, HeadsInLanes) {
+  // G = 8 and 24 leave padding lanes (AVX-512), 32 needs two head vectors; Dv = 33 leaves a
+  // tail after the 16-column output blocks; T = 700 walks many 64-key chunks and, with n = 5,
+  // merges and splits runs of adjacent selected blocks.
+  int i = 0;
+  for (int64_t G : {8, 16, 24, 32}) {
+    for (auto [T, dk, dv] : {std::tuple{65, 24, 16}, std::tuple{700, 40, 33}}) {
+      Shape s;
+      s.B = T == 65 ? 2 : 1, s.T = T, s.Hkv = G == 32 ? 1 : 2, s.Dk = dk, s.Dv = dv;
+      s.Hq = G * s.Hkv;
+      const nsa_config cfg = configs()[i % 4];
+      compare_fwd(s, cfg, i % 2 ? NSA_DTYPE_BF16 : NSA_DTYPE_F32, kSeed + 1300 + i, i % 3 == 0,
+                  {}, i % 4 == 3 ? NSA_DTYPE_BF16 : NSA_DTYPE_F32);
+      ++i;
+    }
+  }
+  Shape s;
+  s.T = 400, s.Hq = 32, s.Hkv = 2, s.Dk = 24, s.Dv = 16;
+  const std::vector<int32_t> cu = {0, 1, 1, 33, 97, 160, 400};
+  for (const nsa_config& cfg : configs()) {
+    compare_fwd(s, cfg, i % 2 ? NSA_DTYPE_BF16 : NSA_DTYPE_F32, kSeed + 1300 + i, true, cu);
+    Tensor ix = random_indices(s, cfg, cu, kSeed + 1400 + i);
+    compare_fwd(s, cfg, NSA_DTYPE_F32, kSeed + 1500 + i, false, cu, NSA_DTYPE_F32, &ix);
+    ++i;
+  }
+}
+
+TEST(CpuVsRef, HeadsInLanesThreadsBitwiseIdentical) {
+  Shape s;
+  s.T = 300, s.Hq = 32, s.Hkv = 2, s.Dk = 24, s.Dv = 16;
+  for (nsa_dtype dt : {NSA_DTYPE_F32, NSA_DTYPE_BF16}) {
+    FwdCase one = make_case(s, configs()[1], dt, kSeed + 1600, true, {0, 7, 200, 300});
+    FwdCase three = make_case(s, configs()[1], dt, kSeed + 1600, true, {0, 7, 200, 300});
+    std::string msg;
+    ASSERT_EQ(run(NSA_BACKEND_CPU, 1, one.params(), &msg), NSA_OK) << msg;
+    ASSERT_EQ(run(NSA_BACKEND_CPU, 3, three.params(), &msg), NSA_OK) << msg;
+    for (auto [a, b] : {std::pair{&one.o, &three.o}, std::pair{&one.lse_cmp, &three.lse_cmp},
+                        std::pair{&one.lse_slc, &three.lse_slc}, std::pair{&one.idx_out, &three.idx_out}}) {
+      EXPECT_TRUE(a->storage() == b->storage()) << "1 and 3 threads differ";
+    }
+  }
+}
+
+// ---- Selection up to genuine near-ties. ----
+
+// The reference's block scores for (batch b, position t, KV head hk) of a fixed-length case.
+std::vector<double> reference_scores(const FwdCase& c, int64_t b, int64_t t, int64_t hk) {
+  const Shape& s = c.shape;
+  const int64_t G = s.Hq / s.Hkv, nc = nsa::ref::visible_cmp_count(c.cfg, t);
+  const double scale = c.cfg.scale != 0 ? c.cfg.scale : 1.0 / std::sqrt(double(s.Dk));
+  std::vector<std::vector<double>> keys(nc, std::vector<double>(s.Dk));
+  for (int64_t i = 0; i < nc; ++i) {
+    for (int64_t x = 0; x < s.Dk; ++x) keys[i][x] = c.k_cmp.at({b, i, hk, x});
+  }
+  std::vector<std::vector<double>> p_cmp(G);
+  for (int64_t h = 0; h < G; ++h) {
+    std::vector<double> q(s.Dk);
+    for (int64_t x = 0; x < s.Dk; ++x) q[x] = c.q.at({b, t, hk * G + h, x});
+    p_cmp[h] = nsa::ref::attend(q, keys, keys, scale).p;
+  }
+  return nsa::ref::block_scores(c.cfg, t, p_cmp);
+}
+
+// Whether `got` is the reference selection `want` up to near-ties: the same number of blocks,
+// and every block in one set but not the other scores within `gap` of every such block of the
+// other set (so an f32 ranking may swap them). Both are the reported form (-1 padded).
+bool same_up_to_near_ties(const std::vector<double>& score, const std::vector<int32_t>& got,
+                          const std::vector<int32_t>& want, double gap, std::string* why) {
+  auto present = [](const std::vector<int32_t>& set, int32_t j) {
+    return std::find(set.begin(), set.end(), j) != set.end();
+  };
+  std::vector<int32_t> only_got, only_want;
+  for (int32_t j : got) if (j >= 0 && !present(want, j)) only_got.push_back(j);
+  for (int32_t j : want) if (j >= 0 && !present(got, j)) only_want.push_back(j);
+  if (only_got.size() != only_want.size()) {
+    *why = "different set sizes";
+    return false;
+  }
+  for (int32_t a : only_got) {
+    for (int32_t b : only_want) {
+      if (std::fabs(score[a] - score[b]) > gap) {
+        *why = "block " + std::to_string(a) + " replaced block " + std::to_string(b) +
+               ", score gap " + std::to_string(std::fabs(score[a] - score[b]));
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
+// The score-gap tolerance: a block score sums at most G * Tc f32 probabilities, each within
+// ~(Dk + Tc) 2^-24 relative of the f64 one (the dot, then the softmax sum), x16 for |s| up to
+// ~16 as in compare_fwd. Scores are O(G), so this is relative to the largest score.
+double score_gap(const Shape& s, int64_t Tc, double max_score) {
+  return 16.0 * static_cast<double>(s.Dk + Tc) * kEps * max_score;
+}
+
+TEST(CpuVsRef, SelectionEqualUpToNearTies) {
+  // Compressed keys drawn from a few values make many block scores nearly equal, so the f32 and
+  // f64 rankings may differ at the top-n boundary; they must differ only by near-tied blocks.
+  Shape s;
+  s.T = 1000, s.Hq = 16, s.Hkv = 1, s.Dk = 24, s.Dv = 16;
+  const nsa_config cfg = configs()[1];  // n = 5: the selection binds from t = 320
+  FwdCase c = make_case(s, cfg, NSA_DTYPE_F32, kSeed + 1700);
+  FwdCase r = make_case(s, cfg, NSA_DTYPE_F32, kSeed + 1700);
+  for (FwdCase* x : {&c, &r}) {
+    std::mt19937_64 same(kSeed);
+    x->k_cmp.for_each([&](int64_t a, int64_t b, int64_t h, int64_t d) {
+      const double noise = 1e-6 * (double(same() % 1000) / 1000.0);  // breaks exact ties, barely
+      x->k_cmp.set({a, b, h, d}, (d < 2 ? 0.25 * double(same() % 3) : 0.0) + noise);
+    });
+  }
+  std::string msg;
+  ASSERT_EQ(run(NSA_BACKEND_CPU, 0, c.params(), &msg), NSA_OK) << msg;
+  ASSERT_EQ(run(NSA_BACKEND_REF, 0, r.params(), &msg), NSA_OK) << msg;
+  const int64_t Tc = nsa_cmp_len(&cfg, s.T);
+  int64_t differ = 0;
+  for (int64_t t = 0; t < s.T; ++t) {
+    std::vector<int32_t> got(cfg.slc_count), want(cfg.slc_count);
+    for (int k = 0; k < cfg.slc_count; ++k) {
+      got[k] = c.idx_out.at_i32({0, t, 0, k});
+      want[k] = r.idx_out.at_i32({0, t, 0, k});
+    }
+    if (got == want) continue;
+    ++differ;
+    const std::vector<double> score = reference_scores(r, 0, t, 0);
+    const double gap = score_gap(s, Tc, *std::max_element(score.begin(), score.end()));
+    std::string why;
+    EXPECT_TRUE(same_up_to_near_ties(score, got, want, gap, &why)) << "t=" << t << ": " << why;
+  }
+  // The checker itself must reject a real difference: swap the best free block for the worst.
+  const int64_t t = s.T - 1;
+  const std::vector<double> score = reference_scores(r, 0, t, 0);
+  std::vector<int32_t> want(cfg.slc_count);
+  for (int k = 0; k < cfg.slc_count; ++k) want[k] = r.idx_out.at_i32({0, t, 0, k});
+  std::vector<int32_t> wrong = want;
+  const int64_t last = t / cfg.slc_block;
+  int32_t worst = -1;
+  for (int32_t j = 1; j < last - 1; ++j) {
+    if (std::find(want.begin(), want.end(), j) == want.end() &&
+        (worst < 0 || score[j] < score[worst])) {
+      worst = j;
+    }
+  }
+  ASSERT_GE(worst, 0);
+  wrong[1] = worst;  // want[0] is forced block 0, want[1] the best-ranked free block
+  std::string why;
+  const double gap = score_gap(s, Tc, *std::max_element(score.begin(), score.end()));
+  EXPECT_FALSE(same_up_to_near_ties(score, wrong, want, gap, &why));
+  // ... and accept a swap of two blocks whose scores are closer than the gap.
+  const std::vector<double> close = {1.0, 0.5, 0.5 + 0.5 * gap, 0.1, 1.0};
+  EXPECT_TRUE(same_up_to_near_ties(close, {0, 1, 4, -1}, {0, 2, 4, -1}, gap, &why)) << why;
+  EXPECT_FALSE(same_up_to_near_ties(close, {0, 3, 4, -1}, {0, 2, 4, -1}, gap, &why));
+  std::printf("near-tie check: %lld of %lld rows differ from the reference, all within the gap\n",
+              (long long)differ, (long long)s.T);
 }
 
 }  // namespace

@@ -85,6 +85,7 @@ int run_bench(const BenchOptions& opt) {
   nsa_context* ctx = nullptr;
   nsa_context_create(&ctx);
   nsa_context_set_num_threads(ctx, opt.threads);
+  nsa_context_set_profiling(ctx, 1);
   const nsa_dtype dt = opt.dtype == "bf16" ? NSA_DTYPE_BF16 : NSA_DTYPE_F32;
   nsa_config cfg;
   nsa_config_default(&cfg);
@@ -93,8 +94,9 @@ int run_bench(const BenchOptions& opt) {
     std::printf("nsa bench fwd: B=1 Hq=%lld Hkv=%lld Dk=%lld Dv=%lld %s, threads=%d, median of %d\n",
                 (long long)opt.hq, (long long)opt.hkv, (long long)opt.dk, (long long)opt.dv,
                 opt.dtype.c_str(), opt.threads, opt.repeats);
-    std::printf("%8s %10s %10s %10s %10s %9s %9s %9s %9s\n", "T", "cmp_ms", "nsa_ms", "total_ms",
-                "dense_ms", "speedup", "model", "nsa_GF/s", "dense_GF/s");
+    std::printf("%7s %9s %9s %9s %8s %8s %9s %9s | %7s %7s %7s %7s %7s %7s %7s %7s\n", "T",
+                "total_ms", "dense_ms", "speedup", "model", "GF/s", "dense_GF/s", "", "compr",
+                "pack", "cmp", "scores", "top-n", "slc", "win", "combine");
   }
   std::stringstream ss(opt.lengths);
   std::string item;
@@ -128,6 +130,17 @@ int run_bench(const BenchOptions& opt) {
     dp.q = q.t; dp.k = k.t; dp.v = v.t; dp.o = o.t;
     const double cmp_ms = median_ms(opt.repeats, compress);
     const double nsa_ms = median_ms(opt.repeats, [&] { st = st != NSA_OK ? st : nsa_fwd(ctx, &p); });
+    // Stage split of the last timed run: thread-seconds per stage, scaled to its wall time.
+    nsa_fwd_profile prof{};
+    nsa_context_fwd_profile(ctx, &prof);
+    const double stage_s[] = {prof.pack_s, prof.cmp_s, prof.scores_s, prof.topn_s,
+                              prof.slc_s, prof.win_s, prof.combine_s};
+    double stage_sum = 0;
+    for (double x : stage_s) stage_sum += x;
+    double stage_ms[7];
+    for (int i = 0; i < 7; ++i) {
+      stage_ms[i] = stage_sum > 0 ? prof.wall_s * 1e3 * stage_s[i] / stage_sum : 0.0;
+    }
     const double dense_ms = median_ms(opt.repeats, [&] { st = st != NSA_OK ? st : nsa_dense_fwd(ctx, &dp); });
     if (st != NSA_OK) {
       std::fprintf(stderr, "nsa bench: %s: %s\n", nsa_status_name(st), nsa_last_error(ctx));
@@ -144,13 +157,19 @@ int run_bench(const BenchOptions& opt) {
     const double gflops = per_key * nsa_keys / (nsa_ms * 1e6);
     const double dense_gflops = per_key * dense_keys / (dense_ms * 1e6);
     rows.push_back({{"pass", "fwd"}, {"dtype", opt.dtype}, {"T", T}, {"threads", opt.threads},
-                    {"cmp_ms", cmp_ms}, {"attn_ms", nsa_ms}, {"ms", total_ms},
+                    {"compress_ms", cmp_ms}, {"attn_ms", nsa_ms}, {"ms", total_ms},
                     {"dense_ms", dense_ms}, {"speedup", dense_ms / total_ms},
-                    {"gflops", gflops}, {"dense_gflops", dense_gflops}, {"model_ratio", model}});
+                    {"gflops", gflops}, {"dense_gflops", dense_gflops}, {"model_ratio", model},
+                    {"simd_path", prof.kernel == 1 ? "heads-in-lanes" : "per-head"},
+                    {"stage_ms", {{"pack", stage_ms[0]}, {"cmp", stage_ms[1]},
+                                  {"scores", stage_ms[2]}, {"topn", stage_ms[3]},
+                                  {"slc", stage_ms[4]}, {"win", stage_ms[5]},
+                                  {"combine", stage_ms[6]}}}});
     if (!opt.json) {
-      std::printf("%8lld %10.1f %10.1f %10.1f %10.1f %8.2fx %8.2fx %9.1f %9.1f\n", (long long)T,
-                  cmp_ms, nsa_ms, total_ms, dense_ms, dense_ms / total_ms, model, gflops,
-                  dense_gflops);
+      std::printf("%7lld %9.1f %9.1f %8.2fx %7.2fx %8.1f %9.1f %9s | %7.1f %7.1f %7.1f %7.1f %7.1f %7.1f %7.1f %7.1f\n",
+                  (long long)T, total_ms, dense_ms, dense_ms / total_ms, model, gflops,
+                  dense_gflops, "stage ms:", cmp_ms, stage_ms[0], stage_ms[1], stage_ms[2],
+                  stage_ms[3], stage_ms[4], stage_ms[5], stage_ms[6]);
       std::fflush(stdout);
     }
   }
