@@ -48,14 +48,22 @@ struct Scenario {
   Rule rule;
 };
 
-// G = 2 (two KV groups), several blocks per query and a window wider than one 64-key tile of
-// the CPU's online softmax, so a tile can be all -inf while the next one is not.
-inline const Shape kShape{2, 160, 4, 2, 16, 8};
+// Two KV groups of G = 2 heads (the CPU's per-head kernels), or of 16 when built as
+// test_nonfinite_lanes (the heads-in-lanes kernels); several blocks per query and a window wider
+// than one 64-key chunk of the CPU's online softmax, so a chunk can be all -inf while the next
+// one is not.
+#ifndef NSA_NONFINITE_G
+#define NSA_NONFINITE_G 2
+#endif
+constexpr int64_t kG = NSA_NONFINITE_G;
+inline const Shape kShape{2, 160, 2 * kG, 2, 16, 8};
 inline const nsa_config kCfg = config(/*l=*/16, /*d=*/8, /*l'=*/16, /*n=*/4, /*n_init=*/1,
                                       /*n_local=*/1, /*w=*/80);
-constexpr int64_t kG = 2;
 
-inline FwdCase random_case(nsa_dtype dt = NSA_DTYPE_F32) { return make_case(kShape, kCfg, dt, 7); }
+// Seeds chosen so that NaN block scores change the selection of NanQuery's row (it checks).
+inline FwdCase random_case(nsa_dtype dt = NSA_DTYPE_F32) {
+  return make_case(kShape, kCfg, dt, kG == 2 ? 7 : 12);
+}
 
 // Channel 0 of every query, key and compressed key set to 1, so that the sign of a score is
 // known: an infinity in channel 0 of a key (query) makes that score an infinity of its sign.

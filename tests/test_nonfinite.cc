@@ -16,14 +16,14 @@ TEST(NonFinite, NanQuery) {
   Scenario sc;
   sc.make = [] { return random_case(); };
   sc.poison = [](FwdCase& c, nsa_fwd_params&) {
-    c.q.set({1, 150, 2, 3}, kNaN);  // group 1, C_t non-empty
+    c.q.set({1, 150, kG, 3}, kNaN);  // group 1's first head, C_t non-empty
     c.q.set({0, 5, 0, 0}, kNaN);    // group 0, t < l - 1: C_t empty
   };
   sc.rule = [](const std::vector<Dense>& clean, int out, int64_t b, int64_t tok, int64_t h,
                int64_t e) -> Expect {
     const int64_t hk = out == kIdx ? h : h / kG;
     if (b == 1 && tok == 150 && hk == 1) {
-      if (out == kIdx || h == 3) {
+      if (out == kIdx || h != kG) {  // the selection, and the group's other heads
         if (out == kOCmp || out == kLseCmp || out == kOWin || out == kLseWin) return Want::Same;
         return nan_scores(clean, out, b, tok, h, e, 150);
       }
@@ -217,7 +217,7 @@ TEST(NonFinite, InfQuery) {
   sc.poison = [](FwdCase& c, nsa_fwd_params&) {
     c.q.set({1, 120, 1, 0}, -kInf);  // group 0, head 1: all scores -inf
     c.q.set({0, 10, 3, 0}, -kInf);   // t < l - 1
-    c.q.set({0, 130, 2, 0}, kInf);   // group 1, head 2: all scores +inf
+    c.q.set({0, 130, kG, 0}, kInf);  // group 1's first head: all scores +inf
   };
   sc.rule = [](const std::vector<Dense>& clean, int out, int64_t b, int64_t tok, int64_t h,
                int64_t e) -> Expect {
@@ -231,7 +231,7 @@ TEST(NonFinite, InfQuery) {
       return side ? Want::Same : Want::Finite;
     }
     if (b == 0 && tok == 130 && hk == 1) {
-      if (out != kIdx && h == 2) return Want::NaN;
+      if (out != kIdx && h == kG) return Want::NaN;
       return side ? Want::Same : nan_scores(clean, out, b, tok, h, e, 130);
     }
     return Want::Same;
