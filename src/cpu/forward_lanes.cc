@@ -8,7 +8,9 @@
 //   online softmax      running max and sum per lane, no horizontal reduction at all,
 //   O^T += P V          Dv FMAs per key of (P[j], the G heads' weights) x (v_j[c] broadcast).
 // Each key is loaded once for the whole group, as a broadcast operand of the FMA, and each FMA
-// does useful work in every lane. K is packed once per call into tiles of 16 keys with the keys
+// does useful work in every lane. A work item is two neighbouring positions t, t + 1 of one KV
+// head: their windows and compressed keys are nearly the same and their selections overlap, so
+// where both attend a key, one broadcast of it feeds both (the kernels in lanes-inl.h). K is packed once per call into tiles of 16 keys with the keys
 // innermost ([Dk][16]), so the broadcasts of one step sit in one cache line; V is converted to
 // f32 rows. Heads past G in the last vector are padded with zero queries; their lanes compute
 // finite values that are never stored.
@@ -32,7 +34,8 @@
 #define HWY_TARGET_INCLUDE "cpu/forward_lanes.cc"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
 #include <hwy/highway.h>
-#include <hwy/contrib/math/math-inl.h>
+
+#include "cpu/lanes-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace nsa::cpu {
@@ -42,16 +45,10 @@ namespace hn = hwy::HWY_NAMESPACE;
 // Internal linkage: dense_fwd.cc defines helpers of the same names in the same namespaces.
 namespace {
 
-using DF = hn::ScalableTag<float>;
-using VF = hn::Vec<DF>;
+using lanes::DF;
+using lanes::VF;
+using lanes::kKeys;
 
-// Keys per packed K tile. Selection blocks (64 keys by default) are whole tiles.
-constexpr int64_t kKeys = 16;
-// Keys per score register block: 16 accumulators + the query vector fit 32 registers (AVX-512);
-// with 16 registers (AVX2, SSE4) half of that.
-constexpr int kScoreBlock = HWY_MAX_BYTES >= 64 ? 16 : 8;
-// Output columns per O^T register block, for the same reason.
-constexpr int kOutBlock = HWY_MAX_BYTES >= 64 ? 16 : 8;
 // Keys per online-softmax step: the max/sum/rescale work is paid once per this many keys.
 constexpr int64_t kChunk = 64;
 
@@ -131,239 +128,183 @@ bool pack(const FwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, Span s
   return true;
 }
 
-// The G heads of one query position, and the running state of one branch.
-struct Heads {
-  const float* qt;  // [Dk][GP] queries, scaled, heads in lanes (zero past G)
-  int64_t GP;       // G rounded up to whole vectors
-  int64_t Dk, Dv;
-};
+// The running state of one branch for the G heads of one position.
 struct Branch {
   float* o;  // [Dv][GP] output, transposed
   float* m;  // [GP] running max
   float* l;  // [GP] running sum (NaN once a NaN or +inf score was seen)
 };
 
-// S[0 .. KB) for one head vector: s[j * GP] = q . k_j, for the KB keys of a packed tile at kt.
-template <int KB>
-HWY_INLINE void score_block(const float* HWY_RESTRICT qt, int64_t GP, const float* HWY_RESTRICT kt,
-                            int64_t Dk, float* HWY_RESTRICT s) {
-  const DF d;
-  VF acc[KB];
-  for (int j = 0; j < KB; ++j) acc[j] = hn::Zero(d);
-  for (int64_t i = 0; i < Dk; ++i) {
-    const VF q = hn::Load(d, qt + i * GP);
-    const float* k = kt + i * kKeys;
-    for (int j = 0; j < KB; ++j) acc[j] = hn::MulAdd(q, hn::Set(d, k[j]), acc[j]);
-  }
-  for (int j = 0; j < KB; ++j) hn::Store(acc[j], d, s + j * GP);
-}
-
-// Scores of every head vector for `tiles` packed tiles at kt into s ([tiles * kKeys][GP]).
-void score_tiles(const Heads& h, const float* kt, int64_t tiles, float* s) {
-  const int64_t N = hn::Lanes(DF());
-  for (int64_t hv = 0; hv < h.GP; hv += N) {
-    for (int64_t ti = 0; ti < tiles; ++ti) {
-      for (int64_t j = 0; j < kKeys; j += kScoreBlock) {
-        score_block<kScoreBlock>(h.qt + hv, h.GP, kt + ti * kKeys * h.Dk + j, h.Dk,
-                                 s + (ti * kKeys + j) * h.GP + hv);
-      }
-    }
-  }
-}
-
-// O^T columns [c0, c0 + CB) of one head vector: o = alpha * o + sum_j p_j v_j[c], keys [j0, j1).
-template <int CB>
-HWY_INLINE void out_block(const float* HWY_RESTRICT p, int64_t GP, const float* HWY_RESTRICT v,
-                          int64_t Dv, int64_t j0, int64_t j1, VF alpha, float* HWY_RESTRICT o) {
-  const DF d;
-  VF acc[CB];
-  for (int c = 0; c < CB; ++c) acc[c] = hn::Mul(alpha, hn::Load(d, o + c * GP));
-  for (int64_t j = j0; j < j1; ++j) {
-    const VF pj = hn::Load(d, p + j * GP);
-    const float* vj = v + j * Dv;
-    for (int c = 0; c < CB; ++c) acc[c] = hn::MulAdd(pj, hn::Set(d, vj[c]), acc[c]);
-  }
-  for (int c = 0; c < CB; ++c) hn::Store(acc[c], d, o + c * GP);
-}
-
-// O^T = alpha * O^T + P V for one head vector over keys [j0, j1) (p and v indexed from 0).
-void accumulate(const Heads& h, const float* p, const float* v, int64_t j0, int64_t j1, VF alpha,
-                float* o) {
-  int64_t c = 0;
-  for (; c + kOutBlock <= h.Dv; c += kOutBlock) {
-    out_block<kOutBlock>(p, h.GP, v + c, h.Dv, j0, j1, alpha, o + c * h.GP);
-  }
-  for (; c < h.Dv; ++c) out_block<1>(p, h.GP, v + c, h.Dv, j0, j1, alpha, o + c * h.GP);
-}
-
-// exp(s - m) for the probabilities; m = -inf (no finite score yet) is replaced by 0 so that -inf
-// scores give exp(-inf) = 0 and not exp(NaN).
-HWY_INLINE VF safe_max(VF m) {
-  const DF d;
-  return hn::IfThenElse(hn::Eq(m, hn::Set(d, kNegInf)), hn::Zero(d), m);
-}
-
-// A NaN or +inf score makes its lane's branch NaN (README "Non-finite inputs"): vector Max and
-// Exp would silently drop a NaN, so it is caught here and carried in l, which poisons o and lse.
-HWY_INLINE hn::Mask<DF> poisoned(VF s) {
-  const DF d;
-  return hn::Or(hn::IsNaN(s), hn::Eq(s, hn::Set(d, -kNegInf)));
-}
-
-// Online-softmax attention of the heads over keys [first, end) of one (sequence, KV head),
-// added to the branch's running state; kt/v are that pair's packed K tiles and V rows.
-void attend_span(const Heads& h, const float* kt, const float* v, int64_t first, int64_t end,
-                 float* s, Branch& br) {
-  const DF d;
-  const int64_t N = hn::Lanes(d), GP = h.GP;
-  for (int64_t c0 = first / kKeys * kKeys; c0 < end; c0 += kChunk) {
-    const int64_t c1 = std::min(c0 + kChunk, end);
-    score_tiles(h, kt + (c0 / kKeys) * kKeys * h.Dk, (c1 - c0 + kKeys - 1) / kKeys, s);
-    // Only keys [lo, hi) of the chunk are in the span: the others are neither weighed nor read.
-    const int64_t lo = std::max(first, c0) - c0, hi = c1 - c0;
-    for (int64_t hv = 0; hv < GP; hv += N) {
-      const VF m_old = hn::Load(d, br.m + hv);
-      VF mx = m_old;
-      VF bad = hn::Zero(d);  // all-ones bits in lanes that saw a poisoned score
-      for (int64_t j = lo; j < hi; ++j) {
-        const VF sj = hn::Load(d, s + j * GP + hv);
-        mx = hn::Max(mx, sj);
-        bad = hn::Or(bad, hn::VecFromMask(d, poisoned(sj)));
-      }
-      const VF m_use = safe_max(mx);
-      const VF alpha = hn::Exp(d, hn::Sub(m_old, m_use));  // 0 while nothing was seen
-      VF sum = hn::Zero(d);
-      for (int64_t j = lo; j < hi; ++j) {
-        const VF pj = hn::Exp(d, hn::Sub(hn::Load(d, s + j * GP + hv), m_use));
-        hn::Store(pj, d, s + j * GP + hv);
-        sum = hn::Add(sum, pj);
-      }
-      VF l = hn::MulAdd(hn::Load(d, br.l + hv), alpha, sum);
-      l = hn::IfThenElse(hn::MaskFromVec(bad), hn::Set(d, std::numeric_limits<float>::quiet_NaN()), l);
-      hn::Store(l, d, br.l + hv);
-      hn::Store(mx, d, br.m + hv);
-      accumulate(h, s + hv, v + c0 * h.Dv, lo, hi, alpha, br.o + hv);
-    }
-  }
-}
-
-void branch_begin(const Heads& h, Branch& br) {
-  std::fill(br.o, br.o + h.Dv * h.GP, 0.0f);
-  std::fill(br.m, br.m + h.GP, kNegInf);
-  std::fill(br.l, br.l + h.GP, 0.0f);
-}
-
-// o /= l and lse = m + log l per lane; an empty branch (l = 0) keeps o (0) and gets lse = -inf;
-// a poisoned one (l NaN) gets NaN in both (SPEC 4.1, README "Non-finite inputs").
-void branch_finish(const Heads& h, Branch& br, float* lse) {
-  const DF d;
-  const int64_t N = hn::Lanes(d);
-  for (int64_t hv = 0; hv < h.GP; hv += N) {
-    const VF l = hn::Load(d, br.l + hv), m = hn::Load(d, br.m + hv);
-    const auto empty = hn::Eq(l, hn::Zero(d));
-    const VF inv = hn::IfThenElse(empty, hn::Set(d, 1.0f), hn::Div(hn::Set(d, 1.0f), l));
-    for (int64_t c = 0; c < h.Dv; ++c) {
-      float* o = br.o + c * h.GP + hv;
-      hn::Store(hn::Mul(hn::Load(d, o), inv), d, o);
-    }
-    VF out = hn::Add(m, hn::Log(d, hn::IfThenElse(empty, hn::Set(d, 1.0f), l)));
-    out = hn::IfThenElse(empty, hn::Set(d, kNegInf), out);
-    out = hn::IfThenElse(hn::IsNaN(l), l, out);
-    hn::Store(out, d, lse + hv);
-  }
-}
-
-// The compressed branch over the nc visible compressed tokens (two-pass softmax, scores kept in
-// s: [round_up(nc, kKeys)][GP]), then p_sum[i] = sum over the group's real heads of p[h][i], the
-// input of the block scores (Eq. 10).
-void cmp_branch(const Heads& h, int64_t G, const float* kt, const float* v, int64_t nc, float* s,
-                Branch& br, float* inv_l, float* p_sum, StageClock& clock) {
-  const DF d;
-  const int64_t N = hn::Lanes(d), GP = h.GP;
-  score_tiles(h, kt, (nc + kKeys - 1) / kKeys, s);
-  for (int64_t hv = 0; hv < GP; hv += N) {
-    VF mx = hn::Set(d, kNegInf);
-    VF bad = hn::Zero(d);  // all-ones bits in lanes that saw a poisoned score
-    for (int64_t j = 0; j < nc; ++j) {
-      const VF sj = hn::Load(d, s + j * GP + hv);
-      mx = hn::Max(mx, sj);
-      bad = hn::Or(bad, hn::VecFromMask(d, poisoned(sj)));
-    }
-    const VF m_use = safe_max(mx);
-    VF sum = hn::Zero(d);
-    for (int64_t j = 0; j < nc; ++j) {
-      const VF pj = hn::Exp(d, hn::Sub(hn::Load(d, s + j * GP + hv), m_use));
-      hn::Store(pj, d, s + j * GP + hv);
-      sum = hn::Add(sum, pj);
-    }
-    sum = hn::IfThenElse(hn::MaskFromVec(bad), hn::Set(d, std::numeric_limits<float>::quiet_NaN()), sum);
-    hn::Store(sum, d, br.l + hv);
-    hn::Store(mx, d, br.m + hv);
-    accumulate(h, s + hv, v, 0, nc, hn::Zero(d), br.o + hv);
-  }
-  clock.lap(kStageCmp);
-  // p[h][i] / l[h] summed over the real heads: 1 / l per lane, 0 for the padding lanes and for
-  // empty heads (all scores -inf: no probability mass).
-  const auto lane = hn::Iota(d, 0.0f);
-  for (int64_t hv = 0; hv < GP; hv += N) {
-    const VF l = hn::Load(d, br.l + hv);
-    const auto real = hn::Lt(hn::Add(lane, hn::Set(d, float(hv))), hn::Set(d, float(G)));
-    const VF inv = hn::IfThenElse(hn::Eq(l, hn::Zero(d)), hn::Zero(d), hn::Div(hn::Set(d, 1.0f), l));
-    hn::Store(hn::IfThenElse(real, inv, hn::Zero(d)), d, inv_l + hv);
-  }
-  for (int64_t j = 0; j < nc; ++j) {
-    VF acc = hn::Zero(d);
-    for (int64_t hv = 0; hv < GP; hv += N) {
-      acc = hn::MulAdd(hn::Load(d, s + j * GP + hv), hn::Load(d, inv_l + hv), acc);
-    }
-    p_sum[j] = hn::GetLane(hn::SumOfLanes(d, acc));
-  }
-}
-
-// One thread's buffers.
-struct Work {
-  float* qt;      // [Dk][GP]
-  float* s;       // [max(kChunk, Tc_max rounded to kKeys)][GP]
+// One query position of a work item, with its buffers.
+struct Pos {
+  Group g;
+  float* qt;      // [Dk][GP] queries, scaled, heads in lanes (zero past G)
+  float* s;       // [s_rows][GP] scores, then probabilities
   Branch cmp, slc, win;
-  float* lse;     // [3][GP]
-  float* inv_l;   // [GP]
-  float* p_sum;   // [Tc_max]
-  float* row;     // [max(Dk, Dv)]: one query or output row
+  float* lse;     // [3][GP]: cmp, slc, win
+  float* p_sum;   // [Tc_max] group-summed cmp probabilities
   Scratch sel;    // score, cand, blocks for slc_select (topk.cc)
 };
 
+struct Dims {
+  int64_t G, GP, Dk, Dv;
+};
+
+void branch_begin(const Dims& d, Branch& br) {
+  std::fill(br.o, br.o + d.Dv * d.GP, 0.0f);
+  std::fill(br.m, br.m + d.GP, kNegInf);
+  std::fill(br.l, br.l + d.GP, 0.0f);
+}
+
+// Online-softmax attention of up to two positions over keys [f[p], e[p]) of one (sequence, KV
+// head), added to branch `br` of each; a null position, or f >= e, takes no part. kt and v are
+// that pair's packed K tiles and V rows. Where both positions attend a key, the kernels serve
+// both at once.
+void attend_spans(Pos* const pos[2], Branch Pos::*br, const Dims& dm, const float* kt,
+                  const float* v, const int64_t f[2], const int64_t e[2]) {
+  const int64_t N = hn::Lanes(DF()), GP = dm.GP;
+  bool act[2];
+  int64_t u0 = INT64_MAX, u1 = INT64_MIN;
+  for (int p = 0; p < 2; ++p) {
+    act[p] = pos[p] != nullptr && f[p] < e[p];
+    if (act[p]) u0 = std::min(u0, f[p]), u1 = std::max(u1, e[p]);
+  }
+  if (!act[0] && !act[1]) return;
+  for (int64_t c0 = u0 / kKeys * kKeys; c0 < u1; c0 += kChunk) {
+    const int64_t c1 = std::min(c0 + kChunk, u1), n = c1 - c0;
+    int64_t lo[2], hi[2];
+    bool in[2];
+    for (int p = 0; p < 2; ++p) {
+      lo[p] = act[p] ? std::clamp<int64_t>(f[p] - c0, 0, n) : 0;
+      hi[p] = act[p] ? std::clamp<int64_t>(e[p] - c0, 0, n) : 0;
+      in[p] = lo[p] < hi[p];
+    }
+    if (!in[0] && !in[1]) continue;
+    const float* ktc = kt + (c0 / kKeys) * kKeys * dm.Dk;
+    const float* vc = v + c0 * dm.Dv;
+    const int64_t tiles = (n + kKeys - 1) / kKeys;
+    const int a = in[0] ? 0 : 1;  // the position that is in (the first, when both are)
+    for (int64_t hv = 0; hv < GP; hv += N) {
+      // Scores of the keys that are in: jointly, or for the one position.
+      Pos& A = *pos[a];
+      Pos* B = in[0] && in[1] ? pos[1] : nullptr;
+      lanes::score_tiles(A.qt + hv, B ? B->qt + hv : nullptr, GP, dm.Dk, ktc, tiles, A.s + hv,
+                         B ? B->s + hv : nullptr);
+      for (int p = 0; p < 2; ++p) {
+        if (!in[p]) continue;
+        Branch& b = (*pos[p]).*br;
+        lanes::softmax_step(pos[p]->s + hv, GP, lo[p], hi[p], dm.Dv, b.m + hv, b.l + hv, b.o + hv);
+      }
+      if (B == nullptr) {
+        Branch& b = A.*br;
+        lanes::accumulate(A.s + hv, nullptr, GP, vc, dm.Dv, lo[a], hi[a], b.o + hv, nullptr);
+        continue;
+      }
+      // Keys both attend [jl, jh) jointly; each position's other keys on its own (a key that
+      // only one position attends never reaches the other's output: 0 * NaN would).
+      Branch& ba = A.*br;
+      Branch& bb = B->*br;
+      const int64_t jl = std::max(lo[0], lo[1]), jh = std::min(hi[0], hi[1]);
+      if (jl < jh) {
+        lanes::accumulate(A.s + hv, B->s + hv, GP, vc, dm.Dv, jl, jh, ba.o + hv, bb.o + hv);
+        for (int p = 0; p < 2; ++p) {
+          Branch& b = (*pos[p]).*br;
+          lanes::accumulate(pos[p]->s + hv, nullptr, GP, vc, dm.Dv, lo[p], jl, b.o + hv, nullptr);
+          lanes::accumulate(pos[p]->s + hv, nullptr, GP, vc, dm.Dv, jh, hi[p], b.o + hv, nullptr);
+        }
+      } else {
+        for (int p = 0; p < 2; ++p) {
+          Branch& b = (*pos[p]).*br;
+          lanes::accumulate(pos[p]->s + hv, nullptr, GP, vc, dm.Dv, lo[p], hi[p], b.o + hv,
+                            nullptr);
+        }
+      }
+    }
+  }
+}
+
+// The compressed branch of up to two positions (steps 1-2). Its probabilities are needed
+// themselves, so it is a two-pass softmax: all nc scores stay in s ([round_up(nc, kKeys)][GP])
+// between the passes. Then p_sum[i] = sum over the group's real heads of p[h][i], the input of
+// the block scores (Eq. 10).
+void cmp_branch(Pos* const pos[2], const Dims& dm, const float* kt, const float* v,
+                const int64_t nc[2], float* inv_l, StageClock& clock) {
+  const DF d;
+  const int64_t N = hn::Lanes(d), GP = dm.GP;
+  const bool both = pos[1] != nullptr && nc[1] > 0 && nc[0] > 0;
+  const int a = nc[0] > 0 ? 0 : 1;  // nc grows with t: if only one position has keys, it is B
+  Pos& A = *pos[a];
+  Pos* B = both ? pos[1] : nullptr;
+  const int64_t nc_max = both ? std::max(nc[0], nc[1]) : nc[a];
+  const int64_t nc_min = both ? std::min(nc[0], nc[1]) : nc[a];
+  for (int64_t hv = 0; hv < GP; hv += N) {
+    lanes::score_tiles(A.qt + hv, B ? B->qt + hv : nullptr, GP, dm.Dk, kt,
+                       (nc_max + kKeys - 1) / kKeys, A.s + hv, B ? B->s + hv : nullptr);
+    for (Pos* p : {&A, B}) {
+      if (p == nullptr) continue;
+      const int64_t n = p == &A ? nc[a] : nc[1];
+      lanes::softmax_step(p->s + hv, GP, 0, n, dm.Dv, p->cmp.m + hv, p->cmp.l + hv, p->cmp.o + hv);
+    }
+    lanes::accumulate(A.s + hv, B ? B->s + hv : nullptr, GP, v, dm.Dv, 0, nc_min, A.cmp.o + hv,
+                      B ? B->cmp.o + hv : nullptr);
+    if (B) {  // the one key the later position sees and the earlier does not
+      Pos& late = nc[0] > nc[1] ? A : *B;
+      lanes::accumulate(late.s + hv, nullptr, GP, v, dm.Dv, nc_min, nc_max, late.cmp.o + hv,
+                        nullptr);
+    }
+  }
+  clock.lap(kStageCmp);
+  // p[h][i] / l[h] summed over the real heads: 1 / l per lane, 0 for the padding lanes and for
+  // empty heads (every score -inf: no probability mass).
+  const auto lane = hn::Iota(d, 0.0f);
+  for (Pos* p : {&A, B}) {
+    if (p == nullptr) continue;
+    const int64_t n = p == &A ? nc[a] : nc[1];
+    for (int64_t hv = 0; hv < GP; hv += N) {
+      const VF l = hn::Load(d, p->cmp.l + hv);
+      const auto real = hn::Lt(hn::Add(lane, hn::Set(d, float(hv))), hn::Set(d, float(dm.G)));
+      const VF inv = hn::IfThenElse(hn::Eq(l, hn::Zero(d)), hn::Zero(d), hn::Div(hn::Set(d, 1.0f), l));
+      hn::Store(hn::IfThenElse(real, inv, hn::Zero(d)), d, inv_l + hv);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      VF acc = hn::Zero(d);
+      for (int64_t hv = 0; hv < GP; hv += N) {
+        acc = hn::MulAdd(hn::Load(d, p->s + j * GP + hv), hn::Load(d, inv_l + hv), acc);
+      }
+      p->p_sum[j] = hn::GetLane(hn::SumOfLanes(d, acc));
+    }
+  }
+}
+
 // o = g_cmp o_cmp + g_slc o_slc + g_win o_win per head, and the optional outputs (SPEC 4.6).
-void combine_heads(const Group& g, const Heads& h, Work& w) {
-  const FwdProblem& pr = *g.pr;
-  const nsa_fwd_params& p = pr.p;
-  const int64_t Dv = pr.Dv, GP = h.GP, b = g.seq->batch, tok = g.tok;
-  const float* lse_cmp = w.lse;
-  const float* lse_slc = w.lse + GP;
-  const float* lse_win = w.lse + 2 * GP;
+void combine_heads(const Pos& ps, const Dims& dm, float* row) {
+  const Group& g = ps.g;
+  const nsa_fwd_params& p = g.pr->p;
+  const int64_t Dv = dm.Dv, GP = dm.GP, b = g.seq->batch, tok = g.tok;
+  auto store_branch = [&](const nsa_tensor& t, int64_t head, int64_t hg, const float* ot) {
+    if (!present(t)) return;
+    for (int64_t c = 0; c < Dv; ++c) row[c] = ot[c * GP + hg];
+    store_row(t, offset_of(t, b, tok, head), row, Dv);
+  };
   auto store_lse = [&](const nsa_tensor& t, int64_t head, float value) {
     if (present(t)) static_cast<float*>(t.data)[offset_of(t, b, tok, head)] = value;
   };
-  auto store_branch = [&](const nsa_tensor& t, int64_t head, int64_t hg, const float* ot) {
-    if (!present(t)) return;
-    for (int64_t c = 0; c < Dv; ++c) w.row[c] = ot[c * GP + hg];
-    store_row(t, offset_of(t, b, tok, head), w.row, Dv);
-  };
-  for (int64_t hg = 0; hg < pr.G; ++hg) {
-    const int64_t head = g.hk * pr.G + hg;
+  for (int64_t hg = 0; hg < dm.G; ++hg) {
+    const int64_t head = g.hk * dm.G + hg;
     // Gate values as given: the op applies no sigmoid (SPEC 3).
     const float gc = load_f32(p.g_cmp, offset_of(p.g_cmp, b, tok, head));
     const float gs = load_f32(p.g_slc, offset_of(p.g_slc, b, tok, head));
     const float gw = load_f32(p.g_win, offset_of(p.g_win, b, tok, head));
     for (int64_t c = 0; c < Dv; ++c) {
-      w.row[c] = gc * w.cmp.o[c * GP + hg] + gs * w.slc.o[c * GP + hg] + gw * w.win.o[c * GP + hg];
+      row[c] = gc * ps.cmp.o[c * GP + hg] + gs * ps.slc.o[c * GP + hg] + gw * ps.win.o[c * GP + hg];
     }
-    store_row(p.o, offset_of(p.o, b, tok, head), w.row, Dv);
-    store_branch(p.o_cmp, head, hg, w.cmp.o);
-    store_branch(p.o_slc, head, hg, w.slc.o);
-    store_branch(p.o_win, head, hg, w.win.o);
-    store_lse(p.lse_cmp, head, lse_cmp[hg]);
-    store_lse(p.lse_slc, head, lse_slc[hg]);
-    store_lse(p.lse_win, head, lse_win[hg]);
+    store_row(p.o, offset_of(p.o, b, tok, head), row, Dv);
+    store_branch(p.o_cmp, head, hg, ps.cmp.o);
+    store_branch(p.o_slc, head, hg, ps.slc.o);
+    store_branch(p.o_win, head, hg, ps.win.o);
+    store_lse(p.lse_cmp, head, ps.lse[hg]);
+    store_lse(p.lse_slc, head, ps.lse[GP + hg]);
+    store_lse(p.lse_win, head, ps.lse[2 * GP + hg]);
   }
 }
 
@@ -372,61 +313,93 @@ struct Packs {
   const PackedKV* win_kv = nullptr;  // &win, or &slc when the branches share K/V
 };
 
-// All steps of SPEC 4 for the G heads of KV head g.hk at position g.t.
-void run_position(const Group& g, const Packs& pk, int64_t si, Work& w, StageClock& clock) {
-  const FwdProblem& pr = *g.pr;
-  const nsa_fwd_params& p = pr.p;
-  const nsa_config& cfg = p.cfg;
-  const int64_t G = pr.G, Dk = pr.Dk, GP = round_up(G, hn::Lanes(DF()));
-  const Heads h{w.qt, GP, Dk, pr.Dv};
-  for (int64_t hg = 0; hg < G; ++hg) {
-    widen_row(p.q, g.seq->batch, g.tok, g.hk * G + hg, Dk, w.row);
-    for (int64_t i = 0; i < Dk; ++i) w.qt[i * GP + hg] = w.row[i] * cfg.scale;
+// All steps of SPEC 4 for the G heads of one KV head at one or two positions (pos[1] null for
+// a lone last position).
+void run_item(Pos* const pos[2], const Packs& pk, int64_t si, const Dims& dm, float* inv_l,
+              float* row, StageClock& clock) {
+  const FwdProblem& pr = *pos[0]->g.pr;
+  const nsa_config& cfg = pr.p.cfg;
+  const int64_t hk = pos[0]->g.hk;
+  const int np = pos[1] ? 2 : 1;
+  for (int p = 0; p < np; ++p) {
+    Pos& ps = *pos[p];
+    for (int64_t hg = 0; hg < dm.G; ++hg) {
+      widen_row(pr.p.q, ps.g.seq->batch, ps.g.tok, hk * dm.G + hg, dm.Dk, row);
+      for (int64_t i = 0; i < dm.Dk; ++i) ps.qt[i * dm.GP + hg] = row[i] * cfg.scale;
+    }
+    branch_begin(dm, ps.cmp);
+    branch_begin(dm, ps.slc);
+    branch_begin(dm, ps.win);
   }
 
-  // Steps 1-2: compressed attention and the block scores.
-  branch_begin(h, w.cmp);
-  const int64_t nc = visible_cmp_count(cfg, g.t);
-  if (nc == 0) {
-    // Empty C_t: o_cmp = 0, lse_cmp = -inf, never NaN; every block score is 0 (SPEC 4.1).
-    std::fill(w.sel.score, w.sel.score + g.t / cfg.slc_block + 1, 0.0f);
-    clock.lap(kStageCmp);
-  } else {
-    cmp_branch(h, G, pk.cmp.k_at(si, g.hk), pk.cmp.v_at(si, g.hk), nc, w.s, w.cmp, w.inv_l,
-               w.p_sum, clock);
-    block_scores(cfg, g.t, nc, w.p_sum, w.sel.score);
-    clock.lap(kStageScores);
+  // Steps 1-2: compressed attention and the block scores. Empty C_t: o_cmp = 0,
+  // lse_cmp = -inf, never NaN, and every block score is 0 (SPEC 4.1).
+  int64_t nc[2] = {0, 0};
+  for (int p = 0; p < np; ++p) nc[p] = visible_cmp_count(cfg, pos[p]->g.t);
+  if (nc[0] > 0 || nc[1] > 0) {
+    cmp_branch(pos, dm, pk.cmp.k_at(si, hk), pk.cmp.v_at(si, hk), nc, inv_l, clock);
   }
-  branch_finish(h, w.cmp, w.lse);
+  for (int p = 0; p < np; ++p) {
+    Pos& ps = *pos[p];
+    if (nc[p] > 0) {
+      block_scores(cfg, ps.g.t, nc[p], ps.p_sum, ps.sel.score);
+    } else {
+      std::fill(ps.sel.score, ps.sel.score + ps.g.t / cfg.slc_block + 1, 0.0f);
+    }
+  }
+  clock.lap(kStageScores);
+  for (int p = 0; p < np; ++p) {
+    lanes::finish(dm.GP, dm.Dv, pos[p]->cmp.m, pos[p]->cmp.l, pos[p]->cmp.o, pos[p]->lse);
+  }
   clock.lap(kStageCmp);
 
-  // Step 3: the selected set (topk.cc), sorted, so adjacent blocks merge into one span.
-  slc_select(g, w.sel);
+  // Step 3: the selected sets (topk.cc), sorted.
+  for (int p = 0; p < np; ++p) slc_select(pos[p]->g, pos[p]->sel);
   clock.lap(kStageTopn);
 
-  // Step 4: selected attention; the causal mask only cuts the query's own block.
-  branch_begin(h, w.slc);
-  const float* kt = pk.slc.k_at(si, g.hk);
-  const float* v = pk.slc.v_at(si, g.hk);
-  for (int64_t k = 0; k < w.sel.num_blocks;) {
-    int64_t k_end = k + 1;
-    while (k_end < w.sel.num_blocks && w.sel.blocks[k_end] == w.sel.blocks[k_end - 1] + 1) ++k_end;
-    const int64_t first = int64_t(w.sel.blocks[k]) * cfg.slc_block;
-    const int64_t end = std::min<int64_t>(int64_t(w.sel.blocks[k_end - 1] + 1) * cfg.slc_block, g.t + 1);
-    attend_span(h, kt, v, first, end, w.s, w.slc);
-    k = k_end;
+  // Step 4: selected attention over the union of the two sets, block by block; the causal mask
+  // only cuts a query's own block.
+  const float* kt = pk.slc.k_at(si, hk);
+  const float* v = pk.slc.v_at(si, hk);
+  const Scratch& s0 = pos[0]->sel;
+  const Scratch* s1 = pos[1] ? &pos[1]->sel : nullptr;
+  int64_t i0 = 0, i1 = 0;
+  const int64_t n1 = s1 ? s1->num_blocks : 0;
+  while (i0 < s0.num_blocks || i1 < n1) {
+    const int32_t j = i1 >= n1 ? s0.blocks[i0]
+                      : i0 >= s0.num_blocks ? s1->blocks[i1]
+                                            : std::min(s0.blocks[i0], s1->blocks[i1]);
+    int64_t f[2] = {0, 0}, e[2] = {0, 0};
+    for (int p = 0; p < np; ++p) {
+      const Scratch& sel = pos[p]->sel;
+      int64_t& at = p == 0 ? i0 : i1;
+      if (at < sel.num_blocks && sel.blocks[at] == j) {
+        f[p] = int64_t(j) * cfg.slc_block;
+        e[p] = std::min<int64_t>(f[p] + cfg.slc_block, pos[p]->g.t + 1);
+        ++at;
+      }
+    }
+    attend_spans(pos, &Pos::slc, dm, kt, v, f, e);
   }
-  branch_finish(h, w.slc, w.lse + GP);
+  for (int p = 0; p < np; ++p) {
+    lanes::finish(dm.GP, dm.Dv, pos[p]->slc.m, pos[p]->slc.l, pos[p]->slc.o, pos[p]->lse + dm.GP);
+  }
   clock.lap(kStageSlc);
 
-  // Step 5: the window, keys max(0, t - w + 1) .. t.
-  branch_begin(h, w.win);
-  attend_span(h, pk.win_kv->k_at(si, g.hk), pk.win_kv->v_at(si, g.hk),
-              std::max<int64_t>(0, g.t - cfg.window + 1), g.t + 1, w.s, w.win);
-  branch_finish(h, w.win, w.lse + 2 * GP);
+  // Step 5: the windows, keys max(0, t - w + 1) .. t.
+  int64_t f[2] = {0, 0}, e[2] = {0, 0};
+  for (int p = 0; p < np; ++p) {
+    f[p] = std::max<int64_t>(0, pos[p]->g.t - cfg.window + 1);
+    e[p] = pos[p]->g.t + 1;
+  }
+  attend_spans(pos, &Pos::win, dm, pk.win_kv->k_at(si, hk), pk.win_kv->v_at(si, hk), f, e);
+  for (int p = 0; p < np; ++p) {
+    lanes::finish(dm.GP, dm.Dv, pos[p]->win.m, pos[p]->win.l, pos[p]->win.o,
+                  pos[p]->lse + 2 * dm.GP);
+  }
   clock.lap(kStageWin);
 
-  combine_heads(g, h, w);
+  for (int p = 0; p < np; ++p) combine_heads(*pos[p], dm, row);
   clock.lap(kStageCombine);
 }
 
@@ -457,21 +430,26 @@ bool ForwardLanes(const FwdProblem& pr) {
   if (!pack(pr, p.k_cmp, p.v_cmp, cmp, threads, pk.cmp)) return false;
   pack_clock.lap(kStagePack);
 
+  // Work items: pairs of positions (2i, 2i + 1) of one sequence and KV head; an odd length
+  // leaves its last position alone. first_item[s] counts the items before sequence s.
   int64_t max_len = 0, max_cmp = 0;
   std::vector<int64_t> first_item(pr.seqs.size() + 1, 0);
   for (size_t i = 0; i < pr.seqs.size(); ++i) {
     max_len = std::max(max_len, pr.seqs[i].len);
     max_cmp = std::max(max_cmp, pr.seqs[i].cmp_len);
-    first_item[i + 1] = first_item[i] + pr.seqs[i].len * pr.Hkv;
+    first_item[i + 1] = first_item[i] + (pr.seqs[i].len + 1) / 2 * pr.Hkv;
   }
   const int64_t max_blocks = max_len > 0 ? (max_len - 1) / p.cfg.slc_block + 1 : 1;
   const int64_t s_rows = std::max(kChunk, round_up(max_cmp, kKeys));
-  // Per thread, in the order carved below.
-  const int64_t sizes[] = {Dk * GP, s_rows * GP, Dv * GP, GP, GP, Dv * GP, GP, GP, Dv * GP, GP,
-                           GP, 3 * GP, GP, std::max<int64_t>(max_cmp, 1), std::max(Dk, Dv), max_blocks};
-  int64_t floats = 0;
-  for (int64_t size : sizes) floats += round_up(size, 16);
-  const int64_t ints = 2 * round_up(max_blocks, 16);
+  const Dims dm{pr.G, GP, Dk, Dv};
+
+  // Per thread: two positions' buffers, then 1/l and one row; carved below in this order.
+  const int64_t pos_sizes[] = {Dk * GP, s_rows * GP, Dv * GP, GP, GP, Dv * GP, GP, GP,
+                               Dv * GP, GP, GP, 3 * GP, std::max<int64_t>(max_cmp, 1),
+                               max_blocks};
+  int64_t floats = round_up(GP, 16) + round_up(std::max(Dk, Dv), 16);
+  for (int64_t size : pos_sizes) floats += 2 * round_up(size, 16);
+  const int64_t ints = 4 * round_up(max_blocks, 16);
   hwy::AlignedFreeUniquePtr<float[]> fbuf = hwy::AllocateAligned<float>(size_t(threads * floats));
   std::vector<int32_t> ibuf;
   try {
@@ -491,40 +469,49 @@ bool ForwardLanes(const FwdProblem& pr) {
       f += round_up(count, 16);
       return at;
     };
-    Work w;
-    w.qt = take(Dk * GP);
-    w.s = take(s_rows * GP);
-    for (Branch* br : {&w.cmp, &w.slc, &w.win}) {
-      br->o = take(Dv * GP);
-      br->m = take(GP);
-      br->l = take(GP);
+    int32_t* ints_at = ibuf.data() + tid * ints;
+    Pos two[2];
+    for (Pos& ps : two) {
+      ps.qt = take(Dk * GP);
+      ps.s = take(s_rows * GP);
+      for (Branch* br : {&ps.cmp, &ps.slc, &ps.win}) {
+        br->o = take(Dv * GP);
+        br->m = take(GP);
+        br->l = take(GP);
+      }
+      ps.lse = take(3 * GP);
+      ps.p_sum = take(std::max<int64_t>(max_cmp, 1));
+      ps.sel.score = take(max_blocks);
+      ps.sel.cand = ints_at;
+      ps.sel.blocks = ints_at + round_up(max_blocks, 16);
+      ints_at += 2 * round_up(max_blocks, 16);
+      // Padding lanes of the queries stay zero for the whole call.
+      std::fill(ps.qt, ps.qt + Dk * GP, 0.0f);
     }
-    w.lse = take(3 * GP);
-    w.inv_l = take(GP);
-    w.p_sum = take(std::max<int64_t>(max_cmp, 1));
-    w.row = take(std::max(Dk, Dv));
-    w.sel.score = take(max_blocks);
-    w.sel.cand = ibuf.data() + tid * ints;
-    w.sel.blocks = w.sel.cand + round_up(max_blocks, 16);
-    // Padding lanes of the queries stay zero for the whole call.
-    std::fill(w.qt, w.qt + Dk * GP, 0.0f);
+    float* inv_l = take(GP);
+    float* row = take(std::max(Dk, Dv));
     StageClock clock(pr.profile ? stage_s.data() + tid * kStageCount : nullptr);
     // Later positions cost more (more compressed tokens): dynamic chunks balance the threads.
     // Every item is computed by the same code whatever thread runs it, so the results do not
     // depend on the thread count.
-#pragma omp for schedule(dynamic, 16)
+#pragma omp for schedule(dynamic, 8)
     for (int64_t it = 0; it < total; ++it) {
       const int64_t si =
           std::upper_bound(first_item.begin(), first_item.end(), it) - first_item.begin() - 1;
       const Sequence& seq = pr.seqs[si];
       const int64_t rem = it - first_item[si];
-      Group g;
-      g.pr = &pr;
-      g.seq = &seq;
-      g.t = rem / pr.Hkv;
-      g.tok = seq.start + g.t;
-      g.hk = rem % pr.Hkv;
-      run_position(g, pk, si, w, clock);
+      const int64_t t0 = rem / pr.Hkv * 2;
+      Pos* pos[2] = {&two[0], t0 + 1 < seq.len ? &two[1] : nullptr};
+      for (int p = 0; p < 2; ++p) {
+        if (!pos[p]) continue;
+        Group& g = pos[p]->g;
+        g.pr = &pr;
+        g.seq = &seq;
+        g.t = t0 + p;
+        g.tok = seq.start + g.t;
+        g.hk = rem % pr.Hkv;
+      }
+      run_item(pos, pk, si, dm, inv_l, row, clock);
     }
   }
   if (pr.profile) {
