@@ -24,10 +24,12 @@ void block_scores(const nsa_config& cfg, int64_t t, int64_t nc, const float* p_s
   const int64_t last = t / lp;  // J
   fill(0.0f, score, last + 1);
   const float inv_d = 1.0f / static_cast<float>(d);
+  int64_t j_lo = 0;  // the block holding token i * d, advanced without a division per token
   for (int64_t i = 0; i < nc; ++i) {
     const int64_t lo = i * d, hi = i * d + l;
+    while ((j_lo + 1) * lp <= lo) ++j_lo;
     // A visible block ends at or before t, so j never passes J; the bound is kept for safety.
-    for (int64_t j = lo / lp; j <= (hi - 1) / lp && j <= last; ++j) {
+    for (int64_t j = j_lo; j * lp < hi && j <= last; ++j) {
       const int64_t ov = std::min(hi, (j + 1) * lp) - std::max(lo, j * lp);
       score[j] += p_sum[i] * (static_cast<float>(ov) * inv_d);
     }

@@ -142,7 +142,6 @@ struct Pos {
   float* s;       // [s_rows][GP] scores, then probabilities
   Branch cmp, slc, win;
   float* lse;     // [3][GP]: cmp, slc, win
-  float* p_sum;   // [Tc_max] group-summed cmp probabilities
   Scratch sel;    // score, cand, blocks for slc_select (topk.cc)
 };
 
@@ -223,12 +222,13 @@ void attend_spans(Pos* const pos[2], Branch Pos::*br, const Dims& dm, const floa
   }
 }
 
+void block_scores_lanes(Pos& ps, const Dims& dm, int64_t nc, float* acc);
+
 // The compressed branch of up to two positions (steps 1-2). Its probabilities are needed
 // themselves, so it is a two-pass softmax: all nc scores stay in s ([round_up(nc, kKeys)][GP])
-// between the passes. Then p_sum[i] = sum over the group's real heads of p[h][i], the input of
-// the block scores (Eq. 10).
+// between the passes, and feed the block scores (block_scores_lanes) before being dropped.
 void cmp_branch(Pos* const pos[2], const Dims& dm, const float* kt, const float* v,
-                const int64_t nc[2], float* inv_l, StageClock& clock) {
+                const int64_t nc[2], float* acc, StageClock& clock) {
   const DF d;
   const int64_t N = hn::Lanes(d), GP = dm.GP;
   const bool both = pos[1] != nullptr && nc[1] > 0 && nc[0] > 0;
@@ -254,25 +254,51 @@ void cmp_branch(Pos* const pos[2], const Dims& dm, const float* kt, const float*
     }
   }
   clock.lap(kStageCmp);
-  // p[h][i] / l[h] summed over the real heads: 1 / l per lane, 0 for the padding lanes and for
-  // empty heads (every score -inf: no probability mass).
-  const auto lane = hn::Iota(d, 0.0f);
   for (Pos* p : {&A, B}) {
-    if (p == nullptr) continue;
-    const int64_t n = p == &A ? nc[a] : nc[1];
+    if (p != nullptr) block_scores_lanes(*p, dm, p == &A ? nc[a] : nc[1], acc);
+  }
+}
+
+// The block scores of one position (step 2, Eqs. 8-10 with the overlap weights of SPEC 4.2):
+// score[j] = sum_i ov(i, j) / d * sum_h p[h][i] / l[h], over the group's real heads. The
+// probabilities stay in their lanes: each compressed token adds its weighted vector into the
+// vector of each selection block it overlaps, and only those vectors, one per block, are summed
+// across lanes.
+void block_scores_lanes(Pos& ps, const Dims& dm, int64_t nc, float* acc) {
+  const DF d;
+  const int64_t N = hn::Lanes(d), GP = dm.GP;
+  const nsa_config& cfg = ps.g.pr->p.cfg;
+  const int64_t l = cfg.cmp_block, stride = cfg.cmp_stride, lp = cfg.slc_block;
+  const int64_t last = ps.g.t / lp;  // J
+  // 1/l per lane: 0 for the padding lanes and for empty heads (no probability mass).
+  float* inv_l = acc;
+  acc += GP;
+  const auto lane = hn::Iota(d, 0.0f);
+  for (int64_t hv = 0; hv < GP; hv += N) {
+    const VF lv = hn::Load(d, ps.cmp.l + hv);
+    const auto real = hn::Lt(hn::Add(lane, hn::Set(d, float(hv))), hn::Set(d, float(dm.G)));
+    const VF inv = hn::IfThenElse(hn::Eq(lv, hn::Zero(d)), hn::Zero(d), hn::Div(hn::Set(d, 1.0f), lv));
+    hn::Store(hn::IfThenElse(real, inv, hn::Zero(d)), d, inv_l + hv);
+  }
+  for (int64_t j = 0; j <= last; ++j) hn::Store(hn::Zero(d), d, acc + j * N);
+  const float inv_d = 1.0f / static_cast<float>(stride);
+  int64_t j_lo = 0;  // the block holding token i * d, advanced without a division per token
+  for (int64_t i = 0; i < nc; ++i) {
+    VF pv = hn::Zero(d);
     for (int64_t hv = 0; hv < GP; hv += N) {
-      const VF l = hn::Load(d, p->cmp.l + hv);
-      const auto real = hn::Lt(hn::Add(lane, hn::Set(d, float(hv))), hn::Set(d, float(dm.G)));
-      const VF inv = hn::IfThenElse(hn::Eq(l, hn::Zero(d)), hn::Zero(d), hn::Div(hn::Set(d, 1.0f), l));
-      hn::Store(hn::IfThenElse(real, inv, hn::Zero(d)), d, inv_l + hv);
+      pv = hn::MulAdd(hn::Load(d, ps.s + i * GP + hv), hn::Load(d, inv_l + hv), pv);
     }
-    for (int64_t j = 0; j < n; ++j) {
-      VF acc = hn::Zero(d);
-      for (int64_t hv = 0; hv < GP; hv += N) {
-        acc = hn::MulAdd(hn::Load(d, p->s + j * GP + hv), hn::Load(d, inv_l + hv), acc);
-      }
-      p->p_sum[j] = hn::GetLane(hn::SumOfLanes(d, acc));
+    const int64_t lo = i * stride, hi = i * stride + l;
+    while ((j_lo + 1) * lp <= lo) ++j_lo;
+    // A visible block ends at or before t, so j never passes J; the bound is kept for safety.
+    for (int64_t j = j_lo; j * lp < hi && j <= last; ++j) {
+      const int64_t ov = std::min(hi, (j + 1) * lp) - std::max(lo, j * lp);
+      const VF w = hn::Set(d, static_cast<float>(ov) * inv_d);
+      hn::Store(hn::MulAdd(pv, w, hn::Load(d, acc + j * N)), d, acc + j * N);
     }
+  }
+  for (int64_t j = 0; j <= last; ++j) {
+    ps.sel.score[j] = hn::GetLane(hn::SumOfLanes(d, hn::Load(d, acc + j * N)));
   }
 }
 
@@ -315,7 +341,7 @@ struct Packs {
 
 // All steps of SPEC 4 for the G heads of one KV head at one or two positions (pos[1] null for
 // a lone last position).
-void run_item(Pos* const pos[2], const Packs& pk, int64_t si, const Dims& dm, float* inv_l,
+void run_item(Pos* const pos[2], const Packs& pk, int64_t si, const Dims& dm, float* acc,
               float* row, StageClock& clock) {
   const FwdProblem& pr = *pos[0]->g.pr;
   const nsa_config& cfg = pr.p.cfg;
@@ -337,15 +363,11 @@ void run_item(Pos* const pos[2], const Packs& pk, int64_t si, const Dims& dm, fl
   int64_t nc[2] = {0, 0};
   for (int p = 0; p < np; ++p) nc[p] = visible_cmp_count(cfg, pos[p]->g.t);
   if (nc[0] > 0 || nc[1] > 0) {
-    cmp_branch(pos, dm, pk.cmp.k_at(si, hk), pk.cmp.v_at(si, hk), nc, inv_l, clock);
+    cmp_branch(pos, dm, pk.cmp.k_at(si, hk), pk.cmp.v_at(si, hk), nc, acc, clock);
   }
   for (int p = 0; p < np; ++p) {
     Pos& ps = *pos[p];
-    if (nc[p] > 0) {
-      block_scores(cfg, ps.g.t, nc[p], ps.p_sum, ps.sel.score);
-    } else {
-      std::fill(ps.sel.score, ps.sel.score + ps.g.t / cfg.slc_block + 1, 0.0f);
-    }
+    if (nc[p] == 0) std::fill(ps.sel.score, ps.sel.score + ps.g.t / cfg.slc_block + 1, 0.0f);
   }
   clock.lap(kStageScores);
   for (int p = 0; p < np; ++p) {
@@ -445,9 +467,10 @@ bool ForwardLanes(const FwdProblem& pr) {
 
   // Per thread: two positions' buffers, then 1/l and one row; carved below in this order.
   const int64_t pos_sizes[] = {Dk * GP, s_rows * GP, Dv * GP, GP, GP, Dv * GP, GP, GP,
-                               Dv * GP, GP, GP, 3 * GP, std::max<int64_t>(max_cmp, 1),
-                               max_blocks};
-  int64_t floats = round_up(GP, 16) + round_up(std::max(Dk, Dv), 16);
+                               Dv * GP, GP, GP, 3 * GP, max_blocks};
+  // acc: 1/l, then one vector per selection block (block_scores_lanes).
+  const int64_t acc_floats = GP + max_blocks * hn::Lanes(d);
+  int64_t floats = round_up(acc_floats, 16) + round_up(std::max(Dk, Dv), 16);
   for (int64_t size : pos_sizes) floats += 2 * round_up(size, 16);
   const int64_t ints = 4 * round_up(max_blocks, 16);
   hwy::AlignedFreeUniquePtr<float[]> fbuf = hwy::AllocateAligned<float>(size_t(threads * floats));
@@ -480,7 +503,6 @@ bool ForwardLanes(const FwdProblem& pr) {
         br->l = take(GP);
       }
       ps.lse = take(3 * GP);
-      ps.p_sum = take(std::max<int64_t>(max_cmp, 1));
       ps.sel.score = take(max_blocks);
       ps.sel.cand = ints_at;
       ps.sel.blocks = ints_at + round_up(max_blocks, 16);
@@ -488,7 +510,7 @@ bool ForwardLanes(const FwdProblem& pr) {
       // Padding lanes of the queries stay zero for the whole call.
       std::fill(ps.qt, ps.qt + Dk * GP, 0.0f);
     }
-    float* inv_l = take(GP);
+    float* acc = take(acc_floats);
     float* row = take(std::max(Dk, Dv));
     StageClock clock(pr.profile ? stage_s.data() + tid * kStageCount : nullptr);
     // Later positions cost more (more compressed tokens): dynamic chunks balance the threads.
@@ -511,7 +533,7 @@ bool ForwardLanes(const FwdProblem& pr) {
         g.tok = seq.start + g.t;
         g.hk = rem % pr.Hkv;
       }
-      run_item(pos, pk, si, dm, inv_l, row, clock);
+      run_item(pos, pk, si, dm, acc, row, clock);
     }
   }
   if (pr.profile) {
