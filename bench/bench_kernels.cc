@@ -1,0 +1,210 @@
+// Microbenchmarks of the CPU kernels through the C API, on the paper's GQA group (Hq = 16,
+// Hkv = 1, Dk = 192, Dv = 128) unless a benchmark says otherwise:
+//   BM_Compress     the mean and mlp compressions of K (SPEC 5),
+//   BM_NsaForward   the NSA forward, with the time of each stage (cmp, scores, top-n, slc, win,
+//                   combine, K/V packing) as counters, from nsa_fwd_profile,
+//   BM_NsaGivenIndices  the forward with caller-supplied blocks (no scoring or top-n),
+//   BM_NsaPerHead   the per-head kernels (G = 1: Hq = Hkv = 16),
+//   BM_Dense        the dense causal flash baseline.
+// Counters named *_ms are milliseconds per iteration; GFLOP/s counts attended (query, key)
+// pairs only, 2 (Dk + Dv) FLOPs each per head, as `nsa bench` does.
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "nsa/nsa.h"
+
+namespace {
+
+// A tensor with its own storage, filled with U(lo, hi).
+struct Buf {
+  std::vector<uint32_t> words;
+  nsa_tensor t{};
+  Buf(nsa_dtype dt, std::vector<int64_t> shape, uint64_t seed, float lo = -1, float hi = 1) {
+    int64_t n = 1;
+    for (int64_t s : shape) n *= s;
+    words.resize(static_cast<size_t>(n));
+    t = nsa_tensor_contiguous(words.data(), dt, int32_t(shape.size()), shape.data());
+    std::mt19937_64 rng(seed);
+    std::uniform_real_distribution<float> u(lo, hi);
+    auto* bf = reinterpret_cast<uint16_t*>(words.data());
+    for (int64_t i = 0; i < n; ++i) {
+      const float f = u(rng);
+      uint32_t b;
+      std::memcpy(&b, &f, 4);
+      if (dt == NSA_DTYPE_F32) {
+        words[i] = b;
+      } else {
+        bf[i] = uint16_t((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+      }
+    }
+  }
+};
+
+struct Shape {
+  int64_t T, Hq = 16, Hkv = 1, Dk = 192, Dv = 128;
+};
+
+// Inputs and outputs of one forward; k_cmp/v_cmp are random (the forward does not compress).
+struct Fwd {
+  Shape s;
+  nsa_config cfg;
+  Buf q, k, v, k_cmp, v_cmp, g, o;
+  Buf idx;
+  nsa_fwd_params p;
+  Fwd(Shape sh, nsa_dtype dt)
+      : s(sh),
+        cfg(defaults()),
+        q(dt, {1, s.T, s.Hq, s.Dk}, 1),
+        k(dt, {1, s.T, s.Hkv, s.Dk}, 2),
+        v(dt, {1, s.T, s.Hkv, s.Dv}, 3),
+        k_cmp(dt, {1, nsa_cmp_len(&cfg, s.T), s.Hkv, s.Dk}, 4),
+        v_cmp(dt, {1, nsa_cmp_len(&cfg, s.T), s.Hkv, s.Dv}, 5),
+        g(dt, {1, s.T, s.Hq}, 6, 0, 1),
+        o(NSA_DTYPE_F32, {1, s.T, s.Hq, s.Dv}, 7, 0, 0),
+        idx(NSA_DTYPE_I32, {1, s.T, s.Hkv, cfg.slc_count}, 8, 0, 0) {
+    nsa_fwd_params_init(&p);
+    p.q = q.t, p.k = k.t, p.v = v.t, p.k_cmp = k_cmp.t, p.v_cmp = v_cmp.t;
+    p.g_cmp = p.g_slc = p.g_win = g.t;
+    p.o = o.t;
+  }
+  static nsa_config defaults() {
+    nsa_config c;
+    nsa_config_default(&c);
+    return c;
+  }
+  // Keys attended by all queries, the three branches summed (SPEC 4).
+  double attended() const {
+    double keys = 0;
+    for (int64_t t = 0; t < s.T; ++t) {
+      const int64_t nc = t + 1 >= cfg.cmp_block ? (t + 1 - cfg.cmp_block) / cfg.cmp_stride + 1 : 0;
+      const int64_t blocks = t / cfg.slc_block + 1;
+      const int64_t slc = blocks <= cfg.slc_count
+                              ? t + 1
+                              : (cfg.slc_count - 1) * int64_t{cfg.slc_block} + t % cfg.slc_block + 1;
+      keys += double(nc + slc + std::min<int64_t>(cfg.window, t + 1));
+    }
+    return keys;
+  }
+};
+
+nsa_context* make_context(bool profile) {
+  nsa_context* ctx = nullptr;
+  nsa_context_create(&ctx);
+  nsa_context_set_profiling(ctx, profile ? 1 : 0);
+  return ctx;
+}
+
+void report_flops(benchmark::State& state, double flops_per_iter) {
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(flops_per_iter * double(state.iterations()) / 1e9, benchmark::Counter::kIsRate);
+}
+
+void BM_Compress(benchmark::State& state) {
+  const int64_t T = state.range(0);
+  const bool mlp = state.range(1) == 1;
+  nsa_config cfg;
+  nsa_config_default(&cfg);
+  const int64_t Tc = nsa_cmp_len(&cfg, T), D = 192, H = 64;
+  Buf x(NSA_DTYPE_F32, {1, T, 1, D}, 1), out(NSA_DTYPE_F32, {1, Tc, 1, D}, 2);
+  Buf pos(NSA_DTYPE_F32, {1, cfg.cmp_block, D}, 3), w1(NSA_DTYPE_F32, {1, H, cfg.cmp_block * D}, 4);
+  Buf b1(NSA_DTYPE_F32, {1, H}, 5), w2(NSA_DTYPE_F32, {1, D, H}, 6), b2(NSA_DTYPE_F32, {1, D}, 7);
+  nsa_compress_params cp;
+  nsa_compress_params_init(&cp);
+  cp.x = x.t;
+  cp.out = out.t;
+  if (mlp) {
+    cp.kind = NSA_CMP_MLP;
+    cp.pos = pos.t, cp.w1 = w1.t, cp.b1 = b1.t, cp.w2 = w2.t, cp.b2 = b2.t;
+  }
+  nsa_context* ctx = make_context(false);
+  for (auto _ : state) {
+    if (nsa_compress(ctx, &cp) != NSA_OK) state.SkipWithError(nsa_last_error(ctx));
+  }
+  nsa_context_destroy(ctx);
+  state.SetBytesProcessed(state.iterations() * T * D * 4);
+}
+BENCHMARK(BM_Compress)->ArgsProduct({{8192, 32768}, {0, 1}})->ArgNames({"T", "mlp"})->Unit(benchmark::kMillisecond);
+
+void run_forward(benchmark::State& state, Fwd& f, bool stages) {
+  nsa_context* ctx = make_context(stages);
+  double stage_s[7] = {};
+  for (auto _ : state) {
+    if (nsa_fwd(ctx, &f.p) != NSA_OK) state.SkipWithError(nsa_last_error(ctx));
+    if (stages) {
+      nsa_fwd_profile pr{};
+      nsa_context_fwd_profile(ctx, &pr);
+      const double st[7] = {pr.pack_s, pr.cmp_s, pr.scores_s, pr.topn_s, pr.slc_s, pr.win_s, pr.combine_s};
+      double sum = 0;
+      for (double x : st) sum += x;
+      // Thread-seconds scaled to the call's wall time: each stage's share of the wall clock.
+      for (int i = 0; i < 7; ++i) stage_s[i] += sum > 0 ? pr.wall_s * st[i] / sum : 0;
+    }
+  }
+  nsa_context_destroy(ctx);
+  if (stages) {
+    const char* names[7] = {"pack_ms", "cmp_ms", "scores_ms", "topn_ms", "slc_ms", "win_ms", "combine_ms"};
+    for (int i = 0; i < 7; ++i) state.counters[names[i]] = 1e3 * stage_s[i] / double(state.iterations());
+  }
+  report_flops(state, 2.0 * double(f.s.Dk + f.s.Dv) * double(f.s.Hq) * f.attended());
+}
+
+void BM_NsaForward(benchmark::State& state) {
+  Fwd f({state.range(0)}, state.range(1) ? NSA_DTYPE_BF16 : NSA_DTYPE_F32);
+  run_forward(state, f, true);
+}
+BENCHMARK(BM_NsaForward)->ArgsProduct({{4096, 16384}, {0, 1}})->ArgNames({"T", "bf16"})->Unit(benchmark::kMillisecond)->UseRealTime();
+
+void BM_NsaGivenIndices(benchmark::State& state) {
+  Fwd f({state.range(0)}, NSA_DTYPE_F32);
+  // The selection of a first forward, handed back: the forward then skips scoring's top-n.
+  f.p.slc_indices_out = f.idx.t;
+  nsa_context* ctx = make_context(false);
+  nsa_fwd(ctx, &f.p);
+  nsa_context_destroy(ctx);
+  f.p.slc_indices_out = nsa_tensor{};
+  f.p.slc_indices_in = f.idx.t;
+  run_forward(state, f, true);
+}
+BENCHMARK(BM_NsaGivenIndices)->Arg(16384)->ArgName("T")->Unit(benchmark::kMillisecond)->UseRealTime();
+
+void BM_NsaPerHead(benchmark::State& state) {
+  Shape s{state.range(0)};
+  s.Hkv = 16;  // G = 1: one head per group, the per-head kernels
+  Fwd f(s, NSA_DTYPE_F32);
+  run_forward(state, f, true);
+}
+BENCHMARK(BM_NsaPerHead)->Arg(4096)->ArgName("T")->Unit(benchmark::kMillisecond)->UseRealTime();
+
+void BM_Dense(benchmark::State& state) {
+  const int64_t T = state.range(0);
+  const nsa_dtype dt = state.range(1) ? NSA_DTYPE_BF16 : NSA_DTYPE_F32;
+  const int64_t D = 128, H = 16;
+  Buf q(dt, {1, T, H, D}, 1), k(dt, {1, T, 1, D}, 2), v(dt, {1, T, 1, D}, 3);
+  Buf o(NSA_DTYPE_F32, {1, T, H, D}, 4, 0, 0);
+  nsa_dense_fwd_params dp;
+  nsa_dense_fwd_params_init(&dp);
+  dp.q = q.t, dp.k = k.t, dp.v = v.t, dp.o = o.t;
+  nsa_context* ctx = make_context(false);
+  for (auto _ : state) {
+    if (nsa_dense_fwd(ctx, &dp) != NSA_OK) state.SkipWithError(nsa_last_error(ctx));
+  }
+  nsa_context_destroy(ctx);
+  report_flops(state, 2.0 * 2 * D * H * double(T) * double(T + 1) / 2);
+}
+BENCHMARK(BM_Dense)->ArgsProduct({{2048, 8192}, {0, 1}})->ArgNames({"T", "bf16"})->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// A few-millisecond case of each, for the test suite's smoke run (the benchmarks must not rot).
+void BM_Smoke(benchmark::State& state) {
+  Fwd f({300}, NSA_DTYPE_BF16);
+  run_forward(state, f, true);
+}
+BENCHMARK(BM_Smoke)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+}  // namespace
+
+BENCHMARK_MAIN();
