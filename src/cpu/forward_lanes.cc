@@ -60,16 +60,33 @@ int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
 struct PackedKV {
   std::vector<int64_t> first_tile;  // per sequence, cumulative (tiles of one head)
   hwy::AlignedFreeUniquePtr<float[]> mem;
-  float* k = nullptr;
-  float* v = nullptr;
+  // bf16 elements instead of f32: bf16 inputs packed as they are (exact), for the selected
+  // branch, whose blocks come from DRAM at long T and so cost bytes more than conversions.
+  bool half = false;
+  void* k = nullptr;
+  void* v = nullptr;
   int64_t tiles = 0, Dk = 0, Dv = 0;
-  const float* k_at(int64_t seq, int64_t hk) const {
-    return k + (hk * tiles + first_tile[seq]) * kKeys * Dk;
-  }
-  const float* v_at(int64_t seq, int64_t hk) const {
-    return v + (hk * tiles + first_tile[seq]) * kKeys * Dv;
-  }
+  int64_t k_index(int64_t seq, int64_t hk) const { return (hk * tiles + first_tile[seq]) * kKeys * Dk; }
+  int64_t v_index(int64_t seq, int64_t hk) const { return (hk * tiles + first_tile[seq]) * kKeys * Dv; }
+  const float* k_at(int64_t seq, int64_t hk) const { return static_cast<const float*>(k) + k_index(seq, hk); }
+  const float* v_at(int64_t seq, int64_t hk) const { return static_cast<const float*>(v) + v_index(seq, hk); }
+  const uint16_t* k16_at(int64_t seq, int64_t hk) const { return static_cast<const uint16_t*>(k) + k_index(seq, hk); }
+  const uint16_t* v16_at(int64_t seq, int64_t hk) const { return static_cast<const uint16_t*>(v) + v_index(seq, hk); }
 };
+
+// n bf16 values as f32 (exact: bf16 is the upper half of an f32).
+void widen_bf16(const uint16_t* HWY_RESTRICT src, int64_t n, float* HWY_RESTRICT dst) {
+  const DF df;
+  const hn::RebindToUnsigned<DF> du;
+  const hn::Rebind<uint16_t, DF> d16;
+  const int64_t N = hn::Lanes(df);
+  int64_t i = 0;
+  for (; i + N <= n; i += N) {
+    const auto w = hn::PromoteTo(du, hn::LoadU(d16, src + i));
+    hn::StoreU(hn::BitCast(df, hn::ShiftLeft<16>(w)), df, dst + i);
+  }
+  for (; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
+}
 
 // Row `row` of a [B, rows, H, D] tensor as f32 (bf16 widens exactly).
 void widen_row(const nsa_tensor& t, int64_t b, int64_t row, int64_t h, int64_t n, float* dst) {
@@ -85,26 +102,25 @@ void widen_row(const nsa_tensor& t, int64_t b, int64_t row, int64_t h, int64_t n
 
 // Packs (k, v) for every sequence: rows [start, start + len) of each, as `span` gives them
 // (the raw tokens, or the compressed ones). Returns false when out of memory.
-template <typename Span>
-bool pack(const FwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, Span span,
-          int threads, PackedKV& pk) {
-  const int64_t Dk = pr.Dk, Dv = pr.Dv, Hkv = pr.Hkv;
-  pk.Dk = Dk;
-  pk.Dv = Dv;
-  pk.first_tile.assign(1, 0);
-  for (const Sequence& seq : pr.seqs) {
-    pk.first_tile.push_back(pk.first_tile.back() + (span(seq).second + kKeys - 1) / kKeys);
-  }
-  pk.tiles = pk.first_tile.back();
-  const int64_t floats = std::max<int64_t>(1, Hkv * pk.tiles * kKeys * (Dk + Dv));
-  pk.mem = hwy::AllocateAligned<float>(static_cast<size_t>(floats));
-  if (!pk.mem) return false;
-  pk.k = pk.mem.get();
-  pk.v = pk.k + Hkv * pk.tiles * kKeys * Dk;
-  const int64_t work = Hkv * pk.tiles;
+// One row of a [B, rows, H, D] tensor into dst as f32, or as its raw bf16 bits (dst uint16_t).
+void copy_row(const nsa_tensor& t, int64_t b, int64_t row, int64_t h, int64_t n, float* dst) {
+  widen_row(t, b, row, h, n, dst);
+}
+void copy_row(const nsa_tensor& t, int64_t b, int64_t row, int64_t h, int64_t n, uint16_t* dst) {
+  const uint16_t* src = static_cast<const uint16_t*>(t.data) + offset_of(t, b, row, h);
+  std::copy(src, src + n, dst);
+}
+
+// Fills the tiles of pk (allocated) with elements of type E: f32, or bf16 bits when pk.half.
+template <typename E, typename Span>
+void fill_tiles(const FwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, Span span,
+                int threads, PackedKV& pk) {
+  const int64_t Dk = pr.Dk, Dv = pr.Dv, work = pr.Hkv * pk.tiles;
+  E* const kbase = static_cast<E*>(pk.k);
+  E* const vbase = static_cast<E*>(pk.v);
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> row(static_cast<size_t>(Dk));
+    std::vector<E> row(static_cast<size_t>(Dk));
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < work; ++i) {
       const int64_t hk = i / pk.tiles, tile = i % pk.tiles;
@@ -114,16 +130,46 @@ bool pack(const FwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, Span s
       const auto [start, len] = span(seq);
       const int64_t k0 = (tile - pk.first_tile[si]) * kKeys;
       const int64_t nk = std::min(kKeys, len - k0);
-      float* kt = pk.k + i * kKeys * Dk;
-      float* vr = pk.v + i * kKeys * Dv;
-      std::fill(kt, kt + kKeys * Dk, 0.0f);
-      std::fill(vr, vr + kKeys * Dv, 0.0f);
+      E* kt = kbase + i * kKeys * Dk;
+      E* vr = vbase + i * kKeys * Dv;
+      std::fill(kt, kt + kKeys * Dk, E(0));
+      std::fill(vr, vr + kKeys * Dv, E(0));
       for (int64_t j = 0; j < nk; ++j) {
-        widen_row(k, seq.batch, start + k0 + j, hk, Dk, row.data());
+        copy_row(k, seq.batch, start + k0 + j, hk, Dk, row.data());
         for (int64_t c = 0; c < Dk; ++c) kt[c * kKeys + j] = row[c];
-        widen_row(v, seq.batch, start + k0 + j, hk, Dv, vr + j * Dv);
+        copy_row(v, seq.batch, start + k0 + j, hk, Dv, vr + j * Dv);
       }
     }
+  }
+}
+
+// Packs (k, v) for every sequence: rows [start, start + len) of each, as `span` gives them
+// (the raw tokens, or the compressed ones); as bf16 when `keep_bf16` and both are bf16.
+// Returns false when out of memory.
+template <typename Span>
+bool pack(const FwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, Span span,
+          int threads, bool keep_bf16, PackedKV& pk) {
+  const int64_t Dk = pr.Dk, Dv = pr.Dv, Hkv = pr.Hkv;
+  pk.Dk = Dk;
+  pk.Dv = Dv;
+  pk.half = keep_bf16 && k.dtype == NSA_DTYPE_BF16 && v.dtype == NSA_DTYPE_BF16;
+  pk.first_tile.assign(1, 0);
+  for (const Sequence& seq : pr.seqs) {
+    pk.first_tile.push_back(pk.first_tile.back() + (span(seq).second + kKeys - 1) / kKeys);
+  }
+  pk.tiles = pk.first_tile.back();
+  const int64_t k_elems = Hkv * pk.tiles * kKeys * Dk, v_elems = Hkv * pk.tiles * kKeys * Dv;
+  // Element counts rounded to 64 bytes, so that V starts on a line.
+  const int64_t k_floats = pk.half ? (k_elems + 31) / 32 * 16 : k_elems;
+  const int64_t v_floats = pk.half ? (v_elems + 1) / 2 : v_elems;
+  pk.mem = hwy::AllocateAligned<float>(static_cast<size_t>(std::max<int64_t>(1, k_floats + v_floats)));
+  if (!pk.mem) return false;
+  pk.k = pk.mem.get();
+  pk.v = pk.mem.get() + k_floats;
+  if (pk.half) {
+    fill_tiles<uint16_t>(pr, k, v, span, threads, pk);
+  } else {
+    fill_tiles<float>(pr, k, v, span, threads, pk);
   }
   return true;
 }
@@ -157,10 +203,10 @@ void branch_begin(const Dims& d, Branch& br) {
 
 // Online-softmax attention of up to two positions over keys [f[p], e[p]) of one (sequence, KV
 // head), added to branch `br` of each; a null position, or f >= e, takes no part. kt and v are
-// that pair's packed K tiles and V rows. Where both positions attend a key, the kernels serve
-// both at once.
+// that pair's packed K tiles and V rows from key `key0` on (a multiple of kKeys). Where both
+// positions attend a key, the kernels serve both at once.
 void attend_spans(Pos* const pos[2], Branch Pos::*br, const Dims& dm, const float* kt,
-                  const float* v, const int64_t f[2], const int64_t e[2]) {
+                  const float* v, int64_t key0, const int64_t f[2], const int64_t e[2]) {
   const int64_t N = hn::Lanes(DF()), GP = dm.GP;
   bool act[2];
   int64_t u0 = INT64_MAX, u1 = INT64_MIN;
@@ -179,8 +225,8 @@ void attend_spans(Pos* const pos[2], Branch Pos::*br, const Dims& dm, const floa
       in[p] = lo[p] < hi[p];
     }
     if (!in[0] && !in[1]) continue;
-    const float* ktc = kt + (c0 / kKeys) * kKeys * dm.Dk;
-    const float* vc = v + c0 * dm.Dv;
+    const float* ktc = kt + (c0 - key0) * dm.Dk;
+    const float* vc = v + (c0 - key0) * dm.Dv;
     const int64_t tiles = (n + kKeys - 1) / kKeys;
     const int a = in[0] ? 0 : 1;  // the position that is in (the first, when both are)
     for (int64_t hv = 0; hv < GP; hv += N) {
@@ -342,7 +388,7 @@ struct Packs {
 // All steps of SPEC 4 for the G heads of one KV head at one or two positions (pos[1] null for
 // a lone last position).
 void run_item(Pos* const pos[2], const Packs& pk, int64_t si, const Dims& dm, float* acc,
-              float* row, StageClock& clock) {
+              float* row, float* blk_k, float* blk_v, StageClock& clock) {
   const FwdProblem& pr = *pos[0]->g.pr;
   const nsa_config& cfg = pr.p.cfg;
   const int64_t hk = pos[0]->g.hk;
@@ -381,8 +427,6 @@ void run_item(Pos* const pos[2], const Packs& pk, int64_t si, const Dims& dm, fl
 
   // Step 4: selected attention over the union of the two sets, block by block; the causal mask
   // only cuts a query's own block.
-  const float* kt = pk.slc.k_at(si, hk);
-  const float* v = pk.slc.v_at(si, hk);
   const Scratch& s0 = pos[0]->sel;
   const Scratch* s1 = pos[1] ? &pos[1]->sel : nullptr;
   int64_t i0 = 0, i1 = 0;
@@ -401,7 +445,17 @@ void run_item(Pos* const pos[2], const Packs& pk, int64_t si, const Dims& dm, fl
         ++at;
       }
     }
-    attend_spans(pos, &Pos::slc, dm, kt, v, f, e);
+    if (!pk.slc.half) {
+      attend_spans(pos, &Pos::slc, dm, pk.slc.k_at(si, hk), pk.slc.v_at(si, hk), 0, f, e);
+      continue;
+    }
+    // bf16 K/V: the block's whole tiles widened to f32 once, for both positions.
+    const int64_t key0 = int64_t(j) * cfg.slc_block / kKeys * kKeys;
+    const int64_t key_end = std::max(e[0], e[1]);
+    const int64_t tiles = (key_end - key0 + kKeys - 1) / kKeys;
+    widen_bf16(pk.slc.k16_at(si, hk) + key0 * dm.Dk, tiles * kKeys * dm.Dk, blk_k);
+    widen_bf16(pk.slc.v16_at(si, hk) + key0 * dm.Dv, (key_end - key0) * dm.Dv, blk_v);
+    attend_spans(pos, &Pos::slc, dm, blk_k, blk_v, key0, f, e);
   }
   for (int p = 0; p < np; ++p) {
     lanes::finish(dm.GP, dm.Dv, pos[p]->slc.m, pos[p]->slc.l, pos[p]->slc.o, pos[p]->lse + dm.GP);
@@ -414,7 +468,7 @@ void run_item(Pos* const pos[2], const Packs& pk, int64_t si, const Dims& dm, fl
     f[p] = std::max<int64_t>(0, pos[p]->g.t - cfg.window + 1);
     e[p] = pos[p]->g.t + 1;
   }
-  attend_spans(pos, &Pos::win, dm, pk.win_kv->k_at(si, hk), pk.win_kv->v_at(si, hk), f, e);
+  attend_spans(pos, &Pos::win, dm, pk.win_kv->k_at(si, hk), pk.win_kv->v_at(si, hk), 0, f, e);
   for (int p = 0; p < np; ++p) {
     lanes::finish(dm.GP, dm.Dv, pos[p]->win.m, pos[p]->win.l, pos[p]->win.o,
                   pos[p]->lse + 2 * dm.GP);
@@ -443,13 +497,14 @@ bool ForwardLanes(const FwdProblem& pr) {
   Packs pk;
   auto raw = [](const Sequence& s) { return std::pair<int64_t, int64_t>(s.start, s.len); };
   auto cmp = [](const Sequence& s) { return std::pair<int64_t, int64_t>(s.cmp_start, s.cmp_len); };
-  if (!pack(pr, p.k_slc, p.v_slc, raw, threads, pk.slc)) return false;
+  if (!pack(pr, p.k_slc, p.v_slc, raw, threads, /*keep_bf16=*/true, pk.slc)) return false;
   pk.win_kv = &pk.slc;
-  if (!same_view(p.k_win, p.k_slc) || !same_view(p.v_win, p.v_slc)) {
-    if (!pack(pr, p.k_win, p.v_win, raw, threads, pk.win)) return false;
+  // The window's keys stay in cache from one position to the next: f32, converted once.
+  if (pk.slc.half || !same_view(p.k_win, p.k_slc) || !same_view(p.v_win, p.v_slc)) {
+    if (!pack(pr, p.k_win, p.v_win, raw, threads, false, pk.win)) return false;
     pk.win_kv = &pk.win;
   }
-  if (!pack(pr, p.k_cmp, p.v_cmp, cmp, threads, pk.cmp)) return false;
+  if (!pack(pr, p.k_cmp, p.v_cmp, cmp, threads, false, pk.cmp)) return false;
   pack_clock.lap(kStagePack);
 
   // Work items: pairs of positions (2i, 2i + 1) of one sequence and KV head; an odd length
@@ -470,7 +525,10 @@ bool ForwardLanes(const FwdProblem& pr) {
                                Dv * GP, GP, GP, 3 * GP, max_blocks};
   // acc: 1/l, then one vector per selection block (block_scores_lanes).
   const int64_t acc_floats = GP + max_blocks * hn::Lanes(d);
-  int64_t floats = round_up(acc_floats, 16) + round_up(std::max(Dk, Dv), 16);
+  // One selected block widened from bf16: whole tiles from the one holding its first key.
+  const int64_t blk_keys = round_up(p.cfg.slc_block, kKeys) + kKeys;
+  int64_t floats = round_up(acc_floats, 16) + round_up(std::max(Dk, Dv), 16) +
+                   round_up(blk_keys * Dk, 16) + round_up(blk_keys * Dv, 16);
   for (int64_t size : pos_sizes) floats += 2 * round_up(size, 16);
   const int64_t ints = 4 * round_up(max_blocks, 16);
   hwy::AlignedFreeUniquePtr<float[]> fbuf = hwy::AllocateAligned<float>(size_t(threads * floats));
@@ -512,6 +570,8 @@ bool ForwardLanes(const FwdProblem& pr) {
     }
     float* acc = take(acc_floats);
     float* row = take(std::max(Dk, Dv));
+    float* blk_k = take(blk_keys * Dk);
+    float* blk_v = take(blk_keys * Dv);
     StageClock clock(pr.profile ? stage_s.data() + tid * kStageCount : nullptr);
     // Later positions cost more (more compressed tokens): dynamic chunks balance the threads.
     // Every item is computed by the same code whatever thread runs it, so the results do not
@@ -533,7 +593,7 @@ bool ForwardLanes(const FwdProblem& pr) {
         g.tok = seq.start + g.t;
         g.hk = rem % pr.Hkv;
       }
-      run_item(pos, pk, si, dm, acc, row, clock);
+      run_item(pos, pk, si, dm, acc, row, blk_k, blk_v, clock);
     }
   }
   if (pr.profile) {
