@@ -118,6 +118,28 @@ std::vector<DenseCase> cases() {
   packed.cu = {0, 33, 33, 100, 150};
   packed.window = 20;
   v.push_back(packed);
+  // Groups that fill the SIMD lanes (the heads-in-lanes kernels): the paper's group, windowed,
+  // bf16, padding lanes (G = 8, 24), odd head dims, strided views, packed sequences.
+  DenseCase lanes;
+  lanes.s = {1, 130, 16, 1, 192, 128};
+  v.push_back(lanes);
+  lanes.dtype = NSA_DTYPE_BF16;
+  v.push_back(lanes);
+  lanes = DenseCase{};
+  lanes.s = {1, 200, 16, 1, 24, 16};
+  lanes.window = 37;
+  v.push_back(lanes);
+  lanes.s = {2, 97, 48, 2, 17, 33};
+  lanes.window = 0;
+  v.push_back(lanes);
+  lanes.s = {2, 50, 16, 2, 24, 20};
+  lanes.padded = true;
+  v.push_back(lanes);
+  lanes.s = {1, 150, 32, 2, 24, 16};
+  lanes.padded = false;
+  lanes.cu = {0, 33, 33, 100, 150};
+  lanes.window = 20;
+  v.push_back(lanes);
   return v;
 }
 
@@ -137,15 +159,16 @@ TEST(Dense, WindowedReferenceEqualsNsaWindowBranch) {
 }
 
 TEST(Dense, ThreadCountDoesNotChangeBits) {
-  Shape s{1, 200, 4, 1, 64, 32};
-  const FwdCase c = make_case(s, config(32, 16, 64, 16, 1, 2, 512), NSA_DTYPE_F32, 5);
-  DenseRun one, two, three;
-  ASSERT_EQ(run_dense(NSA_BACKEND_CPU, 1, c, 0, &one), NSA_OK);
-  ASSERT_EQ(run_dense(NSA_BACKEND_CPU, 2, c, 0, &two), NSA_OK);
-  ASSERT_EQ(run_dense(NSA_BACKEND_CPU, 3, c, 0, &three), NSA_OK);
-  EXPECT_EQ(one.o.storage(), two.o.storage());
-  EXPECT_EQ(one.o.storage(), three.o.storage());
-  EXPECT_EQ(one.lse.storage(), two.lse.storage());
+  for (Shape s : {Shape{1, 200, 4, 1, 64, 32}, Shape{1, 201, 16, 1, 64, 32}}) {
+    const FwdCase c = make_case(s, config(32, 16, 64, 16, 1, 2, 512), NSA_DTYPE_F32, 5);
+    DenseRun one, two, three;
+    ASSERT_EQ(run_dense(NSA_BACKEND_CPU, 1, c, 0, &one), NSA_OK);
+    ASSERT_EQ(run_dense(NSA_BACKEND_CPU, 2, c, 0, &two), NSA_OK);
+    ASSERT_EQ(run_dense(NSA_BACKEND_CPU, 3, c, 0, &three), NSA_OK);
+    EXPECT_EQ(one.o.storage(), two.o.storage());
+    EXPECT_EQ(one.o.storage(), three.o.storage());
+    EXPECT_EQ(one.lse.storage(), two.lse.storage());
+  }
 }
 
 TEST(Dense, BadArgumentsAreRejectedAndNamed) {
@@ -174,34 +197,35 @@ TEST(Dense, BadArgumentsAreRejectedAndNamed) {
 // rows whose key set holds it (that channel only), a NaN key or query poisons exactly the rows
 // that score it, and every other row is bit-identical to a clean run.
 TEST(Dense, NanReachesExactlyTheRowsThatSeeIt) {
-  Shape s{1, 100, 2, 1, 24, 16};
-  const int32_t window = 30;
-  const int64_t p = 45;  // poisoned position
-  FwdCase clean = make_case(s, config(32, 16, 64, 16, 1, 2, 512), NSA_DTYPE_F32, 11);
-  DenseRun base;
-  ASSERT_EQ(run_dense(NSA_BACKEND_CPU, 0, clean, window, &base), NSA_OK);
-  auto sees = [&](int64_t t) { return p <= t && p > t - window; };
-  for (int what = 0; what < 3; ++what) {  // 0: v channel 3, 1: k, 2: q row of head 1
-    FwdCase c = make_case(s, config(32, 16, 64, 16, 1, 2, 512), NSA_DTYPE_F32, 11);
-    if (what == 0) c.v.set({0, p, 0, 3}, NAN);
-    if (what == 1) c.k.set({0, p, 0, 5}, NAN);
-    if (what == 2) c.q.set({0, p, 1, 0}, NAN);
-    for (nsa_backend backend : {NSA_BACKEND_CPU, NSA_BACKEND_REF}) {
-      DenseRun r;
-      ASSERT_EQ(run_dense(backend, 0, c, window, &r), NSA_OK);
-      for (int64_t t = 0; t < s.T; ++t) {
-        for (int64_t h = 0; h < s.Hq; ++h) {
-          const bool hit = what == 2 ? (t == p && h == 1) : sees(t);
-          for (int64_t ch = 0; ch < s.Dv; ++ch) {
-            const double x = r.o.at({0, t, h, ch});
-            const bool nan_expected = hit && (what != 0 || ch == 3);
-            ASSERT_EQ(std::isnan(x), nan_expected)
-                << "case " << what << " backend " << backend << " t=" << t << " h=" << h << " ch=" << ch;
-            if (!hit && backend == NSA_BACKEND_CPU) {
-              ASSERT_EQ(x, base.o.at({0, t, h, ch}));
+  for (Shape s : {Shape{1, 100, 2, 1, 24, 16}, Shape{1, 100, 16, 1, 24, 16}}) {  // both kernels
+    const int32_t window = 30;
+    const int64_t p = 45;  // poisoned position
+    FwdCase clean = make_case(s, config(32, 16, 64, 16, 1, 2, 512), NSA_DTYPE_F32, 11);
+    DenseRun base;
+    ASSERT_EQ(run_dense(NSA_BACKEND_CPU, 0, clean, window, &base), NSA_OK);
+    auto sees = [&](int64_t t) { return p <= t && p > t - window; };
+    for (int what = 0; what < 3; ++what) {  // 0: v channel 3, 1: k, 2: q row of head 1
+      FwdCase c = make_case(s, config(32, 16, 64, 16, 1, 2, 512), NSA_DTYPE_F32, 11);
+      if (what == 0) c.v.set({0, p, 0, 3}, NAN);
+      if (what == 1) c.k.set({0, p, 0, 5}, NAN);
+      if (what == 2) c.q.set({0, p, 1, 0}, NAN);
+      for (nsa_backend backend : {NSA_BACKEND_CPU, NSA_BACKEND_REF}) {
+        DenseRun r;
+        ASSERT_EQ(run_dense(backend, 0, c, window, &r), NSA_OK);
+        for (int64_t t = 0; t < s.T; ++t) {
+          for (int64_t h = 0; h < s.Hq; ++h) {
+            const bool hit = what == 2 ? (t == p && h == 1) : sees(t);
+            for (int64_t ch = 0; ch < s.Dv; ++ch) {
+              const double x = r.o.at({0, t, h, ch});
+              const bool nan_expected = hit && (what != 0 || ch == 3);
+              ASSERT_EQ(std::isnan(x), nan_expected)
+                  << "case " << what << " backend " << backend << " t=" << t << " h=" << h << " ch=" << ch;
+              if (!hit && backend == NSA_BACKEND_CPU) {
+                ASSERT_EQ(x, base.o.at({0, t, h, ch}));
+              }
             }
+            ASSERT_EQ(std::isnan(r.lse.at({0, t, h})), hit && what != 0);
           }
-          ASSERT_EQ(std::isnan(r.lse.at({0, t, h})), hit && what != 0);
         }
       }
     }

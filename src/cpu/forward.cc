@@ -103,7 +103,7 @@ Status forward(const FwdProblem& pr) {
   }
   const int64_t total = first_item.back();
   if (total == 0) return Status::ok();
-  if (lanes_suit(pr)) {
+  if (lanes_suit(pr.G)) {
     if (!forward_lanes(pr)) {
       return error(NSA_ERR_OUT_OF_MEMORY, "forward: cannot allocate the packed K/V tiles");
     }

@@ -8,9 +8,10 @@
 //   online softmax      running max and sum per lane, no horizontal reduction at all,
 //   O^T += P V          Dv FMAs per key of (P[j], the G heads' weights) x (v_j[c] broadcast).
 // Each key is loaded once for the whole group, as a broadcast operand of the FMA, and each FMA
-// does useful work in every lane. A work item is two neighbouring positions t, t + 1 of one KV
-// head: their windows and compressed keys are nearly the same and their selections overlap, so
-// where both attend a key, one broadcast of it feeds both (the kernels in lanes-inl.h). K is packed once per call into tiles of 16 keys with the keys
+// does useful work in every lane. A work item is four consecutive positions of one KV head, as
+// two pairs: the two positions of a pair attend nearly the same window and compressed keys (and
+// some of the same selected blocks), so where both attend a key, one broadcast of it feeds both
+// (the kernels in lanes-inl.h); the compressed keys are walked once for all four. K is packed once per call into tiles of 16 keys with the keys
 // innermost ([Dk][16]), so the broadcasts of one step sit in one cache line; V is converted to
 // f32 rows. Heads past G in the last vector are padded with zero queries; their lanes compute
 // finite values that are never stored.
@@ -23,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 #include <vector>
 
@@ -270,38 +272,74 @@ void attend_spans(Pos* const pos[2], Branch Pos::*br, const Dims& dm, const floa
 
 void block_scores_lanes(Pos& ps, const Dims& dm, int64_t nc, float* acc);
 
-// The compressed branch of up to two positions (steps 1-2). Its probabilities are needed
-// themselves, so it is a two-pass softmax: all nc scores stay in s ([round_up(nc, kKeys)][GP])
-// between the passes, and feed the block scores (block_scores_lanes) before being dropped.
-void cmp_branch(Pos* const pos[2], const Dims& dm, const float* kt, const float* v,
-                const int64_t nc[2], float* acc, StageClock& clock) {
-  const DF d;
-  const int64_t N = hn::Lanes(d), GP = dm.GP;
-  const bool both = pos[1] != nullptr && nc[1] > 0 && nc[0] > 0;
-  const int a = nc[0] > 0 ? 0 : 1;  // nc grows with t: if only one position has keys, it is B
-  Pos& A = *pos[a];
-  Pos* B = both ? pos[1] : nullptr;
-  const int64_t nc_max = both ? std::max(nc[0], nc[1]) : nc[a];
-  const int64_t nc_min = both ? std::min(nc[0], nc[1]) : nc[a];
+// The compressed branch of up to four positions, two pairs (steps 1-2). Its probabilities are
+// needed themselves, so it is a two-pass softmax: all nc scores of a position stay in its s
+// ([round_up(nc, kKeys)][GP]) between the passes, and feed the block scores
+// (block_scores_lanes). The compressed keys are walked in chunks that stay in L2 while both
+// pairs pass over them: from L3 once per four positions (Tc grows as T, about 5 MiB of K and V
+// at 64k tokens).
+void cmp_branch(Pos* const quad[4], const Dims& dm, const float* kt, const float* v,
+                const int64_t nc[4], float* acc, StageClock& clock) {
+  const int64_t N = hn::Lanes(DF()), GP = dm.GP;
+  constexpr int64_t kCmpChunk = 256;  // keys: 192 KiB of K and 128 KiB of V at the paper's dims
+  // Per pair: A, the position with keys (the earlier when both have: nc grows with t), B the
+  // other when it has keys too; [0, lo) both see, [lo, hi) only the later one.
+  struct Pair {
+    Pos* A = nullptr;
+    Pos* B = nullptr;
+    int64_t nA = 0, nB = 0, lo = 0, hi = 0;
+  } pairs[2];
+  int64_t n_all = 0;
+  for (int k = 0; k < 2; ++k) {
+    Pos* p0 = quad[2 * k];
+    Pos* p1 = quad[2 * k + 1];
+    const int64_t n0 = p0 ? nc[2 * k] : 0, n1 = p1 ? nc[2 * k + 1] : 0;
+    Pair& pr = pairs[k];
+    if (n0 > 0) pr.A = p0, pr.nA = n0;
+    if (n1 > 0) (pr.A ? pr.B : pr.A) = p1, (pr.B ? pr.nB : pr.nA) = n1;
+    pr.lo = pr.B ? std::min(pr.nA, pr.nB) : pr.nA;
+    pr.hi = pr.B ? std::max(pr.nA, pr.nB) : pr.nA;
+    n_all = std::max(n_all, pr.hi);
+  }
   for (int64_t hv = 0; hv < GP; hv += N) {
-    lanes::score_tiles(A.qt + hv, B ? B->qt + hv : nullptr, GP, dm.Dk, kt,
-                       (nc_max + kKeys - 1) / kKeys, A.s + hv, B ? B->s + hv : nullptr);
-    for (Pos* p : {&A, B}) {
-      if (p == nullptr) continue;
-      const int64_t n = p == &A ? nc[a] : nc[1];
-      lanes::softmax_step(p->s + hv, GP, 0, n, dm.Dv, p->cmp.m + hv, p->cmp.l + hv, p->cmp.o + hv);
+    // Pass 1: the scores.
+    for (int64_t c0 = 0; c0 < n_all; c0 += kCmpChunk) {
+      for (const Pair& pr : pairs) {
+        if (!pr.A || c0 >= pr.hi) continue;
+        const int64_t tiles = (std::min(c0 + kCmpChunk, pr.hi) - c0 + kKeys - 1) / kKeys;
+        lanes::score_tiles(pr.A->qt + hv, pr.B ? pr.B->qt + hv : nullptr, GP, dm.Dk,
+                           kt + c0 * dm.Dk, tiles, pr.A->s + c0 * GP + hv,
+                           pr.B ? pr.B->s + c0 * GP + hv : nullptr);
+      }
     }
-    lanes::accumulate(A.s + hv, B ? B->s + hv : nullptr, GP, v, dm.Dv, 0, nc_min, A.cmp.o + hv,
-                      B ? B->cmp.o + hv : nullptr);
-    if (B) {  // the one key the later position sees and the earlier does not
-      Pos& late = nc[0] > nc[1] ? A : *B;
-      lanes::accumulate(late.s + hv, nullptr, GP, v, dm.Dv, nc_min, nc_max, late.cmp.o + hv,
-                        nullptr);
+    // The softmax of each position over all its scores.
+    for (const Pair& pr : pairs) {
+      for (Pos* p : {pr.A, pr.B}) {
+        if (!p) continue;
+        const int64_t n = p == pr.A ? pr.nA : pr.nB;
+        lanes::softmax_step(p->s + hv, GP, 0, n, dm.Dv, p->cmp.m + hv, p->cmp.l + hv,
+                            p->cmp.o + hv);
+      }
+    }
+    // Pass 2: O^T += P V.
+    for (int64_t c0 = 0; c0 < n_all; c0 += kCmpChunk) {
+      const int64_t c1 = c0 + kCmpChunk;
+      for (const Pair& pr : pairs) {
+        if (!pr.A || c0 >= pr.hi) continue;
+        lanes::accumulate(pr.A->s + hv, pr.B ? pr.B->s + hv : nullptr, GP, v, dm.Dv, c0,
+                          std::min(c1, pr.lo), pr.A->cmp.o + hv, pr.B ? pr.B->cmp.o + hv : nullptr);
+        if (pr.B) {  // the one key the later position sees and the earlier does not
+          Pos& late = pr.nA > pr.nB ? *pr.A : *pr.B;
+          lanes::accumulate(late.s + hv, nullptr, GP, v, dm.Dv, std::max(c0, pr.lo),
+                            std::min(c1, pr.hi), late.cmp.o + hv, nullptr);
+        }
+      }
     }
   }
   clock.lap(kStageCmp);
-  for (Pos* p : {&A, B}) {
-    if (p != nullptr) block_scores_lanes(*p, dm, p == &A ? nc[a] : nc[1], acc);
+  for (const Pair& pr : pairs) {
+    if (pr.A) block_scores_lanes(*pr.A, dm, pr.nA, acc);
+    if (pr.B) block_scores_lanes(*pr.B, dm, pr.nB, acc);
   }
 }
 
@@ -385,48 +423,12 @@ struct Packs {
   const PackedKV* win_kv = nullptr;  // &win, or &slc when the branches share K/V
 };
 
-// All steps of SPEC 4 for the G heads of one KV head at one or two positions (pos[1] null for
-// a lone last position).
-void run_item(Pos* const pos[2], const Packs& pk, int64_t si, const Dims& dm, float* acc,
-              float* row, float* blk_k, float* blk_v, StageClock& clock) {
-  const FwdProblem& pr = *pos[0]->g.pr;
-  const nsa_config& cfg = pr.p.cfg;
-  const int64_t hk = pos[0]->g.hk;
+// Step 4 for one pair of positions (pos[1] may be null): selected attention over the union of
+// their sets, block by block; the causal mask only cuts a query's own block.
+void slc_pair(Pos* const pos[2], const Packs& pk, int64_t si, int64_t hk, const Dims& dm,
+              float* blk_k, float* blk_v) {
+  const nsa_config& cfg = pos[0]->g.pr->p.cfg;
   const int np = pos[1] ? 2 : 1;
-  for (int p = 0; p < np; ++p) {
-    Pos& ps = *pos[p];
-    for (int64_t hg = 0; hg < dm.G; ++hg) {
-      widen_row(pr.p.q, ps.g.seq->batch, ps.g.tok, hk * dm.G + hg, dm.Dk, row);
-      for (int64_t i = 0; i < dm.Dk; ++i) ps.qt[i * dm.GP + hg] = row[i] * cfg.scale;
-    }
-    branch_begin(dm, ps.cmp);
-    branch_begin(dm, ps.slc);
-    branch_begin(dm, ps.win);
-  }
-
-  // Steps 1-2: compressed attention and the block scores. Empty C_t: o_cmp = 0,
-  // lse_cmp = -inf, never NaN, and every block score is 0 (SPEC 4.1).
-  int64_t nc[2] = {0, 0};
-  for (int p = 0; p < np; ++p) nc[p] = visible_cmp_count(cfg, pos[p]->g.t);
-  if (nc[0] > 0 || nc[1] > 0) {
-    cmp_branch(pos, dm, pk.cmp.k_at(si, hk), pk.cmp.v_at(si, hk), nc, acc, clock);
-  }
-  for (int p = 0; p < np; ++p) {
-    Pos& ps = *pos[p];
-    if (nc[p] == 0) std::fill(ps.sel.score, ps.sel.score + ps.g.t / cfg.slc_block + 1, 0.0f);
-  }
-  clock.lap(kStageScores);
-  for (int p = 0; p < np; ++p) {
-    lanes::finish(dm.GP, dm.Dv, pos[p]->cmp.m, pos[p]->cmp.l, pos[p]->cmp.o, pos[p]->lse);
-  }
-  clock.lap(kStageCmp);
-
-  // Step 3: the selected sets (topk.cc), sorted.
-  for (int p = 0; p < np; ++p) slc_select(pos[p]->g, pos[p]->sel);
-  clock.lap(kStageTopn);
-
-  // Step 4: selected attention over the union of the two sets, block by block; the causal mask
-  // only cuts a query's own block.
   const Scratch& s0 = pos[0]->sel;
   const Scratch* s1 = pos[1] ? &pos[1]->sel : nullptr;
   int64_t i0 = 0, i1 = 0;
@@ -457,25 +459,79 @@ void run_item(Pos* const pos[2], const Packs& pk, int64_t si, const Dims& dm, fl
     widen_bf16(pk.slc.v16_at(si, hk) + key0 * dm.Dv, (key_end - key0) * dm.Dv, blk_v);
     attend_spans(pos, &Pos::slc, dm, blk_k, blk_v, key0, f, e);
   }
-  for (int p = 0; p < np; ++p) {
-    lanes::finish(dm.GP, dm.Dv, pos[p]->slc.m, pos[p]->slc.l, pos[p]->slc.o, pos[p]->lse + dm.GP);
+}
+
+// All steps of SPEC 4 for the G heads of one KV head at up to four consecutive positions
+// (quad[0] always present; later ones null past the sequence end), as two pairs.
+void run_item(Pos* const quad[4], const Packs& pk, int64_t si, const Dims& dm, float* acc,
+              float* row, float* blk_k, float* blk_v, StageClock& clock) {
+  const FwdProblem& pr = *quad[0]->g.pr;
+  const nsa_config& cfg = pr.p.cfg;
+  const int64_t hk = quad[0]->g.hk;
+  Pos* const pairs[2][2] = {{quad[0], quad[1]}, {quad[2], quad[3]}};
+  for (Pos* ps : std::initializer_list<Pos*>{quad[0], quad[1], quad[2], quad[3]}) {
+    if (!ps) continue;
+    for (int64_t hg = 0; hg < dm.G; ++hg) {
+      widen_row(pr.p.q, ps->g.seq->batch, ps->g.tok, hk * dm.G + hg, dm.Dk, row);
+      for (int64_t i = 0; i < dm.Dk; ++i) ps->qt[i * dm.GP + hg] = row[i] * cfg.scale;
+    }
+    branch_begin(dm, ps->cmp);
+    branch_begin(dm, ps->slc);
+    branch_begin(dm, ps->win);
+  }
+
+  // Steps 1-2: compressed attention and the block scores. Empty C_t: o_cmp = 0,
+  // lse_cmp = -inf, never NaN, and every block score is 0 (SPEC 4.1).
+  int64_t nc[4] = {0, 0, 0, 0};
+  for (int p = 0; p < 4; ++p) nc[p] = quad[p] ? visible_cmp_count(cfg, quad[p]->g.t) : 0;
+  if (nc[0] > 0 || nc[1] > 0 || nc[2] > 0 || nc[3] > 0) {
+    cmp_branch(quad, dm, pk.cmp.k_at(si, hk), pk.cmp.v_at(si, hk), nc, acc, clock);
+  }
+  for (int p = 0; p < 4; ++p) {
+    if (quad[p] && nc[p] == 0) {
+      std::fill(quad[p]->sel.score, quad[p]->sel.score + quad[p]->g.t / cfg.slc_block + 1, 0.0f);
+    }
+  }
+  clock.lap(kStageScores);
+  for (Pos* ps : std::initializer_list<Pos*>{quad[0], quad[1], quad[2], quad[3]}) {
+    if (ps) lanes::finish(dm.GP, dm.Dv, ps->cmp.m, ps->cmp.l, ps->cmp.o, ps->lse);
+  }
+  clock.lap(kStageCmp);
+
+  // Step 3: the selected sets (topk.cc), sorted.
+  for (Pos* ps : std::initializer_list<Pos*>{quad[0], quad[1], quad[2], quad[3]}) {
+    if (ps) slc_select(ps->g, ps->sel);
+  }
+  clock.lap(kStageTopn);
+
+  // Step 4, per pair.
+  for (Pos* const* pos : pairs) {
+    if (pos[0]) slc_pair(pos, pk, si, hk, dm, blk_k, blk_v);
+  }
+  for (Pos* ps : std::initializer_list<Pos*>{quad[0], quad[1], quad[2], quad[3]}) {
+    if (ps) lanes::finish(dm.GP, dm.Dv, ps->slc.m, ps->slc.l, ps->slc.o, ps->lse + dm.GP);
   }
   clock.lap(kStageSlc);
 
-  // Step 5: the windows, keys max(0, t - w + 1) .. t.
-  int64_t f[2] = {0, 0}, e[2] = {0, 0};
-  for (int p = 0; p < np; ++p) {
-    f[p] = std::max<int64_t>(0, pos[p]->g.t - cfg.window + 1);
-    e[p] = pos[p]->g.t + 1;
+  // Step 5, per pair: the windows, keys max(0, t - w + 1) .. t.
+  for (Pos* const* pos : pairs) {
+    if (!pos[0]) continue;
+    int64_t f[2] = {0, 0}, e[2] = {0, 0};
+    for (int p = 0; p < 2; ++p) {
+      if (!pos[p]) continue;
+      f[p] = std::max<int64_t>(0, pos[p]->g.t - cfg.window + 1);
+      e[p] = pos[p]->g.t + 1;
+    }
+    attend_spans(pos, &Pos::win, dm, pk.win_kv->k_at(si, hk), pk.win_kv->v_at(si, hk), 0, f, e);
   }
-  attend_spans(pos, &Pos::win, dm, pk.win_kv->k_at(si, hk), pk.win_kv->v_at(si, hk), 0, f, e);
-  for (int p = 0; p < np; ++p) {
-    lanes::finish(dm.GP, dm.Dv, pos[p]->win.m, pos[p]->win.l, pos[p]->win.o,
-                  pos[p]->lse + 2 * dm.GP);
+  for (Pos* ps : std::initializer_list<Pos*>{quad[0], quad[1], quad[2], quad[3]}) {
+    if (ps) lanes::finish(dm.GP, dm.Dv, ps->win.m, ps->win.l, ps->win.o, ps->lse + 2 * dm.GP);
   }
   clock.lap(kStageWin);
 
-  for (int p = 0; p < np; ++p) combine_heads(*pos[p], dm, row);
+  for (Pos* ps : std::initializer_list<Pos*>{quad[0], quad[1], quad[2], quad[3]}) {
+    if (ps) combine_heads(*ps, dm, row);
+  }
   clock.lap(kStageCombine);
 }
 
@@ -507,20 +563,20 @@ bool ForwardLanes(const FwdProblem& pr) {
   if (!pack(pr, p.k_cmp, p.v_cmp, cmp, threads, false, pk.cmp)) return false;
   pack_clock.lap(kStagePack);
 
-  // Work items: pairs of positions (2i, 2i + 1) of one sequence and KV head; an odd length
-  // leaves its last position alone. first_item[s] counts the items before sequence s.
+  // Work items: four consecutive positions 4i .. 4i + 3 of one sequence and KV head (fewer at
+  // the sequence end). first_item[s] counts the items before sequence s.
   int64_t max_len = 0, max_cmp = 0;
   std::vector<int64_t> first_item(pr.seqs.size() + 1, 0);
   for (size_t i = 0; i < pr.seqs.size(); ++i) {
     max_len = std::max(max_len, pr.seqs[i].len);
     max_cmp = std::max(max_cmp, pr.seqs[i].cmp_len);
-    first_item[i + 1] = first_item[i] + (pr.seqs[i].len + 1) / 2 * pr.Hkv;
+    first_item[i + 1] = first_item[i] + (pr.seqs[i].len + 3) / 4 * pr.Hkv;
   }
   const int64_t max_blocks = max_len > 0 ? (max_len - 1) / p.cfg.slc_block + 1 : 1;
   const int64_t s_rows = std::max(kChunk, round_up(max_cmp, kKeys));
   const Dims dm{pr.G, GP, Dk, Dv};
 
-  // Per thread: two positions' buffers, then 1/l and one row; carved below in this order.
+  // Per thread: four positions' buffers, then the rest; carved below in this order.
   const int64_t pos_sizes[] = {Dk * GP, s_rows * GP, Dv * GP, GP, GP, Dv * GP, GP, GP,
                                Dv * GP, GP, GP, 3 * GP, max_blocks};
   // acc: 1/l, then one vector per selection block (block_scores_lanes).
@@ -529,8 +585,8 @@ bool ForwardLanes(const FwdProblem& pr) {
   const int64_t blk_keys = round_up(p.cfg.slc_block, kKeys) + kKeys;
   int64_t floats = round_up(acc_floats, 16) + round_up(std::max(Dk, Dv), 16) +
                    round_up(blk_keys * Dk, 16) + round_up(blk_keys * Dv, 16);
-  for (int64_t size : pos_sizes) floats += 2 * round_up(size, 16);
-  const int64_t ints = 4 * round_up(max_blocks, 16);
+  for (int64_t size : pos_sizes) floats += 4 * round_up(size, 16);
+  const int64_t ints = 8 * round_up(max_blocks, 16);
   hwy::AlignedFreeUniquePtr<float[]> fbuf = hwy::AllocateAligned<float>(size_t(threads * floats));
   std::vector<int32_t> ibuf;
   try {
@@ -551,8 +607,8 @@ bool ForwardLanes(const FwdProblem& pr) {
       return at;
     };
     int32_t* ints_at = ibuf.data() + tid * ints;
-    Pos two[2];
-    for (Pos& ps : two) {
+    Pos four[4];
+    for (Pos& ps : four) {
       ps.qt = take(Dk * GP);
       ps.s = take(s_rows * GP);
       for (Branch* br : {&ps.cmp, &ps.slc, &ps.win}) {
@@ -582,9 +638,10 @@ bool ForwardLanes(const FwdProblem& pr) {
           std::upper_bound(first_item.begin(), first_item.end(), it) - first_item.begin() - 1;
       const Sequence& seq = pr.seqs[si];
       const int64_t rem = it - first_item[si];
-      const int64_t t0 = rem / pr.Hkv * 2;
-      Pos* pos[2] = {&two[0], t0 + 1 < seq.len ? &two[1] : nullptr};
-      for (int p = 0; p < 2; ++p) {
+      const int64_t t0 = rem / pr.Hkv * 4;
+      Pos* pos[4];
+      for (int p = 0; p < 4; ++p) pos[p] = t0 + p < seq.len ? &four[p] : nullptr;
+      for (int p = 0; p < 4; ++p) {
         if (!pos[p]) continue;
         Group& g = pos[p]->g;
         g.pr = &pr;
@@ -618,7 +675,7 @@ bool forward_lanes(const FwdProblem& pr) { return HWY_DYNAMIC_DISPATCH(ForwardLa
 
 // Heads in lanes pay for the padding lanes: worth it once the group fills half a vector (the
 // paper's G = 16 fills an AVX-512 vector exactly); smaller groups use the per-head kernels.
-bool lanes_suit(const FwdProblem& pr) { return pr.G * 2 >= HWY_DYNAMIC_DISPATCH(FloatLanes)(); }
+bool lanes_suit(int64_t G) { return G * 2 >= HWY_DYNAMIC_DISPATCH(FloatLanes)(); }
 
 }  // namespace nsa::cpu
 #endif

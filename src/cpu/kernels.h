@@ -203,8 +203,8 @@ void slc_attend(const Group& g, Scratch& s);
 // forward_lanes.cc: the whole forward with the G heads of a group in SIMD lanes (for G large
 // enough to fill them). Returns false when its buffers cannot be allocated.
 bool forward_lanes(const FwdProblem& pr);
-// Whether forward_lanes serves this problem on this CPU.
-bool lanes_suit(const FwdProblem& pr);
+// Whether the lanes kernels serve groups of G heads on this CPU.
+bool lanes_suit(int64_t G);
 
 // win.cc, step 5: o_win, lse_win over the sliding window.
 void win_attend(const Group& g, Scratch& s);
