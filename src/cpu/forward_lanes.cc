@@ -581,8 +581,10 @@ bool ForwardLanes(const FwdProblem& pr) {
                                Dv * GP, GP, GP, 3 * GP, max_blocks};
   // acc: 1/l, then one vector per selection block (block_scores_lanes).
   const int64_t acc_floats = GP + max_blocks * hn::Lanes(d);
-  // One selected block widened from bf16: whole tiles from the one holding its first key.
-  const int64_t blk_keys = round_up(p.cfg.slc_block, kKeys) + kKeys;
+  // One selected block widened from bf16 (f32 K/V need none): whole tiles from the one holding
+  // its first key, never more than the longest sequence holds however large l' is.
+  const int64_t blk_keys =
+      pk.slc.half ? round_up(std::min<int64_t>(p.cfg.slc_block, max_len), kKeys) + kKeys : 0;
   int64_t floats = round_up(acc_floats, 16) + round_up(std::max(Dk, Dv), 16) +
                    round_up(blk_keys * Dk, 16) + round_up(blk_keys * Dv, 16);
   for (int64_t size : pos_sizes) floats += 4 * round_up(size, 16);
