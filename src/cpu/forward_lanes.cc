@@ -366,19 +366,46 @@ void block_scores_lanes(Pos& ps, const Dims& dm, int64_t nc, float* acc) {
   }
   for (int64_t j = 0; j <= last; ++j) hn::Store(hn::Zero(d), d, acc + j * N);
   const float inv_d = 1.0f / static_cast<float>(stride);
-  int64_t j_lo = 0;  // the block holding token i * d, advanced without a division per token
-  for (int64_t i = 0; i < nc; ++i) {
+  auto weighted = [&](int64_t i) {  // sum_h p[h][i] / l[h], still in lanes
     VF pv = hn::Zero(d);
     for (int64_t hv = 0; hv < GP; hv += N) {
       pv = hn::MulAdd(hn::Load(d, ps.s + i * GP + hv), hn::Load(d, inv_l + hv), pv);
     }
-    const int64_t lo = i * stride, hi = i * stride + l;
-    while ((j_lo + 1) * lp <= lo) ++j_lo;
-    // A visible block ends at or before t, so j never passes J; the bound is kept for safety.
-    for (int64_t j = j_lo; j * lp < hi && j <= last; ++j) {
-      const int64_t ov = std::min(hi, (j + 1) * lp) - std::max(lo, j * lp);
-      const VF w = hn::Set(d, static_cast<float>(ov) * inv_d);
-      hn::Store(hn::MulAdd(pv, w, hn::Load(d, acc + j * N)), d, acc + j * N);
+    return pv;
+  };
+  int64_t j_lo = 0;  // the block holding token i * d, advanced without a division per token
+  if (l <= lp) {
+    // A compressed block touches at most two selection blocks, j_lo and j_lo + 1: their sums
+    // stay in registers, and each block is stored once, when the tokens move past it.
+    VF cur = hn::Zero(d), next = hn::Zero(d);
+    for (int64_t i = 0; i < nc; ++i) {
+      const VF pv = weighted(i);
+      const int64_t lo = i * stride, hi = i * stride + l;
+      while ((j_lo + 1) * lp <= lo) {
+        hn::Store(cur, d, acc + j_lo * N);
+        cur = next;
+        next = hn::Zero(d);
+        ++j_lo;
+      }
+      const int64_t split = (j_lo + 1) * lp;  // the end of block j_lo
+      cur = hn::MulAdd(pv, hn::Set(d, static_cast<float>(std::min(hi, split) - lo) * inv_d), cur);
+      // A visible block ends at or before t, so it never reaches past J; kept for safety.
+      if (hi > split && j_lo + 1 <= last) {
+        next = hn::MulAdd(pv, hn::Set(d, static_cast<float>(hi - split) * inv_d), next);
+      }
+    }
+    hn::Store(cur, d, acc + j_lo * N);
+    if (j_lo + 1 <= last) hn::Store(next, d, acc + (j_lo + 1) * N);
+  } else {
+    for (int64_t i = 0; i < nc; ++i) {
+      const VF pv = weighted(i);
+      const int64_t lo = i * stride, hi = i * stride + l;
+      while ((j_lo + 1) * lp <= lo) ++j_lo;
+      for (int64_t j = j_lo; j * lp < hi && j <= last; ++j) {
+        const int64_t ov = std::min(hi, (j + 1) * lp) - std::max(lo, j * lp);
+        const VF w = hn::Set(d, static_cast<float>(ov) * inv_d);
+        hn::Store(hn::MulAdd(pv, w, hn::Load(d, acc + j * N)), d, acc + j * N);
+      }
     }
   }
   for (int64_t j = 0; j <= last; ++j) {
