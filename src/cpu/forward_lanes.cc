@@ -337,6 +337,7 @@ void cmp_branch(Pos* const quad[4], const Dims& dm, const float* kt, const float
     }
   }
   clock.lap(kStageCmp);
+  if (present(quad[0]->g.pr->p.slc_indices_in)) return;  // the caller's selection: no scores
   for (const Pair& pr : pairs) {
     if (pr.A) block_scores_lanes(*pr.A, dm, pr.nA, acc);
     if (pr.B) block_scores_lanes(*pr.B, dm, pr.nB, acc);
