@@ -8,6 +8,7 @@ packages=(
   libgtest-dev libbenchmark-dev      # tests and microbenchmarks
   libcli11-dev nlohmann-json3-dev    # the nsa command-line tool
   libhwy-dev                         # portable SIMD with runtime dispatch (CPU kernels)
+  libopenblas-dev                    # sgemm for the mlp compression
 )
 
 missing=()

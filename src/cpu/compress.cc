@@ -1,10 +1,11 @@
 // The compression functions phi (SPEC.md section 5, paper Eq. 7) on the CPU, f32 accumulation.
-// Work items are (sequence, KV head, chunk of kChunkBlocks compressed tokens): for mlp, one chunk
-// shares every W1/W2 row that it reads, so the weights stream from memory once per chunk rather
-// than once per compressed token.
+// mean: work items are (sequence, KV head, chunk of kChunkBlocks compressed tokens). mlp: two
+// GEMMs per chunk of compressed tokens (compress_mlp).
+#include <cblas.h>
 #include <omp.h>
 
 #include <algorithm>
+#include <new>
 #include <vector>
 
 #include "common/backends.h"
@@ -41,40 +42,65 @@ void mean_chunk(const CompressProblem& pr, const Chunk& c, float* buf, float* ac
 }
 
 // mlp: W2 relu(W1 flatten(X + P) + b1) + b2, flatten row-major over [l, D], one parameter set
-// per KV head.
-void mlp_chunk(const CompressProblem& pr, const Chunk& c, float* f) {
+// per KV head. Per (sequence, head) and chunk of kMlpRows compressed tokens: the chunk's
+// flattened blocks [rows, l D] are gathered (in parallel), then hidden = flat W1^T and
+// out = hidden W2^T are two sgemm calls (OpenBLAS, threaded on its own). OpenBLAS splits a GEMM
+// over rows and columns, never over the reduction, so each element is summed in one fixed
+// order whatever the thread counts.
+constexpr int64_t kMlpRows = 256;
+
+Status compress_mlp(const CompressProblem& pr, int threads) {
   const nsa_compress_params& p = pr.p;
-  const int64_t l = p.cfg.cmp_block, d = p.cfg.cmp_stride, D = pr.D, Dh = pr.Dh;
-  const int64_t L = l * D, b = c.seq->batch, h = c.h, nb = c.count;
-  float* flat = f;                             // [nb, L]
-  float* hidden = flat + padded(kChunkBlocks * L);  // [nb, Dh]
-  float* out = hidden + padded(kChunkBlocks * Dh);  // [nb, D]
-  float* wbuf = out + padded(kChunkBlocks * D);     // one weight row: max(L, Dh)
-  float* pbuf = wbuf + padded(std::max(L, Dh));     // [D] one row of P
-  for (int64_t r = 0; r < l; ++r) {
-    const float* pos = row_f32(p.pos, offset_of(p.pos, h, r), D, pbuf);
-    for (int64_t k = 0; k < nb; ++k) {
-      float* dst = flat + k * L + r * D;
-      const int64_t tok = c.seq->start + (c.first + k) * d + r;
-      load_row(p.x, offset_of(p.x, b, tok, h), D, dst);
-      axpy(1.0f, pos, dst, D);
+  const int64_t l = p.cfg.cmp_block, d = p.cfg.cmp_stride, D = pr.D, Dh = pr.Dh, L = l * D;
+  std::vector<float> w1, w2, flat, hidden, out;
+  try {
+    w1.resize(static_cast<size_t>(Dh * L));
+    w2.resize(static_cast<size_t>(D * Dh));
+    flat.resize(static_cast<size_t>(kMlpRows * L));
+    hidden.resize(static_cast<size_t>(kMlpRows * Dh));
+    out.resize(static_cast<size_t>(kMlpRows * D));
+  } catch (const std::bad_alloc&) {
+    return error(NSA_ERR_OUT_OF_MEMORY, "compress: cannot allocate the mlp buffers");
+  }
+  std::vector<float> pos(static_cast<size_t>(L)), b1(static_cast<size_t>(Dh)),
+      b2(static_cast<size_t>(D));
+  for (int64_t h = 0; h < pr.Hkv; ++h) {
+    // This head's parameters as contiguous f32 (they may be bf16 or strided views).
+    for (int64_t u = 0; u < Dh; ++u) load_row(p.w1, offset_of(p.w1, h, u), L, &w1[u * L]);
+    for (int64_t i = 0; i < D; ++i) load_row(p.w2, offset_of(p.w2, h, i), Dh, &w2[i * Dh]);
+    for (int64_t r = 0; r < l; ++r) load_row(p.pos, offset_of(p.pos, h, r), D, &pos[r * D]);
+    for (int64_t u = 0; u < Dh; ++u) b1[u] = load_f32(p.b1, offset_of(p.b1, h, u));
+    for (int64_t i = 0; i < D; ++i) b2[i] = load_f32(p.b2, offset_of(p.b2, h, i));
+    for (const Sequence& seq : pr.seqs) {
+      for (int64_t first = 0; first < seq.cmp_len; first += kMlpRows) {
+        const int64_t rows = std::min(kMlpRows, seq.cmp_len - first);
+        // Compressed token i summarises raw tokens i*d .. i*d + l - 1 of its sequence (SPEC 3).
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t k = 0; k < rows; ++k) {
+          for (int64_t r = 0; r < l; ++r) {
+            float* dst = &flat[k * L + r * D];
+            load_row(p.x, offset_of(p.x, seq.batch, seq.start + (first + k) * d + r, h), D, dst);
+            axpy(1.0f, &pos[r * D], dst, D);
+          }
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(rows), int(Dh), int(L), 1.0f,
+                    flat.data(), int(L), w1.data(), int(L), 0.0f, hidden.data(), int(Dh));
+        for (int64_t k = 0; k < rows; ++k) {
+          for (int64_t u = 0; u < Dh; ++u) {
+            hidden[k * Dh + u] = std::max(hidden[k * Dh + u] + b1[u], 0.0f);
+          }
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(rows), int(D), int(Dh), 1.0f,
+                    hidden.data(), int(Dh), w2.data(), int(Dh), 0.0f, out.data(), int(D));
+        for (int64_t k = 0; k < rows; ++k) {
+          for (int64_t i = 0; i < D; ++i) out[k * D + i] += b2[i];
+          store_row(p.out, offset_of(p.out, seq.batch, seq.cmp_start + first + k, h), &out[k * D],
+                    D);
+        }
+      }
     }
   }
-  for (int64_t u = 0; u < Dh; ++u) {
-    const float* w1 = row_f32(p.w1, offset_of(p.w1, h, u), L, wbuf);
-    const float b1 = load_f32(p.b1, offset_of(p.b1, h, u));
-    for (int64_t k = 0; k < nb; ++k) {
-      hidden[k * Dh + u] = std::max(b1 + dot(w1, flat + k * L, L), 0.0f);
-    }
-  }
-  for (int64_t i = 0; i < D; ++i) {
-    const float* w2 = row_f32(p.w2, offset_of(p.w2, h, i), Dh, wbuf);
-    const float b2 = load_f32(p.b2, offset_of(p.b2, h, i));
-    for (int64_t k = 0; k < nb; ++k) out[k * D + i] = b2 + dot(w2, hidden + k * Dh, Dh);
-  }
-  for (int64_t k = 0; k < nb; ++k) {
-    store_row(p.out, offset_of(p.out, b, c.seq->cmp_start + c.first + k, h), out + k * D, D);
-  }
+  return Status::ok();
 }
 
 }  // namespace
@@ -91,13 +117,10 @@ Status compress(const CompressProblem& pr) {
   const int64_t total = first_item.back();
   if (total == 0) return Status::ok();
 
-  const int64_t D = pr.D, L = pr.p.cfg.cmp_block * D, Dh = pr.Dh;
-  const bool mlp = pr.p.kind == NSA_CMP_MLP;
+  if (pr.p.kind == NSA_CMP_MLP) return compress_mlp(pr, threads);
+  const int64_t D = pr.D;
   // Allocated before the parallel region, which must not throw.
-  const int64_t per_thread =
-      mlp ? padded(kChunkBlocks * L) + padded(kChunkBlocks * Dh) + padded(kChunkBlocks * D) +
-                padded(std::max(L, Dh)) + padded(D)
-          : 2 * padded(D);
+  const int64_t per_thread = 2 * padded(D);
   std::vector<float> fbuf(static_cast<size_t>(threads * per_thread));
 
 #pragma omp parallel num_threads(threads)
@@ -114,11 +137,7 @@ Status compress(const CompressProblem& pr) {
       c.h = rem / chunks[si];
       c.first = rem % chunks[si] * kChunkBlocks;
       c.count = std::min(kChunkBlocks, seq.cmp_len - c.first);
-      if (mlp) {
-        mlp_chunk(pr, c, f);
-      } else {
-        mean_chunk(pr, c, f, f + padded(D));
-      }
+      mean_chunk(pr, c, f, f + padded(D));
     }
   }
   return Status::ok();
