@@ -90,23 +90,12 @@ void widen_bf16(const uint16_t* HWY_RESTRICT src, int64_t n, float* HWY_RESTRICT
   for (; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
 }
 
-// Row `row` of a [B, rows, H, D] tensor as f32 (bf16 widens exactly).
-void widen_row(const nsa_tensor& t, int64_t b, int64_t row, int64_t h, int64_t n, float* dst) {
-  const int64_t off = offset_of(t, b, row, h);
-  if (t.dtype == NSA_DTYPE_F32) {
-    const float* src = static_cast<const float*>(t.data) + off;
-    std::copy(src, src + n, dst);
-  } else {
-    const uint16_t* src = static_cast<const uint16_t*>(t.data) + off;
-    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
-  }
-}
 
 // Packs (k, v) for every sequence: rows [start, start + len) of each, as `span` gives them
 // (the raw tokens, or the compressed ones). Returns false when out of memory.
 // One row of a [B, rows, H, D] tensor into dst as f32, or as its raw bf16 bits (dst uint16_t).
 void copy_row(const nsa_tensor& t, int64_t b, int64_t row, int64_t h, int64_t n, float* dst) {
-  widen_row(t, b, row, h, n, dst);
+  load_row(t, offset_of(t, b, row, h), n, dst);  // kernels.h: bf16 widens exactly
 }
 void copy_row(const nsa_tensor& t, int64_t b, int64_t row, int64_t h, int64_t n, uint16_t* dst) {
   const uint16_t* src = static_cast<const uint16_t*>(t.data) + offset_of(t, b, row, h);
@@ -500,7 +489,7 @@ void run_item(Pos* const quad[4], const Packs& pk, int64_t si, const Dims& dm, f
   for (Pos* ps : std::initializer_list<Pos*>{quad[0], quad[1], quad[2], quad[3]}) {
     if (!ps) continue;
     for (int64_t hg = 0; hg < dm.G; ++hg) {
-      widen_row(pr.p.q, ps->g.seq->batch, ps->g.tok, hk * dm.G + hg, dm.Dk, row);
+      load_row(pr.p.q, offset_of(pr.p.q, ps->g.seq->batch, ps->g.tok, hk * dm.G + hg), dm.Dk, row);
       for (int64_t i = 0; i < dm.Dk; ++i) ps->qt[i * dm.GP + hg] = row[i] * cfg.scale;
     }
     branch_begin(dm, ps->cmp);
