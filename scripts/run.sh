@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The main job: set up, build, then a real demonstration on built-in defaults: the build and
-# machine facts, and one paper-config case (one GQA group of 16 query heads, Dk=192, Dv=128,
-# T=1000) run through every backend and checked against the float64 reference.
+# machine facts, one paper-config case (one GQA group of 16 query heads, Dk=192, Dv=128,
+# T=1000) run through every backend and checked against the float64 reference, then the NSA
+# forward timed against the dense baseline at 4k and 8k tokens (docs/benchmarks.md has more).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/build.sh
 build/tools/nsa info
 build/tools/nsa check
+build/tools/nsa bench --lengths 4096,8192 --repeats 1
