@@ -4,7 +4,7 @@
 //   BM_NsaForward   the NSA forward, with the time of each stage (cmp, scores, top-n, slc, win,
 //                   combine, K/V packing) as counters, from nsa_fwd_profile,
 //   BM_NsaGivenIndices  the forward with caller-supplied blocks (no scoring or top-n),
-//   BM_NsaPerHead   the per-head kernels (G = 1: Hq = Hkv = 16),
+//   BM_NsaSmallGroups  groups of G = 1 and 4 heads (Hq = 16), which fill part of a vector,
 //   BM_Dense        the dense causal flash baseline.
 // Counters named *_ms are milliseconds per iteration; GFLOP/s counts attended (query, key)
 // pairs only, 2 (Dk + Dv) FLOPs each per head, as `nsa bench` does.
@@ -172,13 +172,13 @@ void BM_NsaGivenIndices(benchmark::State& state) {
 }
 BENCHMARK(BM_NsaGivenIndices)->Arg(16384)->ArgName("T")->Unit(benchmark::kMillisecond)->UseRealTime();
 
-void BM_NsaPerHead(benchmark::State& state) {
+void BM_NsaSmallGroups(benchmark::State& state) {
   Shape s{state.range(0)};
-  s.Hkv = 16;  // G = 1: one head per group, the per-head kernels
+  s.Hkv = 16 / state.range(1);  // Hq = 16 as G heads per KV head
   Fwd f(s, NSA_DTYPE_F32);
   run_forward(state, f, true);
 }
-BENCHMARK(BM_NsaPerHead)->Arg(4096)->ArgName("T")->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_NsaSmallGroups)->ArgsProduct({{4096}, {1, 4}})->ArgNames({"T", "G"})->Unit(benchmark::kMillisecond)->UseRealTime();
 
 void BM_Dense(benchmark::State& state) {
   const int64_t T = state.range(0);

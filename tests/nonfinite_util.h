@@ -48,8 +48,8 @@ struct Scenario {
   Rule rule;
 };
 
-// Two KV groups of G = 2 heads (the CPU's per-head kernels), or of 16 when built as
-// test_nonfinite_lanes (the heads-in-lanes kernels); several blocks per query and a window wider
+// Two KV groups of G = 2 heads (most of a SIMD vector's lanes are padding), or of 16 when built
+// as test_nonfinite_lanes (a full AVX-512 vector); several blocks per query and a window wider
 // than one 64-key chunk of the CPU's online softmax, so a chunk can be all -inf while the next
 // one is not.
 #ifndef NSA_NONFINITE_G

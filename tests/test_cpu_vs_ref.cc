@@ -246,8 +246,8 @@ TEST(CpuVsRef, ExactTiesGoToLowerIndex) {
   }
 }
 
-// 1 and 2 (per-head kernels, G = 3) or 1 and 3 threads (heads-in-lanes kernels, G = 16): the
-// same bits in every output.
+// 1 and 2 threads (G = 3, padded lanes) or 1 and 3 threads (G = 16): the same bits in every
+// output.
 TEST(CpuVsRef, ThreadsBitwiseIdentical) {
   struct Run {
     int64_t T, Hq;
@@ -273,32 +273,7 @@ TEST(CpuVsRef, ThreadsBitwiseIdentical) {
   }
 }
 
-// ---- The heads-in-lanes path (forward_lanes.cc): G >= half a vector. ----
-
-// Which path served a forward with G = Hq / Hkv heads per group (nsa_fwd_profile.kernel).
-int32_t kernel_used(int64_t Hq, int64_t Hkv) {
-  Shape s;
-  s.T = 40, s.Hq = Hq, s.Hkv = Hkv, s.Dk = 8, s.Dv = 8;
-  FwdCase c = make_case(s, configs()[0], NSA_DTYPE_F32, kSeed);
-  nsa_context* ctx = nullptr;
-  nsa_context_create(&ctx);
-  nsa_context_set_backend(ctx, NSA_BACKEND_CPU);
-  nsa_context_set_profiling(ctx, 1);
-  nsa_fwd_params p = c.params();
-  EXPECT_EQ(nsa_fwd(ctx, &p), NSA_OK) << nsa_last_error(ctx);
-  nsa_fwd_profile prof{};
-  EXPECT_EQ(nsa_context_fwd_profile(ctx, &prof), NSA_OK);
-  nsa_context_destroy(ctx);
-  EXPECT_GT(prof.wall_s, 0.0);
-  return prof.kernel;
-}
-
-TEST(CpuVsRef, HeadsInLanesServesLargeGroups) {
-  // The paper's group of 16 fills half an AVX2 vector and a whole AVX-512 one: always the lanes
-  // path; a single head per group never is (it would fill one lane in 8 or 16).
-  EXPECT_EQ(kernel_used(16, 1), 1);
-  EXPECT_EQ(kernel_used(2, 2), 0);
-}
+// ---- Group sizes around the SIMD width (forward_lanes.cc puts a group's heads in lanes). ----
 
 TEST(CpuVsRef, HeadsInLanes) {
   // G = 8 and 24 leave padding lanes (AVX-512), 32 needs two head vectors; Dv = 33 leaves a

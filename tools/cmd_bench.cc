@@ -163,7 +163,6 @@ int run_bench(const BenchOptions& opt) {
                     {"compress_ms", cmp_ms}, {"attn_ms", nsa_ms}, {"ms", total_ms},
                     {"dense_ms", dense_ms}, {"speedup", dense_ms / total_ms},
                     {"gflops", gflops}, {"dense_gflops", dense_gflops}, {"model_ratio", model},
-                    {"simd_path", prof.kernel == 1 ? "heads-in-lanes" : "per-head"},
                     {"stage_ms", {{"pack", stage_ms[0]}, {"cmp", stage_ms[1]},
                                   {"scores", stage_ms[2]}, {"topn", stage_ms[3]},
                                   {"slc", stage_ms[4]}, {"win", stage_ms[5]},

@@ -102,7 +102,6 @@ typedef struct nsa_fwd_profile {
   double win_s;     /* step 5: window attention */
   double combine_s; /* step 6: gates and stores */
   double wall_s;    /* wall-clock seconds of the call */
-  int32_t kernel;   /* 1: the heads-in-lanes SIMD path served the call, 0: the per-head path */
 } nsa_fwd_profile;
 NSA_API nsa_status nsa_context_set_profiling(nsa_context* ctx, int32_t on);
 /* The profile of the last successful nsa_fwd on ctx with profiling on (zeros before one). */

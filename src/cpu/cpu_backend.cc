@@ -1,10 +1,12 @@
-// The CPU backend: float32 kernels with OpenMP threads, one file per op under src/cpu
-// (forward.cc and compress.cc hold the entry points nsa::cpu::forward and nsa::cpu::compress).
+// The CPU backend: f32 accumulation, OpenMP threads and Highway SIMD with runtime dispatch, one
+// file per op under src/cpu (forward.cc and compress.cc hold the entry points nsa::cpu::forward
+// and nsa::cpu::compress; forward_lanes.cc the forward's kernels).
 #include "common/backends.h"
 
 namespace nsa::cpu {
 
-// The CPU kernels are plain C++ and OpenMP, so every build carries them.
+// Highway picks the best SIMD target at run time (down to scalar code), so every build carries
+// the CPU kernels and every machine can run them.
 bool available() { return true; }
 
 }  // namespace nsa::cpu

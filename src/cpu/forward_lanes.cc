@@ -557,8 +557,6 @@ bool same_view(const nsa_tensor& a, const nsa_tensor& b) {
          std::equal(a.stride, a.stride + 4, b.stride) && std::equal(a.shape, a.shape + 4, b.shape);
 }
 
-int64_t FloatLanes() { return static_cast<int64_t>(hn::Lanes(DF())); }
-
 bool ForwardLanes(const FwdProblem& pr) {
   const DF d;
   const int64_t N = hn::Lanes(d), GP = round_up(pr.G, N), Dk = pr.Dk, Dv = pr.Dv;
@@ -672,10 +670,7 @@ bool ForwardLanes(const FwdProblem& pr) {
       run_item(pos, pk, si, dm, acc, row, blk_k, blk_v, clock);
     }
   }
-  if (pr.profile) {
-    add_stage_times(stage_s.data(), threads, pr.profile);
-    pr.profile->kernel = 1;
-  }
+  if (pr.profile) add_stage_times(stage_s.data(), threads, pr.profile);
   return true;
 }
 
@@ -688,13 +683,8 @@ HWY_AFTER_NAMESPACE();
 namespace nsa::cpu {
 
 HWY_EXPORT(ForwardLanes);
-HWY_EXPORT(FloatLanes);
 
 bool forward_lanes(const FwdProblem& pr) { return HWY_DYNAMIC_DISPATCH(ForwardLanes)(pr); }
-
-// Heads in lanes pay for the padding lanes: worth it once the group fills half a vector (the
-// paper's G = 16 fills an AVX-512 vector exactly); smaller groups use the per-head kernels.
-bool lanes_suit(int64_t G) { return G * 2 >= HWY_DYNAMIC_DISPATCH(FloatLanes)(); }
 
 }  // namespace nsa::cpu
 #endif
