@@ -326,3 +326,33 @@ TEST(ApiHugeSlcCount, ValidCallSucceedsOnEveryBackend) {
     EXPECT_EQ(c.idx_out.at_i32({0, 69, 0, 999}), -1);
   }
 }
+
+// Profiling is per context and off by default; when on, every stage of a CPU forward is timed.
+TEST(ApiMisc, FwdProfile) {
+  using namespace nsa_test;
+  nsa_fwd_profile prof{};
+  EXPECT_EQ(nsa_context_set_profiling(nullptr, 1), NSA_ERR_NULL_POINTER);
+  nsa_context* ctx = nullptr;
+  ASSERT_EQ(nsa_context_create(&ctx), NSA_OK);
+  EXPECT_EQ(nsa_context_fwd_profile(ctx, nullptr), NSA_ERR_NULL_POINTER);
+  EXPECT_EQ(nsa_context_fwd_profile(nullptr, &prof), NSA_ERR_NULL_POINTER);
+  nsa_context_set_backend(ctx, NSA_BACKEND_CPU);
+  Shape s;
+  s.T = 300, s.Hq = 16, s.Hkv = 1, s.Dk = 16, s.Dv = 8;
+  FwdCase c = make_case(s, config(32, 16, 64, 4, 1, 2, 64), NSA_DTYPE_F32, 3);
+  nsa_fwd_params p = c.params();
+  // Off (the default): nothing is recorded.
+  ASSERT_EQ(nsa_fwd(ctx, &p), NSA_OK);
+  ASSERT_EQ(nsa_context_fwd_profile(ctx, &prof), NSA_OK);
+  EXPECT_EQ(prof.wall_s, 0.0);
+  // On: every stage of this case does work (T = 300 selects among 5 blocks with n = 4).
+  ASSERT_EQ(nsa_context_set_profiling(ctx, 1), NSA_OK);
+  ASSERT_EQ(nsa_fwd(ctx, &p), NSA_OK);
+  ASSERT_EQ(nsa_context_fwd_profile(ctx, &prof), NSA_OK);
+  EXPECT_GT(prof.wall_s, 0.0);
+  for (double stage : {prof.pack_s, prof.cmp_s, prof.scores_s, prof.topn_s, prof.slc_s,
+                       prof.win_s, prof.combine_s}) {
+    EXPECT_GT(stage, 0.0);
+  }
+  nsa_context_destroy(ctx);
+}
