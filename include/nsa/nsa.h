@@ -271,6 +271,117 @@ NSA_API void nsa_dense_fwd_params_init(nsa_dense_fwd_params* p);
 NSA_API nsa_status nsa_dense_fwd(nsa_context* ctx, const nsa_dense_fwd_params* p);
 
 /* ---------------------------------------------------------------------------------------------
+ * Decode with a KV cache (SPEC.md section 7)
+ *
+ * The cache is owned by the library. It holds, for each of num_seqs sequences, the raw keys and
+ * values of up to `capacity` tokens and their compressed tokens, in f32 or bf16. Compressed token
+ * i is computed exactly once, when position i*d + l - 1 is appended (with the cache's own mean or
+ * mlp compressor), so a decode step never recompresses the past. The memory for the whole
+ * capacity is reserved at creation (pages are committed by the OS as they are first written) and
+ * never moves: appending a token copies that token only.
+ *
+ * Decode reads the cache with the same K/V for the three branches (the default of nsa_fwd).
+ * A cache is not thread-safe: calls on one cache must not overlap. The CPU backend serves it
+ * (AUTO and CPU; the reference backend answers NSA_ERR_UNSUPPORTED).
+ * ------------------------------------------------------------------------------------------- */
+
+typedef struct nsa_kv_cache nsa_kv_cache;
+
+typedef struct nsa_kv_cache_params {
+  nsa_config cfg;      /* the NSA configuration every call on the cache uses */
+  int64_t num_seqs;    /* sequences (batch slots), >= 1 */
+  int64_t capacity;    /* tokens per sequence, >= 1 */
+  int64_t num_kv_heads;/* Hkv */
+  int64_t head_dim_k;  /* Dk */
+  int64_t head_dim_v;  /* Dv */
+  nsa_dtype dtype;     /* storage of raw and compressed K/V: f32 or bf16 */
+  nsa_cmp_kind cmp_kind;
+  /* cmp_kind == NSA_CMP_MLP only: phi's parameters for keys (k_*) and values (v_*), shaped as
+   * in nsa_compress_params with D = Dk resp. Dv; f32 or bf16. Copied at creation. */
+  nsa_tensor k_pos, k_w1, k_b1, k_w2, k_b2;
+  nsa_tensor v_pos, v_w1, v_b1, v_w2, v_b2;
+} nsa_kv_cache_params;
+
+/* Zeroes every field, fills cfg with the defaults, dtype f32, cmp_kind mean. */
+NSA_API void nsa_kv_cache_params_init(nsa_kv_cache_params* p);
+NSA_API nsa_status nsa_kv_cache_create(nsa_context* ctx, const nsa_kv_cache_params* p,
+                                       nsa_kv_cache** out);
+/* NULL is a no-op. */
+NSA_API void nsa_kv_cache_destroy(nsa_kv_cache* cache);
+/* Tokens held by sequence seq, or -1 when cache is NULL or seq is out of range. */
+NSA_API int64_t nsa_kv_cache_len(const nsa_kv_cache* cache, int64_t seq);
+/* Empties sequence seq (its memory is kept for reuse). */
+NSA_API nsa_status nsa_kv_cache_reset(nsa_context* ctx, nsa_kv_cache* cache, int64_t seq);
+
+/* Appends n tokens to sequence seq: k [n, Hkv, Dk], v [n, Hkv, Dv], f32 or bf16 (rounded to the
+ * cache's dtype). The compressed tokens these complete are computed. Going past the capacity is
+ * NSA_ERR_INVALID_SHAPE and appends nothing. */
+NSA_API nsa_status nsa_kv_cache_append(nsa_context* ctx, nsa_kv_cache* cache, int64_t seq,
+                                       const nsa_tensor* k, const nsa_tensor* v);
+
+/* Prefill: appends a prompt of T tokens to an empty sequence and runs the forward pass (nsa_fwd)
+ * for its queries, over the K/V as the cache stores them and the cache's compressed tokens.
+ * q, k, v must have the cache's dtype (so that the forward sees the very values later decode
+ * steps read). */
+typedef struct nsa_prefill_params {
+  int64_t seq;       /* the cache sequence; it must be empty */
+  nsa_tensor q;      /* [T, Hq, Dk] */
+  nsa_tensor k;      /* [T, Hkv, Dk] */
+  nsa_tensor v;      /* [T, Hkv, Dv] */
+  nsa_tensor g_cmp;  /* [T, Hq], f32 or the cache's dtype */
+  nsa_tensor g_slc;
+  nsa_tensor g_win;
+  nsa_tensor o;       /* [T, Hq, Dv], f32 or bf16 */
+  nsa_tensor lse_cmp; /* optional [T, Hq] f32, as in nsa_fwd_params */
+  nsa_tensor lse_slc;
+  nsa_tensor lse_win;
+  nsa_tensor slc_indices_out; /* optional [T, Hkv, n] int32 */
+} nsa_prefill_params;
+
+NSA_API void nsa_prefill_params_init(nsa_prefill_params* p);
+NSA_API nsa_status nsa_prefill(nsa_context* ctx, nsa_kv_cache* cache, const nsa_prefill_params* p);
+
+/* One decode step for S sequences at once (each at its own length): for sequence s, the query
+ * q[s] sits at position t = len - 1 of its cache sequence, after k[s], v[s] (when given) were
+ * appended, and o[s] is SPEC section 4's output at t, as nsa_fwd over the whole prefix gives it.
+ * Keys are split across threads and the partial results merged with their log-sum-exps
+ * (FlashDecoding), in a fixed order: results do not depend on the thread count. */
+typedef struct nsa_decode_params {
+  nsa_tensor q;      /* [S, Hq, Dk], f32 or bf16 */
+  nsa_tensor k;      /* optional [S, Hkv, Dk]: the new tokens' keys, appended first */
+  nsa_tensor v;      /* optional [S, Hkv, Dv]; give both k and v or neither */
+  const int32_t* seq_ids; /* optional host array [S]: cache sequences, distinct; NULL: 0..S-1 */
+  nsa_tensor g_cmp;  /* [S, Hq], f32 or q's dtype */
+  nsa_tensor g_slc;
+  nsa_tensor g_win;
+  nsa_tensor o;       /* [S, Hq, Dv], f32 or bf16 */
+  nsa_tensor lse_cmp; /* optional [S, Hq] f32 */
+  nsa_tensor lse_slc;
+  nsa_tensor lse_win;
+  nsa_tensor slc_indices_out; /* optional [S, Hkv, n] int32: sorted ascending, -1 padded */
+} nsa_decode_params;
+
+NSA_API void nsa_decode_params_init(nsa_decode_params* p);
+NSA_API nsa_status nsa_decode(nsa_context* ctx, nsa_kv_cache* cache, const nsa_decode_params* p);
+
+/* The dense baseline over the same cache: causal attention of q[s] over every cached token of
+ * its sequence (or the last `window` ones), with the same split-key kernels. */
+typedef struct nsa_dense_decode_params {
+  nsa_tensor q;      /* [S, Hq, Dk], f32 or bf16 */
+  nsa_tensor k;      /* optional [S, Hkv, Dk]: appended first, as in nsa_decode_params */
+  nsa_tensor v;      /* optional [S, Hkv, Dv] */
+  const int32_t* seq_ids;
+  float scale;       /* 0: 1/sqrt(Dk) */
+  int32_t window;    /* 0: every cached token; w >= 1: the last w */
+  nsa_tensor o;      /* [S, Hq, Dv], f32 or bf16 */
+  nsa_tensor lse;    /* optional [S, Hq] f32 */
+} nsa_dense_decode_params;
+
+NSA_API void nsa_dense_decode_params_init(nsa_dense_decode_params* p);
+NSA_API nsa_status nsa_dense_decode(nsa_context* ctx, nsa_kv_cache* cache,
+                                    const nsa_dense_decode_params* p);
+
+/* ---------------------------------------------------------------------------------------------
  * Build information
  * ------------------------------------------------------------------------------------------- */
 

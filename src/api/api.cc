@@ -7,47 +7,18 @@
 #include <exception>
 #include <new>
 
+#include "api/call.h"
 #include "api/context.h"
 #include "api/validate.h"
 #include "build_info.h"
 #include "common/backends.h"
 
 using nsa::Status;
+using nsa::api::finish;
+using nsa::api::guarded;
+using nsa::api::resolve;
+using nsa::api::unavailable;
 
-namespace {
-
-// Records the outcome of a call in ctx (when there is one) and returns its code.
-nsa_status finish(nsa_context* ctx, const Status& s) {
-  if (ctx != nullptr) ctx->last_error = s.is_ok() ? std::string() : s.message;
-  return s.code;
-}
-
-// Runs `body` (returning Status), turning exceptions into status codes.
-template <typename Body>
-nsa_status guarded(nsa_context* ctx, Body&& body) {
-  try {
-    return finish(ctx, body());
-  } catch (const std::bad_alloc&) {
-    return finish(ctx, nsa::error(NSA_ERR_OUT_OF_MEMORY, "out of memory"));
-  } catch (const std::exception& e) {
-    return finish(ctx, nsa::error(NSA_ERR_INTERNAL, std::string("internal error: ") + e.what()));
-  } catch (...) {
-    return finish(ctx, nsa::error(NSA_ERR_INTERNAL, "internal error: unknown exception"));
-  }
-}
-
-// AUTO picks the fastest backend the build has.
-nsa_backend resolve(nsa_backend b) {
-  if (b != NSA_BACKEND_AUTO) return b;
-  return nsa::cpu::available() ? NSA_BACKEND_CPU : NSA_BACKEND_REF;
-}
-
-Status unavailable(nsa_backend b) {
-  return nsa::error(NSA_ERR_UNSUPPORTED, std::string("backend ") + nsa_backend_name(b) +
-                                             " is not available in this build");
-}
-
-}  // namespace
 
 extern "C" {
 

@@ -69,7 +69,7 @@ bool span_fits(const nsa_tensor& t) {
   return !__builtin_mul_overflow(last + 1, size, &bytes);
 }
 
-enum class Role { kInput, kOutput };
+}  // namespace
 
 // Checks presence, rank, shape, strides and dtype of one tensor. `shape` entries of -1 accept any
 // size. `dtypes` lists the accepted dtypes.
@@ -125,6 +125,8 @@ Status check_optional(const char* name, const nsa_tensor& t, const std::vector<i
                       const std::vector<nsa_dtype>& dtypes, Role role) {
   return present(t) ? check_tensor(name, t, shape, dtypes, role) : Status::ok();
 }
+
+namespace {
 
 // Builds the sequence list from cu_seqlens (or from B rows of T tokens).
 Status make_sequences(const nsa_config& cfg, int64_t B, int64_t T, const int32_t* cu_seqlens,

@@ -4,6 +4,7 @@
 
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "common/problem.h"
 #include "common/status.h"
@@ -22,6 +23,17 @@ int enum_value(const E& e) {
 }
 
 Status validate_config(const nsa_config& cfg);
+
+enum class Role { kInput, kOutput };
+
+// Checks presence, rank, shape, strides and dtype of one tensor, naming it in the message.
+// `shape` entries of -1 accept any size; `dtypes` lists the accepted dtypes; an output must not
+// overlap itself.
+Status check_tensor(const char* name, const nsa_tensor& t, const std::vector<int64_t>& shape,
+                    const std::vector<nsa_dtype>& dtypes, Role role);
+// The same for an optional tensor: absent (NULL data) passes.
+Status check_optional(const char* name, const nsa_tensor& t, const std::vector<int64_t>& shape,
+                      const std::vector<nsa_dtype>& dtypes, Role role);
 
 // Checks `p` and builds the problem a backend runs. Reads cu_seqlens and slc_indices_in.
 Status make_fwd_problem(const nsa_fwd_params& p, FwdProblem* out);

@@ -129,6 +129,12 @@ inline int64_t visible_cmp_count(const nsa_config& cfg, int64_t t) {
   return t + 1 >= l ? (t + 1 - l) / d + 1 : 0;
 }
 
+// topk.cc, step 3 from block scores: I_t = F_t plus the n - |F_t| best-scoring other blocks,
+// ties to the lower index, into blocks (sorted); returns its size, min(n, t / l' + 1). cand has
+// room for t / l' + 1 entries.
+int64_t top_blocks(const nsa_config& cfg, int64_t t, const float* score, int32_t* cand,
+                   int32_t* blocks);
+
 // topk.cc, step 3: blocks[0 .. num_blocks) from the scores or from slc_indices_in; writes
 // slc_indices_out.
 void slc_select(const Group& g, Scratch& s);

@@ -30,6 +30,8 @@ int64_t given_blocks(const Group& g, int32_t* mark, int32_t* blocks) {
   return count;
 }
 
+}  // namespace
+
 // I_t = F_t plus the n - |F_t| best-scoring other blocks; ties to the lower index (SPEC 4.3).
 // Returns the set's size, at most min(n, t / l' + 1); blocks come out sorted.
 int64_t top_blocks(const nsa_config& cfg, int64_t t, const float* score, int32_t* cand,
@@ -67,8 +69,6 @@ int64_t top_blocks(const nsa_config& cfg, int64_t t, const float* score, int32_t
   std::sort(blocks, blocks + count);  // the forced and chosen blocks are distinct
   return count;
 }
-
-}  // namespace
 
 void slc_select(const Group& g, Scratch& s) {
   const nsa_fwd_params& p = g.pr->p;

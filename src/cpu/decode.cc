@@ -1,0 +1,511 @@
+// One decode step over the KV cache (SPEC.md sections 4 and 7), NSA and the dense baseline.
+//
+// Decoding one token is a matrix-vector problem per KV head: the G query heads of the group
+// against a set of cached keys. The G heads share every key, so a key is read once for the group
+// (paper Section 3.4): the score kernel holds HB heads x NV key vectors of accumulators, loads
+// each key vector once from the cache's K tiles ([Dk][16], keys in lanes) and multiplies it by
+// HB broadcast query elements; the output kernel does the same with V rows and broadcast
+// probabilities. bf16 caches are widened in registers (exact).
+//
+// Keys are cut into chunks of fixed size; each chunk yields a partial softmax state (max, sum,
+// unnormalised output) and the partials of a branch are merged with their log-sum-exps, in chunk
+// order (FlashDecoding). Chunks, not threads, fix the arithmetic, so the result does not depend
+// on the thread count, and both cores work even for one sequence. The NSA step runs in phases:
+//   A  compressed-key chunks (scores kept for step 2);
+//   B  per (sequence, KV head): merge cmp, block scores (Eqs. 8-10), top-n, slc/win chunk list;
+//   C  selected-block and window chunks;
+//   D  per (sequence, KV head): merge slc and win, gates, stores.
+// The dense baseline is phase A over all cached keys, then the merge.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "cpu/decode.cc"
+#include <hwy/foreach_target.h>  // IWYU pragma: keep
+
+#include <hwy/highway.h>
+#include <hwy/contrib/math/math-inl.h>
+
+#include "cpu/kernels.h"
+#include "cpu/kv_cache.h"
+
+#ifndef NSA_CPU_DECODE_ONCE
+#define NSA_CPU_DECODE_ONCE
+namespace nsa::cpu::decode_detail {
+
+// Keys per chunk: NSA branches (small enough that the compressed keys of an 8k cache make two
+// chunks, one per core) and the dense baseline (fewer partials to merge over a long cache).
+constexpr int64_t kChunkKeys = 256;
+constexpr int64_t kDenseChunkKeys = 512;
+// Heads per register block, and query heads padded to a multiple of it.
+constexpr int64_t kHeadBlock = 4;
+
+enum Branch : int32_t { kCmp = 0, kSlc = 1, kWin = 2 };
+
+// Keys [a, b) of one store, for one (sequence, KV head) item, with its partial-state slot.
+struct Chunk {
+  int64_t item = 0;
+  int32_t branch = kCmp;
+  bool compressed = false;
+  int64_t a = 0, b = 0;
+  int64_t slot = 0;
+};
+
+}  // namespace nsa::cpu::decode_detail
+#endif
+
+HWY_BEFORE_NAMESPACE();
+namespace nsa::cpu {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+using namespace decode_detail;
+
+// At most 16 lanes: a vector of keys never spans two K tiles.
+using DF = hn::CappedTag<float, 16>;
+using VF = hn::Vec<DF>;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr int NV = HWY_MAX_BYTES >= 64 ? 4 : 2;  // key vectors per score block
+constexpr int CB = HWY_MAX_BYTES >= 64 ? 4 : 2;  // value-column vectors per output block
+constexpr int HB = static_cast<int>(kHeadBlock);
+
+template <bool kBf16>
+HWY_INLINE VF load_elems(const void* base, int64_t off) {
+  const DF d;
+  if constexpr (kBf16) {
+    const hn::RebindToUnsigned<DF> du;
+    const hn::Rebind<uint16_t, DF> d16;
+    const auto w = hn::PromoteTo(du, hn::LoadU(d16, static_cast<const uint16_t*>(base) + off));
+    return hn::BitCast(d, hn::ShiftLeft<16>(w));
+  } else {
+    return hn::LoadU(d, static_cast<const float*>(base) + off);
+  }
+}
+
+// S[h][col0 + v*N ..] = q[h] . k over keys key0 + v*N .. for NVB key vectors and HB heads.
+template <int NVB, bool kBf16>
+HWY_INLINE void score_block(const float* HWY_RESTRICT q, int64_t Dk, const void* kbase,
+                            int64_t key0, float* HWY_RESTRICT S, int64_t ld, int64_t col0) {
+  const DF d;
+  const int64_t N = hn::Lanes(d);
+  int64_t koff[NVB];
+  for (int v = 0; v < NVB; ++v) {
+    const int64_t key = key0 + v * N;
+    koff[v] = (key / kTileKeys) * Dk * kTileKeys + key % kTileKeys;
+  }
+  VF acc[HB][NVB];
+  for (int h = 0; h < HB; ++h) {
+    for (int v = 0; v < NVB; ++v) acc[h][v] = hn::Zero(d);
+  }
+  for (int64_t i = 0; i < Dk; ++i) {
+    VF kv[NVB];
+    for (int v = 0; v < NVB; ++v) kv[v] = load_elems<kBf16>(kbase, koff[v] + i * kTileKeys);
+    for (int h = 0; h < HB; ++h) {
+      const VF qh = hn::Set(d, q[h * Dk + i]);
+      for (int v = 0; v < NVB; ++v) acc[h][v] = hn::MulAdd(qh, kv[v], acc[h][v]);
+    }
+  }
+  for (int h = 0; h < HB; ++h) {
+    for (int v = 0; v < NVB; ++v) hn::StoreU(acc[h][v], d, S + h * ld + col0 + v * N);
+  }
+}
+
+// O[h][c0 ..] = sum_j P[h][j] v[pos0 + j][c0 ..] over j in [0, nk), CBB column vectors, HB heads.
+template <int CBB, bool kBf16>
+HWY_INLINE void out_block(const float* HWY_RESTRICT P, int64_t ld, int64_t nk, const void* vbase,
+                          int64_t Dv_pad, int64_t pos0, float* HWY_RESTRICT O, int64_t c0) {
+  const DF d;
+  const int64_t N = hn::Lanes(d);
+  VF acc[HB][CBB];
+  for (int h = 0; h < HB; ++h) {
+    for (int c = 0; c < CBB; ++c) acc[h][c] = hn::Zero(d);
+  }
+  for (int64_t j = 0; j < nk; ++j) {
+    VF vv[CBB];
+    const int64_t row = (pos0 + j) * Dv_pad + c0;
+    for (int c = 0; c < CBB; ++c) vv[c] = load_elems<kBf16>(vbase, row + c * N);
+    for (int h = 0; h < HB; ++h) {
+      const VF ph = hn::Set(d, P[h * ld + j]);
+      for (int c = 0; c < CBB; ++c) acc[h][c] = hn::MulAdd(ph, vv[c], acc[h][c]);
+    }
+  }
+  for (int h = 0; h < HB; ++h) {
+    for (int c = 0; c < CBB; ++c) hn::StoreU(acc[h][c], d, O + h * Dv_pad + c0 + c * N);
+  }
+}
+
+// The problem's shapes, and where each item's buffers live.
+struct Plan {
+  const DecodeProblem* pr = nullptr;
+  const nsa_kv_cache* c = nullptr;
+  int64_t G = 0, GP = 0, Dk = 0, Dv = 0, Dv_pad = 0, items = 0;
+  std::vector<int64_t> t, nc;       // per item: query position, visible compressed tokens
+  std::vector<int64_t> s_off, s_ld; // per item: cmp score rows [GP][s_ld] at s_off
+  std::vector<int64_t> a_slot0, a_count;  // per item: phase A's slots
+  std::vector<float>* buf = nullptr;
+  float* q = nullptr;               // [items][GP][Dk], scaled
+  float* part = nullptr;            // [slots][GP * (2 + Dv_pad)]: m, l, o
+  float* fin = nullptr;             // [items][3][GP * (1 + Dv_pad)]: lse, o per branch
+  int64_t part_stride() const { return GP * (2 + Dv_pad); }
+  int64_t fin_stride() const { return GP * (1 + Dv_pad); }
+  float* final_of(int64_t item, int32_t branch) const {
+    return fin + (item * 3 + branch) * fin_stride();
+  }
+};
+
+// One chunk: scores into S [GP][ld] (columns from key floor(a/16)*16), masked outside [a, b),
+// softmax per head, then the partial state into its slot.
+template <bool kBf16>
+void run_chunk(const Plan& pl, const Chunk& ch, float* S, int64_t ld) {
+  const DF d;
+  const int64_t N = hn::Lanes(d), GP = pl.GP, Dk = pl.Dk, Dv_pad = pl.Dv_pad;
+  const DecodeProblem& pr = *pl.pr;
+  const int64_t seq = pr.seqs[ch.item / pl.c->Hkv], hk = ch.item % pl.c->Hkv;
+  const TokenStore& st = ch.compressed ? pl.c->cmp : pl.c->raw;
+  const void* kbase = st.k_base(seq, hk);
+  const void* vbase = st.v_base(seq, hk);
+  const int64_t key0 = ch.a / kTileKeys * kTileKeys;
+  const int64_t key1 = (ch.b + kTileKeys - 1) / kTileKeys * kTileKeys;
+  const int64_t nk = key1 - key0, nvec = nk / N;
+  const float* q = pl.q + ch.item * GP * Dk;
+  for (int64_t h0 = 0; h0 < GP; h0 += HB) {
+    int64_t v = 0;
+    for (; v + NV <= nvec; v += NV) {
+      score_block<NV, kBf16>(q + h0 * Dk, Dk, kbase, key0 + v * N, S + h0 * ld, ld, v * N);
+    }
+    for (; v < nvec; ++v) score_block<1, kBf16>(q + h0 * Dk, Dk, kbase, key0 + v * N, S + h0 * ld, ld, v * N);
+  }
+  // Softmax of each head row over the chunk's keys (outside [a, b) masked to -inf). A NaN or
+  // +inf score poisons the head (README "Non-finite inputs"): its l becomes NaN.
+  float* part = pl.part + ch.slot * pl.part_stride();
+  float* m_out = part;
+  float* l_out = part + GP;
+  float* o_out = part + 2 * GP;
+  const int64_t lo = ch.a - key0, hi = ch.b - key0;
+  for (int64_t h = 0; h < GP; ++h) {
+    float* row = S + h * ld;
+    for (int64_t j = 0; j < lo; ++j) row[j] = -kInf;
+    for (int64_t j = hi; j < nk; ++j) row[j] = -kInf;
+    VF mx = hn::Set(d, -kInf);
+    bool poisoned = false;
+    for (int64_t j = 0; j < nk; j += N) {
+      const VF s = hn::LoadU(d, row + j);
+      mx = hn::Max(mx, s);
+      poisoned |= !hn::AllFalse(d, hn::Or(hn::IsNaN(s), hn::Eq(s, hn::Set(d, kInf))));
+    }
+    const float m = hn::GetLane(hn::MaxOfLanes(d, mx));
+    const VF m_use = hn::Set(d, m == -kInf ? 0.0f : m);
+    VF sum = hn::Zero(d);
+    for (int64_t j = 0; j < nk; j += N) {
+      const VF p = hn::Exp(d, hn::Sub(hn::LoadU(d, row + j), m_use));
+      hn::StoreU(p, d, row + j);
+      sum = hn::Add(sum, p);
+    }
+    m_out[h] = m;
+    l_out[h] = poisoned ? std::numeric_limits<float>::quiet_NaN() : hn::GetLane(hn::SumOfLanes(d, sum));
+  }
+  for (int64_t h0 = 0; h0 < GP; h0 += HB) {
+    int64_t c = 0;
+    for (; c + CB * N <= Dv_pad; c += CB * N) {
+      out_block<CB, kBf16>(S + h0 * ld + lo, ld, hi - lo, vbase, Dv_pad, ch.a, o_out + h0 * Dv_pad, c);
+    }
+    for (; c < Dv_pad; c += N) {
+      out_block<1, kBf16>(S + h0 * ld + lo, ld, hi - lo, vbase, Dv_pad, ch.a, o_out + h0 * Dv_pad, c);
+    }
+  }
+}
+
+// Merges the partials in slots [first, first + count) into o [GP][Dv_pad] (normalised) and
+// lse [GP]: the log-sum-exp merge of FlashDecoding, in slot order. No slot, or no finite
+// score, gives o = 0 and lse = -inf (SPEC 4.1); a NaN l poisons its head.
+void merge(const Plan& pl, int64_t first, int64_t count, float* lse, float* o) {
+  const int64_t GP = pl.GP, Dv_pad = pl.Dv_pad;
+  for (int64_t h = 0; h < GP; ++h) {
+    float m = -kInf;
+    for (int64_t k = 0; k < count; ++k) m = std::max(m, pl.part[(first + k) * pl.part_stride() + h]);
+    const float m_use = m == -kInf ? 0.0f : m;
+    float l = 0.0f;
+    float* oh = o + h * Dv_pad;
+    std::fill(oh, oh + Dv_pad, 0.0f);
+    for (int64_t k = 0; k < count; ++k) {
+      const float* part = pl.part + (first + k) * pl.part_stride();
+      const float lk = part[GP + h];
+      if (lk == 0.0f) continue;  // an empty chunk adds nothing (and its m is -inf)
+      const float alpha = std::exp(part[h] - m_use);
+      l += lk * alpha;
+      if (std::isnan(lk)) l = lk;
+      const float* ok = part + 2 * GP + h * Dv_pad;
+      for (int64_t c = 0; c < Dv_pad; ++c) oh[c] += alpha * ok[c];
+    }
+    const float inv = l == 0.0f ? 1.0f : 1.0f / l;
+    for (int64_t c = 0; c < Dv_pad; ++c) oh[c] *= inv;
+    lse[h] = l == 0.0f ? -kInf : (std::isnan(l) ? l : m_use + std::log(l));
+    if (std::isnan(l)) std::fill(oh, oh + Dv_pad, l);
+  }
+}
+
+// Step 2 (Eqs. 8-10, SPEC 4.2): score[j] = sum_i ov(i, j)/d * sum_h p[h][i] over the real heads.
+// Phase A left exp(s[h][i] - m_k[h]) in the score rows (chunk k's max m_k), so
+// p[h][i] = that * exp(m_k[h] - lse[h]): one exp per head and chunk, not per element.
+void block_scores(const Plan& pl, int64_t item, const float* lse, float* score) {
+  const DF d;
+  const int64_t N = hn::Lanes(d);
+  const nsa_config& cfg = pl.c->cfg;
+  const int64_t nc = pl.nc[item], t = pl.t[item], ld = pl.s_ld[item];
+  const int64_t last = t / cfg.slc_block;
+  const float* P = pl.buf->data() + pl.s_off[item];
+  // w[i] = the group's probability mass on compressed token i, after the block scores.
+  float* w = score + last + 1;
+  for (int64_t i = 0; i < ld; i += N) hn::StoreU(hn::Zero(d), d, w + i);
+  for (int64_t k = 0; k * kChunkKeys < nc; ++k) {
+    const float* m = pl.part + (pl.a_slot0[item] + k) * pl.part_stride();
+    const int64_t i0 = k * kChunkKeys, i1 = std::min(ld, i0 + kChunkKeys);
+    for (int64_t h = 0; h < pl.G; ++h) {
+      if (lse[h] == -kInf || m[h] == -kInf) continue;  // no mass
+      const VF f = hn::Set(d, std::exp(m[h] - lse[h]));
+      for (int64_t i = i0; i < i1; i += N) {
+        hn::StoreU(hn::MulAdd(hn::LoadU(d, P + h * ld + i), f, hn::LoadU(d, w + i)), d, w + i);
+      }
+    }
+  }
+  std::fill(score, score + last + 1, 0.0f);
+  const int64_t l = cfg.cmp_block, stride = cfg.cmp_stride, lp = cfg.slc_block;
+  const float inv_d = 1.0f / static_cast<float>(stride);
+  for (int64_t i = 0; i < nc; ++i) {
+    const int64_t lo = i * stride, hi = i * stride + l;
+    for (int64_t j = lo / lp; j * lp < hi && j <= last; ++j) {
+      const int64_t ov = std::min(hi, (j + 1) * lp) - std::max(lo, j * lp);
+      score[j] += w[i] * static_cast<float>(ov) * inv_d;
+    }
+  }
+}
+
+// Cuts keys [a, b) into chunks at multiples of `size` (absolute positions: the cut does not
+// depend on threads), appending to out with consecutive slots from *slot.
+void cut(int64_t item, int32_t branch, bool compressed, int64_t a, int64_t b, int64_t size,
+         int64_t* slot, std::vector<Chunk>& out) {
+  while (a < b) {
+    const int64_t e = std::min(b, (a / size + 1) * size);
+    out.push_back(Chunk{item, branch, compressed, a, e, (*slot)++});
+    a = e;
+  }
+}
+
+// Stores one row's G heads: o [Dv] per head from `o` ([GP][Dv_pad]).
+void store_heads(const Plan& pl, const nsa_tensor& t, int64_t row, int64_t hk, const float* o) {
+  for (int64_t g = 0; g < pl.G; ++g) {
+    store_row(t, offset_of(t, row, hk * pl.G + g), o + g * pl.Dv_pad, pl.Dv);
+  }
+}
+
+void store_lse(const Plan& pl, const nsa_tensor& t, int64_t row, int64_t hk, const float* lse) {
+  if (!present(t)) return;
+  float* base = static_cast<float*>(t.data);
+  for (int64_t g = 0; g < pl.G; ++g) base[offset_of(t, row, hk * pl.G + g)] = lse[g];
+}
+
+template <bool kBf16>
+bool Decode(const DecodeProblem& pr) {
+  Plan pl;
+  pl.pr = &pr;
+  pl.c = pr.cache;
+  const nsa_kv_cache& c = *pr.cache;
+  const nsa_config& cfg = c.cfg;
+  pl.G = pr.G;
+  pl.GP = (pr.G + kHeadBlock - 1) / kHeadBlock * kHeadBlock;
+  pl.Dk = c.Dk;
+  pl.Dv = c.Dv;
+  pl.Dv_pad = c.raw.Dv_pad;
+  pl.items = pr.S * c.Hkv;
+  const int64_t GP = pl.GP, items = pl.items, Hkv = c.Hkv;
+  const int64_t n = cfg.slc_count;
+  const int64_t win_chunks = (cfg.window + kChunkKeys - 1) / kChunkKeys + 1;
+
+  // Phase A's chunks, every item's buffers, and room for phases C's slots.
+  std::vector<Chunk> first;
+  std::vector<int64_t> slc_slot0(static_cast<size_t>(items));
+  pl.t.resize(items);
+  pl.nc.resize(items);
+  pl.s_off.resize(items);
+  pl.s_ld.resize(items);
+  pl.a_slot0.resize(items);
+  pl.a_count.resize(items);
+  int64_t slot = 0, floats = 0, score_floats = 0;
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t seq = pr.seqs[it / Hkv];
+    const int64_t t = c.len[static_cast<size_t>(seq)] - 1;
+    pl.t[it] = t;
+    pl.a_slot0[it] = slot;
+    if (pr.dense) {
+      const int64_t a = pr.window > 0 ? std::max<int64_t>(0, t - pr.window + 1) : 0;
+      cut(it, kCmp, false, a, t + 1, kDenseChunkKeys, &slot, first);
+      pl.a_count[it] = slot - pl.a_slot0[it];
+      continue;
+    }
+    pl.nc[it] = visible_cmp_count(cfg, t);
+    cut(it, kCmp, true, 0, pl.nc[it], kChunkKeys, &slot, first);
+    pl.a_count[it] = slot - pl.a_slot0[it];
+    pl.s_ld[it] = (pl.nc[it] + kTileKeys - 1) / kTileKeys * kTileKeys;
+    pl.s_off[it] = floats;
+    floats += GP * pl.s_ld[it];
+    score_floats = std::max(score_floats, t / cfg.slc_block + 1 + pl.s_ld[it]);
+  }
+  int64_t slot_c = slot;  // phase C's slots follow phase A's
+  for (int64_t it = 0; it < items && !pr.dense; ++it) {
+    slc_slot0[it] = slot_c;
+    slot_c += n + win_chunks;
+  }
+  const int threads = pr.num_threads > 0 ? pr.num_threads : omp_get_max_threads();
+  const int64_t ld_max = std::max(kChunkKeys, kDenseChunkKeys) + 2 * kTileKeys;
+  const int64_t q_off = floats;
+  floats += items * GP * pl.Dk;
+  const int64_t part_off = floats;
+  floats += slot_c * pl.part_stride();
+  const int64_t fin_off = floats;
+  floats += items * 3 * pl.fin_stride();
+  const int64_t tls_off = floats;
+  const int64_t tls_floats = GP * ld_max + score_floats + 2 * kTileKeys;
+  floats += threads * tls_floats;
+  std::vector<float>& buf = pr.cache->scratch;
+  try {
+    if (static_cast<int64_t>(buf.size()) < floats) buf.resize(static_cast<size_t>(floats));
+  } catch (const std::bad_alloc&) {
+    return false;
+  }
+  std::vector<int32_t> sel;  // per item: cand [J+1] and blocks [n]
+  std::vector<int64_t> sel_off(static_cast<size_t>(items) + 1, 0);
+  for (int64_t it = 0; it < items; ++it) {
+    sel_off[it + 1] = sel_off[it] + (pr.dense ? 0 : pl.t[it] / cfg.slc_block + 1 + n);
+  }
+  std::vector<int64_t> num_slc(static_cast<size_t>(items), 0);
+  try {
+    sel.resize(static_cast<size_t>(sel_off[items]));
+  } catch (const std::bad_alloc&) {
+    return false;
+  }
+  pl.buf = &buf;
+  pl.q = buf.data() + q_off;
+  pl.part = buf.data() + part_off;
+  pl.fin = buf.data() + fin_off;
+
+  // Queries, scaled, heads past G zero.
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t row = it / Hkv, hk = it % Hkv;
+    float* q = pl.q + it * GP * pl.Dk;
+    std::fill(q, q + GP * pl.Dk, 0.0f);
+    for (int64_t g = 0; g < pr.G; ++g) {
+      load_row(pr.q, offset_of(pr.q, row, hk * pr.G + g), pl.Dk, q + g * pl.Dk);
+      scale_by(pr.scale, q + g * pl.Dk, pl.Dk);
+    }
+  }
+
+  std::vector<Chunk> second;
+#pragma omp parallel num_threads(threads)
+  {
+    float* tls = buf.data() + tls_off + omp_get_thread_num() * tls_floats;
+    // Phase A: compressed keys (scores kept per item), or the dense baseline's keys.
+#pragma omp for schedule(dynamic, 1)
+    for (size_t k = 0; k < first.size(); ++k) {
+      const Chunk& ch = first[k];
+      if (pr.dense) {
+        run_chunk<kBf16>(pl, ch, tls, ld_max);
+      } else {
+        float* S = buf.data() + pl.s_off[ch.item] + ch.a;  // tile-aligned: a % 256 == 0
+        run_chunk<kBf16>(pl, ch, S, pl.s_ld[ch.item]);
+      }
+    }
+    // Phase B: merge; for NSA also block scores, top-n and the slc/win chunks of the item.
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t row = it / Hkv, hk = it % Hkv;
+      float* f = pl.final_of(it, kCmp);
+      merge(pl, pl.a_slot0[it], pl.a_count[it], f, f + GP);
+      if (pr.dense) {
+        store_heads(pl, pr.o, row, hk, f + GP);
+        store_lse(pl, pr.lse, row, hk, f);
+        continue;
+      }
+      float* score = tls + GP * ld_max;
+      block_scores(pl, it, f, score);
+      int32_t* cand = sel.data() + sel_off[it];
+      int32_t* blocks = cand + pl.t[it] / cfg.slc_block + 1;
+      num_slc[it] = top_blocks(cfg, pl.t[it], score, cand, blocks);
+    }
+#pragma omp single
+    {
+      for (int64_t it = 0; it < items && !pr.dense; ++it) {
+        const int64_t t = pl.t[it];
+        const int32_t* blocks = sel.data() + sel_off[it] + t / cfg.slc_block + 1;
+        int64_t s = slc_slot0[it];
+        for (int64_t k = 0; k < num_slc[it]; ++k) {
+          const int64_t a = int64_t{blocks[k]} * cfg.slc_block;
+          second.push_back(Chunk{it, kSlc, false, a, std::min(t + 1, a + cfg.slc_block), s++});
+        }
+        s = slc_slot0[it] + n;
+        cut(it, kWin, false, std::max<int64_t>(0, t - cfg.window + 1), t + 1, kChunkKeys, &s,
+            second);
+      }
+    }
+    // Phase C: selected blocks and the window.
+#pragma omp for schedule(dynamic, 1)
+    for (size_t k = 0; k < second.size(); ++k) run_chunk<kBf16>(pl, second[k], tls, ld_max);
+    // Phase D: merge the branches, gate, store (SPEC 4.6).
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < items; ++it) {
+      if (pr.dense) continue;
+      const int64_t row = it / Hkv, hk = it % Hkv, t = pl.t[it];
+      float* fs = pl.final_of(it, kSlc);
+      float* fw = pl.final_of(it, kWin);
+      merge(pl, slc_slot0[it], num_slc[it], fs, fs + GP);
+      const int64_t wa = std::max<int64_t>(0, t - cfg.window + 1);
+      const int64_t nwin = (t / kChunkKeys) - (wa / kChunkKeys) + 1;
+      merge(pl, slc_slot0[it] + n, nwin, fw, fw + GP);
+      const nsa_decode_params& p = *pr.nsa;
+      const float* fc = pl.final_of(it, kCmp);
+      float* mixed = tls;  // [Dv_pad]
+      for (int64_t g = 0; g < pr.G; ++g) {
+        const int64_t h = hk * pr.G + g;
+        const float gc = load_f32(p.g_cmp, offset_of(p.g_cmp, row, h));
+        const float gs = load_f32(p.g_slc, offset_of(p.g_slc, row, h));
+        const float gw = load_f32(p.g_win, offset_of(p.g_win, row, h));
+        const float* oc = fc + GP + g * pl.Dv_pad;
+        const float* os = fs + GP + g * pl.Dv_pad;
+        const float* ow = fw + GP + g * pl.Dv_pad;
+        for (int64_t e = 0; e < pl.Dv; ++e) mixed[e] = gc * oc[e] + gs * os[e] + gw * ow[e];
+        store_row(p.o, offset_of(p.o, row, h), mixed, pl.Dv);
+      }
+      store_lse(pl, p.lse_cmp, row, hk, fc);
+      store_lse(pl, p.lse_slc, row, hk, fs);
+      store_lse(pl, p.lse_win, row, hk, fw);
+      if (present(p.slc_indices_out)) {
+        const int32_t* blocks = sel.data() + sel_off[it] + t / cfg.slc_block + 1;
+        int32_t* out = static_cast<int32_t*>(p.slc_indices_out.data);
+        for (int64_t k = 0; k < n; ++k) {
+          out[offset_of(p.slc_indices_out, row, hk, k)] = k < num_slc[it] ? blocks[k] : -1;
+        }
+      }
+    }
+  }
+  return true;
+}
+
+bool DecodeAny(const DecodeProblem& pr) {
+  return pr.cache->dtype == NSA_DTYPE_BF16 ? Decode<true>(pr) : Decode<false>(pr);
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace nsa::cpu
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace nsa::cpu {
+
+HWY_EXPORT(DecodeAny);
+
+bool decode(const DecodeProblem& pr) { return HWY_DYNAMIC_DISPATCH(DecodeAny)(pr); }
+
+}  // namespace nsa::cpu
+#endif

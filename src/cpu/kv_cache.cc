@@ -1,0 +1,197 @@
+// The KV cache's storage and its incremental compression (SPEC.md section 7).
+#include "cpu/kv_cache.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <new>
+
+#include "cpu/kernels.h"
+
+namespace nsa::cpu {
+namespace {
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// The n elements of a parameter tensor [H, ...] row `r` of head h, appended to dst as f32.
+void append_param(const nsa_tensor& t, int64_t h, int64_t r, int64_t n, std::vector<float>& dst) {
+  const size_t at = dst.size();
+  dst.resize(at + static_cast<size_t>(n));
+  load_row(t, t.ndim == 2 ? offset_of(t, h) : offset_of(t, h, r), n, dst.data() + at);
+}
+
+void copy_mlp(const nsa_tensor& pos, const nsa_tensor& w1, const nsa_tensor& b1,
+              const nsa_tensor& w2, const nsa_tensor& b2, int64_t H, int64_t l, int64_t D,
+              MlpParams& m) {
+  m.Dh = w1.shape[1];
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t r = 0; r < l; ++r) append_param(pos, h, r, D, m.pos);
+    for (int64_t u = 0; u < m.Dh; ++u) append_param(w1, h, u, l * D, m.w1);
+    append_param(b1, h, 0, m.Dh, m.b1);
+    for (int64_t i = 0; i < D; ++i) append_param(w2, h, i, m.Dh, m.w2);
+    append_param(b2, h, 0, D, m.b2);
+  }
+}
+
+// phi = mlp of one flattened block x [l*D] of head h (SPEC 5): W2 relu(W1 (x + P) + b1) + b2.
+void mlp_token(const MlpParams& m, int64_t h, int64_t L, int64_t D, float* x, float* hidden,
+               float* out) {
+  const float* pos = m.pos.data() + h * L;
+  for (int64_t e = 0; e < L; ++e) x[e] += pos[e];
+  for (int64_t u = 0; u < m.Dh; ++u) {
+    const float* w = m.w1.data() + (h * m.Dh + u) * L;
+    float acc = 0.0f;
+    for (int64_t e = 0; e < L; ++e) acc += w[e] * x[e];
+    hidden[u] = std::max(0.0f, acc + m.b1[h * m.Dh + u]);
+  }
+  for (int64_t i = 0; i < D; ++i) {
+    const float* w = m.w2.data() + (h * D + i) * m.Dh;
+    float acc = 0.0f;
+    for (int64_t u = 0; u < m.Dh; ++u) acc += w[u] * hidden[u];
+    out[i] = acc + m.b2[h * D + i];
+  }
+}
+
+// Compressed token i of (seq, h), for keys and values: phi over raw positions i*d .. i*d + l - 1
+// as the cache stores them (so it sees exactly what a forward over the cached K/V sees).
+void compress_token(nsa_kv_cache& c, int64_t seq, int64_t h, int64_t i, std::vector<float>& buf) {
+  const int64_t l = c.cfg.cmp_block, d = c.cfg.cmp_stride;
+  for (int kv = 0; kv < 2; ++kv) {
+    const int64_t D = kv == 0 ? c.Dk : c.Dv;
+    float* block = buf.data();                  // [l][D]
+    float* out = block + l * D;                 // [D]
+    float* hidden = out + std::max(c.Dk, c.Dv); // [Dh]
+    for (int64_t r = 0; r < l; ++r) {
+      if (kv == 0) c.raw.read_k(seq, h, i * d + r, block + r * D);
+      else c.raw.read_v(seq, h, i * d + r, block + r * D);
+    }
+    if (c.cmp_kind == NSA_CMP_MEAN) {
+      // The order of compress.cc's mean (sum the rows, then scale), so both give the same bits.
+      fill(0.0f, out, D);
+      for (int64_t r = 0; r < l; ++r) axpy(1.0f, block + r * D, out, D);
+      scale_by(1.0f / static_cast<float>(l), out, D);
+    } else {
+      mlp_token(kv == 0 ? c.k_mlp : c.v_mlp, h, l * D, D, block, hidden, out);
+    }
+    if (kv == 0) c.cmp.write_k(seq, h, i, out);
+    else c.cmp.write_v(seq, h, i, out);
+  }
+}
+
+}  // namespace
+
+TokenStore::~TokenStore() {
+  std::free(k_);
+  std::free(v_);
+}
+
+bool TokenStore::allocate(int64_t seqs, int64_t heads, int64_t rows_, int64_t Dk_, int64_t Dv_,
+                          bool bf16_) {
+  rows = round_up(std::max<int64_t>(rows_, 1), kTileKeys);
+  Dk = Dk_;
+  Dv = Dv_;
+  Dv_pad = round_up(Dv_, kTileKeys);
+  bf16 = bf16_;
+  heads_ = heads;
+  const size_t elem = bf16 ? 2 : 4;
+  const size_t blocks = static_cast<size_t>(seqs * heads * rows);
+  k_ = std::calloc(blocks * static_cast<size_t>(Dk), elem);
+  v_ = std::calloc(blocks * static_cast<size_t>(Dv_pad), elem);
+  return k_ != nullptr && v_ != nullptr;
+}
+
+void TokenStore::write_k(int64_t seq, int64_t h, int64_t pos, const float* row) {
+  void* base = const_cast<void*>(k_base(seq, h));
+  for (int64_t i = 0; i < Dk; ++i) {
+    const int64_t off = k_offset(pos, i);
+    if (bf16) static_cast<uint16_t*>(base)[off] = f32_to_bf16(row[i]);
+    else static_cast<float*>(base)[off] = row[i];
+  }
+}
+
+void TokenStore::write_v(int64_t seq, int64_t h, int64_t pos, const float* row) {
+  void* base = const_cast<void*>(v_base(seq, h));
+  for (int64_t i = 0; i < Dv; ++i) {
+    const int64_t off = pos * Dv_pad + i;
+    if (bf16) static_cast<uint16_t*>(base)[off] = f32_to_bf16(row[i]);
+    else static_cast<float*>(base)[off] = row[i];
+  }
+}
+
+void TokenStore::read_k(int64_t seq, int64_t h, int64_t pos, float* row) const {
+  const void* base = k_base(seq, h);
+  for (int64_t i = 0; i < Dk; ++i) {
+    const int64_t off = k_offset(pos, i);
+    row[i] = bf16 ? bf16_to_f32(static_cast<const uint16_t*>(base)[off])
+                  : static_cast<const float*>(base)[off];
+  }
+}
+
+void TokenStore::read_v(int64_t seq, int64_t h, int64_t pos, float* row) const {
+  const void* base = v_base(seq, h);
+  for (int64_t i = 0; i < Dv; ++i) {
+    const int64_t off = pos * Dv_pad + i;
+    row[i] = bf16 ? bf16_to_f32(static_cast<const uint16_t*>(base)[off])
+                  : static_cast<const float*>(base)[off];
+  }
+}
+
+Status kv_cache_init(const nsa_kv_cache_params& p, nsa_kv_cache* c) {
+  c->cfg = p.cfg;
+  // As nsa_fwd resolves it, so that decode and the forward use the same scale.
+  if (c->cfg.scale == 0.0f) c->cfg.scale = static_cast<float>(1.0 / std::sqrt(double(p.head_dim_k)));
+  c->num_seqs = p.num_seqs;
+  c->capacity = p.capacity;
+  c->Hkv = p.num_kv_heads;
+  c->Dk = p.head_dim_k;
+  c->Dv = p.head_dim_v;
+  c->dtype = p.dtype;
+  c->cmp_kind = p.cmp_kind;
+  c->len.assign(static_cast<size_t>(p.num_seqs), 0);
+  const bool bf16 = p.dtype == NSA_DTYPE_BF16;
+  const int64_t cmp_rows = nsa_cmp_len(&p.cfg, p.capacity);
+  if (!c->raw.allocate(p.num_seqs, c->Hkv, p.capacity, c->Dk, c->Dv, bf16) ||
+      !c->cmp.allocate(p.num_seqs, c->Hkv, cmp_rows, c->Dk, c->Dv, bf16)) {
+    return error(NSA_ERR_OUT_OF_MEMORY, "kv cache: cannot allocate the K/V storage");
+  }
+  if (p.cmp_kind == NSA_CMP_MLP) {
+    const int64_t l = p.cfg.cmp_block;
+    copy_mlp(p.k_pos, p.k_w1, p.k_b1, p.k_w2, p.k_b2, c->Hkv, l, c->Dk, c->k_mlp);
+    copy_mlp(p.v_pos, p.v_w1, p.v_b1, p.v_w2, p.v_b2, c->Hkv, l, c->Dv, c->v_mlp);
+  }
+  return Status::ok();
+}
+
+int64_t kv_cache_cmp_len(const nsa_kv_cache& c, int64_t seq) {
+  return nsa_cmp_len(&c.cfg, c.len[static_cast<size_t>(seq)]);
+}
+
+void kv_cache_append(nsa_kv_cache& c, int64_t seq, const nsa_tensor& k, const nsa_tensor& v,
+                     int threads) {
+  const int64_t n = k.shape[0], first = c.len[static_cast<size_t>(seq)];
+  const int64_t cmp_before = kv_cache_cmp_len(c, seq);
+  const int64_t cmp_after = nsa_cmp_len(&c.cfg, first + n);
+  const int64_t Dh = std::max(c.k_mlp.Dh, c.v_mlp.Dh), D = std::max(c.Dk, c.Dv);
+  const int64_t buf_len = (c.cfg.cmp_block + 1) * D + Dh;
+  // Heads are independent: one thread per head writes its rows, then its compressed tokens
+  // (each computed once, from rows already stored).
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> row(static_cast<size_t>(D)), buf(static_cast<size_t>(buf_len));
+#pragma omp for schedule(static)
+    for (int64_t h = 0; h < c.Hkv; ++h) {
+      for (int64_t r = 0; r < n; ++r) {
+        load_row(k, offset_of(k, r, h), c.Dk, row.data());
+        c.raw.write_k(seq, h, first + r, row.data());
+        load_row(v, offset_of(v, r, h), c.Dv, row.data());
+        c.raw.write_v(seq, h, first + r, row.data());
+      }
+      for (int64_t i = cmp_before; i < cmp_after; ++i) compress_token(c, seq, h, i, buf);
+    }
+  }
+  c.len[static_cast<size_t>(seq)] = first + n;
+}
+
+}  // namespace nsa::cpu

@@ -1,0 +1,296 @@
+// Decode with a KV cache (SPEC.md section 7) against the float64 reference forward: token by
+// token after an optional prefill, the output at every position equals the forward's output for
+// that position, with the same selected blocks. Shapes cross block boundaries, t = l - 1, the
+// window edge, T shorter than a block, G in {1, 3, 16}, Dk != Dv, Dv not a whole vector, f32 and
+// bf16 caches, mean and mlp compression.
+#include <gtest/gtest.h>
+
+#include <sstream>
+
+#include "decode_util.h"
+
+namespace {
+using namespace nsa_test;
+
+struct DecodeCase {
+  const char* name;
+  Shape shape;
+  nsa_config cfg;
+  nsa_dtype dtype;
+  nsa_cmp_kind kind;
+  int64_t prefill;  // tokens given to nsa_prefill before decoding the rest one by one
+};
+
+std::vector<DecodeCase> cases() {
+  nsa_config def;
+  nsa_config_default(&def);
+  Shape g16{1, 700, 16, 1, 64, 48};
+  Shape g3{1, 300, 3, 1, 40, 24};
+  Shape mha{1, 1000, 2, 2, 32, 33};
+  Shape g3x2{1, 260, 6, 2, 16, 16};
+  Shape tiny{1, 20, 4, 1, 16, 8};
+  return {
+      {"paper_config_G16_from_empty", g16, def, NSA_DTYPE_F32, NSA_CMP_MEAN, 0},
+      {"small_blocks_G3_bf16_mlp", g3, config(16, 8, 32, 6, 1, 2, 48), NSA_DTYPE_BF16,
+       NSA_CMP_MLP, 100},
+      {"top5_G1_odd_Dv", mha, config(32, 16, 64, 5, 1, 2, 512), NSA_DTYPE_F32, NSA_CMP_MEAN, 517},
+      {"blocks_64_two_groups", g3x2, config(64, 64, 64, 4, 1, 2, 100), NSA_DTYPE_F32,
+       NSA_CMP_MEAN, 1},
+      {"shorter_than_a_block", tiny, def, NSA_DTYPE_BF16, NSA_CMP_MEAN, 0},
+      {"G16_bf16_mlp", Shape{1, 400, 16, 1, 32, 32}, config(32, 16, 64, 4, 1, 2, 128),
+       NSA_DTYPE_BF16, NSA_CMP_MLP, 150},
+  };
+}
+
+void PrintTo(const DecodeCase& c, std::ostream* os) { *os << c.name; }
+
+class DecodeVsForward : public ::testing::TestWithParam<DecodeCase> {};
+
+TEST_P(DecodeVsForward, EveryPositionMatchesTheReference) {
+  const DecodeCase& dc = GetParam();
+  const Shape& s = dc.shape;
+  FwdCase c = make_case(s, dc.cfg, dc.dtype, 1234 + s.T);
+  FwdCase got = make_case(s, dc.cfg, dc.dtype, 1234 + s.T);  // output holder
+  std::mt19937_64 rng(99);
+  MlpTensors mlp;
+  if (dc.kind == NSA_CMP_MLP) {
+    make_mlp(mlp.k, s.Hkv, dc.cfg.cmp_block, s.Dk, 24, dc.dtype, rng);
+    make_mlp(mlp.v, s.Hkv, dc.cfg.cmp_block, s.Dv, 24, dc.dtype, rng);
+  }
+  Context cx;
+  CachePtr cache = make_cache(cx.ctx, dc.cfg, 1, s.T, s, dc.dtype, dc.kind, &mlp);
+  ASSERT_TRUE(cache);
+  if (dc.prefill > 0) {
+    nsa_prefill_params p;
+    nsa_prefill_params_init(&p);
+    p.q = rows(c.q, 0, dc.prefill);
+    p.k = rows(c.k, 0, dc.prefill);
+    p.v = rows(c.v, 0, dc.prefill);
+    p.g_cmp = rows(c.g_cmp, 0, dc.prefill);
+    p.g_slc = rows(c.g_slc, 0, dc.prefill);
+    p.g_win = rows(c.g_win, 0, dc.prefill);
+    p.o = rows(got.o, 0, dc.prefill);
+    p.lse_cmp = rows(got.lse_cmp, 0, dc.prefill);
+    p.lse_slc = rows(got.lse_slc, 0, dc.prefill);
+    p.lse_win = rows(got.lse_win, 0, dc.prefill);
+    p.slc_indices_out = rows(got.idx_out, 0, dc.prefill);
+    ASSERT_EQ(nsa_prefill(cx.ctx, cache.get(), &p), NSA_OK) << cx.error();
+    ASSERT_EQ(nsa_kv_cache_len(cache.get(), 0), dc.prefill);
+  }
+  for (int64_t t = dc.prefill; t < s.T; ++t) {
+    const nsa_decode_params p = decode_row(c, got, t, /*append=*/true);
+    ASSERT_EQ(nsa_decode(cx.ctx, cache.get(), &p), NSA_OK) << "t=" << t << ": " << cx.error();
+  }
+  ASSERT_EQ(nsa_kv_cache_len(cache.get(), 0), s.T);
+
+  // The oracle: the float64 forward over the whole sequence, on the cache's compressed tokens.
+  export_cmp(*cache, 0, 0, c.k_cmp, c.v_cmp);
+  std::string msg;
+  ASSERT_EQ(run_fwd(NSA_BACKEND_REF, c, &msg), NSA_OK) << msg;
+
+  // As compare_fwd (test_cpu_vs_ref.cc): K terms per f32 sum (a Dk dot, then up to
+  // max(n l', w) weighted values, or Tc compressed ones), 2^-24 each, x16 for |s| up to ~16.
+  const int64_t keys = std::min<int64_t>(
+      s.T, std::max<int64_t>({int64_t{dc.cfg.slc_count} * dc.cfg.slc_block, dc.cfg.window}));
+  const double tol = 16.0 * static_cast<double>(s.Dk + keys) * kF32Eps;
+  std::string first;
+  EXPECT_EQ(count_off(got.o, c.o, 0, s.T, tol, 0.0, &first), 0) << "o: " << first;
+  for (auto [name, a, b] : {std::tuple{"lse_cmp", &got.lse_cmp, &c.lse_cmp},
+                            std::tuple{"lse_slc", &got.lse_slc, &c.lse_slc},
+                            std::tuple{"lse_win", &got.lse_win, &c.lse_win}}) {
+    // lse = max s + log(sum): the sum's relative error on a value of size |lse|.
+    EXPECT_EQ(count_off(*a, *b, 0, s.T, tol, tol, &first), 0) << name << ": " << first;
+  }
+  // Selected blocks are integers: equal (random scores; a seed with a near-tie would be
+  // replaced, not tolerated).
+  int64_t diff = 0;
+  got.idx_out.for_each([&](int64_t a, int64_t b, int64_t x, int64_t y) {
+    diff += got.idx_out.at_i32({a, b, x, y}) != c.idx_out.at_i32({a, b, x, y});
+  });
+  EXPECT_EQ(diff, 0) << "selected blocks differ from the reference forward";
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, DecodeVsForward, ::testing::ValuesIn(cases()),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+// Incremental compression computes each compressed token once, from the cached rows: it must
+// equal the whole-sequence compression (nsa_compress, float64 reference).
+TEST(KvCache, IncrementalCompressionEqualsCompress) {
+  for (nsa_cmp_kind kind : {NSA_CMP_MEAN, NSA_CMP_MLP}) {
+    SCOPED_TRACE(kind == NSA_CMP_MEAN ? "mean" : "mlp");
+    const Shape s{1, 203, 2, 2, 24, 40};
+    const nsa_config cfg = config(16, 8, 32, 4, 1, 2, 64);
+    FwdCase c = make_case(s, cfg, NSA_DTYPE_F32, 77);
+    std::mt19937_64 rng(5);
+    MlpTensors mlp;
+    make_mlp(mlp.k, s.Hkv, cfg.cmp_block, s.Dk, 16, NSA_DTYPE_F32, rng);
+    make_mlp(mlp.v, s.Hkv, cfg.cmp_block, s.Dv, 16, NSA_DTYPE_F32, rng);
+    Context cx;
+    CachePtr cache = make_cache(cx.ctx, cfg, 1, s.T, s, NSA_DTYPE_F32, kind, &mlp);
+    // Three appends of uneven size: compressed tokens complete inside and across them.
+    for (auto [t0, n] : {std::pair{0, 7}, std::pair{7, 150}, std::pair{157, 46}}) {
+      nsa_tensor k = rows(c.k, t0, n), v = rows(c.v, t0, n);
+      ASSERT_EQ(nsa_kv_cache_append(cx.ctx, cache.get(), 0, &k, &v), NSA_OK) << cx.error();
+    }
+    export_cmp(*cache, 0, 0, c.k_cmp, c.v_cmp);
+    const int64_t Tc = nsa_cmp_len(&cfg, s.T);
+    ASSERT_EQ(nsa::cpu::kv_cache_cmp_len(*cache, 0), Tc);
+    nsa_context* ref = nullptr;
+    nsa_context_create(&ref);
+    nsa_context_set_backend(ref, NSA_BACKEND_REF);
+    for (int kv = 0; kv < 2; ++kv) {
+      const int64_t D = kv == 0 ? s.Dk : s.Dv;
+      Tensor want(NSA_DTYPE_F32, {1, Tc, s.Hkv, D});
+      nsa_compress_params p;
+      nsa_compress_params_init(&p);
+      p.cfg = cfg;
+      p.kind = kind;
+      p.x = kv == 0 ? c.k.desc() : c.v.desc();
+      Tensor* m = kv == 0 ? mlp.k : mlp.v;
+      p.pos = m[0].desc(); p.w1 = m[1].desc(); p.b1 = m[2].desc(); p.w2 = m[3].desc();
+      p.b2 = m[4].desc();
+      p.out = want.desc();
+      ASSERT_EQ(nsa_compress(ref, &p), NSA_OK) << nsa_last_error(ref);
+      // mean: l terms of O(1) summed in f32 (l 2^-24). mlp: l*D + Dh terms, outputs O(1).
+      const double tol = (kind == NSA_CMP_MEAN ? 16.0 : 4.0 * (16 * D + 16)) * kF32Eps * 4;
+      std::string first;
+      EXPECT_EQ(count_off(kv == 0 ? c.k_cmp : c.v_cmp, want, 0, Tc, tol, tol, &first), 0)
+          << (kv == 0 ? "k_cmp: " : "v_cmp: ") << first;
+    }
+    nsa_context_destroy(ref);
+  }
+}
+
+// A batch of sequences at different lengths in one call gives, bit for bit, what each sequence
+// gives alone (chunks, not the batch, fix the arithmetic), in any order of seq_ids.
+TEST(Decode, BatchedEqualsPerSequence) {
+  const Shape s{1, 700, 8, 2, 32, 24};
+  const nsa_config cfg = config(32, 16, 64, 4, 1, 2, 128);
+  const int64_t lens[3] = {300, 1, 517};
+  FwdCase c = make_case(s, cfg, NSA_DTYPE_BF16, 4321);
+  Context cx;
+  CachePtr batched = make_cache(cx.ctx, cfg, 3, 600, s, NSA_DTYPE_BF16, NSA_CMP_MEAN);
+  CachePtr single = make_cache(cx.ctx, cfg, 3, 600, s, NSA_DTYPE_BF16, NSA_CMP_MEAN);
+  for (int64_t q = 0; q < 3; ++q) {
+    nsa_tensor k = rows(c.k, 0, lens[q]), v = rows(c.v, 0, lens[q]);
+    for (nsa_kv_cache* cache : {batched.get(), single.get()}) {
+      ASSERT_EQ(nsa_kv_cache_append(cx.ctx, cache, q, &k, &v), NSA_OK) << cx.error();
+    }
+  }
+  // Batched: rows 0, 1, 2 of q/k/v/gates go to sequences 2, 0, 1.
+  const int32_t ids[3] = {2, 0, 1};
+  FwdCase out_b = make_case(s, cfg, NSA_DTYPE_BF16, 1), out_s = make_case(s, cfg, NSA_DTYPE_BF16, 1);
+  nsa_decode_params p = decode_row(c, out_b, 600, /*append=*/true);
+  for (nsa_tensor* t : {&p.q, &p.k, &p.v, &p.g_cmp, &p.g_slc, &p.g_win, &p.o, &p.lse_cmp,
+                        &p.lse_slc, &p.lse_win, &p.slc_indices_out}) {
+    t->shape[0] = 3;
+  }
+  p.seq_ids = ids;
+  ASSERT_EQ(nsa_decode(cx.ctx, batched.get(), &p), NSA_OK) << cx.error();
+  for (int64_t r = 0; r < 3; ++r) {
+    nsa_decode_params one = decode_row(c, out_s, 600 + r, /*append=*/true);
+    one.seq_ids = &ids[r];
+    ASSERT_EQ(nsa_decode(cx.ctx, single.get(), &one), NSA_OK) << cx.error();
+    EXPECT_EQ(nsa_kv_cache_len(single.get(), ids[r]), lens[ids[r]] + 1);
+  }
+  for (auto [a, b] : {std::pair{&out_b.o, &out_s.o}, std::pair{&out_b.lse_cmp, &out_s.lse_cmp},
+                      std::pair{&out_b.lse_slc, &out_s.lse_slc},
+                      std::pair{&out_b.lse_win, &out_s.lse_win}}) {
+    int64_t diff = 0;
+    a->for_each([&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
+      if (i1 < 600 || i1 >= 603) return;
+      const int64_t off = a->logical_offset(i0, i1, i2, i3);
+      diff += a->get_raw(off) != b->get_raw(off);
+    });
+    EXPECT_EQ(diff, 0);
+  }
+  int64_t diff = 0;
+  out_b.idx_out.for_each([&](int64_t a, int64_t b, int64_t x, int64_t y) {
+    if (b >= 600 && b < 603) diff += out_b.idx_out.at_i32({a, b, x, y}) != out_s.idx_out.at_i32({a, b, x, y});
+  });
+  EXPECT_EQ(diff, 0);
+}
+
+// The keys are split into fixed chunks merged in a fixed order: 1, 2 and 3 threads give the same
+// bits, for NSA and for the dense baseline.
+TEST(Decode, ThreadCountDoesNotChangeBits) {
+  const Shape s{1, 3000, 16, 1, 64, 64};
+  nsa_config cfg;
+  nsa_config_default(&cfg);
+  FwdCase c = make_case(s, cfg, NSA_DTYPE_F32, 31);
+  Context cx;
+  CachePtr cache = make_cache(cx.ctx, cfg, 1, s.T, s, NSA_DTYPE_F32, NSA_CMP_MEAN);
+  nsa_tensor k = rows(c.k, 0, s.T), v = rows(c.v, 0, s.T);
+  ASSERT_EQ(nsa_kv_cache_append(cx.ctx, cache.get(), 0, &k, &v), NSA_OK) << cx.error();
+  std::vector<std::vector<float>> outs;
+  for (int threads : {1, 2, 3}) {
+    Context ct(threads);
+    FwdCase out = make_case(s, cfg, NSA_DTYPE_F32, 1);
+    nsa_decode_params p = decode_row(c, out, s.T - 1, /*append=*/false);
+    ASSERT_EQ(nsa_decode(ct.ctx, cache.get(), &p), NSA_OK) << ct.error();
+    nsa_dense_decode_params d;
+    nsa_dense_decode_params_init(&d);
+    d.q = p.q;
+    d.o = rows(out.o_cmp, s.T - 1, 1);
+    ASSERT_EQ(nsa_dense_decode(ct.ctx, cache.get(), &d), NSA_OK) << ct.error();
+    std::vector<float> bits;
+    for (int64_t h = 0; h < s.Hq; ++h) {
+      for (int64_t x = 0; x < s.Dv; ++x) {
+        bits.push_back(static_cast<float>(out.o.at({0, s.T - 1, h, x})));
+        bits.push_back(static_cast<float>(out.o_cmp.at({0, s.T - 1, h, x})));
+      }
+    }
+    outs.push_back(bits);
+  }
+  EXPECT_EQ(outs[0], outs[1]);
+  EXPECT_EQ(outs[0], outs[2]);
+}
+
+// The dense baseline over the cache equals the float64 dense forward at the last position, over
+// every cached token and over a window.
+TEST(DenseDecode, MatchesReferenceDenseForward) {
+  for (nsa_dtype dt : {NSA_DTYPE_F32, NSA_DTYPE_BF16}) {
+    for (int32_t window : {0, 100}) {
+      SCOPED_TRACE(std::string(nsa_dtype_name(dt)) + " window " + std::to_string(window));
+      const Shape s{1, 1100, 6, 2, 40, 20};
+      nsa_config cfg;
+      nsa_config_default(&cfg);
+      FwdCase c = make_case(s, cfg, dt, 8 + window);
+      Context cx;
+      CachePtr cache = make_cache(cx.ctx, cfg, 1, s.T, s, dt, NSA_CMP_MEAN);
+      nsa_tensor k = rows(c.k, 0, s.T - 1), v = rows(c.v, 0, s.T - 1);
+      ASSERT_EQ(nsa_kv_cache_append(cx.ctx, cache.get(), 0, &k, &v), NSA_OK) << cx.error();
+      nsa_dense_decode_params d;
+      nsa_dense_decode_params_init(&d);
+      d.q = rows(c.q, s.T - 1, 1);
+      d.k = rows(c.k, s.T - 1, 1);  // the last token arrives with its query
+      d.v = rows(c.v, s.T - 1, 1);
+      d.window = window;
+      d.o = rows(c.o_cmp, s.T - 1, 1);
+      d.lse = rows(c.lse_cmp, s.T - 1, 1);
+      ASSERT_EQ(nsa_dense_decode(cx.ctx, cache.get(), &d), NSA_OK) << cx.error();
+
+      nsa_dense_fwd_params r;
+      nsa_dense_fwd_params_init(&r);
+      r.q = c.q.desc();
+      r.k = c.k.desc();
+      r.v = c.v.desc();
+      r.window = window;
+      r.o = c.o.desc();
+      r.lse = c.lse_slc.desc();
+      nsa_context* ref = nullptr;
+      nsa_context_create(&ref);
+      nsa_context_set_backend(ref, NSA_BACKEND_REF);
+      ASSERT_EQ(nsa_dense_fwd(ref, &r), NSA_OK) << nsa_last_error(ref);
+      nsa_context_destroy(ref);
+      // Dk-term dots and up to T weighted values per f32 sum, x16 for |s| up to ~16.
+      const double tol = 16.0 * double(s.Dk + s.T) * kF32Eps;
+      std::string first;
+      EXPECT_EQ(count_off(c.o_cmp, c.o, s.T - 1, s.T, tol, 0.0, &first), 0) << "o: " << first;
+      EXPECT_EQ(count_off(c.lse_cmp, c.lse_slc, s.T - 1, s.T, tol, tol, &first), 0)
+          << "lse: " << first;
+    }
+  }
+}
+
+}  // namespace
