@@ -1,4 +1,4 @@
-// `nsa bench`: forward timing of NSA (compression + attention) against the dense causal flash
+// `nsa bench`: forward timing (`nsa bench decode`: decode, cmd_bench_decode.cc) of NSA (compression + attention) against the dense causal flash
 // baseline on the same inputs, on the paper's GQA group (Hq = 16, Hkv = 1, Dk = 192, Dv = 128)
 // and the default config. Each figure is the median of --repeats runs after one warm-up run.
 //
@@ -18,6 +18,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "bench_common.h"
 #include "commands.h"
 #include "nsa/nsa.h"
 
@@ -29,19 +30,6 @@ struct BenchOptions {
   bool json = false, no_dense = false;
   int64_t hq = 16, hkv = 1, dk = 192, dv = 128;
 };
-
-// Keys attended by the query at position t, summed over the three branches (SPEC 4).
-double attended_keys(const nsa_config& c, int64_t t) {
-  const double cmp = t + 1 >= c.cmp_block ? double((t + 1 - c.cmp_block) / c.cmp_stride + 1) : 0;
-  const int64_t blocks = t / c.slc_block + 1;
-  // All blocks when they fit in n; otherwise n blocks, the query's own (forced, partial) among
-  // them when n_local >= 1.
-  const double slc = blocks <= c.slc_count ? double(t + 1)
-                     : c.slc_local >= 1    ? double(c.slc_count - 1) * c.slc_block + double(t % c.slc_block + 1)
-                                           : double(c.slc_count) * c.slc_block;
-  const double win = double(std::min<int64_t>(c.window, t + 1));
-  return cmp + slc + win;
-}
 
 template <typename F>
 double median_ms(int repeats, F&& run) {
@@ -196,5 +184,8 @@ Command add_bench_command(CLI::App& app) {
   cmd->add_option("--dv", opt->dv, "value head dim")->capture_default_str();
   cmd->add_flag("--json", opt->json, "print the rows as JSON");
   cmd->add_flag("--no-dense", opt->no_dense, "skip the dense baseline (its figures print as nan)");
-  return [opt] { return run_bench(*opt); };
+  // `nsa bench decode ...`: its own options (cmd_bench_decode.cc).
+  Command decode = add_bench_decode_command(*cmd);
+  auto* decode_cmd = cmd->get_subcommand("decode");
+  return [opt, decode, decode_cmd] { return decode_cmd->parsed() ? decode() : run_bench(*opt); };
 }

@@ -98,4 +98,38 @@ class Context {
   std::unique_ptr<nsa_context, Deleter> ctx_;
 };
 
+// Owns an nsa_kv_cache (nsa.h, "Decode with a KV cache"), used through the context it was made
+// with (which must outlive it). Every method throws nsa::Error on failure.
+class KvCache {
+ public:
+  KvCache(Context& ctx, const nsa_kv_cache_params& p) : ctx_(&ctx) {
+    nsa_kv_cache* raw = nullptr;
+    check(nsa_kv_cache_create(ctx.get(), &p, &raw));
+    cache_.reset(raw);
+  }
+
+  int64_t len(int64_t seq) const { return nsa_kv_cache_len(cache_.get(), seq); }
+  void reset(int64_t seq) { check(nsa_kv_cache_reset(ctx_->get(), get(), seq)); }
+  void append(int64_t seq, const nsa_tensor& k, const nsa_tensor& v) {
+    check(nsa_kv_cache_append(ctx_->get(), get(), seq, &k, &v));
+  }
+  void prefill(const nsa_prefill_params& p) { check(nsa_prefill(ctx_->get(), get(), &p)); }
+  void decode(const nsa_decode_params& p) { check(nsa_decode(ctx_->get(), get(), &p)); }
+  void dense_decode(const nsa_dense_decode_params& p) {
+    check(nsa_dense_decode(ctx_->get(), get(), &p));
+  }
+
+  nsa_kv_cache* get() { return cache_.get(); }
+
+ private:
+  struct Deleter {
+    void operator()(nsa_kv_cache* c) const { nsa_kv_cache_destroy(c); }
+  };
+  void check(nsa_status s) {
+    if (s != NSA_OK) throw Error(s, nsa_last_error(ctx_->get()));
+  }
+  Context* ctx_;
+  std::unique_ptr<nsa_kv_cache, Deleter> cache_;
+};
+
 }  // namespace nsa
