@@ -83,9 +83,22 @@ void compress_token(nsa_kv_cache& c, int64_t seq, int64_t h, int64_t i, std::vec
 }  // namespace
 
 TokenStore::~TokenStore() {
-  std::free(k_);
-  std::free(v_);
+  std::free(k_alloc_);
+  std::free(v_alloc_);
 }
+
+namespace {
+
+// A large calloc is fresh zero pages (committed when first written) but starts 16 bytes into a
+// page; the kernels' vector loads want whole cache lines, so the base is rounded up to 64 bytes.
+void* zeroed_aligned(size_t bytes, void** alloc) {
+  *alloc = std::calloc(bytes + 64, 1);
+  if (*alloc == nullptr) return nullptr;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(*alloc);
+  return reinterpret_cast<void*>((p + 63) / 64 * 64);
+}
+
+}  // namespace
 
 bool TokenStore::allocate(int64_t seqs, int64_t heads, int64_t rows_, int64_t Dk_, int64_t Dv_,
                           bool bf16_) {
@@ -97,8 +110,8 @@ bool TokenStore::allocate(int64_t seqs, int64_t heads, int64_t rows_, int64_t Dk
   heads_ = heads;
   const size_t elem = bf16 ? 2 : 4;
   const size_t blocks = static_cast<size_t>(seqs * heads * rows);
-  k_ = std::calloc(blocks * static_cast<size_t>(Dk), elem);
-  v_ = std::calloc(blocks * static_cast<size_t>(Dv_pad), elem);
+  k_ = zeroed_aligned(blocks * static_cast<size_t>(Dk) * elem, &k_alloc_);
+  v_ = zeroed_aligned(blocks * static_cast<size_t>(Dv_pad) * elem, &v_alloc_);
   return k_ != nullptr && v_ != nullptr;
 }
 

@@ -51,6 +51,8 @@ class TokenStore {
   const void* at(void* base, int64_t elems) const {
     return static_cast<const char*>(base) + elems * (bf16 ? 2 : 4);
   }
+  void* k_alloc_ = nullptr;  // calloc's pointers; k_ and v_ are them rounded up to 64 bytes
+  void* v_alloc_ = nullptr;
   void* k_ = nullptr;
   void* v_ = nullptr;
   int64_t heads_ = 0;
