@@ -27,5 +27,9 @@ Status validate_config(const nsa_config& cfg);
 Status make_fwd_problem(const nsa_fwd_params& p, FwdProblem* out);
 Status make_compress_problem(const nsa_compress_params& p, CompressProblem* out);
 Status make_dense_problem(const nsa_dense_fwd_params& p, DenseProblem* out);
+// The backward's checks (validate_bwd.cc): the forward's inputs as nsa_fwd / nsa_compress check
+// them, then the saved selection, the incoming gradient, the outputs and their aliasing.
+Status make_bwd_problem(const nsa_bwd_params& p, BwdProblem* out);
+Status make_compress_bwd_problem(const nsa_compress_bwd_params& p, CompressBwdProblem* out);
 
 }  // namespace nsa
