@@ -100,8 +100,8 @@ Tensor64 zeros_like(const Tensor64& x) {
 
 Status compress64(const CompressArgs64& a, int32_t num_threads, Tensor64* out) {
   const int64_t Hkv = a.x.shape[2], D = a.x.shape[3], d = a.cfg.cmp_stride;
-  int64_t Tc = 0;
-  for (const Sequence& s : a.seqs) Tc += s.cmp_len;
+  int64_t Tc = 0;  // rows of out: packed sequences follow each other, batch rows restart at 0
+  for (const Sequence& s : a.seqs) Tc = std::max(Tc, s.cmp_start + s.cmp_len);
   *out = Tensor64(a.x.shape[0], Tc, Hkv, D);
   return parallel_for(Hkv, num_threads, [&](int64_t h) {
     for (const Sequence& s : a.seqs) {
