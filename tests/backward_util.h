@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "api_util.h"
 #include "ref/ref.h"
 #include "test_util.h"
 
@@ -246,6 +247,23 @@ inline void expect_all_grads_match_fd(Case64 c) {
   expect_matches_fd("dg_cmp", &a.g_cmp, g.dg_cmp, loss);
   expect_matches_fd("dg_slc", &a.g_slc, g.dg_slc, loss);
   expect_matches_fd("dg_win", &a.g_win, g.dg_win, loss);
+}
+
+// Runs call(ctx) on every backend and checks: status `code`, a message containing `needles`, and
+// no byte of `outputs` changed (SPEC 8).
+template <typename Call>
+void expect_rejected_by(const char* what, const std::vector<const Tensor*>& outputs,
+                        nsa_status code, const std::vector<std::string>& needles, Call&& call) {
+  SCOPED_TRACE(what);
+  const OutputSnapshot snap(outputs);
+  for (nsa_backend b : test_backends()) {
+    SCOPED_TRACE(nsa_backend_name(b));
+    Ctx ctx(b);
+    const nsa_status s = call(ctx.get());
+    EXPECT_EQ(s, code) << nsa_status_name(s) << ": " << ctx.error();
+    expect_message(ctx.error(), needles);
+    snap.expect_unchanged();
+  }
 }
 
 }  // namespace nsa_test

@@ -160,16 +160,8 @@ TEST(ApiBwd, NoTokenIsANoOp) {
 
 void expect_bwd_rejected(const char* what, const BwdCall& call, const nsa_bwd_params& p,
                          nsa_status code, const std::vector<std::string>& needles) {
-  SCOPED_TRACE(what);
-  const OutputSnapshot snap(call.outputs());
-  for (nsa_backend b : test_backends()) {
-    SCOPED_TRACE(nsa_backend_name(b));
-    Ctx ctx(b);
-    const nsa_status s = nsa_bwd(ctx.get(), &p);
-    EXPECT_EQ(s, code) << nsa_status_name(s) << ": " << ctx.error();
-    expect_message(ctx.error(), needles);
-    snap.expect_unchanged();
-  }
+  expect_rejected_by(what, call.outputs(), code, needles,
+                     [&](nsa_context* ctx) { return nsa_bwd(ctx, &p); });
 }
 
 struct BwdField {
