@@ -4,6 +4,7 @@
 // and the aliasing rule.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <utility>
 #include <vector>
@@ -180,7 +181,9 @@ Status make_compress_bwd_problem(const nsa_compress_bwd_params& in, CompressBwdP
   CompressProblem fwd;
   nsa_compress_params_init(&fwd.p);
   fwd.p.cfg = in.cfg;
-  fwd.p.kind = in.kind;
+  // Copied as bytes: a C caller may have stored any int, and loading that as the enum is
+  // undefined (check_compress_inputs reads it safely, through enum_value).
+  std::memcpy(&fwd.p.kind, &in.kind, sizeof in.kind);
   fwd.p.x = in.x;
   fwd.p.cu_seqlens = in.cu_seqlens;
   fwd.p.num_seqs = in.num_seqs;
