@@ -219,6 +219,68 @@ NSA_API nsa_status nsa_cmp_seqlens(nsa_context* ctx, const nsa_config* cfg,
                                    const int32_t* cu_seqlens, int64_t num_seqs, int32_t* cu_cmp);
 
 /* ---------------------------------------------------------------------------------------------
+ * Backward (SPEC.md section 6)
+ * ------------------------------------------------------------------------------------------- */
+
+/* The gradients of nsa_fwd's o with respect to its inputs, given d_o = dL/do. The selected blocks
+ * are a constant of the backward (no gradient through top-n), so the forward's selection comes
+ * back in as slc_indices; the gradients are those of SPEC section 4 with that selection fixed.
+ *
+ * Outputs are overwritten, never accumulated into: every element of every output given is
+ * written. dk/dv hold only the slc and win branches' shares; the cmp branch reaches k/v through
+ * dk_cmp/dv_cmp and nsa_compress_bwd (below nsa_compress; dout = dk_cmp), whose dx the caller
+ * adds to dk (likewise for v). A query whose cmp branch is empty (t < l - 1) gets no cmp
+ * gradient, never NaN.
+ *
+ * Where the raw K/V gradients go (SPEC 3: each branch may have its own K/V):
+ *   - dk/dv receive the sum over the branches that read k/v: slc when k_slc/v_slc are absent, win
+ *     when k_win/v_win are absent. When both branches have their own K/V no branch reads k/v;
+ *     dk/dv may then be absent, and are zero-filled when given.
+ *   - dk_slc/dv_slc are required exactly when k_slc/v_slc were given, and must be absent
+ *     otherwise (NSA_ERR_INVALID_ARGUMENT); likewise dk_win/dv_win for k_win/v_win.
+ *
+ * No output may share memory with an input or with another output (NSA_ERR_INVALID_ARGUMENT).
+ * The check is conservative: the memory spans (first to last element) must be disjoint, so
+ * outputs interleaved in one buffer are rejected even when their elements do not collide.
+ *
+ * Backends: the float64 reference (NSA_BACKEND_REF) computes it. There is no fast CPU backward
+ * yet: NSA_BACKEND_AUTO and NSA_BACKEND_CPU run the reference too. It is exact but slow: about
+ * T * Hq * (n l' + w + Tc) * (Dk + Dv) float64 multiply-adds, single-threaded per KV head. */
+typedef struct nsa_bwd_params {
+  nsa_config cfg; /* as given to nsa_fwd */
+
+  /* The forward's inputs, as given to nsa_fwd (same shapes, dtypes and rules). */
+  nsa_tensor q, k, v;
+  nsa_tensor k_slc, v_slc, k_win, v_win; /* optional, as in nsa_fwd_params */
+  nsa_tensor k_cmp, v_cmp;
+  nsa_tensor g_cmp, g_slc, g_win;
+  const int32_t* cu_seqlens;
+  int64_t num_seqs;
+
+  /* Saved by the forward. */
+  nsa_tensor slc_indices; /* [B, T, Hkv, n] int32, required: the forward's slc_indices_out, or
+                             the set it was given in slc_indices_in (same rules: -1 ignored,
+                             duplicates count once, entries in [0, t / l']) */
+  nsa_tensor lse_cmp;     /* optional [B, T, Hq] f32: the forward's per-branch LSEs. Checked but */
+  nsa_tensor lse_slc;     /* not read by the reference, which recomputes every softmax in     */
+  nsa_tensor lse_win;     /* float64; a backend may use them instead of recomputing.          */
+
+  nsa_tensor d_o;         /* [B, T, Hq, Dv] f32 or bf16: dL/do */
+
+  /* Outputs, f32 or bf16, each shaped as its input. */
+  nsa_tensor dq;                         /* [B, T, Hq, Dk] */
+  nsa_tensor dk, dv;                     /* [B, T, Hkv, Dk|Dv]: the branches that read k/v */
+  nsa_tensor dk_slc, dv_slc;             /* exactly when k_slc/v_slc were given */
+  nsa_tensor dk_win, dv_win;             /* exactly when k_win/v_win were given */
+  nsa_tensor dk_cmp, dv_cmp;             /* [B, Tc, Hkv, Dk|Dv], required */
+  nsa_tensor dg_cmp, dg_slc, dg_win;     /* [B, T, Hq], required: dg_c = sum(d_o * o_c) */
+} nsa_bwd_params;
+
+/* Zeroes every field (all tensors absent) and fills cfg with the defaults. */
+NSA_API void nsa_bwd_params_init(nsa_bwd_params* p);
+NSA_API nsa_status nsa_bwd(nsa_context* ctx, const nsa_bwd_params* p);
+
+/* ---------------------------------------------------------------------------------------------
  * Compression (SPEC.md section 5)
  * ------------------------------------------------------------------------------------------- */
 
@@ -247,6 +309,31 @@ typedef struct nsa_compress_params {
 
 NSA_API void nsa_compress_params_init(nsa_compress_params* p);
 NSA_API nsa_status nsa_compress(nsa_context* ctx, const nsa_compress_params* p);
+
+/* The backward of nsa_compress (SPEC 5): dout = dL/d(compressed tokens) to dx = dL/dx and, for
+ * kind NSA_CMP_MLP, the gradients of the parameters. Overlapping blocks (d < l) add up in dx;
+ * tokens in no complete block get 0. Outputs are overwritten, never accumulated into. The same
+ * backends and aliasing rule as nsa_bwd. */
+typedef struct nsa_compress_bwd_params {
+  nsa_config cfg; /* uses cmp_block (l) and cmp_stride (d) */
+  nsa_cmp_kind kind;
+
+  /* The forward's inputs, as given to nsa_compress (x is required for both kinds). */
+  nsa_tensor x;   /* [B, T, Hkv, D] */
+  const int32_t* cu_seqlens;
+  int64_t num_seqs;
+  nsa_tensor pos, w1, b1, w2, b2; /* kind == NSA_CMP_MLP only */
+
+  nsa_tensor dout; /* [B, Tc, Hkv, D] f32 or bf16: dL/d(nsa_compress's out) */
+
+  /* Outputs, f32 or bf16. */
+  nsa_tensor dx;   /* [B, T, Hkv, D] */
+  /* kind == NSA_CMP_MLP only (required then, ignored for mean): shaped as pos, w1, b1, w2, b2 */
+  nsa_tensor dpos, dw1, db1, dw2, db2;
+} nsa_compress_bwd_params;
+
+NSA_API void nsa_compress_bwd_params_init(nsa_compress_bwd_params* p);
+NSA_API nsa_status nsa_compress_bwd(nsa_context* ctx, const nsa_compress_bwd_params* p);
 
 /* ---------------------------------------------------------------------------------------------
  * Dense causal attention: the baseline NSA is measured against

@@ -83,7 +83,9 @@ class Context {
 
   void validate(const nsa_config& cfg) { check(nsa_config_validate(get(), &cfg)); }
   void fwd(const nsa_fwd_params& p) { check(nsa_fwd(get(), &p)); }
+  void bwd(const nsa_bwd_params& p) { check(nsa_bwd(get(), &p)); }
   void compress(const nsa_compress_params& p) { check(nsa_compress(get(), &p)); }
+  void compress_bwd(const nsa_compress_bwd_params& p) { check(nsa_compress_bwd(get(), &p)); }
   void dense_fwd(const nsa_dense_fwd_params& p) { check(nsa_dense_fwd(get(), &p)); }
 
   nsa_context* get() { return ctx_.get(); }

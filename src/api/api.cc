@@ -212,6 +212,30 @@ nsa_status nsa_fwd(nsa_context* ctx, const nsa_fwd_params* p) {
   });
 }
 
+void nsa_bwd_params_init(nsa_bwd_params* p) {
+  if (p == nullptr) return;
+  std::memset(p, 0, sizeof *p);
+  nsa_config_default(&p->cfg);
+}
+
+// There is no fast backward yet: every backend that exists runs the float64 reference (nsa.h).
+nsa_status nsa_bwd(nsa_context* ctx, const nsa_bwd_params* p) {
+  if (ctx == nullptr) return NSA_ERR_NULL_POINTER;
+  return guarded(ctx, [&]() -> Status {
+    if (p == nullptr) return nsa::error(NSA_ERR_NULL_POINTER, "params: NULL");
+    nsa::BwdProblem problem;
+    NSA_RETURN_IF_ERROR(nsa::make_bwd_problem(*p, &problem));
+    problem.num_threads = ctx->num_threads;
+    // No token: every output is empty, so there is nothing to write.
+    if (problem.B == 0 || problem.T == 0) return Status::ok();
+    switch (resolve(ctx->backend)) {
+      case NSA_BACKEND_REF:
+      case NSA_BACKEND_CPU: return nsa::ref::backward(problem);
+      default: return unavailable(ctx->backend);
+    }
+  });
+}
+
 nsa_status nsa_cmp_seqlens(nsa_context* ctx, const nsa_config* cfg, const int32_t* cu_seqlens,
                            int64_t num_seqs, int32_t* cu_cmp) {
   return guarded(ctx, [&]() -> Status {
@@ -264,6 +288,29 @@ nsa_status nsa_compress(nsa_context* ctx, const nsa_compress_params* p) {
     switch (resolve(ctx->backend)) {
       case NSA_BACKEND_REF: return nsa::ref::compress(problem);
       case NSA_BACKEND_CPU: return nsa::cpu::compress(problem);
+      default: return unavailable(ctx->backend);
+    }
+  });
+}
+
+void nsa_compress_bwd_params_init(nsa_compress_bwd_params* p) {
+  if (p == nullptr) return;
+  std::memset(p, 0, sizeof *p);
+  nsa_config_default(&p->cfg);
+  p->kind = NSA_CMP_MEAN;
+}
+
+nsa_status nsa_compress_bwd(nsa_context* ctx, const nsa_compress_bwd_params* p) {
+  if (ctx == nullptr) return NSA_ERR_NULL_POINTER;
+  return guarded(ctx, [&]() -> Status {
+    if (p == nullptr) return nsa::error(NSA_ERR_NULL_POINTER, "params: NULL");
+    nsa::CompressBwdProblem problem;
+    NSA_RETURN_IF_ERROR(nsa::make_compress_bwd_problem(*p, &problem));
+    problem.num_threads = ctx->num_threads;
+    // Runs even when Tc = 0: every output is overwritten, with zeros where no block reaches.
+    switch (resolve(ctx->backend)) {
+      case NSA_BACKEND_REF:
+      case NSA_BACKEND_CPU: return nsa::ref::compress_backward(problem);
       default: return unavailable(ctx->backend);
     }
   });

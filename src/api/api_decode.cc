@@ -3,28 +3,22 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include "api/call.h"
 #include "api/validate.h"
+#include "api/validate_util.h"
 #include "cpu/kernels.h"
 #include "cpu/kv_cache.h"
 
+using nsa::cat;
 using nsa::error;
 using nsa::present;
 using nsa::Role;
 using nsa::Status;
 
 namespace {
-
-template <typename... Args>
-std::string cat(const Args&... args) {
-  std::ostringstream os;
-  (os << ... << args);
-  return os.str();
-}
 
 const std::vector<nsa_dtype> kFloats = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
 

@@ -8,15 +8,9 @@
 #include <string>
 #include <vector>
 
-namespace nsa {
-namespace {
+#include "api/validate_util.h"
 
-template <typename... Args>
-std::string cat(const Args&... args) {
-  std::ostringstream os;
-  (os << ... << args);
-  return os.str();
-}
+namespace nsa {
 
 std::string shape_str(const nsa_tensor& t) {
   std::ostringstream os;
@@ -25,6 +19,8 @@ std::string shape_str(const nsa_tensor& t) {
   os << "]";
   return os.str();
 }
+
+namespace {
 
 std::string shape_str(const std::vector<int64_t>& s) {
   std::ostringstream os;
@@ -126,8 +122,6 @@ Status check_optional(const char* name, const nsa_tensor& t, const std::vector<i
   return present(t) ? check_tensor(name, t, shape, dtypes, role) : Status::ok();
 }
 
-namespace {
-
 // Builds the sequence list from cu_seqlens (or from B rows of T tokens).
 Status make_sequences(const nsa_config& cfg, int64_t B, int64_t T, const int32_t* cu_seqlens,
                       int64_t num_seqs, std::vector<Sequence>* seqs) {
@@ -198,19 +192,19 @@ Status explain_cmp_rows(Status s, const nsa_tensor& t, int64_t Tc, const nsa_con
 }
 
 // Every caller-supplied index is -1 or a visible block of its query: [0, t / l'].
-Status check_indices(const FwdProblem& pr) {
-  const nsa_tensor& ix = pr.p.slc_indices_in;
-  const int64_t n = pr.p.cfg.slc_count, lp = pr.p.cfg.slc_block;
+Status check_indices(const char* name, const nsa_tensor& ix, const nsa_config& cfg,
+                     const std::vector<Sequence>& seqs, int64_t Hkv) {
+  const int64_t n = cfg.slc_count, lp = cfg.slc_block;
   const int32_t* base = static_cast<const int32_t*>(ix.data);
-  for (const Sequence& s : pr.seqs) {
+  for (const Sequence& s : seqs) {
     for (int64_t t = 0; t < s.len; ++t) {
-      for (int64_t h = 0; h < pr.Hkv; ++h) {
+      for (int64_t h = 0; h < Hkv; ++h) {
         for (int64_t k = 0; k < n; ++k) {
           const int32_t j = base[offset_of(ix, s.batch, s.start + t, h, k)];
           if (j == -1) continue;
           if (j < 0 || j > t / lp) {
             return error(NSA_ERR_INVALID_INDEX,
-                         cat("slc_indices_in[", s.batch, ", ", s.start + t, ", ", h, ", ", k,
+                         cat(name, "[", s.batch, ", ", s.start + t, ", ", h, ", ", k,
                              "] = ", j, ": out of range for a query at position ", t,
                              " of its sequence (valid: -1, or 0 .. ", t / lp, ")"));
           }
@@ -220,8 +214,6 @@ Status check_indices(const FwdProblem& pr) {
   }
   return Status::ok();
 }
-
-}  // namespace
 
 Status validate_config(const nsa_config& c) {
   struct Field {
@@ -257,9 +249,8 @@ Status validate_config(const nsa_config& c) {
   return Status::ok();
 }
 
-Status make_fwd_problem(const nsa_fwd_params& in, FwdProblem* out) {
-  FwdProblem pr;
-  pr.p = in;
+Status check_fwd_inputs(FwdProblem* problem) {
+  FwdProblem& pr = *problem;
   nsa_fwd_params& p = pr.p;
   NSA_RETURN_IF_ERROR(validate_config(p.cfg));
 
@@ -341,6 +332,16 @@ Status make_fwd_problem(const nsa_fwd_params& in, FwdProblem* out) {
   NSA_RETURN_IF_ERROR(check_tensor("g_cmp", p.g_cmp, per_head, gate_dtypes, Role::kInput));
   NSA_RETURN_IF_ERROR(check_tensor("g_slc", p.g_slc, per_head, gate_dtypes, Role::kInput));
   NSA_RETURN_IF_ERROR(check_tensor("g_win", p.g_win, per_head, gate_dtypes, Role::kInput));
+  return Status::ok();
+}
+
+Status make_fwd_problem(const nsa_fwd_params& in, FwdProblem* out) {
+  FwdProblem pr;
+  pr.p = in;
+  nsa_fwd_params& p = pr.p;
+  NSA_RETURN_IF_ERROR(check_fwd_inputs(&pr));
+  const std::vector<nsa_dtype> floats = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
+  const std::vector<int64_t> per_head = {pr.B, pr.T, pr.Hq};
 
   const std::vector<int64_t> idx_shape = {pr.B, pr.T, pr.Hkv, p.cfg.slc_count};
   const std::vector<nsa_dtype> i32 = {NSA_DTYPE_I32};
@@ -359,15 +360,16 @@ Status make_fwd_problem(const nsa_fwd_params& in, FwdProblem* out) {
   NSA_RETURN_IF_ERROR(
       check_optional("slc_indices_out", p.slc_indices_out, idx_shape, i32, Role::kOutput));
 
-  if (present(p.slc_indices_in)) NSA_RETURN_IF_ERROR(check_indices(pr));
+  if (present(p.slc_indices_in)) {
+    NSA_RETURN_IF_ERROR(check_indices("slc_indices_in", p.slc_indices_in, p.cfg, pr.seqs, pr.Hkv));
+  }
   if (p.cfg.scale == 0.0f) p.cfg.scale = static_cast<float>(1.0 / std::sqrt(double(pr.Dk)));
   *out = std::move(pr);
   return Status::ok();
 }
 
-Status make_compress_problem(const nsa_compress_params& in, CompressProblem* out) {
-  CompressProblem pr;
-  pr.p = in;
+Status check_compress_inputs(CompressProblem* problem) {
+  CompressProblem& pr = *problem;
   const nsa_compress_params& p = pr.p;
   NSA_RETURN_IF_ERROR(validate_config(p.cfg));
   const int kind = enum_value(p.kind);  // may hold any int a C caller stored
@@ -400,6 +402,16 @@ Status make_compress_problem(const nsa_compress_params& in, CompressProblem* out
     NSA_RETURN_IF_ERROR(check_tensor("w2", p.w2, {H, D, pr.Dh}, same, Role::kInput));
     NSA_RETURN_IF_ERROR(check_tensor("b2", p.b2, {H, D}, same, Role::kInput));
   }
+  return Status::ok();
+}
+
+Status make_compress_problem(const nsa_compress_params& in, CompressProblem* out) {
+  CompressProblem pr;
+  pr.p = in;
+  const nsa_compress_params& p = pr.p;
+  NSA_RETURN_IF_ERROR(check_compress_inputs(&pr));
+  const std::vector<nsa_dtype> floats = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
+  const bool packed = p.cu_seqlens != nullptr;
   NSA_RETURN_IF_ERROR(explain_cmp_rows(
       check_tensor("out", p.out, {pr.B, pr.Tc, pr.Hkv, pr.D}, floats, Role::kOutput), p.out,
       pr.Tc, p.cfg, pr.T, p.num_seqs, packed));

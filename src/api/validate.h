@@ -4,7 +4,6 @@
 
 #include <cstring>
 #include <type_traits>
-#include <vector>
 
 #include "common/problem.h"
 #include "common/status.h"
@@ -24,20 +23,13 @@ int enum_value(const E& e) {
 
 Status validate_config(const nsa_config& cfg);
 
-enum class Role { kInput, kOutput };
-
-// Checks presence, rank, shape, strides and dtype of one tensor, naming it in the message.
-// `shape` entries of -1 accept any size; `dtypes` lists the accepted dtypes; an output must not
-// overlap itself.
-Status check_tensor(const char* name, const nsa_tensor& t, const std::vector<int64_t>& shape,
-                    const std::vector<nsa_dtype>& dtypes, Role role);
-// The same for an optional tensor: absent (NULL data) passes.
-Status check_optional(const char* name, const nsa_tensor& t, const std::vector<int64_t>& shape,
-                      const std::vector<nsa_dtype>& dtypes, Role role);
-
 // Checks `p` and builds the problem a backend runs. Reads cu_seqlens and slc_indices_in.
 Status make_fwd_problem(const nsa_fwd_params& p, FwdProblem* out);
 Status make_compress_problem(const nsa_compress_params& p, CompressProblem* out);
 Status make_dense_problem(const nsa_dense_fwd_params& p, DenseProblem* out);
+// The backward's checks (validate_bwd.cc): the forward's inputs as nsa_fwd / nsa_compress check
+// them, then the saved selection, the incoming gradient, the outputs and their aliasing.
+Status make_bwd_problem(const nsa_bwd_params& p, BwdProblem* out);
+Status make_compress_bwd_problem(const nsa_compress_bwd_params& p, CompressBwdProblem* out);
 
 }  // namespace nsa

@@ -10,6 +10,8 @@ namespace ref {
 Status forward(const FwdProblem& problem);
 Status compress(const CompressProblem& problem);
 Status dense_forward(const DenseProblem& problem);
+Status backward(const BwdProblem& problem);
+Status compress_backward(const CompressBwdProblem& problem);
 }  // namespace ref
 
 namespace cpu {

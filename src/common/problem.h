@@ -45,6 +45,26 @@ struct CompressProblem {
   int32_t num_threads = 0;
 };
 
+struct BwdProblem {
+  // The caller's params, with k_slc/v_slc/k_win/v_win filled in from k/v when absent and
+  // cfg.scale resolved to 1/sqrt(Dk) when it was 0.
+  nsa_bwd_params p;
+  // Whether the forward was given the branch's own K/V: its gradients then go to dk_slc/dv_slc
+  // (dk_win/dv_win) instead of adding up in dk/dv.
+  bool slc_own_kv = false;
+  bool win_own_kv = false;
+  int64_t B = 0, T = 0, Hq = 0, Hkv = 0, G = 0, Dk = 0, Dv = 0, Tc = 0;
+  std::vector<Sequence> seqs;
+  int32_t num_threads = 0;
+};
+
+struct CompressBwdProblem {
+  nsa_compress_bwd_params p;
+  int64_t B = 0, T = 0, Hkv = 0, D = 0, Dh = 0, Tc = 0;
+  std::vector<Sequence> seqs;
+  int32_t num_threads = 0;
+};
+
 struct DenseProblem {
   nsa_dense_fwd_params p;  // scale resolved to 1/sqrt(Dk) when it was 0
   int64_t B = 0, T = 0, Hq = 0, Hkv = 0, G = 0, Dk = 0, Dv = 0;

@@ -22,14 +22,11 @@ void store_lse(const nsa_tensor& t, int64_t b, int64_t tok, int64_t h, double ls
 std::vector<int32_t> given_blocks(const FwdProblem& pr, int64_t b, int64_t tok, int64_t hk) {
   const nsa_tensor& ix = pr.p.slc_indices_in;
   const int64_t n = pr.p.cfg.slc_count;
-  std::vector<int32_t> blocks;
+  std::vector<int32_t> entries;
   for (int64_t k = 0; k < n; ++k) {
-    const int32_t j = static_cast<const int32_t*>(ix.data)[offset_of(ix, b, tok, hk, k)];
-    if (j >= 0) blocks.push_back(j);
+    entries.push_back(static_cast<const int32_t*>(ix.data)[offset_of(ix, b, tok, hk, k)]);
   }
-  std::sort(blocks.begin(), blocks.end());
-  blocks.erase(std::unique(blocks.begin(), blocks.end()), blocks.end());
-  return blocks;
+  return as_block_set(std::move(entries));
 }
 
 // All queries of one KV group (G heads) at position t of sequence s.

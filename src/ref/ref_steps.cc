@@ -84,6 +84,13 @@ std::vector<int32_t> select_blocks(const nsa_config& cfg, int64_t t,
   return chosen;
 }
 
+std::vector<int32_t> as_block_set(std::vector<int32_t> entries) {
+  std::erase_if(entries, [](int32_t j) { return j < 0; });
+  std::sort(entries.begin(), entries.end());
+  entries.erase(std::unique(entries.begin(), entries.end()), entries.end());
+  return entries;
+}
+
 Attention attend(const std::vector<double>& q, const std::vector<std::vector<double>>& keys,
                  const std::vector<std::vector<double>>& values, double scale) {
   Attention a;
