@@ -222,14 +222,15 @@ void run_chunk(const Plan& pl, const Chunk& ch, float* S, int64_t ld) {
 // lse [GP]: the log-sum-exp merge of FlashDecoding, in slot order. No slot, or no finite
 // score, gives o = 0 and lse = -inf (SPEC 4.1); a NaN l poisons its head.
 void merge(const Plan& pl, int64_t first, int64_t count, float* lse, float* o) {
-  const int64_t GP = pl.GP, Dv_pad = pl.Dv_pad;
+  const DF d;
+  const int64_t N = hn::Lanes(d), GP = pl.GP, Dv_pad = pl.Dv_pad;
   for (int64_t h = 0; h < GP; ++h) {
     float m = -kInf;
     for (int64_t k = 0; k < count; ++k) m = std::max(m, pl.part[(first + k) * pl.part_stride() + h]);
     const float m_use = m == -kInf ? 0.0f : m;
     float l = 0.0f;
     float* oh = o + h * Dv_pad;
-    std::fill(oh, oh + Dv_pad, 0.0f);
+    for (int64_t c = 0; c < Dv_pad; c += N) hn::StoreU(hn::Zero(d), d, oh + c);
     for (int64_t k = 0; k < count; ++k) {
       const float* part = pl.part + (first + k) * pl.part_stride();
       const float lk = part[GP + h];
@@ -238,12 +239,17 @@ void merge(const Plan& pl, int64_t first, int64_t count, float* lse, float* o) {
       l += lk * alpha;
       if (std::isnan(lk)) l = lk;
       const float* ok = part + 2 * GP + h * Dv_pad;
-      for (int64_t c = 0; c < Dv_pad; ++c) oh[c] += alpha * ok[c];
+      const VF a = hn::Set(d, alpha);
+      for (int64_t c = 0; c < Dv_pad; c += N) {
+        hn::StoreU(hn::MulAdd(a, hn::LoadU(d, ok + c), hn::LoadU(d, oh + c)), d, oh + c);
+      }
     }
-    const float inv = l == 0.0f ? 1.0f : 1.0f / l;
-    for (int64_t c = 0; c < Dv_pad; ++c) oh[c] *= inv;
+    const VF inv = hn::Set(d, l == 0.0f ? 1.0f : 1.0f / l);
+    const VF poison = hn::Set(d, l);
+    for (int64_t c = 0; c < Dv_pad; c += N) {
+      hn::StoreU(std::isnan(l) ? poison : hn::Mul(hn::LoadU(d, oh + c), inv), d, oh + c);
+    }
     lse[h] = l == 0.0f ? -kInf : (std::isnan(l) ? l : m_use + std::log(l));
-    if (std::isnan(l)) std::fill(oh, oh + Dv_pad, l);
   }
 }
 
@@ -257,26 +263,53 @@ void block_scores(const Plan& pl, int64_t item, const float* lse, float* score) 
   const int64_t nc = pl.nc[item], t = pl.t[item], ld = pl.s_ld[item];
   const int64_t last = t / cfg.slc_block;
   const float* P = pl.buf->data() + pl.s_off[item];
-  // w[i] = the group's probability mass on compressed token i, after the block scores.
+  // w[i] = the group's probability mass on compressed token i, summed over the heads in
+  // registers; f[h] = this chunk's factor per head (0: an empty head has no mass).
   float* w = score + last + 1;
-  for (int64_t i = 0; i < ld; i += N) hn::StoreU(hn::Zero(d), d, w + i);
+  float* f = w + ld;
   for (int64_t k = 0; k * kChunkKeys < nc; ++k) {
     const float* m = pl.part + (pl.a_slot0[item] + k) * pl.part_stride();
-    const int64_t i0 = k * kChunkKeys, i1 = std::min(ld, i0 + kChunkKeys);
     for (int64_t h = 0; h < pl.G; ++h) {
-      if (lse[h] == -kInf || m[h] == -kInf) continue;  // no mass
-      const VF f = hn::Set(d, std::exp(m[h] - lse[h]));
-      for (int64_t i = i0; i < i1; i += N) {
-        hn::StoreU(hn::MulAdd(hn::LoadU(d, P + h * ld + i), f, hn::LoadU(d, w + i)), d, w + i);
+      f[h] = lse[h] == -kInf || m[h] == -kInf ? 0.0f : std::exp(m[h] - lse[h]);
+    }
+    const int64_t i1 = std::min(ld, (k + 1) * kChunkKeys);
+    for (int64_t i = k * kChunkKeys; i < i1; i += N) {
+      VF acc = hn::Zero(d);
+      for (int64_t h = 0; h < pl.G; ++h) {
+        acc = hn::MulAdd(hn::LoadU(d, P + h * ld + i), hn::Set(d, f[h]), acc);
       }
+      hn::StoreU(acc, d, w + i);
     }
   }
   std::fill(score, score + last + 1, 0.0f);
   const int64_t l = cfg.cmp_block, stride = cfg.cmp_stride, lp = cfg.slc_block;
   const float inv_d = 1.0f / static_cast<float>(stride);
+  if (l <= lp) {
+    // A compressed block touches at most two selection blocks: j, and j + 1 when it crosses
+    // block_end. Positions advance by d, blocks by l', without a division per token.
+    int64_t j = 0, block_end = lp, lo = 0;
+    const float whole = static_cast<float>(l) * inv_d;
+    for (int64_t i = 0; i < nc; ++i, lo += stride) {
+      while (block_end <= lo) {
+        ++j;
+        block_end += lp;
+      }
+      const int64_t hi = lo + l;
+      if (hi <= block_end) {
+        score[j] += w[i] * whole;
+      } else {
+        score[j] += w[i] * (static_cast<float>(block_end - lo) * inv_d);
+        // A visible block ends at or before t, so j + 1 <= J; kept for safety.
+        if (j + 1 <= last) score[j + 1] += w[i] * (static_cast<float>(hi - block_end) * inv_d);
+      }
+    }
+    return;
+  }
+  int64_t j_lo = 0;
   for (int64_t i = 0; i < nc; ++i) {
     const int64_t lo = i * stride, hi = i * stride + l;
-    for (int64_t j = lo / lp; j * lp < hi && j <= last; ++j) {
+    while ((j_lo + 1) * lp <= lo) ++j_lo;
+    for (int64_t j = j_lo; j * lp < hi && j <= last; ++j) {
       const int64_t ov = std::min(hi, (j + 1) * lp) - std::max(lo, j * lp);
       score[j] += w[i] * static_cast<float>(ov) * inv_d;
     }
@@ -351,7 +384,7 @@ bool Decode(const DecodeProblem& pr) {
     pl.s_ld[it] = (pl.nc[it] + kTileKeys - 1) / kTileKeys * kTileKeys;
     pl.s_off[it] = floats;
     floats += GP * pl.s_ld[it];
-    score_floats = std::max(score_floats, t / cfg.slc_block + 1 + pl.s_ld[it]);
+    score_floats = std::max(score_floats, t / cfg.slc_block + 1 + pl.s_ld[it] + GP);
   }
   int64_t slot_c = slot;  // phase C's slots follow phase A's
   for (int64_t it = 0; it < items && !pr.dense; ++it) {
@@ -402,7 +435,17 @@ bool Decode(const DecodeProblem& pr) {
     }
   }
 
-  std::vector<Chunk> second;
+  // The window's chunks do not depend on the selection: they run in phase B, beside the
+  // selections (which are serial per item: with one sequence, one thread would idle). Phase C
+  // runs the selected blocks: per item, n entries of a table (a == b: unused).
+  std::vector<Chunk> wins;
+  for (int64_t it = 0; it < items && !pr.dense; ++it) {
+    int64_t s = slc_slot0[it] + n;
+    cut(it, kWin, false, std::max<int64_t>(0, pl.t[it] - cfg.window + 1), pl.t[it] + 1,
+        kChunkKeys, &s, wins);
+  }
+  std::vector<Chunk> second(static_cast<size_t>(pr.dense ? 0 : items * n));
+  const int64_t phase_b = items + static_cast<int64_t>(wins.size());
 #pragma omp parallel num_threads(threads)
   {
     float* tls = buf.data() + tls_off + omp_get_thread_num() * tls_floats;
@@ -417,9 +460,14 @@ bool Decode(const DecodeProblem& pr) {
         run_chunk<kBf16>(pl, ch, S, pl.s_ld[ch.item]);
       }
     }
-    // Phase B: merge; for NSA also block scores, top-n and the slc/win chunks of the item.
-#pragma omp for schedule(static)
-    for (int64_t it = 0; it < items; ++it) {
+    // Phase B: merge; for NSA also block scores, top-n and the item's slc chunks; the window.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < phase_b; ++task) {
+      if (task >= items) {
+        run_chunk<kBf16>(pl, wins[task - items], tls, ld_max);
+        continue;
+      }
+      const int64_t it = task;
       const int64_t row = it / Hkv, hk = it % Hkv;
       float* f = pl.final_of(it, kCmp);
       merge(pl, pl.a_slot0[it], pl.a_count[it], f, f + GP);
@@ -433,25 +481,19 @@ bool Decode(const DecodeProblem& pr) {
       int32_t* cand = sel.data() + sel_off[it];
       int32_t* blocks = cand + pl.t[it] / cfg.slc_block + 1;
       num_slc[it] = top_blocks(cfg, pl.t[it], score, cand, blocks);
-    }
-#pragma omp single
-    {
-      for (int64_t it = 0; it < items && !pr.dense; ++it) {
-        const int64_t t = pl.t[it];
-        const int32_t* blocks = sel.data() + sel_off[it] + t / cfg.slc_block + 1;
-        int64_t s = slc_slot0[it];
-        for (int64_t k = 0; k < num_slc[it]; ++k) {
-          const int64_t a = int64_t{blocks[k]} * cfg.slc_block;
-          second.push_back(Chunk{it, kSlc, false, a, std::min(t + 1, a + cfg.slc_block), s++});
-        }
-        s = slc_slot0[it] + n;
-        cut(it, kWin, false, std::max<int64_t>(0, t - cfg.window + 1), t + 1, kChunkKeys, &s,
-            second);
+      // This item's phase C chunks, in its own range of the table.
+      const int64_t t = pl.t[it];
+      for (int64_t k = 0; k < num_slc[it]; ++k) {
+        const int64_t a = int64_t{blocks[k]} * cfg.slc_block;
+        second[it * n + k] =
+            Chunk{it, kSlc, false, a, std::min(t + 1, a + cfg.slc_block), slc_slot0[it] + k};
       }
     }
-    // Phase C: selected blocks and the window.
+    // Phase C: the selected blocks.
 #pragma omp for schedule(dynamic, 1)
-    for (size_t k = 0; k < second.size(); ++k) run_chunk<kBf16>(pl, second[k], tls, ld_max);
+    for (size_t k = 0; k < second.size(); ++k) {
+      if (second[k].a < second[k].b) run_chunk<kBf16>(pl, second[k], tls, ld_max);
+    }
     // Phase D: merge the branches, gate, store (SPEC 4.6).
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < items; ++it) {
