@@ -270,7 +270,11 @@ void block_scores(const Plan& pl, int64_t item, const float* lse, float* score) 
   for (int64_t k = 0; k * kChunkKeys < nc; ++k) {
     const float* m = pl.part + (pl.a_slot0[item] + k) * pl.part_stride();
     for (int64_t h = 0; h < pl.G; ++h) {
-      f[h] = lse[h] == -kInf || m[h] == -kInf ? 0.0f : std::exp(m[h] - lse[h]);
+      // A poisoned head (NaN lse) makes every touched block's score NaN (README "Non-finite
+      // inputs"); its chunk max may read -inf (a vector max may drop NaN), so test lse first.
+      f[h] = std::isnan(lse[h])                    ? lse[h]
+             : lse[h] == -kInf || m[h] == -kInf ? 0.0f
+                                                   : std::exp(m[h] - lse[h]);
     }
     const int64_t i1 = std::min(ld, (k + 1) * kChunkKeys);
     for (int64_t i = k * kChunkKeys; i < i1; i += N) {
