@@ -352,3 +352,80 @@ TEST(Decode, NonFiniteInputsFollowTheForward) {
 }
 
 }  // namespace
+
+namespace {
+
+// Random shapes and configs (seeded): block sizes that do and do not divide each other, l > l',
+// w = 1, n = n_init + n_local, Dk or Dv of 1, odd G, both dtypes and compressions, a prefill of
+// random length. Each decoded position against the float64 forward.
+TEST(Decode, RandomConfigsMatchTheReference) {
+  std::mt19937_64 rng(20261127);
+  auto pick = [&](int64_t lo, int64_t hi) {
+    return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
+  };
+  int ran = 0;
+  for (int round = 0; round < 24; ++round) {
+    const int32_t l = static_cast<int32_t>(pick(1, 40));
+    const int32_t d = static_cast<int32_t>(pick(1, l));
+    const int32_t lp = static_cast<int32_t>(pick(1, 70));
+    const int32_t n_init = static_cast<int32_t>(pick(0, 2)), n_local = static_cast<int32_t>(pick(0, 2));
+    const int32_t n = static_cast<int32_t>(pick(std::max(1, n_init + n_local), 6));
+    const int32_t w = static_cast<int32_t>(pick(1, 90));
+    const nsa_config cfg = config(l, d, lp, n, n_init, n_local, w);
+    const int64_t Hkv = pick(1, 2), G = pick(1, 17);
+    const Shape s{1, pick(1, 260), Hkv * G, Hkv, pick(1, 70), pick(1, 70)};
+    const nsa_dtype dt = pick(0, 1) ? NSA_DTYPE_BF16 : NSA_DTYPE_F32;
+    const nsa_cmp_kind kind = pick(0, 3) == 0 ? NSA_CMP_MLP : NSA_CMP_MEAN;
+    const int64_t prefill = pick(0, 1) ? pick(0, s.T) : 0;
+    std::ostringstream what;
+    what << "round " << round << ": T=" << s.T << " Hq=" << s.Hq << " Hkv=" << Hkv << " Dk=" << s.Dk
+         << " Dv=" << s.Dv << " l=" << l << " d=" << d << " l'=" << lp << " n=" << n << " init="
+         << n_init << " local=" << n_local << " w=" << w << " " << nsa_dtype_name(dt)
+         << (kind == NSA_CMP_MLP ? " mlp" : " mean") << " prefill=" << prefill;
+    SCOPED_TRACE(what.str());
+    Context cx;
+    nsa_config check = cfg;
+    if (nsa_config_validate(cx.ctx, &check) != NSA_OK) continue;  // drawn invalid: skip
+    ++ran;
+    FwdCase c = make_case(s, cfg, dt, 7000 + round);
+    FwdCase got = make_case(s, cfg, dt, 7000 + round);
+    MlpTensors mlp;
+    if (kind == NSA_CMP_MLP) {
+      make_mlp(mlp.k, Hkv, l, s.Dk, 8, dt, rng);
+      make_mlp(mlp.v, Hkv, l, s.Dv, 8, dt, rng);
+    }
+    CachePtr cache = make_cache(cx.ctx, cfg, 1, s.T, s, dt, kind, &mlp);
+    ASSERT_TRUE(cache);
+    if (prefill > 0) {
+      nsa_prefill_params p;
+      nsa_prefill_params_init(&p);
+      p.q = rows(c.q, 0, prefill); p.k = rows(c.k, 0, prefill); p.v = rows(c.v, 0, prefill);
+      p.g_cmp = rows(c.g_cmp, 0, prefill); p.g_slc = rows(c.g_slc, 0, prefill);
+      p.g_win = rows(c.g_win, 0, prefill);
+      p.o = rows(got.o, 0, prefill); p.lse_cmp = rows(got.lse_cmp, 0, prefill);
+      p.lse_slc = rows(got.lse_slc, 0, prefill); p.lse_win = rows(got.lse_win, 0, prefill);
+      p.slc_indices_out = rows(got.idx_out, 0, prefill);
+      ASSERT_EQ(nsa_prefill(cx.ctx, cache.get(), &p), NSA_OK) << cx.error();
+    }
+    for (int64_t t = prefill; t < s.T; ++t) {
+      const nsa_decode_params p = decode_row(c, got, t, /*append=*/true);
+      ASSERT_EQ(nsa_decode(cx.ctx, cache.get(), &p), NSA_OK) << "t=" << t << ": " << cx.error();
+    }
+    export_cmp(*cache, 0, 0, c.k_cmp, c.v_cmp);
+    std::string msg;
+    ASSERT_EQ(run_fwd(NSA_BACKEND_REF, c, &msg), NSA_OK) << msg;
+    // As the shape tests: a Dk dot, then at most T weighted values per f32 sum, x16 for |s|.
+    const double tol = 16.0 * static_cast<double>(s.Dk + s.T) * kF32Eps;
+    std::string first;
+    EXPECT_EQ(count_off(got.o, c.o, 0, s.T, tol, 0.0, &first), 0) << "o: " << first;
+    EXPECT_EQ(count_off(got.lse_slc, c.lse_slc, 0, s.T, tol, tol, &first), 0) << "lse_slc: " << first;
+    int64_t diff = 0;
+    got.idx_out.for_each([&](int64_t a, int64_t b, int64_t x, int64_t y) {
+      diff += got.idx_out.at_i32({a, b, x, y}) != c.idx_out.at_i32({a, b, x, y});
+    });
+    EXPECT_EQ(diff, 0) << "selected blocks differ";
+  }
+  EXPECT_GE(ran, 20);  // the draws are mostly valid configs, so this tests what it says
+}
+
+}  // namespace
