@@ -24,47 +24,6 @@
 
 namespace {
 
-struct BenchOptions {
-  std::string pass = "fwd", lengths = "4096,8192,16384,32768", dtype = "f32";
-  int32_t threads = 0, repeats = 3;
-  bool json = false, no_dense = false;
-  int64_t hq = 16, hkv = 1, dk = 192, dv = 128;
-};
-
-template <typename F>
-double median_ms(int repeats, F&& run) {
-  run();  // warm-up: first-touch page faults and caches
-  std::vector<double> ms;
-  for (int r = 0; r < repeats; ++r) {
-    const auto t0 = std::chrono::steady_clock::now();
-    run();
-    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-  }
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
-
-struct Buf {
-  std::vector<uint16_t> bytes;  // bf16, or f32 as two halves
-  nsa_tensor t{};
-  Buf(nsa_dtype dt, std::vector<int64_t> shape, std::mt19937_64& rng, float lo, float hi) {
-    int64_t n = 1;
-    for (int64_t s : shape) n *= s;
-    bytes.resize(static_cast<size_t>(n) * (dt == NSA_DTYPE_F32 ? 2 : 1) + 2);
-    t = nsa_tensor_contiguous(bytes.data(), dt, int32_t(shape.size()), shape.data());
-    std::uniform_real_distribution<float> u(lo, hi);
-    for (int64_t i = 0; i < n; ++i) {
-      const float f = u(rng);
-      if (dt == NSA_DTYPE_F32) {
-        reinterpret_cast<float*>(bytes.data())[i] = f;
-      } else {
-        uint32_t b;
-        std::memcpy(&b, &f, 4);
-        bytes[i] = uint16_t((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
-      }
-    }
-  }
-};
 
 int run_bench(const BenchOptions& opt) {
   if (opt.pass != "fwd") {
