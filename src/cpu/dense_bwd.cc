@@ -22,6 +22,7 @@
 
 #include "common/backends.h"
 #include "common/dtype.h"
+#include "cpu/kernels.h"
 #include "hwy/aligned_allocator.h"
 
 #undef HWY_TARGET_INCLUDE
@@ -46,30 +47,16 @@ constexpr int64_t kTileVecs = 4;
 
 int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
 
-// Row `pos` of a [B, T, H, D] tensor as f32 into dst, times `mul` (bf16 widens exactly).
-void load_row(const nsa_tensor& t, int64_t b, int64_t pos, int64_t h, int64_t n, float* dst,
-              float mul = 1.0f) {
-  const int64_t off = offset_of(t, b, pos, h);
-  if (t.dtype == NSA_DTYPE_F32) {
-    const float* src = static_cast<const float*>(t.data) + off;
-    for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * mul;
-  } else {
-    const uint16_t* src = static_cast<const uint16_t*>(t.data) + off;
-    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(src[i]) * mul;
-  }
+// Row `pos` of head h of a [B, T, H, D] tensor as f32 into dst (bf16 widens exactly).
+void load_head_row(const nsa_tensor& t, int64_t b, int64_t pos, int64_t h, int64_t n,
+                   float* dst) {
+  cpu::load_row(t, offset_of(t, b, pos, h), n, dst);
 }
 
-// Writes n floats times `mul` to row `pos` of a [B, T, H, D] tensor (f32 or bf16).
-void store_row(const nsa_tensor& t, int64_t b, int64_t pos, int64_t h, int64_t n,
-               const float* src, float mul = 1.0f) {
-  const int64_t off = offset_of(t, b, pos, h);
-  if (t.dtype == NSA_DTYPE_F32) {
-    float* dst = static_cast<float*>(t.data) + off;
-    for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * mul;
-  } else {
-    uint16_t* dst = static_cast<uint16_t*>(t.data) + off;
-    for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_bf16(src[i] * mul);
-  }
+// Writes n floats to row `pos` of head h of a [B, T, H, D] tensor (f32, or rounded to bf16).
+void store_head_row(const nsa_tensor& t, int64_t b, int64_t pos, int64_t h, int64_t n,
+                    const float* src) {
+  cpu::store_row(t, offset_of(t, b, pos, h), src, n);
 }
 
 // C[M x N] (+)= A B with A[m][k] = a[m * am + k * ak] (so A may be a transposed tile) and
@@ -170,9 +157,9 @@ void pack(const DenseBwdProblem& pr, Packed& pk, int threads) {
       std::fill(kr, kr + BN * DkP, 0.0f);
       std::fill(vt, vt + Dv * BN, 0.0f);
       for (int64_t j = 0; j < nk; ++j) {
-        load_row(p.k, seq.batch, seq.start + k0 + j, hk, Dk, kr + j * DkP);
+        load_head_row(p.k, seq.batch, seq.start + k0 + j, hk, Dk, kr + j * DkP);
         for (int64_t c = 0; c < Dk; ++c) kt[c * BN + j] = kr[j * DkP + c];
-        load_row(p.v, seq.batch, seq.start + k0 + j, hk, Dv, row.data());
+        load_head_row(p.v, seq.batch, seq.start + k0 + j, hk, Dv, row.data());
         for (int64_t c = 0; c < Dv; ++c) vt[c * BN + j] = row[c];
       }
     }
@@ -243,10 +230,12 @@ void head_item(const DenseBwdProblem& pr, const Packed& pk, const Dims& dm, int6
   const float* lse = static_cast<const float*>(p.lse.data);
   for (int64_t t = 0; t < len; ++t) {
     const int64_t tok = seq.start + t;
-    load_row(p.q, b, tok, h, Dk, w.q + t * DkP, p.scale);
+    float* qr = w.q + t * DkP;
+    load_head_row(p.q, b, tok, h, Dk, qr);
+    for (int64_t c = 0; c < Dk; ++c) qr[c] *= p.scale;
     float* dor = w.d_o + t * DvP;
-    load_row(p.d_o, b, tok, h, Dv, dor);
-    load_row(p.o, b, tok, h, Dv, w.o);
+    load_head_row(p.d_o, b, tok, h, Dv, dor);
+    load_head_row(p.o, b, tok, h, Dv, w.o);
     float D = 0.0f;  // FA2's D_i = rowsum(dO_i * O_i), from the forward's O as stored
     for (int64_t c = 0; c < Dv; ++c) D += dor[c] * w.o[c];
     w.dd[t] = D;
@@ -280,7 +269,11 @@ void head_item(const DenseBwdProblem& pr, const Packed& pk, const Dims& dm, int6
     std::copy(w.dk, w.dk + nk * DkP, dk_out);
     std::copy(w.dv, w.dv + nk * DvP, dv_out);
   }
-  for (int64_t t = 0; t < len; ++t) store_row(p.dq, b, seq.start + t, h, Dk, w.dq + t * DkP, p.scale);
+  for (int64_t t = 0; t < len; ++t) {
+    float* dq = w.dq + t * DkP;
+    for (int64_t c = 0; c < Dk; ++c) dq[c] *= p.scale;  // dQ = scale dS K
+    store_head_row(p.dq, b, seq.start + t, h, Dk, dq);
+  }
 }
 
 // dk, dv = the heads' shares summed in head order g = 0 .. G-1 (fixed: thread-count independent).
@@ -309,7 +302,7 @@ void reduce_heads(const DenseBwdProblem& pr, const Packed& pk, const Dims& dm, c
           const float* src = part + ((hk * pr.G + g) * rows + row) * DP;
           for (int64_t c = 0; c < D; ++c) acc[c] += src[c];
         }
-        store_row(pass == 0 ? p.dk : p.dv, seq.batch, seq.start + t, hk, D, acc.data());
+        store_head_row(pass == 0 ? p.dk : p.dv, seq.batch, seq.start + t, hk, D, acc.data());
       }
     }
   }
