@@ -362,8 +362,9 @@ NSA_API nsa_status nsa_dense_fwd(nsa_context* ctx, const nsa_dense_fwd_params* p
  *   dq = scale dS k,  dk = scale dS^T q,  dv = P^T d_o,
  * dk and dv summed over the G query heads of each KV head. P is recomputed from q, k and the
  * saved lse; o enters only through D. Deterministic: the result does not depend on the thread
- * count. The CPU backend needs about 4 * Hq * T * max(Dk, Dv) bytes of scratch (each query
- * head's share of dk and dv, summed in a fixed order at the end). */
+ * count. The CPU backend needs about 4 * B * T * Hq * (Dk + Dv) bytes of scratch (each query
+ * head's share of dk and dv, summed over the group in a fixed order at the end, as
+ * FlashAttention-2 does for MQA/GQA). */
 typedef struct nsa_dense_bwd_params {
   nsa_tensor q;   /* [B, T, Hq, Dk], f32 or bf16 */
   nsa_tensor k;   /* [B, T, Hkv, Dk], same dtype as q */

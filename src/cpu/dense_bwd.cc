@@ -138,30 +138,28 @@ void pack(const DenseBwdProblem& pr, Packed& pk, int threads) {
   const nsa_dense_bwd_params& p = pr.p;
   const int64_t BN = pk.BN, Dk = pr.Dk, DkP = pk.DkP, Dv = pr.Dv;
   const int64_t tiles = pk.first_tile.back() * pr.Hkv;
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<float> row(static_cast<size_t>(std::max(Dk, Dv)));
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < tiles; ++i) {
-      const int64_t tile = i / pr.Hkv, hk = i % pr.Hkv;
-      const int64_t seq_index =
-          std::upper_bound(pk.first_tile.begin(), pk.first_tile.end(), tile) -
-          pk.first_tile.begin() - 1;
-      const Sequence& seq = pr.seqs[seq_index];
-      const int64_t k0 = (tile - pk.first_tile[seq_index]) * BN;
-      const int64_t nk = std::min(BN, seq.len - k0);
-      float* kt = pk.kt + i * Dk * BN;
-      float* kr = pk.kr + i * BN * DkP;
-      float* vt = pk.vt + i * Dv * BN;
-      std::fill(kt, kt + Dk * BN, 0.0f);
-      std::fill(kr, kr + BN * DkP, 0.0f);
-      std::fill(vt, vt + Dv * BN, 0.0f);
-      for (int64_t j = 0; j < nk; ++j) {
-        load_head_row(p.k, seq.batch, seq.start + k0 + j, hk, Dk, kr + j * DkP);
-        for (int64_t c = 0; c < Dk; ++c) kt[c * BN + j] = kr[j * DkP + c];
-        load_head_row(p.v, seq.batch, seq.start + k0 + j, hk, Dv, row.data());
-        for (int64_t c = 0; c < Dv; ++c) vt[c * BN + j] = row[c];
-      }
+  // No allocation inside the parallel region: an exception must not leave it (it would
+  // terminate the process).
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t i = 0; i < tiles; ++i) {
+    const int64_t tile = i / pr.Hkv, hk = i % pr.Hkv;
+    const int64_t seq_index =
+        std::upper_bound(pk.first_tile.begin(), pk.first_tile.end(), tile) -
+        pk.first_tile.begin() - 1;
+    const Sequence& seq = pr.seqs[seq_index];
+    const int64_t k0 = (tile - pk.first_tile[seq_index]) * BN;
+    const int64_t nk = std::min(BN, seq.len - k0);
+    float* kt = pk.kt + i * Dk * BN;
+    float* kr = pk.kr + i * BN * DkP;
+    float* vt = pk.vt + i * Dv * BN;
+    std::fill(kt, kt + Dk * BN, 0.0f);
+    std::fill(kr, kr + BN * DkP, 0.0f);
+    std::fill(vt, vt + Dv * BN, 0.0f);
+    for (int64_t j = 0; j < nk; ++j) {
+      load_head_row(p.k, seq.batch, seq.start + k0 + j, hk, Dk, kr + j * DkP);
+      for (int64_t c = 0; c < Dk; ++c) kt[c * BN + j] = kr[j * DkP + c];
+      const int64_t v_off = offset_of(p.v, seq.batch, seq.start + k0 + j, hk);
+      for (int64_t c = 0; c < Dv; ++c) vt[c * BN + j] = load_f32(p.v, v_off + c);
     }
   }
 }
@@ -276,34 +274,31 @@ void head_item(const DenseBwdProblem& pr, const Packed& pk, const Dims& dm, int6
   }
 }
 
-// dk, dv = the heads' shares summed in head order g = 0 .. G-1 (fixed: thread-count independent).
-void reduce_heads(const DenseBwdProblem& pr, const Packed& pk, const Dims& dm, const float* pdk,
-                  const float* pdv, int threads) {
+// dk, dv = the heads' shares summed in head order g = 0 .. G-1 (fixed: thread-count independent),
+// in place in head 0's share (scratch; 0 + x is x, so this is the sum from zero).
+void reduce_heads(const DenseBwdProblem& pr, const Packed& pk, const Dims& dm, float* pdk,
+                  float* pdv, int threads) {
   const nsa_dense_bwd_params& p = pr.p;
   const int64_t rows = pk.first_tile.back() * dm.BN;  // rows of one head's slice
   const int64_t n = rows * pr.Hkv;
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<float> acc(static_cast<size_t>(std::max(dm.DkP, dm.DvP)));
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t row = i / pr.Hkv, hk = i % pr.Hkv;
-      const int64_t seq_index =
-          std::upper_bound(pk.first_tile.begin(), pk.first_tile.end(), row / dm.BN) -
-          pk.first_tile.begin() - 1;
-      const Sequence& seq = pr.seqs[seq_index];
-      const int64_t t = row - pk.first_tile[seq_index] * dm.BN;
-      if (t >= seq.len) continue;  // the padding of the sequence's last tile
-      for (int pass = 0; pass < 2; ++pass) {
-        const int64_t D = pass == 0 ? dm.Dk : dm.Dv, DP = pass == 0 ? dm.DkP : dm.DvP;
-        const float* part = pass == 0 ? pdk : pdv;
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t g = 0; g < pr.G; ++g) {
-          const float* src = part + ((hk * pr.G + g) * rows + row) * DP;
-          for (int64_t c = 0; c < D; ++c) acc[c] += src[c];
-        }
-        store_head_row(pass == 0 ? p.dk : p.dv, seq.batch, seq.start + t, hk, D, acc.data());
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t row = i / pr.Hkv, hk = i % pr.Hkv;
+    const int64_t seq_index =
+        std::upper_bound(pk.first_tile.begin(), pk.first_tile.end(), row / dm.BN) -
+        pk.first_tile.begin() - 1;
+    const Sequence& seq = pr.seqs[seq_index];
+    const int64_t t = row - pk.first_tile[seq_index] * dm.BN;
+    if (t >= seq.len) continue;  // the padding of the sequence's last tile
+    for (int pass = 0; pass < 2; ++pass) {
+      const int64_t D = pass == 0 ? dm.Dk : dm.Dv, DP = pass == 0 ? dm.DkP : dm.DvP;
+      float* part = pass == 0 ? pdk : pdv;
+      float* acc = part + (hk * pr.G * rows + row) * DP;
+      for (int64_t g = 1; g < pr.G; ++g) {
+        const float* src = part + ((hk * pr.G + g) * rows + row) * DP;
+        for (int64_t c = 0; c < D; ++c) acc[c] += src[c];
       }
+      store_head_row(pass == 0 ? p.dk : p.dv, seq.batch, seq.start + t, hk, D, acc);
     }
   }
 }
