@@ -8,6 +8,8 @@
 #include <ostream>
 #include <string>
 
+#include <hwy/targets.h>
+
 #include "nsa/nsa.hpp"
 #include "test_util.h"
 
@@ -192,6 +194,29 @@ std::vector<Case> cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, DenseBwdVsRef, ::testing::ValuesIn(cases()));
+
+// The kernel is generic in the vector length (tiles of 4 vectors: 64 positions with AVX-512,
+// 32 with AVX2, 16 with SSE4, 4 scalar): every target this machine runs matches the reference.
+TEST(DenseBwd, EveryTargetMatchesReference) {
+  const Shape s{1, 75, 6, 2, 20, 12};
+  for (int32_t window : {0, 9}) {
+    BwdCase ref = make_bwd(s, window, NSA_DTYPE_F32, 13);
+    ASSERT_EQ(run_bwd(NSA_BACKEND_REF, 0, ref), NSA_OK);
+    const double m = std::max({1.0, max_abs(ref.dq), max_abs(ref.dk), max_abs(ref.dv)});
+    const double tol = 16 * std::sqrt(4 * s.Dk + s.Dv + 3.0 * s.T) * kEps * m;  // as above
+    for (int64_t target : hwy::SupportedAndGeneratedTargets()) {
+      hwy::SetSupportedTargetsForTest(target);
+      BwdCase cpu = make_bwd(s, window, NSA_DTYPE_F32, 13);
+      const nsa_status st = run_bwd(NSA_BACKEND_CPU, 0, cpu);
+      hwy::SetSupportedTargetsForTest(0);  // back to every supported target
+      ASSERT_EQ(st, NSA_OK);
+      double worst = 0;
+      EXPECT_EQ(count_far(cpu.dq, ref.dq, tol, &worst), 0) << hwy::TargetName(target);
+      EXPECT_EQ(count_far(cpu.dk, ref.dk, tol, &worst), 0) << hwy::TargetName(target);
+      EXPECT_EQ(count_far(cpu.dv, ref.dv, tol, &worst), 0) << hwy::TargetName(target);
+    }
+  }
+}
 
 // The float64 reference is the gradient of L = sum(dO * o) through the reference forward: central
 // differences with step h = 1e-2 on a tiny shape. The difference quotient's truncation error is
