@@ -5,7 +5,8 @@
 //                   combine, K/V packing) as counters, from nsa_fwd_profile,
 //   BM_NsaGivenIndices  the forward with caller-supplied blocks (no scoring or top-n),
 //   BM_NsaSmallGroups  groups of G = 1 and 4 heads (Hq = 16), which fill part of a vector,
-//   BM_Dense        the dense causal flash baseline.
+//   BM_Dense        the dense causal flash baseline,
+//   BM_DenseBwd     its backward (Hq = 16, Hkv = 1, Dk = Dv = 128, f32).
 // Counters named *_ms are milliseconds per iteration; GFLOP/s counts attended (query, key)
 // pairs only, 2 (Dk + Dv) FLOPs each per head, as `nsa bench` does.
 #include <benchmark/benchmark.h>
@@ -197,6 +198,34 @@ void BM_Dense(benchmark::State& state) {
   report_flops(state, 2.0 * 2 * D * H * double(T) * double(T + 1) / 2);
 }
 BENCHMARK(BM_Dense)->ArgsProduct({{2048, 8192}, {0, 1}})->ArgNames({"T", "bf16"})->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// The dense backward on FlashAttention's shape of the comparison (Dk = Dv = 128). GFLOP/s uses
+// FlashAttention's convention for a causal backward: 2.5 times the forward's 4 * B * Hq * T^2 * D
+// / 2 FLOPs, i.e. 5 * B * Hq * T^2 * D (five T x T x D matmuls over half the square); the masked
+// half of the diagonal tiles and the exps are not counted.
+void BM_DenseBwd(benchmark::State& state) {
+  const int64_t T = state.range(0), D = 128, H = 16;
+  const nsa_dtype dt = NSA_DTYPE_F32;
+  Buf q(dt, {1, T, H, D}, 1), k(dt, {1, T, 1, D}, 2), v(dt, {1, T, 1, D}, 3);
+  Buf o(dt, {1, T, H, D}, 4, 0, 0), lse(NSA_DTYPE_F32, {1, T, H}, 5, 0, 0);
+  Buf d_o(dt, {1, T, H, D}, 6), dq(dt, {1, T, H, D}, 7, 0, 0);
+  Buf dk(dt, {1, T, 1, D}, 8, 0, 0), dv(dt, {1, T, 1, D}, 9, 0, 0);
+  nsa_context* ctx = make_context(false);
+  nsa_dense_fwd_params fp;  // the forward's o and lse, as a training step saves them
+  nsa_dense_fwd_params_init(&fp);
+  fp.q = q.t, fp.k = k.t, fp.v = v.t, fp.o = o.t, fp.lse = lse.t;
+  if (nsa_dense_fwd(ctx, &fp) != NSA_OK) state.SkipWithError(nsa_last_error(ctx));
+  nsa_dense_bwd_params bp;
+  nsa_dense_bwd_params_init(&bp);
+  bp.q = q.t, bp.k = k.t, bp.v = v.t, bp.o = o.t, bp.lse = lse.t, bp.d_o = d_o.t;
+  bp.dq = dq.t, bp.dk = dk.t, bp.dv = dv.t;
+  for (auto _ : state) {
+    if (nsa_dense_bwd(ctx, &bp) != NSA_OK) state.SkipWithError(nsa_last_error(ctx));
+  }
+  nsa_context_destroy(ctx);
+  report_flops(state, 2.5 * 4.0 * double(H) * double(T) * double(T) * double(D) / 2);
+}
+BENCHMARK(BM_DenseBwd)->Arg(4096)->Arg(8192)->ArgName("T")->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // A few-millisecond case of each, for the test suite's smoke run (the benchmarks must not rot).
 void BM_Smoke(benchmark::State& state) {

@@ -52,20 +52,6 @@ nsa_status run_dense(nsa_backend backend, int threads, const FwdCase& c, int32_t
   return st;
 }
 
-// |got - want| <= tol (absolute; values are O(1)); infinities must match exactly.
-int64_t count_far(const Tensor& got, const Tensor& want, double tol, double* worst) {
-  int64_t bad = 0;
-  got.for_each([&](int64_t a, int64_t b, int64_t c, int64_t d) {
-    // The two tensors may have different strides (a padded view against a plain one).
-    const double x = got.get_raw(got.logical_offset(a, b, c, d));
-    const double y = want.get_raw(want.logical_offset(a, b, c, d));
-    const bool ok = std::isinf(y) ? x == y : std::fabs(x - y) <= tol;
-    if (!ok) ++bad;
-    if (std::isfinite(y)) *worst = std::max(*worst, std::fabs(x - y));
-  });
-  return bad;
-}
-
 class DenseVsRef : public ::testing::TestWithParam<DenseCase> {};
 
 TEST_P(DenseVsRef, MatchesReference) {

@@ -3,6 +3,7 @@
 // view poisons its own result and the comparison fails.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -219,6 +220,21 @@ inline nsa_status run_fwd(nsa_backend backend, FwdCase& c, std::string* message 
   if (message) *message = nsa_last_error(ctx);
   nsa_context_destroy(ctx);
   return s;
+}
+
+// Entries of `got` with |got - want| > tol (absolute); infinities must match exactly. The two
+// tensors may have different strides (a padded view against a plain one). *worst gets the largest
+// finite difference.
+inline int64_t count_far(const Tensor& got, const Tensor& want, double tol, double* worst) {
+  int64_t bad = 0;
+  got.for_each([&](int64_t a, int64_t b, int64_t c, int64_t d) {
+    const double x = got.get_raw(got.logical_offset(a, b, c, d));
+    const double y = want.get_raw(want.logical_offset(a, b, c, d));
+    const bool ok = std::isinf(y) ? x == y : std::fabs(x - y) <= tol;
+    if (!ok) ++bad;
+    if (std::isfinite(y)) *worst = std::max(*worst, std::fabs(x - y));
+  });
+  return bad;
 }
 
 }  // namespace nsa_test

@@ -357,6 +357,34 @@ typedef struct nsa_dense_fwd_params {
 NSA_API void nsa_dense_fwd_params_init(nsa_dense_fwd_params* p);
 NSA_API nsa_status nsa_dense_fwd(nsa_context* ctx, const nsa_dense_fwd_params* p);
 
+/* The gradients of nsa_dense_fwd (FlashAttention-2's backward): with L = sum(d_o * o),
+ *   P = softmax(scale q k^T) over the visible keys, D = rowsum(d_o * o), dS = P * (d_o v^T - D),
+ *   dq = scale dS k,  dk = scale dS^T q,  dv = P^T d_o,
+ * dk and dv summed over the G query heads of each KV head. P is recomputed from q, k and the
+ * saved lse; o enters only through D. Deterministic: the result does not depend on the thread
+ * count. The CPU backend needs about 4 * B * T * Hq * (Dk + Dv) bytes of scratch (each query
+ * head's share of dk and dv, summed over the group in a fixed order at the end, as
+ * FlashAttention-2 does for MQA/GQA). */
+typedef struct nsa_dense_bwd_params {
+  nsa_tensor q;   /* [B, T, Hq, Dk], f32 or bf16 */
+  nsa_tensor k;   /* [B, T, Hkv, Dk], same dtype as q */
+  nsa_tensor v;   /* [B, T, Hkv, Dv], same dtype as q */
+  nsa_tensor o;   /* [B, T, Hq, Dv], f32 or bf16: nsa_dense_fwd's output */
+  nsa_tensor lse; /* [B, T, Hq] f32: nsa_dense_fwd's lse (required) */
+  nsa_tensor d_o; /* [B, T, Hq, Dv], f32 or q's dtype: dL/do */
+  const int32_t* cu_seqlens; /* optional, as in nsa_dense_fwd_params */
+  int64_t num_seqs;
+  float scale;    /* 0: 1/sqrt(Dk); must be the forward's */
+  int32_t window; /* as in nsa_dense_fwd_params; must be the forward's */
+  /* Outputs, f32 or bf16, overwritten. */
+  nsa_tensor dq;  /* [B, T, Hq, Dk] */
+  nsa_tensor dk;  /* [B, T, Hkv, Dk] */
+  nsa_tensor dv;  /* [B, T, Hkv, Dv] */
+} nsa_dense_bwd_params;
+
+NSA_API void nsa_dense_bwd_params_init(nsa_dense_bwd_params* p);
+NSA_API nsa_status nsa_dense_bwd(nsa_context* ctx, const nsa_dense_bwd_params* p);
+
 /* ---------------------------------------------------------------------------------------------
  * Decode with a KV cache (SPEC.md section 7)
  *

@@ -87,6 +87,7 @@ class Context {
   void compress(const nsa_compress_params& p) { check(nsa_compress(get(), &p)); }
   void compress_bwd(const nsa_compress_bwd_params& p) { check(nsa_compress_bwd(get(), &p)); }
   void dense_fwd(const nsa_dense_fwd_params& p) { check(nsa_dense_fwd(get(), &p)); }
+  void dense_bwd(const nsa_dense_bwd_params& p) { check(nsa_dense_bwd(get(), &p)); }
 
   nsa_context* get() { return ctx_.get(); }
 

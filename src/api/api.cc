@@ -336,6 +336,26 @@ nsa_status nsa_dense_fwd(nsa_context* ctx, const nsa_dense_fwd_params* p) {
   });
 }
 
+void nsa_dense_bwd_params_init(nsa_dense_bwd_params* p) {
+  if (p != nullptr) std::memset(p, 0, sizeof *p);
+}
+
+nsa_status nsa_dense_bwd(nsa_context* ctx, const nsa_dense_bwd_params* p) {
+  if (ctx == nullptr) return NSA_ERR_NULL_POINTER;
+  return guarded(ctx, [&]() -> Status {
+    if (p == nullptr) return nsa::error(NSA_ERR_NULL_POINTER, "params: NULL");
+    nsa::DenseBwdProblem problem;
+    NSA_RETURN_IF_ERROR(nsa::make_dense_bwd_problem(*p, &problem));
+    problem.num_threads = ctx->num_threads;
+    if (problem.B == 0 || problem.T == 0) return Status::ok();
+    switch (resolve(ctx->backend)) {
+      case NSA_BACKEND_REF: return nsa::ref::dense_backward(problem);
+      case NSA_BACKEND_CPU: return nsa::cpu::dense_backward(problem);
+      default: return unavailable(ctx->backend);
+    }
+  });
+}
+
 const char* nsa_version(void) { return NSA_VERSION_STRING; }
 
 const char* nsa_build_info(void) { return NSA_BUILD_INFO; }

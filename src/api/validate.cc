@@ -419,31 +419,29 @@ Status make_compress_problem(const nsa_compress_params& in, CompressProblem* out
   return Status::ok();
 }
 
-Status make_dense_problem(const nsa_dense_fwd_params& in, DenseProblem* out) {
-  DenseProblem pr;
-  pr.p = in;
-  nsa_dense_fwd_params& p = pr.p;
+Status check_dense_inputs(nsa_dense_fwd_params* params, DenseProblem* pr) {
+  nsa_dense_fwd_params& p = *params;
   const std::vector<nsa_dtype> floats = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
   NSA_RETURN_IF_ERROR(check_tensor("q", p.q, {-1, -1, -1, -1}, floats, Role::kInput));
-  pr.B = p.q.shape[0];
-  pr.T = p.q.shape[1];
-  pr.Hq = p.q.shape[2];
-  pr.Dk = p.q.shape[3];
+  pr->B = p.q.shape[0];
+  pr->T = p.q.shape[1];
+  pr->Hq = p.q.shape[2];
+  pr->Dk = p.q.shape[3];
   const std::vector<nsa_dtype> same = {p.q.dtype};
-  NSA_RETURN_IF_ERROR(check_tensor("k", p.k, {pr.B, pr.T, -1, pr.Dk}, same, Role::kInput));
-  pr.Hkv = p.k.shape[2];
-  NSA_RETURN_IF_ERROR(check_tensor("v", p.v, {pr.B, pr.T, pr.Hkv, -1}, same, Role::kInput));
-  pr.Dv = p.v.shape[3];
-  if (pr.Hq < 1 || pr.Dk < 1 || pr.Hkv < 1 || pr.Dv < 1) {
+  NSA_RETURN_IF_ERROR(check_tensor("k", p.k, {pr->B, pr->T, -1, pr->Dk}, same, Role::kInput));
+  pr->Hkv = p.k.shape[2];
+  NSA_RETURN_IF_ERROR(check_tensor("v", p.v, {pr->B, pr->T, pr->Hkv, -1}, same, Role::kInput));
+  pr->Dv = p.v.shape[3];
+  if (pr->Hq < 1 || pr->Dk < 1 || pr->Hkv < 1 || pr->Dv < 1) {
     return error(NSA_ERR_INVALID_SHAPE, cat("q/k/v: need at least one head and head dims >= 1, "
                                             "got q ", shape_str(p.q), ", v ", shape_str(p.v)));
   }
-  if (pr.Hq % pr.Hkv != 0) {
+  if (pr->Hq % pr->Hkv != 0) {
     return error(NSA_ERR_INVALID_SHAPE,
-                 cat("q/k: Hq = ", pr.Hq, " query heads is not a multiple of Hkv = ", pr.Hkv,
+                 cat("q/k: Hq = ", pr->Hq, " query heads is not a multiple of Hkv = ", pr->Hkv,
                      " KV heads"));
   }
-  pr.G = pr.Hq / pr.Hkv;
+  pr->G = pr->Hq / pr->Hkv;
   if (p.window < 0) {
     return error(NSA_ERR_INVALID_ARGUMENT,
                  cat("window: must be >= 0 (0: no window), got ", p.window));
@@ -454,11 +452,20 @@ Status make_dense_problem(const nsa_dense_fwd_params& in, DenseProblem* out) {
   }
   nsa_config cfg;  // only for the sequence list; compressed lengths are unused here
   nsa_config_default(&cfg);
-  NSA_RETURN_IF_ERROR(make_sequences(cfg, pr.B, pr.T, p.cu_seqlens, p.num_seqs, &pr.seqs));
+  NSA_RETURN_IF_ERROR(make_sequences(cfg, pr->B, pr->T, p.cu_seqlens, p.num_seqs, &pr->seqs));
+  if (p.scale == 0.0f) p.scale = static_cast<float>(1.0 / std::sqrt(double(pr->Dk)));
+  return Status::ok();
+}
+
+Status make_dense_problem(const nsa_dense_fwd_params& in, DenseProblem* out) {
+  DenseProblem pr;
+  pr.p = in;
+  nsa_dense_fwd_params& p = pr.p;
+  NSA_RETURN_IF_ERROR(check_dense_inputs(&p, &pr));
+  const std::vector<nsa_dtype> floats = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
   NSA_RETURN_IF_ERROR(check_tensor("o", p.o, {pr.B, pr.T, pr.Hq, pr.Dv}, floats, Role::kOutput));
   NSA_RETURN_IF_ERROR(check_optional("lse", p.lse, {pr.B, pr.T, pr.Hq}, {NSA_DTYPE_F32},
                                      Role::kOutput));
-  if (p.scale == 0.0f) p.scale = static_cast<float>(1.0 / std::sqrt(double(pr.Dk)));
   *out = std::move(pr);
   return Status::ok();
 }

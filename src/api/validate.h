@@ -27,6 +27,9 @@ Status validate_config(const nsa_config& cfg);
 Status make_fwd_problem(const nsa_fwd_params& p, FwdProblem* out);
 Status make_compress_problem(const nsa_compress_params& p, CompressProblem* out);
 Status make_dense_problem(const nsa_dense_fwd_params& p, DenseProblem* out);
+// The dense backward's checks (validate_bwd.cc): the forward's inputs as nsa_dense_fwd checks
+// them, then o, lse, d_o, the outputs and their aliasing.
+Status make_dense_bwd_problem(const nsa_dense_bwd_params& p, DenseBwdProblem* out);
 // The backward's checks (validate_bwd.cc): the forward's inputs as nsa_fwd / nsa_compress check
 // them, then the saved selection, the incoming gradient, the outputs and their aliasing.
 Status make_bwd_problem(const nsa_bwd_params& p, BwdProblem* out);

@@ -225,4 +225,47 @@ Status make_compress_bwd_problem(const nsa_compress_bwd_params& in, CompressBwdP
   return Status::ok();
 }
 
+Status make_dense_bwd_problem(const nsa_dense_bwd_params& in, DenseBwdProblem* out) {
+  DenseBwdProblem pr;
+  pr.p = in;
+  nsa_dense_bwd_params& p = pr.p;
+  // The forward's inputs, checked exactly as nsa_dense_fwd checks them.
+  nsa_dense_fwd_params fwd;
+  nsa_dense_fwd_params_init(&fwd);
+  fwd.q = p.q;
+  fwd.k = p.k;
+  fwd.v = p.v;
+  fwd.cu_seqlens = p.cu_seqlens;
+  fwd.num_seqs = p.num_seqs;
+  fwd.scale = p.scale;
+  fwd.window = p.window;
+  DenseProblem sizes;
+  NSA_RETURN_IF_ERROR(check_dense_inputs(&fwd, &sizes));
+  p.scale = fwd.scale;
+  pr.B = sizes.B, pr.T = sizes.T, pr.Hq = sizes.Hq, pr.Hkv = sizes.Hkv, pr.G = sizes.G;
+  pr.Dk = sizes.Dk, pr.Dv = sizes.Dv;
+  pr.seqs = std::move(sizes.seqs);
+
+  const std::vector<nsa_dtype> floats = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
+  const std::vector<int64_t> per_q = {pr.B, pr.T, pr.Hq, pr.Dv};
+  NSA_RETURN_IF_ERROR(check_tensor("o", p.o, per_q, floats, Role::kInput));
+  // The backward recomputes P from lse (FlashAttention-2): without it there is nothing to
+  // normalise by, so it is required here although the forward may omit it.
+  NSA_RETURN_IF_ERROR(check_tensor("lse", p.lse, {pr.B, pr.T, pr.Hq}, {NSA_DTYPE_F32},
+                                   Role::kInput));
+  NSA_RETURN_IF_ERROR(check_tensor("d_o", p.d_o, per_q, {NSA_DTYPE_F32, p.q.dtype},
+                                   Role::kInput));
+  NSA_RETURN_IF_ERROR(check_tensor("dq", p.dq, {pr.B, pr.T, pr.Hq, pr.Dk}, floats,
+                                   Role::kOutput));
+  NSA_RETURN_IF_ERROR(check_tensor("dk", p.dk, {pr.B, pr.T, pr.Hkv, pr.Dk}, floats,
+                                   Role::kOutput));
+  NSA_RETURN_IF_ERROR(check_tensor("dv", p.dv, {pr.B, pr.T, pr.Hkv, pr.Dv}, floats,
+                                   Role::kOutput));
+  NSA_RETURN_IF_ERROR(check_no_aliasing(
+      {{"dq", p.dq}, {"dk", p.dk}, {"dv", p.dv}},
+      {{"q", p.q}, {"k", p.k}, {"v", p.v}, {"o", p.o}, {"lse", p.lse}, {"d_o", p.d_o}}));
+  *out = std::move(pr);
+  return Status::ok();
+}
+
 }  // namespace nsa

@@ -49,6 +49,9 @@ Status check_indices(const char* name, const nsa_tensor& ix, const nsa_config& c
 // The forward's inputs in problem->p (config, q, k, v, per-branch K/V, cu_seqlens, k_cmp, v_cmp,
 // gates): checked, the sizes and sequences filled in, absent per-branch K/V aliased to k/v.
 Status check_fwd_inputs(FwdProblem* problem);
+// The dense op's inputs in *p (q, k, v, cu_seqlens, scale, window): checked, the sizes and
+// sequences of *problem filled in, p->scale resolved to 1/sqrt(Dk) when it was 0.
+Status check_dense_inputs(nsa_dense_fwd_params* p, DenseProblem* problem);
 // The compression's inputs in problem->p (config, kind, x, cu_seqlens, the mlp parameters).
 Status check_compress_inputs(CompressProblem* problem);
 

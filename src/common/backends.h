@@ -10,6 +10,7 @@ namespace ref {
 Status forward(const FwdProblem& problem);
 Status compress(const CompressProblem& problem);
 Status dense_forward(const DenseProblem& problem);
+Status dense_backward(const DenseBwdProblem& problem);
 Status backward(const BwdProblem& problem);
 Status compress_backward(const CompressBwdProblem& problem);
 }  // namespace ref
@@ -20,6 +21,7 @@ bool available();
 Status forward(const FwdProblem& problem);
 Status compress(const CompressProblem& problem);
 Status dense_forward(const DenseProblem& problem);
+Status dense_backward(const DenseBwdProblem& problem);
 }  // namespace cpu
 
 }  // namespace nsa

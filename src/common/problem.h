@@ -72,4 +72,11 @@ struct DenseProblem {
   int32_t num_threads = 0;
 };
 
+struct DenseBwdProblem {
+  nsa_dense_bwd_params p;  // scale resolved to 1/sqrt(Dk) when it was 0
+  int64_t B = 0, T = 0, Hq = 0, Hkv = 0, G = 0, Dk = 0, Dv = 0;
+  std::vector<Sequence> seqs;
+  int32_t num_threads = 0;
+};
+
 }  // namespace nsa

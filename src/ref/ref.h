@@ -105,6 +105,8 @@ Status forward(const FwdProblem& problem);
 Status compress(const CompressProblem& problem);
 // Dense causal attention (the baseline op), optionally windowed.
 Status dense_forward(const DenseProblem& problem);
+// Its gradients (FlashAttention-2's backward) in float64, O recomputed (ref_dense_bwd.cc).
+Status dense_backward(const DenseBwdProblem& problem);
 // SPEC 6 through the C API: the arguments converted to float64, backward64, the results stored.
 Status backward(const BwdProblem& problem);
 Status compress_backward(const CompressBwdProblem& problem);
