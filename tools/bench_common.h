@@ -82,3 +82,6 @@ struct Buf {
     }
   }
 };
+
+// `nsa bench --pass bwd|fwdbwd` (cmd_bench_bwd.cc).
+int run_bench_bwd(const BenchOptions& opt);

@@ -26,10 +26,7 @@ namespace {
 
 
 int run_bench(const BenchOptions& opt) {
-  if (opt.pass != "fwd") {
-    std::fprintf(stderr, "nsa bench: --pass %s is not implemented yet (only fwd)\n", opt.pass.c_str());
-    return 2;
-  }
+  if (opt.pass != "fwd") return run_bench_bwd(opt);  // cmd_bench_bwd.cc
   nsa_context* ctx = nullptr;
   nsa_context_create(&ctx);
   nsa_context_set_num_threads(ctx, opt.threads);
@@ -132,7 +129,7 @@ int run_bench(const BenchOptions& opt) {
 Command add_bench_command(CLI::App& app) {
   auto* cmd = app.add_subcommand("bench", "Time the NSA forward against the dense baseline");
   auto opt = std::make_shared<BenchOptions>();
-  cmd->add_option("--pass", opt->pass, "fwd (bwd and fwdbwd: not yet)")->check(CLI::IsMember({"fwd", "bwd", "fwdbwd"}))->capture_default_str();
+  cmd->add_option("--pass", opt->pass, "fwd, bwd (backward alone) or fwdbwd (forward then backward)")->check(CLI::IsMember({"fwd", "bwd", "fwdbwd"}))->capture_default_str();
   cmd->add_option("--lengths", opt->lengths, "comma-separated sequence lengths")->capture_default_str();
   cmd->add_option("--dtype", opt->dtype, "input dtype")->check(CLI::IsMember({"f32", "bf16"}))->capture_default_str();
   cmd->add_option("--threads", opt->threads, "threads (0: OpenMP's default)")->capture_default_str();

@@ -1,0 +1,155 @@
+// `nsa bench --pass bwd|fwdbwd`: the NSA backward (and forward + backward) against the dense
+// flash backward on the same inputs, same group and config as the forward bench.
+//
+// NSA's forward is mean compression of K and V, then nsa_fwd saving the per-branch LSEs and the
+// selected blocks; its backward is nsa_bwd (dq, dk, dv, dk_cmp, dv_cmp, the gate gradients)
+// followed by the compression backward of dk_cmp and dv_cmp (nsa_compress_bwd, mean). The dense
+// forward is nsa_dense_fwd saving its LSE; its backward is nsa_dense_bwd. `bwd` times the
+// backward alone, after one forward produced what it needs; `fwdbwd` times both in sequence.
+//
+// FLOPs per attended (query, key) pair and head: forward 2 (Dk + Dv) (S = q k, o += p v);
+// backward 2 (3 Dk + 2 Dv) (S recomputed, dP = dO v, dv += p dO, dq += dS k, dk += dS q), which
+// is FlashAttention's 2.5x the forward when Dk = Dv.
+#include <cmath>
+#include <cstdio>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "bench_common.h"
+#include "nsa/nsa.h"
+
+namespace {
+
+// An owned contiguous int32 or f32 tensor of zeros.
+struct Zeros {
+  std::vector<float> data;
+  nsa_tensor t{};
+  Zeros(nsa_dtype dt, std::vector<int64_t> shape) {
+    int64_t n = 1;
+    for (int64_t s : shape) n *= s;
+    data.assign(static_cast<size_t>(n) + 1, 0.0f);
+    t = nsa_tensor_contiguous(data.data(), dt, int32_t(shape.size()), shape.data());
+  }
+};
+
+}  // namespace
+
+int run_bench_bwd(const BenchOptions& opt) {
+  nsa_context* ctx = nullptr;
+  nsa_context_create(&ctx);
+  nsa_context_set_num_threads(ctx, opt.threads);
+  const nsa_dtype dt = opt.dtype == "bf16" ? NSA_DTYPE_BF16 : NSA_DTYPE_F32;
+  const bool with_fwd = opt.pass == "fwdbwd";
+  nsa_config cfg;
+  nsa_config_default(&cfg);
+  nlohmann::json rows = nlohmann::json::array();
+  if (!opt.json) {
+    std::printf("nsa bench %s: B=1 Hq=%lld Hkv=%lld Dk=%lld Dv=%lld %s, threads=%d, median of %d\n",
+                opt.pass.c_str(), (long long)opt.hq, (long long)opt.hkv, (long long)opt.dk,
+                (long long)opt.dv, opt.dtype.c_str(), opt.threads, opt.repeats);
+    std::printf("%7s %10s %10s %9s %8s %8s %10s %12s\n", "T", "nsa_ms", "dense_ms", "speedup",
+                "model", "GF/s", "dense_GF/s", "cmp_bwd_ms");
+  }
+  std::stringstream ss(opt.lengths);
+  std::string item;
+  int rc = 0;
+  while (std::getline(ss, item, ',')) {
+    const int64_t T = std::stoll(item), Tc = nsa_cmp_len(&cfg, T), n = cfg.slc_count;
+    const int64_t Hq = opt.hq, Hkv = opt.hkv, Dk = opt.dk, Dv = opt.dv;
+    std::mt19937_64 rng(1);
+    Buf q(dt, {1, T, Hq, Dk}, rng, -1, 1), k(dt, {1, T, Hkv, Dk}, rng, -1, 1),
+        v(dt, {1, T, Hkv, Dv}, rng, -1, 1), d_o(dt, {1, T, Hq, Dv}, rng, -1, 1);
+    Buf g_cmp(dt, {1, T, Hq}, rng, 0, 1), g_slc(dt, {1, T, Hq}, rng, 0, 1),
+        g_win(dt, {1, T, Hq}, rng, 0, 1);
+    Buf k_cmp(dt, {1, Tc, Hkv, Dk}, rng, 0, 0), v_cmp(dt, {1, Tc, Hkv, Dv}, rng, 0, 0);
+    Zeros o(NSA_DTYPE_F32, {1, T, Hq, Dv}), lse_cmp(NSA_DTYPE_F32, {1, T, Hq}),
+        lse_slc(NSA_DTYPE_F32, {1, T, Hq}), lse_win(NSA_DTYPE_F32, {1, T, Hq}),
+        idx(NSA_DTYPE_I32, {1, T, Hkv, n});
+    Zeros dq(NSA_DTYPE_F32, {1, T, Hq, Dk}), dk(NSA_DTYPE_F32, {1, T, Hkv, Dk}),
+        dv(NSA_DTYPE_F32, {1, T, Hkv, Dv}), dk_cmp(NSA_DTYPE_F32, {1, Tc, Hkv, Dk}),
+        dv_cmp(NSA_DTYPE_F32, {1, Tc, Hkv, Dv}), dg_cmp(NSA_DTYPE_F32, {1, T, Hq}),
+        dg_slc(NSA_DTYPE_F32, {1, T, Hq}), dg_win(NSA_DTYPE_F32, {1, T, Hq}),
+        dxk(NSA_DTYPE_F32, {1, T, Hkv, Dk}), dxv(NSA_DTYPE_F32, {1, T, Hkv, Dv});
+    Zeros od(NSA_DTYPE_F32, {1, T, Hq, Dv}), lse_d(NSA_DTYPE_F32, {1, T, Hq});
+    nsa_status st = NSA_OK;
+    auto ok = [&](nsa_status s) { st = st != NSA_OK ? st : s; };
+
+    nsa_compress_params cp;
+    nsa_compress_params_init(&cp);
+    nsa_fwd_params fp;
+    nsa_fwd_params_init(&fp);
+    fp.q = q.t; fp.k = k.t; fp.v = v.t; fp.k_cmp = k_cmp.t; fp.v_cmp = v_cmp.t;
+    fp.g_cmp = g_cmp.t; fp.g_slc = g_slc.t; fp.g_win = g_win.t; fp.o = o.t;
+    fp.lse_cmp = lse_cmp.t; fp.lse_slc = lse_slc.t; fp.lse_win = lse_win.t;
+    fp.slc_indices_out = idx.t;
+    auto nsa_forward = [&] {
+      cp.x = k.t; cp.out = k_cmp.t; ok(nsa_compress(ctx, &cp));
+      cp.x = v.t; cp.out = v_cmp.t; ok(nsa_compress(ctx, &cp));
+      ok(nsa_fwd(ctx, &fp));
+    };
+    nsa_bwd_params bp;
+    nsa_bwd_params_init(&bp);
+    bp.q = q.t; bp.k = k.t; bp.v = v.t; bp.k_cmp = k_cmp.t; bp.v_cmp = v_cmp.t;
+    bp.g_cmp = g_cmp.t; bp.g_slc = g_slc.t; bp.g_win = g_win.t;
+    bp.slc_indices = idx.t; bp.lse_cmp = lse_cmp.t; bp.lse_slc = lse_slc.t; bp.lse_win = lse_win.t;
+    bp.d_o = d_o.t; bp.dq = dq.t; bp.dk = dk.t; bp.dv = dv.t; bp.dk_cmp = dk_cmp.t;
+    bp.dv_cmp = dv_cmp.t; bp.dg_cmp = dg_cmp.t; bp.dg_slc = dg_slc.t; bp.dg_win = dg_win.t;
+    nsa_compress_bwd_params cb;
+    nsa_compress_bwd_params_init(&cb);
+    auto compress_backward = [&] {
+      cb.x = k.t; cb.dout = dk_cmp.t; cb.dx = dxk.t; ok(nsa_compress_bwd(ctx, &cb));
+      cb.x = v.t; cb.dout = dv_cmp.t; cb.dx = dxv.t; ok(nsa_compress_bwd(ctx, &cb));
+    };
+    auto nsa_backward = [&] {
+      ok(nsa_bwd(ctx, &bp));
+      compress_backward();
+    };
+    nsa_dense_fwd_params df;
+    nsa_dense_fwd_params_init(&df);
+    df.q = q.t; df.k = k.t; df.v = v.t; df.o = od.t; df.lse = lse_d.t;
+    nsa_dense_bwd_params db;
+    nsa_dense_bwd_params_init(&db);
+    db.q = q.t; db.k = k.t; db.v = v.t; db.o = od.t; db.lse = lse_d.t; db.d_o = d_o.t;
+    db.dq = dq.t; db.dk = dk.t; db.dv = dv.t;
+
+    nsa_forward();  // the saved values the backward reads
+    const double nsa_ms = with_fwd ? median_ms(opt.repeats, [&] { nsa_forward(); nsa_backward(); })
+                                   : median_ms(opt.repeats, nsa_backward);
+    const double cmp_bwd_ms = median_ms(opt.repeats, compress_backward);
+    double dense_ms = std::nan("");
+    if (!opt.no_dense) {
+      ok(nsa_dense_fwd(ctx, &df));
+      dense_ms = with_fwd ? median_ms(opt.repeats, [&] { ok(nsa_dense_fwd(ctx, &df)); ok(nsa_dense_bwd(ctx, &db)); })
+                          : median_ms(opt.repeats, [&] { ok(nsa_dense_bwd(ctx, &db)); });
+    }
+    if (st != NSA_OK) {
+      std::fprintf(stderr, "nsa bench: %s: %s\n", nsa_status_name(st), nsa_last_error(ctx));
+      rc = 1;
+      break;
+    }
+    double nsa_keys = 0;
+    for (int64_t t = 0; t < T; ++t) nsa_keys += attended_keys(cfg, t);
+    const double dense_keys = double(T) * double(T + 1) / 2;
+    const double per_key = double(Hq) * (2.0 * double(3 * Dk + 2 * Dv) +
+                                         (with_fwd ? 2.0 * double(Dk + Dv) : 0.0));
+    const double model = (T / 2.0) / (double(T) / (2.0 * cfg.cmp_stride) +
+                                      double(cfg.slc_count) * cfg.slc_block + cfg.window);
+    const double gflops = per_key * nsa_keys / (nsa_ms * 1e6);
+    const double dense_gflops = per_key * dense_keys / (dense_ms * 1e6);
+    rows.push_back({{"pass", opt.pass}, {"dtype", opt.dtype}, {"T", T}, {"threads", opt.threads},
+                    {"ms", nsa_ms}, {"dense_ms", dense_ms}, {"speedup", dense_ms / nsa_ms},
+                    {"gflops", gflops}, {"dense_gflops", dense_gflops}, {"model_ratio", model},
+                    {"compress_bwd_ms", cmp_bwd_ms}});
+    if (!opt.json) {
+      std::printf("%7lld %10.1f %10.1f %8.2fx %7.2fx %8.1f %10.1f %12.1f\n", (long long)T, nsa_ms,
+                  dense_ms, dense_ms / nsa_ms, model, gflops, dense_gflops, cmp_bwd_ms);
+      std::fflush(stdout);
+    }
+  }
+  if (opt.json) std::printf("%s\n", rows.dump(2).c_str());
+  nsa_context_destroy(ctx);
+  return rc;
+}
