@@ -20,6 +20,8 @@ bool available();
 Status forward(const FwdProblem& problem);
 Status compress(const CompressProblem& problem);
 Status dense_forward(const DenseProblem& problem);
+// backward.cc: nsa_bwd (SPEC 6). The compression backward stays on the reference.
+Status backward(const BwdProblem& problem);
 }  // namespace cpu
 
 }  // namespace nsa
