@@ -11,8 +11,9 @@
 // Where the time goes: pass 1 reads each (row, key) pair once (a Dk dot, a Dv dot, a Dv axpy and
 // a Dk axpy); pass 2 reads each pair again (the same two dots, then a Dk and a Dv axpy into the
 // key's accumulators), so the whole backward is about 2x the forward's multiply-adds, plus the
-// recomputed exp. The loops are plain f32 (auto-vectorized at the build's baseline ISA); no
-// Highway dispatch yet.
+// recomputed exp. The loops are plain f32, auto-vectorized per ISA through target_clones (no
+// Highway yet); each (row, key) pair costs two horizontal dot reductions, which a blocked
+// (heads x keys) GEMM-like kernel would avoid.
 #include "cpu/backward.h"
 
 #include <omp.h>
@@ -108,9 +109,10 @@ constexpr int64_t kQueryTile = 16;
 
 // Per-thread scratch of pass 1.
 struct QueryScratch {
-  std::vector<int64_t> rows;  // [3 * max_len]: each branch's key rows
-  std::vector<float> p, dp;   // [max_len]: scores then probabilities; ungated do . v_j
-  std::vector<float> o, dq;   // [Dv], [Dk]
+  std::vector<int64_t> rows;  // [max_len]: the branch's key rows
+  std::vector<float> p, dp;   // [G * max_len]: scores then probabilities; ungated do . v_j
+  std::vector<float> o, dq;   // [G * Dv], [G * Dk]
+  std::vector<float> lse, psum;  // [G]
   std::vector<int32_t> set;   // [n]
 };
 
@@ -135,12 +137,17 @@ int64_t branch_rows(const BwdProblem& pr, const Sequence& s, int64_t t, int64_t 
   return m;
 }
 
+// Keys outer, the G heads of the group inner: a key row is loaded once for all heads (it stays in
+// L1 while they use it) and the heads' q, do, O and dq rows (G (2 Dk + 2 Dv) floats) stay in L1
+// too. target_clones: the plain f32 loops are compiled for AVX-512, AVX2+FMA and the baseline,
+// chosen at load time (runtime dispatch; the build itself targets the baseline ISA).
+__attribute__((target_clones("avx512f", "arch=haswell", "default")))
 void query_tile(State& st, const QueryTile& qt, QueryScratch& sc) {
   const BwdProblem& pr = *st.pr;
   const nsa_bwd_params& p = pr.p;
   const Inputs& in = st.in;
   const Sequence& s = pr.seqs[qt.seq];
-  const int64_t b = s.batch, hk = qt.hk, Dk = pr.Dk, Dv = pr.Dv;
+  const int64_t b = s.batch, hk = qt.hk, Dk = pr.Dk, Dv = pr.Dv, G = pr.G, h0 = hk * G;
   const float scale = p.cfg.scale;
   const View* keys[3] = {&in.k_cmp, &in.k_slc, &in.k_win};
   const View* vals[3] = {&in.v_cmp, &in.v_slc, &in.v_win};
@@ -148,54 +155,66 @@ void query_tile(State& st, const QueryTile& qt, QueryScratch& sc) {
   const nsa_tensor* dgate[3] = {&p.dg_cmp, &p.dg_slc, &p.dg_win};
   for (int64_t t = qt.t0; t < qt.t1; ++t) {
     const int64_t tok = s.start + t;
-    int64_t m[3];
+    fill(0.0f, sc.dq.data(), G * Dk);
     for (int c = 0; c < 3; ++c) {
-      m[c] = branch_rows(pr, s, t, hk, c, sc.set.data(), sc.rows.data() + c * st.max_len);
-    }
-    for (int64_t h = hk * pr.G; h < (hk + 1) * pr.G; ++h) {
-      const float* q = in.q.row(b, tok, h);
-      const float* dout = in.d_o.row(b, tok, h);
-      fill(0.0f, sc.dq.data(), Dk);
-      for (int c = 0; c < 3; ++c) {
-        const int64_t* rows = sc.rows.data() + c * st.max_len;
-        const float g = in.gate[c].row(b, tok, h)[0];
-        float dg = 0.0f, lse = kNegInf, d_c = 0.0f;
-        if (m[c] > 0) {  // an empty branch (t < l - 1 for cmp): o_c = 0, no gradient, no NaN
-          float* pj = sc.p.data();
-          float mx = kNegInf;
-          for (int64_t j = 0; j < m[c]; ++j) {
-            pj[j] = scale * dot(q, keys[c]->row(b, rows[j], hk), Dk);
-            mx = std::max(mx, pj[j]);
-          }
-          if (present(*saved_lse[c])) {
-            lse = load_f32(*saved_lse[c], offset_of(*saved_lse[c], b, tok, h));
-          } else {
-            float sum = 0.0f;
-            for (int64_t j = 0; j < m[c]; ++j) sum += std::exp(pj[j] - mx);
-            lse = mx + std::log(sum);
-          }
-          // O_c and D_c in the same pass over the keys; dP is kept for the dq pass below.
-          fill(0.0f, sc.o.data(), Dv);
-          float psum = 0.0f;  // sum_j P_j (do . v_j)
-          for (int64_t j = 0; j < m[c]; ++j) {
-            const float* v = vals[c]->row(b, rows[j], hk);
-            pj[j] = std::exp(pj[j] - lse);
-            sc.dp[j] = dot(dout, v, Dv);
-            psum += pj[j] * sc.dp[j];
-            axpy(pj[j], v, sc.o.data(), Dv);
-          }
-          dg = dot(dout, sc.o.data(), Dv);
-          d_c = g * psum;
-          for (int64_t j = 0; j < m[c]; ++j) {
-            const float ds = pj[j] * (g * sc.dp[j] - d_c);
-            axpy(scale * ds, keys[c]->row(b, rows[j], hk), sc.dq.data(), Dk);
+      int64_t* rows = sc.rows.data();
+      const int64_t m = branch_rows(pr, s, t, hk, c, sc.set.data(), rows);
+      const int64_t ld = m;  // row stride of p / dp: [G][m]
+      for (int64_t g = 0; g < G; ++g) sc.psum[g] = 0.0f;
+      if (m > 0) {  // an empty branch (t < l - 1 for cmp): o_c = 0, no gradient, no NaN
+        // Scores.
+        for (int64_t j = 0; j < m; ++j) {
+          const float* k = keys[c]->row(b, rows[j], hk);
+          for (int64_t g = 0; g < G; ++g) {
+            sc.p[g * ld + j] = scale * dot(in.q.row(b, tok, h0 + g), k, Dk);
           }
         }
-        st.lse[st.slot(b, tok, h, c)] = lse;
-        st.dsum[st.slot(b, tok, h, c)] = d_c;
+        // The LSE: the forward's when given (nsa.h), else recomputed.
+        for (int64_t g = 0; g < G; ++g) {
+          if (present(*saved_lse[c])) {
+            sc.lse[g] = load_f32(*saved_lse[c], offset_of(*saved_lse[c], b, tok, h0 + g));
+            continue;
+          }
+          const float* sg = sc.p.data() + g * ld;
+          float mx = kNegInf, sum = 0.0f;
+          for (int64_t j = 0; j < m; ++j) mx = std::max(mx, sg[j]);
+          for (int64_t j = 0; j < m; ++j) sum += std::exp(sg[j] - mx);
+          sc.lse[g] = mx + std::log(sum);
+        }
+        // P, dP (with the ungated do), O_c and sum_j P_j dP_j in one pass over the values.
+        fill(0.0f, sc.o.data(), G * Dv);
+        for (int64_t j = 0; j < m; ++j) {
+          const float* v = vals[c]->row(b, rows[j], hk);
+          for (int64_t g = 0; g < G; ++g) {
+            float& pj = sc.p[g * ld + j];
+            pj = std::exp(pj - sc.lse[g]);
+            const float dp = dot(in.d_o.row(b, tok, h0 + g), v, Dv);
+            sc.dp[g * ld + j] = dp;
+            sc.psum[g] += pj * dp;
+            axpy(pj, v, sc.o.data() + g * Dv, Dv);
+          }
+        }
+        // dS_j = P_j (g_c dP_j - D_c), dq += scale dS_j k_j.
+        for (int64_t j = 0; j < m; ++j) {
+          const float* k = keys[c]->row(b, rows[j], hk);
+          for (int64_t g = 0; g < G; ++g) {
+            const float gate = in.gate[c].row(b, tok, h0 + g)[0];
+            const float ds = sc.p[g * ld + j] * (gate * sc.dp[g * ld + j] - gate * sc.psum[g]);
+            axpy(scale * ds, k, sc.dq.data() + g * Dk, Dk);
+          }
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = h0 + g;
+        const float gate = in.gate[c].row(b, tok, h)[0];
+        const float dg = m > 0 ? dot(in.d_o.row(b, tok, h), sc.o.data() + g * Dv, Dv) : 0.0f;
+        st.lse[st.slot(b, tok, h, c)] = m > 0 ? sc.lse[g] : kNegInf;
+        st.dsum[st.slot(b, tok, h, c)] = gate * sc.psum[g];
         store_row(*dgate[c], offset_of(*dgate[c], b, tok, h), &dg, 1);
       }
-      store_row(p.dq, offset_of(p.dq, b, tok, h), sc.dq.data(), Dk);
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      store_row(p.dq, offset_of(p.dq, b, tok, h0 + g), sc.dq.data() + g * Dk, Dk);
     }
   }
 }
@@ -212,11 +231,13 @@ void query_pass(State& st) {
   }
   std::vector<QueryScratch> scratch(static_cast<size_t>(st.threads));
   for (QueryScratch& sc : scratch) {
-    sc.rows.resize(static_cast<size_t>(3 * st.max_len));
-    sc.p.resize(static_cast<size_t>(st.max_len));
-    sc.dp.resize(static_cast<size_t>(st.max_len));
-    sc.o.resize(static_cast<size_t>(pr.Dv));
-    sc.dq.resize(static_cast<size_t>(pr.Dk));
+    sc.rows.resize(static_cast<size_t>(st.max_len));
+    sc.p.resize(static_cast<size_t>(pr.G * st.max_len));
+    sc.dp.resize(static_cast<size_t>(pr.G * st.max_len));
+    sc.o.resize(static_cast<size_t>(pr.G * pr.Dv));
+    sc.dq.resize(static_cast<size_t>(pr.G * pr.Dk));
+    sc.lse.resize(static_cast<size_t>(pr.G));
+    sc.psum.resize(static_cast<size_t>(pr.G));
     sc.set.resize(static_cast<size_t>(pr.p.cfg.slc_count));
   }
   const int64_t n = static_cast<int64_t>(tiles.size());

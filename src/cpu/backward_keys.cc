@@ -34,17 +34,19 @@ struct KeyItem {
   bool cmp = false;
 };
 
-struct KeyScratch {
-  std::vector<float> dk_slc, dv_slc, dk_win, dv_win, sum;  // [rows * Dk|Dv], sum: [max(Dk, Dv)]
-};
-
-// The contribution of one (query head row, key) pair to the key's dk/dv rows.
+// One query head row as pass 2 reads it: q, do, the gate, and pass 1's LSE and D_c.
 struct Row {
   const float* q;
   const float* dout;
   float g, lse, d_c;
 };
+struct KeyScratch {
+  std::vector<float> dk_slc, dv_slc, dk_win, dv_win, sum;  // [rows * Dk|Dv], sum: [max(Dk, Dv)]
+  std::vector<Row> heads;                                   // [G]: one query position's rows
+};
 
+
+// The contribution of one (query head row, key) pair to the key's dk/dv rows.
 inline void add_pair(const Row& r, const float* k, const float* v, float scale, int64_t Dk,
                      int64_t Dv, float* dk, float* dv) {
   const float p = std::exp(scale * dot(r.q, k, Dk) - r.lse);  // as pass 1 computes it
@@ -59,21 +61,28 @@ Row row_of(const State& st, int64_t b, int64_t tok, int64_t h, int c) {
           st.lse[st.slot(b, tok, h, c)], st.dsum[st.slot(b, tok, h, c)]};
 }
 
-// Adds the pairs of query position t (all G heads) with keys [lo, hi] of the block at k0.
-void add_query(const State& st, const Sequence& s, int64_t hk, int c, int64_t t, int64_t k0,
-               int64_t lo, int64_t hi, float* dk, float* dv) {
+// Adds the pairs of query position t (all G heads) with keys [lo, hi] of the block at k0. Keys
+// outer, heads inner: the key's rows and accumulators stay in L1 while the G heads add into them.
+// Always inlined, so that it is compiled into each ISA clone of its callers.
+__attribute__((always_inline)) inline void add_query(const State& st, const Sequence& s, int64_t hk, int c, int64_t t, int64_t k0,
+               int64_t lo, int64_t hi, Row* heads, float* dk, float* dv) {
   const BwdProblem& pr = *st.pr;
-  const View& kv = c == kSlc ? st.in.k_slc : st.in.k_win;
-  const View& vv = c == kSlc ? st.in.v_slc : st.in.v_win;
-  for (int64_t h = hk * pr.G; h < (hk + 1) * pr.G; ++h) {
-    const Row r = row_of(st, s.batch, s.start + t, h, c);
-    for (int64_t p = lo; p <= hi; ++p) {
-      add_pair(r, kv.row(s.batch, s.start + p, hk), vv.row(s.batch, s.start + p, hk),
-               pr.p.cfg.scale, pr.Dk, pr.Dv, dk + (p - k0) * pr.Dk, dv + (p - k0) * pr.Dv);
+  const View& kv = c == kSlc ? st.in.k_slc : c == kWin ? st.in.k_win : st.in.k_cmp;
+  const View& vv = c == kSlc ? st.in.v_slc : c == kWin ? st.in.v_win : st.in.v_cmp;
+  const int64_t G = pr.G, base = c == kCmp ? s.cmp_start : s.start;
+  for (int64_t g = 0; g < G; ++g) heads[g] = row_of(st, s.batch, s.start + t, hk * G + g, c);
+  for (int64_t p = lo; p <= hi; ++p) {
+    const float* k = kv.row(s.batch, base + p, hk);
+    const float* v = vv.row(s.batch, base + p, hk);
+    for (int64_t g = 0; g < G; ++g) {
+      add_pair(heads[g], k, v, pr.p.cfg.scale, pr.Dk, pr.Dv, dk + (p - k0) * pr.Dk,
+               dv + (p - k0) * pr.Dv);
     }
   }
 }
 
+// Runtime dispatch of the plain f32 loops (see query_tile in backward.cc).
+__attribute__((target_clones("avx512f", "arch=haswell", "default")))
 void raw_block(const State& st, const KeyItem& it, KeyScratch& sc) {
   const BwdProblem& pr = *st.pr;
   const nsa_bwd_params& p = pr.p;
@@ -85,14 +94,14 @@ void raw_block(const State& st, const KeyItem& it, KeyScratch& sc) {
   const int64_t slot = st.inv.pair_base[it.seq * pr.Hkv + it.hk] + it.k0 / p.cfg.slc_block;
   for (int64_t i = st.inv.offset[slot]; i < st.inv.offset[slot + 1]; ++i) {
     const int64_t t = st.inv.queries[i];
-    add_query(st, s, it.hk, kSlc, t, it.k0, it.k0, std::min(it.k1 - 1, t), sc.dk_slc.data(),
-              sc.dv_slc.data());
+    add_query(st, s, it.hk, kSlc, t, it.k0, it.k0, std::min(it.k1 - 1, t), sc.heads.data(),
+              sc.dk_slc.data(), sc.dv_slc.data());
   }
   // Window branch: query t reads keys [t - w + 1, t].
   const int64_t t_end = std::min(s.len - 1, it.k1 - 1 + w - 1);
   for (int64_t t = it.k0; t <= t_end; ++t) {
     add_query(st, s, it.hk, kWin, t, it.k0, std::max(it.k0, t - w + 1), std::min(it.k1 - 1, t),
-              sc.dk_win.data(), sc.dv_win.data());
+              sc.heads.data(), sc.dk_win.data(), sc.dv_win.data());
   }
   // Routing (nsa.h): a branch with its own K/V reports to its own outputs, the others add up in
   // dk/dv (slc first, then win: a fixed order); with both own, dk/dv (if given) are zero.
@@ -121,6 +130,7 @@ void raw_block(const State& st, const KeyItem& it, KeyScratch& sc) {
   }
 }
 
+__attribute__((target_clones("avx512f", "arch=haswell", "default")))
 void cmp_tile(const State& st, const KeyItem& it, KeyScratch& sc) {
   const BwdProblem& pr = *st.pr;
   const nsa_bwd_params& p = pr.p;
@@ -134,14 +144,7 @@ void cmp_tile(const State& st, const KeyItem& it, KeyScratch& sc) {
   // Compressed token i is read by every t >= i*d + l - 1 (SPEC 4.1), t ascending.
   for (int64_t t = it.k0 * d + l - 1; t < s.len; ++t) {
     const int64_t hi = std::min(it.k1, visible_cmp_count(p.cfg, t)) - 1;
-    for (int64_t h = it.hk * pr.G; h < (it.hk + 1) * pr.G; ++h) {
-      const Row r = row_of(st, s.batch, s.start + t, h, kCmp);
-      for (int64_t i = it.k0; i <= hi; ++i) {
-        const int64_t row = s.cmp_start + i;
-        add_pair(r, st.in.k_cmp.row(s.batch, row, it.hk), st.in.v_cmp.row(s.batch, row, it.hk),
-                 p.cfg.scale, Dk, Dv, dk + (i - it.k0) * Dk, dv + (i - it.k0) * Dv);
-      }
-    }
+    add_query(st, s, it.hk, kCmp, t, it.k0, it.k0, hi, sc.heads.data(), dk, dv);
   }
   for (int64_t i = it.k0; i < it.k1; ++i) {
     const int64_t row = s.cmp_start + i;
@@ -171,6 +174,7 @@ void key_pass(const State& st) {
     for (auto* a : {&sc.dk_slc, &sc.dk_win}) a->resize(static_cast<size_t>(rows * pr.Dk));
     for (auto* a : {&sc.dv_slc, &sc.dv_win}) a->resize(static_cast<size_t>(rows * pr.Dv));
     sc.sum.resize(static_cast<size_t>(std::max(pr.Dk, pr.Dv)));
+    sc.heads.resize(static_cast<size_t>(pr.G));
   }
   const int64_t n = static_cast<int64_t>(items.size());
   // Item costs differ widely (early compressed tiles are read by most queries, a block's slc
