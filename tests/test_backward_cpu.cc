@@ -83,8 +83,7 @@ struct BwdCase {
     r.dg_cmp = out({s.B, s.T, s.Hq}), r.dg_slc = out({s.B, s.T, s.Hq}), r.dg_win = out({s.B, s.T, s.Hq});
     nsa_bwd_params p;
     nsa_bwd_params_init(&p);
-    common(&p.cfg, &p.q, &p.k, &p.v, &p.k_slc, &p.v_slc, &p.k_win, &p.v_win, &p.k_cmp, &p.v_cmp,
-           &p.g_cmp, &p.g_slc, &p.g_win, &p.cu_seqlens, &p.num_seqs);
+    common(&p);
     p.slc_indices = idx.desc();
     p.d_o = d_o.desc();
     if (o.saved_lse) p.lse_cmp = lse[0].desc(), p.lse_slc = lse[1].desc(), p.lse_win = lse[2].desc();
@@ -102,18 +101,19 @@ struct BwdCase {
     return p;
   }
 
-  // The forward's inputs, shared by nsa_fwd and nsa_bwd.
-  void common(nsa_config* cfg, nsa_tensor* pq, nsa_tensor* pk, nsa_tensor* pv, nsa_tensor* pks,
-              nsa_tensor* pvs, nsa_tensor* pkw, nsa_tensor* pvw, nsa_tensor* pkc, nsa_tensor* pvc,
-              nsa_tensor* pgc, nsa_tensor* pgs, nsa_tensor* pgw, const int32_t** cu,
-              int64_t* num_seqs) {
-    *cfg = c.args.cfg;
-    *pq = q.desc(), *pk = k.desc(), *pv = v.desc();
-    if (o.own_slc) *pks = k_slc.desc(), *pvs = v_slc.desc();
-    if (o.own_win) *pkw = k_win.desc(), *pvw = v_win.desc();
-    *pkc = k_cmp.desc(), *pvc = v_cmp.desc();
-    *pgc = g_cmp.desc(), *pgs = g_slc.desc(), *pgw = g_win.desc();
-    if (!c.cu.empty()) *cu = c.cu.data(), *num_seqs = static_cast<int64_t>(c.cu.size()) - 1;
+  // The forward's inputs, shared by nsa_fwd_params and nsa_bwd_params (same field names).
+  template <typename Params>
+  void common(Params* p) {
+    p->cfg = c.args.cfg;
+    p->q = q.desc(), p->k = k.desc(), p->v = v.desc();
+    if (o.own_slc) p->k_slc = k_slc.desc(), p->v_slc = v_slc.desc();
+    if (o.own_win) p->k_win = k_win.desc(), p->v_win = v_win.desc();
+    p->k_cmp = k_cmp.desc(), p->v_cmp = v_cmp.desc();
+    p->g_cmp = g_cmp.desc(), p->g_slc = g_slc.desc(), p->g_win = g_win.desc();
+    if (!c.cu.empty()) {
+      p->cu_seqlens = c.cu.data();
+      p->num_seqs = static_cast<int64_t>(c.cu.size()) - 1;
+    }
   }
 
   // The reference forward's LSEs on these inputs with this selection.
@@ -123,8 +123,7 @@ struct BwdCase {
     for (Tensor& l : lse) l = Tensor(NSA_DTYPE_F32, {s.B, s.T, s.Hq}, o.padded);
     nsa_fwd_params p;
     nsa_fwd_params_init(&p);
-    common(&p.cfg, &p.q, &p.k, &p.v, &p.k_slc, &p.v_slc, &p.k_win, &p.v_win, &p.k_cmp, &p.v_cmp,
-           &p.g_cmp, &p.g_slc, &p.g_win, &p.cu_seqlens, &p.num_seqs);
+    common(&p);
     p.slc_indices_in = idx.desc();
     p.o = o_out.desc();
     p.lse_cmp = lse[0].desc(), p.lse_slc = lse[1].desc(), p.lse_win = lse[2].desc();
