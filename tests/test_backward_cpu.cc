@@ -309,7 +309,7 @@ TEST(CpuBwd, EmptyCompressedRows) {
 // Every output element has one owner summing in a fixed order: 1, 2 and 3 threads give the same
 // bytes.
 TEST(CpuBwd, ThreadCountsBitwiseIdentical) {
-  const Case64 c = make_case64(shape(1, 333, 6, 2, 24, 16), configs()[2], kSeed + 600);
+  const Case64 c = make_case64(shape(1, 333, 12, 2, 24, 16), configs()[2], kSeed + 600);
   Options o;
   o.own_win = true;
   BwdCase bc(c, o);

@@ -113,6 +113,7 @@ struct QueryScratch {
   std::vector<float> p, dp;   // [G * max_len]: scores then probabilities; ungated do . v_j
   std::vector<float> o, dq;   // [G * Dv], [G * Dk]
   std::vector<float> lse, psum;  // [G]
+  std::vector<float> zero;       // [max(Dk, Dv)] zeros: the padding row of a last four
   std::vector<int32_t> set;   // [n]
 };
 
@@ -162,11 +163,21 @@ void query_tile(State& st, const QueryTile& qt, QueryScratch& sc) {
       const int64_t ld = m;  // row stride of p / dp: [G][m]
       for (int64_t g = 0; g < G; ++g) sc.psum[g] = 0.0f;
       if (m > 0) {  // an empty branch (t < l - 1 for cmp): o_c = 0, no gradient, no NaN
+        // Keys in fours (dot4, axpy4: each head's rows are loaded once per four keys); the last
+        // four is padded with a zero row, which adds exactly 0.
+        const float* zero = sc.zero.data();
+        auto four = [&](const View* x, int64_t j, const float** r) {
+          for (int64_t i = 0; i < 4; ++i) r[i] = j + i < m ? x->row(b, rows[j + i], hk) : zero;
+        };
+        const float* kr[4];
+        const float* vr[4];
+        float x4[4];
         // Scores.
-        for (int64_t j = 0; j < m; ++j) {
-          const float* k = keys[c]->row(b, rows[j], hk);
+        for (int64_t j = 0; j < m; j += 4) {
+          four(keys[c], j, kr);
           for (int64_t g = 0; g < G; ++g) {
-            sc.p[g * ld + j] = scale * dot(in.q.row(b, tok, h0 + g), k, Dk);
+            dot4(in.q.row(b, tok, h0 + g), kr, Dk, x4);
+            for (int64_t i = 0; i < std::min<int64_t>(4, m - j); ++i) sc.p[g * ld + j + i] = scale * x4[i];
           }
         }
         // The LSE: the forward's when given (nsa.h), else recomputed.
@@ -183,24 +194,31 @@ void query_tile(State& st, const QueryTile& qt, QueryScratch& sc) {
         }
         // P, dP (with the ungated do), O_c and sum_j P_j dP_j in one pass over the values.
         fill(0.0f, sc.o.data(), G * Dv);
-        for (int64_t j = 0; j < m; ++j) {
-          const float* v = vals[c]->row(b, rows[j], hk);
+        for (int64_t j = 0; j < m; j += 4) {
+          four(vals[c], j, vr);
           for (int64_t g = 0; g < G; ++g) {
-            float& pj = sc.p[g * ld + j];
-            pj = std::exp(pj - sc.lse[g]);
-            const float dp = dot(in.d_o.row(b, tok, h0 + g), v, Dv);
-            sc.dp[g * ld + j] = dp;
-            sc.psum[g] += pj * dp;
-            axpy(pj, v, sc.o.data() + g * Dv, Dv);
+            float dp4[4], p4[4] = {0, 0, 0, 0};
+            dot4(in.d_o.row(b, tok, h0 + g), vr, Dv, dp4);
+            for (int64_t i = 0; i < std::min<int64_t>(4, m - j); ++i) {
+              float& pj = sc.p[g * ld + j + i];
+              pj = std::exp(pj - sc.lse[g]);
+              p4[i] = pj;
+              sc.dp[g * ld + j + i] = dp4[i];
+              sc.psum[g] += pj * dp4[i];
+            }
+            axpy4(p4, vr, sc.o.data() + g * Dv, Dv);
           }
         }
         // dS_j = P_j (g_c dP_j - D_c), dq += scale dS_j k_j.
-        for (int64_t j = 0; j < m; ++j) {
-          const float* k = keys[c]->row(b, rows[j], hk);
+        for (int64_t j = 0; j < m; j += 4) {
+          four(keys[c], j, kr);
           for (int64_t g = 0; g < G; ++g) {
             const float gate = in.gate[c].row(b, tok, h0 + g)[0];
-            const float ds = sc.p[g * ld + j] * (gate * sc.dp[g * ld + j] - gate * sc.psum[g]);
-            axpy(scale * ds, k, sc.dq.data() + g * Dk, Dk);
+            for (int64_t i = 0; i < 4; ++i) {
+              const int64_t x = g * ld + j + i;
+              x4[i] = j + i < m ? scale * (sc.p[x] * (gate * sc.dp[x] - gate * sc.psum[g])) : 0.0f;
+            }
+            axpy4(x4, kr, sc.dq.data() + g * Dk, Dk);
           }
         }
       }
@@ -238,6 +256,7 @@ void query_pass(State& st) {
     sc.dq.resize(static_cast<size_t>(pr.G * pr.Dk));
     sc.lse.resize(static_cast<size_t>(pr.G));
     sc.psum.resize(static_cast<size_t>(pr.G));
+    sc.zero.assign(static_cast<size_t>(std::max(pr.Dk, pr.Dv)), 0.0f);
     sc.set.resize(static_cast<size_t>(pr.p.cfg.slc_count));
   }
   const int64_t n = static_cast<int64_t>(tiles.size());

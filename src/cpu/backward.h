@@ -94,6 +94,35 @@ inline float dot(const float* x, const float* y, int64_t n) {
   return (((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))) + tail;
 }
 
+// out[r] = dot(x, y[r]) for four rows y[0..3]: x is loaded once for the four (register blocking:
+// the loads, not the multiply-adds, bound these loops). Each out[r] sums in dot's order.
+inline void dot4(const float* x, const float* const* y, int64_t n, float* out) {
+  F8 a[4] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    F8 xv;
+    __builtin_memcpy(&xv, x + i, sizeof xv);
+    for (int r = 0; r < 4; ++r) {
+      F8 yv;
+      __builtin_memcpy(&yv, y[r] + i, sizeof yv);
+      a[r] += xv * yv;
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    float tail = 0.0f;
+    for (int64_t k = i; k < n; ++k) tail += x[k] * y[r][k];
+    const F8& v = a[r];
+    out[r] = (((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]))) + tail;
+  }
+}
+
+// y += c[0] x[0] + c[1] x[1] + c[2] x[2] + c[3] x[3]: one load and store of y per four rows.
+inline void axpy4(const float* c, const float* const* x, float* y, int64_t n) {
+  const float c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];
+  const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
+  for (int64_t i = 0; i < n; ++i) y[i] += (c0 * x0[i] + c1 * x1[i]) + (c2 * x2[i] + c3 * x3[i]);
+}
+
 // Pass 2: dk/dv of the raw branches (slc, win) and of the compressed tokens. Its scratch is
 // allocated before the parallel region (std::bad_alloc reaches backward(), never a thread).
 void key_pass(const State& st);

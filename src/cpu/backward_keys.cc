@@ -55,6 +55,24 @@ inline void add_pair(const Row& r, const float* k, const float* v, float scale, 
   axpy(p * r.g, r.dout, dv, Dv);
 }
 
+// add_pair for four head rows at once (dot4, axpy4): the key's rows and its dk/dv accumulators
+// are loaded once per four heads instead of once per head.
+inline void add_four(const Row* r, const float* k, const float* v, float scale, int64_t Dk,
+                     int64_t Dv, float* dk, float* dv) {
+  const float* qs[4] = {r[0].q, r[1].q, r[2].q, r[3].q};
+  const float* ds[4] = {r[0].dout, r[1].dout, r[2].dout, r[3].dout};
+  float s[4], dp[4], ck[4], cv[4];
+  dot4(k, qs, Dk, s);
+  dot4(v, ds, Dv, dp);
+  for (int i = 0; i < 4; ++i) {
+    const float p = std::exp(scale * s[i] - r[i].lse);
+    ck[i] = scale * (p * (r[i].g * dp[i] - r[i].d_c));
+    cv[i] = p * r[i].g;
+  }
+  axpy4(ck, qs, dk, Dk);
+  axpy4(cv, ds, dv, Dv);
+}
+
 Row row_of(const State& st, int64_t b, int64_t tok, int64_t h, int c) {
   const Inputs& in = st.in;
   return {in.q.row(b, tok, h), in.d_o.row(b, tok, h), in.gate[c].row(b, tok, h)[0],
@@ -74,10 +92,11 @@ __attribute__((always_inline)) inline void add_query(const State& st, const Sequ
   for (int64_t p = lo; p <= hi; ++p) {
     const float* k = kv.row(s.batch, base + p, hk);
     const float* v = vv.row(s.batch, base + p, hk);
-    for (int64_t g = 0; g < G; ++g) {
-      add_pair(heads[g], k, v, pr.p.cfg.scale, pr.Dk, pr.Dv, dk + (p - k0) * pr.Dk,
-               dv + (p - k0) * pr.Dv);
-    }
+    float* dk_p = dk + (p - k0) * pr.Dk;
+    float* dv_p = dv + (p - k0) * pr.Dv;
+    int64_t g = 0;
+    for (; g + 4 <= G; g += 4) add_four(heads + g, k, v, pr.p.cfg.scale, pr.Dk, pr.Dv, dk_p, dv_p);
+    for (; g < G; ++g) add_pair(heads[g], k, v, pr.p.cfg.scale, pr.Dk, pr.Dv, dk_p, dv_p);
   }
 }
 
