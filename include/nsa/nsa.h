@@ -246,8 +246,9 @@ NSA_API nsa_status nsa_cmp_seqlens(nsa_context* ctx, const nsa_config* cfg,
  * Backends: NSA_BACKEND_AUTO and NSA_BACKEND_CPU run the CPU backward: f32 accumulation (bf16
  * inputs widened exactly), softmaxes recomputed FlashAttention-style (from lse_* when given,
  * else recomputed), dk/dv owned by key blocks, so results are bitwise identical for any thread
- * count; about 2 T * Hq * (n l' + w + Tc) * (Dk + Dv) f32 multiply-adds. NSA_BACKEND_REF runs the
- * float64 reference: exact but slow, single-threaded per KV head. */
+ * count; about 4 T * Hq * (n l' + w + Tc) * (Dk + Dv) f32 multiply-adds (each (query, key) pair
+ * is recomputed once for dq and once for dk/dv). NSA_BACKEND_REF runs the float64 reference:
+ * exact but slow, single-threaded per KV head. */
 typedef struct nsa_bwd_params {
   nsa_config cfg; /* as given to nsa_fwd */
 
