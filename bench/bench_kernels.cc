@@ -7,6 +7,7 @@
 //   BM_NsaSmallGroups  groups of G = 1 and 4 heads (Hq = 16), which fill part of a vector,
 //   BM_Dense        the dense causal flash baseline,
 //   BM_DenseBwd     its backward (Hq = 16, Hkv = 1, Dk = Dv = 128, f32).
+//   BM_NsaBwd       the CPU backward (nsa_bwd) given the forward's selection and LSEs.
 // Counters named *_ms are milliseconds per iteration; GFLOP/s counts attended (query, key)
 // pairs only, 2 (Dk + Dv) FLOPs each per head, as `nsa bench` does.
 #include <benchmark/benchmark.h>
@@ -226,6 +227,37 @@ void BM_DenseBwd(benchmark::State& state) {
   report_flops(state, 2.5 * 4.0 * double(H) * double(T) * double(T) * double(D) / 2);
 }
 BENCHMARK(BM_DenseBwd)->Arg(4096)->Arg(8192)->ArgName("T")->Unit(benchmark::kMillisecond)->UseRealTime();
+// The backward of one forward: inputs, the forward's selection and LSEs, d_o and the gradients.
+void BM_NsaBwd(benchmark::State& state) {
+  Fwd f({state.range(0)}, NSA_DTYPE_F32);
+  const Shape& s = f.s;
+  const int64_t Tc = nsa_cmp_len(&f.cfg, s.T);
+  Buf lse_c(NSA_DTYPE_F32, {1, s.T, s.Hq}, 9, 0, 0), lse_s(NSA_DTYPE_F32, {1, s.T, s.Hq}, 9, 0, 0),
+      lse_w(NSA_DTYPE_F32, {1, s.T, s.Hq}, 9, 0, 0);
+  f.p.slc_indices_out = f.idx.t;
+  f.p.lse_cmp = lse_c.t, f.p.lse_slc = lse_s.t, f.p.lse_win = lse_w.t;
+  nsa_context* ctx = make_context(false);
+  if (nsa_fwd(ctx, &f.p) != NSA_OK) state.SkipWithError(nsa_last_error(ctx));
+  Buf d_o(NSA_DTYPE_F32, {1, s.T, s.Hq, s.Dv}, 10);
+  Buf dq(NSA_DTYPE_F32, {1, s.T, s.Hq, s.Dk}, 11, 0, 0), dk(NSA_DTYPE_F32, {1, s.T, s.Hkv, s.Dk}, 11, 0, 0),
+      dv(NSA_DTYPE_F32, {1, s.T, s.Hkv, s.Dv}, 11, 0, 0), dkc(NSA_DTYPE_F32, {1, Tc, s.Hkv, s.Dk}, 11, 0, 0),
+      dvc(NSA_DTYPE_F32, {1, Tc, s.Hkv, s.Dv}, 11, 0, 0), dg1(NSA_DTYPE_F32, {1, s.T, s.Hq}, 11, 0, 0),
+      dg2(NSA_DTYPE_F32, {1, s.T, s.Hq}, 11, 0, 0), dg3(NSA_DTYPE_F32, {1, s.T, s.Hq}, 11, 0, 0);
+  nsa_bwd_params b;
+  nsa_bwd_params_init(&b);
+  b.q = f.p.q, b.k = f.p.k, b.v = f.p.v, b.k_cmp = f.p.k_cmp, b.v_cmp = f.p.v_cmp;
+  b.g_cmp = b.g_slc = b.g_win = f.p.g_cmp;
+  b.slc_indices = f.idx.t, b.lse_cmp = lse_c.t, b.lse_slc = lse_s.t, b.lse_win = lse_w.t;
+  b.d_o = d_o.t, b.dq = dq.t, b.dk = dk.t, b.dv = dv.t, b.dk_cmp = dkc.t, b.dv_cmp = dvc.t;
+  b.dg_cmp = dg1.t, b.dg_slc = dg2.t, b.dg_win = dg3.t;
+  for (auto _ : state) {
+    if (nsa_bwd(ctx, &b) != NSA_OK) state.SkipWithError(nsa_last_error(ctx));
+  }
+  nsa_context_destroy(ctx);
+  // As the forward's count: attended pairs x 2 (Dk + Dv) per head (the backward does ~4x that).
+  report_flops(state, 2.0 * double(s.Dk + s.Dv) * double(s.Hq) * f.attended());
+}
+BENCHMARK(BM_NsaBwd)->Arg(4096)->Arg(8192)->ArgName("T")->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(1);
 
 // A few-millisecond case of each, for the test suite's smoke run (the benchmarks must not rot).
 void BM_Smoke(benchmark::State& state) {

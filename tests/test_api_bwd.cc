@@ -1,5 +1,5 @@
-// nsa_bwd and nsa_compress_bwd through the C API: results equal the float64 core rounded once to
-// the output dtype on every backend, the K/V gradient routing of nsa.h, and argument validation
+// nsa_bwd and nsa_compress_bwd through the C API: the reference backend's results equal the float64
+// core rounded once to the output dtype, the K/V gradient routing of nsa.h, and argument validation
 // (status, a message naming the argument, outputs untouched: SPEC.md section 8).
 #include <gtest/gtest.h>
 
@@ -84,10 +84,12 @@ Shape shape(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t Dk, int64_t D
   return s;
 }
 
-TEST(ApiBwd, SharedKvEqualsFloat64CoreOnEveryBackend) {
+// The reference only: the CPU backward accumulates in f32 and reads the saved LSEs (zeros here),
+// it is compared with the reference within f32 bounds in test_backward_cpu.cc.
+TEST(ApiBwd, SharedKvEqualsFloat64CoreOnTheReference) {
   BwdCall call(make_case64(shape(1, 40, 4, 2, 4, 3), small_cfg(), 21, {0, 15, 16, 40}));
   const nsa::ref::NsaGrads64 g = grads64(call.c);
-  for (nsa_backend b : test_backends()) {
+  for (nsa_backend b : {NSA_BACKEND_REF}) {
     SCOPED_TRACE(nsa_backend_name(b));
     Ctx ctx(b);
     nsa_bwd_params p = call.params();

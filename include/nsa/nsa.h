@@ -243,9 +243,12 @@ NSA_API nsa_status nsa_cmp_seqlens(nsa_context* ctx, const nsa_config* cfg,
  * The check is conservative: the memory spans (first to last element) must be disjoint, so
  * outputs interleaved in one buffer are rejected even when their elements do not collide.
  *
- * Backends: the float64 reference (NSA_BACKEND_REF) computes it. There is no fast CPU backward
- * yet: NSA_BACKEND_AUTO and NSA_BACKEND_CPU run the reference too. It is exact but slow: about
- * T * Hq * (n l' + w + Tc) * (Dk + Dv) float64 multiply-adds, single-threaded per KV head. */
+ * Backends: NSA_BACKEND_AUTO and NSA_BACKEND_CPU run the CPU backward: f32 accumulation (bf16
+ * inputs widened exactly), softmaxes recomputed FlashAttention-style (from lse_* when given,
+ * else recomputed), dk/dv owned by key blocks, so results are bitwise identical for any thread
+ * count; about 4 T * Hq * (n l' + w + Tc) * (Dk + Dv) f32 multiply-adds (each (query, key) pair
+ * is recomputed once for dq and once for dk/dv). NSA_BACKEND_REF runs the float64 reference:
+ * exact but slow, single-threaded per KV head. */
 typedef struct nsa_bwd_params {
   nsa_config cfg; /* as given to nsa_fwd */
 
@@ -261,9 +264,9 @@ typedef struct nsa_bwd_params {
   nsa_tensor slc_indices; /* [B, T, Hkv, n] int32, required: the forward's slc_indices_out, or
                              the set it was given in slc_indices_in (same rules: -1 ignored,
                              duplicates count once, entries in [0, t / l']) */
-  nsa_tensor lse_cmp;     /* optional [B, T, Hq] f32: the forward's per-branch LSEs. Checked but */
-  nsa_tensor lse_slc;     /* not read by the reference, which recomputes every softmax in     */
-  nsa_tensor lse_win;     /* float64; a backend may use them instead of recomputing.          */
+  nsa_tensor lse_cmp;     /* optional [B, T, Hq] f32: the forward's per-branch LSEs. The CPU   */
+  nsa_tensor lse_slc;     /* backend uses them instead of recomputing (they must be the      */
+  nsa_tensor lse_win;     /* forward's); the reference checks but recomputes them in float64. */
 
   nsa_tensor d_o;         /* [B, T, Hq, Dv] f32 or bf16: dL/do */
 
@@ -313,7 +316,8 @@ NSA_API nsa_status nsa_compress(nsa_context* ctx, const nsa_compress_params* p);
 /* The backward of nsa_compress (SPEC 5): dout = dL/d(compressed tokens) to dx = dL/dx and, for
  * kind NSA_CMP_MLP, the gradients of the parameters. Overlapping blocks (d < l) add up in dx;
  * tokens in no complete block get 0. Outputs are overwritten, never accumulated into. The same
- * backends and aliasing rule as nsa_bwd. */
+ * aliasing rule as nsa_bwd. Every backend (AUTO and CPU included) runs the float64 reference:
+ * there is no CPU compression backward yet. */
 typedef struct nsa_compress_bwd_params {
   nsa_config cfg; /* uses cmp_block (l) and cmp_stride (d) */
   nsa_cmp_kind kind;

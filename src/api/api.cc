@@ -218,7 +218,7 @@ void nsa_bwd_params_init(nsa_bwd_params* p) {
   nsa_config_default(&p->cfg);
 }
 
-// There is no fast backward yet: every backend that exists runs the float64 reference (nsa.h).
+// AUTO and CPU run the CPU backward (f32, src/cpu/backward.cc); REF the float64 reference (nsa.h).
 nsa_status nsa_bwd(nsa_context* ctx, const nsa_bwd_params* p) {
   if (ctx == nullptr) return NSA_ERR_NULL_POINTER;
   return guarded(ctx, [&]() -> Status {
@@ -229,8 +229,8 @@ nsa_status nsa_bwd(nsa_context* ctx, const nsa_bwd_params* p) {
     // No token: every output is empty, so there is nothing to write.
     if (problem.B == 0 || problem.T == 0) return Status::ok();
     switch (resolve(ctx->backend)) {
-      case NSA_BACKEND_REF:
-      case NSA_BACKEND_CPU: return nsa::ref::backward(problem);
+      case NSA_BACKEND_REF: return nsa::ref::backward(problem);
+      case NSA_BACKEND_CPU: return nsa::cpu::backward(problem);
       default: return unavailable(ctx->backend);
     }
   });

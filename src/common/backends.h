@@ -22,6 +22,8 @@ Status forward(const FwdProblem& problem);
 Status compress(const CompressProblem& problem);
 Status dense_forward(const DenseProblem& problem);
 Status dense_backward(const DenseBwdProblem& problem);
+// backward.cc: nsa_bwd (SPEC 6). The compression backward stays on the reference.
+Status backward(const BwdProblem& problem);
 }  // namespace cpu
 
 }  // namespace nsa
