@@ -429,3 +429,38 @@ TEST(Decode, RandomConfigsMatchTheReference) {
 }
 
 }  // namespace
+
+namespace {
+
+// n and w may be as large as the config allows (INT32_MAX): decode sizes its work by the
+// blocks and keys that exist, so the call is cheap and equals the forward (here: every block
+// selected and the whole prefix in the window).
+TEST(Decode, HugeSlcCountAndWindow) {
+  const Shape s{1, 150, 4, 1, 16, 12};
+  const nsa_config small = config(16, 8, 32, 4, 1, 2, 40);  // sizes the case's buffers only
+  nsa_config huge = small;
+  huge.slc_count = INT32_MAX;
+  huge.window = INT32_MAX;
+  FwdCase c = make_case(s, small, NSA_DTYPE_F32, 91);
+  FwdCase got = make_case(s, small, NSA_DTYPE_F32, 91);
+  Context cx;
+  CachePtr cache = make_cache(cx.ctx, huge, 1, s.T, s, NSA_DTYPE_F32, NSA_CMP_MEAN);
+  ASSERT_TRUE(cache);
+  for (int64_t t = 0; t < s.T; ++t) {
+    nsa_decode_params p = decode_row(c, got, t, /*append=*/true);
+    p.slc_indices_out = nsa_tensor{};  // [.., n] would not fit in memory
+    ASSERT_EQ(nsa_decode(cx.ctx, cache.get(), &p), NSA_OK) << "t=" << t << ": " << cx.error();
+  }
+  export_cmp(*cache, 0, 0, c.k_cmp, c.v_cmp);
+  c.cfg = huge;
+  nsa_fwd_params f = c.params();
+  f.slc_indices_out = nsa_tensor{};
+  std::string msg;
+  ASSERT_EQ(run_fwd(NSA_BACKEND_REF, c, &msg, &f), NSA_OK) << msg;
+  const double tol = 16.0 * double(s.Dk + s.T) * kF32Eps;  // as the shape tests
+  std::string first;
+  EXPECT_EQ(count_off(got.o, c.o, 0, s.T, tol, 0.0, &first), 0) << "o: " << first;
+  EXPECT_EQ(count_off(got.lse_win, c.lse_win, 0, s.T, tol, tol, &first), 0) << first;
+}
+
+}  // namespace

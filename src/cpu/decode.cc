@@ -359,7 +359,9 @@ bool Decode(const DecodeProblem& pr) {
   pl.items = pr.S * c.Hkv;
   const int64_t GP = pl.GP, items = pl.items, Hkv = c.Hkv;
   const int64_t n = cfg.slc_count;
-  const int64_t win_chunks = (cfg.window + kChunkKeys - 1) / kChunkKeys + 1;
+  // Per item, room sized by what exists, never by n or w alone (either may be INT32_MAX): at
+  // most min(n, J + 1) selected blocks, and the window's chunks over min(w, t + 1) keys.
+  std::vector<int64_t> slc_max(static_cast<size_t>(items)), slc_off(static_cast<size_t>(items) + 1, 0);
 
   // Phase A's chunks, every item's buffers, and room for phases C's slots.
   std::vector<Chunk> first;
@@ -390,10 +392,14 @@ bool Decode(const DecodeProblem& pr) {
     floats += GP * pl.s_ld[it];
     score_floats = std::max(score_floats, t / cfg.slc_block + 1 + pl.s_ld[it] + GP);
   }
-  int64_t slot_c = slot;  // phase C's slots follow phase A's
+  int64_t slot_c = slot;  // phases B and C's slots follow phase A's: per item, slc then win
   for (int64_t it = 0; it < items && !pr.dense; ++it) {
+    const int64_t t = pl.t[it];
+    slc_max[it] = std::min(n, t / cfg.slc_block + 1);
+    slc_off[it + 1] = slc_off[it] + slc_max[it];
     slc_slot0[it] = slot_c;
-    slot_c += n + win_chunks;
+    const int64_t win_keys = std::min<int64_t>(cfg.window, t + 1);
+    slot_c += slc_max[it] + (win_keys + kChunkKeys - 1) / kChunkKeys + 1;
   }
   const int threads = pr.num_threads > 0 ? pr.num_threads : omp_get_max_threads();
   const int64_t ld_max = std::max(kChunkKeys, kDenseChunkKeys) + 2 * kTileKeys;
@@ -415,7 +421,7 @@ bool Decode(const DecodeProblem& pr) {
   std::vector<int32_t> sel;  // per item: cand [J+1] and blocks [n]
   std::vector<int64_t> sel_off(static_cast<size_t>(items) + 1, 0);
   for (int64_t it = 0; it < items; ++it) {
-    sel_off[it + 1] = sel_off[it] + (pr.dense ? 0 : pl.t[it] / cfg.slc_block + 1 + n);
+    sel_off[it + 1] = sel_off[it] + (pr.dense ? 0 : pl.t[it] / cfg.slc_block + 1 + slc_max[it]);
   }
   std::vector<int64_t> num_slc(static_cast<size_t>(items), 0);
   try {
@@ -441,14 +447,14 @@ bool Decode(const DecodeProblem& pr) {
 
   // The window's chunks do not depend on the selection: they run in phase B, beside the
   // selections (which are serial per item: with one sequence, one thread would idle). Phase C
-  // runs the selected blocks: per item, n entries of a table (a == b: unused).
+  // runs the selected blocks: per item, min(n, J + 1) entries of a table (a == b: unused).
   std::vector<Chunk> wins;
   for (int64_t it = 0; it < items && !pr.dense; ++it) {
-    int64_t s = slc_slot0[it] + n;
+    int64_t s = slc_slot0[it] + slc_max[it];
     cut(it, kWin, false, std::max<int64_t>(0, pl.t[it] - cfg.window + 1), pl.t[it] + 1,
         kChunkKeys, &s, wins);
   }
-  std::vector<Chunk> second(static_cast<size_t>(pr.dense ? 0 : items * n));
+  std::vector<Chunk> second(static_cast<size_t>(slc_off[items]));
   const int64_t phase_b = items + static_cast<int64_t>(wins.size());
 #pragma omp parallel num_threads(threads)
   {
@@ -489,7 +495,7 @@ bool Decode(const DecodeProblem& pr) {
       const int64_t t = pl.t[it];
       for (int64_t k = 0; k < num_slc[it]; ++k) {
         const int64_t a = int64_t{blocks[k]} * cfg.slc_block;
-        second[it * n + k] =
+        second[slc_off[it] + k] =
             Chunk{it, kSlc, false, a, std::min(t + 1, a + cfg.slc_block), slc_slot0[it] + k};
       }
     }
@@ -508,7 +514,7 @@ bool Decode(const DecodeProblem& pr) {
       merge(pl, slc_slot0[it], num_slc[it], fs, fs + GP);
       const int64_t wa = std::max<int64_t>(0, t - cfg.window + 1);
       const int64_t nwin = (t / kChunkKeys) - (wa / kChunkKeys) + 1;
-      merge(pl, slc_slot0[it] + n, nwin, fw, fw + GP);
+      merge(pl, slc_slot0[it] + slc_max[it], nwin, fw, fw + GP);
       const nsa_decode_params& p = *pr.nsa;
       const float* fc = pl.final_of(it, kCmp);
       float* mixed = tls;  // [Dv_pad]
