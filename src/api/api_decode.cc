@@ -190,6 +190,19 @@ nsa_tensor batch_of_one(const nsa_tensor& t) {
   return out;
 }
 
+// The shared preamble of the calls on a cache with params: a context, a cache, params, and a
+// backend that has the cache (the CPU); then `body`, guarded.
+template <typename Params, typename Body>
+nsa_status cache_call(nsa_context* ctx, nsa_kv_cache* cache, const Params* p, Body&& body) {
+  if (ctx == nullptr) return NSA_ERR_NULL_POINTER;
+  return nsa::api::guarded(ctx, [&]() -> Status {
+    if (cache == nullptr) return error(NSA_ERR_NULL_POINTER, "cache: NULL");
+    if (p == nullptr) return error(NSA_ERR_NULL_POINTER, "params: NULL");
+    NSA_RETURN_IF_ERROR(check_backend(ctx));
+    return body();
+  });
+}
+
 }  // namespace
 
 extern "C" {
@@ -253,11 +266,7 @@ void nsa_prefill_params_init(nsa_prefill_params* p) {
 }
 
 nsa_status nsa_prefill(nsa_context* ctx, nsa_kv_cache* cache, const nsa_prefill_params* p) {
-  if (ctx == nullptr) return NSA_ERR_NULL_POINTER;
-  return nsa::api::guarded(ctx, [&]() -> Status {
-    if (cache == nullptr) return error(NSA_ERR_NULL_POINTER, "cache: NULL");
-    if (p == nullptr) return error(NSA_ERR_NULL_POINTER, "params: NULL");
-    NSA_RETURN_IF_ERROR(check_backend(ctx));
+  return cache_call(ctx, cache, p, [&]() -> Status {
     NSA_RETURN_IF_ERROR(check_seq(*cache, p->seq, "seq"));
     if (cache->len[static_cast<size_t>(p->seq)] != 0) {
       return error(NSA_ERR_INVALID_ARGUMENT,
@@ -325,11 +334,7 @@ void nsa_decode_params_init(nsa_decode_params* p) {
 }
 
 nsa_status nsa_decode(nsa_context* ctx, nsa_kv_cache* cache, const nsa_decode_params* p) {
-  if (ctx == nullptr) return NSA_ERR_NULL_POINTER;
-  return nsa::api::guarded(ctx, [&]() -> Status {
-    if (cache == nullptr) return error(NSA_ERR_NULL_POINTER, "cache: NULL");
-    if (p == nullptr) return error(NSA_ERR_NULL_POINTER, "params: NULL");
-    NSA_RETURN_IF_ERROR(check_backend(ctx));
+  return cache_call(ctx, cache, p, [&]() -> Status {
     nsa::cpu::DecodeProblem pr;
     NSA_RETURN_IF_ERROR(make_decode(*cache, p->q, p->k, p->v, p->seq_ids, &pr));
     const std::vector<nsa_dtype> gate = {NSA_DTYPE_F32, p->q.dtype};
@@ -364,11 +369,7 @@ void nsa_dense_decode_params_init(nsa_dense_decode_params* p) {
 
 nsa_status nsa_dense_decode(nsa_context* ctx, nsa_kv_cache* cache,
                             const nsa_dense_decode_params* p) {
-  if (ctx == nullptr) return NSA_ERR_NULL_POINTER;
-  return nsa::api::guarded(ctx, [&]() -> Status {
-    if (cache == nullptr) return error(NSA_ERR_NULL_POINTER, "cache: NULL");
-    if (p == nullptr) return error(NSA_ERR_NULL_POINTER, "params: NULL");
-    NSA_RETURN_IF_ERROR(check_backend(ctx));
+  return cache_call(ctx, cache, p, [&]() -> Status {
     nsa::cpu::DecodeProblem pr;
     NSA_RETURN_IF_ERROR(make_decode(*cache, p->q, p->k, p->v, p->seq_ids, &pr));
     if (p->window < 0) {
