@@ -67,7 +67,8 @@ int run_bench_bwd(const BenchOptions& opt) {
     Buf k_cmp(dt, {1, Tc, Hkv, Dk}, rng, 0, 0), v_cmp(dt, {1, Tc, Hkv, Dv}, rng, 0, 0);
     Zeros o(NSA_DTYPE_F32, {1, T, Hq, Dv}), lse_cmp(NSA_DTYPE_F32, {1, T, Hq}),
         lse_slc(NSA_DTYPE_F32, {1, T, Hq}), lse_win(NSA_DTYPE_F32, {1, T, Hq}),
-        idx(NSA_DTYPE_I32, {1, T, Hkv, n});
+        idx(NSA_DTYPE_I32, {1, T, Hkv, n}), o_cmp(NSA_DTYPE_F32, {1, T, Hq, Dv}),
+        o_slc(NSA_DTYPE_F32, {1, T, Hq, Dv}), o_win(NSA_DTYPE_F32, {1, T, Hq, Dv});
     Zeros dq(NSA_DTYPE_F32, {1, T, Hq, Dk}), dk(NSA_DTYPE_F32, {1, T, Hkv, Dk}),
         dv(NSA_DTYPE_F32, {1, T, Hkv, Dv}), dk_cmp(NSA_DTYPE_F32, {1, Tc, Hkv, Dk}),
         dv_cmp(NSA_DTYPE_F32, {1, Tc, Hkv, Dv}), dg_cmp(NSA_DTYPE_F32, {1, T, Hq}),
@@ -84,6 +85,7 @@ int run_bench_bwd(const BenchOptions& opt) {
     fp.q = q.t; fp.k = k.t; fp.v = v.t; fp.k_cmp = k_cmp.t; fp.v_cmp = v_cmp.t;
     fp.g_cmp = g_cmp.t; fp.g_slc = g_slc.t; fp.g_win = g_win.t; fp.o = o.t;
     fp.lse_cmp = lse_cmp.t; fp.lse_slc = lse_slc.t; fp.lse_win = lse_win.t;
+    fp.o_cmp = o_cmp.t; fp.o_slc = o_slc.t; fp.o_win = o_win.t;
     fp.slc_indices_out = idx.t;
     auto nsa_forward = [&] {
       cp.x = k.t; cp.out = k_cmp.t; ok(nsa_compress(ctx, &cp));
@@ -95,6 +97,7 @@ int run_bench_bwd(const BenchOptions& opt) {
     bp.q = q.t; bp.k = k.t; bp.v = v.t; bp.k_cmp = k_cmp.t; bp.v_cmp = v_cmp.t;
     bp.g_cmp = g_cmp.t; bp.g_slc = g_slc.t; bp.g_win = g_win.t;
     bp.slc_indices = idx.t; bp.lse_cmp = lse_cmp.t; bp.lse_slc = lse_slc.t; bp.lse_win = lse_win.t;
+    bp.o_cmp = o_cmp.t; bp.o_slc = o_slc.t; bp.o_win = o_win.t;
     bp.d_o = d_o.t; bp.dq = dq.t; bp.dk = dk.t; bp.dv = dv.t; bp.dk_cmp = dk_cmp.t;
     bp.dv_cmp = dv_cmp.t; bp.dg_cmp = dg_cmp.t; bp.dg_slc = dg_slc.t; bp.dg_win = dg_win.t;
     nsa_compress_bwd_params cb;

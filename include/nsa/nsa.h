@@ -244,11 +244,11 @@ NSA_API nsa_status nsa_cmp_seqlens(nsa_context* ctx, const nsa_config* cfg,
  * outputs interleaved in one buffer are rejected even when their elements do not collide.
  *
  * Backends: NSA_BACKEND_AUTO and NSA_BACKEND_CPU run the CPU backward: f32 accumulation (bf16
- * inputs widened exactly), softmaxes recomputed FlashAttention-style (from lse_* when given,
- * else recomputed), dk/dv owned by key blocks, so results are bitwise identical for any thread
- * count; about 4 T * Hq * (n l' + w + Tc) * (Dk + Dv) f32 multiply-adds (each (query, key) pair
- * is recomputed once for dq and once for dk/dv). NSA_BACKEND_REF runs the float64 reference:
- * exact but slow, single-threaded per KV head. */
+ * inputs widened exactly), one FlashAttention-2 pass over the (query, key) pairs from the saved
+ * LSEs and branch outputs (about T * Hq * (n l' + w + Tc) * (3 Dk + 2 Dv) multiply-adds), dk/dv
+ * summed in a fixed order, so results are bitwise identical for any thread count. Its scratch is
+ * about 4 copies of the K/V gradients plus packed copies of K/V (linear in T). NSA_BACKEND_REF
+ * runs the float64 reference: exact but slow, single-threaded per KV head. */
 typedef struct nsa_bwd_params {
   nsa_config cfg; /* as given to nsa_fwd */
 
@@ -264,9 +264,17 @@ typedef struct nsa_bwd_params {
   nsa_tensor slc_indices; /* [B, T, Hkv, n] int32, required: the forward's slc_indices_out, or
                              the set it was given in slc_indices_in (same rules: -1 ignored,
                              duplicates count once, entries in [0, t / l']) */
-  nsa_tensor lse_cmp;     /* optional [B, T, Hq] f32: the forward's per-branch LSEs. The CPU   */
-  nsa_tensor lse_slc;     /* backend uses them instead of recomputing (they must be the      */
-  nsa_tensor lse_win;     /* forward's); the reference checks but recomputes them in float64. */
+  /* Optional: the forward's per-branch LSEs and ungated outputs (nsa_fwd's lse_* and o_*), the
+   * state FlashAttention's backward saves. With all six given the CPU backward starts from them;
+   * with any missing it first reruns the CPU forward (with slc_indices) to recompute them, about
+   * one forward's time. They must be the forward's own values for these inputs. The reference
+   * checks their shapes but recomputes everything in float64. */
+  nsa_tensor lse_cmp;     /* [B, T, Hq] f32 */
+  nsa_tensor lse_slc;
+  nsa_tensor lse_win;
+  nsa_tensor o_cmp;       /* [B, T, Hq, Dv] f32 or bf16 */
+  nsa_tensor o_slc;
+  nsa_tensor o_win;
 
   nsa_tensor d_o;         /* [B, T, Hq, Dv] f32 or bf16: dL/do */
 

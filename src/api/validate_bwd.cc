@@ -131,6 +131,10 @@ Status make_bwd_problem(const nsa_bwd_params& in, BwdProblem* out) {
   NSA_RETURN_IF_ERROR(check_optional("lse_cmp", p.lse_cmp, per_head, f32, Role::kInput));
   NSA_RETURN_IF_ERROR(check_optional("lse_slc", p.lse_slc, per_head, f32, Role::kInput));
   NSA_RETURN_IF_ERROR(check_optional("lse_win", p.lse_win, per_head, f32, Role::kInput));
+  const std::vector<int64_t> per_head_v = {pr.B, pr.T, pr.Hq, pr.Dv};
+  NSA_RETURN_IF_ERROR(check_optional("o_cmp", p.o_cmp, per_head_v, floats, Role::kInput));
+  NSA_RETURN_IF_ERROR(check_optional("o_slc", p.o_slc, per_head_v, floats, Role::kInput));
+  NSA_RETURN_IF_ERROR(check_optional("o_win", p.o_win, per_head_v, floats, Role::kInput));
   NSA_RETURN_IF_ERROR(
       check_tensor("d_o", p.d_o, {pr.B, pr.T, pr.Hq, pr.Dv}, floats, Role::kInput));
 
@@ -170,7 +174,8 @@ Status make_bwd_problem(const nsa_bwd_params& in, BwdProblem* out) {
        {"k_win", in.k_win}, {"v_win", in.v_win}, {"k_cmp", in.k_cmp}, {"v_cmp", in.v_cmp},
        {"g_cmp", in.g_cmp}, {"g_slc", in.g_slc}, {"g_win", in.g_win},
        {"slc_indices", in.slc_indices}, {"lse_cmp", in.lse_cmp}, {"lse_slc", in.lse_slc},
-       {"lse_win", in.lse_win}, {"d_o", in.d_o}}));
+       {"lse_win", in.lse_win}, {"o_cmp", in.o_cmp}, {"o_slc", in.o_slc}, {"o_win", in.o_win},
+       {"d_o", in.d_o}}));
   NSA_RETURN_IF_ERROR(check_indices("slc_indices", p.slc_indices, p.cfg, pr.seqs, pr.Hkv));
   if (p.cfg.scale == 0.0f) p.cfg.scale = static_cast<float>(1.0 / std::sqrt(double(pr.Dk)));
   *out = std::move(pr);
