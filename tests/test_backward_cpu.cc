@@ -1,7 +1,7 @@
-// The CPU backward (f32, src/cpu/backward.cc) against the float64 reference, both through
+// The CPU backward (f32, src/cpu/backward*.cc) against the float64 reference, both through
 // nsa_bwd (SPEC.md section 6): awkward shapes (T off every block size, T below a block, G in
 // {1, 3, 16}, Dk != Dv), several configs, branch-own K/V, varlen packing, bf16 inputs and
-// outputs, strided views, saved LSEs, heavy duplicate selections, empty compressed rows, and
+// outputs, strided views, saved state (LSEs; LSEs and branch outputs), heavy duplicate selections, empty compressed rows, and
 // bitwise-identical results for any thread count.
 #include <gtest/gtest.h>
 
@@ -37,7 +37,9 @@ struct Options {
   nsa_dtype in_dt = NSA_DTYPE_F32, out_dt = NSA_DTYPE_F32;
   bool padded = false;
   bool own_slc = false, own_win = false;  // pass k_slc/v_slc (k_win/v_win) of their own
-  bool saved_lse = false;                 // pass the forward's lse_* (from the reference)
+  // The forward's saved state, from the reference forward: 0 none, 1 lse_* only (the CPU reruns
+  // its forward for the rest), 2 lse_* and o_* (the CPU starts from them).
+  int saved = 0;
 };
 
 // The inputs of one case in the requested dtype and layout, and one set of outputs per run.
@@ -45,7 +47,7 @@ struct BwdCase {
   Case64 c;
   Options o;
   Tensor q, k, v, k_slc, v_slc, k_win, v_win, k_cmp, v_cmp, g_cmp, g_slc, g_win, d_o, idx;
-  Tensor lse[3];
+  Tensor lse[3], o_branch[3];
 
   struct Outs {
     Tensor dq, dk, dv, dk_slc, dv_slc, dk_win, dv_win, dk_cmp, dv_cmp, dg_cmp, dg_slc, dg_win;
@@ -70,7 +72,7 @@ struct BwdCase {
     idx.for_each([&](int64_t b, int64_t t, int64_t h, int64_t kk) {
       idx.set_raw(idx.logical_offset(b, t, h, kk), a.slc_indices[i++]);
     });
-    if (o.saved_lse) forward_lse();
+    if (o.saved > 0) forward_state();
   }
 
   nsa_bwd_params params(Outs& r) {
@@ -86,7 +88,10 @@ struct BwdCase {
     common(&p);
     p.slc_indices = idx.desc();
     p.d_o = d_o.desc();
-    if (o.saved_lse) p.lse_cmp = lse[0].desc(), p.lse_slc = lse[1].desc(), p.lse_win = lse[2].desc();
+    if (o.saved > 0) p.lse_cmp = lse[0].desc(), p.lse_slc = lse[1].desc(), p.lse_win = lse[2].desc();
+    if (o.saved > 1) {
+      p.o_cmp = o_branch[0].desc(), p.o_slc = o_branch[1].desc(), p.o_win = o_branch[2].desc();
+    }
     p.dq = r.dq.desc(), p.dk = r.dk.desc(), p.dv = r.dv.desc();
     if (o.own_slc) {
       r.dk_slc = out({s.B, s.T, s.Hkv, s.Dk}), r.dv_slc = out({s.B, s.T, s.Hkv, s.Dv});
@@ -116,17 +121,20 @@ struct BwdCase {
     }
   }
 
-  // The reference forward's LSEs on these inputs with this selection.
-  void forward_lse() {
+  // The reference forward's LSEs and branch outputs on these inputs with this selection (f32:
+  // saved in bf16, the outputs would carry bf16 rounding into dg and D).
+  void forward_state() {
     const Shape& s = c.shape;
     Tensor o_out(NSA_DTYPE_F32, {s.B, s.T, s.Hq, s.Dv});
     for (Tensor& l : lse) l = Tensor(NSA_DTYPE_F32, {s.B, s.T, s.Hq}, o.padded);
+    for (Tensor& x : o_branch) x = Tensor(NSA_DTYPE_F32, {s.B, s.T, s.Hq, s.Dv}, o.padded);
     nsa_fwd_params p;
     nsa_fwd_params_init(&p);
     common(&p);
     p.slc_indices_in = idx.desc();
     p.o = o_out.desc();
     p.lse_cmp = lse[0].desc(), p.lse_slc = lse[1].desc(), p.lse_win = lse[2].desc();
+    p.o_cmp = o_branch[0].desc(), p.o_slc = o_branch[1].desc(), p.o_win = o_branch[2].desc();
     Ctx ctx(NSA_BACKEND_REF);
     ASSERT_EQ(nsa_fwd(ctx.get(), &p), NSA_OK) << ctx.error();
   }
@@ -174,7 +182,7 @@ void compare(const Case64& c64, const Options& o, int threads = 0) {
      << cfg.slc_count << " w=" << cfg.window << " in=" << nsa_dtype_name(o.in_dt)
      << " out=" << nsa_dtype_name(o.out_dt) << (o.padded ? " padded" : "")
      << (o.own_slc ? " own_slc" : "") << (o.own_win ? " own_win" : "")
-     << (o.saved_lse ? " lse" : "");
+     << (o.saved == 1 ? " saved lse" : o.saved == 2 ? " saved lse+o" : "");
   SCOPED_TRACE(os.str());
   BwdCase bc(c64, o);
   BwdCase::Outs cpu, ref;
@@ -221,6 +229,7 @@ TEST(CpuBwd, ShortShapes) {
       Options o;
       o.in_dt = i % 2 ? NSA_DTYPE_BF16 : NSA_DTYPE_F32;
       o.padded = i % 3 == 0;
+      o.saved = i % 3;
       compare(c, o);
       ++i;
     }
@@ -235,6 +244,7 @@ TEST(CpuBwd, ConfigsAndHeadDims) {
       Options o;
       o.padded = i % 2 == 1;
       o.out_dt = i % 3 == 2 ? NSA_DTYPE_BF16 : NSA_DTYPE_F32;
+      o.saved = 2 * (i % 2);
       compare(c, o);
       ++i;
     }
@@ -249,8 +259,10 @@ TEST(CpuBwd, OwnBranchKvAndSavedLse) {
     Options o;
     o.own_slc = own_slc, o.own_win = own_win, o.padded = true;
     compare(c, o);
-    o.saved_lse = true;
-    compare(c, o);
+    for (int saved : {1, 2}) {
+      o.saved = saved;
+      compare(c, o);
+    }
     ++i;
   }
 }
@@ -265,7 +277,7 @@ TEST(CpuBwd, Varlen) {
       Options o;
       o.padded = true;
       o.in_dt = i % 2 ? NSA_DTYPE_BF16 : NSA_DTYPE_F32;
-      o.saved_lse = i >= 2;
+      o.saved = i % 3;
       compare(c, o);
       ++i;
     }
@@ -285,6 +297,9 @@ TEST(CpuBwd, HeavyDuplicates) {
     for (int64_t k = 0; k < n; ++k) c.args.slc_indices[t * n + k] = empty ? -1 : row[k];
   }
   compare(c, Options{});
+  Options saved;
+  saved.saved = 2;
+  compare(c, saved);
 }
 
 // T < l - 1: no compressed token at all (Tc = 0); and with l = 16 the rows t < 15 of a longer
@@ -307,22 +322,27 @@ TEST(CpuBwd, EmptyCompressedRows) {
   }
 }
 
-// Every output element has one owner summing in a fixed order: 1, 2 and 3 threads give the same
-// bytes.
+// Every output element is summed in an order fixed by the problem (dk/dv per chunk, then the
+// chunks in order): 1, 2 and 3 threads give the same bytes, with and without the saved state.
 TEST(CpuBwd, ThreadCountsBitwiseIdentical) {
   const Case64 c = make_case64(shape(1, 333, 12, 2, 24, 16), configs()[2], kSeed + 600);
-  Options o;
-  o.own_win = true;
-  BwdCase bc(c, o);
-  BwdCase::Outs r[3];
-  std::string msg;
-  for (int i = 0; i < 3; ++i) ASSERT_EQ(bc.run(NSA_BACKEND_CPU, i + 1, &r[i], &msg), NSA_OK) << msg;
-  for (int i = 1; i < 3; ++i) {
-    for (auto m : {&BwdCase::Outs::dq, &BwdCase::Outs::dk, &BwdCase::Outs::dv,
-                   &BwdCase::Outs::dk_win, &BwdCase::Outs::dv_win, &BwdCase::Outs::dk_cmp,
-                   &BwdCase::Outs::dv_cmp, &BwdCase::Outs::dg_cmp, &BwdCase::Outs::dg_slc,
-                   &BwdCase::Outs::dg_win}) {
-      EXPECT_EQ((r[i].*m).storage(), (r[0].*m).storage()) << (i + 1) << " threads";
+  for (int saved : {0, 2}) {
+    Options o;
+    o.own_win = true;
+    o.saved = saved;
+    BwdCase bc(c, o);
+    BwdCase::Outs r[3];
+    std::string msg;
+    for (int i = 0; i < 3; ++i) {
+      ASSERT_EQ(bc.run(NSA_BACKEND_CPU, i + 1, &r[i], &msg), NSA_OK) << msg;
+    }
+    for (int i = 1; i < 3; ++i) {
+      for (auto m : {&BwdCase::Outs::dq, &BwdCase::Outs::dk, &BwdCase::Outs::dv,
+                     &BwdCase::Outs::dk_win, &BwdCase::Outs::dv_win, &BwdCase::Outs::dk_cmp,
+                     &BwdCase::Outs::dv_cmp, &BwdCase::Outs::dg_cmp, &BwdCase::Outs::dg_slc,
+                     &BwdCase::Outs::dg_win}) {
+        EXPECT_EQ((r[i].*m).storage(), (r[0].*m).storage()) << (i + 1) << " threads, saved " << saved;
+      }
     }
   }
 }
