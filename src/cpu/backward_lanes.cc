@@ -78,57 +78,137 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 
 int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
 
-// ---- Per-tile products (see the file comment for the layouts). ----
+// ---- Products over a group of up to kGroup consecutive key tiles. ----
+//
+// S and dP of a group are [GP][kGroupKeys] (row stride kGroupKeys). Register blocks span several
+// tiles where the vector unit allows (AVX-512): HB heads x V tiles of accumulators load V tile
+// rows and broadcast HB query elements per step, (V + HB) loads per V HB FMAs; one tile with 16
+// heads needed 17 loads per 16 FMAs, which bound the kernels (measured 1.4x slower per FMA).
 
-// out[h][16] = sum_i xT[i][h] tile[i][16], h < GP: the scores (xT = scaled Q^T, tile = K) or
-// dP (xT = dO^T, tile = V).
-void tile_products(const float* HWY_RESTRICT xT, int64_t GP, const float* HWY_RESTRICT tile,
-                   int64_t D, float* HWY_RESTRICT out) {
+constexpr int kGroup = 4;                        // tiles per group
+constexpr int64_t kGroupKeys = kGroup * kTile;   // 64: one default selection block
+constexpr bool kWideBlocks = kNV == 1;           // AVX-512: one vector per tile row
+
+// out[h][v*16 + j] = sum_i xT[i][h] tile_v[i][j] for V tiles at `tiles` (stride tile_stride),
+// h < GP: the scores (xT = scaled Q^T, tiles = K) or dP (xT = dO^T, tiles = V).
+template <int HB, int V>
+void products(const float* HWY_RESTRICT xT, int64_t GP, const float* HWY_RESTRICT tiles,
+              int64_t tile_stride, int64_t D, float* HWY_RESTRICT out) {
   const DT d;
-  for (int64_t h0 = 0; h0 < GP; h0 += kHB) {
-    VT acc[kHB][kNV];
-    for (int h = 0; h < kHB; ++h)
-      for (int v = 0; v < kNV; ++v) acc[h][v] = hn::Zero(d);
+  for (int64_t h0 = 0; h0 < GP; h0 += HB) {
+    VT acc[HB][V * kNV];
+    for (int h = 0; h < HB; ++h)
+      for (int v = 0; v < V * kNV; ++v) acc[h][v] = hn::Zero(d);
     for (int64_t i = 0; i < D; ++i) {
-      VT kv[kNV];
-      for (int v = 0; v < kNV; ++v) kv[v] = hn::Load(d, tile + i * kTile + v * kN);
+      VT kv[V * kNV];
+      for (int v = 0; v < V; ++v)
+        for (int w = 0; w < kNV; ++w)
+          kv[v * kNV + w] = hn::Load(d, tiles + v * tile_stride + i * kTile + w * kN);
       const float* x = xT + i * GP + h0;
-      for (int h = 0; h < kHB; ++h) {
+      for (int h = 0; h < HB; ++h) {
         const VT b = hn::Set(d, x[h]);
-        for (int v = 0; v < kNV; ++v) acc[h][v] = hn::MulAdd(b, kv[v], acc[h][v]);
+        for (int v = 0; v < V * kNV; ++v) acc[h][v] = hn::MulAdd(b, kv[v], acc[h][v]);
       }
     }
-    for (int h = 0; h < kHB; ++h)
-      for (int v = 0; v < kNV; ++v) hn::Store(acc[h][v], d, out + (h0 + h) * kTile + v * kN);
+    for (int h = 0; h < HB; ++h)
+      for (int v = 0; v < V * kNV; ++v) hn::Store(acc[h][v], d, out + (h0 + h) * kGroupKeys + v * kN);
   }
 }
 
-// acc[i][16] += sum_h xT[i][h] w[h][16]: dK^T (xT = scaled Q^T, w = dS) or dV^T (xT = dO^T,
-// w = g P). The weights of a head block stay in registers while the D rows stream.
-void tile_gradient(const float* HWY_RESTRICT xT, int64_t GP, const float* HWY_RESTRICT w,
-                   int64_t D, float* HWY_RESTRICT acc) {
+void group_products(const float* xT, int64_t GP, const float* tiles, int64_t D, int nt,
+                    float* out) {
+  const int64_t stride = kTile * D;
+  if constexpr (kWideBlocks) {
+    switch (nt) {
+      case 1: return products<16, 1>(xT, GP, tiles, stride, D, out);
+      case 2: return products<8, 2>(xT, GP, tiles, stride, D, out);
+      case 3: return products<4, 3>(xT, GP, tiles, stride, D, out);
+      default: return products<4, 4>(xT, GP, tiles, stride, D, out);
+    }
+  } else {
+    for (int v = 0; v < nt; ++v) products<kHB, 1>(xT, GP, tiles + v * stride, stride, D, out + v * kTile);
+  }
+}
+
+// acc_v[i][16] += sum_h xT[i][h] w[h][v*16 .. v*16 + 16) for V tiles (accumulators at stride
+// tile_stride): dK^T (xT = scaled Q^T, w = dS) or dV^T (xT = dO^T, w = g P). R rows x V tiles
+// of accumulators per block; each accumulator's sum over h is a chain of dependent FMAs, and
+// R V >= 8 chains in flight hide the FMA latency.
+template <int R, int V>
+HWY_INLINE void gradient_block(const float* HWY_RESTRICT x, int64_t GP, int64_t heads,
+                               const float* HWY_RESTRICT w, float* HWY_RESTRICT acc,
+                               int64_t tile_stride) {
   const DT d;
-  for (int64_t h0 = 0; h0 < GP; h0 += kHB) {
-    VT wv[kHB][kNV];
-    for (int h = 0; h < kHB; ++h)
-      for (int v = 0; v < kNV; ++v) wv[h][v] = hn::Load(d, w + (h0 + h) * kTile + v * kN);
-    for (int64_t i = 0; i < D; ++i) {
-      VT a[kNV];
-      for (int v = 0; v < kNV; ++v) a[v] = hn::Load(d, acc + i * kTile + v * kN);
-      const float* x = xT + i * GP + h0;
-      for (int h = 0; h < kHB; ++h) {
-        const VT b = hn::Set(d, x[h]);
-        for (int v = 0; v < kNV; ++v) a[v] = hn::MulAdd(b, wv[h][v], a[v]);
+  VT a[R][V * kNV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v)
+      for (int u = 0; u < kNV; ++u)
+        a[r][v * kNV + u] = hn::Load(d, acc + v * tile_stride + r * kTile + u * kN);
+  for (int64_t h = 0; h < heads; ++h) {
+    VT wv[V * kNV];
+    for (int v = 0; v < V * kNV; ++v) wv[v] = hn::Load(d, w + h * kGroupKeys + v * kN);
+    for (int r = 0; r < R; ++r) {
+      const VT b = hn::Set(d, x[r * GP + h]);
+      for (int v = 0; v < V * kNV; ++v) a[r][v] = hn::MulAdd(b, wv[v], a[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v)
+      for (int u = 0; u < kNV; ++u)
+        hn::Store(a[r][v * kNV + u], d, acc + v * tile_stride + r * kTile + u * kN);
+}
+
+template <int R, int V>
+void gradient(const float* xT, int64_t GP, const float* w, int64_t D, float* acc,
+              int64_t tile_stride) {
+  int64_t i = 0;
+  for (; i + R <= D; i += R) gradient_block<R, V>(xT + i * GP, GP, GP, w, acc + i * kTile, tile_stride);
+  for (; i < D; ++i) gradient_block<1, V>(xT + i * GP, GP, GP, w, acc + i * kTile, tile_stride);
+}
+
+// One tile on AVX-512: the 16 weight vectors of a head block stay in registers while the rows
+// stream, 8 rows at a time (8 broadcasts per 8 FMAs, no weight loads).
+void gradient_one_tile(const float* HWY_RESTRICT xT, int64_t GP, const float* HWY_RESTRICT w,
+                       int64_t D, float* HWY_RESTRICT acc) {
+  const DT d;
+  constexpr int kHeads = 16, kRows = 8;
+  for (int64_t h0 = 0; h0 < GP; h0 += kHeads) {
+    VT wv[kHeads];
+    for (int h = 0; h < kHeads; ++h) wv[h] = hn::Load(d, w + (h0 + h) * kGroupKeys);
+    int64_t i = 0;
+    for (; i < D; i += kRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kRows, D - i));
+      VT a[kRows];
+      for (int r = 0; r < kRows; ++r) a[r] = r < rows ? hn::Load(d, acc + (i + r) * kTile) : hn::Zero(d);
+      for (int h = 0; h < kHeads; ++h) {
+        for (int r = 0; r < kRows; ++r) {
+          if (r < rows) a[r] = hn::MulAdd(hn::Set(d, xT[(i + r) * GP + h0 + h]), wv[h], a[r]);
+        }
       }
-      for (int v = 0; v < kNV; ++v) hn::Store(a[v], d, acc + i * kTile + v * kN);
+      for (int r = 0; r < kRows; ++r)
+        if (r < rows) hn::Store(a[r], d, acc + (i + r) * kTile);
     }
   }
 }
 
-// dq[h][Dkp] += sum_{j = j0..j1} ds[h][j] kr[j][Dkp]: the tile's K rows (padded to Dkp) weighted
-// by dS, kQH heads x kCB column vectors per register block.
-void tile_dq(const float* HWY_RESTRICT ds, int64_t GP, const float* HWY_RESTRICT kr, int64_t Dkp,
-             int64_t j0, int64_t j1, float* HWY_RESTRICT dq) {
+void group_gradient(const float* xT, int64_t GP, const float* w, int64_t D, int nt, float* acc) {
+  const int64_t stride = kTile * D;
+  if constexpr (kWideBlocks) {
+    switch (nt) {
+      case 1: return gradient_one_tile(xT, GP, w, D, acc);
+      case 2: return gradient<4, 2>(xT, GP, w, D, acc, stride);
+      case 3: return gradient<4, 3>(xT, GP, w, D, acc, stride);
+      default: return gradient<4, 4>(xT, GP, w, D, acc, stride);
+    }
+  } else {
+    for (int v = 0; v < nt; ++v) gradient<2, 1>(xT, GP, w + v * kTile, D, acc + v * stride, stride);
+  }
+}
+
+// dq[h][Dkp] += sum_{j = j0..j1} ds[h][j] kr[j][Dkp]: the group's K rows (padded to Dkp)
+// weighted by dS, kQH heads x kCB column vectors per register block.
+void group_dq(const float* HWY_RESTRICT ds, int64_t GP, const float* HWY_RESTRICT kr, int64_t Dkp,
+              int64_t j0, int64_t j1, float* HWY_RESTRICT dq) {
   const DT d;
   for (int64_t h0 = 0; h0 < GP; h0 += kQH) {
     for (int64_t c0 = 0; c0 < Dkp; c0 += kCB * kN) {
@@ -139,7 +219,7 @@ void tile_dq(const float* HWY_RESTRICT ds, int64_t GP, const float* HWY_RESTRICT
         VT kv[kCB];
         for (int c = 0; c < kCB; ++c) kv[c] = hn::Load(d, kr + j * Dkp + c0 + c * kN);
         for (int h = 0; h < kQH; ++h) {
-          const VT b = hn::Set(d, ds[(h0 + h) * kTile + j]);
+          const VT b = hn::Set(d, ds[(h0 + h) * kGroupKeys + j]);
           for (int c = 0; c < kCB; ++c) a[h][c] = hn::MulAdd(b, kv[c], a[h][c]);
         }
       }
@@ -149,24 +229,25 @@ void tile_dq(const float* HWY_RESTRICT ds, int64_t GP, const float* HWY_RESTRICT
   }
 }
 
-// The softmax pieces of one tile, lanes [lo, hi] live: s (scores) becomes dS = P (g dP - D) and
-// dp becomes g P, with P = exp(s - lse) and both 0 in the dead lanes. Padding heads have
-// lse = +inf, g = D = 0, so they give exact zeros.
-void tile_softmax(float* HWY_RESTRICT s, float* HWY_RESTRICT dp, int64_t GP,
-                  const float* HWY_RESTRICT lse, const float* HWY_RESTRICT g,
-                  const float* HWY_RESTRICT dsum, int64_t lo, int64_t hi) {
+// The softmax pieces of a group of nt tiles, keys [lo, hi] live: s (scores) becomes
+// dS = P (g dP - D) and dp becomes g P, with P = exp(s - lse) and both 0 in the dead lanes.
+// Padding heads have lse = +inf, g = D = 0, so they give exact zeros.
+void group_softmax(float* HWY_RESTRICT s, float* HWY_RESTRICT dp, int64_t GP, int nt,
+                   const float* HWY_RESTRICT lse, const float* HWY_RESTRICT g,
+                   const float* HWY_RESTRICT dsum, int64_t lo, int64_t hi) {
   const DT d;
-  hn::Mask<DT> live[kNV];
-  for (int v = 0; v < kNV; ++v) {
+  const int64_t vecs = nt * kNV;
+  hn::Mask<DT> live[kGroup * kNV];
+  for (int64_t v = 0; v < vecs; ++v) {
     const VT idx = hn::Iota(d, static_cast<float>(v * kN));
     live[v] = hn::And(hn::Ge(idx, hn::Set(d, static_cast<float>(lo))),
                       hn::Le(idx, hn::Set(d, static_cast<float>(hi))));
   }
   for (int64_t h = 0; h < GP; ++h) {
     const VT l = hn::Set(d, lse[h]), gv = hn::Set(d, g[h]), dv = hn::Set(d, dsum[h]);
-    for (int v = 0; v < kNV; ++v) {
-      float* sp = s + h * kTile + v * kN;
-      float* dpp = dp + h * kTile + v * kN;
+    for (int64_t v = 0; v < vecs; ++v) {
+      float* sp = s + h * kGroupKeys + v * kN;
+      float* dpp = dp + h * kGroupKeys + v * kN;
       const VT p = hn::IfThenElseZero(live[v], hn::Exp(d, hn::Sub(hn::Load(d, sp), l)));
       const VT ds = hn::Mul(p, hn::MulSub(gv, hn::Load(d, dpp), dv));
       hn::Store(hn::IfThenElseZero(live[v], ds), d, sp);
@@ -261,22 +342,30 @@ bool make_accum(const BwdProblem& pr, const Packed& pk, Accum* a) {
   return true;
 }
 
-// ---- One query position. ----
+// ---- One query tile. ----
 
 struct Branch {
   const Packed* pk = nullptr;
   Accum* acc = nullptr;
 };
 
-// Per-chunk scratch.
+// The state of one query position (all G heads of its KV group).
+struct Pos {
+  int64_t t = 0;
+  float* qT;     // [Dk][GP] scale * q
+  float* doT;    // [Dv][GP]
+  float* dq;     // [GP][Dkp]
+  float* head;   // [3][3][GP]: per branch lse, g, D
+  int32_t* set;  // [n]: the selected blocks
+  int64_t nb = 0;
+};
+
+// Per-chunk scratch: the positions of one query tile, one tile's S/dP, the slc work list.
 struct Scratch {
-  float* qT;    // [Dk][GP] scale * q
-  float* doT;   // [Dv][GP]
-  float* s;     // [GP][16] scores, then dS
-  float* dp;    // [GP][16] dP, then g P
-  float* dq;    // [GP][Dkp]
-  float* head;  // [3][3][GP]: per branch lse, g, D
-  int32_t* set; // [n]
+  Pos pos[kQueryTile];
+  float* s;   // [GP][kGroupKeys] scores, then dS
+  float* dp;  // [GP][kGroupKeys] dP, then g P
+  std::vector<std::pair<int32_t, int32_t>> pairs;  // (selected block, position in the tile)
 };
 
 struct Ctx {
@@ -286,71 +375,119 @@ struct Ctx {
   int64_t GP, Dkp;
 };
 
-// The gradients of one query position t (all G heads of KV head hk) through branch c's keys
-// [lo, hi] (local indices of the branch's rows), added to chunk `chunk`'s accumulators.
-void add_range(const Ctx& cx, Scratch& sc, int c, int64_t si, int64_t hk, int64_t lo, int64_t hi,
-               int64_t chunk) {
+// The gradients of position ps through keys [k0 + a, k0 + b] of the nt tiles from tile `ti`
+// (k0 = 16 ti) of branch c (rows local to the sequence), added to chunk `chunk`'s accumulators.
+void add_group(const Ctx& cx, Scratch& sc, const Pos& ps, int c, int64_t si, int64_t hk,
+               int64_t ti, int nt, int64_t a, int64_t b, int64_t chunk) {
   const BwdProblem& pr = *cx.pr;
   const Packed& pk = *cx.br[c].pk;
   const Accum& acc = *cx.br[c].acc;
   const int64_t Dk = pr.Dk, Dv = pr.Dv, GP = cx.GP;
-  const float* lse = sc.head + (c * 3 + 0) * GP;
-  const float* g = sc.head + (c * 3 + 1) * GP;
-  const float* dsum = sc.head + (c * 3 + 2) * GP;
-  for (int64_t ti = lo / kTile; ti <= hi / kTile; ++ti) {
-    const int64_t u = hk * pk.tiles + pk.first_tile[si] + ti;
-    const int64_t k0 = ti * kTile;
-    const int64_t a = std::max(lo, k0) - k0, b = std::min(hi, k0 + kTile - 1) - k0;
-    tile_products(sc.qT, GP, pk.kt.get() + u * kTile * Dk, Dk, sc.s);
-    tile_products(sc.doT, GP, pk.vt.get() + u * kTile * Dv, Dv, sc.dp);
-    tile_softmax(sc.s, sc.dp, GP, lse, g, dsum, a, b);
-    tile_dq(sc.s, GP, pk.kr.get() + u * kTile * cx.Dkp, cx.Dkp, a, b, sc.dq);
-    tile_gradient(sc.qT, GP, sc.s, Dk, acc.dk.get() + chunk * acc.per_chunk_k + u * kTile * Dk);
-    tile_gradient(sc.doT, GP, sc.dp, Dv, acc.dv.get() + chunk * acc.per_chunk_v + u * kTile * Dv);
-  }
+  const int64_t u = hk * pk.tiles + pk.first_tile[si] + ti;
+  const float* head = ps.head + c * 3 * GP;
+  group_products(ps.qT, GP, pk.kt.get() + u * kTile * Dk, Dk, nt, sc.s);
+  group_products(ps.doT, GP, pk.vt.get() + u * kTile * Dv, Dv, nt, sc.dp);
+  group_softmax(sc.s, sc.dp, GP, nt, head, head + GP, head + 2 * GP, a, b);
+  group_dq(sc.s, GP, pk.kr.get() + u * kTile * cx.Dkp, cx.Dkp, a, b, ps.dq);
+  group_gradient(ps.qT, GP, sc.s, Dk, nt, acc.dk.get() + chunk * acc.per_chunk_k + u * kTile * Dk);
+  group_gradient(ps.doT, GP, sc.dp, Dv, nt, acc.dv.get() + chunk * acc.per_chunk_v + u * kTile * Dv);
 }
 
-void position(const Ctx& cx, Scratch& sc, int64_t si, int64_t hk, int64_t t, int64_t chunk) {
+// Calls add_group for position ps over keys [lo, hi] of group gi (keys [64 gi, 64 gi + 64)),
+// on the tiles that hold live keys only.
+void add_range_in_group(const Ctx& cx, Scratch& sc, const Pos& ps, int c, int64_t si, int64_t hk,
+                        int64_t gi, int64_t lo, int64_t hi, int64_t chunk) {
+  const int64_t g0 = gi * kGroupKeys;
+  lo = std::max(lo, g0), hi = std::min(hi, g0 + kGroupKeys - 1);
+  if (hi < lo) return;
+  const int64_t t_first = lo / kTile, t_last = hi / kTile, k0 = t_first * kTile;
+  add_group(cx, sc, ps, c, si, hk, t_first, static_cast<int>(t_last - t_first + 1), lo - k0,
+            hi - k0, chunk);
+}
+
+// Position t's transposed rows, per-branch lse, g, D (and its dg outputs), selection; dq zeroed.
+void prepare(const Ctx& cx, Pos& ps, int64_t si, int64_t hk, int64_t t) {
   const BwdProblem& pr = *cx.pr;
   const State& st = *cx.st;
   const nsa_bwd_params& p = pr.p;
-  const nsa_config& cfg = p.cfg;
   const Sequence& s = pr.seqs[si];
-  const int64_t b = s.batch, tok = s.start + t, G = pr.G, GP = cx.GP, Dk = pr.Dk, Dv = pr.Dv;
+  const int64_t b = s.batch, tok = s.start + t, G = pr.G, GP = cx.GP;
   const int64_t h0 = hk * G;
   const nsa_tensor* dgate[3] = {&p.dg_cmp, &p.dg_slc, &p.dg_win};
+  ps.t = t;
   for (int64_t h = 0; h < G; ++h) {
     const float* q = st.q.row(b, tok, h0 + h);
     const float* dout = st.d_o.row(b, tok, h0 + h);
-    for (int64_t i = 0; i < Dk; ++i) sc.qT[i * GP + h] = cfg.scale * q[i];
-    for (int64_t i = 0; i < Dv; ++i) sc.doT[i * GP + h] = dout[i];
+    for (int64_t i = 0; i < pr.Dk; ++i) ps.qT[i * GP + h] = p.cfg.scale * q[i];
+    for (int64_t i = 0; i < pr.Dv; ++i) ps.doT[i * GP + h] = dout[i];
     for (int c = 0; c < 3; ++c) {
       const float* o = st.o_branch[c].row(b, tok, h0 + h);
       float dg = 0.0f;
-      for (int64_t i = 0; i < Dv; ++i) dg += dout[i] * o[i];
+      for (int64_t i = 0; i < pr.Dv; ++i) dg += dout[i] * o[i];
       const float gate = st.gate[c].row(b, tok, h0 + h)[0];
-      sc.head[(c * 3 + 0) * GP + h] = st.lse[c].row(b, tok, h0 + h)[0];
-      sc.head[(c * 3 + 1) * GP + h] = gate;
-      sc.head[(c * 3 + 2) * GP + h] = gate * dg;
+      ps.head[(c * 3 + 0) * GP + h] = st.lse[c].row(b, tok, h0 + h)[0];
+      ps.head[(c * 3 + 1) * GP + h] = gate;
+      ps.head[(c * 3 + 2) * GP + h] = gate * dg;
       store_row(*dgate[c], offset_of(*dgate[c], b, tok, h0 + h), &dg, 1);
     }
   }
-  std::fill(sc.dq, sc.dq + GP * cx.Dkp, 0.0f);
+  std::fill(ps.dq, ps.dq + GP * cx.Dkp, 0.0f);
+  ps.nb = bwd::selected_set(pr, b, tok, hk, ps.set);
+}
+
+// Positions [t0, t1) of sequence si, KV head hk. Key tiles outer, positions inner: a key tile and
+// its dk/dv accumulators are fetched once for every position of the query tile that reads them
+// (all of them for the window and the compressed tokens; those that selected the block for slc)
+// and stay in L1/L2 while the positions pass.
+void query_tile(const Ctx& cx, Scratch& sc, int64_t si, int64_t hk, int64_t t0, int64_t t1,
+                int64_t chunk) {
+  const nsa_config& cfg = cx.pr->p.cfg;
+  const int64_t np = t1 - t0;
+  for (int64_t i = 0; i < np; ++i) prepare(cx, sc.pos[i], si, hk, t0 + i);
   // Step 1: the complete compressed blocks, i*d + l - 1 <= t (SPEC 4.1).
-  const int64_t vis = visible_cmp_count(cfg, t);
-  if (vis > 0) add_range(cx, sc, kCmp, si, hk, 0, vis - 1, chunk);
-  // Step 4: the keys p <= t of each selected block.
-  const int64_t nb = bwd::selected_set(pr, b, tok, hk, sc.set);
-  for (int64_t i = 0; i < nb; ++i) {
-    const int64_t lo = int64_t{sc.set[i]} * cfg.slc_block;
-    add_range(cx, sc, kSlc, si, hk, lo, std::min<int64_t>(lo + cfg.slc_block - 1, t), chunk);
+  const int64_t vis_max = visible_cmp_count(cfg, t1 - 1);
+  for (int64_t gi = 0; gi * kGroupKeys < vis_max; ++gi) {
+    for (int64_t i = 0; i < np; ++i) {
+      const int64_t hi = visible_cmp_count(cfg, t0 + i) - 1;
+      add_range_in_group(cx, sc, sc.pos[i], kCmp, si, hk, gi, 0, hi, chunk);
+    }
+  }
+  // Step 4: the keys p <= t of each selected block, block by block.
+  sc.pairs.clear();
+  for (int64_t i = 0; i < np; ++i) {
+    for (int64_t k = 0; k < sc.pos[i].nb; ++k) sc.pairs.push_back({sc.pos[i].set[k], int32_t(i)});
+  }
+  std::sort(sc.pairs.begin(), sc.pairs.end());
+  for (size_t x = 0; x < sc.pairs.size();) {
+    size_t y = x;
+    while (y < sc.pairs.size() && sc.pairs[y].first == sc.pairs[x].first) ++y;
+    const int64_t lo = int64_t{sc.pairs[x].first} * cfg.slc_block, hi = lo + cfg.slc_block - 1;
+    for (int64_t gi = lo / kGroupKeys; gi <= hi / kGroupKeys; ++gi) {
+      for (size_t z = x; z < y; ++z) {
+        const Pos& ps = sc.pos[sc.pairs[z].second];
+        add_range_in_group(cx, sc, ps, kSlc, si, hk, gi, lo, std::min(hi, ps.t), chunk);
+      }
+    }
+    x = y;
   }
   // Step 5: the window max(0, t - w + 1) .. t.
-  add_range(cx, sc, kWin, si, hk, std::max<int64_t>(0, t - cfg.window + 1), t, chunk);
-  for (int64_t h = 0; h < G; ++h) {
-    float* dq = sc.dq + h * cx.Dkp;
-    for (int64_t i = 0; i < Dk; ++i) dq[i] *= cfg.scale;
-    store_row(p.dq, offset_of(p.dq, b, tok, h0 + h), dq, Dk);
+  const int64_t w = cfg.window;
+  const int64_t g_first = std::max<int64_t>(0, t0 - w + 1) / kGroupKeys;
+  for (int64_t gi = g_first; gi <= (t1 - 1) / kGroupKeys; ++gi) {
+    for (int64_t i = 0; i < np; ++i) {
+      const int64_t t = t0 + i;
+      add_range_in_group(cx, sc, sc.pos[i], kWin, si, hk, gi, std::max<int64_t>(0, t - w + 1), t,
+                         chunk);
+    }
+  }
+  const BwdProblem& pr = *cx.pr;
+  const Sequence& s = pr.seqs[si];
+  for (int64_t i = 0; i < np; ++i) {
+    for (int64_t h = 0; h < pr.G; ++h) {
+      float* dq = sc.pos[i].dq + h * cx.Dkp;
+      for (int64_t c = 0; c < pr.Dk; ++c) dq[c] *= cfg.scale;
+      store_row(pr.p.dq, offset_of(pr.p.dq, s.batch, s.start + t0 + i, hk * pr.G + h), dq, pr.Dk);
+    }
   }
 }
 
@@ -467,36 +604,42 @@ bool BackwardLanes(const State& st) {
   const std::vector<int64_t> bounds = chunk_bounds(pr, units);
 
   // Scratch per chunk (not per thread: a chunk's work is the same whatever thread runs it).
-  const int64_t floats = round_up(pr.Dk * GP, 16) + round_up(pr.Dv * GP, 16) + 2 * GP * kTile +
-                         GP * Dkp + round_up(9 * GP, 16);
+  const int64_t per_pos = round_up(pr.Dk * GP, 16) + round_up(pr.Dv * GP, 16) + GP * Dkp +
+                          round_up(9 * GP, 16);
+  const int64_t floats = kQueryTile * per_pos + 2 * GP * kGroupKeys;
   hwy::AlignedFreeUniquePtr<float[]> fbuf = hwy::AllocateAligned<float>(size_t(kChunks * floats));
   if (!fbuf) return false;
-  std::vector<int32_t> sets(static_cast<size_t>(kChunks * std::max(1, p.cfg.slc_count)));
+  const int64_t n_set = std::max(1, p.cfg.slc_count);
+  std::vector<int32_t> sets(static_cast<size_t>(kChunks * kQueryTile * n_set));
   std::vector<Scratch> scratch(kChunks);
   for (int64_t ch = 0; ch < kChunks; ++ch) {
     float* f = fbuf.get() + ch * floats;
     Scratch& sc = scratch[ch];
-    sc.qT = f, f += round_up(pr.Dk * GP, 16);
-    sc.doT = f, f += round_up(pr.Dv * GP, 16);
-    sc.s = f, f += GP * kTile;
-    sc.dp = f, f += GP * kTile;
-    sc.dq = f, f += GP * Dkp;
-    sc.head = f;
-    sc.set = sets.data() + ch * std::max(1, p.cfg.slc_count);
-    // Padding heads (G..GP): zero queries and dO, lse = +inf, g = D = 0, for the whole call.
-    std::fill(sc.qT, sc.qT + pr.Dk * GP, 0.0f);
-    std::fill(sc.doT, sc.doT + pr.Dv * GP, 0.0f);
-    for (int c = 0; c < 3; ++c) {
-      std::fill(sc.head + (c * 3 + 0) * GP, sc.head + (c * 3 + 1) * GP, kInf);
-      std::fill(sc.head + (c * 3 + 1) * GP, sc.head + (c * 3 + 3) * GP, 0.0f);
+    for (int64_t i = 0; i < kQueryTile; ++i) {
+      Pos& ps = sc.pos[i];
+      ps.qT = f, f += round_up(pr.Dk * GP, 16);
+      ps.doT = f, f += round_up(pr.Dv * GP, 16);
+      ps.dq = f, f += GP * Dkp;
+      ps.head = f, f += round_up(9 * GP, 16);
+      ps.set = sets.data() + (ch * kQueryTile + i) * n_set;
+      // Padding heads (G..GP): zero queries and dO, lse = +inf, g = D = 0, for the whole call.
+      std::fill(ps.qT, ps.qT + pr.Dk * GP, 0.0f);
+      std::fill(ps.doT, ps.doT + pr.Dv * GP, 0.0f);
+      for (int c = 0; c < 3; ++c) {
+        std::fill(ps.head + (c * 3 + 0) * GP, ps.head + (c * 3 + 1) * GP, kInf);
+        std::fill(ps.head + (c * 3 + 1) * GP, ps.head + (c * 3 + 3) * GP, 0.0f);
+      }
     }
+    sc.s = f, f += GP * kGroupKeys;
+    sc.dp = f;
+    sc.pairs.reserve(static_cast<size_t>(kQueryTile * n_set));
   }
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t ch = 0; ch < kChunks; ++ch) {
     for (int64_t i = bounds[ch]; i < bounds[ch + 1]; ++i) {
       const Unit& un = units[static_cast<size_t>(i)];
-      for (int64_t t = un.t0; t < un.t1; ++t) position(cx, scratch[ch], un.seq, un.hk, t, ch);
+      query_tile(cx, scratch[ch], un.seq, un.hk, un.t0, un.t1, ch);
     }
   }
 
