@@ -95,23 +95,31 @@ template <int HB, int V>
 void products(const float* HWY_RESTRICT xT, int64_t GP, const float* HWY_RESTRICT tiles,
               int64_t tile_stride, int64_t D, float* HWY_RESTRICT out) {
   const DT d;
-  for (int64_t h0 = 0; h0 < GP; h0 += HB) {
-    VT acc[HB][V * kNV];
-    for (int h = 0; h < HB; ++h)
-      for (int v = 0; v < V * kNV; ++v) acc[h][v] = hn::Zero(d);
-    for (int64_t i = 0; i < D; ++i) {
-      VT kv[V * kNV];
-      for (int v = 0; v < V; ++v)
-        for (int w = 0; w < kNV; ++w)
-          kv[v * kNV + w] = hn::Load(d, tiles + v * tile_stride + i * kTile + w * kN);
-      const float* x = xT + i * GP + h0;
-      for (int h = 0; h < HB; ++h) {
-        const VT b = hn::Set(d, x[h]);
-        for (int v = 0; v < V * kNV; ++v) acc[h][v] = hn::MulAdd(b, kv[v], acc[h][v]);
+  // Rows in chunks small enough that the chunk's tile rows stay in L1 while every head block
+  // reads them (without: each head block re-read the whole group from L2, which bound the loop).
+  constexpr int64_t kRowChunk = 32;
+  for (int64_t i0 = 0; i0 < D; i0 += kRowChunk) {
+    const int64_t i1 = std::min(D, i0 + kRowChunk);
+    for (int64_t h0 = 0; h0 < GP; h0 += HB) {
+      VT acc[HB][V * kNV];
+      float* o = out + h0 * kGroupKeys;
+      for (int h = 0; h < HB; ++h)
+        for (int v = 0; v < V * kNV; ++v)
+          acc[h][v] = i0 == 0 ? hn::Zero(d) : hn::Load(d, o + h * kGroupKeys + v * kN);
+      for (int64_t i = i0; i < i1; ++i) {
+        VT kv[V * kNV];
+        for (int v = 0; v < V; ++v)
+          for (int w = 0; w < kNV; ++w)
+            kv[v * kNV + w] = hn::Load(d, tiles + v * tile_stride + i * kTile + w * kN);
+        const float* x = xT + i * GP + h0;
+        for (int h = 0; h < HB; ++h) {
+          const VT b = hn::Set(d, x[h]);
+          for (int v = 0; v < V * kNV; ++v) acc[h][v] = hn::MulAdd(b, kv[v], acc[h][v]);
+        }
       }
+      for (int h = 0; h < HB; ++h)
+        for (int v = 0; v < V * kNV; ++v) hn::Store(acc[h][v], d, o + h * kGroupKeys + v * kN);
     }
-    for (int h = 0; h < HB; ++h)
-      for (int v = 0; v < V * kNV; ++v) hn::Store(acc[h][v], d, out + (h0 + h) * kGroupKeys + v * kN);
   }
 }
 
@@ -210,8 +218,9 @@ void group_gradient(const float* xT, int64_t GP, const float* w, int64_t D, int 
 void group_dq(const float* HWY_RESTRICT ds, int64_t GP, const float* HWY_RESTRICT kr, int64_t Dkp,
               int64_t j0, int64_t j1, float* HWY_RESTRICT dq) {
   const DT d;
-  for (int64_t h0 = 0; h0 < GP; h0 += kQH) {
-    for (int64_t c0 = 0; c0 < Dkp; c0 += kCB * kN) {
+  // Column blocks outer: a block's K rows (64 keys x kCB vectors) stay in L1 for every head block.
+  for (int64_t c0 = 0; c0 < Dkp; c0 += kCB * kN) {
+    for (int64_t h0 = 0; h0 < GP; h0 += kQH) {
       VT a[kQH][kCB];
       for (int h = 0; h < kQH; ++h)
         for (int c = 0; c < kCB; ++c) a[h][c] = hn::Load(d, dq + (h0 + h) * Dkp + c0 + c * kN);
