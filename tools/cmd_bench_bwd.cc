@@ -10,6 +10,11 @@
 // FLOPs per attended (query, key) pair and head: forward 2 (Dk + Dv) (S = q k, o += p v);
 // backward 2 (3 Dk + 2 Dv) (S recomputed, dP = dO v, dv += p dO, dq += dS k, dk += dS q), which
 // is FlashAttention's 2.5x the forward when Dk = Dv.
+//
+// Per branch (profiling on; nsa_bwd_profile, nsa_fwd_profile of the last timed run): `bwd` shows
+// the backward's cmp / slc / win stages; `fwdbwd` adds the forward's: cmp = cmp attention and the
+// block scores, slc = top-n and selected attention, win = window attention. The rest of a run
+// (packing, per-row work, reductions, compression) is in the total only.
 #include <cmath>
 #include <cstdio>
 #include <sstream>
@@ -41,6 +46,7 @@ int run_bench_bwd(const BenchOptions& opt) {
   nsa_context* ctx = nullptr;
   nsa_context_create(&ctx);
   nsa_context_set_num_threads(ctx, opt.threads);
+  nsa_context_set_profiling(ctx, 1);
   const nsa_dtype dt = opt.dtype == "bf16" ? NSA_DTYPE_BF16 : NSA_DTYPE_F32;
   const bool with_fwd = opt.pass == "fwdbwd";
   nsa_config cfg;
@@ -50,8 +56,9 @@ int run_bench_bwd(const BenchOptions& opt) {
     std::printf("nsa bench %s: B=1 Hq=%lld Hkv=%lld Dk=%lld Dv=%lld %s, threads=%d, median of %d\n",
                 opt.pass.c_str(), (long long)opt.hq, (long long)opt.hkv, (long long)opt.dk,
                 (long long)opt.dv, opt.dtype.c_str(), opt.threads, opt.repeats);
-    std::printf("%7s %10s %10s %9s %8s %8s %10s %12s\n", "T", "nsa_ms", "dense_ms", "speedup",
-                "model", "GF/s", "dense_GF/s", "cmp_bwd_ms");
+    std::printf("%7s %10s %10s %9s %8s %8s %10s %12s %8s %8s %8s\n", "T", "nsa_ms", "dense_ms",
+                "speedup", "model", "GF/s", "dense_GF/s", "cmp_bwd_ms", "cmp_ms", "slc_ms",
+                "win_ms");
   }
   std::stringstream ss(opt.lengths);
   std::string item;
@@ -121,6 +128,16 @@ int run_bench_bwd(const BenchOptions& opt) {
     nsa_forward();  // the saved values the backward reads
     const double nsa_ms = with_fwd ? median_ms(opt.repeats, [&] { nsa_forward(); nsa_backward(); })
                                    : median_ms(opt.repeats, nsa_backward);
+    // Branch split of the last timed NSA run.
+    nsa_fwd_profile fprof{};
+    nsa_bwd_profile bprof{};
+    nsa_context_fwd_profile(ctx, &fprof);
+    nsa_context_bwd_profile(ctx, &bprof);
+    const double f = with_fwd ? 1.0 : 0.0;
+    const double branch_ms[3] = {
+        1e3 * (bprof.cmp_s + f * (fprof.cmp_s + fprof.scores_s)),
+        1e3 * (bprof.slc_s + f * (fprof.topn_s + fprof.slc_s)),
+        1e3 * (bprof.win_s + f * fprof.win_s)};
     const double cmp_bwd_ms = median_ms(opt.repeats, compress_backward);
     double dense_ms = std::nan("");
     if (!opt.no_dense) {
@@ -145,10 +162,13 @@ int run_bench_bwd(const BenchOptions& opt) {
     rows.push_back({{"pass", opt.pass}, {"dtype", opt.dtype}, {"T", T}, {"threads", opt.threads},
                     {"ms", nsa_ms}, {"dense_ms", dense_ms}, {"speedup", dense_ms / nsa_ms},
                     {"gflops", gflops}, {"dense_gflops", dense_gflops}, {"model_ratio", model},
-                    {"compress_bwd_ms", cmp_bwd_ms}});
+                    {"compress_bwd_ms", cmp_bwd_ms}, {"cmp_ms", branch_ms[0]},
+                    {"slc_ms", branch_ms[1]}, {"win_ms", branch_ms[2]},
+                    {"saved_state_recompute_ms", 1e3 * bprof.forward_s}});
     if (!opt.json) {
-      std::printf("%7lld %10.1f %10.1f %8.2fx %7.2fx %8.1f %10.1f %12.1f\n", (long long)T, nsa_ms,
-                  dense_ms, dense_ms / nsa_ms, model, gflops, dense_gflops, cmp_bwd_ms);
+      std::printf("%7lld %10.1f %10.1f %8.2fx %7.2fx %8.1f %10.1f %12.1f %8.1f %8.1f %8.1f\n",
+                  (long long)T, nsa_ms, dense_ms, dense_ms / nsa_ms, model, gflops, dense_gflops,
+                  cmp_bwd_ms, branch_ms[0], branch_ms[1], branch_ms[2]);
       std::fflush(stdout);
     }
   }

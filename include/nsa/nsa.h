@@ -90,8 +90,9 @@ NSA_API nsa_backend nsa_context_backend(const nsa_context* ctx);
 NSA_API nsa_status nsa_context_set_num_threads(nsa_context* ctx, int32_t n);
 NSA_API int32_t nsa_context_num_threads(const nsa_context* ctx);
 
-/* Per-stage timing of the forward, for benchmarks. Off by default: when on, each nsa_fwd on the
- * context records where its time went (a few clock reads per query position and KV head). */
+/* Per-stage timing of the forward and the backward, for benchmarks. Off by default: when on,
+ * each nsa_fwd / nsa_bwd on the context records where its time went (a few clock reads per query
+ * position and KV head). */
 typedef struct nsa_fwd_profile {
   /* Thread-seconds, summed over the threads that ran each stage (SPEC 4 steps). */
   double pack_s;    /* converting K/V to the kernels' f32 tiles (once per call) */
@@ -106,6 +107,22 @@ typedef struct nsa_fwd_profile {
 NSA_API nsa_status nsa_context_set_profiling(nsa_context* ctx, int32_t on);
 /* The profile of the last successful nsa_fwd on ctx with profiling on (zeros before one). */
 NSA_API nsa_status nsa_context_fwd_profile(const nsa_context* ctx, nsa_fwd_profile* out);
+
+/* Where the time of the CPU backward (nsa_bwd) went, in wall-clock seconds: the parallel pass's
+ * wall time is split over its stages in proportion to the thread-seconds each took, so the
+ * fields add up to about wall_s. The reference backend records only wall_s. */
+typedef struct nsa_bwd_profile {
+  double forward_s; /* rerunning the forward for saved state that was not passed (else 0) */
+  double pack_s;    /* packing K/V into the kernels' tiles, zeroing the dk/dv accumulators */
+  double rows_s;    /* per query position: transposed q/do, D = g do . o, dg, the selection; dq */
+  double cmp_s;     /* the compressed branch's gradients (SPEC 4 step 1) */
+  double slc_s;     /* the selected branch's (step 4) */
+  double win_s;     /* the window branch's (step 5) */
+  double reduce_s;  /* summing the dk/dv accumulators and writing dk, dv, dk_cmp, ... */
+  double wall_s;    /* wall-clock seconds of the call */
+} nsa_bwd_profile;
+/* The profile of the last successful nsa_bwd on ctx with profiling on (zeros before one). */
+NSA_API nsa_status nsa_context_bwd_profile(const nsa_context* ctx, nsa_bwd_profile* out);
 
 /* The message of the last failed call on this context, or "" if the last call succeeded.
  * The pointer stays valid until the next call on the context. NULL ctx gives "". */

@@ -91,6 +91,12 @@ nsa_status nsa_context_fwd_profile(const nsa_context* ctx, nsa_fwd_profile* out)
   return NSA_OK;
 }
 
+nsa_status nsa_context_bwd_profile(const nsa_context* ctx, nsa_bwd_profile* out) {
+  if (ctx == nullptr || out == nullptr) return NSA_ERR_NULL_POINTER;
+  *out = ctx->bwd_profile;
+  return NSA_OK;
+}
+
 const char* nsa_last_error(const nsa_context* ctx) {
   return ctx != nullptr ? ctx->last_error.c_str() : "";
 }
@@ -228,11 +234,21 @@ nsa_status nsa_bwd(nsa_context* ctx, const nsa_bwd_params* p) {
     problem.num_threads = ctx->num_threads;
     // No token: every output is empty, so there is nothing to write.
     if (problem.B == 0 || problem.T == 0) return Status::ok();
+    nsa_bwd_profile profile{};
+    if (ctx->profiling) problem.profile = &profile;
+    const auto t0 = std::chrono::steady_clock::now();
+    Status st;
     switch (resolve(ctx->backend)) {
-      case NSA_BACKEND_REF: return nsa::ref::backward(problem);
-      case NSA_BACKEND_CPU: return nsa::cpu::backward(problem);
+      case NSA_BACKEND_REF: st = nsa::ref::backward(problem); break;
+      case NSA_BACKEND_CPU: st = nsa::cpu::backward(problem); break;
       default: return unavailable(ctx->backend);
     }
+    if (st.is_ok() && ctx->profiling) {
+      profile.wall_s =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      ctx->bwd_profile = profile;
+    }
+    return st;
   });
 }
 

@@ -10,5 +10,6 @@ struct nsa_context {
   int32_t num_threads = 0;  // 0: OpenMP's default
   bool profiling = false;
   nsa_fwd_profile fwd_profile{};
+  nsa_bwd_profile bwd_profile{};
   std::string last_error;
 };

@@ -56,6 +56,7 @@ struct BwdProblem {
   int64_t B = 0, T = 0, Hq = 0, Hkv = 0, G = 0, Dk = 0, Dv = 0, Tc = 0;
   std::vector<Sequence> seqs;
   int32_t num_threads = 0;
+  nsa_bwd_profile* profile = nullptr;  // stage times to fill in, when profiling is on
 };
 
 struct CompressBwdProblem {

@@ -6,6 +6,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <chrono>
 #include <new>
 
 #include "common/backends.h"
@@ -111,7 +112,12 @@ Status backward(const BwdProblem& pr) {
     if (!saved) {
       // Without all six saved tensors, the forward runs once more (its selection fixed): a
       // partial set would save little and mixing saved and recomputed values invites mismatch.
+      const auto t0 = std::chrono::steady_clock::now();
       NSA_RETURN_IF_ERROR(recompute_forward(pr, &rc));
+      if (pr.profile) {
+        pr.profile->forward_s +=
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      }
       for (int c = 0; c < 3; ++c) lse[c] = &rc.lse_t[c], o_branch[c] = &rc.o_branch_t[c];
     }
     for (int c = 0; c < 3; ++c) {

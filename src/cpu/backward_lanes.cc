@@ -32,6 +32,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -353,6 +354,9 @@ bool make_accum(const BwdProblem& pr, const Packed& pk, Accum* a) {
 
 // ---- One query tile. ----
 
+// The stages of nsa_bwd_profile timed inside the parallel pass.
+enum BwdStage { kStageRows, kStageCmpBranch, kStageSlcBranch, kStageWinBranch, kBwdStages };
+
 struct Branch {
   const Packed* pk = nullptr;
   Accum* acc = nullptr;
@@ -375,6 +379,7 @@ struct Scratch {
   float* s;   // [GP][kGroupKeys] scores, then dS
   float* dp;  // [GP][kGroupKeys] dP, then g P
   std::vector<std::pair<int32_t, int32_t>> pairs;  // (selected block, position in the tile)
+  double stage_s[4] = {0, 0, 0, 0};                 // thread-seconds per BwdStage (profiling)
 };
 
 struct Ctx {
@@ -452,7 +457,9 @@ void query_tile(const Ctx& cx, Scratch& sc, int64_t si, int64_t hk, int64_t t0, 
                 int64_t chunk) {
   const nsa_config& cfg = cx.pr->p.cfg;
   const int64_t np = t1 - t0;
+  StageClock clock(cx.pr->profile ? sc.stage_s : nullptr);
   for (int64_t i = 0; i < np; ++i) prepare(cx, sc.pos[i], si, hk, t0 + i);
+  clock.lap(kStageRows);
   // Step 1: the complete compressed blocks, i*d + l - 1 <= t (SPEC 4.1).
   const int64_t vis_max = visible_cmp_count(cfg, t1 - 1);
   for (int64_t gi = 0; gi * kGroupKeys < vis_max; ++gi) {
@@ -461,6 +468,7 @@ void query_tile(const Ctx& cx, Scratch& sc, int64_t si, int64_t hk, int64_t t0, 
       add_range_in_group(cx, sc, sc.pos[i], kCmp, si, hk, gi, 0, hi, chunk);
     }
   }
+  clock.lap(kStageCmpBranch);
   // Step 4: the keys p <= t of each selected block, block by block.
   sc.pairs.clear();
   for (int64_t i = 0; i < np; ++i) {
@@ -479,6 +487,7 @@ void query_tile(const Ctx& cx, Scratch& sc, int64_t si, int64_t hk, int64_t t0, 
     }
     x = y;
   }
+  clock.lap(kStageSlcBranch);
   // Step 5: the window max(0, t - w + 1) .. t.
   const int64_t w = cfg.window;
   const int64_t g_first = std::max<int64_t>(0, t0 - w + 1) / kGroupKeys;
@@ -489,6 +498,7 @@ void query_tile(const Ctx& cx, Scratch& sc, int64_t si, int64_t hk, int64_t t0, 
                          chunk);
     }
   }
+  clock.lap(kStageWinBranch);
   const BwdProblem& pr = *cx.pr;
   const Sequence& s = pr.seqs[si];
   for (int64_t i = 0; i < np; ++i) {
@@ -498,6 +508,7 @@ void query_tile(const Ctx& cx, Scratch& sc, int64_t si, int64_t hk, int64_t t0, 
       store_row(pr.p.dq, offset_of(pr.p.dq, s.batch, s.start + t0 + i, hk * pr.G + h), dq, pr.Dk);
     }
   }
+  clock.lap(kStageRows);
 }
 
 // ---- Output: the chunks' sums, transposed back to rows. ----
@@ -575,6 +586,11 @@ bool BackwardLanes(const State& st) {
   const int threads = st.threads;
   const int64_t GP = round_up(pr.G, std::max(kHB, kQH));
   const int64_t Dkp = round_up(pr.Dk, kCB * kN);
+  using Clock = std::chrono::steady_clock;
+  auto seconds_since = [](Clock::time_point t) {
+    return std::chrono::duration<double>(Clock::now() - t).count();
+  };
+  const auto t_pack = Clock::now();
 
   Packed pk_cmp, pk_slc, pk_win_own;
   if (!pack(pr, p.k_cmp, p.v_cmp, Span{true}, Dkp, threads, &pk_cmp)) return false;
@@ -644,6 +660,8 @@ bool BackwardLanes(const State& st) {
     sc.pairs.reserve(static_cast<size_t>(kQueryTile * n_set));
   }
 
+  const double pack_s = seconds_since(t_pack);
+  const auto t_pass = Clock::now();
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t ch = 0; ch < kChunks; ++ch) {
     for (int64_t i = bounds[ch]; i < bounds[ch + 1]; ++i) {
@@ -652,6 +670,8 @@ bool BackwardLanes(const State& st) {
     }
   }
 
+  const double pass_s = seconds_since(t_pass);
+  const auto t_reduce = Clock::now();
   // Routing (nsa.h): a branch with its own K/V reports to its own outputs; the branches that
   // read k/v add up in dk/dv (one accumulator when both do); with both own, dk/dv get zeros.
   write_keys(pr, pk_cmp, &acc_cmp, Span{true}, p.dk_cmp, p.dv_cmp, threads);
@@ -660,6 +680,19 @@ bool BackwardLanes(const State& st) {
   if (present(p.dk)) {
     const Accum* shared = !pr.slc_own_kv ? &acc_slc : !pr.win_own_kv ? &acc_win : nullptr;
     write_keys(pr, pk_slc, shared, Span{false}, p.dk, p.dv, threads);
+  }
+  if (nsa_bwd_profile* prof = pr.profile) {
+    // The pass's wall time split in proportion to the thread-seconds of its stages.
+    double stage[kBwdStages] = {0, 0, 0, 0}, sum = 0;
+    for (const Scratch& sc : scratch)
+      for (int k = 0; k < kBwdStages; ++k) stage[k] += sc.stage_s[k], sum += sc.stage_s[k];
+    const double f = sum > 0 ? pass_s / sum : 0.0;
+    prof->pack_s += pack_s;
+    prof->rows_s += f * stage[kStageRows];
+    prof->cmp_s += f * stage[kStageCmpBranch];
+    prof->slc_s += f * stage[kStageSlcBranch];
+    prof->win_s += f * stage[kStageWinBranch];
+    prof->reduce_s += seconds_since(t_reduce);
   }
   return true;
 }

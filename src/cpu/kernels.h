@@ -78,7 +78,7 @@ class StageClock {
   explicit StageClock(double* sink) : sink_(sink) {
     if (sink_) last_ = std::chrono::steady_clock::now();
   }
-  void lap(Stage stage) {
+  void lap(int stage) {  // a Stage, or another op's stage index into its sink
     if (!sink_) return;
     const auto now = std::chrono::steady_clock::now();
     sink_[stage] += std::chrono::duration<double>(now - last_).count();
