@@ -70,7 +70,7 @@ constexpr int kHB = std::max(1, (HWY_MAX_BYTES >= 64 ? 16 : 8) / kNV);
 // The dq block: kQH heads x kCB vectors of columns.
 constexpr int kQH = 4, kCB = 4;
 // Query positions per work unit (the unit of the chunk split).
-constexpr int64_t kQueryTile = 16;
+constexpr int64_t kQueryTile = 256;
 // Fixed number of dk/dv accumulator copies (see the file comment): enough to keep a few threads
 // busy, few enough that the copies stay small next to the inputs.
 constexpr int64_t kChunks = 4;
