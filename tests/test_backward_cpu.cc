@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <random>
 #include <sstream>
 
 #include <hwy/targets.h>
@@ -346,6 +347,34 @@ TEST(CpuBwd, ThreadCountsBitwiseIdentical) {
         EXPECT_EQ((r[i].*m).storage(), (r[0].*m).storage()) << (i + 1) << " threads, saved " << saved;
       }
     }
+  }
+}
+
+// Seeded random configurations beyond the fixed matrix: any l >= d, l' unrelated to both, n from
+// init + local up, w = 1 and small, odd G and head dims, batches, dtypes, views, branch-own K/V,
+// saved state and thread counts.
+TEST(CpuBwd, RandomConfigs) {
+  std::mt19937_64 rng(kSeed + 900);
+  auto pick = [&](int64_t lo, int64_t hi) {
+    return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
+  };
+  for (int i = 0; i < 20; ++i) {
+    const int32_t l = int32_t(pick(1, 40)), d = int32_t(pick(1, l)), lp = int32_t(pick(1, 80));
+    const int32_t init = int32_t(pick(0, 1)), local = int32_t(pick(0, 2));
+    const int32_t n = std::max<int32_t>(1, init + local + int32_t(pick(0, 5)));
+    const nsa_config cfg = config(l, d, lp, n, init, local, int32_t(pick(1, 100)));
+    const int64_t G = std::vector<int64_t>{1, 2, 3, 5, 16}[pick(0, 4)], Hkv = pick(1, 2);
+    const Case64 c = make_case64(shape(pick(1, 2), pick(1, 200), G * Hkv, Hkv, pick(1, 40),
+                                       pick(1, 40)),
+                                 cfg, kSeed + 1000 + i);
+    Options o;
+    o.in_dt = pick(0, 1) ? NSA_DTYPE_BF16 : NSA_DTYPE_F32;
+    o.out_dt = pick(0, 1) ? NSA_DTYPE_BF16 : NSA_DTYPE_F32;
+    o.padded = pick(0, 1) == 1;
+    o.own_slc = pick(0, 3) == 0, o.own_win = pick(0, 3) == 0;
+    o.saved = int(pick(0, 2));
+    SCOPED_TRACE(i);
+    compare(c, o, int(pick(1, 3)));
   }
 }
 
