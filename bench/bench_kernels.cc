@@ -7,7 +7,8 @@
 //   BM_NsaSmallGroups  groups of G = 1 and 4 heads (Hq = 16), which fill part of a vector,
 //   BM_Dense        the dense causal flash baseline,
 //   BM_DenseBwd     its backward (Hq = 16, Hkv = 1, Dk = Dv = 128, f32).
-//   BM_NsaBwd       the CPU backward (nsa_bwd) given the forward's selection and LSEs.
+//   BM_NsaBwd       the CPU backward (nsa_bwd) given the forward's selection, LSEs and branch
+//                   outputs.
 // Counters named *_ms are milliseconds per iteration; GFLOP/s counts attended (query, key)
 // pairs only, 2 (Dk + Dv) FLOPs each per head, as `nsa bench` does.
 #include <benchmark/benchmark.h>
@@ -234,8 +235,11 @@ void BM_NsaBwd(benchmark::State& state) {
   const int64_t Tc = nsa_cmp_len(&f.cfg, s.T);
   Buf lse_c(NSA_DTYPE_F32, {1, s.T, s.Hq}, 9, 0, 0), lse_s(NSA_DTYPE_F32, {1, s.T, s.Hq}, 9, 0, 0),
       lse_w(NSA_DTYPE_F32, {1, s.T, s.Hq}, 9, 0, 0);
+  Buf o_c(NSA_DTYPE_F32, {1, s.T, s.Hq, s.Dv}, 9, 0, 0), o_s(NSA_DTYPE_F32, {1, s.T, s.Hq, s.Dv}, 9, 0, 0),
+      o_w(NSA_DTYPE_F32, {1, s.T, s.Hq, s.Dv}, 9, 0, 0);
   f.p.slc_indices_out = f.idx.t;
   f.p.lse_cmp = lse_c.t, f.p.lse_slc = lse_s.t, f.p.lse_win = lse_w.t;
+  f.p.o_cmp = o_c.t, f.p.o_slc = o_s.t, f.p.o_win = o_w.t;
   nsa_context* ctx = make_context(false);
   if (nsa_fwd(ctx, &f.p) != NSA_OK) state.SkipWithError(nsa_last_error(ctx));
   Buf d_o(NSA_DTYPE_F32, {1, s.T, s.Hq, s.Dv}, 10);
@@ -248,14 +252,15 @@ void BM_NsaBwd(benchmark::State& state) {
   b.q = f.p.q, b.k = f.p.k, b.v = f.p.v, b.k_cmp = f.p.k_cmp, b.v_cmp = f.p.v_cmp;
   b.g_cmp = b.g_slc = b.g_win = f.p.g_cmp;
   b.slc_indices = f.idx.t, b.lse_cmp = lse_c.t, b.lse_slc = lse_s.t, b.lse_win = lse_w.t;
+  b.o_cmp = o_c.t, b.o_slc = o_s.t, b.o_win = o_w.t;
   b.d_o = d_o.t, b.dq = dq.t, b.dk = dk.t, b.dv = dv.t, b.dk_cmp = dkc.t, b.dv_cmp = dvc.t;
   b.dg_cmp = dg1.t, b.dg_slc = dg2.t, b.dg_win = dg3.t;
   for (auto _ : state) {
     if (nsa_bwd(ctx, &b) != NSA_OK) state.SkipWithError(nsa_last_error(ctx));
   }
   nsa_context_destroy(ctx);
-  // As the forward's count: attended pairs x 2 (Dk + Dv) per head (the backward does ~4x that).
-  report_flops(state, 2.0 * double(s.Dk + s.Dv) * double(s.Hq) * f.attended());
+  // FlashAttention's count for a backward: attended pairs x 2 (3 Dk + 2 Dv) per head.
+  report_flops(state, 2.0 * double(3 * s.Dk + 2 * s.Dv) * double(s.Hq) * f.attended());
 }
 BENCHMARK(BM_NsaBwd)->Arg(4096)->Arg(8192)->ArgName("T")->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(1);
 
