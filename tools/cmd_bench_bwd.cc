@@ -133,7 +133,10 @@ int run_bench_bwd(const BenchOptions& opt) {
     nsa_bwd_profile bprof{};
     nsa_context_fwd_profile(ctx, &fprof);
     nsa_context_bwd_profile(ctx, &bprof);
-    const double f = with_fwd ? 1.0 : 0.0;
+    // The forward's stages are thread-seconds: scaled to its wall time, as `nsa bench` does.
+    const double fwd_sum = fprof.pack_s + fprof.cmp_s + fprof.scores_s + fprof.topn_s +
+                           fprof.slc_s + fprof.win_s + fprof.combine_s;
+    const double f = with_fwd && fwd_sum > 0 ? fprof.wall_s / fwd_sum : 0.0;
     const double branch_ms[3] = {
         1e3 * (bprof.cmp_s + f * (fprof.cmp_s + fprof.scores_s)),
         1e3 * (bprof.slc_s + f * (fprof.topn_s + fprof.slc_s)),
