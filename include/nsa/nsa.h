@@ -341,8 +341,8 @@ NSA_API nsa_status nsa_compress(nsa_context* ctx, const nsa_compress_params* p);
 /* The backward of nsa_compress (SPEC 5): dout = dL/d(compressed tokens) to dx = dL/dx and, for
  * kind NSA_CMP_MLP, the gradients of the parameters. Overlapping blocks (d < l) add up in dx;
  * tokens in no complete block get 0. Outputs are overwritten, never accumulated into. The same
- * aliasing rule as nsa_bwd. Every backend (AUTO and CPU included) runs the float64 reference:
- * there is no CPU compression backward yet. */
+ * aliasing rule as nsa_bwd. CPU (and AUTO) run the CPU kernels: f32 accumulation, deterministic
+ * (the result does not depend on the thread count); REF runs the float64 reference. */
 typedef struct nsa_compress_bwd_params {
   nsa_config cfg; /* uses cmp_block (l) and cmp_stride (d) */
   nsa_cmp_kind kind;

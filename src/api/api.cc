@@ -325,8 +325,8 @@ nsa_status nsa_compress_bwd(nsa_context* ctx, const nsa_compress_bwd_params* p) 
     problem.num_threads = ctx->num_threads;
     // Runs even when Tc = 0: every output is overwritten, with zeros where no block reaches.
     switch (resolve(ctx->backend)) {
-      case NSA_BACKEND_REF:
-      case NSA_BACKEND_CPU: return nsa::ref::compress_backward(problem);
+      case NSA_BACKEND_REF: return nsa::ref::compress_backward(problem);
+      case NSA_BACKEND_CPU: return nsa::cpu::compress_backward(problem);
       default: return unavailable(ctx->backend);
     }
   });

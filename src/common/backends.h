@@ -22,8 +22,10 @@ Status forward(const FwdProblem& problem);
 Status compress(const CompressProblem& problem);
 Status dense_forward(const DenseProblem& problem);
 Status dense_backward(const DenseBwdProblem& problem);
-// backward.cc: nsa_bwd (SPEC 6). The compression backward stays on the reference.
+// backward.cc: nsa_bwd (SPEC 6).
 Status backward(const BwdProblem& problem);
+// compress_bwd.cc: nsa_compress_bwd (SPEC 5, 6), f32 accumulation, deterministic.
+Status compress_backward(const CompressBwdProblem& problem);
 }  // namespace cpu
 
 }  // namespace nsa
