@@ -305,6 +305,20 @@ TEST(CpuBwd, HeavyDuplicates) {
   compare(c, saved);
 }
 
+// n far above the number of blocks (20000 entries per row for 3 blocks, most -1, the rest
+// repeating): the CPU's per-row scratch is sized by the blocks, not by n, and the set is the same.
+TEST(CpuBwd, HugeSlcCount) {
+  const nsa_config cfg = config(16, 8, 32, 20000, 1, 2, 48);
+  Case64 c = make_case64(shape(1, 70, 3, 1, 8, 8), cfg, kSeed + 450);
+  const int64_t n = cfg.slc_count;
+  for (int64_t t = 0; t < c.shape.T; ++t) {
+    for (int64_t k = 0; k < n; ++k) {
+      c.args.slc_indices[t * n + k] = k % 7 == 3 ? static_cast<int32_t>((k / 7) % (t / 32 + 1)) : -1;
+    }
+  }
+  compare(c, Options{});
+}
+
 // T < l - 1: no compressed token at all (Tc = 0); and with l = 16 the rows t < 15 of a longer
 // sequence: their cmp branch is empty, their gradient 0, never NaN.
 TEST(CpuBwd, EmptyCompressedRows) {

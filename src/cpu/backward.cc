@@ -34,13 +34,19 @@ void make_view(const nsa_tensor& t, View* v) {
   v->base = v->owned.data();
 }
 
-int64_t selected_set(const BwdProblem& pr, int64_t b, int64_t tok, int64_t hk, int32_t* out) {
+int64_t selected_set(const BwdProblem& pr, int64_t b, int64_t tok, int64_t hk, int32_t* out,
+                     int64_t room) {
   const nsa_tensor& ix = pr.p.slc_indices;
   const int64_t n = pr.p.cfg.slc_count;
   int64_t m = 0;
   for (int64_t k = 0; k < n; ++k) {
     const int32_t j = static_cast<const int32_t*>(ix.data)[offset_of(ix, b, tok, hk, k)];
-    if (j >= 0) out[m++] = j;
+    if (j < 0) continue;
+    if (m == room) {  // full of entries that may repeat: keep one of each (at most room - 1)
+      std::sort(out, out + m);
+      m = std::unique(out, out + m) - out;
+    }
+    out[m++] = j;
   }
   std::sort(out, out + m);
   return std::unique(out, out + m) - out;

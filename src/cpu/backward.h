@@ -40,8 +40,10 @@ struct State {
 };
 
 // The selected set of row (b, tok, KV head hk) from slc_indices: -1 dropped, duplicates once,
-// ascending (SPEC 4.3). Writes up to n blocks into `out`; returns the count.
-int64_t selected_set(const BwdProblem& pr, int64_t b, int64_t tok, int64_t hk, int32_t* out);
+// ascending (SPEC 4.3); returns the count. `room` (the size of `out`) must exceed the number of
+// distinct blocks the row can name (t / l' + 1); it need not reach n, which may be huge.
+int64_t selected_set(const BwdProblem& pr, int64_t b, int64_t tok, int64_t hk, int32_t* out,
+                     int64_t room);
 
 // The kernels (backward_lanes.cc, Highway with runtime dispatch). Returns false when out of
 // memory (nothing is allocated inside the parallel region).
