@@ -305,6 +305,37 @@ TEST(CpuBwd, HeavyDuplicates) {
   compare(c, saved);
 }
 
+// With both branches on their own K/V nothing reads k/v: dk and dv are each optional, and the
+// one given is zero-filled (nsa.h), the other never touched (a null write would crash).
+TEST(CpuBwd, BothOwnKvWithOnlyOneOfDkDv) {
+  const Case64 c = make_case64(shape(1, 100, 3, 1, 8, 8), configs()[2], kSeed + 420);
+  Options o;
+  o.own_slc = o.own_win = true;
+  BwdCase bc(c, o);
+  for (int given : {0, 1}) {  // 0: dk only, 1: dv only
+    BwdCase::Outs r;
+    nsa_bwd_params p = bc.params(r);
+    Tensor& out = given == 0 ? r.dk : r.dv;
+    out.for_each([&](int64_t a, int64_t b, int64_t cc, int64_t d) {
+      out.set_raw(out.logical_offset(a, b, cc, d), 7.0);
+    });
+    (given == 0 ? p.dv : p.dk) = nsa_tensor{};
+    Ctx ctx(NSA_BACKEND_CPU);
+    ASSERT_EQ(nsa_bwd(ctx.get(), &p), NSA_OK) << ctx.error();
+    out.for_each([&](int64_t a, int64_t b, int64_t cc, int64_t d) {
+      EXPECT_EQ(out.get_raw(out.logical_offset(a, b, cc, d)), 0.0) << given;
+    });
+  }
+}
+
+// A selection block far longer than the sequence (l' = 2^30) costs what its keys cost, not what
+// its length would.
+TEST(CpuBwd, SelectionBlockLongerThanSequence) {
+  const Case64 c = make_case64(shape(1, 90, 3, 1, 8, 8), config(16, 8, 1 << 30, 2, 1, 0, 20),
+                               kSeed + 430);
+  compare(c, Options{});
+}
+
 // n far above the number of blocks (20000 entries per row for 3 blocks, most -1, the rest
 // repeating): the CPU's per-row scratch is sized by the blocks, not by n, and the set is the same.
 TEST(CpuBwd, HugeSlcCount) {

@@ -263,9 +263,11 @@ NSA_API nsa_status nsa_cmp_seqlens(nsa_context* ctx, const nsa_config* cfg,
  * Backends: NSA_BACKEND_AUTO and NSA_BACKEND_CPU run the CPU backward: f32 accumulation (bf16
  * inputs widened exactly), one FlashAttention-2 pass over the (query, key) pairs from the saved
  * LSEs and branch outputs (about T * Hq * (n l' + w + Tc) * (3 Dk + 2 Dv) multiply-adds), dk/dv
- * summed in a fixed order, so results are bitwise identical for any thread count. Its scratch is
- * about 4 copies of the K/V gradients plus packed copies of K/V (linear in T). NSA_BACKEND_REF
- * runs the float64 reference: exact but slow, single-threaded per KV head. */
+ * summed in a fixed order (4 fixed chunks of queries, so its main pass uses up to 4 threads), so
+ * results are bitwise identical for any thread count. Its scratch, all linear in T: 4 copies of
+ * the K/V gradients, packed copies of K/V, f32 copies of q, d_o and o_* when they are bf16, and,
+ * when saved state is missing, the rerun forward's f32 outputs (4 T Hq Dv floats).
+ * NSA_BACKEND_REF runs the float64 reference: exact but slow, single-threaded per KV head. */
 typedef struct nsa_bwd_params {
   nsa_config cfg; /* as given to nsa_fwd */
 

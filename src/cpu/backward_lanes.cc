@@ -300,6 +300,15 @@ std::vector<int64_t> tile_starts(const BwdProblem& pr, Span span, int64_t* total
   return first;
 }
 
+// Whether two descriptors name the same elements in the same layout.
+bool same_view(const nsa_tensor& a, const nsa_tensor& b) {
+  if (a.data != b.data || a.dtype != b.dtype || a.ndim != b.ndim) return false;
+  for (int i = 0; i < a.ndim; ++i) {
+    if (a.shape[i] != b.shape[i] || a.stride[i] != b.stride[i]) return false;
+  }
+  return true;
+}
+
 bool pack(const BwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, Span span, int64_t Dkp,
           int threads, Packed* pk) {
   const int64_t Dk = pr.Dk, Dv = pr.Dv;
@@ -310,9 +319,10 @@ bool pack(const BwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, Span s
   pk->kr = hwy::AllocateAligned<float>(units * kTile * Dkp);
   if (!pk->kt || !pk->vt || !pk->kr) return false;
   const int64_t work = pr.Hkv * pk->tiles;
+  std::vector<float> buf(static_cast<size_t>(threads * Dv));  // before the region
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> row(static_cast<size_t>(std::max(Dk, Dv)));
+    float* row = buf.data() + omp_get_thread_num() * Dv;
 #pragma omp for schedule(static)
     for (int64_t u = 0; u < work; ++u) {
       const int64_t hk = u / pk->tiles, tile = u % pk->tiles;
@@ -331,7 +341,7 @@ bool pack(const BwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, Span s
         const int64_t r = span.start(s) + k0 + j;
         load_row(k, offset_of(k, s.batch, r, hk), Dk, kr + j * Dkp);
         for (int64_t i = 0; i < Dk; ++i) kt[i * kTile + j] = kr[j * Dkp + i];
-        load_row(v, offset_of(v, s.batch, r, hk), Dv, row.data());
+        load_row(v, offset_of(v, s.batch, r, hk), Dv, row);
         for (int64_t c = 0; c < Dv; ++c) vt[c * kTile + j] = row[c];
       }
     }
@@ -484,7 +494,9 @@ void query_tile(const Ctx& cx, Scratch& sc, int64_t si, int64_t hk, int64_t t0, 
   for (size_t x = 0; x < sc.pairs.size();) {
     size_t y = x;
     while (y < sc.pairs.size() && sc.pairs[y].first == sc.pairs[x].first) ++y;
-    const int64_t lo = int64_t{sc.pairs[x].first} * cfg.slc_block, hi = lo + cfg.slc_block - 1;
+    // Cut at the unit's last position: no key past it is read (l' may be far above T).
+    const int64_t lo = int64_t{sc.pairs[x].first} * cfg.slc_block;
+    const int64_t hi = std::min(lo + cfg.slc_block - 1, t1 - 1);
     for (int64_t gi = lo / kGroupKeys; gi <= hi / kGroupKeys; ++gi) {
       for (size_t z = x; z < y; ++z) {
         const Pos& ps = sc.pos[sc.pairs[z].second];
@@ -520,13 +532,16 @@ void query_tile(const Ctx& cx, Scratch& sc, int64_t si, int64_t hk, int64_t t0, 
 // ---- Output: the chunks' sums, transposed back to rows. ----
 
 // Writes dk/dv rows of every (sequence, KV head) from `acc` (summed over chunks in order), or
-// zeros when acc is null, into the [B, rows, Hkv, D] outputs dk_out / dv_out.
+// zeros when acc is null, into the [B, rows, Hkv, D] outputs dk_out / dv_out (each skipped when
+// absent).
 void write_keys(const BwdProblem& pr, const Packed& pk, const Accum* acc, Span span,
                 const nsa_tensor& dk_out, const nsa_tensor& dv_out, int threads) {
   const int64_t work = pr.Hkv * pk.tiles;
+  const int64_t per_thread = kTile * std::max(pr.Dk, pr.Dv);
+  std::vector<float> buf(static_cast<size_t>(threads * per_thread));  // before the region
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> rows(static_cast<size_t>(kTile * std::max(pr.Dk, pr.Dv)));
+    float* rows = buf.data() + omp_get_thread_num() * per_thread;
 #pragma omp for schedule(static)
     for (int64_t u = 0; u < work; ++u) {
       const int64_t hk = u / pk.tiles, tile = u % pk.tiles;
@@ -537,8 +552,9 @@ void write_keys(const BwdProblem& pr, const Packed& pk, const Accum* acc, Span s
       const int64_t nk = std::min(kTile, span.len(s) - k0);
       for (int which = 0; which < 2; ++which) {
         const nsa_tensor& out = which == 0 ? dk_out : dv_out;
+        if (!present(out)) continue;
         const int64_t D = which == 0 ? pr.Dk : pr.Dv;
-        std::fill(rows.begin(), rows.end(), 0.0f);
+        std::fill(rows, rows + per_thread, 0.0f);
         if (acc) {
           const float* base = which == 0 ? acc->dk.get() : acc->dv.get();
           const int64_t per = which == 0 ? acc->per_chunk_k : acc->per_chunk_v;
@@ -549,7 +565,7 @@ void write_keys(const BwdProblem& pr, const Packed& pk, const Accum* acc, Span s
           }
         }
         for (int64_t j = 0; j < nk; ++j) {
-          store_row(out, offset_of(out, s.batch, span.start(s) + k0 + j, hk), rows.data() + j * D, D);
+          store_row(out, offset_of(out, s.batch, span.start(s) + k0 + j, hk), rows + j * D, D);
         }
       }
     }
@@ -602,8 +618,7 @@ bool BackwardLanes(const State& st) {
   if (!pack(pr, p.k_cmp, p.v_cmp, Span{true}, Dkp, threads, &pk_cmp)) return false;
   if (!pack(pr, p.k_slc, p.v_slc, Span{false}, Dkp, threads, &pk_slc)) return false;
   // The window reads the slc branch's packing when both read the same K/V.
-  const bool win_same_kv = p.k_win.data == p.k_slc.data && p.v_win.data == p.v_slc.data &&
-                           p.k_win.dtype == p.k_slc.dtype;
+  const bool win_same_kv = same_view(p.k_win, p.k_slc) && same_view(p.v_win, p.v_slc);
   if (!win_same_kv && !pack(pr, p.k_win, p.v_win, Span{false}, Dkp, threads, &pk_win_own)) {
     return false;
   }
@@ -689,7 +704,7 @@ bool BackwardLanes(const State& st) {
   write_keys(pr, pk_cmp, &acc_cmp, Span{true}, p.dk_cmp, p.dv_cmp, threads);
   if (pr.slc_own_kv) write_keys(pr, pk_slc, &acc_slc, Span{false}, p.dk_slc, p.dv_slc, threads);
   if (pr.win_own_kv) write_keys(pr, pk_win, &acc_win, Span{false}, p.dk_win, p.dv_win, threads);
-  if (present(p.dk)) {
+  if (present(p.dk) || present(p.dv)) {  // both required unless both branches own K/V
     const Accum* shared = !pr.slc_own_kv ? &acc_slc : !pr.win_own_kv ? &acc_win : nullptr;
     write_keys(pr, pk_slc, shared, Span{false}, p.dk, p.dv, threads);
   }
