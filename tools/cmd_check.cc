@@ -1,7 +1,9 @@
 // `nsa check`: one random case of a chosen shape and config, run through every available backend
-// and compared with the float64 reference. Compression and the forward are checked separately:
-// every backend's forward gets the reference's compressed K/V, so an error is located where it
-// arises.
+// and compared with the float64 reference: compression, the forward, and (unless --no-backward)
+// the backward and the compression backward. Each stage is checked separately: every backend's
+// forward gets the reference's compressed K/V, its backward the reference forward's selection and
+// saved state, its compression backward the reference's dk_cmp / dv_cmp, so an error is located
+// where it arises.
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -24,6 +26,7 @@ struct Options {
   uint64_t seed = 1;
   int32_t threads = 0;
   double tolerance = 0.0;  // 0: the dtype's default
+  bool backward = true;
 };
 
 // A host buffer with its contiguous descriptor.
@@ -78,7 +81,13 @@ struct Buffer {
 };
 
 struct Outputs {
-  Buffer o, lse_cmp, lse_slc, lse_win, idx, k_cmp, v_cmp;
+  Buffer o, lse_cmp, lse_slc, lse_win, o_cmp, o_slc, o_win, idx, k_cmp, v_cmp;
+};
+
+// The backward's outputs (f32) and the compression backward's (dx of k and v; mlp parameters).
+struct Grads {
+  Buffer dq, dk, dv, dk_cmp, dv_cmp, dg_cmp, dg_slc, dg_win, dxk, dxv;
+  std::vector<Buffer> dparams_k, dparams_v;  // mlp: dpos, dw1, db1, dw2, db2
 };
 
 struct Error {
@@ -194,6 +203,7 @@ int run_check(const Options& opt) {
     const Outputs* cmp_src = ref ? ref : out;
     out->o = Buffer(NSA_DTYPE_F32, {B, T, opt.hq, opt.dv});
     for (Buffer* b : {&out->lse_cmp, &out->lse_slc, &out->lse_win}) *b = Buffer(NSA_DTYPE_F32, {B, T, opt.hq});
+    for (Buffer* b : {&out->o_cmp, &out->o_slc, &out->o_win}) *b = Buffer(NSA_DTYPE_F32, {B, T, opt.hq, opt.dv});
     out->idx = Buffer(NSA_DTYPE_I32, {B, T, opt.hkv, c.slc_count});
     nsa_fwd_params p;
     nsa_fwd_params_init(&p);
@@ -203,6 +213,7 @@ int run_check(const Options& opt) {
     p.g_cmp = g_cmp.desc; p.g_slc = g_slc.desc; p.g_win = g_win.desc;
     p.o = out->o.desc;
     p.lse_cmp = out->lse_cmp.desc; p.lse_slc = out->lse_slc.desc; p.lse_win = out->lse_win.desc;
+    p.o_cmp = out->o_cmp.desc; p.o_slc = out->o_slc.desc; p.o_win = out->o_win.desc;
     p.slc_indices_out = out->idx.desc;
     if (!cu.empty()) { p.cu_seqlens = cu.data(); p.num_seqs = int64_t(cu.size()) - 1; }
     const auto t0 = std::chrono::steady_clock::now();
@@ -216,6 +227,72 @@ int run_check(const Options& opt) {
     return true;
   };
 
+  // The backward from the reference forward's selection and saved state (ref_fwd), then the
+  // compression backward of dk_cmp / dv_cmp (the reference's when ref_grads is given).
+  Buffer d_o(dt, {B, T, opt.hq, opt.dv});
+  d_o.fill(rng, 0, 1, true);
+  auto run_backward = [&](nsa_backend backend, const Outputs& ref_fwd, const Grads* ref_grads,
+                          Grads* g, double* ms) {
+    if (nsa_context_set_backend(ctx, backend) != NSA_OK) return false;
+    const nsa_dtype f32 = NSA_DTYPE_F32;
+    g->dq = Buffer(f32, {B, T, opt.hq, opt.dk});
+    g->dk = Buffer(f32, {B, T, opt.hkv, opt.dk});
+    g->dv = Buffer(f32, {B, T, opt.hkv, opt.dv});
+    g->dk_cmp = Buffer(f32, {B, Tc, opt.hkv, opt.dk});
+    g->dv_cmp = Buffer(f32, {B, Tc, opt.hkv, opt.dv});
+    for (Buffer* b : {&g->dg_cmp, &g->dg_slc, &g->dg_win}) *b = Buffer(f32, {B, T, opt.hq});
+    nsa_bwd_params bp;
+    nsa_bwd_params_init(&bp);
+    bp.cfg = c;
+    bp.q = q.desc; bp.k = k.desc; bp.v = v.desc;
+    bp.k_cmp = ref_fwd.k_cmp.desc; bp.v_cmp = ref_fwd.v_cmp.desc;
+    bp.g_cmp = g_cmp.desc; bp.g_slc = g_slc.desc; bp.g_win = g_win.desc;
+    if (!cu.empty()) { bp.cu_seqlens = cu.data(); bp.num_seqs = int64_t(cu.size()) - 1; }
+    bp.slc_indices = ref_fwd.idx.desc;
+    bp.lse_cmp = ref_fwd.lse_cmp.desc; bp.lse_slc = ref_fwd.lse_slc.desc; bp.lse_win = ref_fwd.lse_win.desc;
+    bp.o_cmp = ref_fwd.o_cmp.desc; bp.o_slc = ref_fwd.o_slc.desc; bp.o_win = ref_fwd.o_win.desc;
+    bp.d_o = d_o.desc;
+    bp.dq = g->dq.desc; bp.dk = g->dk.desc; bp.dv = g->dv.desc;
+    bp.dk_cmp = g->dk_cmp.desc; bp.dv_cmp = g->dv_cmp.desc;
+    bp.dg_cmp = g->dg_cmp.desc; bp.dg_slc = g->dg_slc.desc; bp.dg_win = g->dg_win.desc;
+    const auto t0 = std::chrono::steady_clock::now();
+    nsa_status s = nsa_bwd(ctx, &bp);
+    *ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    for (int side = 0; side < 2 && s == NSA_OK; ++side) {
+      const int64_t D = side == 0 ? opt.dk : opt.dv;
+      Buffer& dx = side == 0 ? g->dxk : g->dxv;
+      std::vector<Buffer>& dpar = side == 0 ? g->dparams_k : g->dparams_v;
+      dx = Buffer(f32, {B, T, opt.hkv, D});
+      nsa_compress_bwd_params cb;
+      nsa_compress_bwd_params_init(&cb);
+      cb.cfg = c;
+      cb.kind = mlp ? NSA_CMP_MLP : NSA_CMP_MEAN;
+      cb.x = side == 0 ? k.desc : v.desc;
+      if (!cu.empty()) { cb.cu_seqlens = cu.data(); cb.num_seqs = int64_t(cu.size()) - 1; }
+      const Grads& src = ref_grads ? *ref_grads : *g;
+      cb.dout = side == 0 ? src.dk_cmp.desc : src.dv_cmp.desc;
+      cb.dx = dx.desc;
+      if (mlp) {
+        const std::vector<Buffer>& w = side == 0 ? kp : vp;
+        cb.pos = w[0].desc; cb.w1 = w[1].desc; cb.b1 = w[2].desc; cb.w2 = w[3].desc; cb.b2 = w[4].desc;
+        dpar.clear();
+        for (const Buffer& x : w) {
+          std::vector<int64_t> shape(x.desc.shape, x.desc.shape + x.desc.ndim);
+          dpar.emplace_back(f32, shape);
+        }
+        cb.dpos = dpar[0].desc; cb.dw1 = dpar[1].desc; cb.db1 = dpar[2].desc;
+        cb.dw2 = dpar[3].desc; cb.db2 = dpar[4].desc;
+      }
+      s = nsa_compress_bwd(ctx, &cb);
+    }
+    if (s != NSA_OK) {
+      std::printf("  %s backward failed: %s: %s\n", nsa_backend_name(backend), nsa_status_name(s),
+                  nsa_last_error(ctx));
+      return false;
+    }
+    return true;
+  };
+
   Outputs ref;
   double ref_ms = 0;
   if (!run_backend(NSA_BACKEND_REF, nullptr, &ref, &ref_ms)) {
@@ -223,6 +300,14 @@ int run_check(const Options& opt) {
     return 1;
   }
   std::printf("ref: forward %.1f ms (one run, float64)\n", ref_ms);
+  Grads ref_grads;
+  if (opt.backward) {
+    if (!run_backward(NSA_BACKEND_REF, ref, nullptr, &ref_grads, &ref_ms)) {
+      nsa_context_destroy(ctx);
+      return 1;
+    }
+    std::printf("ref: backward %.1f ms (one run, float64)\n", ref_ms);
+  }
 
   // Default tolerance, relative to the largest reference magnitude: float32 accumulation over up
   // to n*l' + w + T/d keys gives errors far below 1e-4; bf16 inputs are the same numbers in both.
@@ -258,6 +343,41 @@ int run_check(const Options& opt) {
     std::printf("  %-8s %lld of %lld (query, group) rows differ %s\n", "indices",
                 (long long)differing, (long long)(got.idx.numel() / c.slc_count),
                 differing == 0 ? "ok" : "FAIL");
+    if (!opt.backward) continue;
+    Grads gg;
+    if (!run_backward(b, ref, &ref_grads, &gg, &ms)) {
+      pass = false;
+      continue;
+    }
+    std::printf("%s: backward %.1f ms (one run)\n", nsa_backend_name(b), ms);
+    // A gradient row may name the tensor whose magnitude its error is measured against: db2 is a
+    // column sum of dk_cmp (dv_cmp), and sum_j dk_j cancels to ~0 (sum_j dS_j = 0 per query), so
+    // its own largest value is rounding noise while its terms are O(dk_cmp).
+    struct GradRow { const char* name; const Buffer* got; const Buffer* want; const Buffer* scale; };
+    std::vector<GradRow> grad_rows = {
+        {"dq", &gg.dq, &ref_grads.dq, nullptr}, {"dk", &gg.dk, &ref_grads.dk, nullptr},
+        {"dv", &gg.dv, &ref_grads.dv, nullptr}, {"dk_cmp", &gg.dk_cmp, &ref_grads.dk_cmp, nullptr},
+        {"dv_cmp", &gg.dv_cmp, &ref_grads.dv_cmp, nullptr},
+        {"dg_cmp", &gg.dg_cmp, &ref_grads.dg_cmp, nullptr},
+        {"dg_slc", &gg.dg_slc, &ref_grads.dg_slc, nullptr},
+        {"dg_win", &gg.dg_win, &ref_grads.dg_win, nullptr}, {"dx(k)", &gg.dxk, &ref_grads.dxk, nullptr},
+        {"dx(v)", &gg.dxv, &ref_grads.dxv, nullptr}};
+    const char* par_names[2][5] = {{"dpos(k)", "dw1(k)", "db1(k)", "dw2(k)", "db2(k)"},
+                                   {"dpos(v)", "dw1(v)", "db1(v)", "dw2(v)", "db2(v)"}};
+    for (size_t i = 0; i < gg.dparams_k.size(); ++i) {
+      const bool db2 = i == 4;
+      grad_rows.push_back({par_names[0][i], &gg.dparams_k[i], &ref_grads.dparams_k[i],
+                           db2 ? &ref_grads.dk_cmp : nullptr});
+      grad_rows.push_back({par_names[1][i], &gg.dparams_v[i], &ref_grads.dparams_v[i],
+                           db2 ? &ref_grads.dv_cmp : nullptr});
+    }
+    for (const GradRow& r : grad_rows) {
+      Error e = compare(*r.got, *r.want);
+      if (r.scale) e.max_ref = std::max(e.max_ref, compare(*r.scale, *r.scale).max_ref);
+      const bool ok = e.rel() <= tol && e.nonfinite_mismatch == 0;
+      pass = pass && ok;
+      std::printf("  %-8s %12.3e %12.3e %10s\n", r.name, e.max_abs, e.rel(), ok ? "ok" : "FAIL");
+    }
   }
   if (!compared) std::printf("no backend other than ref to compare in this build\n");
   std::printf("%s (tolerance %.1e relative to the largest reference value)\n",
@@ -294,6 +414,7 @@ Command add_check_command(CLI::App& app) {
   cmd->add_option("--threads", opt->threads, "threads (0: default)")->capture_default_str();
   cmd->add_option("--backend", opt->backend, "backend to check")->check(CLI::IsMember({"all", "cpu", "cuda"}))->capture_default_str();
   cmd->add_option("--tolerance", opt->tolerance, "relative tolerance (0: default 1e-4)");
+  cmd->add_flag("!--no-backward", opt->backward, "check the forward and compression only");
   return [opt] {
     nsa_context* ctx = nullptr;
     nsa_context_create(&ctx);
