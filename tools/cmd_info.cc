@@ -43,10 +43,13 @@ Command add_info_command(CLI::App& app) {
     const nsa_backend backends[] = {NSA_BACKEND_REF, NSA_BACKEND_CPU, NSA_BACKEND_CUDA};
     std::printf("backends:\n");
     for (nsa_backend b : backends) {
-      std::printf("  %-5s %s\n", nsa_backend_name(b),
-                  nsa_backend_available(b) ? "available: forward (cmp, slc, win, gates), "
-                                             "compress (mean, mlp)"
-                                           : "not available in this build");
+      if (!nsa_backend_available(b)) {
+        std::printf("  %-5s not available in this build\n", nsa_backend_name(b));
+        continue;
+      }
+      std::printf("  %-5s available: forward and backward (cmp, slc, win, gates), compress and its "
+                  "backward (mean, mlp), dense baseline%s\n",
+                  nsa_backend_name(b), b == NSA_BACKEND_CPU ? ", KV-cache decode" : "");
     }
     std::printf("auto backend resolves to: %s\n",
                 nsa_backend_available(NSA_BACKEND_CPU) ? "cpu" : "ref");
