@@ -11,7 +11,7 @@
 // Five products per pair, as FlashAttention counts them: one pass over the pairs, nothing
 // recomputed twice.
 //
-// Layout: a tile of 16 keys sits in the SIMD lanes (one AVX-512 vector), the G heads of the query
+// Layout (the products are in backward_tiles-inl.h): a tile of 16 keys sits in the SIMD lanes (one AVX-512 vector), the G heads of the query
 // position are the rows of the register block. K and V are packed once per call into tiles
 // [D][16] (keys innermost) and K also into padded rows; per position, the scaled queries and dO
 // are transposed to [D][G]. Then every product is a vertical FMA of a tile row by a broadcast:
@@ -47,12 +47,12 @@
 #define HWY_TARGET_INCLUDE "cpu/backward_lanes.cc"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
 #include <hwy/highway.h>
-#include <hwy/contrib/math/math-inl.h>
+
+#include "cpu/backward_tiles-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace nsa::cpu {
 namespace HWY_NAMESPACE {
-namespace hn = hwy::HWY_NAMESPACE;
 
 // File-local: other kernel files define helpers of the same names in this namespace.
 namespace {
@@ -61,16 +61,17 @@ using bwd::kCmp;
 using bwd::kSlc;
 using bwd::kWin;
 using bwd::State;
+using bwd_tiles::group_dq;
+using bwd_tiles::group_gradient;
+using bwd_tiles::group_products;
+using bwd_tiles::group_softmax;
+using bwd_tiles::kCB;
+using bwd_tiles::kGroupKeys;
+using bwd_tiles::kHB;
+using bwd_tiles::kN;
+using bwd_tiles::kQH;
+using bwd_tiles::kTile;
 
-constexpr int64_t kTile = 16;  // keys per tile: the lanes of one AVX-512 f32 vector
-using DT = hn::CappedTag<float, kTile>;
-using VT = hn::Vec<DT>;
-constexpr int kN = static_cast<int>(hn::MaxLanes(DT()));
-constexpr int kNV = static_cast<int>(kTile) / kN;  // vectors per tile row (1 on AVX-512)
-// Head rows per register block: 16 accumulators with AVX-512's 32 registers, 8 elsewhere.
-constexpr int kHB = std::max(1, (HWY_MAX_BYTES >= 64 ? 16 : 8) / kNV);
-// The dq block: kQH heads x kCB vectors of columns.
-constexpr int kQH = 4, kCB = 4;
 // Query positions per work unit (the unit of the chunk split). Key groups are walked once per
 // unit for all its positions, so a selected block is fetched once for every position of the unit
 // that picked it: with random selections at 16k, 16 positions shared a block 1.6 times on
@@ -83,193 +84,6 @@ constexpr int64_t kChunks = 4;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
-
-// ---- Products over a group of up to kGroup consecutive key tiles. ----
-//
-// S and dP of a group are [GP][kGroupKeys] (row stride kGroupKeys). Register blocks span several
-// tiles where the vector unit allows (AVX-512): HB heads x V tiles of accumulators load V tile
-// rows and broadcast HB query elements per step, (V + HB) loads per V HB FMAs; one tile with 16
-// heads needed 17 loads per 16 FMAs, which bound the kernels (measured 1.4x slower per FMA).
-
-constexpr int kGroup = 4;                        // tiles per group
-constexpr int64_t kGroupKeys = kGroup * kTile;   // 64: one default selection block
-constexpr bool kWideBlocks = kNV == 1;           // AVX-512: one vector per tile row
-
-// out[h][v*16 + j] = sum_i xT[i][h] tile_v[i][j] for V tiles at `tiles` (stride tile_stride),
-// h < GP: the scores (xT = scaled Q^T, tiles = K) or dP (xT = dO^T, tiles = V).
-template <int HB, int V>
-void products(const float* HWY_RESTRICT xT, int64_t GP, const float* HWY_RESTRICT tiles,
-              int64_t tile_stride, int64_t D, float* HWY_RESTRICT out) {
-  const DT d;
-  // Rows in chunks small enough that the chunk's tile rows stay in L1 while every head block
-  // reads them (without: each head block re-read the whole group from L2, which bound the loop).
-  constexpr int64_t kRowChunk = 32;
-  for (int64_t i0 = 0; i0 < D; i0 += kRowChunk) {
-    const int64_t i1 = std::min(D, i0 + kRowChunk);
-    for (int64_t h0 = 0; h0 < GP; h0 += HB) {
-      VT acc[HB][V * kNV];
-      float* o = out + h0 * kGroupKeys;
-      for (int h = 0; h < HB; ++h)
-        for (int v = 0; v < V * kNV; ++v)
-          acc[h][v] = i0 == 0 ? hn::Zero(d) : hn::Load(d, o + h * kGroupKeys + v * kN);
-      for (int64_t i = i0; i < i1; ++i) {
-        VT kv[V * kNV];
-        for (int v = 0; v < V; ++v)
-          for (int w = 0; w < kNV; ++w)
-            kv[v * kNV + w] = hn::Load(d, tiles + v * tile_stride + i * kTile + w * kN);
-        const float* x = xT + i * GP + h0;
-        for (int h = 0; h < HB; ++h) {
-          const VT b = hn::Set(d, x[h]);
-          for (int v = 0; v < V * kNV; ++v) acc[h][v] = hn::MulAdd(b, kv[v], acc[h][v]);
-        }
-      }
-      for (int h = 0; h < HB; ++h)
-        for (int v = 0; v < V * kNV; ++v) hn::Store(acc[h][v], d, o + h * kGroupKeys + v * kN);
-    }
-  }
-}
-
-void group_products(const float* xT, int64_t GP, const float* tiles, int64_t D, int nt,
-                    float* out) {
-  const int64_t stride = kTile * D;
-  if constexpr (kWideBlocks) {
-    switch (nt) {
-      case 1: return products<16, 1>(xT, GP, tiles, stride, D, out);
-      case 2: return products<8, 2>(xT, GP, tiles, stride, D, out);
-      case 3: return products<4, 3>(xT, GP, tiles, stride, D, out);
-      default: return products<4, 4>(xT, GP, tiles, stride, D, out);
-    }
-  } else {
-    for (int v = 0; v < nt; ++v) products<kHB, 1>(xT, GP, tiles + v * stride, stride, D, out + v * kTile);
-  }
-}
-
-// acc_v[i][16] += sum_h xT[i][h] w[h][v*16 .. v*16 + 16) for V tiles (accumulators at stride
-// tile_stride): dK^T (xT = scaled Q^T, w = dS) or dV^T (xT = dO^T, w = g P). R rows x V tiles
-// of accumulators per block; each accumulator's sum over h is a chain of dependent FMAs, and
-// R V >= 8 chains in flight hide the FMA latency.
-template <int R, int V>
-HWY_INLINE void gradient_block(const float* HWY_RESTRICT x, int64_t GP, int64_t heads,
-                               const float* HWY_RESTRICT w, float* HWY_RESTRICT acc,
-                               int64_t tile_stride) {
-  const DT d;
-  VT a[R][V * kNV];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v)
-      for (int u = 0; u < kNV; ++u)
-        a[r][v * kNV + u] = hn::Load(d, acc + v * tile_stride + r * kTile + u * kN);
-  for (int64_t h = 0; h < heads; ++h) {
-    VT wv[V * kNV];
-    for (int v = 0; v < V * kNV; ++v) wv[v] = hn::Load(d, w + h * kGroupKeys + v * kN);
-    for (int r = 0; r < R; ++r) {
-      const VT b = hn::Set(d, x[r * GP + h]);
-      for (int v = 0; v < V * kNV; ++v) a[r][v] = hn::MulAdd(b, wv[v], a[r][v]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v)
-      for (int u = 0; u < kNV; ++u)
-        hn::Store(a[r][v * kNV + u], d, acc + v * tile_stride + r * kTile + u * kN);
-}
-
-template <int R, int V>
-void gradient(const float* xT, int64_t GP, const float* w, int64_t D, float* acc,
-              int64_t tile_stride) {
-  int64_t i = 0;
-  for (; i + R <= D; i += R) gradient_block<R, V>(xT + i * GP, GP, GP, w, acc + i * kTile, tile_stride);
-  for (; i < D; ++i) gradient_block<1, V>(xT + i * GP, GP, GP, w, acc + i * kTile, tile_stride);
-}
-
-// One tile on AVX-512: the 16 weight vectors of a head block stay in registers while the rows
-// stream, 8 rows at a time (8 broadcasts per 8 FMAs, no weight loads).
-void gradient_one_tile(const float* HWY_RESTRICT xT, int64_t GP, const float* HWY_RESTRICT w,
-                       int64_t D, float* HWY_RESTRICT acc) {
-  const DT d;
-  constexpr int kHeads = 16, kRows = 8;
-  for (int64_t h0 = 0; h0 < GP; h0 += kHeads) {
-    VT wv[kHeads];
-    for (int h = 0; h < kHeads; ++h) wv[h] = hn::Load(d, w + (h0 + h) * kGroupKeys);
-    int64_t i = 0;
-    for (; i < D; i += kRows) {
-      const int rows = static_cast<int>(std::min<int64_t>(kRows, D - i));
-      VT a[kRows];
-      for (int r = 0; r < kRows; ++r) a[r] = r < rows ? hn::Load(d, acc + (i + r) * kTile) : hn::Zero(d);
-      for (int h = 0; h < kHeads; ++h) {
-        for (int r = 0; r < kRows; ++r) {
-          if (r < rows) a[r] = hn::MulAdd(hn::Set(d, xT[(i + r) * GP + h0 + h]), wv[h], a[r]);
-        }
-      }
-      for (int r = 0; r < kRows; ++r)
-        if (r < rows) hn::Store(a[r], d, acc + (i + r) * kTile);
-    }
-  }
-}
-
-void group_gradient(const float* xT, int64_t GP, const float* w, int64_t D, int nt, float* acc) {
-  const int64_t stride = kTile * D;
-  if constexpr (kWideBlocks) {
-    switch (nt) {
-      case 1: return gradient_one_tile(xT, GP, w, D, acc);
-      case 2: return gradient<4, 2>(xT, GP, w, D, acc, stride);
-      case 3: return gradient<4, 3>(xT, GP, w, D, acc, stride);
-      default: return gradient<4, 4>(xT, GP, w, D, acc, stride);
-    }
-  } else {
-    for (int v = 0; v < nt; ++v) gradient<2, 1>(xT, GP, w + v * kTile, D, acc + v * stride, stride);
-  }
-}
-
-// dq[h][Dkp] += sum_{j = j0..j1} ds[h][j] kr[j][Dkp]: the group's K rows (padded to Dkp)
-// weighted by dS, kQH heads x kCB column vectors per register block.
-void group_dq(const float* HWY_RESTRICT ds, int64_t GP, const float* HWY_RESTRICT kr, int64_t Dkp,
-              int64_t j0, int64_t j1, float* HWY_RESTRICT dq) {
-  const DT d;
-  // Column blocks outer: a block's K rows (64 keys x kCB vectors) stay in L1 for every head block.
-  for (int64_t c0 = 0; c0 < Dkp; c0 += kCB * kN) {
-    for (int64_t h0 = 0; h0 < GP; h0 += kQH) {
-      VT a[kQH][kCB];
-      for (int h = 0; h < kQH; ++h)
-        for (int c = 0; c < kCB; ++c) a[h][c] = hn::Load(d, dq + (h0 + h) * Dkp + c0 + c * kN);
-      for (int64_t j = j0; j <= j1; ++j) {
-        VT kv[kCB];
-        for (int c = 0; c < kCB; ++c) kv[c] = hn::Load(d, kr + j * Dkp + c0 + c * kN);
-        for (int h = 0; h < kQH; ++h) {
-          const VT b = hn::Set(d, ds[(h0 + h) * kGroupKeys + j]);
-          for (int c = 0; c < kCB; ++c) a[h][c] = hn::MulAdd(b, kv[c], a[h][c]);
-        }
-      }
-      for (int h = 0; h < kQH; ++h)
-        for (int c = 0; c < kCB; ++c) hn::Store(a[h][c], d, dq + (h0 + h) * Dkp + c0 + c * kN);
-    }
-  }
-}
-
-// The softmax pieces of a group of nt tiles, keys [lo, hi] live: s (scores) becomes
-// dS = P (g dP - D) and dp becomes g P, with P = exp(s - lse) and both 0 in the dead lanes.
-// Padding heads have lse = +inf, g = D = 0, so they give exact zeros.
-void group_softmax(float* HWY_RESTRICT s, float* HWY_RESTRICT dp, int64_t GP, int nt,
-                   const float* HWY_RESTRICT lse, const float* HWY_RESTRICT g,
-                   const float* HWY_RESTRICT dsum, int64_t lo, int64_t hi) {
-  const DT d;
-  const int64_t vecs = nt * kNV;
-  hn::Mask<DT> live[kGroup * kNV];
-  for (int64_t v = 0; v < vecs; ++v) {
-    const VT idx = hn::Iota(d, static_cast<float>(v * kN));
-    live[v] = hn::And(hn::Ge(idx, hn::Set(d, static_cast<float>(lo))),
-                      hn::Le(idx, hn::Set(d, static_cast<float>(hi))));
-  }
-  for (int64_t h = 0; h < GP; ++h) {
-    const VT l = hn::Set(d, lse[h]), gv = hn::Set(d, g[h]), dv = hn::Set(d, dsum[h]);
-    for (int64_t v = 0; v < vecs; ++v) {
-      float* sp = s + h * kGroupKeys + v * kN;
-      float* dpp = dp + h * kGroupKeys + v * kN;
-      const VT p = hn::IfThenElseZero(live[v], hn::Exp(d, hn::Sub(hn::Load(d, sp), l)));
-      const VT ds = hn::Mul(p, hn::MulSub(gv, hn::Load(d, dpp), dv));
-      hn::Store(hn::IfThenElseZero(live[v], ds), d, sp);
-      hn::Store(hn::Mul(p, gv), d, dpp);
-    }
-  }
-}
 
 // ---- Packed K/V. ----
 
