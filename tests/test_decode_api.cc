@@ -183,3 +183,36 @@ TEST(DecodeApi, PrefillValidates) {
 }
 
 }  // namespace
+
+namespace {
+using namespace nsa_test;
+
+// New tokens given to a decode step follow nsa_kv_cache_append's rule: f32 or bf16 whatever q's
+// dtype, rounded to the cache's dtype when stored. f32 keys and values into a bf16 cache then
+// decode exactly as the same values given already rounded to bf16.
+TEST(DecodeApi, NewTokensMayBeF32OrBf16LikeAppend) {
+  Context cx;
+  CachePtr a = make_cache(cx.ctx, small_cfg(), 1, 32, kShape, NSA_DTYPE_BF16, NSA_CMP_MEAN);
+  CachePtr b = make_cache(cx.ctx, small_cfg(), 1, 32, kShape, NSA_DTYPE_BF16, NSA_CMP_MEAN);
+  FwdCase bf = make_case(kShape, small_cfg(), NSA_DTYPE_BF16, 11);
+  FwdCase f32 = make_case(kShape, small_cfg(), NSA_DTYPE_F32, 11);  // the same draws, unrounded
+  FwdCase out_a = make_case(kShape, small_cfg(), NSA_DTYPE_F32, 12);
+  FwdCase out_b = make_case(kShape, small_cfg(), NSA_DTYPE_F32, 12);
+  for (int64_t t = 0; t < 24; ++t) {
+    nsa_decode_params pa = decode_row(bf, out_a, t, /*append=*/true);
+    pa.k = rows(f32.k, t, 1);
+    pa.v = rows(f32.v, t, 1);
+    ASSERT_EQ(nsa_decode(cx.ctx, a.get(), &pa), NSA_OK) << cx.error();
+    nsa_decode_params pb = decode_row(bf, out_b, t, /*append=*/true);
+    ASSERT_EQ(nsa_decode(cx.ctx, b.get(), &pb), NSA_OK) << cx.error();
+  }
+  EXPECT_EQ(out_a.o.storage(), out_b.o.storage());
+  EXPECT_EQ(out_a.lse_slc.storage(), out_b.lse_slc.storage());
+  // Integers are still no keys.
+  nsa_decode_params p = decode_row(bf, out_a, 24, /*append=*/true);
+  p.k.dtype = NSA_DTYPE_I32;
+  expect_error(nsa_decode(cx.ctx, a.get(), &p), NSA_ERR_INVALID_DTYPE, cx, "k:");
+  EXPECT_EQ(nsa_kv_cache_len(a.get(), 0), 24);
+}
+
+}  // namespace

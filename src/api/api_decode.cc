@@ -36,7 +36,11 @@ Status check_backend(const nsa_context* ctx) {
 Status check_mlp(const char* prefix, const nsa_tensor* t, int64_t H, int64_t l, int64_t D) {
   const std::string pos = cat(prefix, "pos"), w1 = cat(prefix, "w1"), b1 = cat(prefix, "b1"),
                     w2 = cat(prefix, "w2"), b2 = cat(prefix, "b2");
-  NSA_RETURN_IF_ERROR(nsa::check_tensor(w1.c_str(), t[1], {H, -1, l * D}, kFloats, Role::kInput));
+  int64_t lD = 0;  // w1's row length; checked, as l and D are the caller's
+  if (__builtin_mul_overflow(l, D, &lD)) {
+    return error(NSA_ERR_INVALID_SHAPE, cat(w1, ": a row of cmp_block * D elements overflows"));
+  }
+  NSA_RETURN_IF_ERROR(nsa::check_tensor(w1.c_str(), t[1], {H, -1, lD}, kFloats, Role::kInput));
   const int64_t Dh = t[1].shape[1];
   if (Dh < 1) return error(NSA_ERR_INVALID_SHAPE, cat(w1, ": the hidden width must be >= 1"));
   NSA_RETURN_IF_ERROR(nsa::check_tensor(pos.c_str(), t[0], {H, l, D}, kFloats, Role::kInput));
@@ -45,19 +49,47 @@ Status check_mlp(const char* prefix, const nsa_tensor* t, int64_t H, int64_t l, 
   return nsa::check_tensor(b2.c_str(), t[4], {H, D}, kFloats, Role::kInput);
 }
 
-Status check_cache_params(const nsa_kv_cache_params& p) {
-  NSA_RETURN_IF_ERROR(nsa::validate_config(p.cfg));
+// Upper bounds of the cache's sizes (nsa.h): every scratch size decode derives from them fits
+// in 64 bits, and seq_ids (int32) can name every sequence.
+constexpr int64_t kMaxCacheHeadDim = int64_t{1} << 20;
+constexpr int64_t kMaxCacheHeads = int64_t{1} << 20;
+
+Status check_cache_sizes(const nsa_kv_cache_params& p) {
   struct Size {
     const char* name;
-    int64_t value;
+    int64_t value, max;
   };
-  for (Size s : {Size{"num_seqs", p.num_seqs}, Size{"capacity", p.capacity},
-                 Size{"num_kv_heads", p.num_kv_heads}, Size{"head_dim_k", p.head_dim_k},
-                 Size{"head_dim_v", p.head_dim_v}}) {
-    if (s.value < 1) {
-      return error(NSA_ERR_INVALID_SHAPE, cat(s.name, ": must be >= 1, got ", s.value));
+  for (Size s : {Size{"num_seqs", p.num_seqs, INT32_MAX}, Size{"capacity", p.capacity, INT64_MAX},
+                 Size{"num_kv_heads", p.num_kv_heads, kMaxCacheHeads},
+                 Size{"head_dim_k", p.head_dim_k, kMaxCacheHeadDim},
+                 Size{"head_dim_v", p.head_dim_v, kMaxCacheHeadDim}}) {
+    if (s.value < 1 || s.value > s.max) {
+      return error(NSA_ERR_INVALID_SHAPE,
+                   cat(s.name, ": must be in [1, ", s.max, "], got ", s.value));
     }
   }
+  // Block indices are int32 (slc_indices_out).
+  if (p.capacity / p.cfg.slc_block >= INT32_MAX) {
+    return error(NSA_ERR_INVALID_SHAPE, cat("capacity: ", p.capacity, " tokens make selection "
+                                            "block indices past INT32_MAX"));
+  }
+  // The storage: (seqs * heads) blocks of (capacity + 64) rows of (Dk + Dv + 32) elements of up
+  // to 8 bytes (a bound on the padded tiles of raw and compressed tokens), all in int64.
+  int64_t bytes = 0, rows = 0;
+  const int64_t row = p.head_dim_k + p.head_dim_v + 32;  // <= 2^21 + 32 by the bounds above
+  if (__builtin_add_overflow(p.capacity, 64, &rows) ||
+      __builtin_mul_overflow(p.num_seqs, p.num_kv_heads, &bytes) ||
+      __builtin_mul_overflow(bytes, rows, &bytes) || __builtin_mul_overflow(bytes, row * 8, &bytes)) {
+    return error(NSA_ERR_INVALID_SHAPE,
+                 cat("capacity: ", p.capacity, " tokens of ", p.num_seqs, " sequences x ",
+                     p.num_kv_heads, " KV heads make a cache whose size overflows 64 bits"));
+  }
+  return Status::ok();
+}
+
+Status check_cache_params(const nsa_kv_cache_params& p) {
+  NSA_RETURN_IF_ERROR(nsa::validate_config(p.cfg));
+  NSA_RETURN_IF_ERROR(check_cache_sizes(p));
   const int dtype = nsa::enum_value(p.dtype);
   if (dtype != NSA_DTYPE_F32 && dtype != NSA_DTYPE_BF16) {
     return error(NSA_ERR_INVALID_DTYPE, cat("dtype: the cache holds f32 or bf16, got ", dtype));
@@ -65,18 +97,6 @@ Status check_cache_params(const nsa_kv_cache_params& p) {
   const int kind = nsa::enum_value(p.cmp_kind);
   if (kind != NSA_CMP_MEAN && kind != NSA_CMP_MLP) {
     return error(NSA_ERR_INVALID_ARGUMENT, cat("cmp_kind: unknown value ", kind));
-  }
-  // Block indices are int32 (slc_indices_out), and the storage size must fit in memory sizes.
-  if (p.capacity / p.cfg.slc_block >= INT32_MAX) {
-    return error(NSA_ERR_INVALID_SHAPE, cat("capacity: ", p.capacity, " tokens make selection "
-                                            "block indices past INT32_MAX"));
-  }
-  int64_t bytes = 0;
-  const int64_t row = p.head_dim_k + p.head_dim_v + 32;
-  if (__builtin_mul_overflow(p.num_seqs, p.num_kv_heads, &bytes) ||
-      __builtin_mul_overflow(bytes, p.capacity + 64, &bytes) ||
-      __builtin_mul_overflow(bytes, row * 8, &bytes)) {
-    return error(NSA_ERR_INVALID_SHAPE, "capacity: the cache's size overflows 64 bits");
   }
   if (kind == NSA_CMP_MLP) {
     const int64_t H = p.num_kv_heads, l = p.cfg.cmp_block;
@@ -151,43 +171,51 @@ Status make_decode(const nsa_kv_cache& c, const nsa_tensor& q, const nsa_tensor&
     }
   }
   if (present(k)) {
-    const std::vector<nsa_dtype> same = {q.dtype};
-    NSA_RETURN_IF_ERROR(nsa::check_tensor("k", k, {pr->S, c.Hkv, c.Dk}, same, Role::kInput));
-    NSA_RETURN_IF_ERROR(nsa::check_tensor("v", v, {pr->S, c.Hkv, c.Dv}, same, Role::kInput));
+    // Like nsa_kv_cache_append: f32 or bf16, rounded to the cache's dtype when stored.
+    NSA_RETURN_IF_ERROR(nsa::check_tensor("k", k, {pr->S, c.Hkv, c.Dk}, kFloats, Role::kInput));
+    NSA_RETURN_IF_ERROR(nsa::check_tensor("v", v, {pr->S, c.Hkv, c.Dv}, kFloats, Role::kInput));
   }
   return Status::ok();
 }
 
-// Appends row s of k/v (each [S, Hkv, D]) to its sequence.
-void append_rows(nsa_context* ctx, nsa_kv_cache* c, const nsa::cpu::DecodeProblem& pr,
-                 const nsa_tensor& k, const nsa_tensor& v) {
-  if (!present(k)) return;
-  for (int64_t s = 0; s < pr.S; ++s) {
+// Appends row s of k/v (each [S, Hkv, D]) to its sequence, then runs the step. A failure on
+// the way (out of memory) restores every length, so the call changes nothing (nsa.h).
+Status append_and_decode(nsa_context* ctx, nsa_kv_cache* c, const nsa::cpu::DecodeProblem& pr,
+                         const nsa_tensor& k, const nsa_tensor& v) {
+  const std::vector<int64_t> lens = c->len;
+  Status s = Status::ok();
+  for (int64_t r = 0; r < pr.S && present(k) && s.is_ok(); ++r) {
     nsa_tensor ks = k, vs = v;
-    ks.data = static_cast<char*>(k.data) + s * k.stride[0] * nsa_dtype_size(k.dtype);
-    vs.data = static_cast<char*>(v.data) + s * v.stride[0] * nsa_dtype_size(v.dtype);
+    ks.data = static_cast<char*>(k.data) + r * k.stride[0] * nsa_dtype_size(k.dtype);
+    vs.data = static_cast<char*>(v.data) + r * v.stride[0] * nsa_dtype_size(v.dtype);
     ks.shape[0] = vs.shape[0] = 1;
-    nsa::cpu::kv_cache_append(*c, pr.seqs[s], ks, vs, ctx->num_threads > 0 ? ctx->num_threads : 1);
+    s = nsa::cpu::kv_cache_append(*c, pr.seqs[r], ks, vs, ctx->num_threads > 0 ? ctx->num_threads : 1);
   }
+  if (s.is_ok() && !nsa::cpu::decode(pr)) {
+    s = error(NSA_ERR_OUT_OF_MEMORY, "decode: cannot allocate buffers");
+  }
+  if (!s.is_ok()) c->len = lens;
+  return s;
 }
 
-Status run_decode(const nsa::cpu::DecodeProblem& pr) {
-  if (!nsa::cpu::decode(pr)) return error(NSA_ERR_OUT_OF_MEMORY, "decode: cannot allocate buffers");
+// A [T, H, D] (or [T, H]) argument of nsa_prefill as the [1, T, H, D] (or [1, T, H]) view
+// nsa_fwd takes. The caller's rank is checked first, so that the message reports it as given
+// (adding 1 to an unchecked ndim could overflow).
+Status batch_of_one(const char* name, const nsa_tensor& t, int rank, nsa_tensor* out) {
+  *out = t;
+  if (t.data == nullptr) return Status::ok();
+  if (t.ndim != rank) {
+    return error(NSA_ERR_INVALID_SHAPE,
+                 cat(name, ": expected ", rank, " dimensions, got ", t.ndim));
+  }
+  out->ndim = rank + 1;
+  out->shape[0] = 1;
+  out->stride[0] = 0;
+  for (int i = 0; i < rank; ++i) {
+    out->shape[i + 1] = t.shape[i];
+    out->stride[i + 1] = t.stride[i];
+  }
   return Status::ok();
-}
-
-// A [T, H, D] (or [T, H]) tensor as the [1, T, H, D] (or [1, T, H]) view nsa_fwd takes.
-nsa_tensor batch_of_one(const nsa_tensor& t) {
-  if (t.data == nullptr) return t;
-  nsa_tensor out = t;
-  out.ndim = t.ndim + 1;
-  out.shape[0] = 1;
-  out.stride[0] = 0;
-  for (int i = 0; i < t.ndim && i + 1 < NSA_MAX_DIMS; ++i) {
-    out.shape[i + 1] = t.shape[i];
-    out.stride[i + 1] = t.stride[i];
-  }
-  return out;
 }
 
 // The shared preamble of the calls on a cache with params: a context, a cache, params, and a
@@ -256,8 +284,7 @@ nsa_status nsa_kv_cache_append(nsa_context* ctx, nsa_kv_cache* cache, int64_t se
     NSA_RETURN_IF_ERROR(check_seq(*cache, seq, "seq"));
     NSA_RETURN_IF_ERROR(check_append(*cache, seq, *k, *v, k->shape[0] >= 0 ? k->shape[0] : -1, kFloats));
     if (k->shape[0] == 0) return Status::ok();
-    nsa::cpu::kv_cache_append(*cache, seq, *k, *v, ctx->num_threads > 0 ? ctx->num_threads : 0);
-    return Status::ok();
+    return nsa::cpu::kv_cache_append(*cache, seq, *k, *v, ctx->num_threads > 0 ? ctx->num_threads : 0);
   });
 }
 
@@ -287,26 +314,26 @@ nsa_status nsa_prefill(nsa_context* ctx, nsa_kv_cache* cache, const nsa_prefill_
     nsa_fwd_params f;
     nsa_fwd_params_init(&f);
     f.cfg = cache->cfg;
-    f.q = batch_of_one(p->q);
-    f.k = batch_of_one(p->k);
-    f.v = batch_of_one(p->v);
+    NSA_RETURN_IF_ERROR(batch_of_one("q", p->q, 3, &f.q));
+    NSA_RETURN_IF_ERROR(batch_of_one("k", p->k, 3, &f.k));
+    NSA_RETURN_IF_ERROR(batch_of_one("v", p->v, 3, &f.v));
     const int64_t kshape[4] = {1, Tc, cache->Hkv, cache->Dk};
     const int64_t vshape[4] = {1, Tc, cache->Hkv, cache->Dv};
     f.k_cmp = nsa_tensor_contiguous(kc.data(), cache->dtype, 4, kshape);
     f.v_cmp = nsa_tensor_contiguous(vc.data(), cache->dtype, 4, vshape);
-    f.g_cmp = batch_of_one(p->g_cmp);
-    f.g_slc = batch_of_one(p->g_slc);
-    f.g_win = batch_of_one(p->g_win);
-    f.o = batch_of_one(p->o);
-    f.lse_cmp = batch_of_one(p->lse_cmp);
-    f.lse_slc = batch_of_one(p->lse_slc);
-    f.lse_win = batch_of_one(p->lse_win);
-    f.slc_indices_out = batch_of_one(p->slc_indices_out);
+    NSA_RETURN_IF_ERROR(batch_of_one("g_cmp", p->g_cmp, 2, &f.g_cmp));
+    NSA_RETURN_IF_ERROR(batch_of_one("g_slc", p->g_slc, 2, &f.g_slc));
+    NSA_RETURN_IF_ERROR(batch_of_one("g_win", p->g_win, 2, &f.g_win));
+    NSA_RETURN_IF_ERROR(batch_of_one("o", p->o, 3, &f.o));
+    NSA_RETURN_IF_ERROR(batch_of_one("lse_cmp", p->lse_cmp, 2, &f.lse_cmp));
+    NSA_RETURN_IF_ERROR(batch_of_one("lse_slc", p->lse_slc, 2, &f.lse_slc));
+    NSA_RETURN_IF_ERROR(batch_of_one("lse_win", p->lse_win, 2, &f.lse_win));
+    NSA_RETURN_IF_ERROR(batch_of_one("slc_indices_out", p->slc_indices_out, 3, &f.slc_indices_out));
     nsa::FwdProblem check;
     NSA_RETURN_IF_ERROR(nsa::make_fwd_problem(f, &check));
     if (T == 0) return Status::ok();
-    nsa::cpu::kv_cache_append(*cache, p->seq, p->k, p->v,
-                              ctx->num_threads > 0 ? ctx->num_threads : 0);
+    NSA_RETURN_IF_ERROR(nsa::cpu::kv_cache_append(*cache, p->seq, p->k, p->v,
+                                                  ctx->num_threads > 0 ? ctx->num_threads : 0));
     // The forward reads the compressed tokens exactly as the cache holds them.
     std::vector<float> row(static_cast<size_t>(std::max(cache->Dk, cache->Dv)));
     for (int64_t i = 0; i < Tc; ++i) {
@@ -352,14 +379,13 @@ nsa_status nsa_decode(nsa_context* ctx, nsa_kv_cache* cache, const nsa_decode_pa
                                             {pr.S, cache->Hkv, cache->cfg.slc_count}, i32,
                                             Role::kOutput));
     if (pr.S == 0) return Status::ok();
-    append_rows(ctx, cache, pr, p->k, p->v);
     pr.cache = cache;
     pr.nsa = p;
     pr.q = p->q;
     pr.o = p->o;
     pr.scale = cache->cfg.scale;
     pr.num_threads = ctx->num_threads;
-    return run_decode(pr);
+    return append_and_decode(ctx, cache, pr, p->k, p->v);
   });
 }
 
@@ -383,7 +409,6 @@ nsa_status nsa_dense_decode(nsa_context* ctx, nsa_kv_cache* cache,
     NSA_RETURN_IF_ERROR(nsa::check_optional("lse", p->lse, {pr.S, pr.Hq}, {NSA_DTYPE_F32},
                                             Role::kOutput));
     if (pr.S == 0) return Status::ok();
-    append_rows(ctx, cache, pr, p->k, p->v);
     pr.cache = cache;
     pr.dense = true;
     pr.q = p->q;
@@ -392,7 +417,7 @@ nsa_status nsa_dense_decode(nsa_context* ctx, nsa_kv_cache* cache,
     pr.scale = p->scale != 0.0f ? p->scale : static_cast<float>(1.0 / std::sqrt(double(cache->Dk)));
     pr.window = p->window;
     pr.num_threads = ctx->num_threads;
-    return run_decode(pr);
+    return append_and_decode(ctx, cache, pr, p->k, p->v);
   });
 }
 

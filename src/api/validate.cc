@@ -42,7 +42,8 @@ bool views_overlap(const nsa_tensor& t) {
   int64_t extent = 1;
   for (int d : dims) {
     if (t.stride[d] < extent) return true;
-    extent = t.stride[d] * t.shape[d];
+    // Cannot overflow once span_fits passed, but a wrapped extent would hide an overlap.
+    if (__builtin_mul_overflow(t.stride[d], t.shape[d], &extent)) return false;
   }
   return false;
 }
@@ -61,8 +62,9 @@ bool span_fits(const nsa_tensor& t) {
   }
   const int dtype = enum_value(t.dtype);
   const int64_t size = dtype == NSA_DTYPE_BF16 || dtype == NSA_DTYPE_F16 ? 2 : 4;
-  int64_t bytes = 0;
-  return !__builtin_mul_overflow(last + 1, size, &bytes);
+  // Elements 0 .. last, so last + 1 of them: at INT64_MAX that count itself overflows.
+  int64_t count = 0, bytes = 0;
+  return !__builtin_add_overflow(last, 1, &count) && !__builtin_mul_overflow(count, size, &bytes);
 }
 
 }  // namespace
@@ -395,7 +397,12 @@ Status check_compress_inputs(CompressProblem* problem) {
     const std::vector<nsa_dtype> same = {p.x.dtype};
     const int64_t l = p.cfg.cmp_block, H = pr.Hkv, D = pr.D;
     NSA_RETURN_IF_ERROR(check_tensor("pos", p.pos, {H, l, D}, same, Role::kInput));
-    NSA_RETURN_IF_ERROR(check_tensor("w1", p.w1, {H, -1, l * D}, same, Role::kInput));
+    int64_t lD = 0;  // w1's row length; l and D are the caller's, so the product may overflow
+    if (__builtin_mul_overflow(l, D, &lD)) {
+      return error(NSA_ERR_INVALID_SHAPE, cat("w1: a row of cmp_block * D = ", l, " * ", D,
+                                              " elements overflows 64 bits"));
+    }
+    NSA_RETURN_IF_ERROR(check_tensor("w1", p.w1, {H, -1, lD}, same, Role::kInput));
     pr.Dh = p.w1.shape[1];
     if (pr.Dh < 1) return error(NSA_ERR_INVALID_SHAPE, "w1: the hidden width Dh must be >= 1");
     NSA_RETURN_IF_ERROR(check_tensor("b1", p.b1, {H, pr.Dh}, same, Role::kInput));

@@ -28,7 +28,10 @@ ByteSpan byte_span(const nsa_tensor& t) {
     last += (t.shape[i] - 1) * t.stride[i];
   }
   const uintptr_t lo = reinterpret_cast<uintptr_t>(t.data);
-  return {lo, lo + static_cast<uintptr_t>(last + 1) * nsa_dtype_size(t.dtype)};
+  uintptr_t hi = 0;  // saturated: a span past the address space still intersects what follows
+  const uintptr_t bytes = static_cast<uintptr_t>(last + 1) * nsa_dtype_size(t.dtype);
+  if (__builtin_add_overflow(lo, bytes, &hi)) hi = UINTPTR_MAX;
+  return {lo, hi};
 }
 
 bool spans_intersect(const nsa_tensor& a, const nsa_tensor& b) {
@@ -91,7 +94,9 @@ Status check_branch_grads(const char* branch, bool own_kv, const char* dk_name,
 Status check_no_aliasing(const std::vector<NamedTensor>& outputs,
                          const std::vector<NamedTensor>& inputs) {
   for (size_t i = 0; i < outputs.size(); ++i) {
-    const auto& [name, out] = outputs[i];
+    // Named fields, not a structured binding: clang before 16 cannot capture those in a lambda.
+    const char* name = outputs[i].first;
+    const nsa_tensor& out = outputs[i].second;
     if (!present(out)) continue;
     auto clash = [&](const NamedTensor& other) {
       if (!present(other.second) || !spans_intersect(out, other.second)) return Status::ok();

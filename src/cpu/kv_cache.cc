@@ -56,11 +56,11 @@ void mlp_token(const MlpParams& m, int64_t h, int64_t L, int64_t D, float* x, fl
 
 // Compressed token i of (seq, h), for keys and values: phi over raw positions i*d .. i*d + l - 1
 // as the cache stores them (so it sees exactly what a forward over the cached K/V sees).
-void compress_token(nsa_kv_cache& c, int64_t seq, int64_t h, int64_t i, std::vector<float>& buf) {
+void compress_token(nsa_kv_cache& c, int64_t seq, int64_t h, int64_t i, float* buf) {
   const int64_t l = c.cfg.cmp_block, d = c.cfg.cmp_stride;
   for (int kv = 0; kv < 2; ++kv) {
     const int64_t D = kv == 0 ? c.Dk : c.Dv;
-    float* block = buf.data();                  // [l][D]
+    float* block = buf;                         // [l][D]
     float* out = block + l * D;                 // [D]
     float* hidden = out + std::max(c.Dk, c.Dv); // [Dh]
     for (int64_t r = 0; r < l; ++r) {
@@ -181,30 +181,47 @@ int64_t kv_cache_cmp_len(const nsa_kv_cache& c, int64_t seq) {
   return nsa_cmp_len(&c.cfg, c.len[static_cast<size_t>(seq)]);
 }
 
-void kv_cache_append(nsa_kv_cache& c, int64_t seq, const nsa_tensor& k, const nsa_tensor& v,
-                     int threads) {
+Status kv_cache_append(nsa_kv_cache& c, int64_t seq, const nsa_tensor& k, const nsa_tensor& v,
+                       int threads) {
   const int64_t n = k.shape[0], first = c.len[static_cast<size_t>(seq)];
   const int64_t cmp_before = kv_cache_cmp_len(c, seq);
   const int64_t cmp_after = nsa_cmp_len(&c.cfg, first + n);
   const int64_t Dh = std::max(c.k_mlp.Dh, c.v_mlp.Dh), D = std::max(c.Dk, c.Dv);
-  const int64_t buf_len = (c.cfg.cmp_block + 1) * D + Dh;
+  // Scratch per thread: one row, and when a compressed token completes, its block of l rows, its
+  // output and the mlp's hidden layer. A token completes only once l <= capacity positions
+  // exist, so the block is bounded by the cache's own (validated) size; no scratch is sized by
+  // cmp_block alone, which may be INT32_MAX. Allocated here, before the parallel region: an
+  // exception cannot leave an OpenMP region (it would terminate the process), and a failure
+  // must leave the cache as it was.
+  const int64_t block = cmp_after > cmp_before ? (int64_t{c.cfg.cmp_block} + 1) * D + Dh : 0;
+  const int64_t per_thread = D + block;
+  const int nt = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(threads > 0 ? threads : omp_get_max_threads(), c.Hkv)));
+  std::vector<float> scratch;
+  try {
+    scratch.resize(static_cast<size_t>(per_thread) * static_cast<size_t>(nt));
+  } catch (const std::bad_alloc&) {
+    return error(NSA_ERR_OUT_OF_MEMORY, "kv cache append: cannot allocate the compression scratch");
+  }
   // Heads are independent: one thread per head writes its rows, then its compressed tokens
   // (each computed once, from rows already stored).
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(nt)
   {
-    std::vector<float> row(static_cast<size_t>(D)), buf(static_cast<size_t>(buf_len));
+    float* row = scratch.data() + static_cast<size_t>(omp_get_thread_num()) * per_thread;
+    float* buf = row + D;
 #pragma omp for schedule(static)
     for (int64_t h = 0; h < c.Hkv; ++h) {
       for (int64_t r = 0; r < n; ++r) {
-        load_row(k, offset_of(k, r, h), c.Dk, row.data());
-        c.raw.write_k(seq, h, first + r, row.data());
-        load_row(v, offset_of(v, r, h), c.Dv, row.data());
-        c.raw.write_v(seq, h, first + r, row.data());
+        load_row(k, offset_of(k, r, h), c.Dk, row);
+        c.raw.write_k(seq, h, first + r, row);
+        load_row(v, offset_of(v, r, h), c.Dv, row);
+        c.raw.write_v(seq, h, first + r, row);
       }
       for (int64_t i = cmp_before; i < cmp_after; ++i) compress_token(c, seq, h, i, buf);
     }
   }
   c.len[static_cast<size_t>(seq)] = first + n;
+  return Status::ok();
 }
 
 }  // namespace nsa::cpu

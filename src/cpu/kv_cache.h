@@ -85,8 +85,8 @@ Status kv_cache_init(const nsa_kv_cache_params& p, nsa_kv_cache* c);
 
 // Appends rows [0, n) of k [n, Hkv, Dk] and v [n, Hkv, Dv] (validated: fits the capacity) to
 // sequence seq, and computes every compressed token they complete (SPEC 7): compressed token i
-// exactly when position i*d + l - 1 arrives.
-void kv_cache_append(nsa_kv_cache& c, int64_t seq, const nsa_tensor& k, const nsa_tensor& v,
+// exactly when position i*d + l - 1 arrives. Out of memory: an error, and the cache unchanged.
+Status kv_cache_append(nsa_kv_cache& c, int64_t seq, const nsa_tensor& k, const nsa_tensor& v,
                      int threads);
 
 // Compressed tokens held by sequence seq.
