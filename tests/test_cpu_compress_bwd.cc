@@ -216,7 +216,9 @@ TEST(CpuCompressBwd, NoCompleteBlockGivesExactZeros) {
   for (nsa_cmp_kind kind : {NSA_CMP_MEAN, NSA_CMP_MLP}) {
     BwdCase c(s, cmp_configs()[0], kind, NSA_DTYPE_F32, NSA_DTYPE_BF16, true, 21, {});
     ASSERT_NO_FATAL_FAILURE(run(NSA_BACKEND_CPU, c, 0));
-    for (const auto& [name, t] : c.outputs()) {
+    for (const auto& out : c.outputs()) {
+      const auto& name = out.first;  // not a structured binding: clang < 16 cannot capture one
+      const auto& t = out.second;
       int64_t nonzero = 0;
       t->for_each([&](int64_t a, int64_t b, int64_t e, int64_t f) {
         nonzero += t->get_raw(t->logical_offset(a, b, e, f)) != 0.0;

@@ -193,9 +193,10 @@ TEST(Decode, BatchedEqualsPerSequence) {
     ASSERT_EQ(nsa_decode(cx.ctx, single.get(), &one), NSA_OK) << cx.error();
     EXPECT_EQ(nsa_kv_cache_len(single.get(), ids[r]), lens[ids[r]] + 1);
   }
-  for (auto [a, b] : {std::pair{&out_b.o, &out_s.o}, std::pair{&out_b.lse_cmp, &out_s.lse_cmp},
-                      std::pair{&out_b.lse_slc, &out_s.lse_slc},
-                      std::pair{&out_b.lse_win, &out_s.lse_win}}) {
+  for (auto ab : {std::pair{&out_b.o, &out_s.o}, std::pair{&out_b.lse_cmp, &out_s.lse_cmp},
+                  std::pair{&out_b.lse_slc, &out_s.lse_slc},
+                  std::pair{&out_b.lse_win, &out_s.lse_win}}) {
+    Tensor *a = ab.first, *b = ab.second;  // not a binding: clang < 16 cannot capture one
     int64_t diff = 0;
     a->for_each([&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
       if (i1 < 600 || i1 >= 603) return;
@@ -320,8 +321,9 @@ TEST(Decode, NonFiniteInputsFollowTheForward) {
   std::string msg;
   ASSERT_EQ(run_fwd(NSA_BACKEND_CPU, c, &msg), NSA_OK) << msg;
   int64_t nan_mismatch = 0, nans = 0;
-  for (auto [a, b] : {std::pair{&got.o, &c.o}, std::pair{&got.lse_cmp, &c.lse_cmp},
-                      std::pair{&got.lse_slc, &c.lse_slc}, std::pair{&got.lse_win, &c.lse_win}}) {
+  for (auto ab : {std::pair{&got.o, &c.o}, std::pair{&got.lse_cmp, &c.lse_cmp},
+                  std::pair{&got.lse_slc, &c.lse_slc}, std::pair{&got.lse_win, &c.lse_win}}) {
+    Tensor *a = ab.first, *b = ab.second;  // not a binding: clang < 16 cannot capture one
     a->for_each([&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
       const int64_t off = a->logical_offset(i0, i1, i2, i3);
       const bool x = std::isnan(a->get_raw(off)), y = std::isnan(b->get_raw(off));

@@ -258,7 +258,9 @@ TEST(DenseBwd, RandomCasesMatchReferenceAndKeepPadding) {
     const double G = static_cast<double>(s.Hq / s.Hkv);
     const std::tuple<const Tensor*, const Tensor*, const Tensor*> outs[] = {
         {&cpu.dq, &ref.dq, &dq0}, {&cpu.dk, &ref.dk, &dk0}, {&cpu.dv, &ref.dv, &dv0}};
-    for (const auto& [got, want, before] : outs) {
+    for (const auto& out : outs) {
+      // Named, not a structured binding: clang < 16 cannot capture one in a lambda.
+      const Tensor *got = std::get<0>(out), *want = std::get<1>(out), *before = std::get<2>(out);
       const double m = std::max(1.0, max_abs(*want));
       const double tol = 16 * std::sqrt(4 * s.Dk + s.Dv + G * keys) * kEps * m;  // as above
       double worst = 0;
@@ -297,7 +299,9 @@ TEST(DenseBwd, ReferenceMatchesFiniteDifferences) {
     };
     const std::pair<Tensor*, const Tensor*> args[] = {
         {&b.c.q, &b.dq}, {&b.c.k, &b.dk}, {&b.c.v, &b.dv}};
-    for (const auto& [x, grad] : args) {
+    for (const auto& arg : args) {
+      Tensor* x = arg.first;  // not a structured binding: clang < 16 cannot capture one
+      const Tensor* grad = arg.second;
       x->for_each([&](int64_t a, int64_t t, int64_t h, int64_t c) {
         const double x0 = x->at({a, t, h, c});
         x->set({a, t, h, c}, x0 + 1e-2);
