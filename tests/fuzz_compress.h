@@ -56,8 +56,11 @@ inline CmpCase make_cmp(Rng& r, CmpBad bad = CmpBad::kNone) {
   c.B = chance(r, 0.05) ? 0 : uni(r, 1, 3);
   const int64_t tsize = uni(r, 0, 9);
   c.T = chance(r, 0.04) ? 0 : tsize < 4 ? uni(r, 1, 40) : tsize < 7 ? uni(r, 41, 100) : uni(r, 101, 200);
+  c.T = std::min(c.T, budget().max_T);
   c.H = uni(r, 1, 4);
   c.D = chance(r, 0.3) ? uni(r, 1, 8) : uni(r, 1, 40);
+  c.B = std::min(c.B, budget().max_B);
+  c.D = std::min(c.D, budget().max_D);
   c.Dh = c.kind == NSA_CMP_MLP ? uni(r, 1, 16) : 0;
   if (bad == CmpBad::kH0) c.H = 0;
   if (bad == CmpBad::kD0) c.D = 0;

@@ -80,11 +80,15 @@ inline FwdCase make_fwd(Rng& r, BadDims bad = BadDims::kNone) {
   c.B = chance(r, 0.05) ? 0 : uni(r, 1, 3);
   const int64_t tsize = uni(r, 0, 9);
   c.T = chance(r, 0.04) ? 0 : tsize < 4 ? uni(r, 1, 20) : tsize < 7 ? uni(r, 21, 80) : uni(r, 81, 200);
+  c.T = std::min(c.T, budget().max_T);
   const int64_t G = pick(r, std::vector<int64_t>{1, 1, 2, 3, 4, 16});
   c.Hkv = G == 16 ? uni(r, 1, 2) : uni(r, 1, 4);
   c.Hq = G * c.Hkv;
   c.Dk = chance(r, 0.3) ? uni(r, 1, 8) : uni(r, 1, 40);
   c.Dv = chance(r, 0.3) ? uni(r, 1, 8) : uni(r, 1, 40);
+  c.B = std::min(c.B, budget().max_B);
+  c.Dk = std::min(c.Dk, budget().max_D);
+  c.Dv = std::min(c.Dv, budget().max_D);
   switch (bad) {
     case BadDims::kRatio: c.Hkv = uni(r, 2, 4), c.Hq = c.Hkv * uni(r, 1, 3) + uni(r, 1, c.Hkv - 1); break;
     case BadDims::kHq0: c.Hq = 0; break;

@@ -18,16 +18,31 @@
 #include <string>
 #include <vector>
 
+#include "fuzz_rng.h"
 #include "test_util.h"
 
 namespace nsa_fuzz {
 
-using Rng = std::mt19937_64;
+inline int64_t uni(Rng& r, int64_t lo, int64_t hi) { return r.uniform(lo, hi); }  // inclusive
 
-inline int64_t uni(Rng& r, int64_t lo, int64_t hi) {  // inclusive
-  return std::uniform_int_distribution<int64_t>(lo, hi)(r);
+// How much work one generated call may do. The seeded ctest fuzzers keep the defaults; the
+// libFuzzer targets (fuzz/) lower them for executions per second: their job is the checks that
+// run before any work, under the sanitizers, while the numerics are compared with the reference
+// by the ctest fuzzer and the numeric suites.
+struct Budget {
+  int64_t max_T = 200;         // tokens of a case
+  int64_t max_B = 3;           // batch rows
+  int64_t max_D = 40;          // head dims
+  bool every_backend = true;   // an invalid call goes to every backend, else to one the input picks
+  double compare_cost = 4e6;   // below this cost, a valid call runs on the CPU and the reference
+  int64_t cache_ops = 40;      // operations on one KV cache
+  int64_t max_capacity = 150;  // tokens per cache sequence
+};
+inline Budget& budget() {
+  static Budget b;
+  return b;
 }
-inline bool chance(Rng& r, double p) { return std::uniform_real_distribution<double>(0, 1)(r) < p; }
+inline bool chance(Rng& r, double p) { return r.chance(p); }
 template <typename T>
 const T& pick(Rng& r, const std::vector<T>& v) {
   return v[static_cast<size_t>(uni(r, 0, static_cast<int64_t>(v.size()) - 1))];
@@ -156,8 +171,9 @@ class Buf {
   }
   void set(int64_t off, double v) { set_abs(base_ + off, v); }
   void fill_uniform(Rng& rng, double lo, double hi) {
-    std::uniform_real_distribution<double> u(lo, hi);
-    for (int64_t o : logical_) set(o, u(rng));
+    // 53 random bits scaled by hand: std::uniform_real_distribution computes a logarithm per
+    // draw in libstdc++, which was the fuzz targets' largest cost.
+    for (int64_t o : logical_) set(o, lo + (hi - lo) * static_cast<double>(rng.values()() >> 11) * 0x1.0p-53);
   }
 
   // Whether element i of the buffer (absolute) holds a logical element.

@@ -1,0 +1,56 @@
+// A libFuzzer target: one structured call of the C API per input (tests/fuzz_api.h and the
+// headers beside it build the call from the input's bytes and check it against nsa.h's promises
+// with GoogleTest assertions). NSA_FUZZ_TARGET_<name> selects the call at compile time, so each
+// entry point gets its own binary, corpus and coverage (fuzz/CMakeLists.txt). A broken promise
+// is a crash for libFuzzer: the assertion's message is printed, then the process aborts and
+// libFuzzer saves the input. scripts/fuzz.sh builds and runs them.
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+
+#include "fuzz_api.h"
+#include "fuzz_decode.h"
+
+namespace {
+
+void one_call(const uint8_t* data, size_t size) {
+  nsa_fuzz::Rng r(data, size);
+#if defined(NSA_FUZZ_TARGET_fwd)
+  nsa_fuzz::fuzz_fwd(r);
+#elif defined(NSA_FUZZ_TARGET_compress)
+  nsa_fuzz::fuzz_compress(r);
+#elif defined(NSA_FUZZ_TARGET_misc)
+  nsa_fuzz::fuzz_misc(r);
+#elif defined(NSA_FUZZ_TARGET_cache)
+  nsa_fuzz::fuzz_cache(data, size);
+#else
+#error "define NSA_FUZZ_TARGET_<name>"
+#endif
+}
+
+}  // namespace
+
+// Cheaper calls than the ctest fuzzer's (fuzz_util.h, Budget): more executions per second.
+extern "C" int LLVMFuzzerInitialize(int*, char***) {
+  nsa_fuzz::Budget& b = nsa_fuzz::budget();
+  b.max_T = 40;
+  b.max_B = 2;
+  b.max_D = 20;
+  b.every_backend = false;
+  b.compare_cost = 2e5;
+  b.cache_ops = 6;
+  b.max_capacity = 48;
+  return 0;
+}
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  one_call(data, size);
+  // Outside a running test, GoogleTest records failures in its ad hoc result.
+  if (::testing::Test::HasFailure()) {
+    std::fprintf(stderr, "nsa fuzz: a promise of nsa.h was broken (the failure is above)\n");
+    std::abort();
+  }
+  return 0;
+}
