@@ -62,6 +62,7 @@ run_one() {
   cov=$(grep -o 'cov: [0-9]* ft: [0-9]* corp: [0-9]*/[0-9]*[a-zA-Z]*' "$out/$t.log" | tail -1)
   printf 'fuzz %-13s %s  executions %s  %s\n' "$t" "$([ $rc -eq 0 ] && echo ok || echo FAILED)" \
     "${execs:-?}" "$cov"
+  echo "$rc" >"$out/$t.rc"
   if [ $rc -ne 0 ]; then
     grep -v '^#[0-9]\|^INFO\|NEW_FUNC' "$out/$t.log" | tail -40
     return 1
@@ -72,8 +73,14 @@ export out merge
 export limit_str="${limit[*]}"
 
 start=$SECONDS
-failed=0
+rm -f "$out"/*.rc
 printf '%s\n' "${targets[@]}" |
-  xargs -P "$jobs" -I{} bash -c 'limit=($limit_str); run_one "$@"' _ {} || failed=1
-echo "fuzz: ${#targets[@]} targets (${limit[*]}) in $((SECONDS - start)) s: $([ $failed = 0 ] && echo clean || echo FINDINGS, see $out)"
-exit $failed
+  xargs -P "$jobs" -I{} bash -c 'limit=($limit_str); run_one "$@"' _ {} || true
+passed=0
+for t in "${targets[@]}"; do
+  [ "$(cat "$out/$t.rc" 2>/dev/null)" = 0 ] && passed=$((passed + 1))
+done
+failed=$((${#targets[@]} - passed))
+echo "fuzz: ${#targets[@]} targets (${limit[*]}) in $((SECONDS - start)) s: $([ $failed = 0 ] && echo clean || echo "FINDINGS, see $out")"
+echo "fuzz: $passed passed, $failed failed"
+[ $failed = 0 ]

@@ -9,6 +9,7 @@ packages=(
   libcli11-dev nlohmann-json3-dev    # the nsa command-line tool
   libhwy-dev                         # portable SIMD with runtime dispatch (CPU kernels)
   libopenblas-dev                    # sgemm for the mlp compression
+  clang libomp-dev libclang-rt-dev   # the clang build, and libFuzzer with its sanitizers (fuzz/)
 )
 
 missing=()
