@@ -133,7 +133,9 @@ bool pack(const BwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, Span s
   pk->kr = hwy::AllocateAligned<float>(units * kTile * Dkp);
   if (!pk->kt || !pk->vt || !pk->kr) return false;
   const int64_t work = pr.Hkv * pk->tiles;
-  std::vector<float> buf(static_cast<size_t>(threads * Dv));  // before the region
+  int64_t row_floats = 0;
+  if (!mul_size(threads, Dv, &row_floats)) return false;
+  std::vector<float> buf(static_cast<size_t>(row_floats));  // before the region
 #pragma omp parallel num_threads(threads)
   {
     float* row = buf.data() + omp_get_thread_num() * Dv;
@@ -345,17 +347,20 @@ void query_tile(const Ctx& cx, Scratch& sc, int64_t si, int64_t hk, int64_t t0, 
 
 // ---- Output: the chunks' sums, transposed back to rows. ----
 
+// Per-thread rows of write_keys: one tile of dk or dv rows.
+int64_t write_keys_floats(const BwdProblem& pr) { return kTile * std::max(pr.Dk, pr.Dv); }
+
 // Writes dk/dv rows of every (sequence, KV head) from `acc` (summed over chunks in order), or
 // zeros when acc is null, into the [B, rows, Hkv, D] outputs dk_out / dv_out (each skipped when
-// absent).
+// absent). buf: threads * write_keys_floats(pr) floats, allocated before the pass wrote any
+// output (a failed allocation here would leave dq and dg written).
 void write_keys(const BwdProblem& pr, const Packed& pk, const Accum* acc, Span span,
-                const nsa_tensor& dk_out, const nsa_tensor& dv_out, int threads) {
+                const nsa_tensor& dk_out, const nsa_tensor& dv_out, int threads, float* buf) {
   const int64_t work = pr.Hkv * pk.tiles;
-  const int64_t per_thread = kTile * std::max(pr.Dk, pr.Dv);
-  std::vector<float> buf(static_cast<size_t>(threads * per_thread));  // before the region
+  const int64_t per_thread = write_keys_floats(pr);
 #pragma omp parallel num_threads(threads)
   {
-    float* rows = buf.data() + omp_get_thread_num() * per_thread;
+    float* rows = buf + omp_get_thread_num() * per_thread;
 #pragma omp for schedule(static)
     for (int64_t u = 0; u < work; ++u) {
       const int64_t hk = u / pk.tiles, tile = u % pk.tiles;
@@ -467,8 +472,11 @@ bool BackwardLanes(const State& st) {
   const int64_t per_pos = round_up(pr.Dk * GP, 16) + round_up(pr.Dv * GP, 16) + GP * Dkp +
                           round_up(9 * GP, 16);
   const int64_t floats = kQueryTile * per_pos + 2 * GP * kGroupKeys;
+  int64_t out_floats = 0;
+  if (!mul_size(threads, write_keys_floats(pr), &out_floats)) return false;
   hwy::AlignedFreeUniquePtr<float[]> fbuf = hwy::AllocateAligned<float>(size_t(kChunks * floats));
-  if (!fbuf) return false;
+  hwy::AlignedFreeUniquePtr<float[]> out_buf = hwy::AllocateAligned<float>(size_t(out_floats));
+  if (!fbuf || !out_buf) return false;
   // Room for a row's selected set: more than the blocks of the longest sequence (not n, which
   // may exceed them by far).
   int64_t max_len = 0;
@@ -498,6 +506,8 @@ bool BackwardLanes(const State& st) {
     }
     sc.s = f, f += GP * kGroupKeys;
     sc.dp = f;
+    // A tile's pairs never pass this (each set holds at most n_set - 1 blocks), so push_back
+    // inside the parallel pass never reallocates, and so never throws.
     sc.pairs.reserve(static_cast<size_t>(kQueryTile * n_set));
   }
 
@@ -515,12 +525,17 @@ bool BackwardLanes(const State& st) {
   const auto t_reduce = Clock::now();
   // Routing (nsa.h): a branch with its own K/V reports to its own outputs; the branches that
   // read k/v add up in dk/dv (one accumulator when both do); with both own, dk/dv get zeros.
-  write_keys(pr, pk_cmp, &acc_cmp, Span{true}, p.dk_cmp, p.dv_cmp, threads);
-  if (pr.slc_own_kv) write_keys(pr, pk_slc, &acc_slc, Span{false}, p.dk_slc, p.dv_slc, threads);
-  if (pr.win_own_kv) write_keys(pr, pk_win, &acc_win, Span{false}, p.dk_win, p.dv_win, threads);
+  float* const out = out_buf.get();
+  write_keys(pr, pk_cmp, &acc_cmp, Span{true}, p.dk_cmp, p.dv_cmp, threads, out);
+  if (pr.slc_own_kv) {
+    write_keys(pr, pk_slc, &acc_slc, Span{false}, p.dk_slc, p.dv_slc, threads, out);
+  }
+  if (pr.win_own_kv) {
+    write_keys(pr, pk_win, &acc_win, Span{false}, p.dk_win, p.dv_win, threads, out);
+  }
   if (present(p.dk) || present(p.dv)) {  // both required unless both branches own K/V
     const Accum* shared = !pr.slc_own_kv ? &acc_slc : !pr.win_own_kv ? &acc_win : nullptr;
-    write_keys(pr, pk_slc, shared, Span{false}, p.dk, p.dv, threads);
+    write_keys(pr, pk_slc, shared, Span{false}, p.dk, p.dv, threads, out);
   }
   if (nsa_bwd_profile* prof = pr.profile) {
     // The pass's wall time split in proportion to the thread-seconds of its stages.

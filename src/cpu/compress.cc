@@ -52,18 +52,19 @@ constexpr int64_t kMlpRows = 256;
 Status compress_mlp(const CompressProblem& pr, int threads) {
   const nsa_compress_params& p = pr.p;
   const int64_t l = p.cfg.cmp_block, d = p.cfg.cmp_stride, D = pr.D, Dh = pr.Dh, L = l * D;
-  std::vector<float> w1, w2, flat, hidden, out;
+  std::vector<float> w1, w2, flat, hidden, out, pos, b1, b2;
   try {
     w1.resize(static_cast<size_t>(Dh * L));
     w2.resize(static_cast<size_t>(D * Dh));
     flat.resize(static_cast<size_t>(kMlpRows * L));
     hidden.resize(static_cast<size_t>(kMlpRows * Dh));
     out.resize(static_cast<size_t>(kMlpRows * D));
+    pos.resize(static_cast<size_t>(L));
+    b1.resize(static_cast<size_t>(Dh));
+    b2.resize(static_cast<size_t>(D));
   } catch (const std::bad_alloc&) {
     return error(NSA_ERR_OUT_OF_MEMORY, "compress: cannot allocate the mlp buffers");
   }
-  std::vector<float> pos(static_cast<size_t>(L)), b1(static_cast<size_t>(Dh)),
-      b2(static_cast<size_t>(D));
   for (int64_t h = 0; h < pr.Hkv; ++h) {
     // This head's parameters as contiguous f32 (they may be bf16 or strided views).
     for (int64_t u = 0; u < Dh; ++u) load_row(p.w1, offset_of(p.w1, h, u), L, &w1[u * L]);
@@ -121,7 +122,14 @@ Status compress(const CompressProblem& pr) {
   const int64_t D = pr.D;
   // Allocated before the parallel region, which must not throw.
   const int64_t per_thread = 2 * padded(D);
-  std::vector<float> fbuf(static_cast<size_t>(threads * per_thread));
+  int64_t floats = 0;
+  std::vector<float> fbuf;
+  try {
+    if (!mul_size(threads, per_thread, &floats)) throw std::bad_alloc();
+    fbuf.resize(static_cast<size_t>(floats));
+  } catch (const std::bad_alloc&) {
+    return error(NSA_ERR_OUT_OF_MEMORY, "compress: cannot allocate the mean scratch");
+  }
 
 #pragma omp parallel num_threads(threads)
   {

@@ -39,10 +39,12 @@ Status mean_backward(const CompressBwdProblem& pr, int threads) {
   // first_item[s]: the first work item of sequence s; items are (KV head, chunk of tokens).
   std::vector<int64_t> first_item, chunks;
   std::vector<float> scratch;
+  int64_t floats = 0;
   try {
     first_item.assign(pr.seqs.size() + 1, 0);
     chunks.assign(pr.seqs.size(), 0);
-    scratch.resize(static_cast<size_t>(threads * 2 * padded(D)));
+    if (!mul_size(threads, 2 * padded(D), &floats)) throw std::bad_alloc();
+    scratch.resize(static_cast<size_t>(floats));
   } catch (const std::bad_alloc&) {
     return error(NSA_ERR_OUT_OF_MEMORY, "compress_bwd: cannot allocate the mean scratch");
   }

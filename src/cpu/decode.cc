@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <new>
 #include <vector>
 
 #undef HWY_TARGET_INCLUDE
@@ -557,7 +558,15 @@ namespace nsa::cpu {
 
 HWY_EXPORT(DecodeAny);
 
-bool decode(const DecodeProblem& pr) { return HWY_DYNAMIC_DISPATCH(DecodeAny)(pr); }
+// Every allocation happens before the parallel regions and the first output write; a failed
+// one (the plan's vectors throw) becomes `false` here, so the caller can restore the cache.
+bool decode(const DecodeProblem& pr) {
+  try {
+    return HWY_DYNAMIC_DISPATCH(DecodeAny)(pr);
+  } catch (const std::bad_alloc&) {
+    return false;
+  }
+}
 
 }  // namespace nsa::cpu
 #endif

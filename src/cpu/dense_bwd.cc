@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <new>
 #include <vector>
 
 #include "common/backends.h"
@@ -324,26 +325,28 @@ bool DenseBackward(const DenseBwdProblem& pr) {
     max_len = std::max(max_len, seq.len);
   }
   const int64_t tiles = pk.first_tile.back() * pr.Hkv, rows = pk.first_tile.back() * BN;
-  const auto kv = hwy::AllocateAligned<float>(
-      static_cast<size_t>(tiles * BN * (pr.Dk + dm.DkP + pr.Dv)));
-  // Each query head's share of dK and dV (summed by reduce_heads).
-  const auto parts = hwy::AllocateAligned<float>(
-      static_cast<size_t>(pr.Hq * rows * (dm.DkP + dm.DvP)));
-  if (!kv || !parts) return false;
-  pk.kt = kv.get();
-  pk.kr = pk.kt + tiles * pr.Dk * BN;
-  pk.vt = pk.kr + tiles * BN * dm.DkP;
-  float* pdk = parts.get();
-  float* pdv = pdk + pr.Hq * rows * dm.DkP;
-  pack(pr, pk, threads);
-
   const int64_t Lp = round_up(max_len, BN);
   const int64_t sizes[] = {Lp * dm.DkP, Lp * dm.DvP, Lp * dm.DkP, Lp, Lp, BN * BN, BN * BN,
                            BN * dm.DkP, BN * dm.DvP, dm.DvP};
   int64_t per_thread = 0;
   for (int64_t size : sizes) per_thread += round_up(size, 16);
-  const auto buf = hwy::AllocateAligned<float>(static_cast<size_t>(threads * per_thread));
-  if (!buf) return false;
+  // Every buffer is allocated before the first parallel region and the first output write.
+  int64_t kv_floats = 0, part_floats = 0, buf_floats = 0;
+  if (!mul_size(tiles * BN, pr.Dk + dm.DkP + pr.Dv, &kv_floats) ||
+      !mul_size(pr.Hq * rows, dm.DkP + dm.DvP, &part_floats) ||
+      !mul_size(threads, per_thread, &buf_floats)) {
+    return false;
+  }
+  const auto kv = hwy::AllocateAligned<float>(static_cast<size_t>(kv_floats));
+  // Each query head's share of dK and dV (summed by reduce_heads).
+  const auto parts = hwy::AllocateAligned<float>(static_cast<size_t>(part_floats));
+  const auto buf = hwy::AllocateAligned<float>(static_cast<size_t>(buf_floats));
+  if (!kv || !parts || !buf) return false;
+  pk.kt = kv.get();
+  pk.kr = pk.kt + tiles * pr.Dk * BN;
+  pk.vt = pk.kr + tiles * BN * dm.DkP;
+  float* pdk = parts.get();
+  float* pdv = pdk + pr.Hq * rows * dm.DkP;
   struct Item {
     int64_t seq, h;
   };
@@ -352,10 +355,13 @@ bool DenseBackward(const DenseBwdProblem& pr) {
     for (int64_t h = 0; h < pr.Hq; ++h) items.push_back({s, h});
   }
   // Longest sequences first: the items' costs grow as len^2, and dynamic scheduling then ends
-  // with the cheap ones.
-  std::stable_sort(items.begin(), items.end(), [&](const Item& x, const Item& y) {
-    return pr.seqs[x.seq].len > pr.seqs[y.seq].len;
+  // with the cheap ones. Ties keep the items' order; a strict total order makes std::sort give
+  // std::stable_sort's result without its temporary buffer (whose allocation may fail).
+  std::sort(items.begin(), items.end(), [&](const Item& x, const Item& y) {
+    const int64_t lx = pr.seqs[x.seq].len, ly = pr.seqs[y.seq].len;
+    return lx != ly ? lx > ly : (x.seq != y.seq ? x.seq < y.seq : x.h < y.h);
   });
+  pack(pr, pk, threads);
   const int64_t n = static_cast<int64_t>(items.size());
 #pragma omp parallel num_threads(threads)
   {
@@ -393,7 +399,15 @@ namespace nsa::cpu {
 HWY_EXPORT(DenseBackward);
 
 Status dense_backward(const DenseBwdProblem& problem) {
-  if (!HWY_DYNAMIC_DISPATCH(DenseBackward)(problem)) {
+  // Allocation happens before the parallel regions and the first output write: a failure
+  // (false, or a vector's bad_alloc) leaves the outputs untouched.
+  bool ok = false;
+  try {
+    ok = HWY_DYNAMIC_DISPATCH(DenseBackward)(problem);
+  } catch (const std::bad_alloc&) {
+    ok = false;
+  }
+  if (!ok) {
     return error(NSA_ERR_OUT_OF_MEMORY, "dense backward: cannot allocate the scratch buffers");
   }
   return Status::ok();

@@ -15,10 +15,12 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <new>
 #include <vector>
 
 #include "common/backends.h"
 #include "common/dtype.h"
+#include "cpu/kernels.h"
 #include "hwy/aligned_allocator.h"
 
 #undef HWY_TARGET_INCLUDE
@@ -308,14 +310,16 @@ void query_tile(const DenseProblem& pr, const Packed& packed, int64_t seq_index,
   }
 }
 
-// Packs K and V of every sequence and KV head (see Packed), in parallel over tiles.
-void pack(const DenseProblem& pr, Packed& pk, int threads) {
+// Packs K and V of every sequence and KV head (see Packed), in parallel over tiles. Thread i
+// transposes key rows in rows + i * stride (Dk floats, allocated by the caller: nothing is
+// allocated inside the region).
+void pack(const DenseProblem& pr, Packed& pk, int threads, float* rows, int64_t stride) {
   const nsa_dense_fwd_params& p = pr.p;
   const int64_t NK = pk.NK, DvP = pk.DvP, Dk = pr.Dk, Dv = pr.Dv;
   const int64_t tiles = pk.first_tile.back() * pr.Hkv;
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> row(static_cast<size_t>(Dk));
+    float* const row = rows + omp_get_thread_num() * stride;
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < tiles; ++i) {
       const int64_t tile = i / pr.Hkv, hk = i % pr.Hkv;
@@ -330,7 +334,7 @@ void pack(const DenseProblem& pr, Packed& pk, int threads) {
       std::fill(kt, kt + Dk * NK, 0.0f);
       std::fill(vp, vp + NK * DvP, 0.0f);
       for (int64_t j = 0; j < nk; ++j) {
-        load_row(p.k, seq.batch, seq.start + k0 + j, hk, Dk, row.data());
+        load_row(p.k, seq.batch, seq.start + k0 + j, hk, Dk, row);
         for (int64_t c = 0; c < Dk; ++c) kt[c * NK + j] = row[c];
         load_row(p.v, seq.batch, seq.start + k0 + j, hk, Dv, vp + j * DvP);
       }
@@ -363,20 +367,23 @@ bool DenseForward(const DenseProblem& pr) {
     packed.first_tile.push_back(packed.first_tile.back() + (seq.len + NK - 1) / NK);
   }
   const int64_t tiles = packed.first_tile.back() * pr.Hkv;
-  hwy::AlignedFreeUniquePtr<float[]> kv =
-      hwy::AllocateAligned<float>(static_cast<size_t>(tiles * NK * (pr.Dk + DvP)));
-  if (!kv) return false;
-  packed.k = kv.get();
-  packed.v = kv.get() + tiles * NK * pr.Dk;
-  pack(pr, packed, threads);
-
+  // Everything is allocated before the first parallel region and the first output write.
   const int64_t sizes[] = {kQueryTile * pr.Dk, kQueryTile * NK, kQueryTile * DvP, kQueryTile,
                            kQueryTile};
-  int64_t per_thread = 0;
+  // Per thread: the query tile's buffers (sizes), then the packing's key row of Dk.
+  int64_t per_thread = round_up(pr.Dk, 16);
   for (int64_t size : sizes) per_thread += round_up(size, 16);
-  hwy::AlignedFreeUniquePtr<float[]> buf =
-      hwy::AllocateAligned<float>(static_cast<size_t>(threads * per_thread));
-  if (!buf) return false;
+  int64_t kv_floats = 0, buf_floats = 0;
+  if (!mul_size(tiles * NK, pr.Dk + DvP, &kv_floats) ||
+      !mul_size(threads, per_thread, &buf_floats)) {
+    return false;
+  }
+  const auto kv = hwy::AllocateAligned<float>(static_cast<size_t>(kv_floats));
+  const auto buf = hwy::AllocateAligned<float>(static_cast<size_t>(buf_floats));
+  if (!kv || !buf) return false;
+  packed.k = kv.get();
+  packed.v = kv.get() + tiles * NK * pr.Dk;
+  pack(pr, packed, threads, buf.get() + per_thread - round_up(pr.Dk, 16), per_thread);
   const int64_t n = static_cast<int64_t>(items.size());
 #pragma omp parallel num_threads(threads)
   {
@@ -415,7 +422,15 @@ namespace nsa::cpu {
 HWY_EXPORT(DenseForward);
 
 Status dense_forward(const DenseProblem& problem) {
-  if (!HWY_DYNAMIC_DISPATCH(DenseForward)(problem)) {
+  // Allocation happens before the parallel regions and the first output write: a failure
+  // (false, or a vector's bad_alloc) leaves the outputs untouched.
+  bool ok = false;
+  try {
+    ok = HWY_DYNAMIC_DISPATCH(DenseForward)(problem);
+  } catch (const std::bad_alloc&) {
+    ok = false;
+  }
+  if (!ok) {
     return error(NSA_ERR_OUT_OF_MEMORY, "dense forward: cannot allocate the per-thread tiles");
   }
   return Status::ok();

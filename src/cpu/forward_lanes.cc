@@ -26,6 +26,7 @@
 #include <cmath>
 #include <initializer_list>
 #include <limits>
+#include <new>
 #include <vector>
 
 #include "common/dtype.h"
@@ -103,15 +104,25 @@ void copy_row(const nsa_tensor& t, int64_t b, int64_t row, int64_t h, int64_t n,
 }
 
 // Fills the tiles of pk (allocated) with elements of type E: f32, or bf16 bits when pk.half.
+// Returns false when out of memory.
 template <typename E, typename Span>
-void fill_tiles(const FwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, Span span,
+bool fill_tiles(const FwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, Span span,
                 int threads, PackedKV& pk) {
   const int64_t Dk = pr.Dk, Dv = pr.Dv, work = pr.Hkv * pk.tiles;
   E* const kbase = static_cast<E*>(pk.k);
   E* const vbase = static_cast<E*>(pk.v);
+  // One key row per thread for the transposition, allocated here: never inside the region.
+  std::vector<E> rows;
+  int64_t row_elems = 0;
+  if (!mul_size(threads, Dk, &row_elems)) return false;
+  try {
+    rows.resize(static_cast<size_t>(row_elems));
+  } catch (const std::bad_alloc&) {
+    return false;
+  }
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<E> row(static_cast<size_t>(Dk));
+    E* const row = rows.data() + omp_get_thread_num() * Dk;
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < work; ++i) {
       const int64_t hk = i / pk.tiles, tile = i % pk.tiles;
@@ -126,12 +137,13 @@ void fill_tiles(const FwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, 
       std::fill(kt, kt + kKeys * Dk, E(0));
       std::fill(vr, vr + kKeys * Dv, E(0));
       for (int64_t j = 0; j < nk; ++j) {
-        copy_row(k, seq.batch, start + k0 + j, hk, Dk, row.data());
+        copy_row(k, seq.batch, start + k0 + j, hk, Dk, row);
         for (int64_t c = 0; c < Dk; ++c) kt[c * kKeys + j] = row[c];
         copy_row(v, seq.batch, start + k0 + j, hk, Dv, vr + j * Dv);
       }
     }
   }
+  return true;
 }
 
 // Packs (k, v) for every sequence: rows [start, start + len) of each, as `span` gives them
@@ -157,12 +169,8 @@ bool pack(const FwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, Span s
   if (!pk.mem) return false;
   pk.k = pk.mem.get();
   pk.v = pk.mem.get() + k_floats;
-  if (pk.half) {
-    fill_tiles<uint16_t>(pr, k, v, span, threads, pk);
-  } else {
-    fill_tiles<float>(pr, k, v, span, threads, pk);
-  }
-  return true;
+  return pk.half ? fill_tiles<uint16_t>(pr, k, v, span, threads, pk)
+                 : fill_tiles<float>(pr, k, v, span, threads, pk);
 }
 
 // The running state of one branch for the G heads of one position.
@@ -604,14 +612,16 @@ bool ForwardLanes(const FwdProblem& pr) {
                    round_up(blk_keys * Dk, 16) + round_up(blk_keys * Dv, 16);
   for (int64_t size : pos_sizes) floats += 4 * round_up(size, 16);
   const int64_t ints = 8 * round_up(max_blocks, 16);
-  hwy::AlignedFreeUniquePtr<float[]> fbuf = hwy::AllocateAligned<float>(size_t(threads * floats));
+  int64_t all_floats = 0, all_ints = 0;
+  if (!mul_size(threads, floats, &all_floats) || !mul_size(threads, ints, &all_ints)) return false;
+  hwy::AlignedFreeUniquePtr<float[]> fbuf = hwy::AllocateAligned<float>(size_t(all_floats));
+  if (!fbuf) return false;
   std::vector<int32_t> ibuf;
   try {
-    ibuf.resize(static_cast<size_t>(threads * ints));
+    ibuf.resize(static_cast<size_t>(all_ints));
   } catch (const std::bad_alloc&) {
     return false;
   }
-  if (!fbuf) return false;
 
   const int64_t total = first_item.back();
 #pragma omp parallel num_threads(threads)

@@ -31,6 +31,17 @@ inline void fill(float v, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = v;
 }
 
+// ---- Scratch sizes. ----
+
+// *out = a * b for element counts of scratch buffers; false when either is negative or the
+// product overflows int64, which the caller reports as out of memory instead of allocating a
+// wrapped size. Scratch is allocated before any parallel region (an exception cannot leave an
+// OpenMP region: it would terminate the process) and before any output is written (a failed
+// call writes nothing); per-thread scratch is one buffer of threads * per_thread elements.
+inline bool mul_size(int64_t a, int64_t b, int64_t* out) {
+  return a >= 0 && b >= 0 && !__builtin_mul_overflow(a, b, out);
+}
+
 // ---- Element access (offsets from offset_of, so strided views work). ----
 
 // The n elements at `off` of a float tensor as f32: a pointer into the tensor when it holds f32

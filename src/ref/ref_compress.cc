@@ -4,6 +4,7 @@
 #include "common/dtype.h"
 #include "ref/ref.h"
 #include "ref/ref_parallel.h"
+#include "ref/ref_staged.h"
 
 namespace nsa::ref {
 namespace {
@@ -46,7 +47,11 @@ std::vector<double> compress_block(const CompressProblem& pr, const Sequence& s,
 
 }  // namespace
 
-Status compress(const CompressProblem& pr) {
+Status compress(const CompressProblem& problem) {
+  // The loops write into a staged copy of out (ref_staged.h), committed once every one finished.
+  CompressProblem pr = problem;
+  StagedOutputs staged;
+  staged.stage(&pr.p.out);
   const nsa_compress_params& p = pr.p;
   const int64_t d = p.cfg.cmp_stride;
   for (const Sequence& s : pr.seqs) {
@@ -58,6 +63,7 @@ Status compress(const CompressProblem& pr) {
       for (int64_t k = 0; k < pr.D; ++k) store_from_double(p.out.data, p.out.dtype, base + k, c[k]);
     }));
   }
+  staged.commit();
   return Status::ok();
 }
 

@@ -5,16 +5,23 @@
 #include "ref/ref.h"
 #include "ref/ref_io.h"
 #include "ref/ref_parallel.h"
+#include "ref/ref_staged.h"
 
 namespace nsa::ref {
 
-Status dense_forward(const DenseProblem& pr) {
-  const nsa_dense_fwd_params& p = pr.p;
+Status dense_forward(const DenseProblem& problem) {
   std::vector<std::pair<int64_t, int64_t>> work;  // (sequence, position)
-  for (int64_t si = 0; si < static_cast<int64_t>(pr.seqs.size()); ++si) {
-    for (int64_t t = 0; t < pr.seqs[si].len; ++t) work.emplace_back(si, t);
+  for (int64_t si = 0; si < static_cast<int64_t>(problem.seqs.size()); ++si) {
+    for (int64_t t = 0; t < problem.seqs[si].len; ++t) work.emplace_back(si, t);
   }
-  return parallel_for(static_cast<int64_t>(work.size()), pr.num_threads, [&](int64_t w) {
+  // The loop writes into staged copies of o and lse (ref_staged.h), committed once it finished.
+  DenseProblem pr = problem;
+  StagedOutputs staged;
+  staged.stage(&pr.p.o);
+  staged.stage(&pr.p.lse);
+  const nsa_dense_fwd_params& p = pr.p;
+  const int64_t n_work = static_cast<int64_t>(work.size());
+  NSA_RETURN_IF_ERROR(parallel_for(n_work, pr.num_threads, [&](int64_t w) {
     const Sequence& s = pr.seqs[work[w].first];
     const int64_t t = work[w].second, tok = s.start + t;
     const int64_t first = p.window > 0 ? std::max<int64_t>(0, t - p.window + 1) : 0;
@@ -33,7 +40,9 @@ Status dense_forward(const DenseProblem& pr) {
         }
       }
     }
-  });
+  }));
+  staged.commit();
+  return Status::ok();
 }
 
 }  // namespace nsa::ref

@@ -13,17 +13,23 @@
 #include "ref/ref.h"
 #include "ref/ref_io.h"
 #include "ref/ref_parallel.h"
+#include "ref/ref_staged.h"
 
 namespace nsa::ref {
 
-Status dense_backward(const DenseBwdProblem& pr) {
+Status dense_backward(const DenseBwdProblem& problem) {
+  std::vector<std::pair<int64_t, int64_t>> work;  // (sequence, KV head)
+  for (int64_t si = 0; si < static_cast<int64_t>(problem.seqs.size()); ++si) {
+    for (int64_t hk = 0; hk < problem.Hkv; ++hk) work.emplace_back(si, hk);
+  }
+  // The loop writes into staged copies of dq, dk, dv (ref_staged.h), committed once it finished.
+  DenseBwdProblem pr = problem;
+  StagedOutputs staged;
+  for (nsa_tensor* t : {&pr.p.dq, &pr.p.dk, &pr.p.dv}) staged.stage(t);
   const nsa_dense_bwd_params& p = pr.p;
   const double scale = p.scale;
-  std::vector<std::pair<int64_t, int64_t>> work;  // (sequence, KV head)
-  for (int64_t si = 0; si < static_cast<int64_t>(pr.seqs.size()); ++si) {
-    for (int64_t hk = 0; hk < pr.Hkv; ++hk) work.emplace_back(si, hk);
-  }
-  return parallel_for(static_cast<int64_t>(work.size()), pr.num_threads, [&](int64_t w) {
+  const int64_t n_work = static_cast<int64_t>(work.size());
+  NSA_RETURN_IF_ERROR(parallel_for(n_work, pr.num_threads, [&](int64_t w) {
     const Sequence& s = pr.seqs[work[w].first];
     const int64_t hk = work[w].second, n = s.len;
     using Rows = std::vector<std::vector<double>>;
@@ -64,7 +70,9 @@ Status dense_backward(const DenseBwdProblem& pr) {
       store_row(p.dk, s.batch, s.start + pos, hk, dk[pos], pr.Dk);
       store_row(p.dv, s.batch, s.start + pos, hk, dv[pos], pr.Dv);
     }
-  });
+  }));
+  staged.commit();
+  return Status::ok();
 }
 
 }  // namespace nsa::ref

@@ -8,6 +8,7 @@
 #include "ref/ref.h"
 #include "ref/ref_io.h"
 #include "ref/ref_parallel.h"
+#include "ref/ref_staged.h"
 
 namespace nsa::ref {
 namespace {
@@ -115,16 +116,26 @@ void forward_group(const FwdProblem& pr, const Sequence& s, int64_t t, int64_t h
 
 }  // namespace
 
-Status forward(const FwdProblem& pr) {
+Status forward(const FwdProblem& problem) {
   // Every (sequence, position, KV head) is independent, so threads change nothing but speed.
   std::vector<std::pair<int64_t, int64_t>> work;  // (sequence, position)
-  for (int64_t si = 0; si < static_cast<int64_t>(pr.seqs.size()); ++si) {
-    for (int64_t t = 0; t < pr.seqs[si].len; ++t) work.emplace_back(si, t);
+  for (int64_t si = 0; si < static_cast<int64_t>(problem.seqs.size()); ++si) {
+    for (int64_t t = 0; t < problem.seqs[si].len; ++t) work.emplace_back(si, t);
   }
-  return parallel_for(static_cast<int64_t>(work.size()), pr.num_threads, [&](int64_t w) {
+  // The loop writes into staged copies of the outputs (ref_staged.h), committed once it finished.
+  FwdProblem pr = problem;
+  StagedOutputs out;
+  for (nsa_tensor* t : {&pr.p.o, &pr.p.o_cmp, &pr.p.o_slc, &pr.p.o_win, &pr.p.lse_cmp,
+                        &pr.p.lse_slc, &pr.p.lse_win, &pr.p.slc_indices_out}) {
+    out.stage(t);
+  }
+  const int64_t n = static_cast<int64_t>(work.size());
+  NSA_RETURN_IF_ERROR(parallel_for(n, pr.num_threads, [&](int64_t w) {
     const Sequence& s = pr.seqs[work[w].first];
     for (int64_t hk = 0; hk < pr.Hkv; ++hk) forward_group(pr, s, work[w].second, hk);
-  });
+  }));
+  out.commit();
+  return Status::ok();
 }
 
 }  // namespace nsa::ref

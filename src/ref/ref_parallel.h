@@ -1,6 +1,9 @@
 // The reference's one parallel loop. Its items are independent queries (or compressed tokens),
-// so threads change nothing but speed. An exception (std::bad_alloc) must not leave an OpenMP
-// region, where it would terminate the process: it is caught per item and returned as a status.
+// so threads change nothing but speed. The items allocate (the reference is written to be read),
+// and an exception (std::bad_alloc) must not leave an OpenMP region, where it would terminate the
+// process: it is caught per item, the remaining items are skipped, and it is returned as a status
+// after the region. Items that write the caller's outputs write staged copies (ref_staged.h), so
+// a failed loop leaves the outputs untouched.
 #pragma once
 
 #include <omp.h>
