@@ -12,18 +12,37 @@
 #include <cstdio>
 #include <memory>
 #include <random>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "bench_common.h"
+#include "cli_validators.h"
 #include "commands.h"
 #include "nsa/nsa.h"
 
 namespace {
 
+// Throws a CLI::ValidationError for a combination the run cannot take: Hq not a multiple of Hkv,
+// or buffers far beyond the machine's memory. The estimate is the backward's (cmd_bench_bwd.cc;
+// the forward needs fewer) at the largest length: inputs in the dtype, compressed K/V at 1/d of
+// the tokens, the saved state and the gradients in f32.
+void validate_bench(const BenchOptions& opt) {
+  cli::require_multiple(opt.hq, opt.hkv);
+  nsa_config cfg;
+  nsa_config_default(&cfg);
+  int64_t T = 0;
+  for (const int64_t t : cli::integer_list(opt.lengths)) T = std::max(T, t);
+  const double hq = double(opt.hq), hkv = double(opt.hkv), dk = double(opt.dk), dv = double(opt.dv);
+  const double cmp = 1.0 / cfg.cmp_stride, elem = opt.dtype == "bf16" ? 2.0 : 4.0;
+  const double inputs = elem * (hq * (dk + dv + 3) + hkv * (dk + dv) * (1 + cmp));
+  const double f32 = 4.0 * (hq * (dk + 5 * dv + 7) + hkv * ((2 + cmp) * (dk + dv) + cfg.slc_count));
+  cli::require_memory("--lengths " + std::to_string(T) + " with --hq " + std::to_string(opt.hq) +
+                          " --hkv " + std::to_string(opt.hkv) + " --dk " + std::to_string(opt.dk) +
+                          " --dv " + std::to_string(opt.dv),
+                      double(T) * (inputs + f32));
+}
 
 int run_bench(const BenchOptions& opt) {
   if (opt.pass != "fwd") return run_bench_bwd(opt);  // cmd_bench_bwd.cc
@@ -43,11 +62,9 @@ int run_bench(const BenchOptions& opt) {
                 "total_ms", "dense_ms", "speedup", "model", "GF/s", "dense_GF/s", "", "compr",
                 "pack", "cmp", "scores", "top-n", "slc", "win", "combine");
   }
-  std::stringstream ss(opt.lengths);
-  std::string item;
   int rc = 0;
-  while (std::getline(ss, item, ',')) {
-    const int64_t T = std::stoll(item), Tc = nsa_cmp_len(&cfg, T);
+  for (const int64_t T : cli::integer_list(opt.lengths)) {
+    const int64_t Tc = nsa_cmp_len(&cfg, T);
     std::mt19937_64 rng(1);
     Buf q(dt, {1, T, opt.hq, opt.dk}, rng, -1, 1), k(dt, {1, T, opt.hkv, opt.dk}, rng, -1, 1);
     Buf v(dt, {1, T, opt.hkv, opt.dv}, rng, -1, 1);
@@ -130,18 +147,23 @@ Command add_bench_command(CLI::App& app) {
   auto* cmd = app.add_subcommand("bench", "Time the NSA forward against the dense baseline");
   auto opt = std::make_shared<BenchOptions>();
   cmd->add_option("--pass", opt->pass, "fwd, bwd (backward alone) or fwdbwd (forward then backward)")->check(CLI::IsMember({"fwd", "bwd", "fwdbwd"}))->capture_default_str();
-  cmd->add_option("--lengths", opt->lengths, "comma-separated sequence lengths")->capture_default_str();
+  cmd->add_option("--lengths", opt->lengths, "comma-separated sequence lengths, each 1 to 16777216")
+      ->transform(cli::IntegerList(1, cli::kMaxTokens))->type_name("LIST")->capture_default_str();
   cmd->add_option("--dtype", opt->dtype, "input dtype")->check(CLI::IsMember({"f32", "bf16"}))->capture_default_str();
-  cmd->add_option("--threads", opt->threads, "threads (0: OpenMP's default)")->capture_default_str();
-  cmd->add_option("--repeats", opt->repeats, "timed runs per figure (median)")->check(CLI::PositiveNumber)->capture_default_str();
-  cmd->add_option("--hq", opt->hq, "query heads")->capture_default_str();
-  cmd->add_option("--hkv", opt->hkv, "key/value heads")->capture_default_str();
-  cmd->add_option("--dk", opt->dk, "query/key head dim")->capture_default_str();
-  cmd->add_option("--dv", opt->dv, "value head dim")->capture_default_str();
+  cli::add_integer(cmd, "--threads", opt->threads, "threads (0: OpenMP's default)", 0, cli::kMaxThreads);
+  cli::add_integer(cmd, "--repeats", opt->repeats, "timed runs per figure (median)", 1, cli::kMaxRepeats);
+  cli::add_integer(cmd, "--hq", opt->hq, "query heads, a multiple of --hkv", 1, cli::kMaxHeads);
+  cli::add_integer(cmd, "--hkv", opt->hkv, "key/value heads", 1, cli::kMaxHeads);
+  cli::add_integer(cmd, "--dk", opt->dk, "query/key head dim", 1, cli::kMaxHeadDim);
+  cli::add_integer(cmd, "--dv", opt->dv, "value head dim", 1, cli::kMaxHeadDim);
   cmd->add_flag("--json", opt->json, "print the rows as JSON");
   cmd->add_flag("--no-dense", opt->no_dense, "skip the dense baseline (its figures print as nan)");
   // `nsa bench decode ...`: its own options (cmd_bench_decode.cc).
   Command decode = add_bench_decode_command(*cmd);
   auto* decode_cmd = cmd->get_subcommand("decode");
+  // The rules across options, at the end of the parse (bench's own options are unused by decode).
+  cmd->callback([opt, decode_cmd] {
+    if (!decode_cmd->parsed()) validate_bench(*opt);
+  });
   return [opt, decode, decode_cmd] { return decode_cmd->parsed() ? decode() : run_bench(*opt); };
 }

@@ -17,13 +17,13 @@
 // (packing, per-row work, reductions, compression) is in the total only.
 #include <cmath>
 #include <cstdio>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "bench_common.h"
+#include "cli_validators.h"
 #include "nsa/nsa.h"
 
 namespace {
@@ -60,11 +60,9 @@ int run_bench_bwd(const BenchOptions& opt) {
                 "speedup", "model", "GF/s", "dense_GF/s", "cmp_bwd_ms", "cmp_ms", "slc_ms",
                 "win_ms");
   }
-  std::stringstream ss(opt.lengths);
-  std::string item;
   int rc = 0;
-  while (std::getline(ss, item, ',')) {
-    const int64_t T = std::stoll(item), Tc = nsa_cmp_len(&cfg, T), n = cfg.slc_count;
+  for (const int64_t T : cli::integer_list(opt.lengths)) {
+    const int64_t Tc = nsa_cmp_len(&cfg, T), n = cfg.slc_count;
     const int64_t Hq = opt.hq, Hkv = opt.hkv, Dk = opt.dk, Dv = opt.dv;
     std::mt19937_64 rng(1);
     Buf q(dt, {1, T, Hq, Dk}, rng, -1, 1), k(dt, {1, T, Hkv, Dk}, rng, -1, 1),

@@ -15,13 +15,13 @@
 #include <cstdio>
 #include <cstring>
 #include <memory>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "bench_common.h"
+#include "cli_validators.h"
 #include "commands.h"
 #include "nsa/nsa.h"
 
@@ -34,12 +34,25 @@ struct DecodeOptions {
   int64_t hq = 16, hkv = 1, dk = 192, dv = 128;
 };
 
-std::vector<std::string> split(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) out.push_back(item);
-  return out;
+// Throws a CLI::ValidationError for a combination the run cannot take: Hq not a multiple of Hkv,
+// or a cache far beyond the machine's memory. The estimate is the library's cache layout at the
+// largest batch, length and dtype: (capacity + 64) rows of Dk + Dv + 32 elements per sequence and
+// KV head, raw and compressed (1/d of the rows) tokens; the capacity is bench_one's.
+void validate_decode(const DecodeOptions& opt) {
+  cli::require_multiple(opt.hq, opt.hkv);
+  nsa_config cfg;
+  nsa_config_default(&cfg);
+  int64_t B = 0, T = 0;
+  for (const int64_t b : cli::integer_list(opt.batches)) B = std::max(B, b);
+  for (const int64_t t : cli::integer_list(opt.lengths)) T = std::max(T, t);
+  const double elem = opt.dtypes.find("f32") != std::string::npos ? 4.0 : 2.0;
+  const double capacity = double(T) + 2.0 * opt.steps * (opt.repeats + 1.0);
+  const double bytes = double(B) * double(opt.hkv) * (capacity + 64) *
+                       double(opt.dk + opt.dv + 32) * elem * (1 + 1.0 / cfg.cmp_stride);
+  cli::require_memory("--lengths " + std::to_string(T) + " with --batch " + std::to_string(B) +
+                          " --hkv " + std::to_string(opt.hkv) + " --dk " + std::to_string(opt.dk) +
+                          " --dv " + std::to_string(opt.dv),
+                      bytes);
 }
 
 // An owned contiguous tensor of pseudo-random values in [lo, hi).
@@ -140,12 +153,10 @@ int run_bench_decode(const DecodeOptions& opt) {
                 "dense_ms", "speedup", "model", "KB/tok", "dKB/tok", "GB/s", "dGB/s", "GF/s");
   }
   int rc = 0;
-  for (const std::string& dts : split(opt.dtypes)) {
+  for (const std::string& dts : cli::list_items(opt.dtypes)) {
     const nsa_dtype dt = dts == "bf16" ? NSA_DTYPE_BF16 : NSA_DTYPE_F32;
-    for (const std::string& bs : split(opt.batches)) {
-      const int64_t B = std::stoll(bs);
-      for (const std::string& ls : split(opt.lengths)) {
-        const int64_t T = std::stoll(ls);
+    for (const int64_t B : cli::integer_list(opt.batches)) {
+      for (const int64_t T : cli::integer_list(opt.lengths)) {
         Row r;
         if (bench_one(ctx, opt, dt, B, T, &r) != 0) {
           std::fprintf(stderr, "nsa bench decode: %s\n", nsa_last_error(ctx));
@@ -183,17 +194,21 @@ int run_bench_decode(const DecodeOptions& opt) {
 Command add_bench_decode_command(CLI::App& bench) {
   auto* cmd = bench.add_subcommand("decode", "Time KV-cache decode steps, NSA against dense");
   auto opt = std::make_shared<DecodeOptions>();
-  cmd->add_option("--lengths", opt->lengths, "comma-separated cache lengths")->capture_default_str();
-  cmd->add_option("--batch", opt->batches, "comma-separated batch sizes")->capture_default_str();
-  cmd->add_option("--dtype", opt->dtypes, "comma-separated cache dtypes (bf16, f32)")->capture_default_str();
-  cmd->add_option("--threads", opt->threads, "threads (0: OpenMP's default)")->capture_default_str();
-  cmd->add_option("--repeats", opt->repeats, "measurements per figure (median)")->check(CLI::PositiveNumber)->capture_default_str();
-  cmd->add_option("--steps", opt->steps, "decode steps per measurement (mean)")->check(CLI::PositiveNumber)->capture_default_str();
-  cmd->add_option("--hq", opt->hq, "query heads")->capture_default_str();
-  cmd->add_option("--hkv", opt->hkv, "key/value heads")->capture_default_str();
-  cmd->add_option("--dk", opt->dk, "query/key head dim")->capture_default_str();
-  cmd->add_option("--dv", opt->dv, "value head dim")->capture_default_str();
+  cmd->add_option("--lengths", opt->lengths, "comma-separated cache lengths, each 0 to 16777216")
+      ->transform(cli::IntegerList(0, cli::kMaxTokens))->type_name("LIST")->capture_default_str();
+  cmd->add_option("--batch", opt->batches, "comma-separated batch sizes, each 1 to 65536")
+      ->transform(cli::IntegerList(1, cli::kMaxBatch))->type_name("LIST")->capture_default_str();
+  cmd->add_option("--dtype", opt->dtypes, "comma-separated cache dtypes (bf16, f32)")
+      ->check(cli::NameList({"bf16", "f32"}))->type_name("LIST")->capture_default_str();
+  cli::add_integer(cmd, "--threads", opt->threads, "threads (0: OpenMP's default)", 0, cli::kMaxThreads);
+  cli::add_integer(cmd, "--repeats", opt->repeats, "measurements per figure (median)", 1, cli::kMaxRepeats);
+  cli::add_integer(cmd, "--steps", opt->steps, "decode steps per measurement (mean)", 1, cli::kMaxRepeats);
+  cli::add_integer(cmd, "--hq", opt->hq, "query heads, a multiple of --hkv", 1, cli::kMaxHeads);
+  cli::add_integer(cmd, "--hkv", opt->hkv, "key/value heads", 1, cli::kMaxHeads);
+  cli::add_integer(cmd, "--dk", opt->dk, "query/key head dim", 1, cli::kMaxHeadDim);
+  cli::add_integer(cmd, "--dv", opt->dv, "value head dim", 1, cli::kMaxHeadDim);
   cmd->add_flag("--json", opt->json, "print the rows as JSON");
   cmd->add_flag("--no-dense", opt->no_dense, "skip the dense baseline");
+  cmd->callback([opt] { validate_decode(*opt); });
   return [opt] { return run_bench_decode(*opt); };
 }

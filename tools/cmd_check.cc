@@ -10,10 +10,10 @@
 #include <memory>
 #include <cstdio>
 #include <random>
-#include <sstream>
 #include <string>
 #include <vector>
 
+#include "cli_validators.h"
 #include "commands.h"
 #include "nsa/nsa.h"
 
@@ -134,10 +134,8 @@ int run_check(const Options& opt) {
   std::vector<int32_t> cu;
   int64_t B = opt.batch, T = opt.tokens, Tc = 0;
   if (!opt.seqlens.empty()) {
-    std::stringstream ss(opt.seqlens);
-    std::string item;
     cu.push_back(0);
-    while (std::getline(ss, item, ',')) cu.push_back(cu.back() + std::stoi(item));
+    for (const int64_t len : cli::integer_list(opt.seqlens)) cu.push_back(cu.back() + int32_t(len));
     B = 1;
     T = cu.back();
     for (size_t s = 0; s + 1 < cu.size(); ++s) Tc += nsa_cmp_len(&opt.cfg, cu[s + 1] - cu[s]);
@@ -386,6 +384,56 @@ int run_check(const Options& opt) {
   return pass ? 0 : 1;
 }
 
+// Throws a CLI::ValidationError naming the option of the first field nsa_config_validate
+// rejects (its message names the field, "config.cmp_stride: ..."; the option is --cmp-stride).
+void validate_config(const nsa_config& cfg) {
+  nsa_context* ctx = nullptr;
+  nsa_context_create(&ctx);
+  const nsa_status s = nsa_config_validate(ctx, &cfg);
+  const std::string message = s == NSA_OK ? "" : nsa_last_error(ctx);
+  nsa_context_destroy(ctx);
+  if (s == NSA_OK) return;
+  std::string option = "config";
+  if (message.rfind("config.", 0) == 0) {
+    option = "--" + message.substr(7, message.find(':') - 7);
+    for (char& c : option) c = c == '_' ? '-' : c;
+  }
+  throw CLI::ValidationError(option, message);
+}
+
+// Throws a CLI::ValidationError for a combination the run cannot take: a config the library
+// rejects, Hq not a multiple of Hkv, packed lengths past kMaxTokens (cu_seqlens are int32), or
+// buffers far beyond the machine's memory. The estimate counts the inputs and two sets of outputs
+// and gradients (the reference's and a backend's) in f32, twice for the float64 reference's own
+// copies, and the mlp parameters with their gradients.
+void validate_check(const Options& opt) {
+  validate_config(opt.cfg);
+  cli::require_multiple(opt.hq, opt.hkv);
+  int64_t tokens = opt.batch * opt.tokens;  // both bounded: no overflow
+  std::string shape = "--batch " + std::to_string(opt.batch) + " --tokens " + std::to_string(opt.tokens);
+  if (!opt.seqlens.empty()) {
+    tokens = 0;
+    for (const int64_t len : cli::integer_list(opt.seqlens)) tokens += len;
+    if (tokens < 1 || tokens > cli::kMaxTokens) {
+      throw CLI::ValidationError("--seqlens", "the lengths sum to " + std::to_string(tokens) +
+                                                  ", not 1 to " + std::to_string(cli::kMaxTokens));
+    }
+    shape = "--seqlens (" + std::to_string(tokens) + " tokens)";
+  }
+  const double hq = double(opt.hq), hkv = double(opt.hkv), dk = double(opt.dk), dv = double(opt.dv);
+  const double per_token = hq * (2 * dk + 5 * dv + 7) + hkv * (3 * (dk + dv) + opt.cfg.slc_count);
+  double bytes = 8.0 * 2.0 * double(tokens) * per_token;
+  if (opt.compress == "mlp") {
+    const double l = opt.cfg.cmp_block, h = double(opt.hidden), d = std::max(dk, dv);
+    bytes += 8.0 * 3.0 * 2.0 * hkv * (l * d + h * l * d + h + d * h + d);
+    shape += " --compress mlp --cmp-block " + std::to_string(opt.cfg.cmp_block) + " --mlp-hidden " +
+             std::to_string(opt.hidden);
+  }
+  cli::require_memory(shape + " --hq " + std::to_string(opt.hq) + " --hkv " + std::to_string(opt.hkv) +
+                          " --dk " + std::to_string(opt.dk) + " --dv " + std::to_string(opt.dv),
+                      bytes);
+}
+
 }  // namespace
 
 Command add_check_command(CLI::App& app) {
@@ -393,34 +441,32 @@ Command add_check_command(CLI::App& app) {
                                           "with the float64 reference");
   auto opt = std::make_shared<Options>();
   nsa_config_default(&opt->cfg);
-  cmd->add_option("-b,--batch", opt->batch, "batch size B")->capture_default_str();
-  cmd->add_option("-t,--tokens", opt->tokens, "tokens per sequence T")->capture_default_str();
-  cmd->add_option("--hq", opt->hq, "query heads")->capture_default_str();
-  cmd->add_option("--hkv", opt->hkv, "key/value heads")->capture_default_str();
-  cmd->add_option("--dk", opt->dk, "query/key head dim")->capture_default_str();
-  cmd->add_option("--dv", opt->dv, "value head dim")->capture_default_str();
+  const int64_t tokens = cli::kMaxTokens, heads = cli::kMaxHeads, dim = cli::kMaxHeadDim;
+  cli::add_integer(cmd, "-b,--batch", opt->batch, "batch size B", 1, cli::kMaxBatch);
+  cli::add_integer(cmd, "-t,--tokens", opt->tokens, "tokens per sequence T", 1, tokens);
+  cli::add_integer(cmd, "--hq", opt->hq, "query heads, a multiple of --hkv", 1, heads);
+  cli::add_integer(cmd, "--hkv", opt->hkv, "key/value heads", 1, heads);
+  cli::add_integer(cmd, "--dk", opt->dk, "query/key head dim", 1, dim);
+  cli::add_integer(cmd, "--dv", opt->dv, "value head dim", 1, dim);
   cmd->add_option("--dtype", opt->dtype, "input dtype")->check(CLI::IsMember({"f32", "bf16"}))->capture_default_str();
   cmd->add_option("--compress", opt->compress, "compression")->check(CLI::IsMember({"mean", "mlp"}))->capture_default_str();
-  cmd->add_option("--mlp-hidden", opt->hidden, "hidden width of the mlp compression")->capture_default_str();
-  cmd->add_option("--seqlens", opt->seqlens, "comma-separated lengths: variable-length packing (overrides -b, -t)");
-  cmd->add_option("--cmp-block", opt->cfg.cmp_block, "l")->capture_default_str();
-  cmd->add_option("--cmp-stride", opt->cfg.cmp_stride, "d")->capture_default_str();
-  cmd->add_option("--slc-block", opt->cfg.slc_block, "l'")->capture_default_str();
-  cmd->add_option("--slc-count", opt->cfg.slc_count, "n")->capture_default_str();
-  cmd->add_option("--slc-init", opt->cfg.slc_init, "n_init")->capture_default_str();
-  cmd->add_option("--slc-local", opt->cfg.slc_local, "n_local")->capture_default_str();
-  cmd->add_option("--window", opt->cfg.window, "w")->capture_default_str();
-  cmd->add_option("--seed", opt->seed, "random seed")->capture_default_str();
-  cmd->add_option("--threads", opt->threads, "threads (0: default)")->capture_default_str();
+  cli::add_integer(cmd, "--mlp-hidden", opt->hidden, "hidden width of the mlp compression", 1, dim);
+  cmd->add_option("--seqlens", opt->seqlens, "comma-separated lengths, variable-length packing "
+                                             "(overrides -b, -t): each 0 to 16777216, sum 1 to 16777216")
+      ->transform(cli::IntegerList(0, tokens))->type_name("LIST");
+  // The config's own rules (stride <= block, n >= n_init + n_local) are nsa_config_validate's.
+  cli::add_integer(cmd, "--cmp-block", opt->cfg.cmp_block, "l", 1, tokens);
+  cli::add_integer(cmd, "--cmp-stride", opt->cfg.cmp_stride, "d", 1, tokens);
+  cli::add_integer(cmd, "--slc-block", opt->cfg.slc_block, "l'", 1, tokens);
+  cli::add_integer(cmd, "--slc-count", opt->cfg.slc_count, "n", 1, tokens);
+  cli::add_integer(cmd, "--slc-init", opt->cfg.slc_init, "n_init", 0, tokens);
+  cli::add_integer(cmd, "--slc-local", opt->cfg.slc_local, "n_local", 0, tokens);
+  cli::add_integer(cmd, "--window", opt->cfg.window, "w", 1, tokens);
+  cmd->add_option("--seed", opt->seed, "random seed (0 to 2^64 - 1)")->transform(cli::Unsigned64())->capture_default_str();
+  cli::add_integer(cmd, "--threads", opt->threads, "threads (0: default)", 0, cli::kMaxThreads);
   cmd->add_option("--backend", opt->backend, "backend to check")->check(CLI::IsMember({"all", "cpu", "cuda"}))->capture_default_str();
-  cmd->add_option("--tolerance", opt->tolerance, "relative tolerance (0: default 1e-4)");
+  cmd->add_option("--tolerance", opt->tolerance, "relative tolerance, 0 to 1 (0: default 1e-4)")->check(cli::Real(0, 1));
   cmd->add_flag("!--no-backward", opt->backward, "check the forward and compression only");
-  return [opt] {
-    nsa_context* ctx = nullptr;
-    nsa_context_create(&ctx);
-    const nsa_status s = nsa_config_validate(ctx, &opt->cfg);
-    if (s != NSA_OK) std::fprintf(stderr, "nsa check: %s\n", nsa_last_error(ctx));
-    nsa_context_destroy(ctx);
-    return s == NSA_OK ? run_check(*opt) : 2;
-  };
+  cmd->callback([opt] { validate_check(*opt); });
+  return [opt] { return run_check(*opt); };
 }
