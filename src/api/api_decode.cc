@@ -332,10 +332,11 @@ nsa_status nsa_prefill(nsa_context* ctx, nsa_kv_cache* cache, const nsa_prefill_
     nsa::FwdProblem check;
     NSA_RETURN_IF_ERROR(nsa::make_fwd_problem(f, &check));
     if (T == 0) return Status::ok();
+    // Allocated before the append, so that running out of memory leaves the sequence empty.
+    std::vector<float> row(static_cast<size_t>(std::max(cache->Dk, cache->Dv)));
     NSA_RETURN_IF_ERROR(nsa::cpu::kv_cache_append(*cache, p->seq, p->k, p->v,
                                                   ctx->num_threads > 0 ? ctx->num_threads : 0));
     // The forward reads the compressed tokens exactly as the cache holds them.
-    std::vector<float> row(static_cast<size_t>(std::max(cache->Dk, cache->Dv)));
     for (int64_t i = 0; i < Tc; ++i) {
       for (int64_t h = 0; h < cache->Hkv; ++h) {
         cache->cmp.read_k(p->seq, h, i, row.data());

@@ -74,10 +74,11 @@ Status check_branch_grads(const char* branch, bool own_kv, const char* dk_name,
                           const nsa_tensor& dk, const char* dv_name, const nsa_tensor& dv,
                           const BwdProblem& pr) {
   if (own_kv) {
-    const std::string why = cat("required because k_", branch, "/v_", branch, " were given");
-    NSA_RETURN_IF_ERROR(
-        check_required_output(dk_name, dk, {pr.B, pr.T, pr.Hkv, pr.Dk}, why.c_str()));
-    return check_required_output(dv_name, dv, {pr.B, pr.T, pr.Hkv, pr.Dv}, why.c_str());
+    // A literal, not a message built in advance: nothing to allocate on the valid path.
+    const char* why = std::strcmp(branch, "slc") == 0 ? "required because k_slc/v_slc were given"
+                                                      : "required because k_win/v_win were given";
+    NSA_RETURN_IF_ERROR(check_required_output(dk_name, dk, {pr.B, pr.T, pr.Hkv, pr.Dk}, why));
+    return check_required_output(dv_name, dv, {pr.B, pr.T, pr.Hkv, pr.Dv}, why);
   }
   for (const NamedTensor& t : {NamedTensor{dk_name, dk}, NamedTensor{dv_name, dv}}) {
     if (present(t.second)) {

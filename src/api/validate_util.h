@@ -3,6 +3,7 @@
 // takes the forward's inputs (SPEC.md section 6).
 #pragma once
 
+#include <new>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -13,10 +14,14 @@
 
 namespace nsa {
 
+// Concatenates the arguments into a message. A stream that fails to allocate sets its badbit
+// instead of throwing; that becomes std::bad_alloc here (so NSA_ERR_OUT_OF_MEMORY), never a
+// silently truncated message.
 template <typename... Args>
 std::string cat(const Args&... args) {
   std::ostringstream os;
   (os << ... << args);
+  if (!os) throw std::bad_alloc();
   return os.str();
 }
 
