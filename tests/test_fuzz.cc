@@ -1,23 +1,26 @@
-// A seeded, randomized fuzzer of the C API (nsa_fwd, nsa_compress, nsa_cmp_seqlens and the
-// context setters) on every available backend. Each iteration builds a random valid case and
-// either calls it as is or breaks it in one chosen way (fuzz_fwd.h, fuzz_compress.h,
-// fuzz_mutate.h), so the expected status is known by construction. Invariants:
-//   - no crash (and, in the sanitizer build, no out-of-bounds access or undefined behaviour);
-//   - an invalid call returns the status of its mutation with a non-empty message (a NULL
-//     context has nowhere to put one) and leaves every buffer, inputs and outputs, byte-identical;
-//   - a valid call returns NSA_OK with an empty message, writes every present output element and
-//     no padding byte, never writes an input, and on small sizes the CPU backend matches the
-//     float64 reference (fuzz_compare.h).
-// NSA_FUZZ_ITERS (default sized for ~10-20 s in Release) and NSA_FUZZ_SEED set a longer run;
-// iteration i uses seed NSA_FUZZ_SEED + i, so NSA_FUZZ_SEED=<printed seed> NSA_FUZZ_ITERS=1
-// replays one failing case.
+// A seeded, randomized fuzzer of the C API on every available backend, inside ctest: the
+// structured calls of fuzz_api.h (nsa_fwd, nsa_compress, nsa_cmp_seqlens and the context
+// setters; it says what each checks), fuzz_bwd.h (nsa_bwd), fuzz_compress_bwd.h
+// (nsa_compress_bwd), fuzz_dense.h (nsa_dense_fwd, nsa_dense_bwd) and fuzz_config.h
+// (nsa_config_validate, nsa_cmp_len, nsa_tensor_contiguous), drawn from a PRNG. The
+// coverage-guided targets in fuzz/ run the same calls from libFuzzer's inputs.
+// NSA_FUZZ_ITERS (default 5000: about 8 s in Release on 2 cores) and NSA_FUZZ_SEED set a longer
+// run; iteration i uses seed NSA_FUZZ_SEED + i, so NSA_FUZZ_SEED=<printed seed> NSA_FUZZ_ITERS=1
+// replays one failing case. NSA_FUZZ_ONLY=<name> (fwd, compress, misc, bwd, compress_bwd, dense,
+// dense_bwd, config) runs that call alone in every iteration, for a long run of one entry point.
 #include <gtest/gtest.h>
 
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
+#include <vector>
 
-#include "fuzz_compare.h"
+#include "fuzz_api.h"
+#include "fuzz_bwd.h"
+#include "fuzz_compress_bwd.h"
+#include "fuzz_config.h"
+#include "fuzz_dense.h"
 
 namespace {
 using namespace nsa_fuzz;
@@ -27,207 +30,65 @@ int64_t env_int(const char* name, int64_t fallback) {
   return s != nullptr && *s != '\0' ? std::strtoll(s, nullptr, 10) : fallback;
 }
 
-std::map<std::string, int64_t>& status_counts() {
-  static std::map<std::string, int64_t> m;
-  return m;
-}
-
-std::vector<nsa_backend> backends() {
-  std::vector<nsa_backend> b = {NSA_BACKEND_AUTO, NSA_BACKEND_REF};
-  if (nsa_backend_available(NSA_BACKEND_CPU)) b.push_back(NSA_BACKEND_CPU);
-  return b;
-}
-
-// Runs `call` (one of nsa_fwd / nsa_compress on ctx) on `backend` with a random thread count.
-template <typename Call>
-nsa_status on_backend(Rng& r, nsa_backend backend, std::string* msg, Call&& call) {
-  nsa_context* ctx = nullptr;
-  EXPECT_EQ(nsa_context_create(&ctx), NSA_OK);
-  EXPECT_EQ(nsa_context_set_backend(ctx, backend), NSA_OK);
-  EXPECT_EQ(nsa_context_set_num_threads(ctx, static_cast<int32_t>(uni(r, 0, 3))), NSA_OK);
-  const nsa_status s = call(ctx);
-  *msg = nsa_last_error(ctx);
-  nsa_context_destroy(ctx);
-  ++exec_count();
-  ++status_counts()[nsa_status_name(s)];
-  return s;
-}
-
-void expect_rejected(const Expect& e, nsa_status s, const std::string& msg, bool null_ctx) {
-  EXPECT_EQ(s, e.want) << e.what << ": got " << nsa_status_name(s) << " \"" << msg << "\"";
-  if (null_ctx) return;  // no context, no message
-  EXPECT_FALSE(msg.empty()) << e.what << ": a failed call must leave a message";
-  if (!e.needle.empty()) {
-    EXPECT_NE(msg.find(e.needle), std::string::npos)
-        << e.what << ": message \"" << msg << "\" does not name \"" << e.needle << "\"";
-  }
-}
-
-// A valid call returned: OK, no message, inputs intact, no padding byte written; with no token,
-// nothing written at all, else every present output element written.
-template <typename Written>
-void expect_valid_result(nsa_status s, const std::string& msg, const Snapshot& ins,
-                         const Snapshot& outs, bool no_work, Written&& written) {
-  EXPECT_EQ(s, NSA_OK) << nsa_status_name(s) << ": " << msg;
-  EXPECT_EQ(msg, "");
-  ins.expect_unchanged("valid call: an input");
-  outs.expect_padding_unchanged("valid call");
-  if (no_work) outs.expect_unchanged("valid call without tokens: an output");
-  else if (s == NSA_OK) written();
-}
-
-std::vector<std::vector<unsigned char>> bytes_of(const std::vector<Buf*>& bufs) {
-  std::vector<std::vector<unsigned char>> v;
-  for (const Buf* b : bufs) v.push_back(b->storage());
-  return v;
-}
-
-void fuzz_fwd(Rng& r) {
-  const BadDims bad = chance(r, 0.05) ? static_cast<BadDims>(uni(r, 1, 5)) : BadDims::kNone;
-  FwdCase c = make_fwd(r, bad);
-  FwdCall call = make_fwd_call(r, c, bad);
-  SCOPED_TRACE("fwd " + c.text + " | " + call.e.what);
-  auto run = [&](nsa_backend be, std::string* msg, const nsa_fwd_params* p) {
-    return on_backend(r, be, msg, [&](nsa_context* ctx) {
-      return nsa_fwd(call.null_ctx ? nullptr : ctx, call.null_params ? nullptr : p);
-    });
-  };
-  std::string msg;
-  if (call.e.want != NSA_OK) {
-    const Snapshot all(c.all());
-    for (nsa_backend be : backends()) {
-      expect_rejected(call.e, run(be, &msg, &call.p), msg, call.null_ctx);
-      all.expect_unchanged("invalid call");
-    }
-    if (call.restore_off >= 0) c.idx_in.set(call.restore_off, call.restore_val);
-    return;
-  }
-  const Snapshot ins(c.inputs()), outs(c.outputs());
-  const bool no_work = c.B == 0 || c.T == 0;
-  auto written = [&] { expect_written(c); };
-  // Cost of the reference, ~ queries x keys per query x head dims: compare where it is cheap.
-  const double cost = double(c.B) * c.T * c.Hq * (c.Dk + c.Dv) * std::min<double>(c.T, 3.0 * 64);
-  const nsa_backend fast = chance(r, 0.5) ? NSA_BACKEND_CPU : NSA_BACKEND_AUTO;
-  if (cost > 4e6 || !nsa_backend_available(NSA_BACKEND_CPU)) {
-    expect_valid_result(run(fast, &msg, &call.p), msg, ins, outs, no_work, written);
-    return;
-  }
-  expect_valid_result(run(NSA_BACKEND_REF, &msg, &call.p), msg, ins, outs, no_work, written);
-  const std::vector<std::vector<unsigned char>> ref = bytes_of(c.outs());
-  outs.restore(c.outs());
-  expect_valid_result(run(fast, &msg, &call.p), msg, ins, outs, no_work, written);
-  if (no_work) return;
-  compare_fwd(c, ref, [&](Buf* idx, std::vector<unsigned char>* r_idx, std::vector<unsigned char>* c_idx) {
-    *idx = Buf(NSA_DTYPE_I32, {c.B, c.T, c.Hkv, c.n()}, r, LayoutOpts{false, true});
-    nsa_fwd_params p = call.p;
-    p.slc_indices_out = idx->desc();
-    std::string m;
-    const bool ok = run(NSA_BACKEND_REF, &m, &p) == NSA_OK;
-    *r_idx = idx->storage();
-    const bool ok2 = run(NSA_BACKEND_CPU, &m, &p) == NSA_OK;
-    *c_idx = idx->storage();
-    return ok && ok2;
-  });
-}
-
-void fuzz_compress(Rng& r) {
-  const CmpBad bad = chance(r, 0.05) ? static_cast<CmpBad>(uni(r, 1, 3)) : CmpBad::kNone;
-  CmpCase c = make_cmp(r, bad);
-  CmpCall call = make_cmp_call(r, c, bad);
-  SCOPED_TRACE("compress " + c.text + " | " + call.e.what);
-  auto run = [&](nsa_backend be, std::string* msg) {
-    return on_backend(r, be, msg, [&](nsa_context* ctx) {
-      return nsa_compress(call.null_ctx ? nullptr : ctx, call.null_params ? nullptr : &call.p);
-    });
-  };
-  std::string msg;
-  if (call.e.want != NSA_OK) {
-    std::vector<const Buf*> all = c.inputs();
-    all.push_back(&c.out);
-    const Snapshot snap(all);
-    for (nsa_backend be : backends()) {
-      expect_rejected(call.e, run(be, &msg), msg, call.null_ctx);
-      snap.expect_unchanged("invalid call");
-    }
-    return;
-  }
-  const Snapshot ins(c.inputs()), outs(c.outputs());
-  const bool no_work = c.B == 0 || c.Tc == 0;
-  auto written = [&] {
-    int64_t bad_elems = 0;
-    c.out.for_each([&](int64_t, int64_t, int64_t, int64_t, int64_t off) { bad_elems += !std::isfinite(c.out.get(off)); });
-    EXPECT_EQ(bad_elems, 0) << "out: elements unwritten or not finite";
-  };
-  const double per_token = c.kind == NSA_CMP_MLP ? double(c.Dh) * c.cfg.cmp_block * c.D : double(c.cfg.cmp_block) * c.D;
-  const double cost = double(c.B) * c.Tc * c.H * per_token;
-  const nsa_backend fast = chance(r, 0.5) ? NSA_BACKEND_CPU : NSA_BACKEND_AUTO;
-  if (cost > 4e6 || !nsa_backend_available(NSA_BACKEND_CPU)) {
-    expect_valid_result(run(fast, &msg), msg, ins, outs, no_work, written);
-    return;
-  }
-  expect_valid_result(run(NSA_BACKEND_REF, &msg), msg, ins, outs, no_work, written);
-  const std::vector<unsigned char> ref = c.out.storage();
-  outs.restore(c.outs());
-  expect_valid_result(run(fast, &msg), msg, ins, outs, no_work, written);
-  if (!no_work) compare_cmp(c, ref);
-}
-
-// The context setters and nsa_cmp_seqlens: a bad value is rejected and changes nothing.
-void fuzz_misc(Rng& r) {
-  nsa_context* ctx = nullptr;
-  ASSERT_EQ(nsa_context_create(&ctx), NSA_OK);
-  const int junk = pick(r, std::vector<int>{-1, 4, 99, std::numeric_limits<int>::min()});
-  nsa_backend b;
-  std::memcpy(&b, &junk, sizeof b);
-  EXPECT_EQ(nsa_context_set_backend(ctx, b), NSA_ERR_INVALID_ARGUMENT);
-  EXPECT_STRNE(nsa_last_error(ctx), "");
-  EXPECT_EQ(nsa_context_backend(ctx), NSA_BACKEND_AUTO);
-  EXPECT_EQ(nsa_context_set_num_threads(ctx, -static_cast<int32_t>(uni(r, 1, 1000))), NSA_ERR_INVALID_ARGUMENT);
-  EXPECT_EQ(nsa_context_num_threads(ctx), 0);
-  const nsa_config cfg = random_config(r, false);
-  std::vector<int32_t> cu = random_cu(r, uni(r, 0, 300));
-  int64_t num = static_cast<int64_t>(cu.size()) - 1;
-  std::vector<int32_t> out(cu.size(), -77);
-  const bool valid = chance(r, 0.5);
-  std::string what = "valid";
-  if (!valid) {
-    what = break_cu(r, cu, num);
-    if (what == "cu_seqlens does not end at T") cu[0] = 3, what = "cu_seqlens[0] != 0";  // no T here
-  }
-  SCOPED_TRACE("nsa_cmp_seqlens: " + what);
-  const nsa_status s = nsa_cmp_seqlens(ctx, &cfg, cu.data(), num, out.data());
-  ++exec_count();
-  if (valid) {
-    EXPECT_EQ(s, NSA_OK) << nsa_last_error(ctx);
-    for (size_t i = 0; i + 1 < cu.size(); ++i) {
-      EXPECT_EQ(out[i + 1] - out[i], nsa_cmp_len(&cfg, cu[i + 1] - cu[i])) << i;
-    }
-    EXPECT_EQ(out[0], 0);
-  } else {
-    EXPECT_EQ(s, NSA_ERR_INVALID_SEQLENS) << nsa_last_error(ctx);
-    EXPECT_STRNE(nsa_last_error(ctx), "");
-    EXPECT_EQ(out, std::vector<int32_t>(cu.size(), -77)) << "cu_cmp written on error";
-  }
-  nsa_context_destroy(ctx);
-}
-
 int64_t failures_so_far() {
   return ::testing::UnitTest::GetInstance()->current_test_info()->result()->total_part_count();
+}
+
+// The structured calls, by the name NSA_FUZZ_ONLY takes, with the wall time each took.
+struct Entry {
+  const char* name;
+  void (*call)(Rng&);
+  double secs;
+};
+std::vector<Entry>& entries() {
+  static std::vector<Entry> e = {{"fwd", fuzz_fwd, 0},          {"compress", fuzz_compress, 0},
+                                 {"misc", fuzz_misc, 0},        {"bwd", fuzz_bwd, 0},
+                                 {"compress_bwd", fuzz_compress_bwd, 0}, {"dense", fuzz_dense, 0},
+                                 {"dense_bwd", fuzz_dense_bwd, 0}, {"config", fuzz_config, 0}};
+  return e;
+}
+void timed(const char* name, Rng& r) {
+  for (Entry& e : entries()) {
+    if (std::string(e.name) != name) continue;
+    const auto t0 = std::chrono::steady_clock::now();
+    e.call(r);
+    e.secs += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+}
+
+// One iteration: a forward or a compression call, then, each with its own probability, the
+// other entry points. Their shares give them about half of the default run's time (the backward
+// costs a forward and two backwards per valid call), which stays well under 25 s in Release on
+// 2 cores. The forward/compression draw comes first, so a seed still replays the case it gave
+// before the later calls were added.
+void iteration(Rng& r, const std::string& only) {
+  if (!only.empty()) return timed(only.c_str(), r);
+  timed(chance(r, 0.65) ? "fwd" : "compress", r);
+  if (chance(r, 0.1)) timed("misc", r);
+  if (chance(r, 0.25)) timed("bwd", r);
+  if (chance(r, 0.2)) timed("compress_bwd", r);
+  if (chance(r, 0.15)) timed("dense", r);
+  if (chance(r, 0.15)) timed("dense_bwd", r);
+  if (chance(r, 0.3)) timed("config", r);
 }
 
 TEST(Fuzz, Api) {
   const int64_t iters = env_int("NSA_FUZZ_ITERS", 5000);
   const uint64_t seed = static_cast<uint64_t>(env_int("NSA_FUZZ_SEED", 20250211));
+  const char* only_env = std::getenv("NSA_FUZZ_ONLY");  // one call alone, e.g. "bwd"
+  const std::string only = only_env != nullptr ? only_env : "";
+  bool known = only.empty();
+  for (const Entry& e : entries()) known = known || only == e.name;
+  ASSERT_TRUE(known) << "NSA_FUZZ_ONLY=" << only << ": no such call";
   const auto t0 = std::chrono::steady_clock::now();
   int64_t failed_iters = 0, done = 0;
   for (int64_t i = 0; i < iters && failed_iters < 3; ++i, ++done) {
     const uint64_t s = seed + static_cast<uint64_t>(i);
-    SCOPED_TRACE("replay: NSA_FUZZ_SEED=" + std::to_string(s) + " NSA_FUZZ_ITERS=1");
+    SCOPED_TRACE("replay: NSA_FUZZ_SEED=" + std::to_string(s) + " NSA_FUZZ_ITERS=1" +
+                 (only.empty() ? "" : " NSA_FUZZ_ONLY=" + only));
     Rng r(s);
     const int64_t before = failures_so_far();
-    if (chance(r, 0.65)) fuzz_fwd(r);
-    else fuzz_compress(r);
-    if (chance(r, 0.1)) fuzz_misc(r);
+    iteration(r, only);
     if (failures_so_far() != before) ++failed_iters;
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -237,10 +98,11 @@ TEST(Fuzz, Api) {
               static_cast<long long>(exec_count()), secs, exec_count() / secs, done / secs,
               static_cast<long long>(compare_count()), static_cast<long long>(tie_count()));
   for (const auto& [name, n] : status_counts()) std::printf("[fuzz]   %-26s %lld\n", name.c_str(), static_cast<long long>(n));
+  for (const Entry& e : entries()) std::printf("[fuzz]   time in %-14s %.2f s\n", e.name, e.secs);
   EXPECT_EQ(failed_iters, 0) << "failing iterations (stopped after 3)";
   // The generator must reach both sides: enough runs give every status it can produce, and a
   // good share of valid cases small enough for the comparison with the reference.
-  if (done >= 500) {
+  if (done >= 500 && only.empty()) {
     EXPECT_GT(compare_count(), done / 10) << "too few valid cases reached the cpu-vs-ref comparison";
     for (const char* name : {"NSA_OK", "NSA_ERR_NULL_POINTER", "NSA_ERR_INVALID_CONFIG",
                              "NSA_ERR_INVALID_SHAPE", "NSA_ERR_INVALID_STRIDE", "NSA_ERR_INVALID_DTYPE",
