@@ -36,7 +36,9 @@ done
 scripts/setup.sh
 CC=clang CXX=clang++ BUILD_DIR=build-fuzz scripts/build.sh -DNSA_FUZZ=ON -DNSA_BUILD_TESTS=OFF \
   -DNSA_BUILD_TOOLS=OFF -DNSA_BUILD_BENCH=OFF >/dev/null
-if [ ${#targets[@]} -eq 0 ]; then read -r -a targets < <(tr ';' ' ' < build-fuzz/fuzz_targets.txt); fi
+# The list has no final newline: read reports end of file, and under set -e that must not stop us.
+if [ ${#targets[@]} -eq 0 ]; then IFS=';' read -r -a targets < build-fuzz/fuzz_targets.txt || true; fi
+if [ ${#targets[@]} -eq 0 ]; then echo "fuzz.sh: no targets in build-fuzz/fuzz_targets.txt" >&2; exit 1; fi
 
 out=build-fuzz/findings
 mkdir -p "$out"

@@ -110,6 +110,7 @@ struct BwdCase {
   bool saved[6] = {};    // lse_cmp, lse_slc, lse_win, o_cmp, o_slc, o_win passed to the backward
   bool dkv = true;       // dk/dv given (required unless both branches have their own K/V)
   bool cheap = false;    // small enough for the float64 reference
+  double ref_cost = 0;   // the reference's work, for valid_backend
   Buf d_o, dq, dk, dv, dk_slc, dv_slc, dk_win, dv_win, dk_cmp, dv_cmp, dg_cmp, dg_slc, dg_win;
   Buf extra;             // a gradient the call must not take, for one mutation
   std::string text;
@@ -173,6 +174,7 @@ inline BwdCase make_bwd(Rng& r) {
   f.present[7] = true;
   c.use_idx_in = f.has_idx_in && chance(r, 0.5);
   const double cost = double(f.B) * f.T * f.Hq * (f.Dk + f.Dv) * std::min<double>(f.T, 3.0 * 64);
+  c.ref_cost = 4 * cost;
   c.cheap = cost <= budget().compare_cost / 4 && nsa_backend_available(NSA_BACKEND_CPU);
   const LayoutOpts out{false, false};
   const std::vector<int64_t> os = {f.B, f.T, f.Hq, f.Dv};
@@ -372,7 +374,7 @@ inline void fuzz_bwd_valid(Rng& r, BwdCase& c) {
   auto written = [&] { expect_grads_written(c); };
   const nsa_backend fast = chance(r, 0.5) ? NSA_BACKEND_CPU : NSA_BACKEND_AUTO;
   if (!c.cheap) {
-    expect_valid_result(run(fast), msg, ins, outs, no_work, written);
+    expect_valid_result(run(valid_backend(r, c.ref_cost)), msg, ins, outs, no_work, written);
     return;
   }
   expect_valid_result(run(NSA_BACKEND_REF), msg, ins, outs, no_work, written);

@@ -16,6 +16,7 @@ struct CmpBwdCase {
   bool junk_grads = false;  // mean with garbage mlp gradient descriptors, which it must ignore
   int32_t junk_out[4] = {11, 22, 33, 44};
   bool cheap = false;
+  double ref_cost = 0;  // the reference's work, for valid_backend
   std::string text;
 
   bool mlp() const { return c.kind == NSA_CMP_MLP; }
@@ -79,7 +80,8 @@ inline CmpBwdCase make_cmp_bwd(Rng& r) {
   }
   // The reference's work, as fuzz_compress estimates it; its backward does about twice that.
   const double per_token = b.mlp() ? double(c.Dh) * c.cfg.cmp_block * c.D : double(c.cfg.cmp_block) * c.D;
-  b.cheap = 2.0 * c.B * c.Tc * c.H * per_token <= budget().compare_cost && nsa_backend_available(NSA_BACKEND_CPU);
+  b.ref_cost = 2.0 * c.B * c.Tc * c.H * per_token;
+  b.cheap = b.ref_cost <= budget().compare_cost && nsa_backend_available(NSA_BACKEND_CPU);
   std::ostringstream s;
   s << c.text << " | dout=" << nsa_dtype_name(b.dout.dtype()) << " junk_grads=" << b.junk_grads
     << " cheap=" << b.cheap;
@@ -266,7 +268,7 @@ inline void fuzz_compress_bwd(Rng& r) {
   // Never "no work": the mlp's parameter gradients exist without tokens, and are overwritten.
   const nsa_backend fast = chance(r, 0.5) ? NSA_BACKEND_CPU : NSA_BACKEND_AUTO;
   if (!b.cheap) {
-    expect_valid_result(run(fast, &msg), msg, ins, outs, false, written);
+    expect_valid_result(run(valid_backend(r, b.ref_cost), &msg), msg, ins, outs, false, written);
     return;
   }
   expect_valid_result(run(NSA_BACKEND_REF, &msg), msg, ins, outs, false, written);

@@ -193,7 +193,7 @@ inline void fuzz_dense(Rng& r) {
   };
   const nsa_backend fast = chance(r, 0.5) ? NSA_BACKEND_CPU : NSA_BACKEND_AUTO;
   if (c.cost() > budget().compare_cost || !nsa_backend_available(NSA_BACKEND_CPU)) {
-    expect_valid_result(run(fast, &msg), msg, ins, outs, no_work, written);
+    expect_valid_result(run(valid_backend(r, c.cost()), &msg), msg, ins, outs, no_work, written);
     return;
   }
   expect_valid_result(run(NSA_BACKEND_REF, &msg), msg, ins, outs, no_work, written);
@@ -325,7 +325,7 @@ inline void fuzz_dense_bwd(Rng& r) {
   };
   const nsa_backend fast = chance(r, 0.5) ? NSA_BACKEND_CPU : NSA_BACKEND_AUTO;
   if (!cheap) {
-    expect_valid_result(run(fast, &msg), msg, ins, outs, no_work, written);
+    expect_valid_result(run(valid_backend(r, 3.0 * c.d.cost()), &msg), msg, ins, outs, no_work, written);
     return;
   }
   expect_valid_result(run(NSA_BACKEND_REF, &msg), msg, ins, outs, no_work, written);

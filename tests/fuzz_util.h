@@ -35,6 +35,7 @@ struct Budget {
   int64_t max_D = 40;          // head dims
   bool every_backend = true;   // an invalid call goes to every backend, else to one the input picks
   double compare_cost = 4e6;   // below this cost, a valid call runs on the CPU and the reference
+                               // and the two are compared
   int64_t cache_ops = 40;      // operations on one KV cache
   int64_t max_capacity = 150;  // tokens per cache sequence
 };
