@@ -12,8 +12,8 @@
 #                                       corpus in the repository (libFuzzer -merge=1)
 #   replay one input:  build-fuzz/fuzz/fuzz_<name> <file>
 #
-# Targets run two at a time (--jobs, default the number of cores); each is one process with
-# 1-3 library threads chosen by the input.
+# Targets run --jobs at a time (default: the number of cores); each is one process whose calls
+# use 0 (OpenMP's default) to 3 library threads, as the input chooses.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,15 +27,20 @@ while [ $# -gt 0 ]; do
     --runs) limit=(-runs="$2"); shift 2 ;;
     --jobs) jobs="$2"; shift 2 ;;
     --merge) merge=1; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     -*) echo "fuzz.sh: unknown option $1" >&2; exit 2 ;;
     *) targets+=("$1"); shift ;;
   esac
 done
 
 scripts/setup.sh
-CC=clang CXX=clang++ BUILD_DIR=build-fuzz scripts/build.sh -DNSA_FUZZ=ON -DNSA_BUILD_TESTS=OFF \
-  -DNSA_BUILD_TOOLS=OFF -DNSA_BUILD_BENCH=OFF >/dev/null
+mkdir -p build-fuzz
+if ! CC=clang CXX=clang++ BUILD_DIR=build-fuzz scripts/build.sh -DNSA_FUZZ=ON -DNSA_BUILD_TESTS=OFF \
+  -DNSA_BUILD_TOOLS=OFF -DNSA_BUILD_BENCH=OFF >build-fuzz/build.log 2>&1; then
+  tail -60 build-fuzz/build.log >&2
+  echo "fuzz.sh: the build failed (build-fuzz/build.log)" >&2
+  exit 1
+fi
 # The list has no final newline: read reports end of file, and under set -e that must not stop us.
 if [ ${#targets[@]} -eq 0 ]; then IFS=';' read -r -a targets < build-fuzz/fuzz_targets.txt || true; fi
 if [ ${#targets[@]} -eq 0 ]; then echo "fuzz.sh: no targets in build-fuzz/fuzz_targets.txt" >&2; exit 1; fi

@@ -47,7 +47,6 @@ struct Call {
   bool ref_unsupported = false;  // the reference has no KV cache: NSA_ERR_UNSUPPORTED there
   bool keeps_scratch = false;    // the cache keeps decode's scratch: later calls allocate less
   std::set<int> must_fail;       // allocator kinds the CPU path reaches (so their hooks must fire)
-  std::string known_issue;       // a cache length a failed call is known to change, and why
 };
 
 // Small shapes, so that failing each allocation in turn stays fast: T = 128, G = 2, Dk != Dv;

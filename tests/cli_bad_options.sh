@@ -126,7 +126,7 @@ for pass in fwd bwd fwdbwd; do
   bad --lengths bench --pass "$pass" --lengths 0
   for opt in --repeats --hq --hkv --dk --dv; do int_option bench --pass "$pass" -- "$opt" 1; done
   int_option bench --pass "$pass" -- --threads 0
-  bad --threads bench --pass "$pass" --threads 4097
+  bad --threads bench --pass "$pass" --threads 1025  # NSA_MAX_THREADS + 1
   bad --hq bench --pass "$pass" --hq 4097
   bad --dk bench --pass "$pass" --dk 4097
   bad --repeats bench --pass "$pass" --repeats 10001

@@ -158,11 +158,6 @@ Call cache_call(CacheOp op, nsa_cmp_kind kind, nsa_dtype dt) {
   c.snapshot = [d] { return d->snapshot(); };
   c.must_fail = {alloc_hook::kNew};
   if (op == CacheOp::kCreate) c.must_fail.insert(alloc_hook::kCalloc);
-  if (op == CacheOp::kPrefill) {
-    c.known_issue = "known: nsa_prefill (src/api/api_decode.cc) appends the prompt, then "
-                    "allocates the row buffer that copies the compressed tokens out; when that "
-                    "allocation fails, the sequence keeps the prompt's length instead of 0";
-  }
   return c;
 }
 

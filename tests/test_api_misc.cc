@@ -185,6 +185,14 @@ TEST(ApiMisc, ContextLifecycleAndThreads) {
   EXPECT_EQ(nsa_context_set_num_threads(ctx.get(), -1), NSA_ERR_INVALID_ARGUMENT);
   expect_message(ctx.error(), {"num_threads"});
   EXPECT_EQ(nsa_context_num_threads(ctx.get()), 3);  // a failed call changes nothing
+  // Bounded above: OpenMP aborts when it cannot start the team asked for (INT32_MAX threads).
+  EXPECT_EQ(nsa_context_set_num_threads(ctx.get(), NSA_MAX_THREADS + 1), NSA_ERR_INVALID_ARGUMENT);
+  expect_message(ctx.error(), {"num_threads", "1024"});
+  EXPECT_EQ(nsa_context_set_num_threads(ctx.get(), INT32_MAX), NSA_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(nsa_context_num_threads(ctx.get()), 3);
+  EXPECT_EQ(nsa_context_set_num_threads(ctx.get(), NSA_MAX_THREADS), NSA_OK);
+  EXPECT_EQ(nsa_context_num_threads(ctx.get()), NSA_MAX_THREADS);
+  EXPECT_EQ(nsa_context_set_num_threads(ctx.get(), 3), NSA_OK);
   EXPECT_EQ(nsa_context_set_num_threads(ctx.get(), 0), NSA_OK);
   EXPECT_EQ(nsa_context_num_threads(ctx.get()), 0);
   EXPECT_EQ(ctx.error(), "");

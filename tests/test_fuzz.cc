@@ -4,7 +4,7 @@
 // (nsa_compress_bwd), fuzz_dense.h (nsa_dense_fwd, nsa_dense_bwd) and fuzz_config.h
 // (nsa_config_validate, nsa_cmp_len, nsa_tensor_contiguous), drawn from a PRNG. The
 // coverage-guided targets in fuzz/ run the same calls from libFuzzer's inputs.
-// NSA_FUZZ_ITERS (default 5000: about 8 s in Release on 2 cores) and NSA_FUZZ_SEED set a longer
+// NSA_FUZZ_ITERS (default 5000: about 30 s in Release on 2 cores) and NSA_FUZZ_SEED set a longer
 // run; iteration i uses seed NSA_FUZZ_SEED + i, so NSA_FUZZ_SEED=<printed seed> NSA_FUZZ_ITERS=1
 // replays one failing case. NSA_FUZZ_ONLY=<name> (fwd, compress, misc, bwd, compress_bwd, dense,
 // dense_bwd, config) runs that call alone in every iteration, for a long run of one entry point.
@@ -58,9 +58,8 @@ void timed(const char* name, Rng& r) {
 
 // One iteration: a forward or a compression call, then, each with its own probability, the
 // other entry points. Their shares give them about half of the default run's time (the backward
-// costs a forward and two backwards per valid call), which stays well under 25 s in Release on
-// 2 cores. The forward/compression draw comes first, so a seed still replays the case it gave
-// before the later calls were added.
+// costs a forward and two backwards per valid call). A seed replays its case only with the fuzz
+// headers it was found with: any change to how they draw gives it another case.
 void iteration(Rng& r, const std::string& only) {
   if (!only.empty()) return timed(only.c_str(), r);
   timed(chance(r, 0.65) ? "fwd" : "compress", r);

@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "nsa/nsa.h"
+
 namespace cli {
 
 // Upper bounds of the options. They keep every size the tool computes (B * T * H * D elements,
@@ -22,7 +24,7 @@ inline constexpr int64_t kMaxTokens = int64_t(1) << 24;  // a length, a sequence
 inline constexpr int64_t kMaxBatch = 65536;
 inline constexpr int64_t kMaxHeads = 4096;               // Hq, Hkv
 inline constexpr int64_t kMaxHeadDim = 4096;             // Dk, Dv, the mlp hidden width
-inline constexpr int64_t kMaxThreads = 4096;
+inline constexpr int64_t kMaxThreads = NSA_MAX_THREADS;  // the library's bound
 inline constexpr int64_t kMaxRepeats = 10000;            // --repeats, --steps
 
 // One integer in [lo, hi], rewritten in plain decimal.

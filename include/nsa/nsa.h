@@ -101,7 +101,9 @@ NSA_API void nsa_context_destroy(nsa_context* ctx);
  * its backend. */
 NSA_API nsa_status nsa_context_set_backend(nsa_context* ctx, nsa_backend backend);
 NSA_API nsa_backend nsa_context_backend(const nsa_context* ctx);
-/* n >= 1 threads; 0 restores the default; n < 0: NSA_ERR_INVALID_ARGUMENT. */
+/* n >= 1 threads; 0 restores the default; n < 0 or n > NSA_MAX_THREADS: NSA_ERR_INVALID_ARGUMENT
+ * (OpenMP cannot be asked for an unbounded team without risking the process). */
+#define NSA_MAX_THREADS 1024
 NSA_API nsa_status nsa_context_set_num_threads(nsa_context* ctx, int32_t n);
 NSA_API int32_t nsa_context_num_threads(const nsa_context* ctx);
 

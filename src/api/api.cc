@@ -50,14 +50,16 @@ void nsa_context_destroy(nsa_context* ctx) { delete ctx; }
 
 nsa_status nsa_context_set_backend(nsa_context* ctx, nsa_backend backend) {
   if (ctx == nullptr) return NSA_ERR_NULL_POINTER;
-  const int b = nsa::enum_value(backend);  // any int: C callers may pass one
-  if (b < NSA_BACKEND_AUTO || b > NSA_BACKEND_CUDA) {
-    return finish(ctx, nsa::error(NSA_ERR_INVALID_ARGUMENT,
-                                  "backend: unknown value " + std::to_string(b)));
-  }
-  if (!nsa_backend_available(backend)) return finish(ctx, unavailable(backend));
-  ctx->backend = backend;
-  return finish(ctx, Status::ok());
+  // Guarded: building a message allocates, and out of memory must stay a status.
+  return guarded(ctx, [&]() -> Status {
+    const int b = nsa::enum_value(backend);  // any int: C callers may pass one
+    if (b < NSA_BACKEND_AUTO || b > NSA_BACKEND_CUDA) {
+      return nsa::error(NSA_ERR_INVALID_ARGUMENT, "backend: unknown value " + std::to_string(b));
+    }
+    if (!nsa_backend_available(backend)) return unavailable(backend);
+    ctx->backend = backend;
+    return Status::ok();
+  });
 }
 
 nsa_backend nsa_context_backend(const nsa_context* ctx) {
@@ -66,13 +68,16 @@ nsa_backend nsa_context_backend(const nsa_context* ctx) {
 
 nsa_status nsa_context_set_num_threads(nsa_context* ctx, int32_t n) {
   if (ctx == nullptr) return NSA_ERR_NULL_POINTER;
-  if (n < 0) {
-    return finish(ctx, nsa::error(NSA_ERR_INVALID_ARGUMENT,
-                                  "num_threads: must be >= 0 (0: default), got " +
-                                      std::to_string(n)));
-  }
-  ctx->num_threads = n;
-  return finish(ctx, Status::ok());
+  return guarded(ctx, [&]() -> Status {
+    // Bounded: OpenMP ends the process when it cannot start a team of the size asked for.
+    if (n < 0 || n > NSA_MAX_THREADS) {
+      return nsa::error(NSA_ERR_INVALID_ARGUMENT,
+                        "num_threads: must be in [0, " + std::to_string(NSA_MAX_THREADS) +
+                            "] (0: default), got " + std::to_string(n));
+    }
+    ctx->num_threads = n;
+    return Status::ok();
+  });
 }
 
 int32_t nsa_context_num_threads(const nsa_context* ctx) {
@@ -134,8 +139,10 @@ void nsa_config_default(nsa_config* cfg) {
 }
 
 nsa_status nsa_config_validate(nsa_context* ctx, const nsa_config* cfg) {
-  if (cfg == nullptr) return finish(ctx, nsa::error(NSA_ERR_NULL_POINTER, "cfg: NULL"));
-  return finish(ctx, nsa::validate_config(*cfg));
+  return guarded(ctx, [&]() -> Status {
+    if (cfg == nullptr) return nsa::error(NSA_ERR_NULL_POINTER, "cfg: NULL");
+    return nsa::validate_config(*cfg);
+  });
 }
 
 int64_t nsa_cmp_len(const nsa_config* cfg, int64_t t) {

@@ -4,6 +4,7 @@
 
 #include <exception>
 #include <new>
+#include <stdexcept>
 #include <string>
 
 #include "api/context.h"
@@ -25,6 +26,8 @@ nsa_status guarded(nsa_context* ctx, Body&& body) {
     return finish(ctx, body());
   } catch (const std::bad_alloc&) {
     return finish(ctx, nsa::error(NSA_ERR_OUT_OF_MEMORY, "out of memory"));
+  } catch (const std::length_error&) {  // a container asked for more than it can ever hold
+    return finish(ctx, nsa::error(NSA_ERR_OUT_OF_MEMORY, "out of memory (size beyond max_size)"));
   } catch (const std::exception& e) {
     return finish(ctx, nsa::error(NSA_ERR_INTERNAL, std::string("internal error: ") + e.what()));
   } catch (...) {

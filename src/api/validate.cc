@@ -40,10 +40,12 @@ bool views_overlap(const nsa_tensor& t) {
   }
   std::sort(dims.begin(), dims.end(), [&](int a, int b) { return t.stride[a] < t.stride[b]; });
   int64_t extent = 1;
-  for (int d : dims) {
+  for (size_t i = 0; i < dims.size(); ++i) {
+    const int d = dims[i];
     if (t.stride[d] < extent) return true;
-    // Cannot overflow once span_fits passed, but a wrapped extent would hide an overlap.
-    if (__builtin_mul_overflow(t.stride[d], t.shape[d], &extent)) return false;
+    // Past int64 only for the outermost dimension once span_fits passed (its last element
+    // fits, its extent need not); any dimension after it would start inside it.
+    if (__builtin_mul_overflow(t.stride[d], t.shape[d], &extent)) return i + 1 < dims.size();
   }
   return false;
 }

@@ -22,6 +22,7 @@
 #include <cmath>
 #include <limits>
 #include <new>
+#include <stdexcept>
 #include <vector>
 
 #undef HWY_TARGET_INCLUDE
@@ -564,6 +565,8 @@ bool decode(const DecodeProblem& pr) {
   try {
     return HWY_DYNAMIC_DISPATCH(DecodeAny)(pr);
   } catch (const std::bad_alloc&) {
+    return false;
+  } catch (const std::length_error&) {  // a size past max_size: out of memory too
     return false;
   }
 }

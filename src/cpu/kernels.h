@@ -38,8 +38,10 @@ inline void fill(float v, float* y, int64_t n) {
 // wrapped size. Scratch is allocated before any parallel region (an exception cannot leave an
 // OpenMP region: it would terminate the process) and before any output is written (a failed
 // call writes nothing); per-thread scratch is one buffer of threads * per_thread elements.
+// Products past 2^56 elements (more than any machine holds) count as overflow too: they stay
+// below every std::vector's max_size, which would otherwise throw std::length_error.
 inline bool mul_size(int64_t a, int64_t b, int64_t* out) {
-  return a >= 0 && b >= 0 && !__builtin_mul_overflow(a, b, out);
+  return a >= 0 && b >= 0 && !__builtin_mul_overflow(a, b, out) && *out <= (int64_t{1} << 56);
 }
 
 // ---- Element access (offsets from offset_of, so strided views work). ----
