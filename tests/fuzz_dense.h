@@ -37,24 +37,7 @@ struct DenseCase {
 
 inline DenseCase make_dense(Rng& r, BadDims bad, bool need_lse) {
   DenseCase c;
-  c.dt = chance(r, 0.5) ? NSA_DTYPE_F32 : NSA_DTYPE_BF16;
-  c.B = chance(r, 0.05) ? 0 : uni(r, 1, 3);
-  const int64_t tsize = uni(r, 0, 9);
-  c.T = chance(r, 0.04) ? 0 : tsize < 4 ? uni(r, 1, 20) : tsize < 7 ? uni(r, 21, 80) : uni(r, 81, 200);
-  c.T = std::min(c.T, budget().max_T);
-  const int64_t G = pick(r, std::vector<int64_t>{1, 1, 2, 3, 4, 16});
-  c.Hkv = G == 16 ? uni(r, 1, 2) : uni(r, 1, 4);
-  c.Hq = G * c.Hkv;
-  c.Dk = chance(r, 0.3) ? uni(r, 1, 8) : uni(r, 1, 40);
-  c.Dv = chance(r, 0.3) ? uni(r, 1, 8) : uni(r, 1, 40);
-  switch (bad) {
-    case BadDims::kRatio: c.Hkv = uni(r, 2, 4), c.Hq = c.Hkv * uni(r, 1, 3) + uni(r, 1, c.Hkv - 1); break;
-    case BadDims::kHq0: c.Hq = 0; break;
-    case BadDims::kHkv0: c.Hkv = 0; break;
-    case BadDims::kDk0: c.Dk = 0; break;
-    case BadDims::kDv0: c.Dv = 0; break;
-    case BadDims::kNone: break;
-  }
+  draw_dims(r, bad, &c);
   const int64_t wk = uni(r, 0, 9);  // every earlier key, a window, or one wider than any sequence
   c.window = wk < 3 ? 0 : wk < 9 ? static_cast<int32_t>(uni(r, 1, 250)) : pick(r, std::vector<int32_t>{INT32_MAX, 1 << 30});
   // Scores O(1), as in make_fwd: scale in [0.5, 1.5] / sqrt(Dk), or 0 for 1/sqrt(Dk).

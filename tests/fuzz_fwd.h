@@ -13,6 +13,35 @@ namespace nsa_fuzz {
 // How a case's dimensions are wrong from the start (each is NSA_ERR_INVALID_SHAPE), or kNone.
 enum class BadDims { kNone, kRatio, kHq0, kHkv0, kDk0, kDv0 };
 
+// The dtype and dimensions of an attention call (nsa_fwd's and nsa_dense_fwd's cases): GQA group
+// sizes {1, 2, 3, 4, 16}, T across block sizes, Dk != Dv, within budget(); with `bad`, one
+// dimension problem.
+template <typename Case>
+inline void draw_dims(Rng& r, BadDims bad, Case* cp) {
+  Case& c = *cp;
+  c.dt = chance(r, 0.5) ? NSA_DTYPE_F32 : NSA_DTYPE_BF16;
+  c.B = chance(r, 0.05) ? 0 : uni(r, 1, 3);
+  const int64_t tsize = uni(r, 0, 9);
+  c.T = chance(r, 0.04) ? 0 : tsize < 4 ? uni(r, 1, 20) : tsize < 7 ? uni(r, 21, 80) : uni(r, 81, 200);
+  c.T = std::min(c.T, budget().max_T);
+  const int64_t G = pick(r, std::vector<int64_t>{1, 1, 2, 3, 4, 16});
+  c.Hkv = G == 16 ? uni(r, 1, 2) : uni(r, 1, 4);
+  c.Hq = G * c.Hkv;
+  c.Dk = chance(r, 0.3) ? uni(r, 1, 8) : uni(r, 1, 40);
+  c.Dv = chance(r, 0.3) ? uni(r, 1, 8) : uni(r, 1, 40);
+  c.B = std::min(c.B, budget().max_B);
+  c.Dk = std::min(c.Dk, budget().max_D);
+  c.Dv = std::min(c.Dv, budget().max_D);
+  switch (bad) {
+    case BadDims::kRatio: c.Hkv = uni(r, 2, 4), c.Hq = c.Hkv * uni(r, 1, 3) + uni(r, 1, c.Hkv - 1); break;
+    case BadDims::kHq0: c.Hq = 0; break;
+    case BadDims::kHkv0: c.Hkv = 0; break;
+    case BadDims::kDk0: c.Dk = 0; break;
+    case BadDims::kDv0: c.Dv = 0; break;
+    case BadDims::kNone: break;
+  }
+}
+
 struct FwdCase {
   int64_t B = 0, T = 0, Hq = 0, Hkv = 0, Dk = 0, Dv = 0, Tc = 0;
   nsa_config cfg{};
@@ -76,27 +105,7 @@ struct FwdCase {
 // A random case: valid when `bad` is kNone, else with that one dimension problem.
 inline FwdCase make_fwd(Rng& r, BadDims bad = BadDims::kNone) {
   FwdCase c;
-  c.dt = chance(r, 0.5) ? NSA_DTYPE_F32 : NSA_DTYPE_BF16;
-  c.B = chance(r, 0.05) ? 0 : uni(r, 1, 3);
-  const int64_t tsize = uni(r, 0, 9);
-  c.T = chance(r, 0.04) ? 0 : tsize < 4 ? uni(r, 1, 20) : tsize < 7 ? uni(r, 21, 80) : uni(r, 81, 200);
-  c.T = std::min(c.T, budget().max_T);
-  const int64_t G = pick(r, std::vector<int64_t>{1, 1, 2, 3, 4, 16});
-  c.Hkv = G == 16 ? uni(r, 1, 2) : uni(r, 1, 4);
-  c.Hq = G * c.Hkv;
-  c.Dk = chance(r, 0.3) ? uni(r, 1, 8) : uni(r, 1, 40);
-  c.Dv = chance(r, 0.3) ? uni(r, 1, 8) : uni(r, 1, 40);
-  c.B = std::min(c.B, budget().max_B);
-  c.Dk = std::min(c.Dk, budget().max_D);
-  c.Dv = std::min(c.Dv, budget().max_D);
-  switch (bad) {
-    case BadDims::kRatio: c.Hkv = uni(r, 2, 4), c.Hq = c.Hkv * uni(r, 1, 3) + uni(r, 1, c.Hkv - 1); break;
-    case BadDims::kHq0: c.Hq = 0; break;
-    case BadDims::kHkv0: c.Hkv = 0; break;
-    case BadDims::kDk0: c.Dk = 0; break;
-    case BadDims::kDv0: c.Dv = 0; break;
-    case BadDims::kNone: break;
-  }
+  draw_dims(r, bad, &c);
   c.cfg = random_config(r, chance(r, 0.05));
   if (c.cfg.scale != 0.0f && c.Dk > 0) {  // keep scores O(1): scale in [0.5, 1.5] / sqrt(Dk)
     c.cfg.scale = static_cast<float>(uni(r, 5, 15) / 10.0 / std::sqrt(double(c.Dk)));
