@@ -4,7 +4,7 @@
 // (nsa_compress_bwd), fuzz_dense.h (nsa_dense_fwd, nsa_dense_bwd) and fuzz_config.h
 // (nsa_config_validate, nsa_cmp_len, nsa_tensor_contiguous), drawn from a PRNG. The
 // coverage-guided targets in fuzz/ run the same calls from libFuzzer's inputs.
-// NSA_FUZZ_ITERS (default 5000: about 30 s in Release on 2 cores) and NSA_FUZZ_SEED set a longer
+// NSA_FUZZ_ITERS (default 5000: about 10 s in Release on 2 cores) and NSA_FUZZ_SEED set a longer
 // run; iteration i uses seed NSA_FUZZ_SEED + i, so NSA_FUZZ_SEED=<printed seed> NSA_FUZZ_ITERS=1
 // replays one failing case. NSA_FUZZ_ONLY=<name> (fwd, compress, misc, bwd, compress_bwd, dense,
 // dense_bwd, config) runs that call alone in every iteration, for a long run of one entry point.
