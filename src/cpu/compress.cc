@@ -42,23 +42,22 @@ void mean_chunk(const CompressProblem& pr, const Chunk& c, float* buf, float* ac
 }
 
 // mlp: W2 relu(W1 flatten(X + P) + b1) + b2, flatten row-major over [l, D], one parameter set
-// per KV head. Per (sequence, head) and chunk of kMlpRows compressed tokens: the chunk's
+// per KV head. Per (sequence, head) and chunk of R compressed tokens (mlp_chunk_rows): the chunk's
 // flattened blocks [rows, l D] are gathered (in parallel), then hidden = flat W1^T and
 // out = hidden W2^T are two sgemm calls (OpenBLAS, threaded on its own). OpenBLAS splits a GEMM
 // over rows and columns, never over the reduction, so each element is summed in one fixed
 // order whatever the thread counts.
-constexpr int64_t kMlpRows = 256;
-
 Status compress_mlp(const CompressProblem& pr, int threads) {
   const nsa_compress_params& p = pr.p;
   const int64_t l = p.cfg.cmp_block, d = p.cfg.cmp_stride, D = pr.D, Dh = pr.Dh, L = l * D;
+  const int64_t R = mlp_chunk_rows(pr.seqs);
   std::vector<float> w1, w2, flat, hidden, out, pos, b1, b2;
   try {
     w1.resize(static_cast<size_t>(Dh * L));
     w2.resize(static_cast<size_t>(D * Dh));
-    flat.resize(static_cast<size_t>(kMlpRows * L));
-    hidden.resize(static_cast<size_t>(kMlpRows * Dh));
-    out.resize(static_cast<size_t>(kMlpRows * D));
+    flat.resize(static_cast<size_t>(R * L));
+    hidden.resize(static_cast<size_t>(R * Dh));
+    out.resize(static_cast<size_t>(R * D));
     pos.resize(static_cast<size_t>(L));
     b1.resize(static_cast<size_t>(Dh));
     b2.resize(static_cast<size_t>(D));
@@ -73,8 +72,8 @@ Status compress_mlp(const CompressProblem& pr, int threads) {
     for (int64_t u = 0; u < Dh; ++u) b1[u] = load_f32(p.b1, offset_of(p.b1, h, u));
     for (int64_t i = 0; i < D; ++i) b2[i] = load_f32(p.b2, offset_of(p.b2, h, i));
     for (const Sequence& seq : pr.seqs) {
-      for (int64_t first = 0; first < seq.cmp_len; first += kMlpRows) {
-        const int64_t rows = std::min(kMlpRows, seq.cmp_len - first);
+      for (int64_t first = 0; first < seq.cmp_len; first += R) {
+        const int64_t rows = std::min(R, seq.cmp_len - first);
         // Compressed token i summarises raw tokens i*d .. i*d + l - 1 of its sequence (SPEC 3).
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t k = 0; k < rows; ++k) {

@@ -20,7 +20,6 @@ namespace nsa::cpu {
 namespace {
 
 constexpr int64_t kTokenChunk = 256;  // mean: tokens per work item
-constexpr int64_t kMlpRows = 256;     // mlp: compressed tokens per chunk (as the forward)
 
 int64_t padded(int64_t n) { return (n + 15) / 16 * 16; }
 
@@ -98,7 +97,7 @@ struct MlpBuffers {
 Status mlp_backward(const CompressBwdProblem& pr, int threads) {
   const nsa_compress_bwd_params& p = pr.p;
   const int64_t l = p.cfg.cmp_block, d = p.cfg.cmp_stride, D = pr.D, Dh = pr.Dh, L = l * D;
-  const int64_t R = kMlpRows;
+  const int64_t R = mlp_chunk_rows(pr.seqs);  // as the forward
   MlpBuffers m;
   try {
     m.w1.resize(Dh * L), m.w2.resize(D * Dh), m.pos.resize(L), m.b1.resize(Dh);

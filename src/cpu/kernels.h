@@ -5,6 +5,7 @@
 // Accumulation is float32 for f32 and bf16 inputs alike (bf16 -> f32 is exact).
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -42,6 +43,16 @@ inline void fill(float v, float* y, int64_t n) {
 // below every std::vector's max_size, which would otherwise throw std::length_error.
 inline bool mul_size(int64_t a, int64_t b, int64_t* out) {
   return a >= 0 && b >= 0 && !__builtin_mul_overflow(a, b, out) && *out <= (int64_t{1} << 56);
+}
+
+// Compressed tokens per chunk of the mlp compression (forward and backward, SPEC 5): up to 256,
+// and no more than the longest sequence has, so that scratch is what the call needs (with
+// cmp_stride 4096 the backward's token window for 256 rows would hold a million tokens, for a
+// call of a few). Every sequence is cut into the same chunks as with 256, so the bits agree.
+inline int64_t mlp_chunk_rows(const std::vector<Sequence>& seqs) {
+  int64_t rows = 1;
+  for (const Sequence& s : seqs) rows = std::max(rows, s.cmp_len);
+  return std::min<int64_t>(rows, 256);
 }
 
 // ---- Element access (offsets from offset_of, so strided views work). ----
