@@ -42,8 +42,8 @@ void mean_chunk(const CompressProblem& pr, const Chunk& c, float* buf, float* ac
 }
 
 // mlp: W2 relu(W1 flatten(X + P) + b1) + b2, flatten row-major over [l, D], one parameter set
-// per KV head. Per (sequence, head) and chunk of R compressed tokens (mlp_chunk_rows): the chunk's
-// flattened blocks [rows, l D] are gathered (in parallel), then hidden = flat W1^T and
+// per KV head. Per (sequence, head) and chunk of R compressed tokens (mlp_chunk_rows): the
+// chunk's flattened blocks [rows, l D] are gathered (in parallel), then hidden = flat W1^T and
 // out = hidden W2^T are two sgemm calls (OpenBLAS, threaded on its own). OpenBLAS splits a GEMM
 // over rows and columns, never over the reduction, so each element is summed in one fixed
 // order whatever the thread counts.
