@@ -1,9 +1,10 @@
 // A libFuzzer target: one structured call of the C API per input (tests/fuzz_api.h and the
 // headers beside it build the call from the input's bytes and check it against nsa.h's promises
-// with GoogleTest assertions). NSA_FUZZ_TARGET_<name> selects the call at compile time, so each
-// entry point gets its own binary, corpus and coverage (fuzz/CMakeLists.txt). A broken promise
-// is a crash for libFuzzer: the assertion's message is printed, then the process aborts and
-// libFuzzer saves the input. scripts/fuzz.sh builds and runs them.
+// with GoogleTest assertions). NSA_FUZZ_CALL (nsa_fuzz::fuzz_<name>) selects the call at
+// compile time, so each entry point gets its own binary, corpus and coverage
+// (fuzz/CMakeLists.txt). A broken promise is a crash for libFuzzer: the assertion's message is
+// printed, then the process aborts and libFuzzer saves the input. scripts/fuzz.sh builds and
+// runs them.
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -20,27 +21,11 @@
 namespace {
 
 void one_call(const uint8_t* data, size_t size) {
-  nsa_fuzz::Rng r(data, size);
-#if defined(NSA_FUZZ_TARGET_fwd)
-  nsa_fuzz::fuzz_fwd(r);
-#elif defined(NSA_FUZZ_TARGET_compress)
-  nsa_fuzz::fuzz_compress(r);
-#elif defined(NSA_FUZZ_TARGET_misc)
-  nsa_fuzz::fuzz_misc(r);
-#elif defined(NSA_FUZZ_TARGET_bwd)
-  nsa_fuzz::fuzz_bwd(r);
-#elif defined(NSA_FUZZ_TARGET_compress_bwd)
-  nsa_fuzz::fuzz_compress_bwd(r);
-#elif defined(NSA_FUZZ_TARGET_dense)
-  nsa_fuzz::fuzz_dense(r);
-#elif defined(NSA_FUZZ_TARGET_dense_bwd)
-  nsa_fuzz::fuzz_dense_bwd(r);
-#elif defined(NSA_FUZZ_TARGET_config)
-  nsa_fuzz::fuzz_config(r);
-#elif defined(NSA_FUZZ_TARGET_cache)
-  nsa_fuzz::fuzz_cache(data, size);
+#if defined(NSA_FUZZ_READS_BYTES)  // the cache target reads the bytes itself (fuzz_decode.h)
+  nsa_fuzz::NSA_FUZZ_CALL(data, size);
 #else
-#error "define NSA_FUZZ_TARGET_<name>"
+  nsa_fuzz::Rng r(data, size);
+  nsa_fuzz::NSA_FUZZ_CALL(r);
 #endif
 }
 
