@@ -71,8 +71,8 @@ struct Fwd {
         o(NSA_DTYPE_F32, {1, s.T, s.Hq, s.Dv}, 7, 0, 0),
         idx(NSA_DTYPE_I32, {1, s.T, s.Hkv, cfg.slc_count}, 8, 0, 0) {
     nsa_fwd_params_init(&p);
-    p.q = q.t, p.k = k.t, p.v = v.t, p.k_cmp = k_cmp.t, p.v_cmp = v_cmp.t;
-    p.g_cmp = p.g_slc = p.g_win = g.t;
+    p.in.q = q.t, p.in.k = k.t, p.in.v = v.t, p.in.k_cmp = k_cmp.t, p.in.v_cmp = v_cmp.t;
+    p.in.g_cmp = p.in.g_slc = p.in.g_win = g.t;
     p.o = o.t;
   }
   static nsa_config defaults() {
@@ -249,8 +249,8 @@ void BM_NsaBwd(benchmark::State& state) {
       dg2(NSA_DTYPE_F32, {1, s.T, s.Hq}, 11, 0, 0), dg3(NSA_DTYPE_F32, {1, s.T, s.Hq}, 11, 0, 0);
   nsa_bwd_params b;
   nsa_bwd_params_init(&b);
-  b.q = f.p.q, b.k = f.p.k, b.v = f.p.v, b.k_cmp = f.p.k_cmp, b.v_cmp = f.p.v_cmp;
-  b.g_cmp = b.g_slc = b.g_win = f.p.g_cmp;
+  b.in.q = f.p.in.q, b.in.k = f.p.in.k, b.in.v = f.p.in.v, b.in.k_cmp = f.p.in.k_cmp, b.in.v_cmp = f.p.in.v_cmp;
+  b.in.g_cmp = b.in.g_slc = b.in.g_win = f.p.in.g_cmp;
   b.slc_indices = f.idx.t, b.lse_cmp = lse_c.t, b.lse_slc = lse_s.t, b.lse_win = lse_w.t;
   b.o_cmp = o_c.t, b.o_slc = o_s.t, b.o_win = o_w.t;
   b.d_o = d_o.t, b.dq = dq.t, b.dk = dk.t, b.dv = dv.t, b.dk_cmp = dkc.t, b.dv_cmp = dvc.t;

@@ -59,14 +59,14 @@ int main(void) {
   if (s == NSA_OK) {
     nsa_fwd_params p;
     nsa_fwd_params_init(&p); /* default config, every optional tensor absent */
-    p.q = f32(q, B, T, HQ, DK);
-    p.k = f32(k, B, T, HKV, DK);
-    p.v = f32(v, B, T, HKV, DV);
-    p.k_cmp = f32(k_cmp, B, tc, HKV, DK);
-    p.v_cmp = f32(v_cmp, B, tc, HKV, DV);
-    p.g_cmp = f32(gates, B, T, HQ, 0);
-    p.g_slc = f32(gates + ng, B, T, HQ, 0);
-    p.g_win = f32(gates + 2 * ng, B, T, HQ, 0);
+    p.in.q = f32(q, B, T, HQ, DK);
+    p.in.k = f32(k, B, T, HKV, DK);
+    p.in.v = f32(v, B, T, HKV, DV);
+    p.in.k_cmp = f32(k_cmp, B, tc, HKV, DK);
+    p.in.v_cmp = f32(v_cmp, B, tc, HKV, DV);
+    p.in.g_cmp = f32(gates, B, T, HQ, 0);
+    p.in.g_slc = f32(gates + ng, B, T, HQ, 0);
+    p.in.g_win = f32(gates + 2 * ng, B, T, HQ, 0);
     p.o = f32(o, B, T, HQ, DV);
     s = nsa_fwd(ctx, &p);
   }

@@ -43,14 +43,14 @@ int main() {
 
     nsa_fwd_params p;
     nsa_fwd_params_init(&p);  // default config, every optional tensor absent
-    p.q = nsa::tensor(q.data(), {B, T, Hq, Dk});
-    p.k = nsa::tensor(k.data(), {B, T, Hkv, Dk});
-    p.v = nsa::tensor(v.data(), {B, T, Hkv, Dv});
-    p.k_cmp = nsa::tensor(k_cmp.data(), {B, Tc, Hkv, Dk});
-    p.v_cmp = nsa::tensor(v_cmp.data(), {B, Tc, Hkv, Dv});
-    p.g_cmp = nsa::tensor(g_cmp.data(), {B, T, Hq});
-    p.g_slc = nsa::tensor(g_slc.data(), {B, T, Hq});
-    p.g_win = nsa::tensor(g_win.data(), {B, T, Hq});
+    p.in.q = nsa::tensor(q.data(), {B, T, Hq, Dk});
+    p.in.k = nsa::tensor(k.data(), {B, T, Hkv, Dk});
+    p.in.v = nsa::tensor(v.data(), {B, T, Hkv, Dv});
+    p.in.k_cmp = nsa::tensor(k_cmp.data(), {B, Tc, Hkv, Dk});
+    p.in.v_cmp = nsa::tensor(v_cmp.data(), {B, Tc, Hkv, Dv});
+    p.in.g_cmp = nsa::tensor(g_cmp.data(), {B, T, Hq});
+    p.in.g_slc = nsa::tensor(g_slc.data(), {B, T, Hq});
+    p.in.g_win = nsa::tensor(g_win.data(), {B, T, Hq});
     p.o = nsa::tensor(o.data(), {B, T, Hq, Dv});
     ctx.fwd(p);
 

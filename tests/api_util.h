@@ -130,8 +130,8 @@ struct FwdFixture {
   // Every optional argument present: per-branch K/V (aliasing k/v), indices in, all outputs.
   nsa_fwd_params full() {
     nsa_fwd_params p = c.params();
-    p.k_slc = p.k_win = c.k.desc();
-    p.v_slc = p.v_win = c.v.desc();
+    p.in.k_slc = p.in.k_win = c.k.desc();
+    p.in.v_slc = p.in.v_win = c.v.desc();
     p.slc_indices_in = idx_in.desc();
     return p;
   }
@@ -159,30 +159,45 @@ inline void expect_rejected(const char* what, const FwdFixture& f, const nsa_fwd
   }
 }
 
+// A tensor field of nsa_fwd_params or nsa_bwd_params: one of the forward's inputs (params.in) or
+// one of the params' own tensors; at(p, m) is the field itself.
+template <typename Params>
+struct Member {
+  nsa_tensor nsa_fwd_inputs::*in = nullptr;
+  nsa_tensor Params::*own = nullptr;
+  Member(nsa_tensor nsa_fwd_inputs::*m) : in(m) {}  // NOLINT: implicit, for the tables
+  Member(nsa_tensor Params::*m) : own(m) {}         // NOLINT
+  bool operator==(nsa_tensor nsa_fwd_inputs::*m) const { return in == m; }
+};
+template <typename Params>
+nsa_tensor& at(Params& p, const Member<Params>& m) {
+  return m.in != nullptr ? p.in.*m.in : p.*m.own;
+}
+
 struct Field {
   const char* name;
-  nsa_tensor nsa_fwd_params::*member;
+  Member<nsa_fwd_params> member;
 };
 inline const Field kRequired[] = {
-    {"q", &nsa_fwd_params::q},         {"k", &nsa_fwd_params::k},
-    {"v", &nsa_fwd_params::v},         {"k_cmp", &nsa_fwd_params::k_cmp},
-    {"v_cmp", &nsa_fwd_params::v_cmp}, {"g_cmp", &nsa_fwd_params::g_cmp},
-    {"g_slc", &nsa_fwd_params::g_slc}, {"g_win", &nsa_fwd_params::g_win},
+    {"q", &nsa_fwd_inputs::q},         {"k", &nsa_fwd_inputs::k},
+    {"v", &nsa_fwd_inputs::v},         {"k_cmp", &nsa_fwd_inputs::k_cmp},
+    {"v_cmp", &nsa_fwd_inputs::v_cmp}, {"g_cmp", &nsa_fwd_inputs::g_cmp},
+    {"g_slc", &nsa_fwd_inputs::g_slc}, {"g_win", &nsa_fwd_inputs::g_win},
     {"o", &nsa_fwd_params::o}};
 inline const Field kOptional[] = {
-    {"k_slc", &nsa_fwd_params::k_slc},     {"v_slc", &nsa_fwd_params::v_slc},
-    {"k_win", &nsa_fwd_params::k_win},     {"v_win", &nsa_fwd_params::v_win},
+    {"k_slc", &nsa_fwd_inputs::k_slc},     {"v_slc", &nsa_fwd_inputs::v_slc},
+    {"k_win", &nsa_fwd_inputs::k_win},     {"v_win", &nsa_fwd_inputs::v_win},
     {"o_cmp", &nsa_fwd_params::o_cmp},     {"o_slc", &nsa_fwd_params::o_slc},
     {"o_win", &nsa_fwd_params::o_win},     {"lse_cmp", &nsa_fwd_params::lse_cmp},
     {"lse_slc", &nsa_fwd_params::lse_slc}, {"lse_win", &nsa_fwd_params::lse_win},
     {"slc_indices_in", &nsa_fwd_params::slc_indices_in},
     {"slc_indices_out", &nsa_fwd_params::slc_indices_out}};
 
-inline nsa_tensor nsa_fwd_params::*member(const std::string& name) {
+inline Member<nsa_fwd_params> member(const std::string& name) {
   for (const Field& f : kRequired) if (name == f.name) return f.member;
   for (const Field& f : kOptional) if (name == f.name) return f.member;
   ADD_FAILURE() << "no tensor " << name;
-  return &nsa_fwd_params::q;
+  return &nsa_fwd_inputs::q;
 }
 
 // "name:" as the message starts with it; plain "k" would also match "k_cmp".

@@ -113,22 +113,22 @@ inline FwdResult reference_forward(const Case64& c, bool use_case_indices) {
   r.idx = Tensor(NSA_DTYPE_I32, {s.B, s.T, s.Hkv, c.args.cfg.slc_count});
   nsa_fwd_params p;
   nsa_fwd_params_init(&p);
-  p.cfg = c.args.cfg;
-  p.q = in.q.desc();
-  p.k = in.k.desc();
-  p.v = in.v.desc();
+  p.in.cfg = c.args.cfg;
+  p.in.q = in.q.desc();
+  p.in.k = in.k.desc();
+  p.in.v = in.v.desc();
   if (c.own_branch_kv) {
-    p.k_win = in.k_win.desc();
-    p.v_win = in.v_win.desc();
+    p.in.k_win = in.k_win.desc();
+    p.in.v_win = in.v_win.desc();
   }
-  p.k_cmp = in.k_cmp.desc();
-  p.v_cmp = in.v_cmp.desc();
-  p.g_cmp = in.g_cmp.desc();
-  p.g_slc = in.g_slc.desc();
-  p.g_win = in.g_win.desc();
+  p.in.k_cmp = in.k_cmp.desc();
+  p.in.v_cmp = in.v_cmp.desc();
+  p.in.g_cmp = in.g_cmp.desc();
+  p.in.g_slc = in.g_slc.desc();
+  p.in.g_win = in.g_win.desc();
   if (!c.cu.empty()) {
-    p.cu_seqlens = c.cu.data();
-    p.num_seqs = static_cast<int64_t>(c.cu.size()) - 1;
+    p.in.cu_seqlens = c.cu.data();
+    p.in.num_seqs = static_cast<int64_t>(c.cu.size()) - 1;
   }
   if (use_case_indices) p.slc_indices_in = in.idx.desc();
   p.o = r.o.desc();

@@ -99,13 +99,13 @@ inline CachePtr make_cache(nsa_context* ctx, const nsa_config& cfg, int64_t seqs
 // what decode reads.
 inline void export_cmp(const nsa_kv_cache& c, int64_t seq, int64_t b, Tensor& k_cmp,
                        Tensor& v_cmp) {
-  const int64_t Tc = nsa::cpu::kv_cache_cmp_len(c, seq);
+  const int64_t Tc = c.cmp_len(seq);
   std::vector<float> row(static_cast<size_t>(std::max(c.Dk, c.Dv)));
   for (int64_t i = 0; i < Tc; ++i) {
     for (int64_t h = 0; h < c.Hkv; ++h) {
-      c.cmp.read_k(seq, h, i, row.data());
+      nsa::cpu::storage(c).cmp.read_k(seq, h, i, row.data());
       for (int64_t x = 0; x < c.Dk; ++x) k_cmp.set({b, i, h, x}, row[x]);
-      c.cmp.read_v(seq, h, i, row.data());
+      nsa::cpu::storage(c).cmp.read_v(seq, h, i, row.data());
       for (int64_t x = 0; x < c.Dv; ++x) v_cmp.set({b, i, h, x}, row[x]);
     }
   }

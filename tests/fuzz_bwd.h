@@ -143,11 +143,11 @@ struct BwdCase {
     const nsa_fwd_params fp = f.params();
     nsa_bwd_params p;
     nsa_bwd_params_init(&p);
-    p.cfg = fp.cfg;
-    p.q = fp.q, p.k = fp.k, p.v = fp.v, p.k_slc = fp.k_slc, p.v_slc = fp.v_slc;
-    p.k_win = fp.k_win, p.v_win = fp.v_win, p.k_cmp = fp.k_cmp, p.v_cmp = fp.v_cmp;
-    p.g_cmp = fp.g_cmp, p.g_slc = fp.g_slc, p.g_win = fp.g_win;
-    p.cu_seqlens = fp.cu_seqlens, p.num_seqs = fp.num_seqs;
+    p.in.cfg = fp.in.cfg;
+    p.in.q = fp.in.q, p.in.k = fp.in.k, p.in.v = fp.in.v, p.in.k_slc = fp.in.k_slc, p.in.v_slc = fp.in.v_slc;
+    p.in.k_win = fp.in.k_win, p.in.v_win = fp.in.v_win, p.in.k_cmp = fp.in.k_cmp, p.in.v_cmp = fp.in.v_cmp;
+    p.in.g_cmp = fp.in.g_cmp, p.in.g_slc = fp.in.g_slc, p.in.g_win = fp.in.g_win;
+    p.in.cu_seqlens = fp.in.cu_seqlens, p.in.num_seqs = fp.in.num_seqs;
     p.slc_indices = idx().desc();
     nsa_tensor* st[6] = {&p.lse_cmp, &p.lse_slc, &p.lse_win, &p.o_cmp, &p.o_slc, &p.o_win};
     const Buf* sb[6] = {&f.lse_cmp, &f.lse_slc, &f.lse_win, &f.o_cmp, &f.o_slc, &f.o_win};
@@ -238,12 +238,12 @@ inline std::vector<Backed> bwd_backed(nsa_bwd_params& p, BwdCase& c) {
   const Buf* vs = f.slc_mode == 2 ? &f.v_slc : &f.v;
   const Buf* kw = f.win_mode == 2 ? &f.k_win : &f.k;
   const Buf* vw = f.win_mode == 2 ? &f.v_win : &f.v;
-  return {{"q", &p.q, &f.q, false},           {"k", &p.k, &f.k, false},
-          {"v", &p.v, &f.v, false},           {"k_slc", &p.k_slc, ks, false},
-          {"v_slc", &p.v_slc, vs, false},     {"k_win", &p.k_win, kw, false},
-          {"v_win", &p.v_win, vw, false},     {"k_cmp", &p.k_cmp, &f.k_cmp, false},
-          {"v_cmp", &p.v_cmp, &f.v_cmp, false}, {"g_cmp", &p.g_cmp, &f.g_cmp, false},
-          {"g_slc", &p.g_slc, &f.g_slc, false}, {"g_win", &p.g_win, &f.g_win, false},
+  return {{"q", &p.in.q, &f.q, false},           {"k", &p.in.k, &f.k, false},
+          {"v", &p.in.v, &f.v, false},           {"k_slc", &p.in.k_slc, ks, false},
+          {"v_slc", &p.in.v_slc, vs, false},     {"k_win", &p.in.k_win, kw, false},
+          {"v_win", &p.in.v_win, vw, false},     {"k_cmp", &p.in.k_cmp, &f.k_cmp, false},
+          {"v_cmp", &p.in.v_cmp, &f.v_cmp, false}, {"g_cmp", &p.in.g_cmp, &f.g_cmp, false},
+          {"g_slc", &p.in.g_slc, &f.g_slc, false}, {"g_win", &p.in.g_win, &f.g_win, false},
           {"slc_indices", &p.slc_indices, &c.idx(), false},
           {"lse_cmp", &p.lse_cmp, &f.lse_cmp, false}, {"lse_slc", &p.lse_slc, &f.lse_slc, false},
           {"lse_win", &p.lse_win, &f.lse_win, false}, {"o_cmp", &p.o_cmp, &f.o_cmp, false},
@@ -315,7 +315,7 @@ inline BwdCall make_bwd_call(Rng& r, BwdCase& c) {
       if (break_index(r, c, call)) return call;
     } else if (m < 92 && c.f.cfg.cmp_block < std::numeric_limits<int32_t>::max()) {
       const nsa_test::BadConfig bc = pick(r, nsa_test::bad_configs(c.f.cfg));
-      call.p.cfg = bc.cfg;
+      call.p.in.cfg = bc.cfg;
       e = {NSA_ERR_INVALID_CONFIG, std::string("config: ") + bc.what, bc.field};
       return call;
     } else if (m >= 92) {

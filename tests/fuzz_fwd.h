@@ -74,13 +74,13 @@ struct FwdCase {
   nsa_fwd_params params() const {
     nsa_fwd_params p;
     nsa_fwd_params_init(&p);
-    p.cfg = cfg;
-    p.q = q.desc(), p.k = k.desc(), p.v = v.desc(), p.k_cmp = k_cmp.desc(), p.v_cmp = v_cmp.desc();
-    p.g_cmp = g_cmp.desc(), p.g_slc = g_slc.desc(), p.g_win = g_win.desc();
-    if (slc_mode) p.k_slc = slc_mode == 1 ? k.desc() : k_slc.desc();
-    if (slc_mode) p.v_slc = slc_mode == 1 ? v.desc() : v_slc.desc();
-    if (win_mode) p.k_win = win_mode == 1 ? k.desc() : k_win.desc();
-    if (win_mode) p.v_win = win_mode == 1 ? v.desc() : v_win.desc();
+    p.in.cfg = cfg;
+    p.in.q = q.desc(), p.in.k = k.desc(), p.in.v = v.desc(), p.in.k_cmp = k_cmp.desc(), p.in.v_cmp = v_cmp.desc();
+    p.in.g_cmp = g_cmp.desc(), p.in.g_slc = g_slc.desc(), p.in.g_win = g_win.desc();
+    if (slc_mode) p.in.k_slc = slc_mode == 1 ? k.desc() : k_slc.desc();
+    if (slc_mode) p.in.v_slc = slc_mode == 1 ? v.desc() : v_slc.desc();
+    if (win_mode) p.in.k_win = win_mode == 1 ? k.desc() : k_win.desc();
+    if (win_mode) p.in.v_win = win_mode == 1 ? v.desc() : v_win.desc();
     if (has_idx_in) p.slc_indices_in = idx_in.desc();
     nsa_tensor* outp[8] = {&p.o,       &p.o_cmp,   &p.o_slc,   &p.o_win,
                            &p.lse_cmp, &p.lse_slc, &p.lse_win, &p.slc_indices_out};
@@ -88,7 +88,7 @@ struct FwdCase {
     for (int i = 0; i < 8; ++i) {
       if (present[i]) *outp[i] = outb[i]->desc();
     }
-    if (!cu.empty()) p.cu_seqlens = cu.data(), p.num_seqs = static_cast<int64_t>(cu.size()) - 1;
+    if (!cu.empty()) p.in.cu_seqlens = cu.data(), p.in.num_seqs = static_cast<int64_t>(cu.size()) - 1;
     return p;
   }
 
@@ -182,13 +182,13 @@ inline std::vector<TArg> fwd_args(nsa_fwd_params& p, nsa_dtype dt) {
   const std::vector<int> gate = dt == NSA_DTYPE_F32 ? f32 : out;  // bf16 inputs take f32 gates
   // q alone would take f32 or bf16, but k must match it: a float q is reported at k.
   std::vector<TArg> a = {
-      {"q", &p.q, same, true, false, 0xF, true},    {"k", &p.k, same, true, false, 1 << 2},
-      {"v", &p.v, same, true, false, 1 << 3},       {"k_cmp", &p.k_cmp, same, true, false},
-      {"v_cmp", &p.v_cmp, same, true, false},       {"g_cmp", &p.g_cmp, gate, true, false},
-      {"g_slc", &p.g_slc, gate, true, false},       {"g_win", &p.g_win, gate, true, false},
-      {"o", &p.o, out, true, true},                 {"k_slc", &p.k_slc, same, false, false},
-      {"v_slc", &p.v_slc, same, false, false},      {"k_win", &p.k_win, same, false, false},
-      {"v_win", &p.v_win, same, false, false},      {"o_cmp", &p.o_cmp, out, false, true},
+      {"q", &p.in.q, same, true, false, 0xF, true},    {"k", &p.in.k, same, true, false, 1 << 2},
+      {"v", &p.in.v, same, true, false, 1 << 3},       {"k_cmp", &p.in.k_cmp, same, true, false},
+      {"v_cmp", &p.in.v_cmp, same, true, false},       {"g_cmp", &p.in.g_cmp, gate, true, false},
+      {"g_slc", &p.in.g_slc, gate, true, false},       {"g_win", &p.in.g_win, gate, true, false},
+      {"o", &p.o, out, true, true},                 {"k_slc", &p.in.k_slc, same, false, false},
+      {"v_slc", &p.in.v_slc, same, false, false},      {"k_win", &p.in.k_win, same, false, false},
+      {"v_win", &p.in.v_win, same, false, false},      {"o_cmp", &p.o_cmp, out, false, true},
       {"o_slc", &p.o_slc, out, false, true},        {"o_win", &p.o_win, out, false, true},
       {"lse_cmp", &p.lse_cmp, f32, false, true},    {"lse_slc", &p.lse_slc, f32, false, true},
       {"lse_win", &p.lse_win, f32, false, true},
@@ -225,13 +225,13 @@ inline FwdCall make_fwd_call(Rng& r, FwdCase& c, BadDims bad) {
       if (mutate_tensor(r, args, random_tmut(r), &e)) return call;
     } else if (m < 74 && c.cfg.cmp_block < big) {  // bad_configs adds 1 to cmp_block
       const nsa_test::BadConfig bc = pick(r, nsa_test::bad_configs(c.cfg));
-      call.p.cfg = bc.cfg;
+      call.p.in.cfg = bc.cfg;
       e = {NSA_ERR_INVALID_CONFIG, std::string("config: ") + bc.what, bc.field};
       return call;
     } else if (m < 79) {  // one of a branch's own K/V without the other
       const bool slc = chance(r, 0.5);
-      nsa_tensor& kt = slc ? call.p.k_slc : call.p.k_win;
-      nsa_tensor& vt = slc ? call.p.v_slc : call.p.v_win;
+      nsa_tensor& kt = slc ? call.p.in.k_slc : call.p.in.k_win;
+      nsa_tensor& vt = slc ? call.p.in.v_slc : call.p.in.v_win;
       const bool drop_k = chance(r, 0.5);
       if ((slc ? c.slc_mode : c.win_mode) != 0) {
         std::memset(drop_k ? &kt : &vt, 0, sizeof(nsa_tensor));
@@ -250,21 +250,21 @@ inline FwdCall make_fwd_call(Rng& r, FwdCase& c, BadDims bad) {
       return call;
     } else if (m < 87 && !c.cu.empty()) {
       call.cu = c.cu;
-      int64_t num = call.p.num_seqs;
+      int64_t num = call.p.in.num_seqs;
       e.what = break_cu(r, call.cu, num);
-      call.p.cu_seqlens = call.cu.data(), call.p.num_seqs = num;
+      call.p.in.cu_seqlens = call.cu.data(), call.p.in.num_seqs = num;
       e.want = NSA_ERR_INVALID_SEQLENS;
       e.needle = e.what.rfind("num_seqs", 0) == 0 ? "num_seqs" : "cu_seqlens";
       return call;
     } else if (m < 89) {
-      call.p.cu_seqlens = nullptr;
-      call.p.num_seqs = pick(r, std::vector<int64_t>{1, 2, 5, -1});
+      call.p.in.cu_seqlens = nullptr;
+      call.p.in.num_seqs = pick(r, std::vector<int64_t>{1, 2, 5, -1});
       e = {NSA_ERR_NULL_POINTER, "cu_seqlens NULL, num_seqs != 0", "cu_seqlens"};
       return call;
     } else if (m < 92 && c.cu.empty() && c.B != 1) {
       call.cu = random_cu(r, c.T);
-      call.p.cu_seqlens = call.cu.data();
-      call.p.num_seqs = static_cast<int64_t>(call.cu.size()) - 1;
+      call.p.in.cu_seqlens = call.cu.data();
+      call.p.in.num_seqs = static_cast<int64_t>(call.cu.size()) - 1;
       e = {NSA_ERR_INVALID_SHAPE, "cu_seqlens with B != 1", "cu_seqlens"};
       return call;
     } else if (m >= 92 && c.has_idx_in && c.idx_in.numel() > 0) {

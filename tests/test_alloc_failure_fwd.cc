@@ -152,7 +152,7 @@ std::shared_ptr<FwdData> fwd_data(Fwd kind) {
 
 nsa_fwd_params fwd_params(FwdData& d) {
   nsa_fwd_params p = d.c.params();
-  if (has(d.k_win)) p.k_win = d.k_win.desc(), p.v_win = d.v_win.desc();
+  if (has(d.k_win)) p.in.k_win = d.k_win.desc(), p.in.v_win = d.v_win.desc();
   if (has(d.idx_in)) p.slc_indices_in = d.idx_in.desc();
   return p;
 }
@@ -202,11 +202,11 @@ Call bwd_call(Fwd kind, bool saved) {
     const nsa_fwd_params fp = fwd_params(*d);
     nsa_bwd_params p;
     nsa_bwd_params_init(&p);
-    p.cfg = fp.cfg;
-    p.q = fp.q, p.k = fp.k, p.v = fp.v, p.k_win = fp.k_win, p.v_win = fp.v_win;
-    p.k_cmp = fp.k_cmp, p.v_cmp = fp.v_cmp;
-    p.g_cmp = fp.g_cmp, p.g_slc = fp.g_slc, p.g_win = fp.g_win;
-    p.cu_seqlens = fp.cu_seqlens, p.num_seqs = fp.num_seqs;
+    p.in.cfg = fp.in.cfg;
+    p.in.q = fp.in.q, p.in.k = fp.in.k, p.in.v = fp.in.v, p.in.k_win = fp.in.k_win, p.in.v_win = fp.in.v_win;
+    p.in.k_cmp = fp.in.k_cmp, p.in.v_cmp = fp.in.v_cmp;
+    p.in.g_cmp = fp.in.g_cmp, p.in.g_slc = fp.in.g_slc, p.in.g_win = fp.in.g_win;
+    p.in.cu_seqlens = fp.in.cu_seqlens, p.in.num_seqs = fp.in.num_seqs;
     p.slc_indices = f.idx_out.desc();
     if (saved) {
       p.lse_cmp = fp.lse_cmp, p.lse_slc = fp.lse_slc, p.lse_win = fp.lse_win;

@@ -37,13 +37,13 @@ struct BwdCall {
   nsa_bwd_params params() {
     nsa_bwd_params p;
     nsa_bwd_params_init(&p);
-    p.cfg = c.args.cfg;
-    p.q = in.q.desc(); p.k = in.k.desc(); p.v = in.v.desc();
-    p.k_cmp = in.k_cmp.desc(); p.v_cmp = in.v_cmp.desc();
-    p.g_cmp = in.g_cmp.desc(); p.g_slc = in.g_slc.desc(); p.g_win = in.g_win.desc();
+    p.in.cfg = c.args.cfg;
+    p.in.q = in.q.desc(); p.in.k = in.k.desc(); p.in.v = in.v.desc();
+    p.in.k_cmp = in.k_cmp.desc(); p.in.v_cmp = in.v_cmp.desc();
+    p.in.g_cmp = in.g_cmp.desc(); p.in.g_slc = in.g_slc.desc(); p.in.g_win = in.g_win.desc();
     if (!c.cu.empty()) {
-      p.cu_seqlens = c.cu.data();
-      p.num_seqs = static_cast<int64_t>(c.cu.size()) - 1;
+      p.in.cu_seqlens = c.cu.data();
+      p.in.num_seqs = static_cast<int64_t>(c.cu.size()) - 1;
     }
     p.slc_indices = in.idx.desc();
     p.d_o = in.d_o.desc();
@@ -112,8 +112,8 @@ TEST(ApiBwd, OwnBranchKvRoutesToTheirOutputs) {
   Ctx ctx(NSA_BACKEND_REF);
   // Only the win branch has its own K/V: dk/dv are the slc branch's alone.
   nsa_bwd_params p = call.params();
-  p.k_win = call.in.k_win.desc();
-  p.v_win = call.in.v_win.desc();
+  p.in.k_win = call.in.k_win.desc();
+  p.in.v_win = call.in.v_win.desc();
   p.dk_win = call.dk_win.desc();
   p.dv_win = call.dv_win.desc();
   ASSERT_EQ(nsa_bwd(ctx.get(), &p), NSA_OK) << ctx.error();
@@ -122,8 +122,8 @@ TEST(ApiBwd, OwnBranchKvRoutesToTheirOutputs) {
   expect_rounded("dk_win", call.dk_win, g.dk_win);
   expect_rounded("dv_win", call.dv_win, g.dv_win);
   // Both branches own K/V: dk/dv may be absent; given, they are zero-filled.
-  p.k_slc = call.in.k.desc();
-  p.v_slc = call.in.v.desc();
+  p.in.k_slc = call.in.k.desc();
+  p.in.v_slc = call.in.v.desc();
   p.dk_slc = call.dk_slc.desc();
   p.dv_slc = call.dv_slc.desc();
   ASSERT_EQ(nsa_bwd(ctx.get(), &p), NSA_OK) << ctx.error();
@@ -168,13 +168,13 @@ void expect_bwd_rejected(const char* what, const BwdCall& call, const nsa_bwd_pa
 
 struct BwdField {
   const char* name;
-  nsa_tensor nsa_bwd_params::*member;
+  Member<nsa_bwd_params> member;
 };
 const BwdField kRequiredBwd[] = {
-    {"q", &nsa_bwd_params::q},           {"k", &nsa_bwd_params::k},
-    {"v", &nsa_bwd_params::v},           {"k_cmp", &nsa_bwd_params::k_cmp},
-    {"v_cmp", &nsa_bwd_params::v_cmp},   {"g_cmp", &nsa_bwd_params::g_cmp},
-    {"g_slc", &nsa_bwd_params::g_slc},   {"g_win", &nsa_bwd_params::g_win},
+    {"q", &nsa_fwd_inputs::q},           {"k", &nsa_fwd_inputs::k},
+    {"v", &nsa_fwd_inputs::v},           {"k_cmp", &nsa_fwd_inputs::k_cmp},
+    {"v_cmp", &nsa_fwd_inputs::v_cmp},   {"g_cmp", &nsa_fwd_inputs::g_cmp},
+    {"g_slc", &nsa_fwd_inputs::g_slc},   {"g_win", &nsa_fwd_inputs::g_win},
     {"slc_indices", &nsa_bwd_params::slc_indices}, {"d_o", &nsa_bwd_params::d_o},
     {"dq", &nsa_bwd_params::dq},         {"dk", &nsa_bwd_params::dk},
     {"dv", &nsa_bwd_params::dv},         {"dk_cmp", &nsa_bwd_params::dk_cmp},
@@ -198,7 +198,7 @@ TEST(ApiBwdArgs, EveryRequiredTensorMissing) {
   BwdCall call = validation_call();
   for (const BwdField& f : kRequiredBwd) {
     nsa_bwd_params p = call.params();
-    (p.*f.member).data = nullptr;
+    at(p, f.member).data = nullptr;
     expect_bwd_rejected(f.name, call, p, NSA_ERR_NULL_POINTER, {named(f.name)});
   }
 }
@@ -207,12 +207,12 @@ TEST(ApiBwdArgs, EveryTensorWithAWrongSize) {
   BwdCall call = validation_call();
   for (const BwdField& f : kRequiredBwd) {
     nsa_bwd_params p = call.params();
-    const int last = (p.*f.member).ndim - 1;
-    Tensor wrong = resized(p.*f.member, last, 1);
-    p.*f.member = wrong.desc();
+    const int last = at(p, f.member).ndim - 1;
+    Tensor wrong = resized(at(p, f.member), last, 1);
+    at(p, f.member) = wrong.desc();
     // A wrong Dk/Dv in q, k or v moves the others' expected shapes; the first to differ is named.
-    const bool defines_sizes = f.member == &nsa_bwd_params::q || f.member == &nsa_bwd_params::k ||
-                               f.member == &nsa_bwd_params::v;
+    const bool defines_sizes = f.member == &nsa_fwd_inputs::q || f.member == &nsa_fwd_inputs::k ||
+                               f.member == &nsa_fwd_inputs::v;
     expect_bwd_rejected(f.name, call, p, NSA_ERR_INVALID_SHAPE,
                         defines_sizes ? std::vector<std::string>{} : std::vector{named(f.name)});
   }
@@ -222,7 +222,7 @@ TEST(ApiBwdArgs, WrongDtypes) {
   BwdCall call = validation_call();
   struct Case {
     const char* name;
-    nsa_tensor nsa_bwd_params::*member;
+    Member<nsa_bwd_params> member;
     nsa_dtype dtype;
   };
   for (const Case& k : {Case{"d_o", &nsa_bwd_params::d_o, NSA_DTYPE_I32},
@@ -232,7 +232,7 @@ TEST(ApiBwdArgs, WrongDtypes) {
                         Case{"lse_cmp", &nsa_bwd_params::lse_cmp, NSA_DTYPE_BF16}}) {
     nsa_bwd_params p = call.params();
     p.lse_cmp = call.lse.desc();
-    (p.*k.member).dtype = k.dtype;
+    at(p, k.member).dtype = k.dtype;
     expect_bwd_rejected(k.name, call, p, NSA_ERR_INVALID_DTYPE, {named(k.name)});
   }
 }
@@ -244,8 +244,8 @@ TEST(ApiBwdArgs, BranchGradientRouting) {
   expect_bwd_rejected("dk_slc without k_slc", call, p, NSA_ERR_INVALID_ARGUMENT,
                       {"dk_slc:", "dk/dv"});
   p = call.params();
-  p.k_win = call.in.k_win.desc();
-  p.v_win = call.in.v_win.desc();
+  p.in.k_win = call.in.k_win.desc();
+  p.in.v_win = call.in.v_win.desc();
   p.dk_win = call.dk_win.desc();  // dv_win missing
   expect_bwd_rejected("v_win without dv_win", call, p, NSA_ERR_NULL_POINTER,
                       {"dv_win:", "required"});
@@ -258,7 +258,7 @@ TEST(ApiBwdArgs, OutputsMustNotShareMemory) {
   expect_bwd_rejected("dg_slc = dg_cmp", call, p, NSA_ERR_INVALID_ARGUMENT,
                       {"dg_cmp:", "dg_slc"});
   p = call.params();
-  p.dg_win = p.g_win;  // writing the gradient over the gate
+  p.dg_win = p.in.g_win;  // writing the gradient over the gate
   p.dg_win.data = call.in.g_win.desc().data;
   expect_bwd_rejected("dg_win over g_win", call, p, NSA_ERR_INVALID_ARGUMENT,
                       {"dg_win:", "g_win"});
@@ -278,10 +278,10 @@ TEST(ApiBwdArgs, BadIndicesAndConfig) {
   expect_bwd_rejected("index -2", call, call.params(), NSA_ERR_INVALID_INDEX, {"slc_indices["});
   idx.set({1, 9, 1, 0}, saved);
   nsa_bwd_params p = call.params();
-  p.cfg.cmp_stride = p.cfg.cmp_block + 1;
+  p.in.cfg.cmp_stride = p.in.cfg.cmp_block + 1;
   expect_bwd_rejected("bad config", call, p, NSA_ERR_INVALID_CONFIG, {"config.cmp_stride"});
   p = call.params();
-  p.num_seqs = 1;  // cu_seqlens NULL
+  p.in.num_seqs = 1;  // cu_seqlens NULL
   expect_bwd_rejected("num_seqs without cu_seqlens", call, p, NSA_ERR_NULL_POINTER,
                       {"cu_seqlens"});
 }

@@ -38,7 +38,7 @@ TEST(ApiFwd, NullDataOfEachRequiredTensor) {
   for (const Field& fld : kRequired) {
     FwdFixture f;
     nsa_fwd_params p = f.full();
-    (p.*fld.member).data = nullptr;
+    at(p, fld.member).data = nullptr;
     expect_rejected(fld.name, f, p, NSA_ERR_NULL_POINTER, {named(fld.name), "NULL"});
   }
 }
@@ -47,7 +47,7 @@ TEST(ApiFwd, EachInvalidConfigField) {
   FwdFixture f;
   for (const BadConfig& bad : bad_configs(base_cfg())) {
     nsa_fwd_params p = f.full();
-    p.cfg = bad.cfg;
+    p.in.cfg = bad.cfg;
     expect_rejected(bad.what, f, p, NSA_ERR_INVALID_CONFIG, {bad.field});
   }
 }
@@ -73,7 +73,7 @@ TEST(ApiFwd, WrongNdim) {
     for (int32_t nd : {0, 3, 4, 5}) {
       FwdFixture f;
       nsa_fwd_params p = f.full();
-      nsa_tensor& t = p.*fld.member;
+      nsa_tensor& t = at(p, fld.member);
       if (t.ndim == nd) continue;
       t.ndim = nd;
       const std::string what = std::string(fld.name) + " ndim " + std::to_string(nd);
@@ -102,7 +102,7 @@ TEST(ApiFwd, MismatchedSizes) {
   for (const Case& cs : cases) {
     FwdFixture f;
     nsa_fwd_params p = f.full();
-    nsa_tensor& t = p.*member(cs.name);
+    nsa_tensor& t = at(p, member(cs.name));
     Tensor repl = resized(t, cs.dim, cs.delta);
     if (t.dtype == NSA_DTYPE_I32) repl.fill(-1);  // valid index values: only the shape is wrong
     t = repl.desc();
@@ -142,7 +142,7 @@ TEST(ApiFwd, WrongCompressedLength) {
     for (int64_t delta : {-1, 1}) {
       FwdFixture f;
       nsa_fwd_params p = f.full();
-      nsa_tensor& t = p.*member(name);
+      nsa_tensor& t = at(p, member(name));
       Tensor repl = resized(t, 1, delta);
       t = repl.desc();
       expect_rejected(name, f, p, NSA_ERR_INVALID_SHAPE, {named(name), "Tc = 7"}, {&repl});
@@ -154,8 +154,8 @@ TEST(ApiFwd, WrongCompressedLength) {
   FwdFixture f;
   f.c = make_case(s, base_cfg(), NSA_DTYPE_F32, 5, true);
   nsa_fwd_params p = f.c.params();
-  Tensor repl = resized(p.k_cmp, 1, 1);
-  p.k_cmp = repl.desc();
+  Tensor repl = resized(p.in.k_cmp, 1, 1);
+  p.in.k_cmp = repl.desc();
   expect_rejected("T < l", f, p, NSA_ERR_INVALID_SHAPE, {named("k_cmp"), "Tc = 0"}, {&repl});
 }
 
@@ -163,7 +163,7 @@ TEST(ApiFwd, InnerStrideNotOne) {
   for (const char* name : {"q", "v_cmp", "g_slc", "o", "lse_cmp", "slc_indices_out"}) {
     FwdFixture f;
     nsa_fwd_params p = f.full();
-    (p.*member(name)).stride[(p.*member(name)).ndim - 1] = 2;
+    at(p, member(name)).stride[at(p, member(name)).ndim - 1] = 2;
     expect_rejected(name, f, p, NSA_ERR_INVALID_STRIDE, {named(name), "stride"});
   }
 }
@@ -176,7 +176,7 @@ TEST(ApiFwd, NegativeStride) {
   for (Case cs : {Case{"k", 1}, {"g_win", 0}, {"k_slc", 2}, {"o", 2}, {"lse_slc", 1}}) {
     FwdFixture f;
     nsa_fwd_params p = f.full();
-    nsa_tensor& t = p.*member(cs.name);
+    nsa_tensor& t = at(p, member(cs.name));
     t.stride[cs.dim] = -t.stride[cs.dim];
     expect_rejected(cs.name, f, p, NSA_ERR_INVALID_STRIDE, {named(cs.name), "negative"});
   }
@@ -196,7 +196,7 @@ TEST(ApiFwd, OverlappingOutputView) {
                   {"slc_indices_out", 0, 0}}) {
     FwdFixture f;
     nsa_fwd_params p = f.full();
-    (p.*member(cs.name)).stride[cs.dim] = cs.stride;
+    at(p, member(cs.name)).stride[cs.dim] = cs.stride;
     expect_rejected(cs.name, f, p, NSA_ERR_INVALID_STRIDE, {named(cs.name), "overlap"});
   }
 }
@@ -206,7 +206,7 @@ TEST(ApiFwd, OverlappingOutputView) {
 TEST(ApiFwd, BroadcastInputsAccepted) {
   FwdFixture f;
   nsa_fwd_params p = f.c.params();
-  for (nsa_tensor* t : {&p.q, &p.k, &p.v, &p.k_cmp, &p.v_cmp, &p.g_cmp, &p.g_slc, &p.g_win}) {
+  for (nsa_tensor* t : {&p.in.q, &p.in.k, &p.in.v, &p.in.k_cmp, &p.in.v_cmp, &p.in.g_cmp, &p.in.g_slc, &p.in.g_win}) {
     t->stride[0] = 0;
   }
   Ctx ctx;
@@ -222,7 +222,7 @@ TEST(ApiFwd, OffsetOverflowRejected) {
   for (const char* name : {"q", "o", "lse_win"}) {
     FwdFixture f;
     nsa_fwd_params p = f.full();
-    (p.*member(name)).stride[0] = std::numeric_limits<int64_t>::max() / 2 + 1;
+    at(p, member(name)).stride[0] = std::numeric_limits<int64_t>::max() / 2 + 1;
     expect_rejected(name, f, p, NSA_ERR_INVALID_SHAPE, {named(name), "64-bit"});
   }
 }

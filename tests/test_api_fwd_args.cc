@@ -12,7 +12,7 @@ namespace {
 // Replaces tensor `name` of `p` by a same-shaped one of `dtype`. f16 (no fill support in the
 // fixture) and i32 buffers stay unpadded and zero: only the dtype is under test.
 Tensor retyped(nsa_fwd_params& p, const char* name, nsa_dtype dtype) {
-  nsa_tensor& t = p.*member(name);
+  nsa_tensor& t = at(p, member(name));
   const bool padded = dtype == NSA_DTYPE_F32 || dtype == NSA_DTYPE_BF16;
   Tensor r(dtype, std::vector<int64_t>(t.shape, t.shape + t.ndim), padded);
   t = r.desc();
@@ -48,7 +48,7 @@ TEST(ApiFwdArgs, WrongDtypes) {
   // A value outside the enum (the buffer stays the f32 one: only the tag is wrong).
   FwdFixture f;
   nsa_fwd_params p = f.full();
-  p.g_slc.dtype = static_cast<nsa_dtype>(42);
+  p.in.g_slc.dtype = static_cast<nsa_dtype>(42);
   expect_rejected("g_slc dtype 42", f, p, NSA_ERR_INVALID_DTYPE, {named("g_slc"), "unknown"});
   // With bf16 q, k and v must be bf16 too: f32 k is a mix.
   f.c = make_case(base_shape(), base_cfg(), NSA_DTYPE_BF16, 9, true);
@@ -63,7 +63,7 @@ TEST(ApiFwdArgs, AllowedDtypeMixes) {
   nsa_fwd_params p = c.params();
   Tensor g(NSA_DTYPE_F32, {2, 64, 4}, true);
   g.fill(0.5);
-  p.g_slc = g.desc();
+  p.in.g_slc = g.desc();
   std::string msg;
   EXPECT_EQ(run_fwd(NSA_BACKEND_AUTO, c, &msg, &p), NSA_OK) << msg;
   FwdCase c2 = make_case(base_shape(), base_cfg(), NSA_DTYPE_F32, 22, true, {}, NSA_DTYPE_BF16);
@@ -75,7 +75,7 @@ TEST(ApiFwdArgs, BranchKvPairIncomplete) {
   for (const char* name : {"k_slc", "v_slc", "k_win", "v_win"}) {
     FwdFixture f;
     nsa_fwd_params p = f.c.params();
-    p.*member(name) = f.c.k.desc();
+    at(p, member(name)) = f.c.k.desc();
     const std::string branch = std::string(name).substr(2);
     expect_rejected(name, f, p, NSA_ERR_NULL_POINTER, {"k_" + branch, "v_" + branch});
   }
@@ -124,8 +124,8 @@ TEST(ApiFwdArgs, BadCuSeqlens) {
   for (const Case& cs : cases) {
     FwdFixture f = varlen_fixture();
     nsa_fwd_params p = f.full();
-    p.cu_seqlens = cs.cu.empty() ? nullptr : cs.cu.data();
-    p.num_seqs = cs.num_seqs;
+    p.in.cu_seqlens = cs.cu.empty() ? nullptr : cs.cu.data();
+    p.in.num_seqs = cs.num_seqs;
     expect_rejected(cs.what, f, p, cs.code, cs.needles);
   }
 }
@@ -143,7 +143,7 @@ TEST(ApiFwdArgs, VarlenCompressedLength) {
   FwdFixture f = varlen_fixture();
   nsa_fwd_params p = f.full();
   Tensor k_cmp(NSA_DTYPE_F32, {1, nsa_cmp_len(&f.c.cfg, 100), 2, 16}, true);
-  p.k_cmp = k_cmp.desc();
+  p.in.k_cmp = k_cmp.desc();
   expect_rejected("unpacked Tc", f, p, NSA_ERR_INVALID_SHAPE, {named("k_cmp"), "Tc = 9"});
 }
 

@@ -109,7 +109,7 @@ TEST(ApiLimits, ViewEndingAtTheLastInt64OffsetIsRejected) {
   for (int i = 0; i < 4; ++i) t.shape[i] = shape[i], t.stride[i] = stride[i];
   nsa_fwd_params f;
   nsa_fwd_params_init(&f);
-  f.q = t;
+  f.in.q = t;
   EXPECT_EQ(nsa_fwd(cx.ctx, &f), NSA_ERR_INVALID_SHAPE) << cx.error();
   EXPECT_NE(cx.error().find("q:"), std::string::npos) << cx.error();
   nsa_compress_params cp;

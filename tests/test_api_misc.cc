@@ -45,9 +45,9 @@ TEST(ApiMisc, ConfigDefaultIsThePapers) {
   // nsa_fwd_params_init and nsa_compress_params_init carry the same defaults.
   nsa_fwd_params p;
   nsa_fwd_params_init(&p);
-  EXPECT_EQ(std::memcmp(&p.cfg, &c, sizeof c), 0);
-  EXPECT_EQ(p.q.data, nullptr);
-  EXPECT_EQ(p.cu_seqlens, nullptr);
+  EXPECT_EQ(std::memcmp(&p.in.cfg, &c, sizeof c), 0);
+  EXPECT_EQ(p.in.q.data, nullptr);
+  EXPECT_EQ(p.in.cu_seqlens, nullptr);
   nsa_compress_params cp;
   nsa_compress_params_init(&cp);
   EXPECT_EQ(std::memcmp(&cp.cfg, &c, sizeof c), 0);
@@ -266,7 +266,7 @@ TEST(ApiCpp, ErrorCarriesStatusAndMessage) {
   }
   FwdFixture f;
   nsa_fwd_params p = f.full();
-  p.q.data = nullptr;
+  p.in.q.data = nullptr;
   try {
     ctx.fwd(p);
     ADD_FAILURE() << "a NULL q must throw";
@@ -316,7 +316,7 @@ TEST(ApiHugeSlcCount, ValidCallSucceedsOnEveryBackend) {
   for (nsa_backend b : {NSA_BACKEND_CPU, NSA_BACKEND_REF}) {
     FwdCase c = make_case(s, config(32, 16, 64, 16, 1, 2, 512), NSA_DTYPE_F32, 1);
     nsa_fwd_params p = c.params();
-    p.cfg.slc_count = INT32_MAX;  // valid: >= slc_init + slc_local
+    p.in.cfg.slc_count = INT32_MAX;  // valid: >= slc_init + slc_local
     std::memset(&p.slc_indices_out, 0, sizeof p.slc_indices_out);  // [.., n] would not fit
     std::string msg;
     EXPECT_EQ(run_fwd(b, c, &msg, &p), NSA_OK) << nsa_backend_name(b) << ": " << msg;

@@ -112,15 +112,15 @@ struct BwdCase {
   // The forward's inputs, shared by nsa_fwd_params and nsa_bwd_params (same field names).
   template <typename Params>
   void common(Params* p) {
-    p->cfg = c.args.cfg;
-    p->q = q.desc(), p->k = k.desc(), p->v = v.desc();
-    if (o.own_slc) p->k_slc = k_slc.desc(), p->v_slc = v_slc.desc();
-    if (o.own_win) p->k_win = k_win.desc(), p->v_win = v_win.desc();
-    p->k_cmp = k_cmp.desc(), p->v_cmp = v_cmp.desc();
-    p->g_cmp = g_cmp.desc(), p->g_slc = g_slc.desc(), p->g_win = g_win.desc();
+    p->in.cfg = c.args.cfg;
+    p->in.q = q.desc(), p->in.k = k.desc(), p->in.v = v.desc();
+    if (o.own_slc) p->in.k_slc = k_slc.desc(), p->in.v_slc = v_slc.desc();
+    if (o.own_win) p->in.k_win = k_win.desc(), p->in.v_win = v_win.desc();
+    p->in.k_cmp = k_cmp.desc(), p->in.v_cmp = v_cmp.desc();
+    p->in.g_cmp = g_cmp.desc(), p->in.g_slc = g_slc.desc(), p->in.g_win = g_win.desc();
     if (!c.cu.empty()) {
-      p->cu_seqlens = c.cu.data();
-      p->num_seqs = static_cast<int64_t>(c.cu.size()) - 1;
+      p->in.cu_seqlens = c.cu.data();
+      p->in.num_seqs = static_cast<int64_t>(c.cu.size()) - 1;
     }
   }
 

@@ -134,7 +134,7 @@ TEST(KvCache, IncrementalCompressionEqualsCompress) {
     }
     export_cmp(*cache, 0, 0, c.k_cmp, c.v_cmp);
     const int64_t Tc = nsa_cmp_len(&cfg, s.T);
-    ASSERT_EQ(nsa::cpu::kv_cache_cmp_len(*cache, 0), Tc);
+    ASSERT_EQ(cache->cmp_len(0), Tc);
     nsa_context* ref = nullptr;
     nsa_context_create(&ref);
     nsa_context_set_backend(ref, NSA_BACKEND_REF);

@@ -47,16 +47,17 @@ TEST(DecodeApi, CacheCreationValidates) {
   p.cmp_kind = static_cast<nsa_cmp_kind>(7);
   expect_error(nsa_kv_cache_create(cx.ctx, &p, &c), NSA_ERR_INVALID_ARGUMENT, cx, "cmp_kind");
   p = cache_params();
-  p.cmp_kind = NSA_CMP_MLP;  // and no parameters
-  expect_error(nsa_kv_cache_create(cx.ctx, &p, &c), NSA_ERR_NULL_POINTER, cx, "k_w1");
+  p.cmp_kind = NSA_CMP_MLP;  // and no parameters: the first (keys', pos) is named
+  expect_error(nsa_kv_cache_create(cx.ctx, &p, &c), NSA_ERR_NULL_POINTER, cx, "k_pos");
   p = cache_params();
   p.capacity = INT64_MAX / 4;
   expect_error(nsa_kv_cache_create(cx.ctx, &p, &c), NSA_ERR_INVALID_SHAPE, cx, "capacity");
   EXPECT_EQ(c, nullptr);
-  // The reference backend has no cache: said so, not faked.
+  // The reference backend has no cache: said so (naming the backend and the call), not faked.
   nsa_context_set_backend(cx.ctx, NSA_BACKEND_REF);
   p = cache_params();
-  expect_error(nsa_kv_cache_create(cx.ctx, &p, &c), NSA_ERR_UNSUPPORTED, cx, "reference");
+  expect_error(nsa_kv_cache_create(cx.ctx, &p, &c), NSA_ERR_UNSUPPORTED, cx,
+               "nsa_kv_cache_create: the ref backend");
   EXPECT_EQ(nsa_kv_cache_len(nullptr, 0), -1);
 }
 

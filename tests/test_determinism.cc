@@ -49,7 +49,7 @@ std::vector<std::vector<unsigned char>> fwd_outputs(const FwdSetup& f, nsa_dtype
   if (f.own_branch_kv) {
     for (Tensor* t : {&ks, &kw}) t->fill_uniform(rng, -2.0, 2.0);
     for (Tensor* t : {&vs, &vw}) t->fill_uniform(rng, -1.0, 1.0);
-    p.k_slc = ks.desc(), p.v_slc = vs.desc(), p.k_win = kw.desc(), p.v_win = vw.desc();
+    p.in.k_slc = ks.desc(), p.in.v_slc = vs.desc(), p.in.k_win = kw.desc(), p.in.v_win = vw.desc();
   }
   nsa_context* ctx = make_ctx(backend, threads);
   const nsa_status st = nsa_fwd(ctx, &p);

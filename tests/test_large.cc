@@ -215,15 +215,15 @@ nsa_fwd_params small_params(const Problem& P, Small& s, void* o_data, nsa_dtype 
   auto ptr = [](std::vector<uint16_t>& v) -> void* { return v.empty() ? dummy : v.data(); };
   nsa_fwd_params p;
   nsa_fwd_params_init(&p);
-  p.cfg = P.cfg;
-  p.q = make_desc(s.q.data(), bf, {1, L, Hq, Dk}, {L * Hq * Dk, Hq * Dk, Dk, 1});
-  p.k = make_desc(s.k.data(), bf, {1, L, Hkv, Dk}, {L * Hkv * Dk, Hkv * Dk, Dk, 1});
-  p.v = make_desc(s.v.data(), bf, {1, L, Hkv, Dv}, {L * Hkv * Dv, Hkv * Dv, Dv, 1});
-  p.k_cmp = make_desc(ptr(s.kc), bf, {1, Tc, Hkv, Dk}, {Tc * Hkv * Dk, Hkv * Dk, Dk, 1});
-  p.v_cmp = make_desc(ptr(s.vc), bf, {1, Tc, Hkv, Dv}, {Tc * Hkv * Dv, Hkv * Dv, Dv, 1});
-  p.g_cmp = make_desc(s.gc.data(), bf, {1, L, Hq}, {L * Hq, Hq, 1});
-  p.g_slc = make_desc(s.gs.data(), bf, {1, L, Hq}, {L * Hq, Hq, 1});
-  p.g_win = make_desc(s.gw.data(), bf, {1, L, Hq}, {L * Hq, Hq, 1});
+  p.in.cfg = P.cfg;
+  p.in.q = make_desc(s.q.data(), bf, {1, L, Hq, Dk}, {L * Hq * Dk, Hq * Dk, Dk, 1});
+  p.in.k = make_desc(s.k.data(), bf, {1, L, Hkv, Dk}, {L * Hkv * Dk, Hkv * Dk, Dk, 1});
+  p.in.v = make_desc(s.v.data(), bf, {1, L, Hkv, Dv}, {L * Hkv * Dv, Hkv * Dv, Dv, 1});
+  p.in.k_cmp = make_desc(ptr(s.kc), bf, {1, Tc, Hkv, Dk}, {Tc * Hkv * Dk, Hkv * Dk, Dk, 1});
+  p.in.v_cmp = make_desc(ptr(s.vc), bf, {1, Tc, Hkv, Dv}, {Tc * Hkv * Dv, Hkv * Dv, Dv, 1});
+  p.in.g_cmp = make_desc(s.gc.data(), bf, {1, L, Hq}, {L * Hq, Hq, 1});
+  p.in.g_slc = make_desc(s.gs.data(), bf, {1, L, Hq}, {L * Hq, Hq, 1});
+  p.in.g_win = make_desc(s.gw.data(), bf, {1, L, Hq}, {L * Hq, Hq, 1});
   p.o = make_desc(o_data, o_dt, {1, L, Hq, Dv}, {L * Hq * Dv, Hq * Dv, Dv, 1});
   nsa_tensor* lses[3] = {&p.lse_cmp, &p.lse_slc, &p.lse_win};
   for (int c = 0; c < 3; ++c) {
@@ -347,11 +347,11 @@ TEST(LargeShapes, PackedLongTBf16) {
 
   nsa_fwd_params p;
   nsa_fwd_params_init(&p);
-  p.cfg = P.cfg;
-  p.q = q.t, p.k = k.t, p.v = v.t, p.k_cmp = kc.t, p.v_cmp = vc.t;
-  p.g_cmp = gc.t, p.g_slc = gs.t, p.g_win = gw.t;
-  p.cu_seqlens = P.cu.data();
-  p.num_seqs = S;
+  p.in.cfg = P.cfg;
+  p.in.q = q.t, p.in.k = k.t, p.in.v = v.t, p.in.k_cmp = kc.t, p.in.v_cmp = vc.t;
+  p.in.g_cmp = gc.t, p.in.g_slc = gs.t, p.in.g_win = gw.t;
+  p.in.cu_seqlens = P.cu.data();
+  p.in.num_seqs = S;
   p.o = o.t, p.lse_cmp = lse_c.t, p.lse_slc = lse_s.t, p.lse_win = lse_w.t;
   p.slc_indices_out = idx.t;
 
@@ -582,12 +582,12 @@ TEST(LargeShapesValidation, BlockIndexPastInt32Rejected) {
   static int32_t ix[1];
   nsa_fwd_params p;
   nsa_fwd_params_init(&p);
-  p.cfg = cfg;
+  p.in.cfg = cfg;
   auto d4 = [&](void* data, nsa_dtype dt, int64_t rows, int64_t last) {
     return make_desc(data, dt, {1, rows, 1, last}, {rows * last, last, last, 1});
   };
-  p.q = p.k = p.v = p.k_cmp = p.v_cmp = d4(cell, NSA_DTYPE_BF16, T, 1);  // Tc = T for l = d = 1
-  p.g_cmp = p.g_slc = p.g_win = make_desc(cell, NSA_DTYPE_BF16, {1, T, 1}, {T, 1, 1});
+  p.in.q = p.in.k = p.in.v = p.in.k_cmp = p.in.v_cmp = d4(cell, NSA_DTYPE_BF16, T, 1);  // Tc = T for l = d = 1
+  p.in.g_cmp = p.in.g_slc = p.in.g_win = make_desc(cell, NSA_DTYPE_BF16, {1, T, 1}, {T, 1, 1});
   p.o = d4(out, NSA_DTYPE_F32, T, 1);
   p.slc_indices_out = d4(ix, NSA_DTYPE_I32, T, 3);
   out[0] = 7.0f;
@@ -614,7 +614,7 @@ TEST(LargeShapesValidation, ContiguousStrideSaturates) {
   EXPECT_EQ(t.stride[0], INT64_MAX);  // 2^64 does not fit: saturated, not wrapped to 0
   nsa_fwd_params p;
   nsa_fwd_params_init(&p);
-  p.q = t;
+  p.in.q = t;
   std::string msg;
   EXPECT_EQ(run(NSA_BACKEND_CPU, p, &msg), NSA_ERR_INVALID_SHAPE) << msg;
   EXPECT_EQ(msg.rfind("q:", 0), 0u) << msg;

@@ -77,10 +77,10 @@ TEST(NonFinite, NanOrInfInOneBranchKeys) {
         t->set({a, b, h, e}, c.k.at({a, b, h, e}));
       });
     }
-    p.k_win = kw.desc();
-    p.v_win = c.v.desc();
-    p.k_slc = ks.desc();
-    p.v_slc = c.v.desc();
+    p.in.k_win = kw.desc();
+    p.in.v_win = c.v.desc();
+    p.in.k_slc = ks.desc();
+    p.in.v_slc = c.v.desc();
   };
   sc.poison = [&](FwdCase&, nsa_fwd_params&) {
     kw.set({0, 90, 0, 7}, kNaN);
@@ -256,8 +256,8 @@ TEST(NonFinite, EmptyRowsAreZero) {
   sc.poison = [&](FwdCase& c, nsa_fwd_params& p) {
     c.k_cmp.fill(kNaN);
     c.v_cmp.fill(kNaN);
-    p.k_slc = nan_k.desc();
-    p.v_slc = c.v.desc();
+    p.in.k_slc = nan_k.desc();
+    p.in.v_slc = c.v.desc();
   };
   sc.rule = [](const std::vector<Dense>&, int out, int64_t, int64_t tok, int64_t,
                int64_t) -> Expect {

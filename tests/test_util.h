@@ -147,16 +147,16 @@ struct FwdCase {
   nsa_fwd_params params() {
     nsa_fwd_params p;
     nsa_fwd_params_init(&p);
-    p.cfg = cfg;
-    p.q = q.desc(); p.k = k.desc(); p.v = v.desc();
-    p.k_cmp = k_cmp.desc(); p.v_cmp = v_cmp.desc();
-    p.g_cmp = g_cmp.desc(); p.g_slc = g_slc.desc(); p.g_win = g_win.desc();
+    p.in.cfg = cfg;
+    p.in.q = q.desc(); p.in.k = k.desc(); p.in.v = v.desc();
+    p.in.k_cmp = k_cmp.desc(); p.in.v_cmp = v_cmp.desc();
+    p.in.g_cmp = g_cmp.desc(); p.in.g_slc = g_slc.desc(); p.in.g_win = g_win.desc();
     p.o = o.desc(); p.o_cmp = o_cmp.desc(); p.o_slc = o_slc.desc(); p.o_win = o_win.desc();
     p.lse_cmp = lse_cmp.desc(); p.lse_slc = lse_slc.desc(); p.lse_win = lse_win.desc();
     p.slc_indices_out = idx_out.desc();
     if (!cu_seqlens.empty()) {
-      p.cu_seqlens = cu_seqlens.data();
-      p.num_seqs = static_cast<int64_t>(cu_seqlens.size()) - 1;
+      p.in.cu_seqlens = cu_seqlens.data();
+      p.in.num_seqs = static_cast<int64_t>(cu_seqlens.size()) - 1;
     }
     return p;
   }

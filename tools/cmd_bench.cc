@@ -85,8 +85,8 @@ int run_bench(const BenchOptions& opt) {
     };
     nsa_fwd_params p;
     nsa_fwd_params_init(&p);
-    p.q = q.t; p.k = k.t; p.v = v.t; p.k_cmp = k_cmp.t; p.v_cmp = v_cmp.t;
-    p.g_cmp = g_cmp.t; p.g_slc = g_slc.t; p.g_win = g_win.t; p.o = o.t;
+    p.in.q = q.t; p.in.k = k.t; p.in.v = v.t; p.in.k_cmp = k_cmp.t; p.in.v_cmp = v_cmp.t;
+    p.in.g_cmp = g_cmp.t; p.in.g_slc = g_slc.t; p.in.g_win = g_win.t; p.o = o.t;
     nsa_dense_fwd_params dp;
     nsa_dense_fwd_params_init(&dp);
     dp.q = q.t; dp.k = k.t; dp.v = v.t; dp.o = o.t;

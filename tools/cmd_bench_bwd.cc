@@ -87,8 +87,8 @@ int run_bench_bwd(const BenchOptions& opt) {
     nsa_compress_params_init(&cp);
     nsa_fwd_params fp;
     nsa_fwd_params_init(&fp);
-    fp.q = q.t; fp.k = k.t; fp.v = v.t; fp.k_cmp = k_cmp.t; fp.v_cmp = v_cmp.t;
-    fp.g_cmp = g_cmp.t; fp.g_slc = g_slc.t; fp.g_win = g_win.t; fp.o = o.t;
+    fp.in.q = q.t; fp.in.k = k.t; fp.in.v = v.t; fp.in.k_cmp = k_cmp.t; fp.in.v_cmp = v_cmp.t;
+    fp.in.g_cmp = g_cmp.t; fp.in.g_slc = g_slc.t; fp.in.g_win = g_win.t; fp.o = o.t;
     fp.lse_cmp = lse_cmp.t; fp.lse_slc = lse_slc.t; fp.lse_win = lse_win.t;
     fp.o_cmp = o_cmp.t; fp.o_slc = o_slc.t; fp.o_win = o_win.t;
     fp.slc_indices_out = idx.t;
@@ -99,8 +99,8 @@ int run_bench_bwd(const BenchOptions& opt) {
     };
     nsa_bwd_params bp;
     nsa_bwd_params_init(&bp);
-    bp.q = q.t; bp.k = k.t; bp.v = v.t; bp.k_cmp = k_cmp.t; bp.v_cmp = v_cmp.t;
-    bp.g_cmp = g_cmp.t; bp.g_slc = g_slc.t; bp.g_win = g_win.t;
+    bp.in.q = q.t; bp.in.k = k.t; bp.in.v = v.t; bp.in.k_cmp = k_cmp.t; bp.in.v_cmp = v_cmp.t;
+    bp.in.g_cmp = g_cmp.t; bp.in.g_slc = g_slc.t; bp.in.g_win = g_win.t;
     bp.slc_indices = idx.t; bp.lse_cmp = lse_cmp.t; bp.lse_slc = lse_slc.t; bp.lse_win = lse_win.t;
     bp.o_cmp = o_cmp.t; bp.o_slc = o_slc.t; bp.o_win = o_win.t;
     bp.d_o = d_o.t; bp.dq = dq.t; bp.dk = dk.t; bp.dv = dv.t; bp.dk_cmp = dk_cmp.t;

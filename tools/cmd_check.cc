@@ -205,15 +205,15 @@ int run_check(const Options& opt) {
     out->idx = Buffer(NSA_DTYPE_I32, {B, T, opt.hkv, c.slc_count});
     nsa_fwd_params p;
     nsa_fwd_params_init(&p);
-    p.cfg = c;
-    p.q = q.desc; p.k = k.desc; p.v = v.desc;
-    p.k_cmp = cmp_src->k_cmp.desc; p.v_cmp = cmp_src->v_cmp.desc;
-    p.g_cmp = g_cmp.desc; p.g_slc = g_slc.desc; p.g_win = g_win.desc;
+    p.in.cfg = c;
+    p.in.q = q.desc; p.in.k = k.desc; p.in.v = v.desc;
+    p.in.k_cmp = cmp_src->k_cmp.desc; p.in.v_cmp = cmp_src->v_cmp.desc;
+    p.in.g_cmp = g_cmp.desc; p.in.g_slc = g_slc.desc; p.in.g_win = g_win.desc;
     p.o = out->o.desc;
     p.lse_cmp = out->lse_cmp.desc; p.lse_slc = out->lse_slc.desc; p.lse_win = out->lse_win.desc;
     p.o_cmp = out->o_cmp.desc; p.o_slc = out->o_slc.desc; p.o_win = out->o_win.desc;
     p.slc_indices_out = out->idx.desc;
-    if (!cu.empty()) { p.cu_seqlens = cu.data(); p.num_seqs = int64_t(cu.size()) - 1; }
+    if (!cu.empty()) { p.in.cu_seqlens = cu.data(); p.in.num_seqs = int64_t(cu.size()) - 1; }
     const auto t0 = std::chrono::steady_clock::now();
     const nsa_status s = nsa_fwd(ctx, &p);
     *ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
@@ -241,11 +241,11 @@ int run_check(const Options& opt) {
     for (Buffer* b : {&g->dg_cmp, &g->dg_slc, &g->dg_win}) *b = Buffer(f32, {B, T, opt.hq});
     nsa_bwd_params bp;
     nsa_bwd_params_init(&bp);
-    bp.cfg = c;
-    bp.q = q.desc; bp.k = k.desc; bp.v = v.desc;
-    bp.k_cmp = ref_fwd.k_cmp.desc; bp.v_cmp = ref_fwd.v_cmp.desc;
-    bp.g_cmp = g_cmp.desc; bp.g_slc = g_slc.desc; bp.g_win = g_win.desc;
-    if (!cu.empty()) { bp.cu_seqlens = cu.data(); bp.num_seqs = int64_t(cu.size()) - 1; }
+    bp.in.cfg = c;
+    bp.in.q = q.desc; bp.in.k = k.desc; bp.in.v = v.desc;
+    bp.in.k_cmp = ref_fwd.k_cmp.desc; bp.in.v_cmp = ref_fwd.v_cmp.desc;
+    bp.in.g_cmp = g_cmp.desc; bp.in.g_slc = g_slc.desc; bp.in.g_win = g_win.desc;
+    if (!cu.empty()) { bp.in.cu_seqlens = cu.data(); bp.in.num_seqs = int64_t(cu.size()) - 1; }
     bp.slc_indices = ref_fwd.idx.desc;
     bp.lse_cmp = ref_fwd.lse_cmp.desc; bp.lse_slc = ref_fwd.lse_slc.desc; bp.lse_win = ref_fwd.lse_win.desc;
     bp.o_cmp = ref_fwd.o_cmp.desc; bp.o_slc = ref_fwd.o_slc.desc; bp.o_win = ref_fwd.o_win.desc;

@@ -48,7 +48,7 @@ extern "C" {
 #endif
 
 #define NSA_VERSION_MAJOR 0
-#define NSA_VERSION_MINOR 1
+#define NSA_VERSION_MINOR 2
 #define NSA_VERSION_PATCH 0
 
 /* ---------------------------------------------------------------------------------------------
@@ -208,6 +208,22 @@ NSA_API int64_t nsa_cmp_len(const nsa_config* cfg, int64_t t);
  * unspecified result.
  * ------------------------------------------------------------------------------------------- */
 
+/* Where memory lives, and which checks read it.
+ * Every call checks descriptors (pointers, ranks, shapes, strides, dtypes, aliasing, configs) on
+ * the host without reading any tensor's contents; then, where a call's rules are about contents
+ * (cu_seqlens: start, order, total and the compressed rows it implies; caller-supplied selection
+ * indices: their range), the backend checks them where the data lives:
+ *   - REF and CPU: every data pointer, cu_seqlens and seq_ids are host memory. Contents are
+ *     checked before anything is written, with the statuses stated at each argument.
+ *   - a device backend (CUDA, not yet built): tensor data and cu_seqlens are device memory on the
+ *     context's device; seq_ids and every params struct stay host memory. Content checks run on
+ *     the device, so a call never waits for the device to report them: an out-of-range caller
+ *     index is ignored like -1; invalid cu_seqlens (not starting at 0, decreasing, or not ending
+ *     at T, or implying more compressed rows than k_cmp has) leave the outputs of the rows it
+ *     covers unspecified. Neither is reported as a status, and neither makes the call read or
+ *     write outside the tensors it was given.
+ * On valid input every backend computes the same function (docs/SPEC.md). */
+
 typedef enum nsa_dtype {
   NSA_DTYPE_F32 = 0,
   NSA_DTYPE_BF16 = 1,
@@ -239,10 +255,12 @@ NSA_API nsa_tensor nsa_tensor_contiguous(void* data, nsa_dtype dtype, int32_t nd
  * Forward (SPEC.md sections 3 and 4)
  * ------------------------------------------------------------------------------------------- */
 
-typedef struct nsa_fwd_params {
+/* The forward's inputs: embedded in nsa_fwd_params and, unchanged, in nsa_bwd_params (the backward
+ * takes the forward's inputs again, as FlashAttention's backward params extend its forward's). */
+typedef struct nsa_fwd_inputs {
   nsa_config cfg; /* must be valid (nsa_config_validate) */
 
-  /* Inputs, required except the per-branch K/V. */
+  /* Required except the per-branch K/V. */
   nsa_tensor q;      /* [B, T, Hq, Dk] f32 or bf16 */
   nsa_tensor k;      /* [B, T, Hkv, Dk] q's dtype, Hq % Hkv == 0 (else NSA_ERR_INVALID_SHAPE):
                         raw keys, shared by the slc and win branches */
@@ -261,14 +279,19 @@ typedef struct nsa_fwd_params {
   nsa_tensor g_win;  /* [B, T, Hq] f32 or q's dtype */
 
   /* Optional variable-length packing: S sequences packed along T. The rules of every call that
-   * takes cu_seqlens (a host array of S + 1 entries):
+   * takes cu_seqlens (an array of S + 1 entries):
    *   - NULL: B independent sequences of length T; num_seqs must be 0 (else NSA_ERR_NULL_POINTER).
    *   - given: B must be 1 (else NSA_ERR_INVALID_SHAPE); num_seqs >= 1, cu_seqlens[0] == 0,
    *     never decreasing, cu_seqlens[S] == T (else NSA_ERR_INVALID_SEQLENS).
    * k_cmp / v_cmp are then packed the same way: sequence s owns nsa_cmp_len(len_s) rows, in order
    * (see nsa_cmp_seqlens), and Tc is their sum. */
-  const int32_t* cu_seqlens; /* host memory; NULL: B independent sequences of length T */
+  const int32_t* cu_seqlens; /* the backend's memory (see "Where memory lives"); NULL: B
+                                independent sequences of length T */
   int64_t num_seqs;          /* S */
+} nsa_fwd_inputs;
+
+typedef struct nsa_fwd_params {
+  nsa_fwd_inputs in; /* q, k, v, ..., cfg, cu_seqlens: checked as stated in nsa_fwd_inputs */
 
   /* Optional caller-supplied selection [B, T, Hkv, n] int32, replacing the computed top-n.
    * Each entry is -1 (unused) or a block index in [0, t / l'], t the query's position in its
@@ -338,16 +361,9 @@ NSA_API nsa_status nsa_cmp_seqlens(nsa_context* ctx, const nsa_config* cfg,
  * when saved state is missing, the rerun forward's f32 outputs (4 T Hq Dv floats).
  * NSA_BACKEND_REF runs the float64 reference: exact but slow, single-threaded per KV head. */
 typedef struct nsa_bwd_params {
-  nsa_config cfg; /* as given to nsa_fwd */
-
-  /* The forward's inputs, as given to nsa_fwd, checked exactly as nsa_fwd checks them (shapes,
-   * dtypes, the K/V pairs, cu_seqlens, the int32 block limit, and their statuses). */
-  nsa_tensor q, k, v;
-  nsa_tensor k_slc, v_slc, k_win, v_win; /* optional, as in nsa_fwd_params */
-  nsa_tensor k_cmp, v_cmp;
-  nsa_tensor g_cmp, g_slc, g_win;
-  const int32_t* cu_seqlens;
-  int64_t num_seqs;
+  /* The forward's inputs, as given to nsa_fwd (params.in), checked exactly as nsa_fwd checks them
+   * (shapes, dtypes, the K/V pairs, cu_seqlens, the int32 block limit, and their statuses). */
+  nsa_fwd_inputs in;
 
   /* Saved by the forward. */
   nsa_tensor slc_indices; /* [B, T, Hkv, n] int32, required: the forward's slc_indices_out, or
@@ -506,13 +522,17 @@ NSA_API nsa_status nsa_dense_bwd(nsa_context* ctx, const nsa_dense_bwd_params* p
  * never moves: appending a token copies that token only.
  *
  * Decode reads the cache with the same K/V for the three branches (the default of nsa_fwd).
- * A cache is not thread-safe: calls on one cache must not overlap. The CPU backend serves it
- * (AUTO and CPU; the reference backend answers NSA_ERR_UNSUPPORTED).
+ * A cache is not thread-safe: calls on one cache must not overlap. A cache belongs to the backend
+ * of the context that created it (AUTO resolved), which keeps its storage; the CPU backend has
+ * one, the reference backend does not (NSA_ERR_UNSUPPORTED: use nsa_fwd on the prefix as the
+ * oracle).
  *
  * Rules shared by the calls below: ctx, cache or params NULL is NSA_ERR_NULL_POINTER.
  * nsa_kv_cache_create, nsa_prefill, nsa_decode and nsa_dense_decode answer NSA_ERR_UNSUPPORTED
- * on a context whose backend has no cache (REF, or AUTO without the CPU backend), before checking
- * anything but those pointers; nsa_kv_cache_append and nsa_kv_cache_reset run on any backend.
+ * (naming the backend and the call) on a context whose backend has no such call, before checking
+ * anything but those pointers; prefill and the decode calls on a context whose backend is not the
+ * cache's are NSA_ERR_INVALID_ARGUMENT. nsa_kv_cache_append and nsa_kv_cache_reset take any
+ * context (its thread count; the cache's backend does the work).
  * A sequence number outside [0, num_seqs) is NSA_ERR_INVALID_INDEX. In the shapes below, Hkv,
  * Dk, Dv, l and n are the cache's.
  * ------------------------------------------------------------------------------------------- */
@@ -639,7 +659,7 @@ NSA_API nsa_status nsa_dense_decode(nsa_context* ctx, nsa_kv_cache* cache,
  * Build information
  * ------------------------------------------------------------------------------------------- */
 
-/* "0.1.0". */
+/* "0.2.0". */
 NSA_API const char* nsa_version(void);
 /* One line each: compiler, build type, options. Static storage. */
 NSA_API const char* nsa_build_info(void);

@@ -1,5 +1,6 @@
-// The C API: argument checks, backend dispatch, and the translation of Status into a status code
-// plus the context's last-error message. No exception crosses this boundary.
+// The C API: argument checks, dispatch through the backend table (common/backend.h), and the
+// translation of Status into a status code plus the context's last-error message. No exception
+// crosses this boundary.
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -11,13 +12,32 @@
 #include "api/context.h"
 #include "api/validate.h"
 #include "build_info.h"
-#include "common/backends.h"
 
+using nsa::Backend;
 using nsa::Status;
 using nsa::api::finish;
 using nsa::api::guarded;
-using nsa::api::resolve;
-using nsa::api::unavailable;
+
+namespace {
+
+// Every op call has this shape: ctx and params checked, the backend chosen, the problem built by
+// `make` (descriptors on the host, then contents through the backend's checks), then `body`
+// runs it (common/backend.h). Nothing reaches a backend unvalidated.
+template <typename Problem, typename Params, typename Make, typename Body>
+nsa_status op_call(nsa_context* ctx, const Params* p, Make make, Body body) {
+  if (ctx == nullptr) return NSA_ERR_NULL_POINTER;
+  return guarded(ctx, [&]() -> Status {
+    if (p == nullptr) return nsa::error(NSA_ERR_NULL_POINTER, "params: NULL");
+    const Backend* be = nullptr;
+    NSA_RETURN_IF_ERROR(nsa::api::select_backend(ctx, &be));
+    Problem pr;
+    NSA_RETURN_IF_ERROR(make(*p, *be, &pr));
+    pr.num_threads = ctx->num_threads;
+    return body(*be, pr);
+  });
+}
+
+}  // namespace
 
 
 extern "C" {
@@ -56,7 +76,10 @@ nsa_status nsa_context_set_backend(nsa_context* ctx, nsa_backend backend) {
     if (b < NSA_BACKEND_AUTO || b > NSA_BACKEND_CUDA) {
       return nsa::error(NSA_ERR_INVALID_ARGUMENT, "backend: unknown value " + std::to_string(b));
     }
-    if (!nsa_backend_available(backend)) return unavailable(backend);
+    if (!nsa_backend_available(backend)) {
+      return nsa::error(NSA_ERR_UNSUPPORTED, std::string("backend ") + nsa_backend_name(backend) +
+                                                 " is not available in this build");
+    }
     ctx->backend = backend;
     return Status::ok();
   });
@@ -107,23 +130,15 @@ const char* nsa_last_error(const nsa_context* ctx) {
 }
 
 int32_t nsa_backend_available(nsa_backend backend) {
-  switch (nsa::enum_value(backend)) {
-    case NSA_BACKEND_AUTO:
-    case NSA_BACKEND_REF: return 1;
-    case NSA_BACKEND_CPU: return nsa::cpu::available() ? 1 : 0;
-    case NSA_BACKEND_CUDA: return 0;
-  }
-  return 0;
+  const int b = nsa::enum_value(backend);  // any int: C callers may pass one
+  if (b == NSA_BACKEND_AUTO) return 1;
+  return nsa::api::find_backend(static_cast<nsa_backend>(b)) != nullptr ? 1 : 0;
 }
 
 const char* nsa_backend_name(nsa_backend backend) {
-  switch (nsa::enum_value(backend)) {
-    case NSA_BACKEND_AUTO: return "auto";
-    case NSA_BACKEND_REF: return "ref";
-    case NSA_BACKEND_CPU: return "cpu";
-    case NSA_BACKEND_CUDA: return "cuda";
-  }
-  return "unknown";
+  static const char* const names[] = {"auto", "ref", "cpu", "cuda"};  // by enum value
+  const int b = nsa::enum_value(backend);
+  return b >= 0 && b < 4 ? names[b] : "unknown";
 }
 
 void nsa_config_default(nsa_config* cfg) {
@@ -195,67 +210,30 @@ nsa_tensor nsa_tensor_contiguous(void* data, nsa_dtype dtype, int32_t ndim, cons
 void nsa_fwd_params_init(nsa_fwd_params* p) {
   if (p == nullptr) return;
   std::memset(p, 0, sizeof *p);
-  nsa_config_default(&p->cfg);
+  nsa_config_default(&p->in.cfg);
 }
 
 nsa_status nsa_fwd(nsa_context* ctx, const nsa_fwd_params* p) {
-  if (ctx == nullptr) return NSA_ERR_NULL_POINTER;
-  return guarded(ctx, [&]() -> Status {
-    if (p == nullptr) return nsa::error(NSA_ERR_NULL_POINTER, "params: NULL");
-    nsa::FwdProblem problem;
-    NSA_RETURN_IF_ERROR(nsa::make_fwd_problem(*p, &problem));
-    problem.num_threads = ctx->num_threads;
+  return op_call<nsa::FwdProblem>(ctx, p, nsa::make_fwd_problem,
+                                  [&](const Backend& be, nsa::FwdProblem& pr) -> Status {
     // No token: nothing to compute or write, so no backend needs to handle the empty case.
-    if (problem.B == 0 || problem.T == 0) return Status::ok();
-    nsa_fwd_profile profile{};
-    if (ctx->profiling) problem.profile = &profile;
-    const auto t0 = std::chrono::steady_clock::now();
-    Status st;
-    switch (resolve(ctx->backend)) {
-      case NSA_BACKEND_REF: st = nsa::ref::forward(problem); break;
-      case NSA_BACKEND_CPU: st = nsa::cpu::forward(problem); break;
-      default: return unavailable(ctx->backend);
-    }
-    if (st.is_ok() && ctx->profiling) {
-      profile.wall_s =
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      ctx->fwd_profile = profile;
-    }
-    return st;
+    if (pr.B == 0 || pr.T == 0) return Status::ok();
+    return nsa::api::run_profiled(ctx, be, &Backend::forward, "nsa_fwd", pr, &ctx->fwd_profile);
   });
 }
 
 void nsa_bwd_params_init(nsa_bwd_params* p) {
   if (p == nullptr) return;
   std::memset(p, 0, sizeof *p);
-  nsa_config_default(&p->cfg);
+  nsa_config_default(&p->in.cfg);
 }
 
-// AUTO and CPU run the CPU backward (f32, src/cpu/backward.cc); REF the float64 reference (nsa.h).
 nsa_status nsa_bwd(nsa_context* ctx, const nsa_bwd_params* p) {
-  if (ctx == nullptr) return NSA_ERR_NULL_POINTER;
-  return guarded(ctx, [&]() -> Status {
-    if (p == nullptr) return nsa::error(NSA_ERR_NULL_POINTER, "params: NULL");
-    nsa::BwdProblem problem;
-    NSA_RETURN_IF_ERROR(nsa::make_bwd_problem(*p, &problem));
-    problem.num_threads = ctx->num_threads;
+  return op_call<nsa::BwdProblem>(ctx, p, nsa::make_bwd_problem,
+                                  [&](const Backend& be, nsa::BwdProblem& pr) -> Status {
     // No token: every output is empty, so there is nothing to write.
-    if (problem.B == 0 || problem.T == 0) return Status::ok();
-    nsa_bwd_profile profile{};
-    if (ctx->profiling) problem.profile = &profile;
-    const auto t0 = std::chrono::steady_clock::now();
-    Status st;
-    switch (resolve(ctx->backend)) {
-      case NSA_BACKEND_REF: st = nsa::ref::backward(problem); break;
-      case NSA_BACKEND_CPU: st = nsa::cpu::backward(problem); break;
-      default: return unavailable(ctx->backend);
-    }
-    if (st.is_ok() && ctx->profiling) {
-      profile.wall_s =
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      ctx->bwd_profile = profile;
-    }
-    return st;
+    if (pr.B == 0 || pr.T == 0) return Status::ok();
+    return nsa::api::run_profiled(ctx, be, &Backend::backward, "nsa_bwd", pr, &ctx->bwd_profile);
   });
 }
 
@@ -270,24 +248,13 @@ nsa_status nsa_cmp_seqlens(nsa_context* ctx, const nsa_config* cfg, const int32_
       return nsa::error(NSA_ERR_INVALID_SEQLENS,
                         "num_seqs: must be at least 1, got " + std::to_string(num_seqs));
     }
-    if (cu_seqlens[0] != 0) {
-      return nsa::error(NSA_ERR_INVALID_SEQLENS,
-                        "cu_seqlens[0]: must be 0, got " + std::to_string(cu_seqlens[0]));
-    }
-    for (int64_t s = 0; s < num_seqs; ++s) {
-      if (cu_seqlens[s + 1] < cu_seqlens[s]) {
-        return nsa::error(NSA_ERR_INVALID_SEQLENS,
-                          "cu_seqlens: decreases at index " + std::to_string(s + 1) + " (" +
-                              std::to_string(cu_seqlens[s]) + " then " +
-                              std::to_string(cu_seqlens[s + 1]) + ")");
-      }
-    }
+    // Host arrays for every backend (nsa.h): the host content check, then the prefix sums.
+    std::vector<nsa::Sequence> seqs;
+    NSA_RETURN_IF_ERROR(nsa::host_sequences(*cfg, cu_seqlens, num_seqs, &seqs));
     cu_cmp[0] = 0;
-    for (int64_t s = 0; s < num_seqs; ++s) {
-      // In 64 bits, then narrowed: cu_seqlens is checked non-decreasing from 0, so every
-      // length is >= 0 and every compressed prefix sum is <= cu_seqlens[s + 1] <= INT32_MAX.
-      const int64_t len = int64_t{cu_seqlens[s + 1]} - int64_t{cu_seqlens[s]};
-      cu_cmp[s + 1] = static_cast<int32_t>(int64_t{cu_cmp[s]} + nsa_cmp_len(cfg, len));
+    for (size_t s = 0; s < seqs.size(); ++s) {
+      // Narrowed: every compressed prefix sum is <= cu_seqlens[s + 1] <= INT32_MAX.
+      cu_cmp[s + 1] = static_cast<int32_t>(seqs[s].cmp_start + seqs[s].cmp_len);
     }
     return Status::ok();
   });
@@ -301,18 +268,10 @@ void nsa_compress_params_init(nsa_compress_params* p) {
 }
 
 nsa_status nsa_compress(nsa_context* ctx, const nsa_compress_params* p) {
-  if (ctx == nullptr) return NSA_ERR_NULL_POINTER;
-  return guarded(ctx, [&]() -> Status {
-    if (p == nullptr) return nsa::error(NSA_ERR_NULL_POINTER, "params: NULL");
-    nsa::CompressProblem problem;
-    NSA_RETURN_IF_ERROR(nsa::make_compress_problem(*p, &problem));
-    problem.num_threads = ctx->num_threads;
-    if (problem.B == 0 || problem.Tc == 0) return Status::ok();  // no compressed token to write
-    switch (resolve(ctx->backend)) {
-      case NSA_BACKEND_REF: return nsa::ref::compress(problem);
-      case NSA_BACKEND_CPU: return nsa::cpu::compress(problem);
-      default: return unavailable(ctx->backend);
-    }
+  return op_call<nsa::CompressProblem>(ctx, p, nsa::make_compress_problem,
+                                       [](const Backend& be, nsa::CompressProblem& pr) -> Status {
+    if (pr.B == 0 || pr.Tc == 0) return Status::ok();  // no compressed token to write
+    return nsa::api::run(be, &Backend::compress, "nsa_compress", pr);
   });
 }
 
@@ -324,19 +283,12 @@ void nsa_compress_bwd_params_init(nsa_compress_bwd_params* p) {
 }
 
 nsa_status nsa_compress_bwd(nsa_context* ctx, const nsa_compress_bwd_params* p) {
-  if (ctx == nullptr) return NSA_ERR_NULL_POINTER;
-  return guarded(ctx, [&]() -> Status {
-    if (p == nullptr) return nsa::error(NSA_ERR_NULL_POINTER, "params: NULL");
-    nsa::CompressBwdProblem problem;
-    NSA_RETURN_IF_ERROR(nsa::make_compress_bwd_problem(*p, &problem));
-    problem.num_threads = ctx->num_threads;
-    // Runs even when Tc = 0: every output is overwritten, with zeros where no block reaches.
-    switch (resolve(ctx->backend)) {
-      case NSA_BACKEND_REF: return nsa::ref::compress_backward(problem);
-      case NSA_BACKEND_CPU: return nsa::cpu::compress_backward(problem);
-      default: return unavailable(ctx->backend);
-    }
-  });
+  return op_call<nsa::CompressBwdProblem>(
+      ctx, p, nsa::make_compress_bwd_problem,
+      [](const Backend& be, nsa::CompressBwdProblem& pr) -> Status {
+        // Runs even when Tc = 0: every output is overwritten, with zeros where no block reaches.
+        return nsa::api::run(be, &Backend::compress_backward, "nsa_compress_bwd", pr);
+      });
 }
 
 void nsa_dense_fwd_params_init(nsa_dense_fwd_params* p) {
@@ -344,18 +296,10 @@ void nsa_dense_fwd_params_init(nsa_dense_fwd_params* p) {
 }
 
 nsa_status nsa_dense_fwd(nsa_context* ctx, const nsa_dense_fwd_params* p) {
-  if (ctx == nullptr) return NSA_ERR_NULL_POINTER;
-  return guarded(ctx, [&]() -> Status {
-    if (p == nullptr) return nsa::error(NSA_ERR_NULL_POINTER, "params: NULL");
-    nsa::DenseProblem problem;
-    NSA_RETURN_IF_ERROR(nsa::make_dense_problem(*p, &problem));
-    problem.num_threads = ctx->num_threads;
-    if (problem.B == 0 || problem.T == 0) return Status::ok();
-    switch (resolve(ctx->backend)) {
-      case NSA_BACKEND_REF: return nsa::ref::dense_forward(problem);
-      case NSA_BACKEND_CPU: return nsa::cpu::dense_forward(problem);
-      default: return unavailable(ctx->backend);
-    }
+  return op_call<nsa::DenseProblem>(ctx, p, nsa::make_dense_problem,
+                                    [](const Backend& be, nsa::DenseProblem& pr) -> Status {
+    if (pr.B == 0 || pr.T == 0) return Status::ok();
+    return nsa::api::run(be, &Backend::dense_forward, "nsa_dense_fwd", pr);
   });
 }
 
@@ -364,18 +308,10 @@ void nsa_dense_bwd_params_init(nsa_dense_bwd_params* p) {
 }
 
 nsa_status nsa_dense_bwd(nsa_context* ctx, const nsa_dense_bwd_params* p) {
-  if (ctx == nullptr) return NSA_ERR_NULL_POINTER;
-  return guarded(ctx, [&]() -> Status {
-    if (p == nullptr) return nsa::error(NSA_ERR_NULL_POINTER, "params: NULL");
-    nsa::DenseBwdProblem problem;
-    NSA_RETURN_IF_ERROR(nsa::make_dense_bwd_problem(*p, &problem));
-    problem.num_threads = ctx->num_threads;
-    if (problem.B == 0 || problem.T == 0) return Status::ok();
-    switch (resolve(ctx->backend)) {
-      case NSA_BACKEND_REF: return nsa::ref::dense_backward(problem);
-      case NSA_BACKEND_CPU: return nsa::cpu::dense_backward(problem);
-      default: return unavailable(ctx->backend);
-    }
+  return op_call<nsa::DenseBwdProblem>(ctx, p, nsa::make_dense_bwd_problem,
+                                       [](const Backend& be, nsa::DenseBwdProblem& pr) -> Status {
+    if (pr.B == 0 || pr.T == 0) return Status::ok();
+    return nsa::api::run(be, &Backend::dense_backward, "nsa_dense_bwd", pr);
   });
 }
 

@@ -1,14 +1,15 @@
 // Shared by the C API's translation units: the outcome of a call into the context, exceptions
-// into status codes, and the backend AUTO resolves to.
+// into status codes, and dispatch through the backend table (common/backend.h).
 #pragma once
 
+#include <chrono>
 #include <exception>
 #include <new>
 #include <stdexcept>
 #include <string>
 
 #include "api/context.h"
-#include "common/backends.h"
+#include "common/backend.h"
 #include "common/status.h"
 
 namespace nsa::api {
@@ -35,15 +36,40 @@ nsa_status guarded(nsa_context* ctx, Body&& body) {
   }
 }
 
-// AUTO picks the fastest backend the build has.
-inline nsa_backend resolve(nsa_backend b) {
-  if (b != NSA_BACKEND_AUTO) return b;
-  return nsa::cpu::available() ? NSA_BACKEND_CPU : NSA_BACKEND_REF;
+// The backend table (common/backend.h) of a backend id, or nullptr when this build lacks it or,
+// for a device backend, no device is present (backends.cc).
+const Backend* find_backend(nsa_backend id);
+// The backend a call on ctx runs: ctx's choice, AUTO resolved to the fastest host backend
+// available; NSA_ERR_UNSUPPORTED when it is not available.
+Status select_backend(const nsa_context* ctx, const Backend** out);
+// NSA_ERR_UNSUPPORTED naming the backend and the call (an absent table entry).
+Status unsupported(const Backend& be, const char* call);
+
+// Runs the table entry `entry` of `be` on a validated problem, or reports it unsupported.
+template <typename Problem>
+Status run(const Backend& be, Status (*Backend::*entry)(const Problem&), const char* call,
+           const Problem& pr) {
+  const auto fn = be.*entry;
+  if (fn == nullptr) return unsupported(be, call);
+  return fn(pr);
 }
 
-inline nsa::Status unavailable(nsa_backend b) {
-  return nsa::error(NSA_ERR_UNSUPPORTED, std::string("backend ") + nsa_backend_name(b) +
-                                             " is not available in this build");
+// run() with the context's profiling: the backend fills the stage times of *pr.profile, the wall
+// time is measured here, and the profile is kept in *slot when the call succeeded.
+template <typename Problem, typename Profile>
+Status run_profiled(nsa_context* ctx, const Backend& be,
+                    Status (*Backend::*entry)(const Problem&), const char* call, Problem& pr,
+                    Profile* slot) {
+  if (!ctx->profiling) return run(be, entry, call, pr);
+  Profile profile{};
+  pr.profile = &profile;
+  const auto t0 = std::chrono::steady_clock::now();
+  Status st = run(be, entry, call, static_cast<const Problem&>(pr));
+  pr.profile = nullptr;
+  if (!st.is_ok()) return st;
+  profile.wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  *slot = profile;
+  return st;
 }
 
 }  // namespace nsa::api

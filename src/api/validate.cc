@@ -4,11 +4,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include "api/validate_util.h"
+#include "common/backend.h"
 
 namespace nsa {
 
@@ -126,9 +128,10 @@ Status check_optional(const char* name, const nsa_tensor& t, const std::vector<i
   return present(t) ? check_tensor(name, t, shape, dtypes, role) : Status::ok();
 }
 
-// Builds the sequence list from cu_seqlens (or from B rows of T tokens).
-Status make_sequences(const nsa_config& cfg, int64_t B, int64_t T, const int32_t* cu_seqlens,
-                      int64_t num_seqs, std::vector<Sequence>* seqs) {
+// The descriptor rules of cu_seqlens and num_seqs (nsa.h, nsa_fwd_inputs), reading no entry; a
+// fixed-length batch gets its B sequences here, a packed one from the backend's content check.
+Status check_packing(const nsa_config& cfg, int64_t B, int64_t T, const int32_t* cu_seqlens,
+                     int64_t num_seqs, std::vector<Sequence>* seqs) {
   seqs->clear();
   if (cu_seqlens == nullptr) {
     if (num_seqs != 0) {
@@ -147,76 +150,50 @@ Status make_sequences(const nsa_config& cfg, int64_t B, int64_t T, const int32_t
   if (num_seqs < 1) {
     return error(NSA_ERR_INVALID_SEQLENS, cat("num_seqs: must be at least 1, got ", num_seqs));
   }
-  if (cu_seqlens[0] != 0) {
-    return error(NSA_ERR_INVALID_SEQLENS,
-                 cat("cu_seqlens[0]: must be 0, got ", cu_seqlens[0]));
-  }
-  int64_t cmp_start = 0;
-  for (int64_t s = 0; s < num_seqs; ++s) {
-    const int64_t a = cu_seqlens[s], e = cu_seqlens[s + 1];
-    if (e < a) {
-      return error(NSA_ERR_INVALID_SEQLENS,
-                   cat("cu_seqlens: decreases at index ", s + 1, " (", a, " then ", e, ")"));
-    }
-    const int64_t tc = nsa_cmp_len(&cfg, e - a);
-    seqs->push_back({0, a, e - a, cmp_start, tc});
-    cmp_start += tc;
-  }
-  if (cu_seqlens[num_seqs] != T) {
-    return error(NSA_ERR_INVALID_SEQLENS,
-                 cat("cu_seqlens[", num_seqs, "]: must equal T = ", T, ", got ",
-                     cu_seqlens[num_seqs]));
-  }
   return Status::ok();
 }
 
-// Rows of k_cmp / v_cmp / compress out: Tc of T for a fixed-length batch (even when B = 0, where
-// there is no sequence to ask), else the per-sequence Tc summed.
-int64_t total_cmp_len(const nsa_config& cfg, int64_t T, const std::vector<Sequence>& seqs,
-                      bool packed) {
-  if (!packed) return nsa_cmp_len(&cfg, T);
-  int64_t n = 0;
-  for (const Sequence& s : seqs) n += s.cmp_len;
-  return n;
+Status packed_contents(const Backend& be, const nsa_config& cfg, int64_t T,
+                       const int32_t* cu_seqlens, int64_t num_seqs,
+                       std::initializer_list<NamedTensor> cmp, std::vector<Sequence>* seqs) {
+  if (cu_seqlens == nullptr) return Status::ok();
+  PackedArgs a;
+  a.cfg = &cfg;
+  a.cu_seqlens = cu_seqlens;
+  a.num_seqs = num_seqs;
+  a.T = T;
+  int i = 0;
+  for (const NamedTensor& t : cmp) a.cmp[i++] = {t.first, t.second.shape[1]};
+  return be.packed(a, seqs);
 }
 
-// A shape error on a compressed tensor whose row count is wrong gets Tc explained, since Tc is
-// derived (SPEC 3) rather than visible in any other argument.
+Status indices_contents(const Backend& be, const char* name, const nsa_tensor& ix,
+                        const nsa_config& cfg, const std::vector<Sequence>& seqs, int64_t Hkv) {
+  IndexArgs a;
+  a.name = name;
+  a.indices = &ix;
+  a.cfg = &cfg;
+  a.seqs = &seqs;
+  a.Hkv = Hkv;
+  return be.indices(a);
+}
+
+// A shape error on a fixed-length call's compressed tensor gets Tc explained, since Tc is derived
+// (SPEC 3) rather than visible in any other argument. (Packed calls: host_packed explains it.)
 Status explain_cmp_rows(Status s, const nsa_tensor& t, int64_t Tc, const nsa_config& cfg,
-                        int64_t T, int64_t num_seqs, bool packed) {
+                        int64_t T) {
   if (s.code != NSA_ERR_INVALID_SHAPE || t.ndim != 4 || t.shape[1] == Tc) return s;
-  if (packed) {
-    s.message += cat("; Tc = ", Tc, " compressed tokens, summed over the ", num_seqs,
-                     " packed sequences (see nsa_cmp_seqlens)");
-  } else {
-    s.message += cat("; Tc = ", Tc, " compressed tokens for T = ", T, " (cmp_block ",
-                     cfg.cmp_block, ", cmp_stride ", cfg.cmp_stride, ")");
-  }
+  s.message += cat("; Tc = ", Tc, " compressed tokens for T = ", T, " (cmp_block ", cfg.cmp_block,
+                   ", cmp_stride ", cfg.cmp_stride, ")");
   return s;
 }
 
-// Every caller-supplied index is -1 or a visible block of its query: [0, t / l'].
-Status check_indices(const char* name, const nsa_tensor& ix, const nsa_config& cfg,
-                     const std::vector<Sequence>& seqs, int64_t Hkv) {
-  const int64_t n = cfg.slc_count, lp = cfg.slc_block;
-  const int32_t* base = static_cast<const int32_t*>(ix.data);
-  for (const Sequence& s : seqs) {
-    for (int64_t t = 0; t < s.len; ++t) {
-      for (int64_t h = 0; h < Hkv; ++h) {
-        for (int64_t k = 0; k < n; ++k) {
-          const int32_t j = base[offset_of(ix, s.batch, s.start + t, h, k)];
-          if (j == -1) continue;
-          if (j < 0 || j > t / lp) {
-            return error(NSA_ERR_INVALID_INDEX,
-                         cat(name, "[", s.batch, ", ", s.start + t, ", ", h, ", ", k,
-                             "] = ", j, ": out of range for a query at position ", t,
-                             " of its sequence (valid: -1, or 0 .. ", t / lp, ")"));
-          }
-        }
-      }
-    }
-  }
-  return Status::ok();
+// A compressed tensor [B, Tc, H, D]: Tc of T for a fixed-length batch (Tc >= 0); any row count
+// for a packed one (Tc = -1: the backend's content check compares it with cu_seqlens).
+Status check_cmp_tensor(const char* name, const nsa_tensor& t, const CmpRows& rows, int64_t B,
+                        int64_t H, int64_t D, const std::vector<nsa_dtype>& dtypes, Role role) {
+  const Status s = check_tensor(name, t, {B, rows.Tc, H, D}, dtypes, role);
+  return rows.derived ? explain_cmp_rows(s, t, rows.Tc, *rows.cfg, rows.T) : s;
 }
 
 Status validate_config(const nsa_config& c) {
@@ -253,101 +230,112 @@ Status validate_config(const nsa_config& c) {
   return Status::ok();
 }
 
-Status check_fwd_inputs(FwdProblem* problem) {
-  FwdProblem& pr = *problem;
-  nsa_fwd_params& p = pr.p;
-  NSA_RETURN_IF_ERROR(validate_config(p.cfg));
-
+// q, k, v and the head counts: the sizes of an NSA problem.
+Status check_fwd_qkv(const nsa_fwd_inputs& in, AttnDims* d) {
   const std::vector<nsa_dtype> floats = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
-  NSA_RETURN_IF_ERROR(check_tensor("q", p.q, {-1, -1, -1, -1}, floats, Role::kInput));
-  pr.B = p.q.shape[0];
-  pr.T = p.q.shape[1];
-  pr.Hq = p.q.shape[2];
-  pr.Dk = p.q.shape[3];
-  const nsa_dtype dt = p.q.dtype;
-  const std::vector<nsa_dtype> same = {dt};
-  NSA_RETURN_IF_ERROR(check_tensor("k", p.k, {pr.B, pr.T, -1, pr.Dk}, same, Role::kInput));
-  pr.Hkv = p.k.shape[2];
-  NSA_RETURN_IF_ERROR(check_tensor("v", p.v, {pr.B, pr.T, pr.Hkv, -1}, same, Role::kInput));
-  pr.Dv = p.v.shape[3];
-  if (pr.Hq < 1 || pr.Dk < 1) {
+  NSA_RETURN_IF_ERROR(check_tensor("q", in.q, {-1, -1, -1, -1}, floats, Role::kInput));
+  d->B = in.q.shape[0];
+  d->T = in.q.shape[1];
+  d->Hq = in.q.shape[2];
+  d->Dk = in.q.shape[3];
+  const std::vector<nsa_dtype> same = {in.q.dtype};
+  NSA_RETURN_IF_ERROR(check_tensor("k", in.k, {d->B, d->T, -1, d->Dk}, same, Role::kInput));
+  d->Hkv = in.k.shape[2];
+  NSA_RETURN_IF_ERROR(check_tensor("v", in.v, {d->B, d->T, d->Hkv, -1}, same, Role::kInput));
+  d->Dv = in.v.shape[3];
+  if (d->Hq < 1 || d->Dk < 1) {
     return error(NSA_ERR_INVALID_SHAPE,
-                 cat("q: needs at least one head and Dk >= 1, got shape ", shape_str(p.q)));
+                 cat("q: needs at least one head and Dk >= 1, got shape ", shape_str(in.q)));
   }
-  if (pr.Hkv < 1 || pr.Dv < 1) {
+  if (d->Hkv < 1 || d->Dv < 1) {
     return error(NSA_ERR_INVALID_SHAPE,
-                 cat("k/v: need at least one KV head and Dv >= 1, got k ", shape_str(p.k),
-                     ", v ", shape_str(p.v)));
+                 cat("k/v: need at least one KV head and Dv >= 1, got k ", shape_str(in.k),
+                     ", v ", shape_str(in.v)));
   }
-  if (pr.Hq % pr.Hkv != 0) {
+  if (d->Hq % d->Hkv != 0) {
     return error(NSA_ERR_INVALID_SHAPE,
-                 cat("q/k: Hq = ", pr.Hq, " query heads is not a multiple of Hkv = ", pr.Hkv,
+                 cat("q/k: Hq = ", d->Hq, " query heads is not a multiple of Hkv = ", d->Hkv,
                      " KV heads"));
   }
-  pr.G = pr.Hq / pr.Hkv;
+  d->G = d->Hq / d->Hkv;
+  return Status::ok();
+}
 
-  // Per-branch K/V (SPEC 3): both of a pair or neither; absent ones alias k/v.
+// Per-branch K/V (SPEC 3): both of a pair or neither; absent ones alias k/v.
+Status check_branch_kv(nsa_fwd_inputs* in, const AttnDims& d) {
   struct Pair {
     const char* kname;
     const char* vname;
     nsa_tensor* k;
     nsa_tensor* v;
   };
-  for (Pair pair : {Pair{"k_slc", "v_slc", &p.k_slc, &p.v_slc},
-                    Pair{"k_win", "v_win", &p.k_win, &p.v_win}}) {
+  const std::vector<nsa_dtype> same = {in->q.dtype};
+  for (Pair pair : {Pair{"k_slc", "v_slc", &in->k_slc, &in->v_slc},
+                    Pair{"k_win", "v_win", &in->k_win, &in->v_win}}) {
     if (present(*pair.k) != present(*pair.v)) {
       return error(NSA_ERR_NULL_POINTER, cat(pair.kname, "/", pair.vname,
                                              ": give both of a branch's K/V or neither"));
     }
     if (!present(*pair.k)) {
-      *pair.k = p.k;
-      *pair.v = p.v;
+      *pair.k = in->k;
+      *pair.v = in->v;
       continue;
     }
     NSA_RETURN_IF_ERROR(
-        check_tensor(pair.kname, *pair.k, {pr.B, pr.T, pr.Hkv, pr.Dk}, same, Role::kInput));
+        check_tensor(pair.kname, *pair.k, {d.B, d.T, d.Hkv, d.Dk}, same, Role::kInput));
     NSA_RETURN_IF_ERROR(
-        check_tensor(pair.vname, *pair.v, {pr.B, pr.T, pr.Hkv, pr.Dv}, same, Role::kInput));
+        check_tensor(pair.vname, *pair.v, {d.B, d.T, d.Hkv, d.Dv}, same, Role::kInput));
   }
-
-  NSA_RETURN_IF_ERROR(make_sequences(p.cfg, pr.B, pr.T, p.cu_seqlens, p.num_seqs, &pr.seqs));
-  // Selection block indices are int32 (slc_indices_in/out, and the kernels' block lists), so the
-  // last block of the longest sequence, (len - 1) / l', must fit one. Only a fixed-length T past
-  // 2^31 tokens can break this (packed lengths are int32 already).
-  for (const Sequence& s : pr.seqs) {
-    if (s.len > 0 && (s.len - 1) / p.cfg.slc_block > INT32_MAX) {
-      return error(NSA_ERR_INVALID_SHAPE,
-                   cat("q: T = ", s.len, " tokens make more selection blocks (slc_block ",
-                       p.cfg.slc_block, ") than an int32 block index can number"));
-    }
-  }
-  const bool packed = p.cu_seqlens != nullptr;
-  pr.Tc = total_cmp_len(p.cfg, pr.T, pr.seqs, packed);
-  NSA_RETURN_IF_ERROR(explain_cmp_rows(
-      check_tensor("k_cmp", p.k_cmp, {pr.B, pr.Tc, pr.Hkv, pr.Dk}, same, Role::kInput), p.k_cmp,
-      pr.Tc, p.cfg, pr.T, p.num_seqs, packed));
-  NSA_RETURN_IF_ERROR(explain_cmp_rows(
-      check_tensor("v_cmp", p.v_cmp, {pr.B, pr.Tc, pr.Hkv, pr.Dv}, same, Role::kInput), p.v_cmp,
-      pr.Tc, p.cfg, pr.T, p.num_seqs, packed));
-
-  const std::vector<nsa_dtype> gate_dtypes =
-      dt == NSA_DTYPE_F32 ? std::vector<nsa_dtype>{NSA_DTYPE_F32} : floats;
-  const std::vector<int64_t> per_head = {pr.B, pr.T, pr.Hq};
-  NSA_RETURN_IF_ERROR(check_tensor("g_cmp", p.g_cmp, per_head, gate_dtypes, Role::kInput));
-  NSA_RETURN_IF_ERROR(check_tensor("g_slc", p.g_slc, per_head, gate_dtypes, Role::kInput));
-  NSA_RETURN_IF_ERROR(check_tensor("g_win", p.g_win, per_head, gate_dtypes, Role::kInput));
   return Status::ok();
 }
 
-Status make_fwd_problem(const nsa_fwd_params& in, FwdProblem* out) {
+Status check_fwd_inputs(FwdProblem* problem) {
+  FwdProblem& pr = *problem;
+  nsa_fwd_inputs& in = pr.p.in;
+  NSA_RETURN_IF_ERROR(validate_config(in.cfg));
+  NSA_RETURN_IF_ERROR(check_fwd_qkv(in, &pr));
+  NSA_RETURN_IF_ERROR(check_branch_kv(&in, pr));
+  NSA_RETURN_IF_ERROR(check_packing(in.cfg, pr.B, pr.T, in.cu_seqlens, in.num_seqs, &pr.seqs));
+  // Selection block indices are int32 (slc_indices_in/out, and the kernels' block lists), so the
+  // last block of the longest sequence, (len - 1) / l', must fit one. Only a fixed-length T past
+  // 2^31 tokens can break this (packed lengths are int32 already).
+  if (in.cu_seqlens == nullptr && pr.T > 0 && (pr.T - 1) / in.cfg.slc_block > INT32_MAX) {
+    return error(NSA_ERR_INVALID_SHAPE,
+                 cat("q: T = ", pr.T, " tokens make more selection blocks (slc_block ",
+                     in.cfg.slc_block, ") than an int32 block index can number"));
+  }
+  const std::vector<nsa_dtype> same = {in.q.dtype};
+  const CmpRows rows = cmp_rows(in.cfg, pr.T, in.cu_seqlens != nullptr);
+  NSA_RETURN_IF_ERROR(
+      check_cmp_tensor("k_cmp", in.k_cmp, rows, pr.B, pr.Hkv, pr.Dk, same, Role::kInput));
+  pr.Tc = in.k_cmp.shape[1];
+  NSA_RETURN_IF_ERROR(
+      check_cmp_tensor("v_cmp", in.v_cmp, rows, pr.B, pr.Hkv, pr.Dv, same, Role::kInput));
+  const std::vector<nsa_dtype> gate_dtypes =
+      in.q.dtype == NSA_DTYPE_F32 ? std::vector<nsa_dtype>{NSA_DTYPE_F32}
+                                  : std::vector<nsa_dtype>{NSA_DTYPE_F32, NSA_DTYPE_BF16};
+  const std::vector<int64_t> per_head = {pr.B, pr.T, pr.Hq};
+  NSA_RETURN_IF_ERROR(check_tensor("g_cmp", in.g_cmp, per_head, gate_dtypes, Role::kInput));
+  NSA_RETURN_IF_ERROR(check_tensor("g_slc", in.g_slc, per_head, gate_dtypes, Role::kInput));
+  NSA_RETURN_IF_ERROR(check_tensor("g_win", in.g_win, per_head, gate_dtypes, Role::kInput));
+  return Status::ok();
+}
+
+Status check_fwd_contents(const Backend& be, FwdProblem* pr) {
+  const nsa_fwd_inputs& in = pr->p.in;
+  return packed_contents(be, in.cfg, pr->T, in.cu_seqlens, in.num_seqs,
+                         {{"k_cmp", in.k_cmp}, {"v_cmp", in.v_cmp}}, &pr->seqs);
+}
+
+Status make_fwd_problem(const nsa_fwd_params& params, const Backend& be, FwdProblem* out) {
   FwdProblem pr;
-  pr.p = in;
+  pr.p = params;
   nsa_fwd_params& p = pr.p;
   NSA_RETURN_IF_ERROR(check_fwd_inputs(&pr));
   const std::vector<nsa_dtype> floats = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
   const std::vector<int64_t> per_head = {pr.B, pr.T, pr.Hq};
 
-  const std::vector<int64_t> idx_shape = {pr.B, pr.T, pr.Hkv, p.cfg.slc_count};
+  const std::vector<int64_t> idx_shape = {pr.B, pr.T, pr.Hkv, p.in.cfg.slc_count};
   const std::vector<nsa_dtype> i32 = {NSA_DTYPE_I32};
   NSA_RETURN_IF_ERROR(
       check_optional("slc_indices_in", p.slc_indices_in, idx_shape, i32, Role::kInput));
@@ -364,10 +352,13 @@ Status make_fwd_problem(const nsa_fwd_params& in, FwdProblem* out) {
   NSA_RETURN_IF_ERROR(
       check_optional("slc_indices_out", p.slc_indices_out, idx_shape, i32, Role::kOutput));
 
+  // Contents last (nsa.h: slc_indices_in is reported only when every other rule holds).
+  NSA_RETURN_IF_ERROR(check_fwd_contents(be, &pr));
   if (present(p.slc_indices_in)) {
-    NSA_RETURN_IF_ERROR(check_indices("slc_indices_in", p.slc_indices_in, p.cfg, pr.seqs, pr.Hkv));
+    NSA_RETURN_IF_ERROR(indices_contents(be, "slc_indices_in", p.slc_indices_in, p.in.cfg,
+                                         pr.seqs, pr.Hkv));
   }
-  if (p.cfg.scale == 0.0f) p.cfg.scale = static_cast<float>(1.0 / std::sqrt(double(pr.Dk)));
+  if (p.in.cfg.scale == 0.0f) p.in.cfg.scale = static_cast<float>(1.0 / std::sqrt(double(pr.Dk)));
   *out = std::move(pr);
   return Status::ok();
 }
@@ -392,40 +383,67 @@ Status check_compress_inputs(CompressProblem* problem) {
     return error(NSA_ERR_INVALID_SHAPE,
                  cat("x: needs at least one head and D >= 1, got shape ", shape_str(p.x)));
   }
-  NSA_RETURN_IF_ERROR(make_sequences(p.cfg, pr.B, pr.T, p.cu_seqlens, p.num_seqs, &pr.seqs));
-  const bool packed = p.cu_seqlens != nullptr;
-  pr.Tc = total_cmp_len(p.cfg, pr.T, pr.seqs, packed);
+  NSA_RETURN_IF_ERROR(check_packing(p.cfg, pr.B, pr.T, p.cu_seqlens, p.num_seqs, &pr.seqs));
+  pr.Tc = cmp_rows(p.cfg, pr.T, p.cu_seqlens != nullptr).Tc;  // packed: -1 until the contents
   if (p.kind == NSA_CMP_MLP) {
-    const std::vector<nsa_dtype> same = {p.x.dtype};
-    const int64_t l = p.cfg.cmp_block, H = pr.Hkv, D = pr.D;
-    NSA_RETURN_IF_ERROR(check_tensor("pos", p.pos, {H, l, D}, same, Role::kInput));
-    int64_t lD = 0;  // w1's row length; l and D are the caller's, so the product may overflow
-    if (__builtin_mul_overflow(l, D, &lD)) {
-      return error(NSA_ERR_INVALID_SHAPE, cat("w1: a row of cmp_block * D = ", l, " * ", D,
-                                              " elements overflows 64 bits"));
-    }
-    NSA_RETURN_IF_ERROR(check_tensor("w1", p.w1, {H, -1, lD}, same, Role::kInput));
-    pr.Dh = p.w1.shape[1];
-    if (pr.Dh < 1) return error(NSA_ERR_INVALID_SHAPE, "w1: the hidden width Dh must be >= 1");
-    NSA_RETURN_IF_ERROR(check_tensor("b1", p.b1, {H, pr.Dh}, same, Role::kInput));
-    NSA_RETURN_IF_ERROR(check_tensor("w2", p.w2, {H, D, pr.Dh}, same, Role::kInput));
-    NSA_RETURN_IF_ERROR(check_tensor("b2", p.b2, {H, D}, same, Role::kInput));
+    const nsa_tensor phi[5] = {p.pos, p.w1, p.b1, p.w2, p.b2};
+    NSA_RETURN_IF_ERROR(
+        check_mlp_params("", phi, pr.Hkv, p.cfg.cmp_block, pr.D, {p.x.dtype}, &pr.Dh));
   }
   return Status::ok();
 }
 
-Status make_compress_problem(const nsa_compress_params& in, CompressProblem* out) {
+Status check_mlp_params(const char* prefix, const nsa_tensor* phi, int64_t H, int64_t l,
+                        int64_t D, const std::vector<nsa_dtype>& dtypes, int64_t* Dh) {
+  const std::string pos = cat(prefix, "pos"), w1 = cat(prefix, "w1"), b1 = cat(prefix, "b1"),
+                    w2 = cat(prefix, "w2"), b2 = cat(prefix, "b2");
+  NSA_RETURN_IF_ERROR(check_tensor(pos.c_str(), phi[0], {H, l, D}, dtypes, Role::kInput));
+  int64_t lD = 0;  // w1's row length; l and D are the caller's, so the product may overflow
+  if (__builtin_mul_overflow(l, D, &lD)) {
+    return error(NSA_ERR_INVALID_SHAPE, cat(w1, ": a row of cmp_block * D = ", l, " * ", D,
+                                            " elements overflows 64 bits"));
+  }
+  NSA_RETURN_IF_ERROR(check_tensor(w1.c_str(), phi[1], {H, -1, lD}, dtypes, Role::kInput));
+  *Dh = phi[1].shape[1];
+  if (*Dh < 1) return error(NSA_ERR_INVALID_SHAPE, cat(w1, ": the hidden width Dh must be >= 1"));
+  NSA_RETURN_IF_ERROR(check_tensor(b1.c_str(), phi[2], {H, *Dh}, dtypes, Role::kInput));
+  NSA_RETURN_IF_ERROR(check_tensor(w2.c_str(), phi[3], {H, D, *Dh}, dtypes, Role::kInput));
+  return check_tensor(b2.c_str(), phi[4], {H, D}, dtypes, Role::kInput);
+}
+
+Status check_compressed_rows(const char* name, const nsa_tensor& t, Role role,
+                             CompressProblem* pr) {
+  const nsa_compress_params& p = pr->p;
+  const CmpRows rows = cmp_rows(p.cfg, pr->T, p.cu_seqlens != nullptr);
+  NSA_RETURN_IF_ERROR(check_cmp_tensor(name, t, rows, pr->B, pr->Hkv, pr->D,
+                                       {NSA_DTYPE_F32, NSA_DTYPE_BF16}, role));
+  pr->Tc = t.shape[1];
+  return Status::ok();
+}
+
+Status compress_contents(const Backend& be, const char* cmp_name, const nsa_tensor& cmp,
+                         CompressProblem* pr) {
+  const nsa_compress_params& p = pr->p;
+  return packed_contents(be, p.cfg, pr->T, p.cu_seqlens, p.num_seqs, {{cmp_name, cmp}},
+                         &pr->seqs);
+}
+
+Status make_compress_problem(const nsa_compress_params& in, const Backend& be,
+                             CompressProblem* out) {
   CompressProblem pr;
   pr.p = in;
-  const nsa_compress_params& p = pr.p;
   NSA_RETURN_IF_ERROR(check_compress_inputs(&pr));
-  const std::vector<nsa_dtype> floats = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
-  const bool packed = p.cu_seqlens != nullptr;
-  NSA_RETURN_IF_ERROR(explain_cmp_rows(
-      check_tensor("out", p.out, {pr.B, pr.Tc, pr.Hkv, pr.D}, floats, Role::kOutput), p.out,
-      pr.Tc, p.cfg, pr.T, p.num_seqs, packed));
+  NSA_RETURN_IF_ERROR(check_compressed_rows("out", pr.p.out, Role::kOutput, &pr));
+  NSA_RETURN_IF_ERROR(compress_contents(be, "out", pr.p.out, &pr));
   *out = std::move(pr);
   return Status::ok();
+}
+
+// The sequence list of a dense call needs a config only for compressed lengths, unused here.
+nsa_config dense_cfg() {
+  nsa_config cfg;
+  nsa_config_default(&cfg);
+  return cfg;
 }
 
 Status check_dense_inputs(nsa_dense_fwd_params* params, DenseProblem* pr) {
@@ -459,14 +477,19 @@ Status check_dense_inputs(nsa_dense_fwd_params* params, DenseProblem* pr) {
     return error(NSA_ERR_INVALID_ARGUMENT,
                  cat("scale: must be finite and >= 0 (0 selects 1/sqrt(Dk)), got ", p.scale));
   }
-  nsa_config cfg;  // only for the sequence list; compressed lengths are unused here
-  nsa_config_default(&cfg);
-  NSA_RETURN_IF_ERROR(make_sequences(cfg, pr->B, pr->T, p.cu_seqlens, p.num_seqs, &pr->seqs));
+  NSA_RETURN_IF_ERROR(
+      check_packing(dense_cfg(), pr->B, pr->T, p.cu_seqlens, p.num_seqs, &pr->seqs));
   if (p.scale == 0.0f) p.scale = static_cast<float>(1.0 / std::sqrt(double(pr->Dk)));
   return Status::ok();
 }
 
-Status make_dense_problem(const nsa_dense_fwd_params& in, DenseProblem* out) {
+Status dense_contents(const Backend& be, const int32_t* cu_seqlens, int64_t num_seqs, int64_t T,
+                      std::vector<Sequence>* seqs) {
+  const nsa_config cfg = dense_cfg();
+  return packed_contents(be, cfg, T, cu_seqlens, num_seqs, {}, seqs);
+}
+
+Status make_dense_problem(const nsa_dense_fwd_params& in, const Backend& be, DenseProblem* out) {
   DenseProblem pr;
   pr.p = in;
   nsa_dense_fwd_params& p = pr.p;
@@ -475,6 +498,7 @@ Status make_dense_problem(const nsa_dense_fwd_params& in, DenseProblem* out) {
   NSA_RETURN_IF_ERROR(check_tensor("o", p.o, {pr.B, pr.T, pr.Hq, pr.Dv}, floats, Role::kOutput));
   NSA_RETURN_IF_ERROR(check_optional("lse", p.lse, {pr.B, pr.T, pr.Hq}, {NSA_DTYPE_F32},
                                      Role::kOutput));
+  NSA_RETURN_IF_ERROR(dense_contents(be, p.cu_seqlens, p.num_seqs, pr.T, &pr.seqs));
   *out = std::move(pr);
   return Status::ok();
 }

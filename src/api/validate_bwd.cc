@@ -46,28 +46,6 @@ Status check_required_output(const char* name, const nsa_tensor& t,
   return check_tensor(name, t, shape, {NSA_DTYPE_F32, NSA_DTYPE_BF16}, Role::kOutput);
 }
 
-// The forward's inputs of a backward call, as an nsa_fwd_params for check_fwd_inputs.
-nsa_fwd_params forward_inputs(const nsa_bwd_params& p) {
-  nsa_fwd_params f;
-  nsa_fwd_params_init(&f);
-  f.cfg = p.cfg;
-  f.q = p.q;
-  f.k = p.k;
-  f.v = p.v;
-  f.k_slc = p.k_slc;
-  f.v_slc = p.v_slc;
-  f.k_win = p.k_win;
-  f.v_win = p.v_win;
-  f.k_cmp = p.k_cmp;
-  f.v_cmp = p.v_cmp;
-  f.g_cmp = p.g_cmp;
-  f.g_slc = p.g_slc;
-  f.g_win = p.g_win;
-  f.cu_seqlens = p.cu_seqlens;
-  f.num_seqs = p.num_seqs;
-  return f;
-}
-
 // The routing of one branch's raw K/V gradients (nsa.h): to its own outputs exactly when the
 // forward was given its own K/V, else into dk/dv.
 Status check_branch_grads(const char* branch, bool own_kv, const char* dk_name,
@@ -111,28 +89,25 @@ Status check_no_aliasing(const std::vector<NamedTensor>& outputs,
   return Status::ok();
 }
 
-Status make_bwd_problem(const nsa_bwd_params& in, BwdProblem* out) {
+Status make_bwd_problem(const nsa_bwd_params& in, const Backend& be, BwdProblem* out) {
   FwdProblem fwd;
-  fwd.p = forward_inputs(in);
+  nsa_fwd_params_init(&fwd.p);
+  fwd.p.in = in.in;
   NSA_RETURN_IF_ERROR(check_fwd_inputs(&fwd));
   BwdProblem pr;
   pr.p = in;
   nsa_bwd_params& p = pr.p;
-  pr.B = fwd.B, pr.T = fwd.T, pr.Hq = fwd.Hq, pr.Hkv = fwd.Hkv, pr.G = fwd.G;
-  pr.Dk = fwd.Dk, pr.Dv = fwd.Dv, pr.Tc = fwd.Tc;
+  static_cast<AttnDims&>(pr) = fwd;
   pr.seqs = fwd.seqs;
-  pr.slc_own_kv = present(in.k_slc);
-  pr.win_own_kv = present(in.k_win);
-  p.k_slc = fwd.p.k_slc;  // k/v when the branch has no K/V of its own
-  p.v_slc = fwd.p.v_slc;
-  p.k_win = fwd.p.k_win;
-  p.v_win = fwd.p.v_win;
+  pr.slc_own_kv = present(in.in.k_slc);
+  pr.win_own_kv = present(in.in.k_win);
+  p.in = fwd.p.in;  // k_slc .. v_win: k/v when the branch has no K/V of its own
 
   const std::vector<nsa_dtype> floats = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
   const std::vector<nsa_dtype> f32 = {NSA_DTYPE_F32};
   const std::vector<int64_t> per_head = {pr.B, pr.T, pr.Hq};
   NSA_RETURN_IF_ERROR(check_tensor("slc_indices", p.slc_indices,
-                                   {pr.B, pr.T, pr.Hkv, p.cfg.slc_count}, {NSA_DTYPE_I32},
+                                   {pr.B, pr.T, pr.Hkv, p.in.cfg.slc_count}, {NSA_DTYPE_I32},
                                    Role::kInput));
   NSA_RETURN_IF_ERROR(check_optional("lse_cmp", p.lse_cmp, per_head, f32, Role::kInput));
   NSA_RETURN_IF_ERROR(check_optional("lse_slc", p.lse_slc, per_head, f32, Role::kInput));
@@ -160,14 +135,14 @@ Status make_bwd_problem(const nsa_bwd_params& in, BwdProblem* out) {
       check_branch_grads("slc", pr.slc_own_kv, "dk_slc", p.dk_slc, "dv_slc", p.dv_slc, pr));
   NSA_RETURN_IF_ERROR(
       check_branch_grads("win", pr.win_own_kv, "dk_win", p.dk_win, "dv_win", p.dv_win, pr));
-  const bool packed = p.cu_seqlens != nullptr;
-  auto check_cmp_grad = [&](const char* name, const nsa_tensor& t, int64_t D) {
-    return explain_cmp_rows(
-        check_tensor(name, t, {pr.B, pr.Tc, pr.Hkv, D}, floats, Role::kOutput), t, pr.Tc, p.cfg,
-        pr.T, p.num_seqs, packed);
-  };
-  NSA_RETURN_IF_ERROR(check_cmp_grad("dk_cmp", p.dk_cmp, pr.Dk));
-  NSA_RETURN_IF_ERROR(check_cmp_grad("dv_cmp", p.dv_cmp, pr.Dv));
+  // Shaped as k_cmp/v_cmp, whose rows (Tc) are known by now (packed: compared with cu_seqlens
+  // by the content check below).
+  CmpRows rows = cmp_rows(p.in.cfg, pr.T, p.in.cu_seqlens != nullptr);
+  rows.Tc = pr.Tc;
+  NSA_RETURN_IF_ERROR(
+      check_cmp_tensor("dk_cmp", p.dk_cmp, rows, pr.B, pr.Hkv, pr.Dk, floats, Role::kOutput));
+  NSA_RETURN_IF_ERROR(
+      check_cmp_tensor("dv_cmp", p.dv_cmp, rows, pr.B, pr.Hkv, pr.Dv, floats, Role::kOutput));
   NSA_RETURN_IF_ERROR(check_tensor("dg_cmp", p.dg_cmp, per_head, floats, Role::kOutput));
   NSA_RETURN_IF_ERROR(check_tensor("dg_slc", p.dg_slc, per_head, floats, Role::kOutput));
   NSA_RETURN_IF_ERROR(check_tensor("dg_win", p.dg_win, per_head, floats, Role::kOutput));
@@ -176,19 +151,27 @@ Status make_bwd_problem(const nsa_bwd_params& in, BwdProblem* out) {
       {{"dq", p.dq}, {"dk", p.dk}, {"dv", p.dv}, {"dk_slc", p.dk_slc}, {"dv_slc", p.dv_slc},
        {"dk_win", p.dk_win}, {"dv_win", p.dv_win}, {"dk_cmp", p.dk_cmp}, {"dv_cmp", p.dv_cmp},
        {"dg_cmp", p.dg_cmp}, {"dg_slc", p.dg_slc}, {"dg_win", p.dg_win}},
-      {{"q", in.q}, {"k", in.k}, {"v", in.v}, {"k_slc", in.k_slc}, {"v_slc", in.v_slc},
-       {"k_win", in.k_win}, {"v_win", in.v_win}, {"k_cmp", in.k_cmp}, {"v_cmp", in.v_cmp},
-       {"g_cmp", in.g_cmp}, {"g_slc", in.g_slc}, {"g_win", in.g_win},
+      {{"q", in.in.q}, {"k", in.in.k}, {"v", in.in.v}, {"k_slc", in.in.k_slc},
+       {"v_slc", in.in.v_slc}, {"k_win", in.in.k_win}, {"v_win", in.in.v_win},
+       {"k_cmp", in.in.k_cmp}, {"v_cmp", in.in.v_cmp}, {"g_cmp", in.in.g_cmp},
+       {"g_slc", in.in.g_slc}, {"g_win", in.in.g_win},
        {"slc_indices", in.slc_indices}, {"lse_cmp", in.lse_cmp}, {"lse_slc", in.lse_slc},
        {"lse_win", in.lse_win}, {"o_cmp", in.o_cmp}, {"o_slc", in.o_slc}, {"o_win", in.o_win},
        {"d_o", in.d_o}}));
-  NSA_RETURN_IF_ERROR(check_indices("slc_indices", p.slc_indices, p.cfg, pr.seqs, pr.Hkv));
-  if (p.cfg.scale == 0.0f) p.cfg.scale = static_cast<float>(1.0 / std::sqrt(double(pr.Dk)));
+  // Contents last (nsa.h: slc_indices is checked after every other rule, aliasing included).
+  NSA_RETURN_IF_ERROR(check_fwd_contents(be, &fwd));
+  pr.seqs = fwd.seqs;
+  NSA_RETURN_IF_ERROR(
+      indices_contents(be, "slc_indices", p.slc_indices, p.in.cfg, pr.seqs, pr.Hkv));
+  if (p.in.cfg.scale == 0.0f) {
+    p.in.cfg.scale = static_cast<float>(1.0 / std::sqrt(double(pr.Dk)));
+  }
   *out = std::move(pr);
   return Status::ok();
 }
 
-Status make_compress_bwd_problem(const nsa_compress_bwd_params& in, CompressBwdProblem* out) {
+Status make_compress_bwd_problem(const nsa_compress_bwd_params& in, const Backend& be,
+                                 CompressBwdProblem* out) {
   CompressProblem fwd;
   nsa_compress_params_init(&fwd.p);
   fwd.p.cfg = in.cfg;
@@ -204,17 +187,13 @@ Status make_compress_bwd_problem(const nsa_compress_bwd_params& in, CompressBwdP
   fwd.p.w2 = in.w2;
   fwd.p.b2 = in.b2;
   NSA_RETURN_IF_ERROR(check_compress_inputs(&fwd));
+  NSA_RETURN_IF_ERROR(check_compressed_rows("dout", in.dout, Role::kInput, &fwd));
   CompressBwdProblem pr;
   pr.p = in;
   const nsa_compress_bwd_params& p = pr.p;
-  pr.B = fwd.B, pr.T = fwd.T, pr.Hkv = fwd.Hkv, pr.D = fwd.D, pr.Dh = fwd.Dh, pr.Tc = fwd.Tc;
-  pr.seqs = fwd.seqs;
+  static_cast<CmpDims&>(pr) = fwd;
 
   const std::vector<nsa_dtype> floats = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
-  const bool packed = p.cu_seqlens != nullptr;
-  NSA_RETURN_IF_ERROR(explain_cmp_rows(
-      check_tensor("dout", p.dout, {pr.B, pr.Tc, pr.Hkv, pr.D}, floats, Role::kInput), p.dout,
-      pr.Tc, p.cfg, pr.T, p.num_seqs, packed));
   NSA_RETURN_IF_ERROR(check_tensor("dx", p.dx, {pr.B, pr.T, pr.Hkv, pr.D}, floats, Role::kOutput));
   std::vector<NamedTensor> outputs = {{"dx", p.dx}};
   std::vector<NamedTensor> inputs = {{"x", p.x}, {"dout", p.dout}};
@@ -232,11 +211,14 @@ Status make_compress_bwd_problem(const nsa_compress_bwd_params& in, CompressBwdP
                   {{"pos", p.pos}, {"w1", p.w1}, {"b1", p.b1}, {"w2", p.w2}, {"b2", p.b2}});
   }
   NSA_RETURN_IF_ERROR(check_no_aliasing(outputs, inputs));
+  NSA_RETURN_IF_ERROR(compress_contents(be, "dout", in.dout, &fwd));
+  pr.seqs = std::move(fwd.seqs);
   *out = std::move(pr);
   return Status::ok();
 }
 
-Status make_dense_bwd_problem(const nsa_dense_bwd_params& in, DenseBwdProblem* out) {
+Status make_dense_bwd_problem(const nsa_dense_bwd_params& in, const Backend& be,
+                              DenseBwdProblem* out) {
   DenseBwdProblem pr;
   pr.p = in;
   nsa_dense_bwd_params& p = pr.p;
@@ -253,8 +235,7 @@ Status make_dense_bwd_problem(const nsa_dense_bwd_params& in, DenseBwdProblem* o
   DenseProblem sizes;
   NSA_RETURN_IF_ERROR(check_dense_inputs(&fwd, &sizes));
   p.scale = fwd.scale;
-  pr.B = sizes.B, pr.T = sizes.T, pr.Hq = sizes.Hq, pr.Hkv = sizes.Hkv, pr.G = sizes.G;
-  pr.Dk = sizes.Dk, pr.Dv = sizes.Dv;
+  static_cast<AttnDims&>(pr) = sizes;
   pr.seqs = std::move(sizes.seqs);
 
   const std::vector<nsa_dtype> floats = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
@@ -275,6 +256,7 @@ Status make_dense_bwd_problem(const nsa_dense_bwd_params& in, DenseBwdProblem* o
   NSA_RETURN_IF_ERROR(check_no_aliasing(
       {{"dq", p.dq}, {"dk", p.dk}, {"dv", p.dv}},
       {{"q", p.q}, {"k", p.k}, {"v", p.v}, {"o", p.o}, {"lse", p.lse}, {"d_o", p.d_o}}));
+  NSA_RETURN_IF_ERROR(dense_contents(be, p.cu_seqlens, p.num_seqs, pr.T, &pr.seqs));
   *out = std::move(pr);
   return Status::ok();
 }

@@ -28,24 +28,37 @@ struct Sequence {
   int64_t cmp_len = 0;
 };
 
-struct FwdProblem {
+// The sizes of an attention problem (SPEC 3's letters), shared by the forward, backward and dense
+// problems. Tc is 0 for the dense ones.
+struct AttnDims {
+  int64_t B = 0, T = 0, Hq = 0, Hkv = 0, G = 0, Dk = 0, Dv = 0, Tc = 0;
+};
+
+// The sizes of a compression problem (SPEC 5): x [B, T, Hkv, D] to [B, Tc, Hkv, D]; Dh is the
+// mlp's hidden width (0 for mean).
+struct CmpDims {
+  int64_t B = 0, T = 0, Hkv = 0, D = 0, Dh = 0, Tc = 0;
+};
+
+// What every batched problem carries besides its sizes: the independent sequences, and the
+// context's thread count.
+struct Launch {
+  std::vector<Sequence> seqs;
+  int32_t num_threads = 0;  // 0: OpenMP's default
+};
+
+struct FwdProblem : AttnDims, Launch {
   // The caller's params, with k_slc/v_slc/k_win/v_win filled in from k/v when absent and
   // cfg.scale resolved to 1/sqrt(Dk) when it was 0.
   nsa_fwd_params p;
-  int64_t B = 0, T = 0, Hq = 0, Hkv = 0, G = 0, Dk = 0, Dv = 0, Tc = 0;
-  std::vector<Sequence> seqs;
-  int32_t num_threads = 0;  // 0: OpenMP's default
   nsa_fwd_profile* profile = nullptr;  // stage times to fill in, when profiling is on
 };
 
-struct CompressProblem {
+struct CompressProblem : CmpDims, Launch {
   nsa_compress_params p;
-  int64_t B = 0, T = 0, Hkv = 0, D = 0, Dh = 0, Tc = 0;
-  std::vector<Sequence> seqs;
-  int32_t num_threads = 0;
 };
 
-struct BwdProblem {
+struct BwdProblem : AttnDims, Launch {
   // The caller's params, with k_slc/v_slc/k_win/v_win filled in from k/v when absent and
   // cfg.scale resolved to 1/sqrt(Dk) when it was 0.
   nsa_bwd_params p;
@@ -53,31 +66,33 @@ struct BwdProblem {
   // (dk_win/dv_win) instead of adding up in dk/dv.
   bool slc_own_kv = false;
   bool win_own_kv = false;
-  int64_t B = 0, T = 0, Hq = 0, Hkv = 0, G = 0, Dk = 0, Dv = 0, Tc = 0;
-  std::vector<Sequence> seqs;
-  int32_t num_threads = 0;
   nsa_bwd_profile* profile = nullptr;  // stage times to fill in, when profiling is on
 };
 
-struct CompressBwdProblem {
+struct CompressBwdProblem : CmpDims, Launch {
   nsa_compress_bwd_params p;
-  int64_t B = 0, T = 0, Hkv = 0, D = 0, Dh = 0, Tc = 0;
-  std::vector<Sequence> seqs;
-  int32_t num_threads = 0;
 };
 
-struct DenseProblem {
+struct DenseProblem : AttnDims, Launch {
   nsa_dense_fwd_params p;  // scale resolved to 1/sqrt(Dk) when it was 0
-  int64_t B = 0, T = 0, Hq = 0, Hkv = 0, G = 0, Dk = 0, Dv = 0;
-  std::vector<Sequence> seqs;
-  int32_t num_threads = 0;
 };
 
-struct DenseBwdProblem {
+struct DenseBwdProblem : AttnDims, Launch {
   nsa_dense_bwd_params p;  // scale resolved to 1/sqrt(Dk) when it was 0
-  int64_t B = 0, T = 0, Hq = 0, Hkv = 0, G = 0, Dk = 0, Dv = 0;
-  std::vector<Sequence> seqs;
-  int32_t num_threads = 0;
+};
+
+// One validated decode step (nsa_decode or nsa_dense_decode) on a cache, after any append: row s
+// of q is the query at the last position of cache sequence seqs[s] (SPEC 7).
+struct DecodeProblem {
+  nsa_kv_cache* cache = nullptr;
+  const nsa_decode_params* nsa = nullptr;  // the NSA step, or
+  bool dense = false;                      // the dense baseline over the same cache
+  nsa_tensor q{}, o{}, lse{};              // lse: the dense baseline's (optional)
+  float scale = 0.0f;                      // resolved
+  int64_t window = 0;                      // dense: 0 = every cached token
+  int64_t S = 0, Hq = 0, G = 0;
+  std::vector<int64_t> seqs;  // the cache sequence of each row of q
+  int32_t num_threads = 0;    // 0: OpenMP's default
 };
 
 }  // namespace nsa

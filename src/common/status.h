@@ -2,6 +2,8 @@
 // the C API stores its message in the caller's context and returns its code.
 #pragma once
 
+#include <new>
+#include <sstream>
 #include <string>
 #include <utility>
 
@@ -18,6 +20,17 @@ struct Status {
 };
 
 inline Status error(nsa_status code, std::string message) { return {code, std::move(message)}; }
+
+// Concatenates the arguments into a message. A stream that fails to allocate sets its badbit
+// instead of throwing; that becomes std::bad_alloc here (so NSA_ERR_OUT_OF_MEMORY), never a
+// silently truncated message.
+template <typename... Args>
+std::string cat(const Args&... args) {
+  std::ostringstream os;
+  (os << ... << args);
+  if (!os) throw std::bad_alloc();
+  return os.str();
+}
 
 }  // namespace nsa
 

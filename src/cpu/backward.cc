@@ -9,7 +9,7 @@
 #include <chrono>
 #include <new>
 
-#include "common/backends.h"
+#include "cpu/ops.h"
 #include "common/status.h"
 #include "cpu/kernels.h"
 
@@ -37,7 +37,7 @@ void make_view(const nsa_tensor& t, View* v) {
 int64_t selected_set(const BwdProblem& pr, int64_t b, int64_t tok, int64_t hk, int32_t* out,
                      int64_t room) {
   const nsa_tensor& ix = pr.p.slc_indices;
-  const int64_t n = pr.p.cfg.slc_count;
+  const int64_t n = pr.p.in.cfg.slc_count;
   int64_t m = 0;
   for (int64_t k = 0; k < n; ++k) {
     const int32_t j = static_cast<const int32_t*>(ix.data)[offset_of(ix, b, tok, hk, k)];
@@ -64,17 +64,11 @@ struct Recomputed {
 };
 
 Status recompute_forward(const BwdProblem& pr, Recomputed* rc) {
-  const nsa_bwd_params& p = pr.p;
   FwdProblem fp;
   nsa_fwd_params_init(&fp.p);
   nsa_fwd_params& f = fp.p;
-  f.cfg = p.cfg;
-  f.q = p.q, f.k = p.k, f.v = p.v;
-  f.k_slc = p.k_slc, f.v_slc = p.v_slc, f.k_win = p.k_win, f.v_win = p.v_win;
-  f.k_cmp = p.k_cmp, f.v_cmp = p.v_cmp;
-  f.g_cmp = p.g_cmp, f.g_slc = p.g_slc, f.g_win = p.g_win;
-  f.cu_seqlens = p.cu_seqlens, f.num_seqs = p.num_seqs;
-  f.slc_indices_in = p.slc_indices;
+  f.in = pr.p.in;  // validated, scale resolved: the forward's inputs as nsa_fwd saw them
+  f.slc_indices_in = pr.p.slc_indices;
   const int64_t rows_shape[3] = {pr.B, pr.T, pr.Hq};
   const int64_t out_shape[4] = {pr.B, pr.T, pr.Hq, pr.Dv};
   const size_t rows = static_cast<size_t>(pr.B * pr.T * pr.Hq);
@@ -89,10 +83,8 @@ Status recompute_forward(const BwdProblem& pr, Recomputed* rc) {
     *o_out[c] = rc->o_branch_t[c] =
         nsa_tensor_contiguous(rc->o_branch[c].data(), NSA_DTYPE_F32, 4, out_shape);
   }
-  fp.B = pr.B, fp.T = pr.T, fp.Hq = pr.Hq, fp.Hkv = pr.Hkv, fp.G = pr.G;
-  fp.Dk = pr.Dk, fp.Dv = pr.Dv, fp.Tc = pr.Tc;
-  fp.seqs = pr.seqs;
-  fp.num_threads = pr.num_threads;
+  static_cast<AttnDims&>(fp) = pr;
+  static_cast<Launch&>(fp) = pr;
   return forward(fp);
 }
 
@@ -105,11 +97,11 @@ Status backward(const BwdProblem& pr) {
   st.pr = &pr;
   st.threads = pr.num_threads > 0 ? pr.num_threads : omp_get_max_threads();
   try {
-    make_view(p.q, &st.q);
+    make_view(p.in.q, &st.q);
     make_view(p.d_o, &st.d_o);
-    make_view(p.g_cmp, &st.gate[kCmp]);
-    make_view(p.g_slc, &st.gate[kSlc]);
-    make_view(p.g_win, &st.gate[kWin]);
+    make_view(p.in.g_cmp, &st.gate[kCmp]);
+    make_view(p.in.g_slc, &st.gate[kSlc]);
+    make_view(p.in.g_win, &st.gate[kWin]);
     const nsa_tensor* lse[3] = {&p.lse_cmp, &p.lse_slc, &p.lse_win};
     const nsa_tensor* o_branch[3] = {&p.o_cmp, &p.o_slc, &p.o_win};
     bool saved = true;

@@ -264,7 +264,7 @@ void prepare(const Ctx& cx, Pos& ps, int64_t si, int64_t hk, int64_t t) {
   for (int64_t h = 0; h < G; ++h) {
     const float* q = st.q.row(b, tok, h0 + h);
     const float* dout = st.d_o.row(b, tok, h0 + h);
-    for (int64_t i = 0; i < pr.Dk; ++i) ps.qT[i * GP + h] = p.cfg.scale * q[i];
+    for (int64_t i = 0; i < pr.Dk; ++i) ps.qT[i * GP + h] = p.in.cfg.scale * q[i];
     for (int64_t i = 0; i < pr.Dv; ++i) ps.doT[i * GP + h] = dout[i];
     for (int c = 0; c < 3; ++c) {
       const float* o = st.o_branch[c].row(b, tok, h0 + h);
@@ -287,7 +287,7 @@ void prepare(const Ctx& cx, Pos& ps, int64_t si, int64_t hk, int64_t t) {
 // and stay in L1/L2 while the positions pass.
 void query_tile(const Ctx& cx, Scratch& sc, int64_t si, int64_t hk, int64_t t0, int64_t t1,
                 int64_t chunk) {
-  const nsa_config& cfg = cx.pr->p.cfg;
+  const nsa_config& cfg = cx.pr->p.in.cfg;
   const int64_t np = t1 - t0;
   StageClock clock(cx.pr->profile ? sc.stage_s : nullptr);
   for (int64_t i = 0; i < np; ++i) prepare(cx, sc.pos[i], si, hk, t0 + i);
@@ -400,7 +400,7 @@ struct Unit {
 // Splits the query tiles into kChunks contiguous runs of about equal cost (keys read per head),
 // a function of the problem only.
 std::vector<int64_t> chunk_bounds(const BwdProblem& pr, const std::vector<Unit>& units) {
-  const nsa_config& cfg = pr.p.cfg;
+  const nsa_config& cfg = pr.p.in.cfg;
   std::vector<double> cost(units.size() + 1, 0.0);
   for (size_t i = 0; i < units.size(); ++i) {
     double c = 0;
@@ -434,11 +434,11 @@ bool BackwardLanes(const State& st) {
   const auto t_pack = Clock::now();
 
   Packed pk_cmp, pk_slc, pk_win_own;
-  if (!pack(pr, p.k_cmp, p.v_cmp, Span{true}, Dkp, threads, &pk_cmp)) return false;
-  if (!pack(pr, p.k_slc, p.v_slc, Span{false}, Dkp, threads, &pk_slc)) return false;
+  if (!pack(pr, p.in.k_cmp, p.in.v_cmp, Span{true}, Dkp, threads, &pk_cmp)) return false;
+  if (!pack(pr, p.in.k_slc, p.in.v_slc, Span{false}, Dkp, threads, &pk_slc)) return false;
   // The window reads the slc branch's packing when both read the same K/V.
-  const bool win_same_kv = same_view(p.k_win, p.k_slc) && same_view(p.v_win, p.v_slc);
-  if (!win_same_kv && !pack(pr, p.k_win, p.v_win, Span{false}, Dkp, threads, &pk_win_own)) {
+  const bool win_same_kv = same_view(p.in.k_win, p.in.k_slc) && same_view(p.in.v_win, p.in.v_slc);
+  if (!win_same_kv && !pack(pr, p.in.k_win, p.in.v_win, Span{false}, Dkp, threads, &pk_win_own)) {
     return false;
   }
   const Packed& pk_win = win_same_kv ? pk_slc : pk_win_own;
@@ -482,7 +482,7 @@ bool BackwardLanes(const State& st) {
   int64_t max_len = 0;
   for (const Sequence& sq : pr.seqs) max_len = std::max(max_len, sq.len);
   const int64_t n_set =
-      std::min<int64_t>(p.cfg.slc_count, (max_len + p.cfg.slc_block - 1) / p.cfg.slc_block) + 1;
+      std::min<int64_t>(p.in.cfg.slc_count, (max_len + p.in.cfg.slc_block - 1) / p.in.cfg.slc_block) + 1;
   cx.set_room = n_set;
   std::vector<int32_t> sets(static_cast<size_t>(kChunks * kQueryTile * n_set));
   std::vector<Scratch> scratch(kChunks);

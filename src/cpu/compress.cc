@@ -8,7 +8,7 @@
 #include <new>
 #include <vector>
 
-#include "common/backends.h"
+#include "cpu/ops.h"
 #include "cpu/kernels.h"
 
 namespace nsa::cpu {

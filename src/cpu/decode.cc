@@ -166,7 +166,7 @@ void run_chunk(const Plan& pl, const Chunk& ch, float* S, int64_t ld) {
   const int64_t N = hn::Lanes(d), GP = pl.GP, Dk = pl.Dk, Dv_pad = pl.Dv_pad;
   const DecodeProblem& pr = *pl.pr;
   const int64_t seq = pr.seqs[ch.item / pl.c->Hkv], hk = ch.item % pl.c->Hkv;
-  const TokenStore& st = ch.compressed ? pl.c->cmp : pl.c->raw;
+  const TokenStore& st = ch.compressed ? storage(*pl.c).cmp : storage(*pl.c).raw;
   const void* kbase = st.k_base(seq, hk);
   const void* vbase = st.v_base(seq, hk);
   const int64_t key0 = ch.a / kTileKeys * kTileKeys;
@@ -357,7 +357,7 @@ bool Decode(const DecodeProblem& pr) {
   pl.GP = (pr.G + kHeadBlock - 1) / kHeadBlock * kHeadBlock;
   pl.Dk = c.Dk;
   pl.Dv = c.Dv;
-  pl.Dv_pad = c.raw.Dv_pad;
+  pl.Dv_pad = storage(c).raw.Dv_pad;
   pl.items = pr.S * c.Hkv;
   const int64_t GP = pl.GP, items = pl.items, Hkv = c.Hkv;
   const int64_t n = cfg.slc_count;
@@ -414,7 +414,7 @@ bool Decode(const DecodeProblem& pr) {
   const int64_t tls_off = floats;
   const int64_t tls_floats = GP * ld_max + score_floats + 2 * kTileKeys;
   floats += threads * tls_floats;
-  std::vector<float>& buf = pr.cache->scratch;
+  std::vector<float>& buf = storage(*pr.cache).scratch;
   try {
     if (static_cast<int64_t>(buf.size()) < floats) buf.resize(static_cast<size_t>(floats));
   } catch (const std::bad_alloc&) {

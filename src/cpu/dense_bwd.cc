@@ -21,7 +21,7 @@
 #include <new>
 #include <vector>
 
-#include "common/backends.h"
+#include "cpu/ops.h"
 #include "common/dtype.h"
 #include "cpu/kernels.h"
 #include "hwy/aligned_allocator.h"

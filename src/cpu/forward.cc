@@ -3,7 +3,7 @@
 // small group into a vector's lanes still wins (1.3x at G = 1, 1.7x at G = 2 and 4, T = 4096).
 #include <new>
 
-#include "common/backends.h"
+#include "cpu/ops.h"
 #include "cpu/kernels.h"
 
 namespace nsa::cpu {

@@ -349,7 +349,7 @@ void cmp_branch(Pos* const quad[4], const Dims& dm, const float* kt, const float
 void block_scores_lanes(Pos& ps, const Dims& dm, int64_t nc, float* acc) {
   const DF d;
   const int64_t N = hn::Lanes(d), GP = dm.GP;
-  const nsa_config& cfg = ps.g.pr->p.cfg;
+  const nsa_config& cfg = ps.g.pr->p.in.cfg;
   const int64_t l = cfg.cmp_block, stride = cfg.cmp_stride, lp = cfg.slc_block;
   const int64_t last = ps.g.t / lp;  // J
   // 1/l per lane: 0 for the padding lanes and for empty heads (no probability mass).
@@ -427,9 +427,9 @@ void combine_heads(const Pos& ps, const Dims& dm, float* row) {
   for (int64_t hg = 0; hg < dm.G; ++hg) {
     const int64_t head = g.hk * dm.G + hg;
     // Gate values as given: the op applies no sigmoid (SPEC 3).
-    const float gc = load_f32(p.g_cmp, offset_of(p.g_cmp, b, tok, head));
-    const float gs = load_f32(p.g_slc, offset_of(p.g_slc, b, tok, head));
-    const float gw = load_f32(p.g_win, offset_of(p.g_win, b, tok, head));
+    const float gc = load_f32(p.in.g_cmp, offset_of(p.in.g_cmp, b, tok, head));
+    const float gs = load_f32(p.in.g_slc, offset_of(p.in.g_slc, b, tok, head));
+    const float gw = load_f32(p.in.g_win, offset_of(p.in.g_win, b, tok, head));
     for (int64_t c = 0; c < Dv; ++c) {
       row[c] = gc * ps.cmp.o[c * GP + hg] + gs * ps.slc.o[c * GP + hg] + gw * ps.win.o[c * GP + hg];
     }
@@ -452,7 +452,7 @@ struct Packs {
 // their sets, block by block; the causal mask only cuts a query's own block.
 void slc_pair(Pos* const pos[2], const Packs& pk, int64_t si, int64_t hk, const Dims& dm,
               float* blk_k, float* blk_v) {
-  const nsa_config& cfg = pos[0]->g.pr->p.cfg;
+  const nsa_config& cfg = pos[0]->g.pr->p.in.cfg;
   const int np = pos[1] ? 2 : 1;
   const Scratch& s0 = pos[0]->sel;
   const Scratch* s1 = pos[1] ? &pos[1]->sel : nullptr;
@@ -491,13 +491,13 @@ void slc_pair(Pos* const pos[2], const Packs& pk, int64_t si, int64_t hk, const 
 void run_item(Pos* const quad[4], const Packs& pk, int64_t si, const Dims& dm, float* acc,
               float* row, float* blk_k, float* blk_v, StageClock& clock) {
   const FwdProblem& pr = *quad[0]->g.pr;
-  const nsa_config& cfg = pr.p.cfg;
+  const nsa_config& cfg = pr.p.in.cfg;
   const int64_t hk = quad[0]->g.hk;
   Pos* const pairs[2][2] = {{quad[0], quad[1]}, {quad[2], quad[3]}};
   for (Pos* ps : std::initializer_list<Pos*>{quad[0], quad[1], quad[2], quad[3]}) {
     if (!ps) continue;
     for (int64_t hg = 0; hg < dm.G; ++hg) {
-      load_row(pr.p.q, offset_of(pr.p.q, ps->g.seq->batch, ps->g.tok, hk * dm.G + hg), dm.Dk, row);
+      load_row(pr.p.in.q, offset_of(pr.p.in.q, ps->g.seq->batch, ps->g.tok, hk * dm.G + hg), dm.Dk, row);
       for (int64_t i = 0; i < dm.Dk; ++i) ps->qt[i * dm.GP + hg] = row[i] * cfg.scale;
     }
     branch_begin(dm, ps->cmp);
@@ -576,14 +576,14 @@ bool ForwardLanes(const FwdProblem& pr) {
   Packs pk;
   auto raw = [](const Sequence& s) { return std::pair<int64_t, int64_t>(s.start, s.len); };
   auto cmp = [](const Sequence& s) { return std::pair<int64_t, int64_t>(s.cmp_start, s.cmp_len); };
-  if (!pack(pr, p.k_slc, p.v_slc, raw, threads, /*keep_bf16=*/true, pk.slc)) return false;
+  if (!pack(pr, p.in.k_slc, p.in.v_slc, raw, threads, /*keep_bf16=*/true, pk.slc)) return false;
   pk.win_kv = &pk.slc;
   // The window's keys stay in cache from one position to the next: f32, converted once.
-  if (pk.slc.half || !same_view(p.k_win, p.k_slc) || !same_view(p.v_win, p.v_slc)) {
-    if (!pack(pr, p.k_win, p.v_win, raw, threads, false, pk.win)) return false;
+  if (pk.slc.half || !same_view(p.in.k_win, p.in.k_slc) || !same_view(p.in.v_win, p.in.v_slc)) {
+    if (!pack(pr, p.in.k_win, p.in.v_win, raw, threads, false, pk.win)) return false;
     pk.win_kv = &pk.win;
   }
-  if (!pack(pr, p.k_cmp, p.v_cmp, cmp, threads, false, pk.cmp)) return false;
+  if (!pack(pr, p.in.k_cmp, p.in.v_cmp, cmp, threads, false, pk.cmp)) return false;
   pack_clock.lap(kStagePack);
 
   // Work items: four consecutive positions 4i .. 4i + 3 of one sequence and KV head (fewer at
@@ -595,7 +595,7 @@ bool ForwardLanes(const FwdProblem& pr) {
     max_cmp = std::max(max_cmp, pr.seqs[i].cmp_len);
     first_item[i + 1] = first_item[i] + (pr.seqs[i].len + 3) / 4 * pr.Hkv;
   }
-  const int64_t max_blocks = max_len > 0 ? (max_len - 1) / p.cfg.slc_block + 1 : 1;
+  const int64_t max_blocks = max_len > 0 ? (max_len - 1) / p.in.cfg.slc_block + 1 : 1;
   const int64_t s_rows = std::max(kChunk, round_up(max_cmp, kKeys));
   const Dims dm{pr.G, GP, Dk, Dv};
 
@@ -607,7 +607,7 @@ bool ForwardLanes(const FwdProblem& pr) {
   // One selected block widened from bf16 (f32 K/V need none): whole tiles from the one holding
   // its first key, never more than the longest sequence holds however large l' is.
   const int64_t blk_keys =
-      pk.slc.half ? round_up(std::min<int64_t>(p.cfg.slc_block, max_len), kKeys) + kKeys : 0;
+      pk.slc.half ? round_up(std::min<int64_t>(p.in.cfg.slc_block, max_len), kKeys) + kKeys : 0;
   int64_t floats = round_up(acc_floats, 16) + round_up(std::max(Dk, Dv), 16) +
                    round_up(blk_keys * Dk, 16) + round_up(blk_keys * Dv, 16);
   for (int64_t size : pos_sizes) floats += 4 * round_up(size, 16);

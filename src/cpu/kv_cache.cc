@@ -6,9 +6,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <memory>
 #include <new>
 
 #include "cpu/kernels.h"
+#include "cpu/ops.h"
 
 namespace nsa::cpu {
 namespace {
@@ -58,14 +60,15 @@ void mlp_token(const MlpParams& m, int64_t h, int64_t L, int64_t D, float* x, fl
 // as the cache stores them (so it sees exactly what a forward over the cached K/V sees).
 void compress_token(nsa_kv_cache& c, int64_t seq, int64_t h, int64_t i, float* buf) {
   const int64_t l = c.cfg.cmp_block, d = c.cfg.cmp_stride;
+  CpuCache& st = storage(c);
   for (int kv = 0; kv < 2; ++kv) {
     const int64_t D = kv == 0 ? c.Dk : c.Dv;
     float* block = buf;                         // [l][D]
     float* out = block + l * D;                 // [D]
     float* hidden = out + std::max(c.Dk, c.Dv); // [Dh]
     for (int64_t r = 0; r < l; ++r) {
-      if (kv == 0) c.raw.read_k(seq, h, i * d + r, block + r * D);
-      else c.raw.read_v(seq, h, i * d + r, block + r * D);
+      if (kv == 0) st.raw.read_k(seq, h, i * d + r, block + r * D);
+      else st.raw.read_v(seq, h, i * d + r, block + r * D);
     }
     if (c.cmp_kind == NSA_CMP_MEAN) {
       // The order of compress.cc's mean (sum the rows, then scale), so both give the same bits.
@@ -73,10 +76,10 @@ void compress_token(nsa_kv_cache& c, int64_t seq, int64_t h, int64_t i, float* b
       for (int64_t r = 0; r < l; ++r) axpy(1.0f, block + r * D, out, D);
       scale_by(1.0f / static_cast<float>(l), out, D);
     } else {
-      mlp_token(kv == 0 ? c.k_mlp : c.v_mlp, h, l * D, D, block, hidden, out);
+      mlp_token(kv == 0 ? st.k_mlp : st.v_mlp, h, l * D, D, block, hidden, out);
     }
-    if (kv == 0) c.cmp.write_k(seq, h, i, out);
-    else c.cmp.write_v(seq, h, i, out);
+    if (kv == 0) st.cmp.write_k(seq, h, i, out);
+    else st.cmp.write_v(seq, h, i, out);
   }
 }
 
@@ -151,42 +154,30 @@ void TokenStore::read_v(int64_t seq, int64_t h, int64_t pos, float* row) const {
   }
 }
 
-Status kv_cache_init(const nsa_kv_cache_params& p, nsa_kv_cache* c) {
-  c->cfg = p.cfg;
-  // As nsa_fwd resolves it, so that decode and the forward use the same scale.
-  if (c->cfg.scale == 0.0f) c->cfg.scale = static_cast<float>(1.0 / std::sqrt(double(p.head_dim_k)));
-  c->num_seqs = p.num_seqs;
-  c->capacity = p.capacity;
-  c->Hkv = p.num_kv_heads;
-  c->Dk = p.head_dim_k;
-  c->Dv = p.head_dim_v;
-  c->dtype = p.dtype;
-  c->cmp_kind = p.cmp_kind;
-  c->len.assign(static_cast<size_t>(p.num_seqs), 0);
+Status kv_cache_create(const nsa_kv_cache_params& p, nsa_kv_cache* c) {
+  auto st = std::make_unique<CpuCache>();
   const bool bf16 = p.dtype == NSA_DTYPE_BF16;
   const int64_t cmp_rows = nsa_cmp_len(&p.cfg, p.capacity);
-  if (!c->raw.allocate(p.num_seqs, c->Hkv, p.capacity, c->Dk, c->Dv, bf16) ||
-      !c->cmp.allocate(p.num_seqs, c->Hkv, cmp_rows, c->Dk, c->Dv, bf16)) {
+  if (!st->raw.allocate(p.num_seqs, c->Hkv, p.capacity, c->Dk, c->Dv, bf16) ||
+      !st->cmp.allocate(p.num_seqs, c->Hkv, cmp_rows, c->Dk, c->Dv, bf16)) {
     return error(NSA_ERR_OUT_OF_MEMORY, "kv cache: cannot allocate the K/V storage");
   }
   if (p.cmp_kind == NSA_CMP_MLP) {
     const int64_t l = p.cfg.cmp_block;
-    copy_mlp(p.k_pos, p.k_w1, p.k_b1, p.k_w2, p.k_b2, c->Hkv, l, c->Dk, c->k_mlp);
-    copy_mlp(p.v_pos, p.v_w1, p.v_b1, p.v_w2, p.v_b2, c->Hkv, l, c->Dv, c->v_mlp);
+    copy_mlp(p.k_pos, p.k_w1, p.k_b1, p.k_w2, p.k_b2, c->Hkv, l, c->Dk, st->k_mlp);
+    copy_mlp(p.v_pos, p.v_w1, p.v_b1, p.v_w2, p.v_b2, c->Hkv, l, c->Dv, st->v_mlp);
   }
+  c->storage = std::move(st);
   return Status::ok();
-}
-
-int64_t kv_cache_cmp_len(const nsa_kv_cache& c, int64_t seq) {
-  return nsa_cmp_len(&c.cfg, c.len[static_cast<size_t>(seq)]);
 }
 
 Status kv_cache_append(nsa_kv_cache& c, int64_t seq, const nsa_tensor& k, const nsa_tensor& v,
                        int threads) {
   const int64_t n = k.shape[0], first = c.len[static_cast<size_t>(seq)];
-  const int64_t cmp_before = kv_cache_cmp_len(c, seq);
+  const int64_t cmp_before = c.cmp_len(seq);
   const int64_t cmp_after = nsa_cmp_len(&c.cfg, first + n);
-  const int64_t Dh = std::max(c.k_mlp.Dh, c.v_mlp.Dh), D = std::max(c.Dk, c.Dv);
+  CpuCache& st = storage(c);
+  const int64_t Dh = std::max(st.k_mlp.Dh, st.v_mlp.Dh), D = std::max(c.Dk, c.Dv);
   // Scratch per thread: one row, and when a compressed token completes, its block of l rows, its
   // output and the mlp's hidden layer. A token completes only once l <= capacity positions
   // exist, so the block is bounded by the cache's own (validated) size; no scratch is sized by
@@ -213,15 +204,54 @@ Status kv_cache_append(nsa_kv_cache& c, int64_t seq, const nsa_tensor& k, const 
     for (int64_t h = 0; h < c.Hkv; ++h) {
       for (int64_t r = 0; r < n; ++r) {
         load_row(k, offset_of(k, r, h), c.Dk, row);
-        c.raw.write_k(seq, h, first + r, row);
+        st.raw.write_k(seq, h, first + r, row);
         load_row(v, offset_of(v, r, h), c.Dv, row);
-        c.raw.write_v(seq, h, first + r, row);
+        st.raw.write_v(seq, h, first + r, row);
       }
       for (int64_t i = cmp_before; i < cmp_after; ++i) compress_token(c, seq, h, i, buf);
     }
   }
-  c.len[static_cast<size_t>(seq)] = first + n;
   return Status::ok();
+}
+
+namespace {
+
+// The [T, H, D] rows of a validated [1, T, H, D] forward tensor, as an append takes them.
+nsa_tensor row_view(const nsa_tensor& t) {
+  nsa_tensor r = t;
+  r.ndim = 3;
+  for (int i = 0; i < 3; ++i) r.shape[i] = t.shape[i + 1], r.stride[i] = t.stride[i + 1];
+  r.shape[3] = r.stride[3] = 0;
+  return r;
+}
+
+}  // namespace
+
+Status kv_cache_prefill(nsa_kv_cache& c, int64_t seq, FwdProblem& fwd) {
+  const nsa_fwd_inputs& in = fwd.p.in;
+  const int64_t Tc = fwd.Tc;
+  // The compressed tokens as the forward reads them, contiguous [1, Tc, Hkv, D] in the cache's
+  // dtype; allocated before the append so that running out of memory leaves the cache as it was.
+  const size_t esize = nsa_dtype_size(c.dtype);
+  std::vector<char> kc(static_cast<size_t>(Tc * c.Hkv * c.Dk) * esize);
+  std::vector<char> vc(static_cast<size_t>(Tc * c.Hkv * c.Dv) * esize);
+  std::vector<float> row(static_cast<size_t>(std::max(c.Dk, c.Dv)));
+  NSA_RETURN_IF_ERROR(kv_cache_append(c, seq, row_view(in.k), row_view(in.v), fwd.num_threads));
+  // The forward reads the compressed tokens exactly as the cache holds them (SPEC 7): the ones
+  // decode steps will read, computed once by the append.
+  const int64_t kshape[4] = {1, Tc, c.Hkv, c.Dk}, vshape[4] = {1, Tc, c.Hkv, c.Dv};
+  fwd.p.in.k_cmp = nsa_tensor_contiguous(kc.data(), c.dtype, 4, kshape);
+  fwd.p.in.v_cmp = nsa_tensor_contiguous(vc.data(), c.dtype, 4, vshape);
+  const CpuCache& st = storage(c);
+  for (int64_t i = 0; i < Tc; ++i) {
+    for (int64_t h = 0; h < c.Hkv; ++h) {
+      st.cmp.read_k(seq, h, i, row.data());
+      store_row(fwd.p.in.k_cmp, offset_of(fwd.p.in.k_cmp, 0, i, h), row.data(), c.Dk);
+      st.cmp.read_v(seq, h, i, row.data());
+      store_row(fwd.p.in.v_cmp, offset_of(fwd.p.in.v_cmp, 0, i, h), row.data(), c.Dv);
+    }
+  }
+  return forward(fwd);
 }
 
 }  // namespace nsa::cpu

@@ -1,11 +1,13 @@
-// The KV cache behind the opaque nsa_kv_cache handle (nsa.h, "Decode with a KV cache"): raw and
-// compressed K/V per (sequence, KV head), laid out for the decode kernels (decode.cc), and the
-// incremental compression of SPEC.md section 7.
+// The CPU backend's storage of a KV cache (nsa.h, "Decode with a KV cache"; the handle itself is
+// common/kv_cache.h): raw and compressed K/V per (sequence, KV head), laid out for the decode
+// kernels (decode.cc), and the incremental compression of SPEC.md section 7.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
+#include "common/kv_cache.h"
+#include "common/problem.h"
 #include "common/status.h"
 #include "nsa/nsa.h"
 
@@ -65,47 +67,34 @@ struct MlpParams {
   std::vector<float> pos, w1, b1, w2, b2;
 };
 
-}  // namespace nsa::cpu
-
-struct nsa_kv_cache {
-  nsa_config cfg{};  // scale resolved to 1/sqrt(Dk) when it was 0
-  int64_t num_seqs = 0, capacity = 0, Hkv = 0, Dk = 0, Dv = 0;
-  nsa_dtype dtype = NSA_DTYPE_F32;
-  nsa_cmp_kind cmp_kind = NSA_CMP_MEAN;
-  nsa::cpu::TokenStore raw, cmp;
-  nsa::cpu::MlpParams k_mlp, v_mlp;
-  std::vector<int64_t> len;  // tokens held, per sequence
+// The storage a CPU cache owns (nsa_kv_cache::storage).
+struct CpuCache : CacheStorage {
+  TokenStore raw, cmp;
+  MlpParams k_mlp, v_mlp;
   std::vector<float> scratch;  // reused by decode calls (the cache is not thread-safe)
 };
 
-namespace nsa::cpu {
+// The CPU storage of a cache this backend created.
+inline CpuCache& storage(nsa_kv_cache& c) { return static_cast<CpuCache&>(*c.storage); }
+inline const CpuCache& storage(const nsa_kv_cache& c) {
+  return static_cast<const CpuCache&>(*c.storage);
+}
 
+// The backend table's cache entries (common/backend.h).
 // Allocates the stores and copies the mlp parameters of a validated nsa_kv_cache_params.
-Status kv_cache_init(const nsa_kv_cache_params& p, nsa_kv_cache* c);
-
-// Appends rows [0, n) of k [n, Hkv, Dk] and v [n, Hkv, Dv] (validated: fits the capacity) to
-// sequence seq, and computes every compressed token they complete (SPEC 7): compressed token i
-// exactly when position i*d + l - 1 arrives. Out of memory: an error, and the cache unchanged.
+Status kv_cache_create(const nsa_kv_cache_params& p, nsa_kv_cache* c);
+// Writes rows [0, n) of k [n, Hkv, Dk] and v [n, Hkv, Dv] (validated: fits the capacity) at the
+// positions after sequence seq's length, and computes every compressed token they complete
+// (SPEC 7): compressed token i exactly when position i*d + l - 1 arrives. The length is the
+// caller's to advance. Out of memory: an error before any row is written.
 Status kv_cache_append(nsa_kv_cache& c, int64_t seq, const nsa_tensor& k, const nsa_tensor& v,
-                     int threads);
+                       int32_t threads);
+// Appends the prompt of a validated forward of one sequence, then runs the CPU forward over it
+// with the cache's own compressed tokens as k_cmp/v_cmp.
+Status kv_cache_prefill(nsa_kv_cache& c, int64_t seq, FwdProblem& fwd);
 
-// Compressed tokens held by sequence seq.
-int64_t kv_cache_cmp_len(const nsa_kv_cache& c, int64_t seq);
-
-// One validated decode call (nsa_decode or nsa_dense_decode), after any append.
-struct DecodeProblem {
-  nsa_kv_cache* cache = nullptr;
-  const nsa_decode_params* nsa = nullptr;  // the NSA step, or
-  bool dense = false;                      // the dense baseline over the same cache
-  nsa_tensor q{}, o{}, lse{};              // lse: the dense baseline's (optional)
-  float scale = 0.0f;                      // resolved
-  int64_t window = 0;                      // dense: 0 = every cached token
-  int64_t S = 0, Hq = 0, G = 0;
-  std::vector<int64_t> seqs;  // the cache sequence of each row of q
-  int32_t num_threads = 0;    // 0: OpenMP's default
-};
-
-// decode.cc. Returns false when its buffers cannot be allocated.
+// decode.cc: one step, NSA or the dense baseline (DecodeProblem::dense). Returns false when its
+// buffers cannot be allocated.
 bool decode(const DecodeProblem& pr);
 
 }  // namespace nsa::cpu

@@ -16,7 +16,7 @@ namespace {
 // blocks that exist. Returns the set's size.
 int64_t given_blocks(const Group& g, int32_t* mark, int32_t* blocks) {
   const nsa_tensor& ix = g.pr->p.slc_indices_in;
-  const int64_t n = g.pr->p.cfg.slc_count, last = g.t / g.pr->p.cfg.slc_block;
+  const int64_t n = g.pr->p.in.cfg.slc_count, last = g.t / g.pr->p.in.cfg.slc_block;
   const int32_t* base = static_cast<const int32_t*>(ix.data);
   std::fill(mark, mark + last + 1, 0);
   for (int64_t k = 0; k < n; ++k) {
@@ -73,11 +73,11 @@ int64_t top_blocks(const nsa_config& cfg, int64_t t, const float* score, int32_t
 void slc_select(const Group& g, Scratch& s) {
   const nsa_fwd_params& p = g.pr->p;
   s.num_blocks = present(p.slc_indices_in) ? given_blocks(g, s.cand, s.blocks)
-                                            : top_blocks(p.cfg, g.t, s.score, s.cand, s.blocks);
+                                            : top_blocks(p.in.cfg, g.t, s.score, s.cand, s.blocks);
   if (present(p.slc_indices_out)) {
     // The reported form: sorted ascending, padded with -1 to n (SPEC 4.3).
     int32_t* out = static_cast<int32_t*>(p.slc_indices_out.data);
-    for (int64_t k = 0; k < p.cfg.slc_count; ++k) {
+    for (int64_t k = 0; k < p.in.cfg.slc_count; ++k) {
       out[offset_of(p.slc_indices_out, g.seq->batch, g.tok, g.hk, k)] =
           k < s.num_blocks ? s.blocks[k] : -1;
     }

@@ -32,18 +32,18 @@ void store_if_present(const Tensor64& x, const nsa_tensor& t) {
 Status backward(const BwdProblem& pr) {
   const nsa_bwd_params& p = pr.p;
   NsaArgs64 a;
-  a.cfg = p.cfg;
+  a.cfg = p.in.cfg;
   a.seqs = pr.seqs;
-  a.q = load_tensor(p.q);
-  a.k_slc = load_tensor(p.k_slc);  // k itself when the slc branch has no K/V of its own
-  a.v_slc = load_tensor(p.v_slc);
-  a.k_win = load_tensor(p.k_win);
-  a.v_win = load_tensor(p.v_win);
-  a.k_cmp = load_tensor(p.k_cmp);
-  a.v_cmp = load_tensor(p.v_cmp);
-  a.g_cmp = load_tensor(p.g_cmp);
-  a.g_slc = load_tensor(p.g_slc);
-  a.g_win = load_tensor(p.g_win);
+  a.q = load_tensor(p.in.q);
+  a.k_slc = load_tensor(p.in.k_slc);  // k itself when the slc branch has no K/V of its own
+  a.v_slc = load_tensor(p.in.v_slc);
+  a.k_win = load_tensor(p.in.k_win);
+  a.v_win = load_tensor(p.in.v_win);
+  a.k_cmp = load_tensor(p.in.k_cmp);
+  a.v_cmp = load_tensor(p.in.v_cmp);
+  a.g_cmp = load_tensor(p.in.g_cmp);
+  a.g_slc = load_tensor(p.in.g_slc);
+  a.g_win = load_tensor(p.in.g_win);
   a.slc_indices = load_indices(p.slc_indices);
   NsaGrads64 g;
   NSA_RETURN_IF_ERROR(backward64(a, load_tensor(p.d_o), pr.num_threads, &g));

@@ -22,7 +22,7 @@ void store_lse(const nsa_tensor& t, int64_t b, int64_t tok, int64_t h, double ls
 // The caller's selection, as a set: -1 entries dropped, duplicates merged, sorted.
 std::vector<int32_t> given_blocks(const FwdProblem& pr, int64_t b, int64_t tok, int64_t hk) {
   const nsa_tensor& ix = pr.p.slc_indices_in;
-  const int64_t n = pr.p.cfg.slc_count;
+  const int64_t n = pr.p.in.cfg.slc_count;
   std::vector<int32_t> entries;
   for (int64_t k = 0; k < n; ++k) {
     entries.push_back(static_cast<const int32_t*>(ix.data)[offset_of(ix, b, tok, hk, k)]);
@@ -33,19 +33,19 @@ std::vector<int32_t> given_blocks(const FwdProblem& pr, int64_t b, int64_t tok, 
 // All queries of one KV group (G heads) at position t of sequence s.
 void forward_group(const FwdProblem& pr, const Sequence& s, int64_t t, int64_t hk) {
   const nsa_fwd_params& p = pr.p;
-  const nsa_config& cfg = p.cfg;
+  const nsa_config& cfg = p.in.cfg;
   const double scale = cfg.scale;
   const int64_t b = s.batch, tok = s.start + t;
 
   Rows q(pr.G);
-  for (int64_t g = 0; g < pr.G; ++g) q[g] = load_row(p.q, b, tok, hk * pr.G + g, pr.Dk);
+  for (int64_t g = 0; g < pr.G; ++g) q[g] = load_row(p.in.q, b, tok, hk * pr.G + g, pr.Dk);
 
   // Step 1: compressed branch over the complete compressed blocks.
   const int64_t nc = visible_cmp_count(cfg, t);
   Rows kc, vc;
   for (int64_t i = 0; i < nc; ++i) {
-    kc.push_back(load_row(p.k_cmp, b, s.cmp_start + i, hk, pr.Dk));
-    vc.push_back(load_row(p.v_cmp, b, s.cmp_start + i, hk, pr.Dv));
+    kc.push_back(load_row(p.in.k_cmp, b, s.cmp_start + i, hk, pr.Dk));
+    vc.push_back(load_row(p.in.v_cmp, b, s.cmp_start + i, hk, pr.Dv));
   }
   std::vector<Attention> cmp(pr.G);
   Rows p_cmp(pr.G);
@@ -73,16 +73,16 @@ void forward_group(const FwdProblem& pr, const Sequence& s, int64_t t, int64_t h
     const int64_t first = int64_t{j} * cfg.slc_block;
     const int64_t end = std::min<int64_t>(first + cfg.slc_block, t + 1);
     for (int64_t pos = first; pos < end; ++pos) {
-      ks.push_back(load_row(p.k_slc, b, s.start + pos, hk, pr.Dk));
-      vs.push_back(load_row(p.v_slc, b, s.start + pos, hk, pr.Dv));
+      ks.push_back(load_row(p.in.k_slc, b, s.start + pos, hk, pr.Dk));
+      vs.push_back(load_row(p.in.v_slc, b, s.start + pos, hk, pr.Dv));
     }
   }
 
   // Step 5: window branch, keys max(0, t - w + 1) .. t.
   Rows kw, vw;
   for (int64_t pos = std::max<int64_t>(0, t - cfg.window + 1); pos <= t; ++pos) {
-    kw.push_back(load_row(p.k_win, b, s.start + pos, hk, pr.Dk));
-    vw.push_back(load_row(p.v_win, b, s.start + pos, hk, pr.Dv));
+    kw.push_back(load_row(p.in.k_win, b, s.start + pos, hk, pr.Dk));
+    vw.push_back(load_row(p.in.v_win, b, s.start + pos, hk, pr.Dv));
   }
 
   // Step 6: gated sum of the three independently normalised branches (Eq. 5).
@@ -90,9 +90,9 @@ void forward_group(const FwdProblem& pr, const Sequence& s, int64_t t, int64_t h
     const int64_t h = hk * pr.G + g;
     const Attention slc = attend(q[g], ks, vs, scale);
     const Attention win = attend(q[g], kw, vw, scale);
-    const double gc = load_as_double(p.g_cmp.data, p.g_cmp.dtype, offset_of(p.g_cmp, b, tok, h));
-    const double gs = load_as_double(p.g_slc.data, p.g_slc.dtype, offset_of(p.g_slc, b, tok, h));
-    const double gw = load_as_double(p.g_win.data, p.g_win.dtype, offset_of(p.g_win, b, tok, h));
+    const double gc = load_as_double(p.in.g_cmp.data, p.in.g_cmp.dtype, offset_of(p.in.g_cmp, b, tok, h));
+    const double gs = load_as_double(p.in.g_slc.data, p.in.g_slc.dtype, offset_of(p.in.g_slc, b, tok, h));
+    const double gw = load_as_double(p.in.g_win.data, p.in.g_win.dtype, offset_of(p.in.g_win, b, tok, h));
     std::vector<double> o(pr.Dv, 0.0);
     // An empty branch (no keys) has no o and counts as zeros; gate * 0 is still added so that a
     // NaN or infinite gate poisons o as it does on the CPU (README "Non-finite inputs").
