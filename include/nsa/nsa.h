@@ -3,7 +3,7 @@
  * (Yuan et al., "Native Sparse Attention: Hardware-Aligned and Natively Trainable
  * Sparse Attention", arXiv 2502.11089).
  *
- * What is computed is fixed by SPEC.md (the contract); this header says how to ask, and which
+ * What is computed is fixed by docs/SPEC.md (the contract); this header says how to ask, and which
  * calls are valid: every rule the library checks is stated here, next to its call or in the
  * "Tensors" section, with the status a violation returns.
  *
