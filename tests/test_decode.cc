@@ -50,6 +50,12 @@ std::vector<DecodeCase> cases() {
 
 void PrintTo(const DecodeCase& c, std::ostream* os) { *os << c.name; }
 
+// A mean-compressed cache on backend `be`: `seqs` sequences of capacity s.T.
+CachePtr mean_cache(const BackendUnderTest& be, const Context& cx, const nsa_config& cfg,
+                    int64_t seqs, const Shape& s, nsa_dtype dt) {
+  return make_cache(cx.ctx, cfg, seqs, s.T, s, dt, NSA_CMP_MEAN, nullptr, nullptr, *be.buffers);
+}
+
 // Decodes every position of `c` (batch row 0) on backend `be` into `got`, after a prefill of
 // `prefill` tokens, then runs the oracle forward over the whole sequence, on the compressed
 // tokens the cache holds, into c's outputs: the two are then compared row by row.
@@ -319,8 +325,7 @@ TEST_P(DecodeOnBackend, DenseDecodeMatchesReferenceDenseForward) {
       nsa_config_default(&cfg);
       FwdCase c = make_case(s, cfg, dt, 8 + window);
       Context cx(0, be.id);
-      CachePtr cache =
-          make_cache(cx.ctx, cfg, 1, s.T, s, dt, NSA_CMP_MEAN, nullptr, nullptr, *be.buffers);
+      CachePtr cache = mean_cache(be, cx, cfg, 1, s, dt);
       Staging st(be);
       const nsa_tensor q = st.in(c.q.desc()), kk = st.in(c.k.desc()), vv = st.in(c.v.desc());
       nsa_tensor k = rows(kk, 0, s.T - 1), v = rows(vv, 0, s.T - 1);
@@ -375,9 +380,7 @@ TEST_P(DecodeOnBackend, NonFiniteInputsFollowTheForward) {
   c.q.set({0, 150, 4, 0}, nan);    // one query row
   c.k.set({0, 200, 1, 2}, -std::numeric_limits<double>::infinity());
   Context cx(0, be.id);
-  CachePtr cache =
-      make_cache(cx.ctx, cfg, 1, s.T, s, NSA_DTYPE_F32, NSA_CMP_MEAN, nullptr,
-                 nullptr, *be.buffers);
+  CachePtr cache = mean_cache(be, cx, cfg, 1, s, NSA_DTYPE_F32);
   Staging st(be);
   const DecodeTensors x = DecodeTensors::staged(st, c, got);
   for (int64_t t = 0; t < s.T; ++t) {
@@ -492,9 +495,7 @@ TEST_P(DecodeOnBackend, HugeSlcCountAndWindow) {
   FwdCase c = make_case(s, small, NSA_DTYPE_F32, 91);
   FwdCase got = make_case(s, small, NSA_DTYPE_F32, 91);
   Context cx(0, be.id);
-  CachePtr cache =
-      make_cache(cx.ctx, huge, 1, s.T, s, NSA_DTYPE_F32, NSA_CMP_MEAN, nullptr,
-                 nullptr, *be.buffers);
+  CachePtr cache = mean_cache(be, cx, huge, 1, s, NSA_DTYPE_F32);
   ASSERT_TRUE(cache);
   Staging st(be);
   const DecodeTensors x = DecodeTensors::staged(st, c, got);
@@ -531,9 +532,7 @@ TEST_P(DecodeOnBackend, SequencesMatchVarlenForward) {
   FwdCase c = make_case(s, cfg, NSA_DTYPE_F32, 2024, true, cu);
   FwdCase got = make_case(s, cfg, NSA_DTYPE_F32, 2024, true, cu);
   Context cx(0, be.id);
-  CachePtr cache =
-      make_cache(cx.ctx, cfg, 3, s.T, s, NSA_DTYPE_F32, NSA_CMP_MEAN, nullptr,
-                 nullptr, *be.buffers);
+  CachePtr cache = mean_cache(be, cx, cfg, 3, s, NSA_DTYPE_F32);
   ASSERT_TRUE(cache);
   Staging st(be);
   const DecodeTensors x = DecodeTensors::staged(st, c, got);
