@@ -9,16 +9,17 @@
 #include <random>
 #include <string>
 
-#include "cpu/kv_cache.h"
+#include "backend_harness.h"
+#include "common/kv_cache.h"
 #include "test_util.h"
 
 namespace nsa_test {
 
 constexpr double kF32Eps = 1.0 / (1 << 24);  // f32 unit roundoff, 2^-24
 
-// Rows [t0, t0 + n) of a [1, T, ...] tensor as a [n, ...] view (one dimension fewer).
-inline nsa_tensor rows(const Tensor& t, int64_t t0, int64_t n) {
-  const nsa_tensor& d = t.desc();
+// Rows [t0, t0 + n) of a [1, T, ...] view as a [n, ...] view (one dimension fewer). Only the
+// data pointer moves, so this works on a backend's descriptors as well as on host ones.
+inline nsa_tensor rows(const nsa_tensor& d, int64_t t0, int64_t n) {
   nsa_tensor v;
   std::memset(&v, 0, sizeof v);
   v.dtype = d.dtype;
@@ -31,12 +32,14 @@ inline nsa_tensor rows(const Tensor& t, int64_t t0, int64_t n) {
   v.shape[0] = n;
   return v;
 }
+inline nsa_tensor rows(const Tensor& t, int64_t t0, int64_t n) { return rows(t.desc(), t0, n); }
 
 struct Context {
   nsa_context* ctx = nullptr;
-  explicit Context(int threads = 0) {
+  explicit Context(int threads = 0, nsa_backend backend = NSA_BACKEND_AUTO) {
     nsa_context_create(&ctx);
     nsa_context_set_num_threads(ctx, threads);
+    EXPECT_EQ(nsa_context_set_backend(ctx, backend), NSA_OK) << nsa_last_error(ctx);
   }
   ~Context() { nsa_context_destroy(ctx); }
   std::string error() const { return nsa_last_error(ctx); }
@@ -68,7 +71,8 @@ inline void make_mlp(Tensor* t, int64_t H, int64_t l, int64_t D, int64_t Dh, nsa
 
 inline CachePtr make_cache(nsa_context* ctx, const nsa_config& cfg, int64_t seqs,
                            int64_t capacity, const Shape& s, nsa_dtype dt, nsa_cmp_kind kind,
-                           MlpTensors* mlp = nullptr, std::string* err = nullptr) {
+                           MlpTensors* mlp = nullptr, std::string* err = nullptr,
+                           const BufferHelper& buffers = host_buffers()) {
   nsa_kv_cache_params p;
   nsa_kv_cache_params_init(&p);
   p.cfg = cfg;
@@ -88,47 +92,66 @@ inline CachePtr make_cache(nsa_context* ctx, const nsa_config& cfg, int64_t seqs
     }
   }
   nsa_kv_cache* c = nullptr;
-  const nsa_status st = nsa_kv_cache_create(ctx, &p, &c);
+  Staging staged(buffers);  // the parameters are copied at creation (nsa.h)
+  const nsa_kv_cache_params sp = stage(staged, p);
+  const nsa_status st = nsa_kv_cache_create(ctx, &sp, &c);
   if (err) *err = nsa_last_error(ctx);
   EXPECT_EQ(st, NSA_OK) << nsa_last_error(ctx);
   return CachePtr(c);
 }
 
-// The cache's compressed tokens of sequence seq, written into rows [0, Tc) of batch row b of
-// k_cmp / v_cmp ([B, Tc, Hkv, D] tensors of the case), so the reference forward reads exactly
-// what decode reads.
-inline void export_cmp(const nsa_kv_cache& c, int64_t seq, int64_t b, Tensor& k_cmp,
-                       Tensor& v_cmp) {
-  const int64_t Tc = c.cmp_len(seq);
-  std::vector<float> row(static_cast<size_t>(std::max(c.Dk, c.Dv)));
-  for (int64_t i = 0; i < Tc; ++i) {
-    for (int64_t h = 0; h < c.Hkv; ++h) {
-      nsa::cpu::storage(c).cmp.read_k(seq, h, i, row.data());
-      for (int64_t x = 0; x < c.Dk; ++x) k_cmp.set({b, i, h, x}, row[x]);
-      nsa::cpu::storage(c).cmp.read_v(seq, h, i, row.data());
-      for (int64_t x = 0; x < c.Dv; ++x) v_cmp.set({b, i, h, x}, row[x]);
-    }
-  }
-}
+// The tensors of a decode run, as descriptors: the inputs of case `c` (batch row 0) and the
+// outputs of `out` (a case of the same shape used as the output holder), either the host
+// tensors themselves or copies in a backend's memory (staged(): downloaded by
+// download_outputs() of the Staging given).
+struct DecodeTensors {
+  nsa_tensor q, k, v, g_cmp, g_slc, g_win;
+  nsa_tensor o, lse_cmp, lse_slc, lse_win, idx_out;
 
-// One decode step's params for row t of a case (batch row 0), writing into row t of `out`
-// (a case of the same shape used as the output holder).
-inline nsa_decode_params decode_row(FwdCase& c, FwdCase& out, int64_t t, bool append) {
+  static DecodeTensors host(const FwdCase& c, const FwdCase& out) {
+    return {c.q.desc(), c.k.desc(), c.v.desc(), c.g_cmp.desc(), c.g_slc.desc(), c.g_win.desc(),
+            out.o.desc(), out.lse_cmp.desc(), out.lse_slc.desc(), out.lse_win.desc(),
+            out.idx_out.desc()};
+  }
+  static DecodeTensors staged(Staging& s, const FwdCase& c, const FwdCase& out) {
+    const DecodeTensors h = host(c, out);
+    return {s.in(h.q), s.in(h.k), s.in(h.v), s.in(h.g_cmp), s.in(h.g_slc), s.in(h.g_win),
+            s.out(h.o), s.out(h.lse_cmp), s.out(h.lse_slc), s.out(h.lse_win), s.out(h.idx_out)};
+  }
+};
+
+// One decode step's params for row t.
+inline nsa_decode_params decode_row(const DecodeTensors& x, int64_t t, bool append) {
   nsa_decode_params p;
   nsa_decode_params_init(&p);
-  p.q = rows(c.q, t, 1);
+  p.q = rows(x.q, t, 1);
   if (append) {
-    p.k = rows(c.k, t, 1);
-    p.v = rows(c.v, t, 1);
+    p.k = rows(x.k, t, 1);
+    p.v = rows(x.v, t, 1);
   }
-  p.g_cmp = rows(c.g_cmp, t, 1);
-  p.g_slc = rows(c.g_slc, t, 1);
-  p.g_win = rows(c.g_win, t, 1);
-  p.o = rows(out.o, t, 1);
-  p.lse_cmp = rows(out.lse_cmp, t, 1);
-  p.lse_slc = rows(out.lse_slc, t, 1);
-  p.lse_win = rows(out.lse_win, t, 1);
-  p.slc_indices_out = rows(out.idx_out, t, 1);
+  p.g_cmp = rows(x.g_cmp, t, 1);
+  p.g_slc = rows(x.g_slc, t, 1);
+  p.g_win = rows(x.g_win, t, 1);
+  p.o = rows(x.o, t, 1);
+  p.lse_cmp = rows(x.lse_cmp, t, 1);
+  p.lse_slc = rows(x.lse_slc, t, 1);
+  p.lse_win = rows(x.lse_win, t, 1);
+  p.slc_indices_out = rows(x.idx_out, t, 1);
+  return p;
+}
+inline nsa_decode_params decode_row(FwdCase& c, FwdCase& out, int64_t t, bool append) {
+  return decode_row(DecodeTensors::host(c, out), t, append);
+}
+
+// Prefill params for rows [0, n).
+inline nsa_prefill_params prefill_rows(const DecodeTensors& x, int64_t n) {
+  nsa_prefill_params p;
+  nsa_prefill_params_init(&p);
+  p.q = rows(x.q, 0, n), p.k = rows(x.k, 0, n), p.v = rows(x.v, 0, n);
+  p.g_cmp = rows(x.g_cmp, 0, n), p.g_slc = rows(x.g_slc, 0, n), p.g_win = rows(x.g_win, 0, n);
+  p.o = rows(x.o, 0, n), p.lse_cmp = rows(x.lse_cmp, 0, n), p.lse_slc = rows(x.lse_slc, 0, n);
+  p.lse_win = rows(x.lse_win, 0, n);
+  p.slc_indices_out = rows(x.idx_out, 0, n);
   return p;
 }
 

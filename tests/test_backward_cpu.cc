@@ -1,8 +1,10 @@
-// The CPU backward (f32, src/cpu/backward*.cc) against the float64 reference, both through
-// nsa_bwd (SPEC.md section 6): awkward shapes (T off every block size, T below a block, G in
-// {1, 3, 16}, Dk != Dv), several configs, branch-own K/V, varlen packing, bf16 inputs and
-// outputs, strided views, saved state (LSEs; LSEs and branch outputs), heavy duplicate selections, empty compressed rows, and
-// bitwise-identical results for any thread count.
+// The backward of every backend under test (backend_harness.h; the CPU's: f32,
+// src/cpu/backward*.cc) against the float64 reference, both through nsa_bwd (SPEC.md section 6):
+// awkward shapes (T off every block size, T below a block, G in {1, 3, 16}, Dk != Dv), several
+// configs, branch-own K/V, varlen packing, bf16 inputs and outputs, strided views, saved state
+// (LSEs; LSEs and branch outputs), heavy duplicate selections, empty compressed rows. The CPU
+// backend alone: bitwise-identical results for any thread count, its profile, every Highway
+// target.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -10,9 +12,8 @@
 #include <random>
 #include <sstream>
 
-#include <hwy/targets.h>
-
 #include "api_util.h"
+#include "backend_harness.h"
 #include "backward_util.h"
 
 namespace nsa_test {
@@ -138,17 +139,12 @@ struct BwdCase {
     p.o = o_out.desc();
     p.lse_cmp = lse[0].desc(), p.lse_slc = lse[1].desc(), p.lse_win = lse[2].desc();
     p.o_cmp = o_branch[0].desc(), p.o_slc = o_branch[1].desc(), p.o_win = o_branch[2].desc();
-    Ctx ctx(NSA_BACKEND_REF);
-    ASSERT_EQ(nsa_fwd(ctx.get(), &p), NSA_OK) << ctx.error();
+    std::string msg;
+    ASSERT_EQ(run_on(oracle(), p, 0, &msg), NSA_OK) << msg;
   }
 
-  nsa_status run(nsa_backend b, int threads, Outs* r, std::string* msg) {
-    nsa_bwd_params p = params(*r);
-    Ctx ctx(b);
-    nsa_context_set_num_threads(ctx.get(), threads);
-    const nsa_status st = nsa_bwd(ctx.get(), &p);
-    *msg = ctx.error();
-    return st;
+  nsa_status run(const BackendUnderTest& b, int threads, Outs* r, std::string* msg) {
+    return run_on(b, params(*r), threads, msg);
   }
 };
 
@@ -167,7 +163,7 @@ void expect_close(const char* name, const Tensor& got, const Tensor& want, doubl
     const double y = want.get_raw(want.logical_offset(a, b, c, d));
     if (!(std::fabs(x - y) <= tol * scale + rel * std::fabs(y)) && bad++ == 0) {
       std::ostringstream os;
-      os << "[" << a << "," << b << "," << c << "," << d << "] cpu " << x << " ref " << y;
+      os << "[" << a << "," << b << "," << c << "," << d << "] got " << x << " ref " << y;
       first = os.str();
     }
   });
@@ -175,8 +171,8 @@ void expect_close(const char* name, const Tensor& got, const Tensor& want, doubl
                     << scale << "), first " << first;
 }
 
-// Runs CPU and REF on one case and compares every output.
-void compare(const Case64& c64, const Options& o, int threads = 0) {
+// Runs the oracle and backend `be` on one case and compares every output.
+void compare(const BackendUnderTest& be, const Case64& c64, const Options& o, int threads = 0) {
   const Shape& s = c64.shape;
   const nsa_config& cfg = c64.args.cfg;
   std::ostringstream os;
@@ -190,8 +186,8 @@ void compare(const Case64& c64, const Options& o, int threads = 0) {
   BwdCase bc(c64, o);
   BwdCase::Outs cpu, ref;
   std::string msg;
-  ASSERT_EQ(bc.run(NSA_BACKEND_REF, 0, &ref, &msg), NSA_OK) << msg;
-  ASSERT_EQ(bc.run(NSA_BACKEND_CPU, threads, &cpu, &msg), NSA_OK) << msg;
+  ASSERT_EQ(bc.run(oracle(), 0, &ref, &msg), NSA_OK) << msg;
+  ASSERT_EQ(bc.run(be, threads, &cpu, &msg), NSA_OK) << msg;
   // K: the longest f32 chain behind one gradient element. A probability needs a Dk-term score
   // and (recomputed) an up-to-T-term LSE sum; dP a Dv-term dot; dq then sums over a row's keys
   // (<= 3T), and dk/dv over the G heads of the queries reading a key (<= G T per branch). Each
@@ -222,7 +218,11 @@ void compare(const Case64& c64, const Options& o, int threads = 0) {
 
 constexpr uint64_t kSeed = 20260211;
 
-TEST(CpuBwd, ShortShapes) {
+class BwdVsRef : public ::testing::TestWithParam<BackendUnderTest> {};
+INSTANTIATE_TEST_SUITE_P(Backends, BwdVsRef, ::testing::ValuesIn(backends_under_test()),
+                         backend_test_name);
+
+TEST_P(BwdVsRef, ShortShapes) {
   int i = 0;
   for (int64_t T : {1, 15, 33, 70}) {
     for (int64_t G : {1, 3, 16}) {
@@ -233,13 +233,13 @@ TEST(CpuBwd, ShortShapes) {
       o.in_dt = i % 2 ? NSA_DTYPE_BF16 : NSA_DTYPE_F32;
       o.padded = i % 3 == 0;
       o.saved = i % 3;
-      compare(c, o);
+      compare(GetParam(), c, o);
       ++i;
     }
   }
 }
 
-TEST(CpuBwd, ConfigsAndHeadDims) {
+TEST_P(BwdVsRef, ConfigsAndHeadDims) {
   int i = 0;
   for (const nsa_config& cfg : configs()) {
     for (auto [dk, dv] : {std::pair{17, 33}, std::pair{40, 8}}) {
@@ -248,29 +248,29 @@ TEST(CpuBwd, ConfigsAndHeadDims) {
       o.padded = i % 2 == 1;
       o.out_dt = i % 3 == 2 ? NSA_DTYPE_BF16 : NSA_DTYPE_F32;
       o.saved = 2 * (i % 2);
-      compare(c, o);
+      compare(GetParam(), c, o);
       ++i;
     }
   }
 }
 
-TEST(CpuBwd, OwnBranchKvAndSavedLse) {
+TEST_P(BwdVsRef, OwnBranchKvAndSavedLse) {
   int i = 0;
   for (auto [own_slc, own_win] : {std::pair{true, false}, std::pair{false, true},
                                   std::pair{true, true}}) {
     const Case64 c = make_case64(shape(2, 150, 3, 1, 24, 16), configs()[2], kSeed + 200 + i);
     Options o;
     o.own_slc = own_slc, o.own_win = own_win, o.padded = true;
-    compare(c, o);
+    compare(GetParam(), c, o);
     for (int saved : {1, 2}) {
       o.saved = saved;
-      compare(c, o);
+      compare(GetParam(), c, o);
     }
     ++i;
   }
 }
 
-TEST(CpuBwd, Varlen) {
+TEST_P(BwdVsRef, Varlen) {
   // Lengths 1, 0 (empty), 32, 64, 63, 90: positions restart in every sequence.
   const std::vector<int32_t> cu = {0, 1, 1, 33, 97, 160, 250};
   int i = 0;
@@ -281,7 +281,7 @@ TEST(CpuBwd, Varlen) {
       o.padded = true;
       o.in_dt = i % 2 ? NSA_DTYPE_BF16 : NSA_DTYPE_F32;
       o.saved = i % 3;
-      compare(c, o);
+      compare(GetParam(), c, o);
       ++i;
     }
   }
@@ -289,7 +289,7 @@ TEST(CpuBwd, Varlen) {
 
 // Every query selects the same few blocks, each listed several times (a set: once each), so
 // block 0's inverse list holds every query; a few rows select nothing (all -1: an empty branch).
-TEST(CpuBwd, HeavyDuplicates) {
+TEST_P(BwdVsRef, HeavyDuplicates) {
   const nsa_config cfg = configs()[2];  // l' = 32, n = 6
   Case64 c = make_case64(shape(1, 300, 16, 1, 24, 16), cfg, kSeed + 400);
   const int64_t n = cfg.slc_count;
@@ -299,15 +299,15 @@ TEST(CpuBwd, HeavyDuplicates) {
     const bool empty = t % 97 == 5;
     for (int64_t k = 0; k < n; ++k) c.args.slc_indices[t * n + k] = empty ? -1 : row[k];
   }
-  compare(c, Options{});
+  compare(GetParam(), c, Options{});
   Options saved;
   saved.saved = 2;
-  compare(c, saved);
+  compare(GetParam(), c, saved);
 }
 
 // With both branches on their own K/V nothing reads k/v: dk and dv are each optional, and the
 // one given is zero-filled (nsa.h), the other never touched (a null write would crash).
-TEST(CpuBwd, BothOwnKvWithOnlyOneOfDkDv) {
+TEST_P(BwdVsRef, BothOwnKvWithOnlyOneOfDkDv) {
   const Case64 c = make_case64(shape(1, 100, 3, 1, 8, 8), configs()[2], kSeed + 420);
   Options o;
   o.own_slc = o.own_win = true;
@@ -320,8 +320,8 @@ TEST(CpuBwd, BothOwnKvWithOnlyOneOfDkDv) {
       out.set_raw(out.logical_offset(a, b, cc, d), 7.0);
     });
     (given == 0 ? p.dv : p.dk) = nsa_tensor{};
-    Ctx ctx(NSA_BACKEND_CPU);
-    ASSERT_EQ(nsa_bwd(ctx.get(), &p), NSA_OK) << ctx.error();
+    std::string msg;
+    ASSERT_EQ(run_on(GetParam(), p, 0, &msg), NSA_OK) << msg;
     out.for_each([&](int64_t a, int64_t b, int64_t cc, int64_t d) {
       EXPECT_EQ(out.get_raw(out.logical_offset(a, b, cc, d)), 0.0) << given;
     });
@@ -330,15 +330,15 @@ TEST(CpuBwd, BothOwnKvWithOnlyOneOfDkDv) {
 
 // A selection block far longer than the sequence (l' = 2^30) costs what its keys cost, not what
 // its length would.
-TEST(CpuBwd, SelectionBlockLongerThanSequence) {
+TEST_P(BwdVsRef, SelectionBlockLongerThanSequence) {
   const Case64 c = make_case64(shape(1, 90, 3, 1, 8, 8), config(16, 8, 1 << 30, 2, 1, 0, 20),
                                kSeed + 430);
-  compare(c, Options{});
+  compare(GetParam(), c, Options{});
 }
 
 // n far above the number of blocks (20000 entries per row for 3 blocks, most -1, the rest
 // repeating): the CPU's per-row scratch is sized by the blocks, not by n, and the set is the same.
-TEST(CpuBwd, HugeSlcCount) {
+TEST_P(BwdVsRef, HugeSlcCount) {
   const nsa_config cfg = config(16, 8, 32, 20000, 1, 2, 48);
   Case64 c = make_case64(shape(1, 70, 3, 1, 8, 8), cfg, kSeed + 450);
   const int64_t n = cfg.slc_count;
@@ -347,20 +347,20 @@ TEST(CpuBwd, HugeSlcCount) {
       c.args.slc_indices[t * n + k] = k % 7 == 3 ? static_cast<int32_t>((k / 7) % (t / 32 + 1)) : -1;
     }
   }
-  compare(c, Options{});
+  compare(GetParam(), c, Options{});
 }
 
 // T < l - 1: no compressed token at all (Tc = 0); and with l = 16 the rows t < 15 of a longer
 // sequence: their cmp branch is empty, their gradient 0, never NaN.
-TEST(CpuBwd, EmptyCompressedRows) {
+TEST_P(BwdVsRef, EmptyCompressedRows) {
   const nsa_config cfg = configs()[2];
   for (int64_t T : {10, 40}) {
     const Case64 c = make_case64(shape(1, T, 3, 1, 8, 8), cfg, kSeed + 500 + T);
-    compare(c, Options{});
+    compare(GetParam(), c, Options{});
     BwdCase bc(c, Options{});
     BwdCase::Outs cpu;
     std::string msg;
-    ASSERT_EQ(bc.run(NSA_BACKEND_CPU, 0, &cpu, &msg), NSA_OK) << msg;
+    ASSERT_EQ(bc.run(GetParam(), 0, &cpu, &msg), NSA_OK) << msg;
     for (int64_t t = 0; t < std::min<int64_t>(T, cfg.cmp_block - 1); ++t) {
       for (int64_t h = 0; h < 3; ++h) EXPECT_EQ(cpu.dg_cmp.at({0, t, h}), 0.0) << t;
     }
@@ -372,6 +372,7 @@ TEST(CpuBwd, EmptyCompressedRows) {
 
 // Every output element is summed in an order fixed by the problem (dk/dv per chunk, then the
 // chunks in order): 1, 2 and 3 threads give the same bytes, with and without the saved state.
+// CPU only: the thread count and its bitwise promise are the CPU backend's (nsa.h).
 TEST(CpuBwd, ThreadCountsBitwiseIdentical) {
   const Case64 c = make_case64(shape(1, 333, 12, 2, 24, 16), configs()[2], kSeed + 600);
   for (int saved : {0, 2}) {
@@ -382,7 +383,7 @@ TEST(CpuBwd, ThreadCountsBitwiseIdentical) {
     BwdCase::Outs r[3];
     std::string msg;
     for (int i = 0; i < 3; ++i) {
-      ASSERT_EQ(bc.run(NSA_BACKEND_CPU, i + 1, &r[i], &msg), NSA_OK) << msg;
+      ASSERT_EQ(bc.run(backend(NSA_BACKEND_CPU), i + 1, &r[i], &msg), NSA_OK) << msg;
     }
     for (int i = 1; i < 3; ++i) {
       for (auto m : {&BwdCase::Outs::dq, &BwdCase::Outs::dk, &BwdCase::Outs::dv,
@@ -398,7 +399,7 @@ TEST(CpuBwd, ThreadCountsBitwiseIdentical) {
 // Seeded random configurations beyond the fixed matrix: any l >= d, l' unrelated to both, n from
 // init + local up, w = 1 and small, odd G and head dims, batches, dtypes, views, branch-own K/V,
 // saved state and thread counts.
-TEST(CpuBwd, RandomConfigs) {
+TEST_P(BwdVsRef, RandomConfigs) {
   std::mt19937_64 rng(kSeed + 900);
   auto pick = [&](int64_t lo, int64_t hi) {
     return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
@@ -419,12 +420,12 @@ TEST(CpuBwd, RandomConfigs) {
     o.own_slc = pick(0, 3) == 0, o.own_win = pick(0, 3) == 0;
     o.saved = int(pick(0, 2));
     SCOPED_TRACE(i);
-    compare(c, o, int(pick(1, 3)));
+    compare(GetParam(), c, o, int(pick(1, 3)));
   }
 }
 
 // Profiling (off by default) splits a CPU backward's time into its stages; the forward rerun is
-// timed only when saved state is missing.
+// timed only when saved state is missing. CPU only: the stages are the CPU kernels'.
 TEST(CpuBwd, Profile) {
   const Case64 c = make_case64(shape(1, 300, 16, 1, 16, 8), config(32, 16, 64, 4, 1, 2, 64),
                                kSeed + 800);
@@ -459,22 +460,21 @@ TEST(CpuBwd, Profile) {
 
 // The kernels are generic in the vector length (register blocks over up to four 16-key tiles
 // with AVX-512, one tile elsewhere): every target this machine runs matches the reference, for
-// group sizes that fill (16) and pad (3) the head blocks, and key ranges of 1 to 4 tiles.
+// group sizes that fill (16) and pad (3) the head blocks, and key ranges of 1 to 4 tiles. CPU
+// only: targets are a CPU notion.
 TEST(CpuBwd, EveryTargetMatchesReference) {
   nsa_config def;
   nsa_config_default(&def);
   const Case64 cases[2] = {make_case64(shape(1, 150, 6, 2, 20, 12), configs()[2], kSeed + 700),
                            make_case64(shape(1, 300, 16, 1, 24, 16), def, kSeed + 701)};
-  for (int64_t target : hwy::SupportedAndGeneratedTargets()) {
-    SCOPED_TRACE(hwy::TargetName(target));
-    hwy::SetSupportedTargetsForTest(target);
+  const BackendUnderTest cpu = backend(NSA_BACKEND_CPU);
+  for_each_hwy_target([&] {
     for (const Case64& c : cases) {
       Options o;
       o.saved = 2;
-      compare(c, o);
+      compare(cpu, c, o);
     }
-    hwy::SetSupportedTargetsForTest(0);  // back to every supported target
-  }
+  });
 }
 
 }  // namespace

@@ -1,8 +1,8 @@
-// The CPU compression backward (nsa_compress_bwd, SPEC.md sections 5 and 6: mean and mlp) against
-// the float64 reference: overlapping (d < l) and disjoint (d = l) blocks, T off every block edge
-// and T < l, several KV heads, D and hidden widths down to 1, variable-length packing with empty
+// The compression backward (nsa_compress_bwd, SPEC.md sections 5 and 6: mean and mlp) of every
+// backend under test (backend_harness.h) against the float64 reference: overlapping (d < l) and
+// disjoint (d = l) blocks, T off every block edge and T < l, several KV heads, D and hidden widths down to 1, variable-length packing with empty
 // and one-token sequences, more compressed tokens than one mlp chunk (256), f32/bf16 inputs and
-// outputs, strided views, and 1/2/3 threads bitwise.
+// outputs, strided views; and, for the CPU backend alone, 1/2/3 threads bitwise.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "api_util.h"
+#include "backend_harness.h"
 
 namespace nsa_test {
 namespace {
@@ -85,11 +86,9 @@ struct BwdCase {
   }
 };
 
-void run(nsa_backend backend, BwdCase& c, int threads) {
-  Ctx ctx(backend);
-  ASSERT_EQ(nsa_context_set_num_threads(ctx.get(), threads), NSA_OK);
-  nsa_compress_bwd_params p = c.params();
-  ASSERT_EQ(nsa_compress_bwd(ctx.get(), &p), NSA_OK) << ctx.error();
+void run(const BackendUnderTest& be, BwdCase& c, int threads) {
+  std::string msg;
+  ASSERT_EQ(run_on(be, c.params(), threads, &msg), NSA_OK) << msg;
 }
 
 // The padding of a strided output holds NaN until something writes it: every padding element
@@ -101,8 +100,8 @@ void expect_padding_intact(const char* name, const Tensor& t) {
   EXPECT_EQ(nan, elems - t.numel()) << name << ": padding written or NaN produced";
 }
 
-void compare(const Dims& s, const nsa_config& cfg, nsa_cmp_kind kind, nsa_dtype dt,
-             nsa_dtype out_dt, bool padded, uint64_t seed, std::vector<int32_t> cu = {}) {
+void compare(const BackendUnderTest& be, const Dims& s, const nsa_config& cfg, nsa_cmp_kind kind,
+             nsa_dtype dt,             nsa_dtype out_dt, bool padded, uint64_t seed, std::vector<int32_t> cu = {}) {
   std::ostringstream os;
   os << "B=" << s.B << " T=" << s.T << " H=" << s.H << " D=" << s.D << " Dh=" << s.Dh
      << " l=" << cfg.cmp_block << " d=" << cfg.cmp_stride
@@ -111,8 +110,8 @@ void compare(const Dims& s, const nsa_config& cfg, nsa_cmp_kind kind, nsa_dtype 
   SCOPED_TRACE(os.str());
   BwdCase ref(s, cfg, kind, dt, out_dt, padded, seed, cu);
   BwdCase cpu(s, cfg, kind, dt, out_dt, padded, seed, cu);
-  ASSERT_NO_FATAL_FAILURE(run(NSA_BACKEND_REF, ref, 0));
-  ASSERT_NO_FATAL_FAILURE(run(NSA_BACKEND_CPU, cpu, 0));
+  ASSERT_NO_FATAL_FAILURE(run(oracle(), ref, 0));
+  ASSERT_NO_FATAL_FAILURE(run(be, cpu, 0));
   const int64_t l = cfg.cmp_block, d = cfg.cmp_stride;
   const int64_t blocks = s.B * cmp_rows(cfg, s.T, cu);  // per KV head, all sequences
   const int64_t cover = (l + d - 1) / d;                 // blocks covering one token, at most
@@ -160,7 +159,7 @@ std::vector<nsa_config> cmp_configs() {
           config(5, 3, 8, 4, 1, 2, 16), config(16, 3, 16, 4, 1, 2, 16)};
 }
 
-void sweep(nsa_cmp_kind kind) {
+void sweep(const BackendUnderTest& be, nsa_cmp_kind kind) {
   int i = 0;
   for (int64_t T : {3, 31, 33, 100}) {
     for (const nsa_config& cfg : cmp_configs()) {
@@ -170,52 +169,59 @@ void sweep(nsa_cmp_kind kind) {
       s.Dh = std::vector<int64_t>{1, 8, 33}[i % 3];
       const nsa_dtype dt = i % 2 ? NSA_DTYPE_BF16 : NSA_DTYPE_F32;
       const nsa_dtype out_dt = i % 3 ? NSA_DTYPE_F32 : NSA_DTYPE_BF16;
-      compare(s, cfg, kind, dt, out_dt, i % 2 == 0, 100 * kind + i);
+      compare(be, s, cfg, kind, dt, out_dt, i % 2 == 0, 100 * kind + i);
       ++i;
     }
   }
 }
 
-TEST(CpuCompressBwd, MeanMatchesRef) { sweep(NSA_CMP_MEAN); }
-TEST(CpuCompressBwd, MlpMatchesRef) { sweep(NSA_CMP_MLP); }
+class CompressBwdVsRef : public ::testing::TestWithParam<BackendUnderTest> {};
+INSTANTIATE_TEST_SUITE_P(Backends, CompressBwdVsRef, ::testing::ValuesIn(backends_under_test()),
+                         backend_test_name);
 
-TEST(CpuCompressBwd, VarlenMatchesRef) {
+TEST_P(CompressBwdVsRef, MeanMatchesRef) { sweep(GetParam(), NSA_CMP_MEAN); }
+TEST_P(CompressBwdVsRef, MlpMatchesRef) { sweep(GetParam(), NSA_CMP_MLP); }
+
+TEST_P(CompressBwdVsRef, VarlenMatchesRef) {
+  const BackendUnderTest& be = GetParam();
   // Sequences of 37, 0, 1, 103 and 5 tokens: an empty one, and two without a complete block.
   const std::vector<int32_t> cu = {0, 37, 37, 38, 141, 146};
   Dims s;
   s.T = 146, s.H = 2, s.D = 17, s.Dh = 8;
   for (nsa_cmp_kind kind : {NSA_CMP_MEAN, NSA_CMP_MLP}) {
     for (const nsa_config& cfg : cmp_configs()) {
-      compare(s, cfg, kind, NSA_DTYPE_BF16, NSA_DTYPE_F32, true, 7, cu);
-      compare(s, cfg, kind, NSA_DTYPE_F32, NSA_DTYPE_BF16, false, 8, cu);
+      compare(be, s, cfg, kind, NSA_DTYPE_BF16, NSA_DTYPE_F32, true, 7, cu);
+      compare(be, s, cfg, kind, NSA_DTYPE_F32, NSA_DTYPE_BF16, false, 8, cu);
     }
   }
 }
 
-TEST(CpuCompressBwd, MoreBlocksThanOneMlpChunk) {
+TEST_P(CompressBwdVsRef, MoreBlocksThanOneMlpChunk) {
+  const BackendUnderTest& be = GetParam();
   // 299 / 299 / 261 compressed tokens: the mlp's dx carries partial sums across its chunks of
   // 256, and a second varlen sequence starts after a partial chunk.
   Dims s;
   s.H = 2, s.D = 6, s.Dh = 5;
   s.T = 600;
-  compare(s, cmp_configs()[2], NSA_CMP_MLP, NSA_DTYPE_F32, NSA_DTYPE_F32, true, 11);
+  compare(be, s, cmp_configs()[2], NSA_CMP_MLP, NSA_DTYPE_F32, NSA_DTYPE_F32, true, 11);
   s.T = 900;
-  compare(s, cmp_configs()[3], NSA_CMP_MLP, NSA_DTYPE_BF16, NSA_DTYPE_F32, false, 12);
+  compare(be, s, cmp_configs()[3], NSA_CMP_MLP, NSA_DTYPE_BF16, NSA_DTYPE_F32, false, 12);
   s.T = 4200;
-  compare(s, cmp_configs()[0], NSA_CMP_MLP, NSA_DTYPE_F32, NSA_DTYPE_BF16, true, 13);
-  compare(s, cmp_configs()[0], NSA_CMP_MLP, NSA_DTYPE_F32, NSA_DTYPE_F32, false, 14,
+  compare(be, s, cmp_configs()[0], NSA_CMP_MLP, NSA_DTYPE_F32, NSA_DTYPE_BF16, true, 13);
+  compare(be, s, cmp_configs()[0], NSA_CMP_MLP, NSA_DTYPE_F32, NSA_DTYPE_F32, false, 14,
           {0, 2100, 2101, 4200});
-  compare(s, cmp_configs()[0], NSA_CMP_MEAN, NSA_DTYPE_F32, NSA_DTYPE_F32, false, 15,
+  compare(be, s, cmp_configs()[0], NSA_CMP_MEAN, NSA_DTYPE_F32, NSA_DTYPE_F32, false, 15,
           {0, 2100, 2101, 4200});
 }
 
-TEST(CpuCompressBwd, NoCompleteBlockGivesExactZeros) {
+TEST_P(CompressBwdVsRef, NoCompleteBlockGivesExactZeros) {
+  const BackendUnderTest& be = GetParam();
   // T < l: no compressed token, so every gradient is exactly 0 (and the padding untouched).
   Dims s;
   s.B = 2, s.T = 31, s.H = 3, s.D = 17, s.Dh = 8;
   for (nsa_cmp_kind kind : {NSA_CMP_MEAN, NSA_CMP_MLP}) {
     BwdCase c(s, cmp_configs()[0], kind, NSA_DTYPE_F32, NSA_DTYPE_BF16, true, 21, {});
-    ASSERT_NO_FATAL_FAILURE(run(NSA_BACKEND_CPU, c, 0));
+    ASSERT_NO_FATAL_FAILURE(run(be, c, 0));
     for (const auto& out : c.outputs()) {
       const auto& name = out.first;  // not a structured binding: clang < 16 cannot capture one
       const auto& t = out.second;
@@ -229,7 +235,9 @@ TEST(CpuCompressBwd, NoCompleteBlockGivesExactZeros) {
   }
 }
 
+// CPU only: the thread count is the CPU kernels' notion.
 TEST(CpuCompressBwd, ThreadsBitwiseIdentical) {
+  const BackendUnderTest cpu = backend(NSA_BACKEND_CPU);
   Dims s;
   s.T = 1300, s.H = 2, s.D = 12, s.Dh = 9;
   const std::vector<int32_t> cu = {0, 100, 101, 1300};
@@ -239,10 +247,10 @@ TEST(CpuCompressBwd, ThreadsBitwiseIdentical) {
       SCOPED_TRACE(std::string(kind == NSA_CMP_MLP ? "mlp" : "mean") + " l=" +
                    std::to_string(cfg.cmp_block) + " d=" + std::to_string(cfg.cmp_stride));
       BwdCase one(s, cfg, kind, NSA_DTYPE_F32, NSA_DTYPE_F32, true, 31, cu);
-      ASSERT_NO_FATAL_FAILURE(run(NSA_BACKEND_CPU, one, 1));
+      ASSERT_NO_FATAL_FAILURE(run(cpu, one, 1));
       for (int threads : {2, 3}) {
         BwdCase other(s, cfg, kind, NSA_DTYPE_F32, NSA_DTYPE_F32, true, 31, cu);
-        ASSERT_NO_FATAL_FAILURE(run(NSA_BACKEND_CPU, other, threads));
+        ASSERT_NO_FATAL_FAILURE(run(cpu, other, threads));
         const auto a = one.outputs(), b = other.outputs();
         for (size_t n = 0; n < a.size(); ++n) {
           EXPECT_TRUE(a[n].second->storage() == b[n].second->storage())

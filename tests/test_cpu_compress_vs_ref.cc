@@ -1,11 +1,13 @@
-// The CPU compression functions (SPEC.md section 5: mean and mlp) against the float64 reference:
-// T around block edges, overlapping and non-overlapping blocks, strided views, variable-length
-// packing, f32 and bf16 inputs and outputs, and 1 vs 2 threads bitwise.
+// The compression functions (SPEC.md section 5: mean and mlp) of every backend under test
+// (backend_harness.h) against the float64 reference: T around block edges and below a block,
+// overlapping and non-overlapping blocks, strided views, variable-length packing, f32 and bf16
+// inputs and outputs; and, for the CPU backend alone, 1 vs 2 threads bitwise.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <sstream>
 
+#include "backend_harness.h"
 #include "test_util.h"
 
 namespace {
@@ -66,20 +68,12 @@ CmpCase make_cmp(int64_t B, int64_t T, int64_t H, int64_t D, int64_t Dh, const n
   return c;
 }
 
-nsa_status run(nsa_backend backend, CmpCase& c, int threads, std::string* msg) {
-  nsa_context* ctx = nullptr;
-  nsa_context_create(&ctx);
-  nsa_context_set_backend(ctx, backend);
-  nsa_context_set_num_threads(ctx, threads);
-  nsa_compress_params p = c.params();
-  const nsa_status st = nsa_compress(ctx, &p);
-  *msg = nsa_last_error(ctx);
-  nsa_context_destroy(ctx);
-  return st;
+nsa_status run(const BackendUnderTest& be, CmpCase& c, int threads, std::string* msg) {
+  return run_on(be, c.params(), threads, msg);
 }
 
-void compare(int64_t B, int64_t T, int64_t H, int64_t D, int64_t Dh, const nsa_config& cfg,
-             nsa_cmp_kind kind, nsa_dtype dt, nsa_dtype out_dt, bool padded, uint64_t seed,
+void compare(const BackendUnderTest& be, int64_t B, int64_t T, int64_t H, int64_t D, int64_t Dh,
+             const nsa_config& cfg,             nsa_cmp_kind kind, nsa_dtype dt, nsa_dtype out_dt, bool padded, uint64_t seed,
              std::vector<int32_t> cu = {}) {
   std::ostringstream os;
   os << "B=" << B << " T=" << T << " H=" << H << " D=" << D << " Dh=" << Dh << " l="
@@ -90,8 +84,8 @@ void compare(int64_t B, int64_t T, int64_t H, int64_t D, int64_t Dh, const nsa_c
   CmpCase ref = make_cmp(B, T, H, D, Dh, cfg, kind, dt, out_dt, padded, seed, cu);
   CmpCase cpu = make_cmp(B, T, H, D, Dh, cfg, kind, dt, out_dt, padded, seed, cu);
   std::string msg;
-  ASSERT_EQ(run(NSA_BACKEND_REF, ref, 0, &msg), NSA_OK) << msg;
-  ASSERT_EQ(run(NSA_BACKEND_CPU, cpu, 0, &msg), NSA_OK) << msg;
+  ASSERT_EQ(run(oracle(), ref, 0, &msg), NSA_OK) << msg;
+  ASSERT_EQ(run(be, cpu, 0, &msg), NSA_OK) << msg;
   // mean: an f32 sum of l values of size <= 1, error <= l 2^-24. mlp: two f32 dot products of
   // l*D and Dh terms whose sums of |terms| are O(sqrt(fan-in)) <= O(fan-in); x4 for the O(1)
   // biases and position terms added on the way.
@@ -122,43 +116,48 @@ std::vector<nsa_config> cmp_configs() {
           config(5, 3, 8, 4, 1, 2, 16)};
 }
 
-TEST(CpuCompressVsRef, Mean) {
+class CompressVsRef : public ::testing::TestWithParam<BackendUnderTest> {};
+INSTANTIATE_TEST_SUITE_P(Backends, CompressVsRef, ::testing::ValuesIn(backends_under_test()),
+                         backend_test_name);
+
+TEST_P(CompressVsRef, Mean) {
   int i = 0;
   for (int64_t T : {1, 31, 32, 33, 65, 300}) {
     for (const nsa_config& cfg : cmp_configs()) {
       const nsa_dtype dt = i % 2 ? NSA_DTYPE_BF16 : NSA_DTYPE_F32;
       const nsa_dtype out_dt = i % 3 ? NSA_DTYPE_F32 : NSA_DTYPE_BF16;
-      compare(2, T, 3, 24, 0, cfg, NSA_CMP_MEAN, dt, out_dt, i % 2 == 0, 77 + i);
+      compare(GetParam(), 2, T, 3, 24, 0, cfg, NSA_CMP_MEAN, dt, out_dt, i % 2 == 0, 77 + i);
       ++i;
     }
   }
-  compare(1, 300, 2, 17, 0, cmp_configs()[0], NSA_CMP_MEAN, NSA_DTYPE_F32, NSA_DTYPE_F32, true, 1,
-          {0, 31, 31, 64, 300});
+  compare(GetParam(), 1, 300, 2, 17, 0, cmp_configs()[0], NSA_CMP_MEAN, NSA_DTYPE_F32,
+          NSA_DTYPE_F32, true, 1,          {0, 31, 31, 64, 300});
 }
 
-TEST(CpuCompressVsRef, Mlp) {
+TEST_P(CompressVsRef, Mlp) {
   int i = 0;
   for (int64_t T : {1, 31, 32, 33, 65, 300}) {
     for (const nsa_config& cfg : cmp_configs()) {
       const nsa_dtype dt = i % 2 ? NSA_DTYPE_BF16 : NSA_DTYPE_F32;
       const nsa_dtype out_dt = i % 3 ? NSA_DTYPE_F32 : NSA_DTYPE_BF16;
-      compare(1, T, 2, 12, 20, cfg, NSA_CMP_MLP, dt, out_dt, i % 2 == 1, 300 + i);
+      compare(GetParam(), 1, T, 2, 12, 20, cfg, NSA_CMP_MLP, dt, out_dt, i % 2 == 1, 300 + i);
       ++i;
     }
   }
-  compare(1, 300, 2, 12, 20, cmp_configs()[0], NSA_CMP_MLP, NSA_DTYPE_BF16, NSA_DTYPE_F32, true,
-          2, {0, 31, 31, 64, 300});
+  compare(GetParam(), 1, 300, 2, 12, 20, cmp_configs()[0], NSA_CMP_MLP, NSA_DTYPE_BF16,
+          NSA_DTYPE_F32, true,          2, {0, 31, 31, 64, 300});
 }
 
-TEST(CpuCompressVsRef, ThreadsBitwiseIdentical) {
+// CPU only: the thread count is the CPU kernels' notion.
+TEST(CpuCompress, ThreadsBitwiseIdentical) {
   for (nsa_cmp_kind kind : {NSA_CMP_MEAN, NSA_CMP_MLP}) {
     CmpCase one = make_cmp(1, 700, 2, 12, 20, cmp_configs()[0], kind, NSA_DTYPE_F32,
                            NSA_DTYPE_F32, true, 9, {0, 100, 700});
     CmpCase two = make_cmp(1, 700, 2, 12, 20, cmp_configs()[0], kind, NSA_DTYPE_F32,
                            NSA_DTYPE_F32, true, 9, {0, 100, 700});
     std::string msg;
-    ASSERT_EQ(run(NSA_BACKEND_CPU, one, 1, &msg), NSA_OK) << msg;
-    ASSERT_EQ(run(NSA_BACKEND_CPU, two, 2, &msg), NSA_OK) << msg;
+    ASSERT_EQ(run(backend(NSA_BACKEND_CPU), one, 1, &msg), NSA_OK) << msg;
+    ASSERT_EQ(run(backend(NSA_BACKEND_CPU), two, 2, &msg), NSA_OK) << msg;
     EXPECT_TRUE(one.out.storage() == two.out.storage()) << "1 and 2 threads differ";
   }
 }

@@ -1,13 +1,15 @@
-// The CPU backend (f32 accumulation) against the float64 reference (the oracle of SPEC.md) on
-// awkward shapes: T around block edges, G in {1, 3, 16}, Dk != Dv, three configs, strided views,
-// variable-length packing, f32 and bf16, caller-supplied indices, and both compression functions.
-// Selected indices must be equal; values agree to bounds derived from f32 rounding.
+// The forward of every backend under test (backend_harness.h; f32 accumulation) against the
+// float64 reference (the oracle of SPEC.md) on awkward shapes: T around block edges, G in
+// {1, 3, 16}, Dk != Dv, four configs, strided views, variable-length packing, f32 and bf16, and
+// caller-supplied indices. Selected indices must be equal; values agree to bounds derived from
+// f32 rounding. The thread-count and Highway-target tests are the CPU backend's alone.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cstring>
 #include <sstream>
 
+#include "backend_harness.h"
 #include "ref/ref.h"
 #include "test_util.h"
 
@@ -37,18 +39,6 @@ std::string describe(const Shape& s, const nsa_config& c, nsa_dtype dt, bool pad
   return os.str();
 }
 
-// Forward on `backend` with `threads` threads (0: default).
-nsa_status run(nsa_backend backend, int threads, const nsa_fwd_params& p, std::string* msg) {
-  nsa_context* ctx = nullptr;
-  nsa_context_create(&ctx);
-  nsa_context_set_backend(ctx, backend);
-  nsa_context_set_num_threads(ctx, threads);
-  const nsa_status st = nsa_fwd(ctx, &p);
-  *msg = nsa_last_error(ctx);
-  nsa_context_destroy(ctx);
-  return st;
-}
-
 // Every logical element within abs_tol + rel_tol * |ref|; infinities must match exactly.
 void expect_close(const char* name, const Tensor& got, const Tensor& want, double abs_tol,
                   double rel_tol) {
@@ -62,7 +52,7 @@ void expect_close(const char* name, const Tensor& got, const Tensor& want, doubl
     if (!std::isinf(y)) worst = std::max(worst, std::fabs(x - y));
     if (!ok && bad++ == 0) {
       std::ostringstream os;
-      os << "[" << a << "," << b << "," << c << "," << d << "] cpu " << x << " ref " << y;
+      os << "[" << a << "," << b << "," << c << "," << d << "] got " << x << " ref " << y;
       first = os.str();
     }
   });
@@ -78,8 +68,9 @@ void expect_padding_untouched(const char* name, const Tensor& t) {
   EXPECT_EQ(nan, elems - t.numel()) << name << ": padding written or NaN produced";
 }
 
-// Runs both backends on identical copies of a case and compares every output.
-void compare_fwd(const Shape& s, const nsa_config& cfg, nsa_dtype dt, uint64_t seed, bool padded,
+// Runs the oracle and backend `be` on identical copies of a case and compares every output.
+void compare_fwd(const BackendUnderTest& be, const Shape& s, const nsa_config& cfg, nsa_dtype dt,
+                 uint64_t seed, bool padded,
                  std::vector<int32_t> cu = {}, nsa_dtype out_dt = NSA_DTYPE_F32,
                  const Tensor* idx_in = nullptr) {
   SCOPED_TRACE(describe(s, cfg, dt, padded) + " seed=" + std::to_string(seed));
@@ -88,8 +79,8 @@ void compare_fwd(const Shape& s, const nsa_config& cfg, nsa_dtype dt, uint64_t s
   nsa_fwd_params pr = ref.params(), pc = cpu.params();
   if (idx_in) pr.slc_indices_in = pc.slc_indices_in = idx_in->desc();
   std::string msg;
-  ASSERT_EQ(run(NSA_BACKEND_REF, 0, pr, &msg), NSA_OK) << msg;
-  ASSERT_EQ(run(NSA_BACKEND_CPU, 0, pc, &msg), NSA_OK) << msg;
+  ASSERT_EQ(run_on(oracle(), pr, 0, &msg), NSA_OK) << msg;
+  ASSERT_EQ(run_on(be, pc, 0, &msg), NSA_OK) << msg;
 
   // K: the most terms any f32 sum of this case adds, a Dk-term score dot plus up to
   // min(T, max(n l', w)) softmax-weighted O(1) values (Tc is smaller in every case here); each
@@ -128,7 +119,11 @@ void compare_fwd(const Shape& s, const nsa_config& cfg, nsa_dtype dt, uint64_t s
 // may rank differently): pick another then, and say so here.
 constexpr uint64_t kSeed = 20250211;
 
-TEST(CpuVsRef, ShortShapes) {
+class FwdVsRef : public ::testing::TestWithParam<BackendUnderTest> {};
+INSTANTIATE_TEST_SUITE_P(Backends, FwdVsRef, ::testing::ValuesIn(backends_under_test()),
+                         backend_test_name);
+
+TEST_P(FwdVsRef, ShortShapes) {
   int i = 0;
   for (int64_t T : {1, 31, 32, 33, 64, 65}) {
     for (int64_t G : {1, 3, 16}) {
@@ -139,7 +134,7 @@ TEST(CpuVsRef, ShortShapes) {
           s.Hkv = G == 16 ? 1 : 2;
           s.Hq = G * s.Hkv;
           s.T = T, s.Dk = 24, s.Dv = 16;
-          compare_fwd(s, cfg, dt, kSeed + i, (i % 2) == 1);
+          compare_fwd(GetParam(), s, cfg, dt, kSeed + i, (i % 2) == 1);
           ++i;
         }
       }
@@ -147,22 +142,22 @@ TEST(CpuVsRef, ShortShapes) {
   }
 }
 
-TEST(CpuVsRef, LongSequence) {
+TEST_P(FwdVsRef, LongSequence) {
   int i = 0;
   for (const nsa_config& cfg : configs()) {
     Shape s;
     s.T = 1000, s.Hq = 3, s.Hkv = 1, s.Dk = 24, s.Dv = 16;
-    compare_fwd(s, cfg, NSA_DTYPE_F32, kSeed + 100 + i, i % 2 == 0);
+    compare_fwd(GetParam(), s, cfg, NSA_DTYPE_F32, kSeed + 100 + i, i % 2 == 0);
     s.Hq = 2, s.Hkv = 2;  // G = 1
-    compare_fwd(s, cfg, NSA_DTYPE_BF16, kSeed + 200 + i, i % 2 == 1);
+    compare_fwd(GetParam(), s, cfg, NSA_DTYPE_BF16, kSeed + 200 + i, i % 2 == 1);
     ++i;
   }
   Shape s;
   s.T = 1000, s.Hq = 16, s.Hkv = 1, s.Dk = 24, s.Dv = 16;
-  compare_fwd(s, configs()[3], NSA_DTYPE_F32, kSeed + 300, true);
+  compare_fwd(GetParam(), s, configs()[3], NSA_DTYPE_F32, kSeed + 300, true);
 }
 
-TEST(CpuVsRef, Varlen) {
+TEST_P(FwdVsRef, Varlen) {
   // Lengths 1, 0 (empty), 32, 64, 63, 240: positions restart in every sequence.
   const std::vector<int32_t> cu = {0, 1, 1, 33, 97, 160, 400};
   int i = 0;
@@ -170,21 +165,22 @@ TEST(CpuVsRef, Varlen) {
     for (int64_t G : {1, 3}) {
       Shape s;
       s.T = 400, s.Hkv = 2, s.Hq = 2 * G, s.Dk = 24, s.Dv = 16;
-      compare_fwd(s, cfg, i % 2 ? NSA_DTYPE_BF16 : NSA_DTYPE_F32, kSeed + 400 + i, true, cu);
+      const nsa_dtype dt = i % 2 ? NSA_DTYPE_BF16 : NSA_DTYPE_F32;
+      compare_fwd(GetParam(), s, cfg, dt, kSeed + 400 + i, true, cu);
       ++i;
     }
   }
 }
 
-TEST(CpuVsRef, HeadDimsAndBf16Outputs) {
+TEST_P(FwdVsRef, HeadDimsAndBf16Outputs) {
   // Head dims off the 16-lane vector width, Dk > Dv and Dk < Dv; outputs stored as bf16.
   int i = 0;
   for (auto [dk, dv] : {std::pair{5, 3}, std::pair{40, 8}, std::pair{8, 40}, std::pair{17, 33}}) {
     Shape s;
     s.B = 2, s.T = 150, s.Hq = 6, s.Hkv = 2, s.Dk = dk, s.Dv = dv;
-    compare_fwd(s, configs()[i % 4], NSA_DTYPE_F32, kSeed + 500 + i, i % 2 == 0, {},
+    compare_fwd(GetParam(), s, configs()[i % 4], NSA_DTYPE_F32, kSeed + 500 + i, i % 2 == 0, {},
                 NSA_DTYPE_BF16);
-    compare_fwd(s, configs()[(i + 1) % 4], NSA_DTYPE_BF16, kSeed + 600 + i, true, {},
+    compare_fwd(GetParam(), s, configs()[(i + 1) % 4], NSA_DTYPE_BF16, kSeed + 600 + i, true, {},
                 i % 2 ? NSA_DTYPE_BF16 : NSA_DTYPE_F32);
     ++i;
   }
@@ -209,23 +205,24 @@ Tensor random_indices(const Shape& s, const nsa_config& cfg, const std::vector<i
   return ix;
 }
 
-TEST(CpuVsRef, CallerIndices) {
+TEST_P(FwdVsRef, CallerIndices) {
   int i = 0;
   for (const nsa_config& cfg : configs()) {
     Shape s;
     s.B = 2, s.T = 300, s.Hq = 6, s.Hkv = 2, s.Dk = 24, s.Dv = 16;
     Tensor ix = random_indices(s, cfg, {}, kSeed + 700 + i);
-    compare_fwd(s, cfg, i % 2 ? NSA_DTYPE_BF16 : NSA_DTYPE_F32, kSeed + 800 + i, true, {},
-                NSA_DTYPE_F32, &ix);
+    compare_fwd(GetParam(), s, cfg, i % 2 ? NSA_DTYPE_BF16 : NSA_DTYPE_F32, kSeed + 800 + i, true,
+                {},                NSA_DTYPE_F32, &ix);
     const std::vector<int32_t> cu = {0, 100, 100, 300};
     s.B = 1;
     Tensor ixv = random_indices(s, cfg, cu, kSeed + 900 + i);
-    compare_fwd(s, cfg, NSA_DTYPE_F32, kSeed + 1000 + i, false, cu, NSA_DTYPE_F32, &ixv);
+    compare_fwd(GetParam(), s, cfg, NSA_DTYPE_F32, kSeed + 1000 + i, false, cu, NSA_DTYPE_F32,
+                &ixv);
     ++i;
   }
 }
 
-TEST(CpuVsRef, ExactTiesGoToLowerIndex) {
+TEST_P(FwdVsRef, ExactTiesGoToLowerIndex) {
   // Equal compressed keys make every probability exactly 1/|C_t| in f32 and f64 alike, so the
   // fully covered blocks tie exactly; SPEC 4.3 breaks ties to the lower block index.
   Shape s;
@@ -237,18 +234,19 @@ TEST(CpuVsRef, ExactTiesGoToLowerIndex) {
     c.k_cmp.fill(0.5);
     r.k_cmp.fill(0.5);
     std::string msg;
-    ASSERT_EQ(run(NSA_BACKEND_CPU, 0, c.params(), &msg), NSA_OK) << msg;
-    ASSERT_EQ(run(NSA_BACKEND_REF, 0, r.params(), &msg), NSA_OK) << msg;
+    ASSERT_EQ(run_on(GetParam(), c.params(), 0, &msg), NSA_OK) << msg;
+    ASSERT_EQ(run_on(oracle(), r.params(), 0, &msg), NSA_OK) << msg;
     // t = 639: J = 9; forced {0, 8, 9}; blocks 1 .. 7 tie, so 1 and 2 fill the two free slots.
     const int32_t want[5] = {0, 1, 2, 8, 9};
     for (int k = 0; k < 5; ++k) EXPECT_EQ(c.idx_out.at_i32({0, 639, 0, k}), want[k]) << k;
-    EXPECT_TRUE(c.idx_out.storage() == r.idx_out.storage()) << "cpu and ref selections differ";
+    EXPECT_TRUE(c.idx_out.storage() == r.idx_out.storage()) << "backend and ref selections differ";
   }
 }
 
 // 1 and 2 threads (G = 3, padded lanes) or 1 and 3 threads (G = 16): the same bits in every
-// output.
-TEST(CpuVsRef, ThreadsBitwiseIdentical) {
+// output. CPU only: the thread count is the CPU kernels' notion (nsa.h promises no thread
+// dependence of the CPU backend).
+TEST(CpuFwd, ThreadsBitwiseIdentical) {
   struct Run {
     int64_t T, Hq;
     int threads;
@@ -261,8 +259,8 @@ TEST(CpuVsRef, ThreadsBitwiseIdentical) {
       FwdCase one = make_case(s, configs()[1], dt, kSeed + 1100, true, r.cu);
       FwdCase many = make_case(s, configs()[1], dt, kSeed + 1100, true, r.cu);
       std::string msg;
-      ASSERT_EQ(run(NSA_BACKEND_CPU, 1, one.params(), &msg), NSA_OK) << msg;
-      ASSERT_EQ(run(NSA_BACKEND_CPU, r.threads, many.params(), &msg), NSA_OK) << msg;
+      ASSERT_EQ(run_on(backend(NSA_BACKEND_CPU), one.params(), 1, &msg), NSA_OK) << msg;
+      ASSERT_EQ(run_on(backend(NSA_BACKEND_CPU), many.params(), r.threads, &msg), NSA_OK) << msg;
       for (auto [a, b] : {std::pair{&one.o, &many.o}, std::pair{&one.o_cmp, &many.o_cmp},
                           std::pair{&one.o_slc, &many.o_slc}, std::pair{&one.o_win, &many.o_win},
                           std::pair{&one.lse_cmp, &many.lse_cmp}, std::pair{&one.lse_slc, &many.lse_slc},
@@ -273,9 +271,10 @@ TEST(CpuVsRef, ThreadsBitwiseIdentical) {
   }
 }
 
-// ---- Group sizes around the SIMD width (forward_lanes.cc puts a group's heads in lanes). ----
+// ---- Group sizes around the SIMD width (the CPU's forward_lanes.cc puts a group's heads in
+// lanes; for any other backend these are more group sizes against the oracle). ----
 
-TEST(CpuVsRef, HeadsInLanes) {
+TEST_P(FwdVsRef, HeadsInLanes) {
   // G = 8 and 24 leave padding lanes (AVX-512), 32 needs two head vectors; Dv = 33 leaves a
   // tail after the 16-column output blocks; T = 700 walks many 64-key chunks and, with n = 5,
   // merges and splits runs of adjacent selected blocks.
@@ -286,8 +285,8 @@ TEST(CpuVsRef, HeadsInLanes) {
       s.B = T == 65 ? 2 : 1, s.T = T, s.Hkv = G == 32 ? 1 : 2, s.Dk = dk, s.Dv = dv;
       s.Hq = G * s.Hkv;
       const nsa_config cfg = configs()[i % 4];
-      compare_fwd(s, cfg, i % 2 ? NSA_DTYPE_BF16 : NSA_DTYPE_F32, kSeed + 1300 + i, i % 3 == 0,
-                  {}, i % 4 == 3 ? NSA_DTYPE_BF16 : NSA_DTYPE_F32);
+      compare_fwd(GetParam(), s, cfg, i % 2 ? NSA_DTYPE_BF16 : NSA_DTYPE_F32, kSeed + 1300 + i,
+                  i % 3 == 0,                  {}, i % 4 == 3 ? NSA_DTYPE_BF16 : NSA_DTYPE_F32);
       ++i;
     }
   }
@@ -295,9 +294,10 @@ TEST(CpuVsRef, HeadsInLanes) {
   s.T = 400, s.Hq = 32, s.Hkv = 2, s.Dk = 24, s.Dv = 16;
   const std::vector<int32_t> cu = {0, 1, 1, 33, 97, 160, 400};
   for (const nsa_config& cfg : configs()) {
-    compare_fwd(s, cfg, i % 2 ? NSA_DTYPE_BF16 : NSA_DTYPE_F32, kSeed + 1300 + i, true, cu);
+    compare_fwd(GetParam(), s, cfg, i % 2 ? NSA_DTYPE_BF16 : NSA_DTYPE_F32, kSeed + 1300 + i, true,
+                cu);
     Tensor ix = random_indices(s, cfg, cu, kSeed + 1400 + i);
-    compare_fwd(s, cfg, NSA_DTYPE_F32, kSeed + 1500 + i, false, cu, NSA_DTYPE_F32, &ix);
+    compare_fwd(GetParam(), s, cfg, NSA_DTYPE_F32, kSeed + 1500 + i, false, cu, NSA_DTYPE_F32, &ix);
     ++i;
   }
 }
@@ -356,7 +356,7 @@ double score_gap(const Shape& s, int64_t Tc, double max_score) {
   return 16.0 * static_cast<double>(s.Dk + Tc) * kEps * max_score;
 }
 
-TEST(CpuVsRef, SelectionEqualUpToNearTies) {
+TEST_P(FwdVsRef, SelectionEqualUpToNearTies) {
   // Compressed keys drawn from a few values make many block scores nearly equal, so the f32 and
   // f64 rankings may differ at the top-n boundary; they must differ only by near-tied blocks.
   Shape s;
@@ -372,8 +372,8 @@ TEST(CpuVsRef, SelectionEqualUpToNearTies) {
     });
   }
   std::string msg;
-  ASSERT_EQ(run(NSA_BACKEND_CPU, 0, c.params(), &msg), NSA_OK) << msg;
-  ASSERT_EQ(run(NSA_BACKEND_REF, 0, r.params(), &msg), NSA_OK) << msg;
+  ASSERT_EQ(run_on(GetParam(), c.params(), 0, &msg), NSA_OK) << msg;
+  ASSERT_EQ(run_on(oracle(), r.params(), 0, &msg), NSA_OK) << msg;
   const int64_t Tc = nsa_cmp_len(&cfg, s.T);
   int64_t differ = 0;
   for (int64_t t = 0; t < s.T; ++t) {
@@ -414,6 +414,27 @@ TEST(CpuVsRef, SelectionEqualUpToNearTies) {
   EXPECT_FALSE(same_up_to_near_ties(close, {0, 3, 4, -1}, {0, 2, 4, -1}, gap, &why));
   std::printf("near-tie check: %lld of %lld rows differ from the reference, all within the gap\n",
               (long long)differ, (long long)s.T);
+}
+
+// The CPU kernels dispatch at run time to the best Highway target; every other target this
+// machine runs must match the reference too (as CpuBwd.EveryTargetMatchesReference): G = 1 and
+// G = 3 (padded head lanes), G = 16 (heads in lanes), bf16, varlen, caller indices. CPU only:
+// targets are a CPU notion. Small shapes, to keep the suite's time.
+TEST(CpuFwd, EveryTargetMatchesReference) {
+  const BackendUnderTest cpu = backend(NSA_BACKEND_CPU);
+  const std::vector<int32_t> cu = {0, 1, 1, 33, 97, 130};
+  for_each_hwy_target([&] {
+    Shape s;
+    s.T = 130, s.Hq = 2, s.Hkv = 2, s.Dk = 24, s.Dv = 16;  // G = 1
+    compare_fwd(cpu, s, configs()[3], NSA_DTYPE_F32, kSeed + 1800, false);
+    s.Hq = 6;  // G = 3, bf16 in and out, strided
+    compare_fwd(cpu, s, configs()[1], NSA_DTYPE_BF16, kSeed + 1801, true, {}, NSA_DTYPE_BF16);
+    s.Hq = 32;  // G = 16, varlen
+    compare_fwd(cpu, s, configs()[3], NSA_DTYPE_F32, kSeed + 1802, true, cu);
+    s.Hq = 6, s.B = 2, s.T = 100;
+    Tensor ix = random_indices(s, configs()[2], {}, kSeed + 1803);
+    compare_fwd(cpu, s, configs()[2], NSA_DTYPE_F32, kSeed + 1804, true, {}, NSA_DTYPE_F32, &ix);
+  });
 }
 
 }  // namespace

@@ -1,12 +1,15 @@
-// Decode with a KV cache (SPEC.md section 7) against the float64 reference forward: token by
-// token after an optional prefill, the output at every position equals the forward's output for
-// that position, with the same selected blocks. Shapes cross block boundaries, t = l - 1, the
-// window edge, T shorter than a block, G in {1, 3, 16}, Dk != Dv, Dv not a whole vector, f32 and
-// bf16 caches, mean and mlp compression.
+// Decode with a KV cache (SPEC.md section 7) of every backend under test (backend_harness.h)
+// against the float64 reference forward: token by token after an optional prefill, the output at
+// every position equals the forward's output for that position, with the same selected blocks.
+// Shapes cross block boundaries, t = l - 1, the window edge, T shorter than a block, G in
+// {1, 3, 16}, Dk != Dv, Dv not a whole vector, strided views, several sequences of one cache
+// against the varlen forward, f32 and bf16 caches, mean and mlp compression. The CPU backend
+// alone: batch and thread-count bitwise invariance, every Highway target.
 #include <gtest/gtest.h>
 
 #include <sstream>
 
+#include "backend_harness.h"
 #include "decode_util.h"
 
 namespace {
@@ -19,6 +22,7 @@ struct DecodeCase {
   nsa_dtype dtype;
   nsa_cmp_kind kind;
   int64_t prefill;  // tokens given to nsa_prefill before decoding the rest one by one
+  bool padded = false;  // every tensor a strided view
 };
 
 std::vector<DecodeCase> cases() {
@@ -39,83 +43,140 @@ std::vector<DecodeCase> cases() {
       {"shorter_than_a_block", tiny, def, NSA_DTYPE_BF16, NSA_CMP_MEAN, 0},
       {"G16_bf16_mlp", Shape{1, 400, 16, 1, 32, 32}, config(32, 16, 64, 4, 1, 2, 128),
        NSA_DTYPE_BF16, NSA_CMP_MLP, 150},
+      {"G3_strided_views", Shape{1, 150, 6, 2, 24, 20}, config(16, 8, 32, 4, 1, 2, 40),
+       NSA_DTYPE_F32, NSA_CMP_MEAN, 40, true},
   };
 }
 
 void PrintTo(const DecodeCase& c, std::ostream* os) { *os << c.name; }
 
-class DecodeVsForward : public ::testing::TestWithParam<DecodeCase> {};
+// A mean-compressed cache on backend `be`: `seqs` sequences of capacity s.T.
+CachePtr mean_cache(const BackendUnderTest& be, const Context& cx, const nsa_config& cfg,
+                    int64_t seqs, const Shape& s, nsa_dtype dt) {
+  return make_cache(cx.ctx, cfg, seqs, s.T, s, dt, NSA_CMP_MEAN, nullptr, nullptr, *be.buffers);
+}
 
-TEST_P(DecodeVsForward, EveryPositionMatchesTheReference) {
-  const DecodeCase& dc = GetParam();
+// Decodes every position of `c` (batch row 0) on backend `be` into `got`, after a prefill of
+// `prefill` tokens, then runs the oracle forward over the whole sequence, on the compressed
+// tokens the cache holds, into c's outputs: the two are then compared row by row.
+void decode_then_reference(const BackendUnderTest& be, FwdCase& c, FwdCase& got,
+                           nsa_cmp_kind kind, MlpTensors* mlp, int64_t prefill) {
+  if (be.cache_cmp == nullptr) GTEST_SKIP() << be.name << " has no KV cache";
+  const Shape& s = c.shape;
+  Context cx(0, be.id);
+  CachePtr cache = make_cache(cx.ctx, c.cfg, 1, s.T, s, c.dtype, kind, mlp, nullptr, *be.buffers);
+  ASSERT_TRUE(cache);
+  Staging st(be);
+  const DecodeTensors x = DecodeTensors::staged(st, c, got);
+  if (prefill > 0) {
+    const nsa_prefill_params p = prefill_rows(x, prefill);
+    ASSERT_EQ(nsa_prefill(cx.ctx, cache.get(), &p), NSA_OK) << cx.error();
+    ASSERT_EQ(nsa_kv_cache_len(cache.get(), 0), prefill);
+  }
+  for (int64_t t = prefill; t < s.T; ++t) {
+    const nsa_decode_params p = decode_row(x, t, /*append=*/true);
+    ASSERT_EQ(nsa_decode(cx.ctx, cache.get(), &p), NSA_OK) << "t=" << t << ": " << cx.error();
+  }
+  ASSERT_EQ(nsa_kv_cache_len(cache.get(), 0), s.T);
+  st.download_outputs();
+  be.cache_cmp(*cache, 0, 0, 0, c.k_cmp, c.v_cmp);
+  std::string msg;
+  ASSERT_EQ(run_on(oracle(), c.params(), 0, &msg), NSA_OK) << msg;
+}
+
+// Selected blocks are integers: equal (random scores; a seed with a near-tie would be replaced,
+// not tolerated).
+void expect_same_selection(const FwdCase& got, const FwdCase& want) {
+  int64_t diff = 0;
+  got.idx_out.for_each([&](int64_t a, int64_t b, int64_t x, int64_t y) {
+    diff += got.idx_out.at_i32({a, b, x, y}) != want.idx_out.at_i32({a, b, x, y});
+  });
+  EXPECT_EQ(diff, 0) << "selected blocks differ from the reference forward";
+}
+
+// Decode's outputs against the oracle's, for every position: `tol` as the caller derives it.
+void expect_decode_matches(const FwdCase& got, const FwdCase& c, double tol) {
+  const int64_t T = c.shape.T;
+  std::string first;
+  EXPECT_EQ(count_off(got.o, c.o, 0, T, tol, 0.0, &first), 0) << "o: " << first;
+  for (auto [name, a, b] : {std::tuple{"lse_cmp", &got.lse_cmp, &c.lse_cmp},
+                            std::tuple{"lse_slc", &got.lse_slc, &c.lse_slc},
+                            std::tuple{"lse_win", &got.lse_win, &c.lse_win}}) {
+    // lse = max s + log(sum): the sum's relative error on a value of size |lse|.
+    EXPECT_EQ(count_off(*a, *b, 0, T, tol, tol, &first), 0) << name << ": " << first;
+  }
+  expect_same_selection(got, c);
+}
+
+// As compare_fwd (test_cpu_vs_ref.cc): K terms per f32 sum (a Dk dot, then up to
+// max(n l', w) weighted values, or Tc compressed ones), 2^-24 each, x16 for |s| up to ~16.
+double decode_tol(const Shape& s, const nsa_config& cfg) {
+  const int64_t keys = std::min<int64_t>(
+      s.T, std::max<int64_t>({int64_t{cfg.slc_count} * cfg.slc_block, cfg.window}));
+  return 16.0 * static_cast<double>(s.Dk + keys) * kF32Eps;
+}
+
+void run_decode_case(const BackendUnderTest& be, const DecodeCase& dc) {
   const Shape& s = dc.shape;
-  FwdCase c = make_case(s, dc.cfg, dc.dtype, 1234 + s.T);
-  FwdCase got = make_case(s, dc.cfg, dc.dtype, 1234 + s.T);  // output holder
+  FwdCase c = make_case(s, dc.cfg, dc.dtype, 1234 + s.T, dc.padded);
+  FwdCase got = make_case(s, dc.cfg, dc.dtype, 1234 + s.T, dc.padded);  // output holder
   std::mt19937_64 rng(99);
   MlpTensors mlp;
   if (dc.kind == NSA_CMP_MLP) {
     make_mlp(mlp.k, s.Hkv, dc.cfg.cmp_block, s.Dk, 24, dc.dtype, rng);
     make_mlp(mlp.v, s.Hkv, dc.cfg.cmp_block, s.Dv, 24, dc.dtype, rng);
   }
-  Context cx;
-  CachePtr cache = make_cache(cx.ctx, dc.cfg, 1, s.T, s, dc.dtype, dc.kind, &mlp);
-  ASSERT_TRUE(cache);
-  if (dc.prefill > 0) {
-    nsa_prefill_params p;
-    nsa_prefill_params_init(&p);
-    p.q = rows(c.q, 0, dc.prefill);
-    p.k = rows(c.k, 0, dc.prefill);
-    p.v = rows(c.v, 0, dc.prefill);
-    p.g_cmp = rows(c.g_cmp, 0, dc.prefill);
-    p.g_slc = rows(c.g_slc, 0, dc.prefill);
-    p.g_win = rows(c.g_win, 0, dc.prefill);
-    p.o = rows(got.o, 0, dc.prefill);
-    p.lse_cmp = rows(got.lse_cmp, 0, dc.prefill);
-    p.lse_slc = rows(got.lse_slc, 0, dc.prefill);
-    p.lse_win = rows(got.lse_win, 0, dc.prefill);
-    p.slc_indices_out = rows(got.idx_out, 0, dc.prefill);
-    ASSERT_EQ(nsa_prefill(cx.ctx, cache.get(), &p), NSA_OK) << cx.error();
-    ASSERT_EQ(nsa_kv_cache_len(cache.get(), 0), dc.prefill);
-  }
-  for (int64_t t = dc.prefill; t < s.T; ++t) {
-    const nsa_decode_params p = decode_row(c, got, t, /*append=*/true);
-    ASSERT_EQ(nsa_decode(cx.ctx, cache.get(), &p), NSA_OK) << "t=" << t << ": " << cx.error();
-  }
-  ASSERT_EQ(nsa_kv_cache_len(cache.get(), 0), s.T);
-
-  // The oracle: the float64 forward over the whole sequence, on the cache's compressed tokens.
-  export_cmp(*cache, 0, 0, c.k_cmp, c.v_cmp);
-  std::string msg;
-  ASSERT_EQ(run_fwd(NSA_BACKEND_REF, c, &msg), NSA_OK) << msg;
-
-  // As compare_fwd (test_cpu_vs_ref.cc): K terms per f32 sum (a Dk dot, then up to
-  // max(n l', w) weighted values, or Tc compressed ones), 2^-24 each, x16 for |s| up to ~16.
-  const int64_t keys = std::min<int64_t>(
-      s.T, std::max<int64_t>({int64_t{dc.cfg.slc_count} * dc.cfg.slc_block, dc.cfg.window}));
-  const double tol = 16.0 * static_cast<double>(s.Dk + keys) * kF32Eps;
-  std::string first;
-  EXPECT_EQ(count_off(got.o, c.o, 0, s.T, tol, 0.0, &first), 0) << "o: " << first;
-  for (auto [name, a, b] : {std::tuple{"lse_cmp", &got.lse_cmp, &c.lse_cmp},
-                            std::tuple{"lse_slc", &got.lse_slc, &c.lse_slc},
-                            std::tuple{"lse_win", &got.lse_win, &c.lse_win}}) {
-    // lse = max s + log(sum): the sum's relative error on a value of size |lse|.
-    EXPECT_EQ(count_off(*a, *b, 0, s.T, tol, tol, &first), 0) << name << ": " << first;
-  }
-  // Selected blocks are integers: equal (random scores; a seed with a near-tie would be
-  // replaced, not tolerated).
-  int64_t diff = 0;
-  got.idx_out.for_each([&](int64_t a, int64_t b, int64_t x, int64_t y) {
-    diff += got.idx_out.at_i32({a, b, x, y}) != c.idx_out.at_i32({a, b, x, y});
-  });
-  EXPECT_EQ(diff, 0) << "selected blocks differ from the reference forward";
+  ASSERT_NO_FATAL_FAILURE(decode_then_reference(be, c, got, dc.kind, &mlp, dc.prefill));
+  if (::testing::Test::IsSkipped()) return;
+  expect_decode_matches(got, c, decode_tol(s, dc.cfg));
 }
 
-INSTANTIATE_TEST_SUITE_P(Shapes, DecodeVsForward, ::testing::ValuesIn(cases()),
-                         [](const auto& info) { return std::string(info.param.name); });
+class DecodeVsForward
+    : public ::testing::TestWithParam<std::tuple<BackendUnderTest, DecodeCase>> {};
+
+TEST_P(DecodeVsForward, EveryPositionMatchesTheReference) {
+  run_decode_case(std::get<0>(GetParam()), std::get<1>(GetParam()));
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, DecodeVsForward,
+                         ::testing::Combine(::testing::ValuesIn(backends_under_test()),
+                                            ::testing::ValuesIn(cases())),
+                         [](const auto& info) {
+                           return std::string(std::get<0>(info.param).name) + "_" +
+                                  std::get<1>(info.param).name;
+                         });
+
+// Decode is a CPU kernel dispatched to the best Highway target; every target this machine runs
+// must give the reference's outputs too: a short run per target (G = 3 bf16 mlp with a prefill,
+// G = 16 from empty). CPU only: targets are a CPU notion.
+TEST(CpuDecode, EveryTargetMatchesReference) {
+  const BackendUnderTest cpu = backend(NSA_BACKEND_CPU);
+  const DecodeCase short_cases[2] = {
+      {"G3_bf16_mlp", Shape{1, 60, 3, 1, 40, 24}, config(16, 8, 16, 3, 1, 1, 24),
+       NSA_DTYPE_BF16, NSA_CMP_MLP, 20},
+      {"G16_f32_mean", Shape{1, 50, 16, 1, 24, 20}, config(8, 4, 16, 3, 1, 1, 20),
+       NSA_DTYPE_F32, NSA_CMP_MEAN, 0, true}};
+  for_each_hwy_target([&] {
+    for (const DecodeCase& dc : short_cases) {
+      SCOPED_TRACE(dc.name);
+      run_decode_case(cpu, dc);
+    }
+  });
+}
+
+class DecodeOnBackend : public ::testing::TestWithParam<BackendUnderTest> {
+ protected:
+  void SetUp() override {
+    if (GetParam().cache_cmp == nullptr) GTEST_SKIP() << GetParam().name << " has no KV cache";
+  }
+};
+INSTANTIATE_TEST_SUITE_P(Backends, DecodeOnBackend, ::testing::ValuesIn(backends_under_test()),
+                         backend_test_name);
 
 // Incremental compression computes each compressed token once, from the cached rows: it must
 // equal the whole-sequence compression (nsa_compress, float64 reference).
-TEST(KvCache, IncrementalCompressionEqualsCompress) {
+TEST_P(DecodeOnBackend, IncrementalCompressionEqualsCompress) {
+  const BackendUnderTest& be = GetParam();
   for (nsa_cmp_kind kind : {NSA_CMP_MEAN, NSA_CMP_MLP}) {
     SCOPED_TRACE(kind == NSA_CMP_MEAN ? "mean" : "mlp");
     const Shape s{1, 203, 2, 2, 24, 40};
@@ -125,14 +186,17 @@ TEST(KvCache, IncrementalCompressionEqualsCompress) {
     MlpTensors mlp;
     make_mlp(mlp.k, s.Hkv, cfg.cmp_block, s.Dk, 16, NSA_DTYPE_F32, rng);
     make_mlp(mlp.v, s.Hkv, cfg.cmp_block, s.Dv, 16, NSA_DTYPE_F32, rng);
-    Context cx;
-    CachePtr cache = make_cache(cx.ctx, cfg, 1, s.T, s, NSA_DTYPE_F32, kind, &mlp);
+    Context cx(0, be.id);
+    CachePtr cache =
+        make_cache(cx.ctx, cfg, 1, s.T, s, NSA_DTYPE_F32, kind, &mlp, nullptr, *be.buffers);
+    Staging st(be);
+    const nsa_tensor dk = st.in(c.k.desc()), dv = st.in(c.v.desc());
     // Three appends of uneven size: compressed tokens complete inside and across them.
     for (auto [t0, n] : {std::pair{0, 7}, std::pair{7, 150}, std::pair{157, 46}}) {
-      nsa_tensor k = rows(c.k, t0, n), v = rows(c.v, t0, n);
+      nsa_tensor k = rows(dk, t0, n), v = rows(dv, t0, n);
       ASSERT_EQ(nsa_kv_cache_append(cx.ctx, cache.get(), 0, &k, &v), NSA_OK) << cx.error();
     }
-    export_cmp(*cache, 0, 0, c.k_cmp, c.v_cmp);
+    be.cache_cmp(*cache, 0, 0, 0, c.k_cmp, c.v_cmp);
     const int64_t Tc = nsa_cmp_len(&cfg, s.T);
     ASSERT_EQ(cache->cmp_len(0), Tc);
     nsa_context* ref = nullptr;
@@ -162,7 +226,9 @@ TEST(KvCache, IncrementalCompressionEqualsCompress) {
 }
 
 // A batch of sequences at different lengths in one call gives, bit for bit, what each sequence
-// gives alone (chunks, not the batch, fix the arithmetic), in any order of seq_ids.
+// gives alone (chunks, not the batch, fix the arithmetic), in any order of seq_ids. CPU only:
+// bitwise batch invariance is a property of the CPU kernels, not a promise of nsa.h (every
+// backend's batched decode is checked against the reference by SequencesMatchVarlenForward).
 TEST(Decode, BatchedEqualsPerSequence) {
   const Shape s{1, 700, 8, 2, 32, 24};
   const nsa_config cfg = config(32, 16, 64, 4, 1, 2, 128);
@@ -213,7 +279,7 @@ TEST(Decode, BatchedEqualsPerSequence) {
 }
 
 // The keys are split into fixed chunks merged in a fixed order: 1, 2 and 3 threads give the same
-// bits, for NSA and for the dense baseline.
+// bits, for NSA and for the dense baseline. CPU only: the thread count is the CPU's notion.
 TEST(Decode, ThreadCountDoesNotChangeBits) {
   const Shape s{1, 3000, 16, 1, 64, 64};
   nsa_config cfg;
@@ -249,7 +315,8 @@ TEST(Decode, ThreadCountDoesNotChangeBits) {
 
 // The dense baseline over the cache equals the float64 dense forward at the last position, over
 // every cached token and over a window.
-TEST(DenseDecode, MatchesReferenceDenseForward) {
+TEST_P(DecodeOnBackend, DenseDecodeMatchesReferenceDenseForward) {
+  const BackendUnderTest& be = GetParam();
   for (nsa_dtype dt : {NSA_DTYPE_F32, NSA_DTYPE_BF16}) {
     for (int32_t window : {0, 100}) {
       SCOPED_TRACE(std::string(nsa_dtype_name(dt)) + " window " + std::to_string(window));
@@ -257,19 +324,22 @@ TEST(DenseDecode, MatchesReferenceDenseForward) {
       nsa_config cfg;
       nsa_config_default(&cfg);
       FwdCase c = make_case(s, cfg, dt, 8 + window);
-      Context cx;
-      CachePtr cache = make_cache(cx.ctx, cfg, 1, s.T, s, dt, NSA_CMP_MEAN);
-      nsa_tensor k = rows(c.k, 0, s.T - 1), v = rows(c.v, 0, s.T - 1);
+      Context cx(0, be.id);
+      CachePtr cache = mean_cache(be, cx, cfg, 1, s, dt);
+      Staging st(be);
+      const nsa_tensor q = st.in(c.q.desc()), kk = st.in(c.k.desc()), vv = st.in(c.v.desc());
+      nsa_tensor k = rows(kk, 0, s.T - 1), v = rows(vv, 0, s.T - 1);
       ASSERT_EQ(nsa_kv_cache_append(cx.ctx, cache.get(), 0, &k, &v), NSA_OK) << cx.error();
       nsa_dense_decode_params d;
       nsa_dense_decode_params_init(&d);
-      d.q = rows(c.q, s.T - 1, 1);
-      d.k = rows(c.k, s.T - 1, 1);  // the last token arrives with its query
-      d.v = rows(c.v, s.T - 1, 1);
+      d.q = rows(q, s.T - 1, 1);
+      d.k = rows(kk, s.T - 1, 1);  // the last token arrives with its query
+      d.v = rows(vv, s.T - 1, 1);
       d.window = window;
-      d.o = rows(c.o_cmp, s.T - 1, 1);
-      d.lse = rows(c.lse_cmp, s.T - 1, 1);
+      d.o = rows(st.out(c.o_cmp.desc()), s.T - 1, 1);
+      d.lse = rows(st.out(c.lse_cmp.desc()), s.T - 1, 1);
       ASSERT_EQ(nsa_dense_decode(cx.ctx, cache.get(), &d), NSA_OK) << cx.error();
+      st.download_outputs();
 
       nsa_dense_fwd_params r;
       nsa_dense_fwd_params_init(&r);
@@ -279,11 +349,8 @@ TEST(DenseDecode, MatchesReferenceDenseForward) {
       r.window = window;
       r.o = c.o.desc();
       r.lse = c.lse_slc.desc();
-      nsa_context* ref = nullptr;
-      nsa_context_create(&ref);
-      nsa_context_set_backend(ref, NSA_BACKEND_REF);
-      ASSERT_EQ(nsa_dense_fwd(ref, &r), NSA_OK) << nsa_last_error(ref);
-      nsa_context_destroy(ref);
+      std::string msg;
+      ASSERT_EQ(run_on(oracle(), r, 0, &msg), NSA_OK) << msg;
       // Dk-term dots and up to T weighted values per f32 sum, x16 for |s| up to ~16.
       const double tol = 16.0 * double(s.Dk + s.T) * kF32Eps;
       std::string first;
@@ -300,8 +367,9 @@ namespace {
 
 // Non-finite inputs (README "Non-finite inputs"): decode puts NaN exactly where the forward puts
 // it (the same rule: a NaN key poisons the branches that attend it, a NaN value the channels, a
-// NaN query its row), and agrees elsewhere.
-TEST(Decode, NonFiniteInputsFollowTheForward) {
+// NaN query its row), and agrees elsewhere, on each backend against its own forward.
+TEST_P(DecodeOnBackend, NonFiniteInputsFollowTheForward) {
+  const BackendUnderTest& be = GetParam();
   const Shape s{1, 260, 6, 2, 24, 20};
   const nsa_config cfg = config(16, 8, 32, 4, 1, 2, 64);
   FwdCase c = make_case(s, cfg, NSA_DTYPE_F32, 555);
@@ -311,15 +379,18 @@ TEST(Decode, NonFiniteInputsFollowTheForward) {
   c.v.set({0, 120, 1, 7}, nan);    // raw value: channel 7 of group 1's branches holding it
   c.q.set({0, 150, 4, 0}, nan);    // one query row
   c.k.set({0, 200, 1, 2}, -std::numeric_limits<double>::infinity());
-  Context cx;
-  CachePtr cache = make_cache(cx.ctx, cfg, 1, s.T, s, NSA_DTYPE_F32, NSA_CMP_MEAN);
+  Context cx(0, be.id);
+  CachePtr cache = mean_cache(be, cx, cfg, 1, s, NSA_DTYPE_F32);
+  Staging st(be);
+  const DecodeTensors x = DecodeTensors::staged(st, c, got);
   for (int64_t t = 0; t < s.T; ++t) {
-    const nsa_decode_params p = decode_row(c, got, t, /*append=*/true);
+    const nsa_decode_params p = decode_row(x, t, /*append=*/true);
     ASSERT_EQ(nsa_decode(cx.ctx, cache.get(), &p), NSA_OK) << "t=" << t << ": " << cx.error();
   }
-  export_cmp(*cache, 0, 0, c.k_cmp, c.v_cmp);
+  st.download_outputs();
+  be.cache_cmp(*cache, 0, 0, 0, c.k_cmp, c.v_cmp);
   std::string msg;
-  ASSERT_EQ(run_fwd(NSA_BACKEND_CPU, c, &msg), NSA_OK) << msg;
+  ASSERT_EQ(run_on(be, c.params(), 0, &msg), NSA_OK) << msg;
   int64_t nan_mismatch = 0, nans = 0;
   for (auto ab : {std::pair{&got.o, &c.o}, std::pair{&got.lse_cmp, &c.lse_cmp},
                   std::pair{&got.lse_slc, &c.lse_slc}, std::pair{&got.lse_win, &c.lse_win}}) {
@@ -360,7 +431,7 @@ namespace {
 // Random shapes and configs (seeded): block sizes that do and do not divide each other, l > l',
 // w = 1, n = n_init + n_local, Dk or Dv of 1, odd G, both dtypes and compressions, a prefill of
 // random length. Each decoded position against the float64 forward.
-TEST(Decode, RandomConfigsMatchTheReference) {
+TEST_P(DecodeOnBackend, RandomConfigsMatchTheReference) {
   std::mt19937_64 rng(20261127);
   auto pick = [&](int64_t lo, int64_t hi) {
     return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
@@ -396,36 +467,13 @@ TEST(Decode, RandomConfigsMatchTheReference) {
       make_mlp(mlp.k, Hkv, l, s.Dk, 8, dt, rng);
       make_mlp(mlp.v, Hkv, l, s.Dv, 8, dt, rng);
     }
-    CachePtr cache = make_cache(cx.ctx, cfg, 1, s.T, s, dt, kind, &mlp);
-    ASSERT_TRUE(cache);
-    if (prefill > 0) {
-      nsa_prefill_params p;
-      nsa_prefill_params_init(&p);
-      p.q = rows(c.q, 0, prefill); p.k = rows(c.k, 0, prefill); p.v = rows(c.v, 0, prefill);
-      p.g_cmp = rows(c.g_cmp, 0, prefill); p.g_slc = rows(c.g_slc, 0, prefill);
-      p.g_win = rows(c.g_win, 0, prefill);
-      p.o = rows(got.o, 0, prefill); p.lse_cmp = rows(got.lse_cmp, 0, prefill);
-      p.lse_slc = rows(got.lse_slc, 0, prefill); p.lse_win = rows(got.lse_win, 0, prefill);
-      p.slc_indices_out = rows(got.idx_out, 0, prefill);
-      ASSERT_EQ(nsa_prefill(cx.ctx, cache.get(), &p), NSA_OK) << cx.error();
-    }
-    for (int64_t t = prefill; t < s.T; ++t) {
-      const nsa_decode_params p = decode_row(c, got, t, /*append=*/true);
-      ASSERT_EQ(nsa_decode(cx.ctx, cache.get(), &p), NSA_OK) << "t=" << t << ": " << cx.error();
-    }
-    export_cmp(*cache, 0, 0, c.k_cmp, c.v_cmp);
-    std::string msg;
-    ASSERT_EQ(run_fwd(NSA_BACKEND_REF, c, &msg), NSA_OK) << msg;
+    ASSERT_NO_FATAL_FAILURE(decode_then_reference(GetParam(), c, got, kind, &mlp, prefill));
     // As the shape tests: a Dk dot, then at most T weighted values per f32 sum, x16 for |s|.
     const double tol = 16.0 * static_cast<double>(s.Dk + s.T) * kF32Eps;
     std::string first;
     EXPECT_EQ(count_off(got.o, c.o, 0, s.T, tol, 0.0, &first), 0) << "o: " << first;
     EXPECT_EQ(count_off(got.lse_slc, c.lse_slc, 0, s.T, tol, tol, &first), 0) << "lse_slc: " << first;
-    int64_t diff = 0;
-    got.idx_out.for_each([&](int64_t a, int64_t b, int64_t x, int64_t y) {
-      diff += got.idx_out.at_i32({a, b, x, y}) != c.idx_out.at_i32({a, b, x, y});
-    });
-    EXPECT_EQ(diff, 0) << "selected blocks differ";
+    expect_same_selection(got, c);
   }
   EXPECT_GE(ran, 20);  // the draws are mostly valid configs, so this tests what it says
 }
@@ -437,7 +485,8 @@ namespace {
 // n and w may be as large as the config allows (INT32_MAX): decode sizes its work by the
 // blocks and keys that exist, so the call is cheap and equals the forward (here: every block
 // selected and the whole prefix in the window).
-TEST(Decode, HugeSlcCountAndWindow) {
+TEST_P(DecodeOnBackend, HugeSlcCountAndWindow) {
+  const BackendUnderTest& be = GetParam();
   const Shape s{1, 150, 4, 1, 16, 12};
   const nsa_config small = config(16, 8, 32, 4, 1, 2, 40);  // sizes the case's buffers only
   nsa_config huge = small;
@@ -445,24 +494,67 @@ TEST(Decode, HugeSlcCountAndWindow) {
   huge.window = INT32_MAX;
   FwdCase c = make_case(s, small, NSA_DTYPE_F32, 91);
   FwdCase got = make_case(s, small, NSA_DTYPE_F32, 91);
-  Context cx;
-  CachePtr cache = make_cache(cx.ctx, huge, 1, s.T, s, NSA_DTYPE_F32, NSA_CMP_MEAN);
+  Context cx(0, be.id);
+  CachePtr cache = mean_cache(be, cx, huge, 1, s, NSA_DTYPE_F32);
   ASSERT_TRUE(cache);
+  Staging st(be);
+  const DecodeTensors x = DecodeTensors::staged(st, c, got);
   for (int64_t t = 0; t < s.T; ++t) {
-    nsa_decode_params p = decode_row(c, got, t, /*append=*/true);
+    nsa_decode_params p = decode_row(x, t, /*append=*/true);
     p.slc_indices_out = nsa_tensor{};  // [.., n] would not fit in memory
     ASSERT_EQ(nsa_decode(cx.ctx, cache.get(), &p), NSA_OK) << "t=" << t << ": " << cx.error();
   }
-  export_cmp(*cache, 0, 0, c.k_cmp, c.v_cmp);
+  st.download_outputs();
+  be.cache_cmp(*cache, 0, 0, 0, c.k_cmp, c.v_cmp);
   c.cfg = huge;
   nsa_fwd_params f = c.params();
   f.slc_indices_out = nsa_tensor{};
   std::string msg;
-  ASSERT_EQ(run_fwd(NSA_BACKEND_REF, c, &msg, &f), NSA_OK) << msg;
+  ASSERT_EQ(run_on(oracle(), f, 0, &msg), NSA_OK) << msg;
   const double tol = 16.0 * double(s.Dk + s.T) * kF32Eps;  // as the shape tests
   std::string first;
   EXPECT_EQ(count_off(got.o, c.o, 0, s.T, tol, 0.0, &first), 0) << "o: " << first;
   EXPECT_EQ(count_off(got.lse_win, c.lse_win, 0, s.T, tol, tol, &first), 0) << first;
+}
+
+}  // namespace
+
+namespace {
+
+// Several sequences of one cache, each at its own length (37, 1 and 112 tokens), decoded one
+// step at a time in turns (seq_ids), against the float64 forward over the same tokens packed
+// with cu_seqlens (SPEC 3: positions restart in every sequence): the varlen case of decode.
+TEST_P(DecodeOnBackend, SequencesMatchVarlenForward) {
+  const BackendUnderTest& be = GetParam();
+  const std::vector<int32_t> cu = {0, 37, 38, 150};
+  const Shape s{1, 150, 6, 2, 24, 20};
+  const nsa_config cfg = config(16, 8, 32, 4, 1, 2, 40);
+  FwdCase c = make_case(s, cfg, NSA_DTYPE_F32, 2024, true, cu);
+  FwdCase got = make_case(s, cfg, NSA_DTYPE_F32, 2024, true, cu);
+  Context cx(0, be.id);
+  CachePtr cache = mean_cache(be, cx, cfg, 3, s, NSA_DTYPE_F32);
+  ASSERT_TRUE(cache);
+  Staging st(be);
+  const DecodeTensors x = DecodeTensors::staged(st, c, got);
+  for (int32_t i = 0; i < 112; ++i) {
+    for (int32_t q = 0; q < 3; ++q) {
+      if (cu[q] + i >= cu[q + 1]) continue;
+      nsa_decode_params p = decode_row(x, cu[q] + i, /*append=*/true);
+      p.seq_ids = &q;
+      ASSERT_EQ(nsa_decode(cx.ctx, cache.get(), &p), NSA_OK) << q << " " << i << cx.error();
+    }
+  }
+  st.download_outputs();
+  int64_t row0 = 0;
+  for (int32_t q = 0; q < 3; ++q) {
+    ASSERT_EQ(nsa_kv_cache_len(cache.get(), q), cu[q + 1] - cu[q]);
+    be.cache_cmp(*cache, q, 0, row0, c.k_cmp, c.v_cmp);
+    row0 += nsa_cmp_len(&cfg, cu[q + 1] - cu[q]);
+  }
+  ASSERT_EQ(row0, c.k_cmp.desc().shape[1]);
+  std::string msg;
+  ASSERT_EQ(run_on(oracle(), c.params(), 0, &msg), NSA_OK) << msg;
+  expect_decode_matches(got, c, decode_tol(s, cfg));
 }
 
 }  // namespace

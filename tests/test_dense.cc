@@ -1,12 +1,14 @@
-// Dense causal (optionally windowed) attention, the baseline op: the CPU kernel (Highway SIMD,
-// f32 accumulation) against the float64 reference on awkward shapes, and the reference against
-// NSA's own window branch, which is the same function (SPEC 4.5).
+// Dense causal (optionally windowed) attention, the baseline op: every backend under test
+// (backend_harness.h; the CPU's: Highway SIMD, f32 accumulation) against the float64 reference
+// on awkward shapes, and the reference against NSA's own window branch, which is the same
+// function (SPEC 4.5). Thread-count determinism is the CPU backend's alone.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <sstream>
 #include <string>
 
+#include "backend_harness.h"
 #include "test_util.h"
 
 namespace {
@@ -26,7 +28,7 @@ struct DenseRun {
   Tensor o, lse;
 };
 
-nsa_status run_dense(nsa_backend backend, int threads, const FwdCase& c, int32_t window,
+nsa_status run_dense(const BackendUnderTest& be, int threads, const FwdCase& c, int32_t window,
                      DenseRun* out, nsa_dtype out_dtype = NSA_DTYPE_F32, bool padded = false) {
   out->o = Tensor(out_dtype, {c.shape.B, c.shape.T, c.shape.Hq, c.shape.Dv}, padded);
   out->lse = Tensor(NSA_DTYPE_F32, {c.shape.B, c.shape.T, c.shape.Hq}, padded);
@@ -42,24 +44,21 @@ nsa_status run_dense(nsa_backend backend, int threads, const FwdCase& c, int32_t
     p.cu_seqlens = c.cu_seqlens.data();
     p.num_seqs = static_cast<int64_t>(c.cu_seqlens.size()) - 1;
   }
-  nsa_context* ctx = nullptr;
-  nsa_context_create(&ctx);
-  nsa_context_set_backend(ctx, backend);
-  nsa_context_set_num_threads(ctx, threads);
-  const nsa_status st = nsa_dense_fwd(ctx, &p);
-  if (st != NSA_OK) ADD_FAILURE() << nsa_last_error(ctx);
-  nsa_context_destroy(ctx);
+  std::string msg;
+  const nsa_status st = run_on(be, p, threads, &msg);
+  if (st != NSA_OK) ADD_FAILURE() << msg;
   return st;
 }
 
-class DenseVsRef : public ::testing::TestWithParam<DenseCase> {};
+class DenseVsRef : public ::testing::TestWithParam<std::tuple<BackendUnderTest, DenseCase>> {};
 
 TEST_P(DenseVsRef, MatchesReference) {
-  const DenseCase& dc = GetParam();
+  const BackendUnderTest& be = std::get<0>(GetParam());
+  const DenseCase& dc = std::get<1>(GetParam());
   const FwdCase c = make_case(dc.s, config(32, 16, 64, 16, 1, 2, 512), dc.dtype, 7, dc.padded, dc.cu);
   DenseRun ref, cpu;
-  ASSERT_EQ(run_dense(NSA_BACKEND_REF, 0, c, dc.window, &ref), NSA_OK);
-  ASSERT_EQ(run_dense(NSA_BACKEND_CPU, 0, c, dc.window, &cpu, NSA_DTYPE_F32, dc.padded), NSA_OK);
+  ASSERT_EQ(run_dense(oracle(), 0, c, dc.window, &ref), NSA_OK);
+  ASSERT_EQ(run_dense(be, 0, c, dc.window, &cpu, NSA_DTYPE_F32, dc.padded), NSA_OK);
   // f32 accumulation: a dot of Dk terms of size <= 4 and a softmax-weighted sum of up to T
   // values of size <= 1; each term carries <= (Dk + T) * 2^-24 relative error, with margin 16.
   const double keys = dc.window > 0 ? dc.window : dc.s.T;
@@ -129,7 +128,10 @@ std::vector<DenseCase> cases() {
   return v;
 }
 
-INSTANTIATE_TEST_SUITE_P(Shapes, DenseVsRef, ::testing::ValuesIn(cases()));
+INSTANTIATE_TEST_SUITE_P(Shapes, DenseVsRef,
+                         ::testing::Combine(::testing::ValuesIn(backends_under_test()),
+                                            ::testing::ValuesIn(cases())),
+                         backend_case_name<DenseCase>);
 
 TEST(Dense, WindowedReferenceEqualsNsaWindowBranch) {
   // Dense attention with window w is SPEC 4.5's window branch: both references must agree to
@@ -138,19 +140,21 @@ TEST(Dense, WindowedReferenceEqualsNsaWindowBranch) {
   FwdCase c = make_case(s, config(32, 16, 64, 16, 1, 2, 40), NSA_DTYPE_F32, 3);
   ASSERT_EQ(run_fwd(NSA_BACKEND_REF, c), NSA_OK);
   DenseRun d;
-  ASSERT_EQ(run_dense(NSA_BACKEND_REF, 0, c, 40, &d), NSA_OK);
+  ASSERT_EQ(run_dense(oracle(), 0, c, 40, &d), NSA_OK);
   double worst = 0;
   EXPECT_EQ(count_far(d.o, c.o_win, 4 * kEps, &worst), 0);
   EXPECT_EQ(count_far(d.lse, c.lse_win, 16 * kEps, &worst), 0);
 }
 
+// CPU only: the thread count is the CPU kernels' notion.
 TEST(Dense, ThreadCountDoesNotChangeBits) {
+  const BackendUnderTest cpu = backend(NSA_BACKEND_CPU);
   for (Shape s : {Shape{1, 200, 4, 1, 64, 32}, Shape{1, 201, 16, 1, 64, 32}}) {
     const FwdCase c = make_case(s, config(32, 16, 64, 16, 1, 2, 512), NSA_DTYPE_F32, 5);
     DenseRun one, two, three;
-    ASSERT_EQ(run_dense(NSA_BACKEND_CPU, 1, c, 0, &one), NSA_OK);
-    ASSERT_EQ(run_dense(NSA_BACKEND_CPU, 2, c, 0, &two), NSA_OK);
-    ASSERT_EQ(run_dense(NSA_BACKEND_CPU, 3, c, 0, &three), NSA_OK);
+    ASSERT_EQ(run_dense(cpu, 1, c, 0, &one), NSA_OK);
+    ASSERT_EQ(run_dense(cpu, 2, c, 0, &two), NSA_OK);
+    ASSERT_EQ(run_dense(cpu, 3, c, 0, &three), NSA_OK);
     EXPECT_EQ(one.o.storage(), two.o.storage());
     EXPECT_EQ(one.o.storage(), three.o.storage());
     EXPECT_EQ(one.lse.storage(), two.lse.storage());
@@ -181,23 +185,29 @@ TEST(Dense, BadArgumentsAreRejectedAndNamed) {
 
 // The non-finite rule of the README holds for the dense op too: a NaN value reaches exactly the
 // rows whose key set holds it (that channel only), a NaN key or query poisons exactly the rows
-// that score it, and every other row is bit-identical to a clean run.
-TEST(Dense, NanReachesExactlyTheRowsThatSeeIt) {
+// that score it, and every other row is bit-identical to a clean run (on the backend under test;
+// the oracle's NaN pattern is checked alongside).
+class DenseNan : public ::testing::TestWithParam<BackendUnderTest> {};
+INSTANTIATE_TEST_SUITE_P(Backends, DenseNan, ::testing::ValuesIn(backends_under_test()),
+                         backend_test_name);
+
+TEST_P(DenseNan, NanReachesExactlyTheRowsThatSeeIt) {
+  const BackendUnderTest& be = GetParam();
   for (Shape s : {Shape{1, 100, 2, 1, 24, 16}, Shape{1, 100, 16, 1, 24, 16}}) {  // both kernels
     const int32_t window = 30;
     const int64_t p = 45;  // poisoned position
     FwdCase clean = make_case(s, config(32, 16, 64, 16, 1, 2, 512), NSA_DTYPE_F32, 11);
     DenseRun base;
-    ASSERT_EQ(run_dense(NSA_BACKEND_CPU, 0, clean, window, &base), NSA_OK);
+    ASSERT_EQ(run_dense(be, 0, clean, window, &base), NSA_OK);
     auto sees = [&](int64_t t) { return p <= t && p > t - window; };
     for (int what = 0; what < 3; ++what) {  // 0: v channel 3, 1: k, 2: q row of head 1
       FwdCase c = make_case(s, config(32, 16, 64, 16, 1, 2, 512), NSA_DTYPE_F32, 11);
       if (what == 0) c.v.set({0, p, 0, 3}, NAN);
       if (what == 1) c.k.set({0, p, 0, 5}, NAN);
       if (what == 2) c.q.set({0, p, 1, 0}, NAN);
-      for (nsa_backend backend : {NSA_BACKEND_CPU, NSA_BACKEND_REF}) {
+      for (const BackendUnderTest& run_be : {be, oracle()}) {
         DenseRun r;
-        ASSERT_EQ(run_dense(backend, 0, c, window, &r), NSA_OK);
+        ASSERT_EQ(run_dense(run_be, 0, c, window, &r), NSA_OK);
         for (int64_t t = 0; t < s.T; ++t) {
           for (int64_t h = 0; h < s.Hq; ++h) {
             const bool hit = what == 2 ? (t == p && h == 1) : sees(t);
@@ -205,8 +215,9 @@ TEST(Dense, NanReachesExactlyTheRowsThatSeeIt) {
               const double x = r.o.at({0, t, h, ch});
               const bool nan_expected = hit && (what != 0 || ch == 3);
               ASSERT_EQ(std::isnan(x), nan_expected)
-                  << "case " << what << " backend " << backend << " t=" << t << " h=" << h << " ch=" << ch;
-              if (!hit && backend == NSA_BACKEND_CPU) {
+                  << "case " << what << " backend " << run_be.name << " t=" << t << " h=" << h
+                  << " ch=" << ch;
+              if (!hit && run_be.id == be.id) {
                 ASSERT_EQ(x, base.o.at({0, t, h, ch}));
               }
             }

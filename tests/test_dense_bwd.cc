@@ -1,6 +1,7 @@
 // The dense backward (FlashAttention-2's, the baseline of NSA's backward): the float64 reference
-// against central finite differences of the reference forward, the CPU kernel against the
-// reference on awkward shapes, bitwise equality across thread counts, and argument validation.
+// against central finite differences of the reference forward, every backend under test
+// (backend_harness.h) against the reference on awkward shapes, and argument validation; for the
+// CPU backend alone, bitwise equality across thread counts and every Highway target.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -9,8 +10,7 @@
 #include <string>
 #include <tuple>
 
-#include <hwy/targets.h>
-
+#include "backend_harness.h"
 #include "nsa/nsa.hpp"
 #include "test_util.h"
 
@@ -72,9 +72,9 @@ nsa_dense_fwd_params fwd_params(BwdCase& b, Tensor& o, Tensor* lse) {
   return f;
 }
 
-// Inputs, the CPU forward's o and lse (what a training step saves), and dO ~ U(-1, 1).
-BwdCase make_bwd(const Shape& s, int32_t window, nsa_dtype dtype, uint64_t seed, bool padded = false,
-                 std::vector<int32_t> cu = {}, nsa_dtype out_dtype = NSA_DTYPE_F32) {
+// Inputs, backend `be`'s forward o and lse (what a training step saves), and dO ~ U(-1, 1).
+BwdCase make_bwd(const BackendUnderTest& be, const Shape& s, int32_t window, nsa_dtype dtype,
+                 uint64_t seed, bool padded = false,                 std::vector<int32_t> cu = {}, nsa_dtype out_dtype = NSA_DTYPE_F32) {
   BwdCase b;
   b.c = make_case(s, config(32, 16, 64, 16, 1, 2, 512), dtype, seed, padded, std::move(cu));
   b.window = window;
@@ -86,19 +86,15 @@ BwdCase make_bwd(const Shape& s, int32_t window, nsa_dtype dtype, uint64_t seed,
   b.dq = Tensor(out_dtype, {s.B, s.T, s.Hq, s.Dk}, padded);
   b.dk = Tensor(out_dtype, {s.B, s.T, s.Hkv, s.Dk}, padded);
   b.dv = Tensor(out_dtype, {s.B, s.T, s.Hkv, s.Dv}, padded);
-  nsa_dense_fwd_params f = fwd_params(b, b.o, &b.lse);
-  nsa_context* ctx = context(NSA_BACKEND_CPU, 0);
-  EXPECT_EQ(nsa_dense_fwd(ctx, &f), NSA_OK) << nsa_last_error(ctx);
-  nsa_context_destroy(ctx);
+  std::string msg;
+  EXPECT_EQ(run_on(be, fwd_params(b, b.o, &b.lse), 0, &msg), NSA_OK) << msg;
   return b;
 }
 
-nsa_status run_bwd(nsa_backend backend, int threads, BwdCase& b) {
-  nsa_dense_bwd_params p = params(b);
-  nsa_context* ctx = context(backend, threads);
-  const nsa_status st = nsa_dense_bwd(ctx, &p);
-  if (st != NSA_OK) ADD_FAILURE() << nsa_last_error(ctx);
-  nsa_context_destroy(ctx);
+nsa_status run_bwd(const BackendUnderTest& be, int threads, BwdCase& b) {
+  std::string msg;
+  const nsa_status st = run_on(be, params(b), threads, &msg);
+  if (st != NSA_OK) ADD_FAILURE() << msg;
   return st;
 }
 
@@ -126,14 +122,15 @@ void PrintTo(const Case& c, std::ostream* os) {
       << (c.cu.empty() ? "" : " varlen");
 }
 
-class DenseBwdVsRef : public ::testing::TestWithParam<Case> {};
+class DenseBwdVsRef : public ::testing::TestWithParam<std::tuple<BackendUnderTest, Case>> {};
 
 TEST_P(DenseBwdVsRef, MatchesReference) {
-  const Case& k = GetParam();
-  BwdCase cpu = make_bwd(k.s, k.window, k.dtype, 21, k.padded, k.cu, k.out_dtype);
-  BwdCase ref = make_bwd(k.s, k.window, k.dtype, 21, false, k.cu, NSA_DTYPE_F32);
-  ASSERT_EQ(run_bwd(NSA_BACKEND_REF, 0, ref), NSA_OK);
-  ASSERT_EQ(run_bwd(NSA_BACKEND_CPU, 0, cpu), NSA_OK);
+  const BackendUnderTest& be = std::get<0>(GetParam());
+  const Case& k = std::get<1>(GetParam());
+  BwdCase cpu = make_bwd(be, k.s, k.window, k.dtype, 21, k.padded, k.cu, k.out_dtype);
+  BwdCase ref = make_bwd(be, k.s, k.window, k.dtype, 21, false, k.cu, NSA_DTYPE_F32);
+  ASSERT_EQ(run_bwd(oracle(), 0, ref), NSA_OK);
+  ASSERT_EQ(run_bwd(be, 0, cpu), NSA_OK);
   // f32 rounding, relative to the gradient's own size M: an entry is a sum over at most G * keys
   // (query, key) pairs of terms built from dots of Dk (scores) and Dv (dP) products, so
   // n = 4 Dk + Dv + G * keys roundings of 2^-24 reach it; with random signs they grow as sqrt(n)
@@ -194,35 +191,42 @@ std::vector<Case> cases() {
   return v;
 }
 
-INSTANTIATE_TEST_SUITE_P(Shapes, DenseBwdVsRef, ::testing::ValuesIn(cases()));
+INSTANTIATE_TEST_SUITE_P(Shapes, DenseBwdVsRef,
+                         ::testing::Combine(::testing::ValuesIn(backends_under_test()),
+                                            ::testing::ValuesIn(cases())),
+                         backend_case_name<Case>);
 
 // The kernel is generic in the vector length (tiles of 4 vectors: 64 positions with AVX-512,
 // 32 with AVX2, 16 with SSE4, 4 scalar): every target this machine runs matches the reference.
+// CPU only: targets are a CPU notion.
 TEST(DenseBwd, EveryTargetMatchesReference) {
+  const BackendUnderTest cpu = backend(NSA_BACKEND_CPU);
   const Shape s{1, 75, 6, 2, 20, 12};
   for (int32_t window : {0, 9}) {
-    BwdCase ref = make_bwd(s, window, NSA_DTYPE_F32, 13);
-    ASSERT_EQ(run_bwd(NSA_BACKEND_REF, 0, ref), NSA_OK);
+    BwdCase ref = make_bwd(cpu, s, window, NSA_DTYPE_F32, 13);
+    ASSERT_EQ(run_bwd(oracle(), 0, ref), NSA_OK);
     const double m = std::max({1.0, max_abs(ref.dq), max_abs(ref.dk), max_abs(ref.dv)});
     const double tol = 16 * std::sqrt(4 * s.Dk + s.Dv + 3.0 * s.T) * kEps * m;  // as above
-    for (int64_t target : hwy::SupportedAndGeneratedTargets()) {
-      hwy::SetSupportedTargetsForTest(target);
-      BwdCase cpu = make_bwd(s, window, NSA_DTYPE_F32, 13);
-      const nsa_status st = run_bwd(NSA_BACKEND_CPU, 0, cpu);
-      hwy::SetSupportedTargetsForTest(0);  // back to every supported target
-      ASSERT_EQ(st, NSA_OK);
+    for_each_hwy_target([&] {
+      BwdCase got = make_bwd(cpu, s, window, NSA_DTYPE_F32, 13);
+      ASSERT_EQ(run_bwd(cpu, 0, got), NSA_OK);
       double worst = 0;
-      EXPECT_EQ(count_far(cpu.dq, ref.dq, tol, &worst), 0) << hwy::TargetName(target);
-      EXPECT_EQ(count_far(cpu.dk, ref.dk, tol, &worst), 0) << hwy::TargetName(target);
-      EXPECT_EQ(count_far(cpu.dv, ref.dv, tol, &worst), 0) << hwy::TargetName(target);
-    }
+      EXPECT_EQ(count_far(got.dq, ref.dq, tol, &worst), 0);
+      EXPECT_EQ(count_far(got.dk, ref.dk, tol, &worst), 0);
+      EXPECT_EQ(count_far(got.dv, ref.dv, tol, &worst), 0);
+    });
   }
 }
 
 // Seeded random small cases (batch or packed sequences, group sizes, head dims, windows, dtypes,
 // strided views, thread counts): the CPU matches the reference, and the outputs' padding (NaN
 // bytes between the rows of a strided view) is never written.
-TEST(DenseBwd, RandomCasesMatchReferenceAndKeepPadding) {
+class DenseBwdRandom : public ::testing::TestWithParam<BackendUnderTest> {};
+INSTANTIATE_TEST_SUITE_P(Backends, DenseBwdRandom, ::testing::ValuesIn(backends_under_test()),
+                         backend_test_name);
+
+TEST_P(DenseBwdRandom, CasesMatchReferenceAndKeepPadding) {
+  const BackendUnderTest& be = GetParam();
   std::mt19937_64 rng(20250211);
   auto uni = [&](int64_t lo, int64_t hi) {
     return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
@@ -249,11 +253,11 @@ TEST(DenseBwd, RandomCasesMatchReferenceAndKeepPadding) {
                  std::to_string(s.Hq) + " Hkv " + std::to_string(s.Hkv) + " Dk " +
                  std::to_string(s.Dk) + " Dv " + std::to_string(s.Dv) + " window " +
                  std::to_string(window) + (padded ? " padded" : "") + (cu.empty() ? "" : " varlen"));
-    BwdCase ref = make_bwd(s, window, dt, 100 + iter, false, cu);
-    BwdCase cpu = make_bwd(s, window, dt, 100 + iter, padded, cu);
-    ASSERT_EQ(run_bwd(NSA_BACKEND_REF, 0, ref), NSA_OK);
+    BwdCase ref = make_bwd(be, s, window, dt, 100 + iter, false, cu);
+    BwdCase cpu = make_bwd(be, s, window, dt, 100 + iter, padded, cu);
+    ASSERT_EQ(run_bwd(oracle(), 0, ref), NSA_OK);
     const Tensor dq0 = cpu.dq, dk0 = cpu.dk, dv0 = cpu.dv;
-    ASSERT_EQ(run_bwd(NSA_BACKEND_CPU, static_cast<int>(uni(1, 3)), cpu), NSA_OK);
+    ASSERT_EQ(run_bwd(be, static_cast<int>(uni(1, 3)), cpu), NSA_OK);
     const double keys = window > 0 ? std::min<int64_t>(window, s.T) : s.T;
     const double G = static_cast<double>(s.Hq / s.Hkv);
     const std::tuple<const Tensor*, const Tensor*, const Tensor*> outs[] = {
@@ -283,8 +287,8 @@ TEST(DenseBwd, RandomCasesMatchReferenceAndKeepPadding) {
 TEST(DenseBwd, ReferenceMatchesFiniteDifferences) {
   for (int32_t window : {0, 3}) {
     const Shape s{1, 6, 4, 2, 3, 2};
-    BwdCase b = make_bwd(s, window, NSA_DTYPE_F32, 3);
-    ASSERT_EQ(run_bwd(NSA_BACKEND_REF, 0, b), NSA_OK);
+    BwdCase b = make_bwd(backend(NSA_BACKEND_CPU), s, window, NSA_DTYPE_F32, 3);
+    ASSERT_EQ(run_bwd(oracle(), 0, b), NSA_OK);
     auto loss = [&]() {
       Tensor o(NSA_DTYPE_F32, {s.B, s.T, s.Hq, s.Dv});
       nsa_dense_fwd_params f = fwd_params(b, o, nullptr);
@@ -319,14 +323,16 @@ TEST(DenseBwd, ReferenceMatchesFiniteDifferences) {
   }
 }
 
+// CPU only: the thread count is the CPU kernels' notion.
 TEST(DenseBwd, ThreadCountDoesNotChangeBits) {
+  const BackendUnderTest cpu = backend(NSA_BACKEND_CPU);
   for (Shape s : {Shape{1, 200, 16, 1, 64, 32}, Shape{2, 131, 4, 2, 24, 40}}) {
-    BwdCase one = make_bwd(s, 0, NSA_DTYPE_F32, 5);
-    BwdCase two = make_bwd(s, 0, NSA_DTYPE_F32, 5);
-    BwdCase three = make_bwd(s, 0, NSA_DTYPE_F32, 5);
-    ASSERT_EQ(run_bwd(NSA_BACKEND_CPU, 1, one), NSA_OK);
-    ASSERT_EQ(run_bwd(NSA_BACKEND_CPU, 2, two), NSA_OK);
-    ASSERT_EQ(run_bwd(NSA_BACKEND_CPU, 3, three), NSA_OK);
+    BwdCase one = make_bwd(cpu, s, 0, NSA_DTYPE_F32, 5);
+    BwdCase two = make_bwd(cpu, s, 0, NSA_DTYPE_F32, 5);
+    BwdCase three = make_bwd(cpu, s, 0, NSA_DTYPE_F32, 5);
+    ASSERT_EQ(run_bwd(cpu, 1, one), NSA_OK);
+    ASSERT_EQ(run_bwd(cpu, 2, two), NSA_OK);
+    ASSERT_EQ(run_bwd(cpu, 3, three), NSA_OK);
     for (const BwdCase* other : {&two, &three}) {
       EXPECT_EQ(one.dq.storage(), other->dq.storage());
       EXPECT_EQ(one.dk.storage(), other->dk.storage());
@@ -338,7 +344,7 @@ TEST(DenseBwd, ThreadCountDoesNotChangeBits) {
 // Every rejected call names the argument and leaves the outputs untouched.
 TEST(DenseBwd, BadArgumentsAreRejectedAndNamed) {
   const Shape s{1, 40, 4, 2, 16, 8};
-  BwdCase b = make_bwd(s, 0, NSA_DTYPE_F32, 9);
+  BwdCase b = make_bwd(backend(NSA_BACKEND_CPU), s, 0, NSA_DTYPE_F32, 9);
   b.dq.fill(7.0);
   b.dk.fill(7.0);
   b.dv.fill(7.0);
@@ -387,7 +393,7 @@ TEST(DenseBwd, BadArgumentsAreRejectedAndNamed) {
 
 // The C++ wrapper runs the call and throws nsa::Error on a rejected one.
 TEST(DenseBwd, CppWrapper) {
-  BwdCase b = make_bwd(Shape{1, 20, 2, 1, 8, 8}, 0, NSA_DTYPE_F32, 4);
+  BwdCase b = make_bwd(backend(NSA_BACKEND_CPU), Shape{1, 20, 2, 1, 8, 8}, 0, NSA_DTYPE_F32, 4);
   nsa::Context ctx(NSA_BACKEND_CPU);
   nsa_dense_bwd_params p = params(b);
   EXPECT_NO_THROW(ctx.dense_bwd(p));
