@@ -34,6 +34,9 @@
 
 #include "cpu/kernels.h"
 #include "cpu/kv_cache.h"
+#include "cpu/simd/block_scores-inl.h"
+#include "cpu/simd/softmax-inl.h"
+#include "cpu/simd/tiles.h"
 
 #ifndef NSA_CPU_DECODE_ONCE
 #define NSA_CPU_DECODE_ONCE
@@ -170,7 +173,7 @@ void run_chunk(const Plan& pl, const Chunk& ch, float* S, int64_t ld) {
   const void* kbase = st.k_base(seq, hk);
   const void* vbase = st.v_base(seq, hk);
   const int64_t key0 = ch.a / kTileKeys * kTileKeys;
-  const int64_t key1 = (ch.b + kTileKeys - 1) / kTileKeys * kTileKeys;
+  const int64_t key1 = round_up(ch.b, kTileKeys);
   const int64_t nk = key1 - key0, nvec = nk / N;
   const float* q = pl.q + ch.item * GP * Dk;
   for (int64_t h0 = 0; h0 < GP; h0 += HB) {
@@ -180,8 +183,8 @@ void run_chunk(const Plan& pl, const Chunk& ch, float* S, int64_t ld) {
     }
     for (; v < nvec; ++v) score_block<1, kBf16>(q + h0 * Dk, Dk, kbase, key0 + v * N, S + h0 * ld, ld, v * N);
   }
-  // Softmax of each head row over the chunk's keys (outside [a, b) masked to -inf). A NaN or
-  // +inf score poisons the head (README "Non-finite inputs"): its l becomes NaN.
+  // Softmax of each head row over the chunk's keys (outside [a, b) masked to -inf), from an
+  // empty state (simd/softmax-inl.h: a NaN or +inf score poisons the head, its l is NaN).
   float* part = pl.part + ch.slot * pl.part_stride();
   float* m_out = part;
   float* l_out = part + GP;
@@ -191,23 +194,9 @@ void run_chunk(const Plan& pl, const Chunk& ch, float* S, int64_t ld) {
     float* row = S + h * ld;
     for (int64_t j = 0; j < lo; ++j) row[j] = -kInf;
     for (int64_t j = hi; j < nk; ++j) row[j] = -kInf;
-    VF mx = hn::Set(d, -kInf);
-    bool poisoned = false;
-    for (int64_t j = 0; j < nk; j += N) {
-      const VF s = hn::LoadU(d, row + j);
-      mx = hn::Max(mx, s);
-      poisoned |= !hn::AllFalse(d, hn::Or(hn::IsNaN(s), hn::Eq(s, hn::Set(d, kInf))));
-    }
-    const float m = hn::GetLane(hn::MaxOfLanes(d, mx));
-    const VF m_use = hn::Set(d, m == -kInf ? 0.0f : m);
-    VF sum = hn::Zero(d);
-    for (int64_t j = 0; j < nk; j += N) {
-      const VF p = hn::Exp(d, hn::Sub(hn::LoadU(d, row + j), m_use));
-      hn::StoreU(p, d, row + j);
-      sum = hn::Add(sum, p);
-    }
-    m_out[h] = m;
-    l_out[h] = poisoned ? std::numeric_limits<float>::quiet_NaN() : hn::GetLane(hn::SumOfLanes(d, sum));
+    m_out[h] = -kInf;
+    l_out[h] = 0.0f;
+    softmax::step_row(d, row, nk, m_out + h, l_out + h, nullptr, 0);
   }
   for (int64_t h0 = 0; h0 < GP; h0 += HB) {
     int64_t c = 0;
@@ -251,7 +240,7 @@ void merge(const Plan& pl, int64_t first, int64_t count, float* lse, float* o) {
     for (int64_t c = 0; c < Dv_pad; c += N) {
       hn::StoreU(std::isnan(l) ? poison : hn::Mul(hn::LoadU(d, oh + c), inv), d, oh + c);
     }
-    lse[h] = l == 0.0f ? -kInf : (std::isnan(l) ? l : m_use + std::log(l));
+    lse[h] = softmax::row_lse(m_use, l);
   }
 }
 
@@ -288,38 +277,10 @@ void block_scores(const Plan& pl, int64_t item, const float* lse, float* score) 
     }
   }
   std::fill(score, score + last + 1, 0.0f);
-  const int64_t l = cfg.cmp_block, stride = cfg.cmp_stride, lp = cfg.slc_block;
-  const float inv_d = 1.0f / static_cast<float>(stride);
-  if (l <= lp) {
-    // A compressed block touches at most two selection blocks: j, and j + 1 when it crosses
-    // block_end. Positions advance by d, blocks by l', without a division per token.
-    int64_t j = 0, block_end = lp, lo = 0;
-    const float whole = static_cast<float>(l) * inv_d;
-    for (int64_t i = 0; i < nc; ++i, lo += stride) {
-      while (block_end <= lo) {
-        ++j;
-        block_end += lp;
-      }
-      const int64_t hi = lo + l;
-      if (hi <= block_end) {
-        score[j] += w[i] * whole;
-      } else {
-        score[j] += w[i] * (static_cast<float>(block_end - lo) * inv_d);
-        // A visible block ends at or before t, so j + 1 <= J; kept for safety.
-        if (j + 1 <= last) score[j + 1] += w[i] * (static_cast<float>(hi - block_end) * inv_d);
-      }
-    }
-    return;
-  }
-  int64_t j_lo = 0;
-  for (int64_t i = 0; i < nc; ++i) {
-    const int64_t lo = i * stride, hi = i * stride + l;
-    while ((j_lo + 1) * lp <= lo) ++j_lo;
-    for (int64_t j = j_lo; j * lp < hi && j <= last; ++j) {
-      const int64_t ov = std::min(hi, (j + 1) * lp) - std::max(lo, j * lp);
-      score[j] += w[i] * static_cast<float>(ov) * inv_d;
-    }
-  }
+  overlap_block_scores(
+      int64_t{cfg.cmp_block}, int64_t{cfg.cmp_stride}, int64_t{cfg.slc_block}, nc, last, 0.0f,
+      [&](int64_t i) { return w[i]; }, [](float m, float wt, float a) { return a + m * wt; },
+      [&](int64_t j) { return score[j]; }, [&](int64_t j, float a) { score[j] = a; });
 }
 
 // Cuts keys [a, b) into chunks at multiples of `size` (absolute positions: the cut does not
