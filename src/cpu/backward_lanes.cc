@@ -401,6 +401,57 @@ std::vector<int64_t> chunk_bounds(const BwdProblem& pr, const std::vector<Unit>&
   return bounds;
 }
 
+// Carves each chunk's scratch (kChunks copies of `floats` floats at fbuf, sets of n_set
+// entries per position) and fills the padding heads' constants.
+void carve_scratch(const BwdProblem& pr, int64_t GP, int64_t Dkp, int64_t n_set, float* fbuf,
+                   int64_t floats, int32_t* sets, std::vector<Scratch>& scratch) {
+  for (int64_t ch = 0; ch < kChunks; ++ch) {
+    float* f = fbuf + ch * floats;
+    Scratch& sc = scratch[ch];
+    for (int64_t i = 0; i < kQueryTile; ++i) {
+      Pos& ps = sc.pos[i];
+      ps.qT = f, f += round_up(pr.Dk * GP, 16);
+      ps.doT = f, f += round_up(pr.Dv * GP, 16);
+      ps.dq = f, f += GP * Dkp;
+      ps.head = f, f += round_up(9 * GP, 16);
+      ps.set = sets + (ch * kQueryTile + i) * n_set;
+      // Padding heads (G..GP): zero queries and dO, lse = +inf, g = D = 0, for the whole call.
+      std::fill(ps.qT, ps.qT + pr.Dk * GP, 0.0f);
+      std::fill(ps.doT, ps.doT + pr.Dv * GP, 0.0f);
+      for (int c = 0; c < 3; ++c) {
+        std::fill(ps.head + (c * 3 + 0) * GP, ps.head + (c * 3 + 1) * GP, kInf);
+        std::fill(ps.head + (c * 3 + 1) * GP, ps.head + (c * 3 + 3) * GP, 0.0f);
+      }
+    }
+    sc.s = f, f += GP * kGroupKeys;
+    sc.dp = f;
+    // A tile's pairs never pass this (each set holds at most n_set - 1 blocks), so push_back
+    // inside the parallel pass never reallocates, and so never throws.
+    sc.pairs.reserve(static_cast<size_t>(kQueryTile * n_set));
+  }
+}
+
+// The key gradients of every branch into the outputs. Routing (nsa.h): a branch with its own
+// K/V reports to its own outputs; the branches that read k/v add up in dk/dv (one accumulator
+// when both do); with both own, dk/dv get zeros.
+void write_outputs(const BwdProblem& pr, const Ctx& cx, float* out, int threads) {
+  const nsa_bwd_params& p = pr.p;
+  const Branch& cmp = cx.br[kCmp];
+  const Branch& slc = cx.br[kSlc];
+  const Branch& win = cx.br[kWin];
+  write_keys(pr, *cmp.pk, cmp.acc, Span{true}, p.dk_cmp, p.dv_cmp, threads, out);
+  if (pr.slc_own_kv) {
+    write_keys(pr, *slc.pk, slc.acc, Span{false}, p.dk_slc, p.dv_slc, threads, out);
+  }
+  if (pr.win_own_kv) {
+    write_keys(pr, *win.pk, win.acc, Span{false}, p.dk_win, p.dv_win, threads, out);
+  }
+  if (present(p.dk) || present(p.dv)) {  // both required unless both branches own K/V
+    const Accum* shared = !pr.slc_own_kv ? slc.acc : !pr.win_own_kv ? win.acc : nullptr;
+    write_keys(pr, *slc.pk, shared, Span{false}, p.dk, p.dv, threads, out);
+  }
+}
+
 bool BackwardLanes(const State& st) {
   const BwdProblem& pr = *st.pr;
   const nsa_bwd_params& p = pr.p;
@@ -466,30 +517,7 @@ bool BackwardLanes(const State& st) {
   cx.set_room = n_set;
   std::vector<int32_t> sets(static_cast<size_t>(kChunks * kQueryTile * n_set));
   std::vector<Scratch> scratch(kChunks);
-  for (int64_t ch = 0; ch < kChunks; ++ch) {
-    float* f = fbuf.get() + ch * floats;
-    Scratch& sc = scratch[ch];
-    for (int64_t i = 0; i < kQueryTile; ++i) {
-      Pos& ps = sc.pos[i];
-      ps.qT = f, f += round_up(pr.Dk * GP, 16);
-      ps.doT = f, f += round_up(pr.Dv * GP, 16);
-      ps.dq = f, f += GP * Dkp;
-      ps.head = f, f += round_up(9 * GP, 16);
-      ps.set = sets.data() + (ch * kQueryTile + i) * n_set;
-      // Padding heads (G..GP): zero queries and dO, lse = +inf, g = D = 0, for the whole call.
-      std::fill(ps.qT, ps.qT + pr.Dk * GP, 0.0f);
-      std::fill(ps.doT, ps.doT + pr.Dv * GP, 0.0f);
-      for (int c = 0; c < 3; ++c) {
-        std::fill(ps.head + (c * 3 + 0) * GP, ps.head + (c * 3 + 1) * GP, kInf);
-        std::fill(ps.head + (c * 3 + 1) * GP, ps.head + (c * 3 + 3) * GP, 0.0f);
-      }
-    }
-    sc.s = f, f += GP * kGroupKeys;
-    sc.dp = f;
-    // A tile's pairs never pass this (each set holds at most n_set - 1 blocks), so push_back
-    // inside the parallel pass never reallocates, and so never throws.
-    sc.pairs.reserve(static_cast<size_t>(kQueryTile * n_set));
-  }
+  carve_scratch(pr, GP, Dkp, n_set, fbuf.get(), floats, sets.data(), scratch);
 
   const double pack_s = seconds_since(t_pack);
   const auto t_pass = Clock::now();
@@ -503,20 +531,7 @@ bool BackwardLanes(const State& st) {
 
   const double pass_s = seconds_since(t_pass);
   const auto t_reduce = Clock::now();
-  // Routing (nsa.h): a branch with its own K/V reports to its own outputs; the branches that
-  // read k/v add up in dk/dv (one accumulator when both do); with both own, dk/dv get zeros.
-  float* const out = out_buf.get();
-  write_keys(pr, pk_cmp, &acc_cmp, Span{true}, p.dk_cmp, p.dv_cmp, threads, out);
-  if (pr.slc_own_kv) {
-    write_keys(pr, pk_slc, &acc_slc, Span{false}, p.dk_slc, p.dv_slc, threads, out);
-  }
-  if (pr.win_own_kv) {
-    write_keys(pr, pk_win, &acc_win, Span{false}, p.dk_win, p.dv_win, threads, out);
-  }
-  if (present(p.dk) || present(p.dv)) {  // both required unless both branches own K/V
-    const Accum* shared = !pr.slc_own_kv ? &acc_slc : !pr.win_own_kv ? &acc_win : nullptr;
-    write_keys(pr, pk_slc, shared, Span{false}, p.dk, p.dv, threads, out);
-  }
+  write_outputs(pr, cx, out_buf.get(), threads);
   if (nsa_bwd_profile* prof = pr.profile) {
     // The pass's wall time split in proportion to the thread-seconds of its stages.
     double stage[kBwdStages] = {0, 0, 0, 0}, sum = 0;
