@@ -40,6 +40,134 @@ struct Zeros {
   }
 };
 
+// The medians of one length T.
+struct Timing {
+  double nsa_ms = 0, dense_ms = 0, cmp_bwd_ms = 0;
+  double branch_ms[3] = {0, 0, 0};  // cmp, slc, win of the last timed NSA run
+  double forward_s = 0;             // the backward's rerun of the forward, if any
+};
+
+// Runs and times the NSA and dense passes at length T (inputs from a fixed seed); returns the
+// first failing status, if any.
+nsa_status time_length(nsa_context* ctx, const BenchOptions& opt, const nsa_config& cfg,
+                       int64_t T, Timing* tm) {
+  const nsa_dtype dt = opt.dtype == "bf16" ? NSA_DTYPE_BF16 : NSA_DTYPE_F32;
+  const bool with_fwd = opt.pass == "fwdbwd";
+  const int64_t Tc = nsa_cmp_len(&cfg, T), n = cfg.slc_count;
+  const int64_t Hq = opt.hq, Hkv = opt.hkv, Dk = opt.dk, Dv = opt.dv;
+  std::mt19937_64 rng(1);
+  Buf q(dt, {1, T, Hq, Dk}, rng, -1, 1), k(dt, {1, T, Hkv, Dk}, rng, -1, 1),
+      v(dt, {1, T, Hkv, Dv}, rng, -1, 1), d_o(dt, {1, T, Hq, Dv}, rng, -1, 1);
+  Buf g_cmp(dt, {1, T, Hq}, rng, 0, 1), g_slc(dt, {1, T, Hq}, rng, 0, 1),
+      g_win(dt, {1, T, Hq}, rng, 0, 1);
+  Buf k_cmp(dt, {1, Tc, Hkv, Dk}, rng, 0, 0), v_cmp(dt, {1, Tc, Hkv, Dv}, rng, 0, 0);
+  Zeros o(NSA_DTYPE_F32, {1, T, Hq, Dv}), lse_cmp(NSA_DTYPE_F32, {1, T, Hq}),
+      lse_slc(NSA_DTYPE_F32, {1, T, Hq}), lse_win(NSA_DTYPE_F32, {1, T, Hq}),
+      idx(NSA_DTYPE_I32, {1, T, Hkv, n}), o_cmp(NSA_DTYPE_F32, {1, T, Hq, Dv}),
+      o_slc(NSA_DTYPE_F32, {1, T, Hq, Dv}), o_win(NSA_DTYPE_F32, {1, T, Hq, Dv});
+  Zeros dq(NSA_DTYPE_F32, {1, T, Hq, Dk}), dk(NSA_DTYPE_F32, {1, T, Hkv, Dk}),
+      dv(NSA_DTYPE_F32, {1, T, Hkv, Dv}), dk_cmp(NSA_DTYPE_F32, {1, Tc, Hkv, Dk}),
+      dv_cmp(NSA_DTYPE_F32, {1, Tc, Hkv, Dv}), dg_cmp(NSA_DTYPE_F32, {1, T, Hq}),
+      dg_slc(NSA_DTYPE_F32, {1, T, Hq}), dg_win(NSA_DTYPE_F32, {1, T, Hq}),
+      dxk(NSA_DTYPE_F32, {1, T, Hkv, Dk}), dxv(NSA_DTYPE_F32, {1, T, Hkv, Dv});
+  Zeros od(NSA_DTYPE_F32, {1, T, Hq, Dv}), lse_d(NSA_DTYPE_F32, {1, T, Hq});
+  nsa_status st = NSA_OK;
+  auto ok = [&](nsa_status s) { st = st != NSA_OK ? st : s; };
+
+  nsa_compress_params cp;
+  nsa_compress_params_init(&cp);
+  nsa_fwd_params fp;
+  nsa_fwd_params_init(&fp);
+  fp.q = q.t; fp.k = k.t; fp.v = v.t; fp.k_cmp = k_cmp.t; fp.v_cmp = v_cmp.t;
+  fp.g_cmp = g_cmp.t; fp.g_slc = g_slc.t; fp.g_win = g_win.t; fp.o = o.t;
+  fp.lse_cmp = lse_cmp.t; fp.lse_slc = lse_slc.t; fp.lse_win = lse_win.t;
+  fp.o_cmp = o_cmp.t; fp.o_slc = o_slc.t; fp.o_win = o_win.t;
+  fp.slc_indices_out = idx.t;
+  auto nsa_forward = [&] {
+    cp.x = k.t; cp.out = k_cmp.t; ok(nsa_compress(ctx, &cp));
+    cp.x = v.t; cp.out = v_cmp.t; ok(nsa_compress(ctx, &cp));
+    ok(nsa_fwd(ctx, &fp));
+  };
+  nsa_bwd_params bp;
+  nsa_bwd_params_init(&bp);
+  bp.q = q.t; bp.k = k.t; bp.v = v.t; bp.k_cmp = k_cmp.t; bp.v_cmp = v_cmp.t;
+  bp.g_cmp = g_cmp.t; bp.g_slc = g_slc.t; bp.g_win = g_win.t;
+  bp.slc_indices = idx.t; bp.lse_cmp = lse_cmp.t; bp.lse_slc = lse_slc.t; bp.lse_win = lse_win.t;
+  bp.o_cmp = o_cmp.t; bp.o_slc = o_slc.t; bp.o_win = o_win.t;
+  bp.d_o = d_o.t; bp.dq = dq.t; bp.dk = dk.t; bp.dv = dv.t; bp.dk_cmp = dk_cmp.t;
+  bp.dv_cmp = dv_cmp.t; bp.dg_cmp = dg_cmp.t; bp.dg_slc = dg_slc.t; bp.dg_win = dg_win.t;
+  nsa_compress_bwd_params cb;
+  nsa_compress_bwd_params_init(&cb);
+  auto compress_backward = [&] {
+    cb.x = k.t; cb.dout = dk_cmp.t; cb.dx = dxk.t; ok(nsa_compress_bwd(ctx, &cb));
+    cb.x = v.t; cb.dout = dv_cmp.t; cb.dx = dxv.t; ok(nsa_compress_bwd(ctx, &cb));
+  };
+  auto nsa_backward = [&] {
+    ok(nsa_bwd(ctx, &bp));
+    compress_backward();
+  };
+  nsa_dense_fwd_params df;
+  nsa_dense_fwd_params_init(&df);
+  df.q = q.t; df.k = k.t; df.v = v.t; df.o = od.t; df.lse = lse_d.t;
+  nsa_dense_bwd_params db;
+  nsa_dense_bwd_params_init(&db);
+  db.q = q.t; db.k = k.t; db.v = v.t; db.o = od.t; db.lse = lse_d.t; db.d_o = d_o.t;
+  db.dq = dq.t; db.dk = dk.t; db.dv = dv.t;
+
+  nsa_forward();  // the saved values the backward reads
+  tm->nsa_ms = with_fwd ? median_ms(opt.repeats, [&] { nsa_forward(); nsa_backward(); })
+                        : median_ms(opt.repeats, nsa_backward);
+  // Branch split of the last timed NSA run.
+  nsa_fwd_profile fprof{};
+  nsa_bwd_profile bprof{};
+  nsa_context_fwd_profile(ctx, &fprof);
+  nsa_context_bwd_profile(ctx, &bprof);
+  // The forward's stages are thread-seconds: scaled to its wall time, as `nsa bench` does.
+  const double fwd_sum = fprof.pack_s + fprof.cmp_s + fprof.scores_s + fprof.topn_s +
+                         fprof.slc_s + fprof.win_s + fprof.combine_s;
+  const double f = with_fwd && fwd_sum > 0 ? fprof.wall_s / fwd_sum : 0.0;
+  tm->branch_ms[0] = 1e3 * (bprof.cmp_s + f * (fprof.cmp_s + fprof.scores_s));
+  tm->branch_ms[1] = 1e3 * (bprof.slc_s + f * (fprof.topn_s + fprof.slc_s));
+  tm->branch_ms[2] = 1e3 * (bprof.win_s + f * fprof.win_s);
+  tm->forward_s = bprof.forward_s;
+  tm->cmp_bwd_ms = median_ms(opt.repeats, compress_backward);
+  tm->dense_ms = std::nan("");
+  if (!opt.no_dense) {
+    ok(nsa_dense_fwd(ctx, &df));
+    tm->dense_ms = with_fwd ? median_ms(opt.repeats, [&] { ok(nsa_dense_fwd(ctx, &df)); ok(nsa_dense_bwd(ctx, &db)); })
+                            : median_ms(opt.repeats, [&] { ok(nsa_dense_bwd(ctx, &db)); });
+  }
+  return st;
+}
+
+// The table row (or JSON row) of one length T: speedup, GFLOP/s and the model ratio.
+void report_length(const BenchOptions& opt, const nsa_config& cfg, int64_t T, const Timing& tm,
+                   nlohmann::json& rows) {
+  const bool with_fwd = opt.pass == "fwdbwd";
+  const int64_t Hq = opt.hq, Dk = opt.dk, Dv = opt.dv;
+  double nsa_keys = 0;
+  for (int64_t t = 0; t < T; ++t) nsa_keys += attended_keys(cfg, t);
+  const double dense_keys = double(T) * double(T + 1) / 2;
+  const double per_key = double(Hq) * (2.0 * double(3 * Dk + 2 * Dv) +
+                                       (with_fwd ? 2.0 * double(Dk + Dv) : 0.0));
+  const double model = (T / 2.0) / (double(T) / (2.0 * cfg.cmp_stride) +
+                                    double(cfg.slc_count) * cfg.slc_block + cfg.window);
+  const double gflops = per_key * nsa_keys / (tm.nsa_ms * 1e6);
+  const double dense_gflops = per_key * dense_keys / (tm.dense_ms * 1e6);
+  rows.push_back({{"pass", opt.pass}, {"dtype", opt.dtype}, {"T", T}, {"threads", opt.threads},
+                  {"ms", tm.nsa_ms}, {"dense_ms", tm.dense_ms}, {"speedup", tm.dense_ms / tm.nsa_ms},
+                  {"gflops", gflops}, {"dense_gflops", dense_gflops}, {"model_ratio", model},
+                  {"compress_bwd_ms", tm.cmp_bwd_ms}, {"cmp_ms", tm.branch_ms[0]},
+                  {"slc_ms", tm.branch_ms[1]}, {"win_ms", tm.branch_ms[2]},
+                  {"saved_state_recompute_ms", 1e3 * tm.forward_s}});
+  if (!opt.json) {
+    std::printf("%7lld %10.1f %10.1f %8.2fx %7.2fx %8.1f %10.1f %12.1f %8.1f %8.1f %8.1f\n",
+                (long long)T, tm.nsa_ms, tm.dense_ms, tm.dense_ms / tm.nsa_ms, model, gflops,
+                dense_gflops, tm.cmp_bwd_ms, tm.branch_ms[0], tm.branch_ms[1], tm.branch_ms[2]);
+    std::fflush(stdout);
+  }
+}
+
 }  // namespace
 
 int run_bench_bwd(const BenchOptions& opt) {
@@ -47,8 +175,6 @@ int run_bench_bwd(const BenchOptions& opt) {
   nsa_context_create(&ctx);
   nsa_context_set_num_threads(ctx, opt.threads);
   nsa_context_set_profiling(ctx, 1);
-  const nsa_dtype dt = opt.dtype == "bf16" ? NSA_DTYPE_BF16 : NSA_DTYPE_F32;
-  const bool with_fwd = opt.pass == "fwdbwd";
   nsa_config cfg;
   nsa_config_default(&cfg);
   nlohmann::json rows = nlohmann::json::array();
@@ -62,116 +188,14 @@ int run_bench_bwd(const BenchOptions& opt) {
   }
   int rc = 0;
   for (const int64_t T : cli::integer_list(opt.lengths)) {
-    const int64_t Tc = nsa_cmp_len(&cfg, T), n = cfg.slc_count;
-    const int64_t Hq = opt.hq, Hkv = opt.hkv, Dk = opt.dk, Dv = opt.dv;
-    std::mt19937_64 rng(1);
-    Buf q(dt, {1, T, Hq, Dk}, rng, -1, 1), k(dt, {1, T, Hkv, Dk}, rng, -1, 1),
-        v(dt, {1, T, Hkv, Dv}, rng, -1, 1), d_o(dt, {1, T, Hq, Dv}, rng, -1, 1);
-    Buf g_cmp(dt, {1, T, Hq}, rng, 0, 1), g_slc(dt, {1, T, Hq}, rng, 0, 1),
-        g_win(dt, {1, T, Hq}, rng, 0, 1);
-    Buf k_cmp(dt, {1, Tc, Hkv, Dk}, rng, 0, 0), v_cmp(dt, {1, Tc, Hkv, Dv}, rng, 0, 0);
-    Zeros o(NSA_DTYPE_F32, {1, T, Hq, Dv}), lse_cmp(NSA_DTYPE_F32, {1, T, Hq}),
-        lse_slc(NSA_DTYPE_F32, {1, T, Hq}), lse_win(NSA_DTYPE_F32, {1, T, Hq}),
-        idx(NSA_DTYPE_I32, {1, T, Hkv, n}), o_cmp(NSA_DTYPE_F32, {1, T, Hq, Dv}),
-        o_slc(NSA_DTYPE_F32, {1, T, Hq, Dv}), o_win(NSA_DTYPE_F32, {1, T, Hq, Dv});
-    Zeros dq(NSA_DTYPE_F32, {1, T, Hq, Dk}), dk(NSA_DTYPE_F32, {1, T, Hkv, Dk}),
-        dv(NSA_DTYPE_F32, {1, T, Hkv, Dv}), dk_cmp(NSA_DTYPE_F32, {1, Tc, Hkv, Dk}),
-        dv_cmp(NSA_DTYPE_F32, {1, Tc, Hkv, Dv}), dg_cmp(NSA_DTYPE_F32, {1, T, Hq}),
-        dg_slc(NSA_DTYPE_F32, {1, T, Hq}), dg_win(NSA_DTYPE_F32, {1, T, Hq}),
-        dxk(NSA_DTYPE_F32, {1, T, Hkv, Dk}), dxv(NSA_DTYPE_F32, {1, T, Hkv, Dv});
-    Zeros od(NSA_DTYPE_F32, {1, T, Hq, Dv}), lse_d(NSA_DTYPE_F32, {1, T, Hq});
-    nsa_status st = NSA_OK;
-    auto ok = [&](nsa_status s) { st = st != NSA_OK ? st : s; };
-
-    nsa_compress_params cp;
-    nsa_compress_params_init(&cp);
-    nsa_fwd_params fp;
-    nsa_fwd_params_init(&fp);
-    fp.q = q.t; fp.k = k.t; fp.v = v.t; fp.k_cmp = k_cmp.t; fp.v_cmp = v_cmp.t;
-    fp.g_cmp = g_cmp.t; fp.g_slc = g_slc.t; fp.g_win = g_win.t; fp.o = o.t;
-    fp.lse_cmp = lse_cmp.t; fp.lse_slc = lse_slc.t; fp.lse_win = lse_win.t;
-    fp.o_cmp = o_cmp.t; fp.o_slc = o_slc.t; fp.o_win = o_win.t;
-    fp.slc_indices_out = idx.t;
-    auto nsa_forward = [&] {
-      cp.x = k.t; cp.out = k_cmp.t; ok(nsa_compress(ctx, &cp));
-      cp.x = v.t; cp.out = v_cmp.t; ok(nsa_compress(ctx, &cp));
-      ok(nsa_fwd(ctx, &fp));
-    };
-    nsa_bwd_params bp;
-    nsa_bwd_params_init(&bp);
-    bp.q = q.t; bp.k = k.t; bp.v = v.t; bp.k_cmp = k_cmp.t; bp.v_cmp = v_cmp.t;
-    bp.g_cmp = g_cmp.t; bp.g_slc = g_slc.t; bp.g_win = g_win.t;
-    bp.slc_indices = idx.t; bp.lse_cmp = lse_cmp.t; bp.lse_slc = lse_slc.t; bp.lse_win = lse_win.t;
-    bp.o_cmp = o_cmp.t; bp.o_slc = o_slc.t; bp.o_win = o_win.t;
-    bp.d_o = d_o.t; bp.dq = dq.t; bp.dk = dk.t; bp.dv = dv.t; bp.dk_cmp = dk_cmp.t;
-    bp.dv_cmp = dv_cmp.t; bp.dg_cmp = dg_cmp.t; bp.dg_slc = dg_slc.t; bp.dg_win = dg_win.t;
-    nsa_compress_bwd_params cb;
-    nsa_compress_bwd_params_init(&cb);
-    auto compress_backward = [&] {
-      cb.x = k.t; cb.dout = dk_cmp.t; cb.dx = dxk.t; ok(nsa_compress_bwd(ctx, &cb));
-      cb.x = v.t; cb.dout = dv_cmp.t; cb.dx = dxv.t; ok(nsa_compress_bwd(ctx, &cb));
-    };
-    auto nsa_backward = [&] {
-      ok(nsa_bwd(ctx, &bp));
-      compress_backward();
-    };
-    nsa_dense_fwd_params df;
-    nsa_dense_fwd_params_init(&df);
-    df.q = q.t; df.k = k.t; df.v = v.t; df.o = od.t; df.lse = lse_d.t;
-    nsa_dense_bwd_params db;
-    nsa_dense_bwd_params_init(&db);
-    db.q = q.t; db.k = k.t; db.v = v.t; db.o = od.t; db.lse = lse_d.t; db.d_o = d_o.t;
-    db.dq = dq.t; db.dk = dk.t; db.dv = dv.t;
-
-    nsa_forward();  // the saved values the backward reads
-    const double nsa_ms = with_fwd ? median_ms(opt.repeats, [&] { nsa_forward(); nsa_backward(); })
-                                   : median_ms(opt.repeats, nsa_backward);
-    // Branch split of the last timed NSA run.
-    nsa_fwd_profile fprof{};
-    nsa_bwd_profile bprof{};
-    nsa_context_fwd_profile(ctx, &fprof);
-    nsa_context_bwd_profile(ctx, &bprof);
-    // The forward's stages are thread-seconds: scaled to its wall time, as `nsa bench` does.
-    const double fwd_sum = fprof.pack_s + fprof.cmp_s + fprof.scores_s + fprof.topn_s +
-                           fprof.slc_s + fprof.win_s + fprof.combine_s;
-    const double f = with_fwd && fwd_sum > 0 ? fprof.wall_s / fwd_sum : 0.0;
-    const double branch_ms[3] = {
-        1e3 * (bprof.cmp_s + f * (fprof.cmp_s + fprof.scores_s)),
-        1e3 * (bprof.slc_s + f * (fprof.topn_s + fprof.slc_s)),
-        1e3 * (bprof.win_s + f * fprof.win_s)};
-    const double cmp_bwd_ms = median_ms(opt.repeats, compress_backward);
-    double dense_ms = std::nan("");
-    if (!opt.no_dense) {
-      ok(nsa_dense_fwd(ctx, &df));
-      dense_ms = with_fwd ? median_ms(opt.repeats, [&] { ok(nsa_dense_fwd(ctx, &df)); ok(nsa_dense_bwd(ctx, &db)); })
-                          : median_ms(opt.repeats, [&] { ok(nsa_dense_bwd(ctx, &db)); });
-    }
+    Timing tm;
+    const nsa_status st = time_length(ctx, opt, cfg, T, &tm);
     if (st != NSA_OK) {
       std::fprintf(stderr, "nsa bench: %s: %s\n", nsa_status_name(st), nsa_last_error(ctx));
       rc = 1;
       break;
     }
-    double nsa_keys = 0;
-    for (int64_t t = 0; t < T; ++t) nsa_keys += attended_keys(cfg, t);
-    const double dense_keys = double(T) * double(T + 1) / 2;
-    const double per_key = double(Hq) * (2.0 * double(3 * Dk + 2 * Dv) +
-                                         (with_fwd ? 2.0 * double(Dk + Dv) : 0.0));
-    const double model = (T / 2.0) / (double(T) / (2.0 * cfg.cmp_stride) +
-                                      double(cfg.slc_count) * cfg.slc_block + cfg.window);
-    const double gflops = per_key * nsa_keys / (nsa_ms * 1e6);
-    const double dense_gflops = per_key * dense_keys / (dense_ms * 1e6);
-    rows.push_back({{"pass", opt.pass}, {"dtype", opt.dtype}, {"T", T}, {"threads", opt.threads},
-                    {"ms", nsa_ms}, {"dense_ms", dense_ms}, {"speedup", dense_ms / nsa_ms},
-                    {"gflops", gflops}, {"dense_gflops", dense_gflops}, {"model_ratio", model},
-                    {"compress_bwd_ms", cmp_bwd_ms}, {"cmp_ms", branch_ms[0]},
-                    {"slc_ms", branch_ms[1]}, {"win_ms", branch_ms[2]},
-                    {"saved_state_recompute_ms", 1e3 * bprof.forward_s}});
-    if (!opt.json) {
-      std::printf("%7lld %10.1f %10.1f %8.2fx %7.2fx %8.1f %10.1f %12.1f %8.1f %8.1f %8.1f\n",
-                  (long long)T, nsa_ms, dense_ms, dense_ms / nsa_ms, model, gflops, dense_gflops,
-                  cmp_bwd_ms, branch_ms[0], branch_ms[1], branch_ms[2]);
-      std::fflush(stdout);
-    }
+    report_length(opt, cfg, T, tm, rows);
   }
   if (opt.json) std::printf("%s\n", rows.dump(2).c_str());
   nsa_context_destroy(ctx);
