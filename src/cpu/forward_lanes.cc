@@ -211,7 +211,8 @@ void attend_spans(Pos* const pos[2], Branch Pos::*br, const Dims& dm, const floa
       for (int p = 0; p < 2; ++p) {
         if (!in[p]) continue;
         Branch& b = (*pos[p]).*br;
-        softmax::step_lanes(DF(), pos[p]->s + hv, GP, lo[p], hi[p], dm.Dv, b.m + hv, b.l + hv, b.o + hv);
+        softmax::step_lanes(DF(), pos[p]->s + hv, GP, lo[p], hi[p], dm.Dv, b.m + hv, b.l + hv,
+                            b.o + hv);
       }
       if (B == nullptr) {
         Branch& b = A.*br;
@@ -463,7 +464,9 @@ void run_item(Pos* const quad[4], const Packs& pk, int64_t si, const Dims& dm, f
   }
   clock.lap(kStageScores);
   for (Pos* ps : std::initializer_list<Pos*>{quad[0], quad[1], quad[2], quad[3]}) {
-    if (ps) softmax::finish_lanes(DF(), dm.GP, dm.Dv, ps->cmp.m, ps->cmp.l, ps->cmp.o, ps->lse);
+    if (ps) {
+      softmax::finish_lanes(DF(), dm.GP, dm.Dv, ps->cmp.m, ps->cmp.l, ps->cmp.o, ps->lse);
+    }
   }
   clock.lap(kStageCmp);
 
@@ -478,7 +481,9 @@ void run_item(Pos* const quad[4], const Packs& pk, int64_t si, const Dims& dm, f
     if (pos[0]) slc_pair(pos, pk, si, hk, dm, blk_k, blk_v);
   }
   for (Pos* ps : std::initializer_list<Pos*>{quad[0], quad[1], quad[2], quad[3]}) {
-    if (ps) softmax::finish_lanes(DF(), dm.GP, dm.Dv, ps->slc.m, ps->slc.l, ps->slc.o, ps->lse + dm.GP);
+    if (ps) {
+      softmax::finish_lanes(DF(), dm.GP, dm.Dv, ps->slc.m, ps->slc.l, ps->slc.o, ps->lse + dm.GP);
+    }
   }
   clock.lap(kStageSlc);
 
@@ -494,7 +499,9 @@ void run_item(Pos* const quad[4], const Packs& pk, int64_t si, const Dims& dm, f
     attend_spans(pos, &Pos::win, dm, pk.win_kv->k_at(si, hk), pk.win_kv->v_at(si, hk), 0, f, e);
   }
   for (Pos* ps : std::initializer_list<Pos*>{quad[0], quad[1], quad[2], quad[3]}) {
-    if (ps) softmax::finish_lanes(DF(), dm.GP, dm.Dv, ps->win.m, ps->win.l, ps->win.o, ps->lse + 2 * dm.GP);
+    if (ps) {
+      softmax::finish_lanes(DF(), dm.GP, dm.Dv, ps->win.m, ps->win.l, ps->win.o, ps->lse + 2 * dm.GP);
+    }
   }
   clock.lap(kStageWin);
 

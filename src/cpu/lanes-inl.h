@@ -6,6 +6,7 @@
 //
 // Layouts: queries qt [Dk][GP] (scaled, zero past G); packed K tiles [Dk][kTileKeys] (keys
 // innermost); V rows [key][Dv]; scores/probabilities s [key][GP]; outputs transposed o [Dv][GP].
+// The online softmax between the two products is simd/softmax-inl.h's step_lanes.
 #if defined(NSA_CPU_LANES_INL_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef NSA_CPU_LANES_INL_H_
 #undef NSA_CPU_LANES_INL_H_

@@ -144,8 +144,8 @@ inline void finish_lanes(D d, int64_t GP, int64_t Dv, const float* m, const floa
   }
 }
 
-// Keys in lanes: lse = m + log l of one head's finished softmax: -inf when it saw no finite score (l = 0), NaN
-// when poisoned (l NaN).
+// Keys in lanes: lse = m + log l of one head's finished softmax: -inf when it saw no finite
+// score (l = 0), NaN when poisoned (l NaN).
 inline float row_lse(float m, float l) {
   return l == 0.0f ? -kInfF : (std::isnan(l) ? l : m + std::log(l));
 }
