@@ -18,7 +18,7 @@
 #include <hwy/highway.h>
 #include <hwy/contrib/math/math-inl.h>
 
-#include "cpu/simd/tiles.h"
+#include "cpu/simd/tile_size.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace nsa::cpu {

@@ -15,7 +15,7 @@
 
 #include "common/backends.h"
 #include "cpu/kernels.h"
-#include "cpu/simd/tiles.h"
+#include "cpu/simd/tile_size.h"
 
 namespace nsa::cpu {
 namespace {

@@ -36,7 +36,7 @@
 #include "cpu/kv_cache.h"
 #include "cpu/simd/block_scores-inl.h"
 #include "cpu/simd/softmax-inl.h"
-#include "cpu/simd/tiles.h"
+#include "cpu/simd/tile_size.h"
 
 #ifndef NSA_CPU_DECODE_ONCE
 #define NSA_CPU_DECODE_ONCE

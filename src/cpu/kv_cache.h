@@ -7,12 +7,12 @@
 #include <vector>
 
 #include "common/status.h"
-#include "cpu/simd/tiles.h"
+#include "cpu/simd/tile_size.h"
 #include "nsa/nsa.h"
 
 namespace nsa::cpu {
 
-// K is stored in tiles of kTileKeys (16, cpu/simd/tiles.h) positions laid out [Dk][16]
+// K is stored in tiles of kTileKeys (16, cpu/simd/tile_size.h) positions laid out [Dk][16]
 // (positions innermost), so the decode score kernel loads the i-th element of 16 consecutive
 // keys as one vector and every query head of the group reuses it (keys in lanes, heads in
 // registers).

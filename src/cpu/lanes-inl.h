@@ -18,7 +18,7 @@
 
 #include <hwy/highway.h>
 
-#include "cpu/simd/tiles.h"
+#include "cpu/simd/tile_size.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace nsa::cpu {

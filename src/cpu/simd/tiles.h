@@ -1,5 +1,5 @@
-// The key tile every CPU kernel shares, and its packer (no SIMD: plain copies, included by the
-// per-target kernel files and by the KV cache).
+// The K/V tile packer every CPU kernel shares (no SIMD: plain copies; the tile's size is in
+// tile_size.h).
 //
 // A tile holds the K and V rows of consecutive key positions of one (sequence, KV head), in the
 // forms a kernel's products read as vector operands: K transposed [Dk][keys] (keys innermost:
@@ -15,17 +15,9 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/simd/tile_size.h"
 
 namespace nsa::cpu {
-
-// Keys per tile: 16 f32, the lanes of one AVX-512 vector. The heads-in-lanes forward
-// (lanes-inl.h) broadcasts a tile row's keys, the backward (backward_tiles-inl.h) puts a tile
-// in the lanes, the KV cache (kv_cache.h) stores K in tiles of this many positions. Selection
-// blocks (64 keys by default) are whole tiles.
-constexpr int64_t kTileKeys = 16;
-
-// n rounded up to a multiple of `to` (> 0): padded dimensions and 64-byte buffer carving.
-constexpr int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
 
 // The sequence holding global tile `tile`, first_tile being the sequences' cumulative tile
 // counts (first_tile[s] = tiles before sequence s).
