@@ -268,9 +268,7 @@ void reduce_heads(const DenseBwdProblem& pr, const Packed& pk, const Dims& dm, f
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t i = 0; i < n; ++i) {
     const int64_t row = i / pr.Hkv, hk = i % pr.Hkv;
-    const int64_t seq_index =
-        std::upper_bound(pk.first_tile.begin(), pk.first_tile.end(), row / dm.BN) -
-        pk.first_tile.begin() - 1;
+    const int64_t seq_index = sequence_of_tile(pk.first_tile, row / dm.BN);
     const Sequence& seq = pr.seqs[seq_index];
     const int64_t t = row - pk.first_tile[seq_index] * dm.BN;
     if (t >= seq.len) continue;  // the padding of the sequence's last tile
