@@ -124,43 +124,71 @@ int64_t index_rows_differing(const Buffer& got, const Buffer& ref, int64_t n) {
   return rows;
 }
 
-int run_check(const Options& opt) {
+// One case: its context, shapes and inputs, built once and run through every backend.
+struct Case {
+  const Options& opt;
+  const nsa_config& c;
   nsa_context* ctx = nullptr;
-  nsa_context_create(&ctx);
-  nsa_context_set_num_threads(ctx, opt.threads);
-  const nsa_dtype dt = opt.dtype == "bf16" ? NSA_DTYPE_BF16 : NSA_DTYPE_F32;
+  nsa_dtype dt = NSA_DTYPE_F32;
+  bool mlp = false;
+  std::vector<int32_t> cu;  // cumulative sequence lengths; empty: a fixed-length batch
+  int64_t B = 0, T = 0, Tc = 0;
+  Buffer q, k, v, g_cmp, g_slc, g_win, d_o;
+  std::vector<Buffer> kp, vp;  // mlp: pos, w1, b1, w2, b2 for keys and for values
 
-  // Shapes: fixed-length batch, or variable-length sequences packed along T with B = 1.
-  std::vector<int32_t> cu;
-  int64_t B = opt.batch, T = opt.tokens, Tc = 0;
+  explicit Case(const Options& o) : opt(o), c(o.cfg) {
+    nsa_context_create(&ctx);
+    nsa_context_set_num_threads(ctx, opt.threads);
+  }
+  Case(const Case&) = delete;
+  Case& operator=(const Case&) = delete;
+  ~Case() { nsa_context_destroy(ctx); }
+
+  int64_t num_seqs() const { return int64_t(cu.size()) - 1; }
+};
+
+// Shapes: fixed-length batch, or variable-length sequences packed along T with B = 1.
+void set_shapes(Case& cs) {
+  const Options& opt = cs.opt;
+  cs.dt = opt.dtype == "bf16" ? NSA_DTYPE_BF16 : NSA_DTYPE_F32;
+  cs.mlp = opt.compress == "mlp";
+  cs.B = opt.batch;
+  cs.T = opt.tokens;
   if (!opt.seqlens.empty()) {
-    cu.push_back(0);
-    for (const int64_t len : cli::integer_list(opt.seqlens)) cu.push_back(cu.back() + int32_t(len));
-    B = 1;
-    T = cu.back();
-    for (size_t s = 0; s + 1 < cu.size(); ++s) Tc += nsa_cmp_len(&opt.cfg, cu[s + 1] - cu[s]);
+    cs.cu.push_back(0);
+    for (const int64_t len : cli::integer_list(opt.seqlens)) cs.cu.push_back(cs.cu.back() + int32_t(len));
+    cs.B = 1;
+    cs.T = cs.cu.back();
+    for (size_t s = 0; s + 1 < cs.cu.size(); ++s) cs.Tc += nsa_cmp_len(&cs.c, cs.cu[s + 1] - cs.cu[s]);
   } else {
-    Tc = nsa_cmp_len(&opt.cfg, T);
+    cs.Tc = nsa_cmp_len(&cs.c, cs.T);
   }
   std::printf("case: B=%lld T=%lld Hq=%lld Hkv=%lld Dk=%lld Dv=%lld dtype=%s compress=%s%s%s\n",
-              (long long)B, (long long)T, (long long)opt.hq, (long long)opt.hkv, (long long)opt.dk,
-              (long long)opt.dv, opt.dtype.c_str(), opt.compress.c_str(),
-              cu.empty() ? "" : " seqlens=", opt.seqlens.c_str());
-  const nsa_config& c = opt.cfg;
+              (long long)cs.B, (long long)cs.T, (long long)opt.hq, (long long)opt.hkv,
+              (long long)opt.dk, (long long)opt.dv, opt.dtype.c_str(), opt.compress.c_str(),
+              cs.cu.empty() ? "" : " seqlens=", opt.seqlens.c_str());
+  const nsa_config& c = cs.c;
   std::printf("config: l=%d d=%d l'=%d n=%d n_init=%d n_local=%d w=%d seed=%llu\n", c.cmp_block,
               c.cmp_stride, c.slc_block, c.slc_count, c.slc_init, c.slc_local, c.window,
               (unsigned long long)opt.seed);
+}
 
-  // Inputs: q, k ~ N(0, 1) so that scaled scores are O(1); gates ~ U(0, 1).
+// Inputs: q, k ~ N(0, 1) so that scaled scores are O(1); gates ~ U(0, 1); then the mlp
+// parameters and d_o, in this order from one seeded stream.
+void make_inputs(Case& cs) {
+  const Options& opt = cs.opt;
+  const nsa_dtype dt = cs.dt;
+  const int64_t B = cs.B, T = cs.T;
   std::mt19937_64 rng(opt.seed);
-  Buffer q(dt, {B, T, opt.hq, opt.dk}), k(dt, {B, T, opt.hkv, opt.dk}), v(dt, {B, T, opt.hkv, opt.dv});
-  Buffer g_cmp(dt, {B, T, opt.hq}), g_slc(dt, {B, T, opt.hq}), g_win(dt, {B, T, opt.hq});
-  q.fill(rng, 0, 1, true);
-  k.fill(rng, 0, 1, true);
-  v.fill(rng, 0, 1, true);
-  for (Buffer* g : {&g_cmp, &g_slc, &g_win}) g->fill(rng, 0, 1, false);
-  const bool mlp = opt.compress == "mlp";
-  const int64_t l = c.cmp_block;
+  cs.q = Buffer(dt, {B, T, opt.hq, opt.dk});
+  cs.k = Buffer(dt, {B, T, opt.hkv, opt.dk});
+  cs.v = Buffer(dt, {B, T, opt.hkv, opt.dv});
+  for (Buffer* g : {&cs.g_cmp, &cs.g_slc, &cs.g_win}) *g = Buffer(dt, {B, T, opt.hq});
+  cs.q.fill(rng, 0, 1, true);
+  cs.k.fill(rng, 0, 1, true);
+  cs.v.fill(rng, 0, 1, true);
+  for (Buffer* g : {&cs.g_cmp, &cs.g_slc, &cs.g_win}) g->fill(rng, 0, 1, false);
+  const int64_t l = cs.c.cmp_block;
   // mlp parameters per KV head, one set for keys and one for values, scaled ~ 1/sqrt(fan-in).
   auto mlp_params = [&](int64_t D) {
     std::vector<Buffer> p = {Buffer(dt, {opt.hkv, l, D}), Buffer(dt, {opt.hkv, opt.hidden, l * D}),
@@ -173,137 +201,226 @@ int run_check(const Options& opt) {
     p[4].fill(rng, 0, 0.1, true);
     return p;
   };
-  const std::vector<Buffer> kp = mlp ? mlp_params(opt.dk) : std::vector<Buffer>{};
-  const std::vector<Buffer> vp = mlp ? mlp_params(opt.dv) : std::vector<Buffer>{};
+  if (cs.mlp) {
+    cs.kp = mlp_params(opt.dk);
+    cs.vp = mlp_params(opt.dv);
+  }
+  cs.d_o = Buffer(dt, {B, T, opt.hq, opt.dv});
+  cs.d_o.fill(rng, 0, 1, true);
+}
 
-  auto run_backend = [&](nsa_backend backend, const Outputs* ref, Outputs* out, double* ms) {
-    if (nsa_context_set_backend(ctx, backend) != NSA_OK) return false;
-    out->k_cmp = Buffer(dt, {B, Tc, opt.hkv, opt.dk});
-    out->v_cmp = Buffer(dt, {B, Tc, opt.hkv, opt.dv});
-    for (int side = 0; side < 2; ++side) {
-      nsa_compress_params cp;
-      nsa_compress_params_init(&cp);
-      cp.cfg = c;
-      cp.kind = mlp ? NSA_CMP_MLP : NSA_CMP_MEAN;
-      cp.x = side == 0 ? k.desc : v.desc;
-      cp.out = side == 0 ? out->k_cmp.desc : out->v_cmp.desc;
-      if (!cu.empty()) { cp.cu_seqlens = cu.data(); cp.num_seqs = int64_t(cu.size()) - 1; }
-      if (mlp) {
-        const std::vector<Buffer>& w = side == 0 ? kp : vp;
-        cp.pos = w[0].desc; cp.w1 = w[1].desc; cp.b1 = w[2].desc; cp.w2 = w[3].desc; cp.b2 = w[4].desc;
-      }
-      if (nsa_compress(ctx, &cp) != NSA_OK) {
-        std::printf("  %s compress failed: %s\n", nsa_backend_name(backend), nsa_last_error(ctx));
-        return false;
-      }
+// Compression then the forward on `backend`. The forward always reads the reference's
+// compressed K/V (see the file comment): ref's, or out's own when ref is null.
+bool run_backend(Case& cs, nsa_backend backend, const Outputs* ref, Outputs* out, double* ms) {
+  const Options& opt = cs.opt;
+  const nsa_config& c = cs.c;
+  const int64_t B = cs.B, T = cs.T;
+  if (nsa_context_set_backend(cs.ctx, backend) != NSA_OK) return false;
+  out->k_cmp = Buffer(cs.dt, {B, cs.Tc, opt.hkv, opt.dk});
+  out->v_cmp = Buffer(cs.dt, {B, cs.Tc, opt.hkv, opt.dv});
+  for (int side = 0; side < 2; ++side) {
+    nsa_compress_params cp;
+    nsa_compress_params_init(&cp);
+    cp.cfg = c;
+    cp.kind = cs.mlp ? NSA_CMP_MLP : NSA_CMP_MEAN;
+    cp.x = side == 0 ? cs.k.desc : cs.v.desc;
+    cp.out = side == 0 ? out->k_cmp.desc : out->v_cmp.desc;
+    if (!cs.cu.empty()) { cp.cu_seqlens = cs.cu.data(); cp.num_seqs = cs.num_seqs(); }
+    if (cs.mlp) {
+      const std::vector<Buffer>& w = side == 0 ? cs.kp : cs.vp;
+      cp.pos = w[0].desc; cp.w1 = w[1].desc; cp.b1 = w[2].desc; cp.w2 = w[3].desc; cp.b2 = w[4].desc;
     }
-    // The forward always reads the reference's compressed K/V (see the file comment).
-    const Outputs* cmp_src = ref ? ref : out;
-    out->o = Buffer(NSA_DTYPE_F32, {B, T, opt.hq, opt.dv});
-    for (Buffer* b : {&out->lse_cmp, &out->lse_slc, &out->lse_win}) *b = Buffer(NSA_DTYPE_F32, {B, T, opt.hq});
-    for (Buffer* b : {&out->o_cmp, &out->o_slc, &out->o_win}) *b = Buffer(NSA_DTYPE_F32, {B, T, opt.hq, opt.dv});
-    out->idx = Buffer(NSA_DTYPE_I32, {B, T, opt.hkv, c.slc_count});
-    nsa_fwd_params p;
-    nsa_fwd_params_init(&p);
-    p.in.cfg = c;
-    p.in.q = q.desc; p.in.k = k.desc; p.in.v = v.desc;
-    p.in.k_cmp = cmp_src->k_cmp.desc; p.in.v_cmp = cmp_src->v_cmp.desc;
-    p.in.g_cmp = g_cmp.desc; p.in.g_slc = g_slc.desc; p.in.g_win = g_win.desc;
-    p.o = out->o.desc;
-    p.lse_cmp = out->lse_cmp.desc; p.lse_slc = out->lse_slc.desc; p.lse_win = out->lse_win.desc;
-    p.o_cmp = out->o_cmp.desc; p.o_slc = out->o_slc.desc; p.o_win = out->o_win.desc;
-    p.slc_indices_out = out->idx.desc;
-    if (!cu.empty()) { p.in.cu_seqlens = cu.data(); p.in.num_seqs = int64_t(cu.size()) - 1; }
-    const auto t0 = std::chrono::steady_clock::now();
-    const nsa_status s = nsa_fwd(ctx, &p);
-    *ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-    if (s != NSA_OK) {
-      std::printf("  %s forward failed: %s: %s\n", nsa_backend_name(backend), nsa_status_name(s),
-                  nsa_last_error(ctx));
+    if (nsa_compress(cs.ctx, &cp) != NSA_OK) {
+      std::printf("  %s compress failed: %s\n", nsa_backend_name(backend), nsa_last_error(cs.ctx));
       return false;
     }
-    return true;
-  };
+  }
+  const Outputs* cmp_src = ref ? ref : out;
+  out->o = Buffer(NSA_DTYPE_F32, {B, T, opt.hq, opt.dv});
+  for (Buffer* b : {&out->lse_cmp, &out->lse_slc, &out->lse_win}) *b = Buffer(NSA_DTYPE_F32, {B, T, opt.hq});
+  for (Buffer* b : {&out->o_cmp, &out->o_slc, &out->o_win}) *b = Buffer(NSA_DTYPE_F32, {B, T, opt.hq, opt.dv});
+  out->idx = Buffer(NSA_DTYPE_I32, {B, T, opt.hkv, c.slc_count});
+  nsa_fwd_params p;
+  nsa_fwd_params_init(&p);
+  p.in.cfg = c;
+  p.in.q = cs.q.desc; p.in.k = cs.k.desc; p.in.v = cs.v.desc;
+  p.in.k_cmp = cmp_src->k_cmp.desc; p.in.v_cmp = cmp_src->v_cmp.desc;
+  p.in.g_cmp = cs.g_cmp.desc; p.in.g_slc = cs.g_slc.desc; p.in.g_win = cs.g_win.desc;
+  p.o = out->o.desc;
+  p.lse_cmp = out->lse_cmp.desc; p.lse_slc = out->lse_slc.desc; p.lse_win = out->lse_win.desc;
+  p.o_cmp = out->o_cmp.desc; p.o_slc = out->o_slc.desc; p.o_win = out->o_win.desc;
+  p.slc_indices_out = out->idx.desc;
+  if (!cs.cu.empty()) { p.in.cu_seqlens = cs.cu.data(); p.in.num_seqs = cs.num_seqs(); }
+  const auto t0 = std::chrono::steady_clock::now();
+  const nsa_status s = nsa_fwd(cs.ctx, &p);
+  *ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  if (s != NSA_OK) {
+    std::printf("  %s forward failed: %s: %s\n", nsa_backend_name(backend), nsa_status_name(s),
+                nsa_last_error(cs.ctx));
+    return false;
+  }
+  return true;
+}
 
-  // The backward from the reference forward's selection and saved state (ref_fwd), then the
-  // compression backward of dk_cmp / dv_cmp (the reference's when ref_grads is given).
-  Buffer d_o(dt, {B, T, opt.hq, opt.dv});
-  d_o.fill(rng, 0, 1, true);
-  auto run_backward = [&](nsa_backend backend, const Outputs& ref_fwd, const Grads* ref_grads,
-                          Grads* g, double* ms) {
-    if (nsa_context_set_backend(ctx, backend) != NSA_OK) return false;
-    const nsa_dtype f32 = NSA_DTYPE_F32;
-    g->dq = Buffer(f32, {B, T, opt.hq, opt.dk});
-    g->dk = Buffer(f32, {B, T, opt.hkv, opt.dk});
-    g->dv = Buffer(f32, {B, T, opt.hkv, opt.dv});
-    g->dk_cmp = Buffer(f32, {B, Tc, opt.hkv, opt.dk});
-    g->dv_cmp = Buffer(f32, {B, Tc, opt.hkv, opt.dv});
-    for (Buffer* b : {&g->dg_cmp, &g->dg_slc, &g->dg_win}) *b = Buffer(f32, {B, T, opt.hq});
-    nsa_bwd_params bp;
-    nsa_bwd_params_init(&bp);
-    bp.in.cfg = c;
-    bp.in.q = q.desc; bp.in.k = k.desc; bp.in.v = v.desc;
-    bp.in.k_cmp = ref_fwd.k_cmp.desc; bp.in.v_cmp = ref_fwd.v_cmp.desc;
-    bp.in.g_cmp = g_cmp.desc; bp.in.g_slc = g_slc.desc; bp.in.g_win = g_win.desc;
-    if (!cu.empty()) { bp.in.cu_seqlens = cu.data(); bp.in.num_seqs = int64_t(cu.size()) - 1; }
-    bp.slc_indices = ref_fwd.idx.desc;
-    bp.lse_cmp = ref_fwd.lse_cmp.desc; bp.lse_slc = ref_fwd.lse_slc.desc; bp.lse_win = ref_fwd.lse_win.desc;
-    bp.o_cmp = ref_fwd.o_cmp.desc; bp.o_slc = ref_fwd.o_slc.desc; bp.o_win = ref_fwd.o_win.desc;
-    bp.d_o = d_o.desc;
-    bp.dq = g->dq.desc; bp.dk = g->dk.desc; bp.dv = g->dv.desc;
-    bp.dk_cmp = g->dk_cmp.desc; bp.dv_cmp = g->dv_cmp.desc;
-    bp.dg_cmp = g->dg_cmp.desc; bp.dg_slc = g->dg_slc.desc; bp.dg_win = g->dg_win.desc;
-    const auto t0 = std::chrono::steady_clock::now();
-    nsa_status s = nsa_bwd(ctx, &bp);
-    *ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-    for (int side = 0; side < 2 && s == NSA_OK; ++side) {
-      const int64_t D = side == 0 ? opt.dk : opt.dv;
-      Buffer& dx = side == 0 ? g->dxk : g->dxv;
-      std::vector<Buffer>& dpar = side == 0 ? g->dparams_k : g->dparams_v;
-      dx = Buffer(f32, {B, T, opt.hkv, D});
-      nsa_compress_bwd_params cb;
-      nsa_compress_bwd_params_init(&cb);
-      cb.cfg = c;
-      cb.kind = mlp ? NSA_CMP_MLP : NSA_CMP_MEAN;
-      cb.x = side == 0 ? k.desc : v.desc;
-      if (!cu.empty()) { cb.cu_seqlens = cu.data(); cb.num_seqs = int64_t(cu.size()) - 1; }
-      const Grads& src = ref_grads ? *ref_grads : *g;
-      cb.dout = side == 0 ? src.dk_cmp.desc : src.dv_cmp.desc;
-      cb.dx = dx.desc;
-      if (mlp) {
-        const std::vector<Buffer>& w = side == 0 ? kp : vp;
-        cb.pos = w[0].desc; cb.w1 = w[1].desc; cb.b1 = w[2].desc; cb.w2 = w[3].desc; cb.b2 = w[4].desc;
-        dpar.clear();
-        for (const Buffer& x : w) {
-          std::vector<int64_t> shape(x.desc.shape, x.desc.shape + x.desc.ndim);
-          dpar.emplace_back(f32, shape);
-        }
-        cb.dpos = dpar[0].desc; cb.dw1 = dpar[1].desc; cb.db1 = dpar[2].desc;
-        cb.dw2 = dpar[3].desc; cb.db2 = dpar[4].desc;
+// The compression backward of dk_cmp / dv_cmp (src's: the reference's, or g's own) into g.
+nsa_status run_compress_backward(Case& cs, const Grads& src, Grads* g) {
+  const Options& opt = cs.opt;
+  const nsa_dtype f32 = NSA_DTYPE_F32;
+  nsa_status s = NSA_OK;
+  for (int side = 0; side < 2 && s == NSA_OK; ++side) {
+    const int64_t D = side == 0 ? opt.dk : opt.dv;
+    Buffer& dx = side == 0 ? g->dxk : g->dxv;
+    std::vector<Buffer>& dpar = side == 0 ? g->dparams_k : g->dparams_v;
+    dx = Buffer(f32, {cs.B, cs.T, opt.hkv, D});
+    nsa_compress_bwd_params cb;
+    nsa_compress_bwd_params_init(&cb);
+    cb.cfg = cs.c;
+    cb.kind = cs.mlp ? NSA_CMP_MLP : NSA_CMP_MEAN;
+    cb.x = side == 0 ? cs.k.desc : cs.v.desc;
+    if (!cs.cu.empty()) { cb.cu_seqlens = cs.cu.data(); cb.num_seqs = cs.num_seqs(); }
+    cb.dout = side == 0 ? src.dk_cmp.desc : src.dv_cmp.desc;
+    cb.dx = dx.desc;
+    if (cs.mlp) {
+      const std::vector<Buffer>& w = side == 0 ? cs.kp : cs.vp;
+      cb.pos = w[0].desc; cb.w1 = w[1].desc; cb.b1 = w[2].desc; cb.w2 = w[3].desc; cb.b2 = w[4].desc;
+      dpar.clear();
+      for (const Buffer& x : w) {
+        std::vector<int64_t> shape(x.desc.shape, x.desc.shape + x.desc.ndim);
+        dpar.emplace_back(f32, shape);
       }
-      s = nsa_compress_bwd(ctx, &cb);
+      cb.dpos = dpar[0].desc; cb.dw1 = dpar[1].desc; cb.db1 = dpar[2].desc;
+      cb.dw2 = dpar[3].desc; cb.db2 = dpar[4].desc;
     }
-    if (s != NSA_OK) {
-      std::printf("  %s backward failed: %s: %s\n", nsa_backend_name(backend), nsa_status_name(s),
-                  nsa_last_error(ctx));
-      return false;
-    }
-    return true;
-  };
+    s = nsa_compress_bwd(cs.ctx, &cb);
+  }
+  return s;
+}
 
+// The backward from the reference forward's selection and saved state (ref_fwd), then the
+// compression backward of dk_cmp / dv_cmp (the reference's when ref_grads is given).
+bool run_backward(Case& cs, nsa_backend backend, const Outputs& ref_fwd, const Grads* ref_grads,
+                  Grads* g, double* ms) {
+  const Options& opt = cs.opt;
+  const int64_t B = cs.B, T = cs.T, Tc = cs.Tc;
+  if (nsa_context_set_backend(cs.ctx, backend) != NSA_OK) return false;
+  const nsa_dtype f32 = NSA_DTYPE_F32;
+  g->dq = Buffer(f32, {B, T, opt.hq, opt.dk});
+  g->dk = Buffer(f32, {B, T, opt.hkv, opt.dk});
+  g->dv = Buffer(f32, {B, T, opt.hkv, opt.dv});
+  g->dk_cmp = Buffer(f32, {B, Tc, opt.hkv, opt.dk});
+  g->dv_cmp = Buffer(f32, {B, Tc, opt.hkv, opt.dv});
+  for (Buffer* b : {&g->dg_cmp, &g->dg_slc, &g->dg_win}) *b = Buffer(f32, {B, T, opt.hq});
+  nsa_bwd_params bp;
+  nsa_bwd_params_init(&bp);
+  bp.in.cfg = cs.c;
+  bp.in.q = cs.q.desc; bp.in.k = cs.k.desc; bp.in.v = cs.v.desc;
+  bp.in.k_cmp = ref_fwd.k_cmp.desc; bp.in.v_cmp = ref_fwd.v_cmp.desc;
+  bp.in.g_cmp = cs.g_cmp.desc; bp.in.g_slc = cs.g_slc.desc; bp.in.g_win = cs.g_win.desc;
+  if (!cs.cu.empty()) { bp.in.cu_seqlens = cs.cu.data(); bp.in.num_seqs = cs.num_seqs(); }
+  bp.slc_indices = ref_fwd.idx.desc;
+  bp.lse_cmp = ref_fwd.lse_cmp.desc; bp.lse_slc = ref_fwd.lse_slc.desc; bp.lse_win = ref_fwd.lse_win.desc;
+  bp.o_cmp = ref_fwd.o_cmp.desc; bp.o_slc = ref_fwd.o_slc.desc; bp.o_win = ref_fwd.o_win.desc;
+  bp.d_o = cs.d_o.desc;
+  bp.dq = g->dq.desc; bp.dk = g->dk.desc; bp.dv = g->dv.desc;
+  bp.dk_cmp = g->dk_cmp.desc; bp.dv_cmp = g->dv_cmp.desc;
+  bp.dg_cmp = g->dg_cmp.desc; bp.dg_slc = g->dg_slc.desc; bp.dg_win = g->dg_win.desc;
+  const auto t0 = std::chrono::steady_clock::now();
+  nsa_status s = nsa_bwd(cs.ctx, &bp);
+  *ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  if (s == NSA_OK) s = run_compress_backward(cs, ref_grads ? *ref_grads : *g, g);
+  if (s != NSA_OK) {
+    std::printf("  %s backward failed: %s: %s\n", nsa_backend_name(backend), nsa_status_name(s),
+                nsa_last_error(cs.ctx));
+    return false;
+  }
+  return true;
+}
+
+// The forward's table against the reference; returns whether every row passed.
+bool report_forward(const Outputs& got, const Outputs& ref, nsa_dtype dt, int64_t n, double tol) {
+  bool pass = true;
+  std::printf("  %-8s %12s %12s %10s\n", "output", "max abs err", "rel err", "verdict");
+  struct Row { const char* name; const Buffer* got; const Buffer* want; };
+  const Row rows[] = {{"k_cmp", &got.k_cmp, &ref.k_cmp}, {"v_cmp", &got.v_cmp, &ref.v_cmp},
+                      {"o", &got.o, &ref.o}, {"lse_cmp", &got.lse_cmp, &ref.lse_cmp},
+                      {"lse_slc", &got.lse_slc, &ref.lse_slc}, {"lse_win", &got.lse_win, &ref.lse_win}};
+  // Compressed K/V are stored in the input dtype, so bf16 allows one bf16 rounding step.
+  for (const Row& r : rows) {
+    const Error e = compare(*r.got, *r.want);
+    const bool is_cmp = r.name[1] == '_' && r.name[2] == 'c';
+    const double row_tol = (is_cmp && dt == NSA_DTYPE_BF16) ? 1.0 / 128 : tol;
+    const bool ok = e.rel() <= row_tol && e.nonfinite_mismatch == 0;
+    pass = pass && ok;
+    std::printf("  %-8s %12.3e %12.3e %10s\n", r.name, e.max_abs, e.rel(), ok ? "ok" : "FAIL");
+  }
+  const int64_t differing = index_rows_differing(got.idx, ref.idx, n);
+  pass = pass && differing == 0;
+  std::printf("  %-8s %lld of %lld (query, group) rows differ %s\n", "indices",
+              (long long)differing, (long long)(got.idx.numel() / n),
+              differing == 0 ? "ok" : "FAIL");
+  return pass;
+}
+
+// The backward's table against the reference; returns whether every row passed.
+bool report_backward(const Grads& gg, const Grads& ref_grads, double tol) {
+  bool pass = true;
+  // A gradient row may name the tensor whose magnitude its error is measured against: db2 is a
+  // column sum of dk_cmp (dv_cmp), and sum_j dk_j cancels to ~0 (sum_j dS_j = 0 per query), so
+  // its own largest value is rounding noise while its terms are O(dk_cmp).
+  struct GradRow { const char* name; const Buffer* got; const Buffer* want; const Buffer* scale; };
+  std::vector<GradRow> grad_rows = {
+      {"dq", &gg.dq, &ref_grads.dq, nullptr}, {"dk", &gg.dk, &ref_grads.dk, nullptr},
+      {"dv", &gg.dv, &ref_grads.dv, nullptr}, {"dk_cmp", &gg.dk_cmp, &ref_grads.dk_cmp, nullptr},
+      {"dv_cmp", &gg.dv_cmp, &ref_grads.dv_cmp, nullptr},
+      {"dg_cmp", &gg.dg_cmp, &ref_grads.dg_cmp, nullptr},
+      {"dg_slc", &gg.dg_slc, &ref_grads.dg_slc, nullptr},
+      {"dg_win", &gg.dg_win, &ref_grads.dg_win, nullptr}, {"dx(k)", &gg.dxk, &ref_grads.dxk, nullptr},
+      {"dx(v)", &gg.dxv, &ref_grads.dxv, nullptr}};
+  const char* par_names[2][5] = {{"dpos(k)", "dw1(k)", "db1(k)", "dw2(k)", "db2(k)"},
+                                 {"dpos(v)", "dw1(v)", "db1(v)", "dw2(v)", "db2(v)"}};
+  for (size_t i = 0; i < gg.dparams_k.size(); ++i) {
+    const bool db2 = i == 4;
+    grad_rows.push_back({par_names[0][i], &gg.dparams_k[i], &ref_grads.dparams_k[i],
+                         db2 ? &ref_grads.dk_cmp : nullptr});
+    grad_rows.push_back({par_names[1][i], &gg.dparams_v[i], &ref_grads.dparams_v[i],
+                         db2 ? &ref_grads.dv_cmp : nullptr});
+  }
+  for (const GradRow& r : grad_rows) {
+    Error e = compare(*r.got, *r.want);
+    if (r.scale) e.max_ref = std::max(e.max_ref, compare(*r.scale, *r.scale).max_ref);
+    const bool ok = e.rel() <= tol && e.nonfinite_mismatch == 0;
+    pass = pass && ok;
+    std::printf("  %-8s %12.3e %12.3e %10s\n", r.name, e.max_abs, e.rel(), ok ? "ok" : "FAIL");
+  }
+  return pass;
+}
+
+// One backend against the reference's outputs: forward, then (unless --no-backward) backward.
+bool check_backend(Case& cs, nsa_backend b, const Outputs& ref, const Grads& ref_grads,
+                   double tol) {
+  Outputs got;
+  double ms = 0;
+  if (!run_backend(cs, b, &ref, &got, &ms)) return false;
+  std::printf("%s: forward %.1f ms (one run)\n", nsa_backend_name(b), ms);
+  bool pass = report_forward(got, ref, cs.dt, cs.c.slc_count, tol);
+  if (!cs.opt.backward) return pass;
+  Grads gg;
+  if (!run_backward(cs, b, ref, &ref_grads, &gg, &ms)) return false;
+  std::printf("%s: backward %.1f ms (one run)\n", nsa_backend_name(b), ms);
+  return report_backward(gg, ref_grads, tol) && pass;
+}
+
+int run_check(const Options& opt) {
+  Case cs(opt);
+  set_shapes(cs);
+  make_inputs(cs);
   Outputs ref;
   double ref_ms = 0;
-  if (!run_backend(NSA_BACKEND_REF, nullptr, &ref, &ref_ms)) {
-    nsa_context_destroy(ctx);
-    return 1;
-  }
+  if (!run_backend(cs, NSA_BACKEND_REF, nullptr, &ref, &ref_ms)) return 1;
   std::printf("ref: forward %.1f ms (one run, float64)\n", ref_ms);
   Grads ref_grads;
   if (opt.backward) {
-    if (!run_backward(NSA_BACKEND_REF, ref, nullptr, &ref_grads, &ref_ms)) {
-      nsa_context_destroy(ctx);
-      return 1;
-    }
+    if (!run_backward(cs, NSA_BACKEND_REF, ref, nullptr, &ref_grads, &ref_ms)) return 1;
     std::printf("ref: backward %.1f ms (one run, float64)\n", ref_ms);
   }
 
@@ -315,72 +432,11 @@ int run_check(const Options& opt) {
     if (!nsa_backend_available(b)) continue;
     if (opt.backend != "all" && opt.backend != nsa_backend_name(b)) continue;
     compared = true;
-    Outputs got;
-    double ms = 0;
-    if (!run_backend(b, &ref, &got, &ms)) {
-      pass = false;
-      continue;
-    }
-    std::printf("%s: forward %.1f ms (one run)\n", nsa_backend_name(b), ms);
-    std::printf("  %-8s %12s %12s %10s\n", "output", "max abs err", "rel err", "verdict");
-    struct Row { const char* name; const Buffer* got; const Buffer* want; };
-    const Row rows[] = {{"k_cmp", &got.k_cmp, &ref.k_cmp}, {"v_cmp", &got.v_cmp, &ref.v_cmp},
-                        {"o", &got.o, &ref.o}, {"lse_cmp", &got.lse_cmp, &ref.lse_cmp},
-                        {"lse_slc", &got.lse_slc, &ref.lse_slc}, {"lse_win", &got.lse_win, &ref.lse_win}};
-    // Compressed K/V are stored in the input dtype, so bf16 allows one bf16 rounding step.
-    for (const Row& r : rows) {
-      const Error e = compare(*r.got, *r.want);
-      const bool is_cmp = r.name[1] == '_' && r.name[2] == 'c';
-      const double row_tol = (is_cmp && dt == NSA_DTYPE_BF16) ? 1.0 / 128 : tol;
-      const bool ok = e.rel() <= row_tol && e.nonfinite_mismatch == 0;
-      pass = pass && ok;
-      std::printf("  %-8s %12.3e %12.3e %10s\n", r.name, e.max_abs, e.rel(), ok ? "ok" : "FAIL");
-    }
-    const int64_t differing = index_rows_differing(got.idx, ref.idx, c.slc_count);
-    pass = pass && differing == 0;
-    std::printf("  %-8s %lld of %lld (query, group) rows differ %s\n", "indices",
-                (long long)differing, (long long)(got.idx.numel() / c.slc_count),
-                differing == 0 ? "ok" : "FAIL");
-    if (!opt.backward) continue;
-    Grads gg;
-    if (!run_backward(b, ref, &ref_grads, &gg, &ms)) {
-      pass = false;
-      continue;
-    }
-    std::printf("%s: backward %.1f ms (one run)\n", nsa_backend_name(b), ms);
-    // A gradient row may name the tensor whose magnitude its error is measured against: db2 is a
-    // column sum of dk_cmp (dv_cmp), and sum_j dk_j cancels to ~0 (sum_j dS_j = 0 per query), so
-    // its own largest value is rounding noise while its terms are O(dk_cmp).
-    struct GradRow { const char* name; const Buffer* got; const Buffer* want; const Buffer* scale; };
-    std::vector<GradRow> grad_rows = {
-        {"dq", &gg.dq, &ref_grads.dq, nullptr}, {"dk", &gg.dk, &ref_grads.dk, nullptr},
-        {"dv", &gg.dv, &ref_grads.dv, nullptr}, {"dk_cmp", &gg.dk_cmp, &ref_grads.dk_cmp, nullptr},
-        {"dv_cmp", &gg.dv_cmp, &ref_grads.dv_cmp, nullptr},
-        {"dg_cmp", &gg.dg_cmp, &ref_grads.dg_cmp, nullptr},
-        {"dg_slc", &gg.dg_slc, &ref_grads.dg_slc, nullptr},
-        {"dg_win", &gg.dg_win, &ref_grads.dg_win, nullptr}, {"dx(k)", &gg.dxk, &ref_grads.dxk, nullptr},
-        {"dx(v)", &gg.dxv, &ref_grads.dxv, nullptr}};
-    const char* par_names[2][5] = {{"dpos(k)", "dw1(k)", "db1(k)", "dw2(k)", "db2(k)"},
-                                   {"dpos(v)", "dw1(v)", "db1(v)", "dw2(v)", "db2(v)"}};
-    for (size_t i = 0; i < gg.dparams_k.size(); ++i) {
-      const bool db2 = i == 4;
-      grad_rows.push_back({par_names[0][i], &gg.dparams_k[i], &ref_grads.dparams_k[i],
-                           db2 ? &ref_grads.dk_cmp : nullptr});
-      grad_rows.push_back({par_names[1][i], &gg.dparams_v[i], &ref_grads.dparams_v[i],
-                           db2 ? &ref_grads.dv_cmp : nullptr});
-    }
-    for (const GradRow& r : grad_rows) {
-      Error e = compare(*r.got, *r.want);
-      if (r.scale) e.max_ref = std::max(e.max_ref, compare(*r.scale, *r.scale).max_ref);
-      const bool ok = e.rel() <= tol && e.nonfinite_mismatch == 0;
-      pass = pass && ok;
-      std::printf("  %-8s %12.3e %12.3e %10s\n", r.name, e.max_abs, e.rel(), ok ? "ok" : "FAIL");
-    }
+    pass = check_backend(cs, b, ref, ref_grads, tol) && pass;
   }
   if (!compared) std::printf("no backend other than ref to compare in this build\n");
   std::printf("%s (tolerance %.1e relative to the largest reference value)\n",
               pass ? "PASS" : "FAIL", tol);
-  nsa_context_destroy(ctx);
   return pass ? 0 : 1;
 }
 

@@ -41,6 +41,7 @@
 
 #include "cpu/backward.h"
 #include "cpu/kernels.h"
+#include "cpu/simd/tiles.h"
 #include "hwy/aligned_allocator.h"
 
 #undef HWY_TARGET_INCLUDE
@@ -54,7 +55,8 @@ HWY_BEFORE_NAMESPACE();
 namespace nsa::cpu {
 namespace HWY_NAMESPACE {
 
-// File-local: other kernel files define helpers of the same names in this namespace.
+// Internal linkage: every kernel names its own work types plainly (Packed, Dims, ...); the
+// blocks the kernels share are in cpu/simd/.
 namespace {
 
 using bwd::kCmp;
@@ -70,7 +72,6 @@ using bwd_tiles::kGroupKeys;
 using bwd_tiles::kHB;
 using bwd_tiles::kN;
 using bwd_tiles::kQH;
-using bwd_tiles::kTile;
 
 // Query positions per work unit (the unit of the chunk split). Key groups are walked once per
 // unit for all its positions, so a selected block is fetched once for every position of the unit
@@ -83,15 +84,13 @@ constexpr int64_t kChunks = 4;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
-
 // ---- Packed K/V. ----
 
 // One K/V tensor pair packed for every (sequence, KV head): K as tiles [Dk][16] and as rows
 // [key][Dkp] (zero-padded), V as tiles [Dv][16]; keys past a sequence's end are zero. Tile
 // `ti` of sequence `seq`, head hk, is number (hk * tiles + first_tile[seq] + ti).
 struct Packed {
-  std::vector<int64_t> first_tile;
+  std::vector<int64_t> first_tile;  // per sequence, cumulative; the total last
   int64_t tiles = 0;
   hwy::AlignedFreeUniquePtr<float[]> kt, vt, kr;
 };
@@ -104,13 +103,11 @@ struct Span {
 };
 
 std::vector<int64_t> tile_starts(const BwdProblem& pr, Span span, int64_t* total) {
-  std::vector<int64_t> first;
-  int64_t n = 0;
+  std::vector<int64_t> first(1, 0);  // cumulative, and the total last
   for (const Sequence& s : pr.seqs) {
-    first.push_back(n);
-    n += (span.len(s) + kTile - 1) / kTile;
+    first.push_back(first.back() + (span.len(s) + kTileKeys - 1) / kTileKeys);
   }
-  *total = n;
+  *total = first.back();
   return first;
 }
 
@@ -128,40 +125,24 @@ bool pack(const BwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, Span s
   const int64_t Dk = pr.Dk, Dv = pr.Dv;
   pk->first_tile = tile_starts(pr, span, &pk->tiles);
   const size_t units = static_cast<size_t>(std::max<int64_t>(1, pr.Hkv * pk->tiles));
-  pk->kt = hwy::AllocateAligned<float>(units * kTile * Dk);
-  pk->vt = hwy::AllocateAligned<float>(units * kTile * Dv);
-  pk->kr = hwy::AllocateAligned<float>(units * kTile * Dkp);
+  pk->kt = hwy::AllocateAligned<float>(units * kTileKeys * Dk);
+  pk->vt = hwy::AllocateAligned<float>(units * kTileKeys * Dv);
+  pk->kr = hwy::AllocateAligned<float>(units * kTileKeys * Dkp);
   if (!pk->kt || !pk->vt || !pk->kr) return false;
-  const int64_t work = pr.Hkv * pk->tiles;
   int64_t row_floats = 0;
   if (!mul_size(threads, Dv, &row_floats)) return false;
   std::vector<float> buf(static_cast<size_t>(row_floats));  // before the region
-#pragma omp parallel num_threads(threads)
-  {
-    float* row = buf.data() + omp_get_thread_num() * Dv;
-#pragma omp for schedule(static)
-    for (int64_t u = 0; u < work; ++u) {
-      const int64_t hk = u / pk->tiles, tile = u % pk->tiles;
-      const int64_t si = std::upper_bound(pk->first_tile.begin(), pk->first_tile.end(), tile) -
-                         pk->first_tile.begin() - 1;
-      const Sequence& s = pr.seqs[si];
-      const int64_t k0 = (tile - pk->first_tile[si]) * kTile;
-      const int64_t nk = std::min(kTile, span.len(s) - k0);
-      float* kt = pk->kt.get() + u * kTile * Dk;
-      float* vt = pk->vt.get() + u * kTile * Dv;
-      float* kr = pk->kr.get() + u * kTile * Dkp;
-      std::fill(kt, kt + kTile * Dk, 0.0f);
-      std::fill(vt, vt + kTile * Dv, 0.0f);
-      std::fill(kr, kr + kTile * Dkp, 0.0f);
-      for (int64_t j = 0; j < nk; ++j) {
-        const int64_t r = span.start(s) + k0 + j;
-        load_row(k, offset_of(k, s.batch, r, hk), Dk, kr + j * Dkp);
-        for (int64_t i = 0; i < Dk; ++i) kt[i * kTile + j] = kr[j * Dkp + i];
-        load_row(v, offset_of(v, s.batch, r, hk), Dv, row);
-        for (int64_t c = 0; c < Dv; ++c) vt[c * kTile + j] = row[c];
-      }
-    }
-  }
+  const TileSource src{&k, &v, &pr.seqs, &pk->first_tile, pr.Hkv, Dk, Dv, span.cmp,
+                       /*head_major=*/true};
+  auto dest = [&](int64_t u) {
+    KVTile<float> dst;
+    dst.kt = pk->kt.get() + u * kTileKeys * Dk;
+    dst.vt = pk->vt.get() + u * kTileKeys * Dv;
+    dst.kr = pk->kr.get() + u * kTileKeys * Dkp;
+    dst.ldk = Dkp;
+    return dst;
+  };
+  pack_kv_tiles(src, dest, buf.data(), Dv, threads);
   return true;
 }
 
@@ -173,8 +154,8 @@ struct Accum {
 
 bool make_accum(const BwdProblem& pr, const Packed& pk, Accum* a) {
   const int64_t units = std::max<int64_t>(1, pr.Hkv * pk.tiles);
-  a->per_chunk_k = units * kTile * pr.Dk;
-  a->per_chunk_v = units * kTile * pr.Dv;
+  a->per_chunk_k = units * kTileKeys * pr.Dk;
+  a->per_chunk_v = units * kTileKeys * pr.Dv;
   a->dk = hwy::AllocateAligned<float>(static_cast<size_t>(kChunks * a->per_chunk_k));
   a->dv = hwy::AllocateAligned<float>(static_cast<size_t>(kChunks * a->per_chunk_v));
   if (!a->dk || !a->dv) return false;
@@ -231,12 +212,12 @@ void add_group(const Ctx& cx, Scratch& sc, const Pos& ps, int c, int64_t si, int
   const int64_t Dk = pr.Dk, Dv = pr.Dv, GP = cx.GP;
   const int64_t u = hk * pk.tiles + pk.first_tile[si] + ti;
   const float* head = ps.head + c * 3 * GP;
-  group_products(ps.qT, GP, pk.kt.get() + u * kTile * Dk, Dk, nt, sc.s);
-  group_products(ps.doT, GP, pk.vt.get() + u * kTile * Dv, Dv, nt, sc.dp);
+  group_products(ps.qT, GP, pk.kt.get() + u * kTileKeys * Dk, Dk, nt, sc.s);
+  group_products(ps.doT, GP, pk.vt.get() + u * kTileKeys * Dv, Dv, nt, sc.dp);
   group_softmax(sc.s, sc.dp, GP, nt, head, head + GP, head + 2 * GP, a, b);
-  group_dq(sc.s, GP, pk.kr.get() + u * kTile * cx.Dkp, cx.Dkp, a, b, ps.dq);
-  group_gradient(ps.qT, GP, sc.s, Dk, nt, acc.dk.get() + chunk * acc.per_chunk_k + u * kTile * Dk);
-  group_gradient(ps.doT, GP, sc.dp, Dv, nt, acc.dv.get() + chunk * acc.per_chunk_v + u * kTile * Dv);
+  group_dq(sc.s, GP, pk.kr.get() + u * kTileKeys * cx.Dkp, cx.Dkp, a, b, ps.dq);
+  group_gradient(ps.qT, GP, sc.s, Dk, nt, acc.dk.get() + chunk * acc.per_chunk_k + u * kTileKeys * Dk);
+  group_gradient(ps.doT, GP, sc.dp, Dv, nt, acc.dv.get() + chunk * acc.per_chunk_v + u * kTileKeys * Dv);
 }
 
 // Calls add_group for position ps over keys [lo, hi] of group gi (keys [64 gi, 64 gi + 64)),
@@ -246,7 +227,7 @@ void add_range_in_group(const Ctx& cx, Scratch& sc, const Pos& ps, int c, int64_
   const int64_t g0 = gi * kGroupKeys;
   lo = std::max(lo, g0), hi = std::min(hi, g0 + kGroupKeys - 1);
   if (hi < lo) return;
-  const int64_t t_first = lo / kTile, t_last = hi / kTile, k0 = t_first * kTile;
+  const int64_t t_first = lo / kTileKeys, t_last = hi / kTileKeys, k0 = t_first * kTileKeys;
   add_group(cx, sc, ps, c, si, hk, t_first, static_cast<int>(t_last - t_first + 1), lo - k0,
             hi - k0, chunk);
 }
@@ -348,7 +329,7 @@ void query_tile(const Ctx& cx, Scratch& sc, int64_t si, int64_t hk, int64_t t0, 
 // ---- Output: the chunks' sums, transposed back to rows. ----
 
 // Per-thread rows of write_keys: one tile of dk or dv rows.
-int64_t write_keys_floats(const BwdProblem& pr) { return kTile * std::max(pr.Dk, pr.Dv); }
+int64_t write_keys_floats(const BwdProblem& pr) { return kTileKeys * std::max(pr.Dk, pr.Dv); }
 
 // Writes dk/dv rows of every (sequence, KV head) from `acc` (summed over chunks in order), or
 // zeros when acc is null, into the [B, rows, Hkv, D] outputs dk_out / dv_out (each skipped when
@@ -364,11 +345,10 @@ void write_keys(const BwdProblem& pr, const Packed& pk, const Accum* acc, Span s
 #pragma omp for schedule(static)
     for (int64_t u = 0; u < work; ++u) {
       const int64_t hk = u / pk.tiles, tile = u % pk.tiles;
-      const int64_t si = std::upper_bound(pk.first_tile.begin(), pk.first_tile.end(), tile) -
-                         pk.first_tile.begin() - 1;
+      const int64_t si = sequence_of_tile(pk.first_tile, tile);
       const Sequence& s = pr.seqs[si];
-      const int64_t k0 = (tile - pk.first_tile[si]) * kTile;
-      const int64_t nk = std::min(kTile, span.len(s) - k0);
+      const int64_t k0 = (tile - pk.first_tile[si]) * kTileKeys;
+      const int64_t nk = std::min(kTileKeys, span.len(s) - k0);
       for (int which = 0; which < 2; ++which) {
         const nsa_tensor& out = which == 0 ? dk_out : dv_out;
         if (!present(out)) continue;
@@ -378,9 +358,9 @@ void write_keys(const BwdProblem& pr, const Packed& pk, const Accum* acc, Span s
           const float* base = which == 0 ? acc->dk.get() : acc->dv.get();
           const int64_t per = which == 0 ? acc->per_chunk_k : acc->per_chunk_v;
           for (int64_t ch = 0; ch < kChunks; ++ch) {
-            const float* a = base + ch * per + u * kTile * D;
+            const float* a = base + ch * per + u * kTileKeys * D;
             for (int64_t i = 0; i < D; ++i)
-              for (int64_t j = 0; j < nk; ++j) rows[j * D + i] += a[i * kTile + j];
+              for (int64_t j = 0; j < nk; ++j) rows[j * D + i] += a[i * kTileKeys + j];
           }
         }
         for (int64_t j = 0; j < nk; ++j) {
@@ -419,6 +399,57 @@ std::vector<int64_t> chunk_bounds(const BwdProblem& pr, const std::vector<Unit>&
   }
   bounds[kChunks] = static_cast<int64_t>(units.size());
   return bounds;
+}
+
+// Carves each chunk's scratch (kChunks copies of `floats` floats at fbuf, sets of n_set
+// entries per position) and fills the padding heads' constants.
+void carve_scratch(const BwdProblem& pr, int64_t GP, int64_t Dkp, int64_t n_set, float* fbuf,
+                   int64_t floats, int32_t* sets, std::vector<Scratch>& scratch) {
+  for (int64_t ch = 0; ch < kChunks; ++ch) {
+    float* f = fbuf + ch * floats;
+    Scratch& sc = scratch[ch];
+    for (int64_t i = 0; i < kQueryTile; ++i) {
+      Pos& ps = sc.pos[i];
+      ps.qT = f, f += round_up(pr.Dk * GP, 16);
+      ps.doT = f, f += round_up(pr.Dv * GP, 16);
+      ps.dq = f, f += GP * Dkp;
+      ps.head = f, f += round_up(9 * GP, 16);
+      ps.set = sets + (ch * kQueryTile + i) * n_set;
+      // Padding heads (G..GP): zero queries and dO, lse = +inf, g = D = 0, for the whole call.
+      std::fill(ps.qT, ps.qT + pr.Dk * GP, 0.0f);
+      std::fill(ps.doT, ps.doT + pr.Dv * GP, 0.0f);
+      for (int c = 0; c < 3; ++c) {
+        std::fill(ps.head + (c * 3 + 0) * GP, ps.head + (c * 3 + 1) * GP, kInf);
+        std::fill(ps.head + (c * 3 + 1) * GP, ps.head + (c * 3 + 3) * GP, 0.0f);
+      }
+    }
+    sc.s = f, f += GP * kGroupKeys;
+    sc.dp = f;
+    // A tile's pairs never pass this (each set holds at most n_set - 1 blocks), so push_back
+    // inside the parallel pass never reallocates, and so never throws.
+    sc.pairs.reserve(static_cast<size_t>(kQueryTile * n_set));
+  }
+}
+
+// The key gradients of every branch into the outputs. Routing (nsa.h): a branch with its own
+// K/V reports to its own outputs; the branches that read k/v add up in dk/dv (one accumulator
+// when both do); with both own, dk/dv get zeros.
+void write_outputs(const BwdProblem& pr, const Ctx& cx, float* out, int threads) {
+  const nsa_bwd_params& p = pr.p;
+  const Branch& cmp = cx.br[kCmp];
+  const Branch& slc = cx.br[kSlc];
+  const Branch& win = cx.br[kWin];
+  write_keys(pr, *cmp.pk, cmp.acc, Span{true}, p.dk_cmp, p.dv_cmp, threads, out);
+  if (pr.slc_own_kv) {
+    write_keys(pr, *slc.pk, slc.acc, Span{false}, p.dk_slc, p.dv_slc, threads, out);
+  }
+  if (pr.win_own_kv) {
+    write_keys(pr, *win.pk, win.acc, Span{false}, p.dk_win, p.dv_win, threads, out);
+  }
+  if (present(p.dk) || present(p.dv)) {  // both required unless both branches own K/V
+    const Accum* shared = !pr.slc_own_kv ? slc.acc : !pr.win_own_kv ? win.acc : nullptr;
+    write_keys(pr, *slc.pk, shared, Span{false}, p.dk, p.dv, threads, out);
+  }
 }
 
 bool BackwardLanes(const State& st) {
@@ -486,30 +517,7 @@ bool BackwardLanes(const State& st) {
   cx.set_room = n_set;
   std::vector<int32_t> sets(static_cast<size_t>(kChunks * kQueryTile * n_set));
   std::vector<Scratch> scratch(kChunks);
-  for (int64_t ch = 0; ch < kChunks; ++ch) {
-    float* f = fbuf.get() + ch * floats;
-    Scratch& sc = scratch[ch];
-    for (int64_t i = 0; i < kQueryTile; ++i) {
-      Pos& ps = sc.pos[i];
-      ps.qT = f, f += round_up(pr.Dk * GP, 16);
-      ps.doT = f, f += round_up(pr.Dv * GP, 16);
-      ps.dq = f, f += GP * Dkp;
-      ps.head = f, f += round_up(9 * GP, 16);
-      ps.set = sets.data() + (ch * kQueryTile + i) * n_set;
-      // Padding heads (G..GP): zero queries and dO, lse = +inf, g = D = 0, for the whole call.
-      std::fill(ps.qT, ps.qT + pr.Dk * GP, 0.0f);
-      std::fill(ps.doT, ps.doT + pr.Dv * GP, 0.0f);
-      for (int c = 0; c < 3; ++c) {
-        std::fill(ps.head + (c * 3 + 0) * GP, ps.head + (c * 3 + 1) * GP, kInf);
-        std::fill(ps.head + (c * 3 + 1) * GP, ps.head + (c * 3 + 3) * GP, 0.0f);
-      }
-    }
-    sc.s = f, f += GP * kGroupKeys;
-    sc.dp = f;
-    // A tile's pairs never pass this (each set holds at most n_set - 1 blocks), so push_back
-    // inside the parallel pass never reallocates, and so never throws.
-    sc.pairs.reserve(static_cast<size_t>(kQueryTile * n_set));
-  }
+  carve_scratch(pr, GP, Dkp, n_set, fbuf.get(), floats, sets.data(), scratch);
 
   const double pack_s = seconds_since(t_pack);
   const auto t_pass = Clock::now();
@@ -523,20 +531,7 @@ bool BackwardLanes(const State& st) {
 
   const double pass_s = seconds_since(t_pass);
   const auto t_reduce = Clock::now();
-  // Routing (nsa.h): a branch with its own K/V reports to its own outputs; the branches that
-  // read k/v add up in dk/dv (one accumulator when both do); with both own, dk/dv get zeros.
-  float* const out = out_buf.get();
-  write_keys(pr, pk_cmp, &acc_cmp, Span{true}, p.dk_cmp, p.dv_cmp, threads, out);
-  if (pr.slc_own_kv) {
-    write_keys(pr, pk_slc, &acc_slc, Span{false}, p.dk_slc, p.dv_slc, threads, out);
-  }
-  if (pr.win_own_kv) {
-    write_keys(pr, pk_win, &acc_win, Span{false}, p.dk_win, p.dv_win, threads, out);
-  }
-  if (present(p.dk) || present(p.dv)) {  // both required unless both branches own K/V
-    const Accum* shared = !pr.slc_own_kv ? &acc_slc : !pr.win_own_kv ? &acc_win : nullptr;
-    write_keys(pr, pk_slc, shared, Span{false}, p.dk, p.dv, threads, out);
-  }
+  write_outputs(pr, cx, out_buf.get(), threads);
   if (nsa_bwd_profile* prof = pr.profile) {
     // The pass's wall time split in proportion to the thread-seconds of its stages.
     double stage[kBwdStages] = {0, 0, 0, 0}, sum = 0;

@@ -18,17 +18,19 @@
 #include <hwy/highway.h>
 #include <hwy/contrib/math/math-inl.h>
 
+#include "cpu/simd/tile_size.h"
+
 HWY_BEFORE_NAMESPACE();
 namespace nsa::cpu {
 namespace HWY_NAMESPACE {
 namespace bwd_tiles {
 namespace hn = hwy::HWY_NAMESPACE;
 
-constexpr int64_t kTile = 16;  // keys per tile: the lanes of one AVX-512 f32 vector
-using DT = hn::CappedTag<float, kTile>;
+// A tile of kTileKeys (16) keys: the lanes of one AVX-512 f32 vector.
+using DT = hn::CappedTag<float, kTileKeys>;
 using VT = hn::Vec<DT>;
 constexpr int kN = static_cast<int>(hn::MaxLanes(DT()));
-constexpr int kNV = static_cast<int>(kTile) / kN;  // vectors per tile row (1 on AVX-512)
+constexpr int kNV = static_cast<int>(kTileKeys) / kN;  // vectors per tile row (1 on AVX-512)
 // Head rows per register block: 16 accumulators with AVX-512's 32 registers, 8 elsewhere.
 constexpr int kHB = std::max(1, (HWY_MAX_BYTES >= 64 ? 16 : 8) / kNV);
 // The dq block: kQH heads x kCB vectors of columns.
@@ -42,7 +44,7 @@ constexpr int kQH = 4, kCB = 4;
 // heads needed 17 loads per 16 FMAs, which bound the kernels (measured 1.4x slower per FMA).
 
 constexpr int kGroup = 4;                        // tiles per group
-constexpr int64_t kGroupKeys = kGroup * kTile;   // 64: one default selection block
+constexpr int64_t kGroupKeys = kGroup * kTileKeys;   // 64: one default selection block
 constexpr bool kWideBlocks = kNV == 1;           // AVX-512: one vector per tile row
 
 // out[h][v*16 + j] = sum_i xT[i][h] tile_v[i][j] for V tiles at `tiles` (stride tile_stride),
@@ -66,7 +68,7 @@ inline void products(const float* HWY_RESTRICT xT, int64_t GP, const float* HWY_
         VT kv[V * kNV];
         for (int v = 0; v < V; ++v)
           for (int w = 0; w < kNV; ++w)
-            kv[v * kNV + w] = hn::Load(d, tiles + v * tile_stride + i * kTile + w * kN);
+            kv[v * kNV + w] = hn::Load(d, tiles + v * tile_stride + i * kTileKeys + w * kN);
         const float* x = xT + i * GP + h0;
         for (int h = 0; h < HB; ++h) {
           const VT b = hn::Set(d, x[h]);
@@ -81,7 +83,7 @@ inline void products(const float* HWY_RESTRICT xT, int64_t GP, const float* HWY_
 
 inline void group_products(const float* xT, int64_t GP, const float* tiles, int64_t D, int nt,
                     float* out) {
-  const int64_t stride = kTile * D;
+  const int64_t stride = kTileKeys * D;
   if constexpr (kWideBlocks) {
     switch (nt) {
       case 1: return products<16, 1>(xT, GP, tiles, stride, D, out);
@@ -90,7 +92,7 @@ inline void group_products(const float* xT, int64_t GP, const float* tiles, int6
       default: return products<4, 4>(xT, GP, tiles, stride, D, out);
     }
   } else {
-    for (int v = 0; v < nt; ++v) products<kHB, 1>(xT, GP, tiles + v * stride, stride, D, out + v * kTile);
+    for (int v = 0; v < nt; ++v) products<kHB, 1>(xT, GP, tiles + v * stride, stride, D, out + v * kTileKeys);
   }
 }
 
@@ -107,7 +109,7 @@ HWY_INLINE void gradient_block(const float* HWY_RESTRICT x, int64_t GP, int64_t 
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v)
       for (int u = 0; u < kNV; ++u)
-        a[r][v * kNV + u] = hn::Load(d, acc + v * tile_stride + r * kTile + u * kN);
+        a[r][v * kNV + u] = hn::Load(d, acc + v * tile_stride + r * kTileKeys + u * kN);
   for (int64_t h = 0; h < heads; ++h) {
     VT wv[V * kNV];
     for (int v = 0; v < V * kNV; ++v) wv[v] = hn::Load(d, w + h * kGroupKeys + v * kN);
@@ -119,15 +121,15 @@ HWY_INLINE void gradient_block(const float* HWY_RESTRICT x, int64_t GP, int64_t 
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v)
       for (int u = 0; u < kNV; ++u)
-        hn::Store(a[r][v * kNV + u], d, acc + v * tile_stride + r * kTile + u * kN);
+        hn::Store(a[r][v * kNV + u], d, acc + v * tile_stride + r * kTileKeys + u * kN);
 }
 
 template <int R, int V>
 inline void gradient(const float* xT, int64_t GP, const float* w, int64_t D, float* acc,
               int64_t tile_stride) {
   int64_t i = 0;
-  for (; i + R <= D; i += R) gradient_block<R, V>(xT + i * GP, GP, GP, w, acc + i * kTile, tile_stride);
-  for (; i < D; ++i) gradient_block<1, V>(xT + i * GP, GP, GP, w, acc + i * kTile, tile_stride);
+  for (; i + R <= D; i += R) gradient_block<R, V>(xT + i * GP, GP, GP, w, acc + i * kTileKeys, tile_stride);
+  for (; i < D; ++i) gradient_block<1, V>(xT + i * GP, GP, GP, w, acc + i * kTileKeys, tile_stride);
 }
 
 // One tile on AVX-512: the 16 weight vectors of a head block stay in registers while the rows
@@ -143,20 +145,20 @@ inline void gradient_one_tile(const float* HWY_RESTRICT xT, int64_t GP, const fl
     for (; i < D; i += kRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kRows, D - i));
       VT a[kRows];
-      for (int r = 0; r < kRows; ++r) a[r] = r < rows ? hn::Load(d, acc + (i + r) * kTile) : hn::Zero(d);
+      for (int r = 0; r < kRows; ++r) a[r] = r < rows ? hn::Load(d, acc + (i + r) * kTileKeys) : hn::Zero(d);
       for (int h = 0; h < kHeads; ++h) {
         for (int r = 0; r < kRows; ++r) {
           if (r < rows) a[r] = hn::MulAdd(hn::Set(d, xT[(i + r) * GP + h0 + h]), wv[h], a[r]);
         }
       }
       for (int r = 0; r < kRows; ++r)
-        if (r < rows) hn::Store(a[r], d, acc + (i + r) * kTile);
+        if (r < rows) hn::Store(a[r], d, acc + (i + r) * kTileKeys);
     }
   }
 }
 
 inline void group_gradient(const float* xT, int64_t GP, const float* w, int64_t D, int nt, float* acc) {
-  const int64_t stride = kTile * D;
+  const int64_t stride = kTileKeys * D;
   if constexpr (kWideBlocks) {
     switch (nt) {
       case 1: return gradient_one_tile(xT, GP, w, D, acc);
@@ -165,7 +167,7 @@ inline void group_gradient(const float* xT, int64_t GP, const float* w, int64_t 
       default: return gradient<4, 4>(xT, GP, w, D, acc, stride);
     }
   } else {
-    for (int v = 0; v < nt; ++v) gradient<2, 1>(xT, GP, w + v * kTile, D, acc + v * stride, stride);
+    for (int v = 0; v < nt; ++v) gradient<2, 1>(xT, GP, w + v * kTileKeys, D, acc + v * stride, stride);
   }
 }
 

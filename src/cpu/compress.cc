@@ -10,13 +10,12 @@
 
 #include "cpu/ops.h"
 #include "cpu/kernels.h"
+#include "cpu/simd/tile_size.h"
 
 namespace nsa::cpu {
 namespace {
 
 constexpr int64_t kChunkBlocks = 16;
-
-int64_t padded(int64_t n) { return (n + 15) / 16 * 16; }
 
 struct Chunk {
   const Sequence* seq;
@@ -120,7 +119,7 @@ Status compress(const CompressProblem& pr) {
   if (pr.p.kind == NSA_CMP_MLP) return compress_mlp(pr, threads);
   const int64_t D = pr.D;
   // Allocated before the parallel region, which must not throw.
-  const int64_t per_thread = 2 * padded(D);
+  const int64_t per_thread = 2 * round_up(D, 16);
   int64_t floats = 0;
   std::vector<float> fbuf;
   try {
@@ -144,7 +143,7 @@ Status compress(const CompressProblem& pr) {
       c.h = rem / chunks[si];
       c.first = rem % chunks[si] * kChunkBlocks;
       c.count = std::min(kChunkBlocks, seq.cmp_len - c.first);
-      mean_chunk(pr, c, f, f + padded(D));
+      mean_chunk(pr, c, f, f + round_up(D, 16));
     }
   }
   return Status::ok();

@@ -15,13 +15,12 @@
 
 #include "cpu/ops.h"
 #include "cpu/kernels.h"
+#include "cpu/simd/tile_size.h"
 
 namespace nsa::cpu {
 namespace {
 
 constexpr int64_t kTokenChunk = 256;  // mean: tokens per work item
-
-int64_t padded(int64_t n) { return (n + 15) / 16 * 16; }
 
 // The complete blocks covering token t of a window whose block k starts at k*d: those with
 // k*d <= t <= k*d + l - 1 and k < count (SPEC 3: block i is raw tokens i*d .. i*d + l - 1).
@@ -42,7 +41,7 @@ Status mean_backward(const CompressBwdProblem& pr, int threads) {
   try {
     first_item.assign(pr.seqs.size() + 1, 0);
     chunks.assign(pr.seqs.size(), 0);
-    if (!mul_size(threads, 2 * padded(D), &floats)) throw std::bad_alloc();
+    if (!mul_size(threads, 2 * round_up(D, 16), &floats)) throw std::bad_alloc();
     scratch.resize(static_cast<size_t>(floats));
   } catch (const std::bad_alloc&) {
     return error(NSA_ERR_OUT_OF_MEMORY, "compress_bwd: cannot allocate the mean scratch");
@@ -56,8 +55,8 @@ Status mean_backward(const CompressBwdProblem& pr, int threads) {
 
 #pragma omp parallel num_threads(threads)
   {
-    float* buf = scratch.data() + omp_get_thread_num() * 2 * padded(D);
-    float* acc = buf + padded(D);
+    float* buf = scratch.data() + omp_get_thread_num() * 2 * round_up(D, 16);
+    float* acc = buf + round_up(D, 16);
 #pragma omp for schedule(static)
     for (int64_t w = 0; w < total; ++w) {
       const int64_t si =

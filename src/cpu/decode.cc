@@ -34,6 +34,9 @@
 
 #include "cpu/kernels.h"
 #include "cpu/kv_cache.h"
+#include "cpu/simd/block_scores-inl.h"
+#include "cpu/simd/softmax-inl.h"
+#include "cpu/simd/tile_size.h"
 
 #ifndef NSA_CPU_DECODE_ONCE
 #define NSA_CPU_DECODE_ONCE
@@ -170,7 +173,7 @@ void run_chunk(const Plan& pl, const Chunk& ch, float* S, int64_t ld) {
   const void* kbase = st.k_base(seq, hk);
   const void* vbase = st.v_base(seq, hk);
   const int64_t key0 = ch.a / kTileKeys * kTileKeys;
-  const int64_t key1 = (ch.b + kTileKeys - 1) / kTileKeys * kTileKeys;
+  const int64_t key1 = round_up(ch.b, kTileKeys);
   const int64_t nk = key1 - key0, nvec = nk / N;
   const float* q = pl.q + ch.item * GP * Dk;
   for (int64_t h0 = 0; h0 < GP; h0 += HB) {
@@ -180,8 +183,8 @@ void run_chunk(const Plan& pl, const Chunk& ch, float* S, int64_t ld) {
     }
     for (; v < nvec; ++v) score_block<1, kBf16>(q + h0 * Dk, Dk, kbase, key0 + v * N, S + h0 * ld, ld, v * N);
   }
-  // Softmax of each head row over the chunk's keys (outside [a, b) masked to -inf). A NaN or
-  // +inf score poisons the head (README "Non-finite inputs"): its l becomes NaN.
+  // Softmax of each head row over the chunk's keys (outside [a, b) masked to -inf), from an
+  // empty state (simd/softmax-inl.h: a NaN or +inf score poisons the head, its l is NaN).
   float* part = pl.part + ch.slot * pl.part_stride();
   float* m_out = part;
   float* l_out = part + GP;
@@ -191,23 +194,9 @@ void run_chunk(const Plan& pl, const Chunk& ch, float* S, int64_t ld) {
     float* row = S + h * ld;
     for (int64_t j = 0; j < lo; ++j) row[j] = -kInf;
     for (int64_t j = hi; j < nk; ++j) row[j] = -kInf;
-    VF mx = hn::Set(d, -kInf);
-    bool poisoned = false;
-    for (int64_t j = 0; j < nk; j += N) {
-      const VF s = hn::LoadU(d, row + j);
-      mx = hn::Max(mx, s);
-      poisoned |= !hn::AllFalse(d, hn::Or(hn::IsNaN(s), hn::Eq(s, hn::Set(d, kInf))));
-    }
-    const float m = hn::GetLane(hn::MaxOfLanes(d, mx));
-    const VF m_use = hn::Set(d, m == -kInf ? 0.0f : m);
-    VF sum = hn::Zero(d);
-    for (int64_t j = 0; j < nk; j += N) {
-      const VF p = hn::Exp(d, hn::Sub(hn::LoadU(d, row + j), m_use));
-      hn::StoreU(p, d, row + j);
-      sum = hn::Add(sum, p);
-    }
-    m_out[h] = m;
-    l_out[h] = poisoned ? std::numeric_limits<float>::quiet_NaN() : hn::GetLane(hn::SumOfLanes(d, sum));
+    m_out[h] = -kInf;
+    l_out[h] = 0.0f;
+    softmax::step_row(d, row, nk, m_out + h, l_out + h, nullptr, 0);
   }
   for (int64_t h0 = 0; h0 < GP; h0 += HB) {
     int64_t c = 0;
@@ -251,7 +240,7 @@ void merge(const Plan& pl, int64_t first, int64_t count, float* lse, float* o) {
     for (int64_t c = 0; c < Dv_pad; c += N) {
       hn::StoreU(std::isnan(l) ? poison : hn::Mul(hn::LoadU(d, oh + c), inv), d, oh + c);
     }
-    lse[h] = l == 0.0f ? -kInf : (std::isnan(l) ? l : m_use + std::log(l));
+    lse[h] = softmax::row_lse(m_use, l);
   }
 }
 
@@ -288,38 +277,10 @@ void block_scores(const Plan& pl, int64_t item, const float* lse, float* score) 
     }
   }
   std::fill(score, score + last + 1, 0.0f);
-  const int64_t l = cfg.cmp_block, stride = cfg.cmp_stride, lp = cfg.slc_block;
-  const float inv_d = 1.0f / static_cast<float>(stride);
-  if (l <= lp) {
-    // A compressed block touches at most two selection blocks: j, and j + 1 when it crosses
-    // block_end. Positions advance by d, blocks by l', without a division per token.
-    int64_t j = 0, block_end = lp, lo = 0;
-    const float whole = static_cast<float>(l) * inv_d;
-    for (int64_t i = 0; i < nc; ++i, lo += stride) {
-      while (block_end <= lo) {
-        ++j;
-        block_end += lp;
-      }
-      const int64_t hi = lo + l;
-      if (hi <= block_end) {
-        score[j] += w[i] * whole;
-      } else {
-        score[j] += w[i] * (static_cast<float>(block_end - lo) * inv_d);
-        // A visible block ends at or before t, so j + 1 <= J; kept for safety.
-        if (j + 1 <= last) score[j + 1] += w[i] * (static_cast<float>(hi - block_end) * inv_d);
-      }
-    }
-    return;
-  }
-  int64_t j_lo = 0;
-  for (int64_t i = 0; i < nc; ++i) {
-    const int64_t lo = i * stride, hi = i * stride + l;
-    while ((j_lo + 1) * lp <= lo) ++j_lo;
-    for (int64_t j = j_lo; j * lp < hi && j <= last; ++j) {
-      const int64_t ov = std::min(hi, (j + 1) * lp) - std::max(lo, j * lp);
-      score[j] += w[i] * static_cast<float>(ov) * inv_d;
-    }
-  }
+  overlap_block_scores(
+      int64_t{cfg.cmp_block}, int64_t{cfg.cmp_stride}, int64_t{cfg.slc_block}, nc, last, 0.0f,
+      [&](int64_t i) { return w[i]; }, [](float m, float wt, float a) { return a + m * wt; },
+      [&](int64_t j) { return score[j]; }, [&](int64_t j, float a) { score[j] = a; });
 }
 
 // Cuts keys [a, b) into chunks at multiples of `size` (absolute positions: the cut does not
@@ -346,88 +307,101 @@ void store_lse(const Plan& pl, const nsa_tensor& t, int64_t row, int64_t hk, con
   for (int64_t g = 0; g < pl.G; ++g) base[offset_of(t, row, hk * pl.G + g)] = lse[g];
 }
 
-template <bool kBf16>
-bool Decode(const DecodeProblem& pr) {
-  Plan pl;
-  pl.pr = &pr;
-  pl.c = pr.cache;
+// The call's chunk tables and selection state, beside the Plan's shapes and buffers.
+struct Tables {
+  std::vector<Chunk> first;   // phase A: compressed keys (NSA) or every key (dense)
+  std::vector<Chunk> wins;    // the window's chunks, run in phase B
+  std::vector<Chunk> second;  // phase C: per item, min(n, J + 1) entries (a == b: unused)
+  // Per item: phase C's room (min(n, J + 1) blocks), its offset in `second` and first slot.
+  std::vector<int64_t> slc_max, slc_off, slc_slot0;
+  std::vector<int32_t> sel;   // per item: cand [J + 1] and blocks [n], at sel_off
+  std::vector<int64_t> sel_off, num_slc;
+  int threads = 1;
+  int64_t ld_max = 0;                   // row stride of a thread's chunk scores
+  int64_t tls_off = 0, tls_floats = 0;  // per-thread scratch in the cache's buffer
+};
+
+// Plan: the items' shapes, phase A's chunks and the slots of every phase. Per item, room is
+// sized by what exists, never by n or w alone (either may be INT32_MAX): at most min(n, J + 1)
+// selected blocks, and the window's chunks over min(w, t + 1) keys. Returns the slots, and the
+// floats of the items' compressed score rows (*floats) and of one item's block scores.
+int64_t plan_items(const DecodeProblem& pr, Plan& pl, Tables& tb, int64_t* floats,
+                   int64_t* score_floats) {
   const nsa_kv_cache& c = *pr.cache;
   const nsa_config& cfg = c.cfg;
+  pl.pr = &pr;
+  pl.c = pr.cache;
   pl.G = pr.G;
-  pl.GP = (pr.G + kHeadBlock - 1) / kHeadBlock * kHeadBlock;
+  pl.GP = round_up(pr.G, kHeadBlock);
   pl.Dk = c.Dk;
   pl.Dv = c.Dv;
   pl.Dv_pad = storage(c).raw.Dv_pad;
   pl.items = pr.S * c.Hkv;
-  const int64_t GP = pl.GP, items = pl.items, Hkv = c.Hkv;
-  const int64_t n = cfg.slc_count;
-  // Per item, room sized by what exists, never by n or w alone (either may be INT32_MAX): at
-  // most min(n, J + 1) selected blocks, and the window's chunks over min(w, t + 1) keys.
-  std::vector<int64_t> slc_max(static_cast<size_t>(items)), slc_off(static_cast<size_t>(items) + 1, 0);
-
-  // Phase A's chunks, every item's buffers, and room for phases C's slots.
-  std::vector<Chunk> first;
-  std::vector<int64_t> slc_slot0(static_cast<size_t>(items));
-  pl.t.resize(items);
-  pl.nc.resize(items);
-  pl.s_off.resize(items);
-  pl.s_ld.resize(items);
-  pl.a_slot0.resize(items);
-  pl.a_count.resize(items);
-  int64_t slot = 0, floats = 0, score_floats = 0;
+  const int64_t items = pl.items;
+  for (std::vector<int64_t>* v : {&pl.t, &pl.nc, &pl.s_off, &pl.s_ld, &pl.a_slot0, &pl.a_count,
+                                  &tb.slc_max, &tb.slc_slot0}) {
+    v->resize(static_cast<size_t>(items));
+  }
+  tb.slc_off.assign(static_cast<size_t>(items) + 1, 0);
+  int64_t slot = 0;
+  *floats = 0;
+  *score_floats = 0;
   for (int64_t it = 0; it < items; ++it) {
-    const int64_t seq = pr.seqs[it / Hkv];
-    const int64_t t = c.len[static_cast<size_t>(seq)] - 1;
+    const int64_t t = c.len[static_cast<size_t>(pr.seqs[it / c.Hkv])] - 1;
     pl.t[it] = t;
     pl.a_slot0[it] = slot;
     if (pr.dense) {
       const int64_t a = pr.window > 0 ? std::max<int64_t>(0, t - pr.window + 1) : 0;
-      cut(it, kCmp, false, a, t + 1, kDenseChunkKeys, &slot, first);
+      cut(it, kCmp, false, a, t + 1, kDenseChunkKeys, &slot, tb.first);
       pl.a_count[it] = slot - pl.a_slot0[it];
       continue;
     }
     pl.nc[it] = visible_cmp_count(cfg, t);
-    cut(it, kCmp, true, 0, pl.nc[it], kChunkKeys, &slot, first);
+    cut(it, kCmp, true, 0, pl.nc[it], kChunkKeys, &slot, tb.first);
     pl.a_count[it] = slot - pl.a_slot0[it];
-    pl.s_ld[it] = (pl.nc[it] + kTileKeys - 1) / kTileKeys * kTileKeys;
-    pl.s_off[it] = floats;
-    floats += GP * pl.s_ld[it];
-    score_floats = std::max(score_floats, t / cfg.slc_block + 1 + pl.s_ld[it] + GP);
+    pl.s_ld[it] = round_up(pl.nc[it], kTileKeys);
+    pl.s_off[it] = *floats;
+    *floats += pl.GP * pl.s_ld[it];
+    *score_floats = std::max(*score_floats, t / cfg.slc_block + 1 + pl.s_ld[it] + pl.GP);
   }
-  int64_t slot_c = slot;  // phases B and C's slots follow phase A's: per item, slc then win
+  // Phases B and C's slots follow phase A's: per item, slc then win.
   for (int64_t it = 0; it < items && !pr.dense; ++it) {
     const int64_t t = pl.t[it];
-    slc_max[it] = std::min(n, t / cfg.slc_block + 1);
-    slc_off[it + 1] = slc_off[it] + slc_max[it];
-    slc_slot0[it] = slot_c;
+    tb.slc_max[it] = std::min<int64_t>(cfg.slc_count, t / cfg.slc_block + 1);
+    tb.slc_off[it + 1] = tb.slc_off[it] + tb.slc_max[it];
+    tb.slc_slot0[it] = slot;
     const int64_t win_keys = std::min<int64_t>(cfg.window, t + 1);
-    slot_c += slc_max[it] + (win_keys + kChunkKeys - 1) / kChunkKeys + 1;
+    slot += tb.slc_max[it] + (win_keys + kChunkKeys - 1) / kChunkKeys + 1;
   }
-  const int threads = pr.num_threads > 0 ? pr.num_threads : omp_get_max_threads();
-  const int64_t ld_max = std::max(kChunkKeys, kDenseChunkKeys) + 2 * kTileKeys;
+  return slot;
+}
+
+// Carves the cache's reused buffer (score rows, queries, partials, finals, per-thread scratch)
+// and sizes the selection tables. Returns false when out of memory.
+bool allocate(const DecodeProblem& pr, Plan& pl, Tables& tb, int64_t slots, int64_t floats,
+              int64_t score_floats) {
+  const int64_t items = pl.items;
+  tb.threads = pr.num_threads > 0 ? pr.num_threads : omp_get_max_threads();
+  tb.ld_max = std::max(kChunkKeys, kDenseChunkKeys) + 2 * kTileKeys;
   const int64_t q_off = floats;
-  floats += items * GP * pl.Dk;
+  floats += items * pl.GP * pl.Dk;
   const int64_t part_off = floats;
-  floats += slot_c * pl.part_stride();
+  floats += slots * pl.part_stride();
   const int64_t fin_off = floats;
   floats += items * 3 * pl.fin_stride();
-  const int64_t tls_off = floats;
-  const int64_t tls_floats = GP * ld_max + score_floats + 2 * kTileKeys;
-  floats += threads * tls_floats;
+  tb.tls_off = floats;
+  tb.tls_floats = pl.GP * tb.ld_max + score_floats + 2 * kTileKeys;
+  floats += tb.threads * tb.tls_floats;
   std::vector<float>& buf = storage(*pr.cache).scratch;
   try {
     if (static_cast<int64_t>(buf.size()) < floats) buf.resize(static_cast<size_t>(floats));
-  } catch (const std::bad_alloc&) {
-    return false;
-  }
-  std::vector<int32_t> sel;  // per item: cand [J+1] and blocks [n]
-  std::vector<int64_t> sel_off(static_cast<size_t>(items) + 1, 0);
-  for (int64_t it = 0; it < items; ++it) {
-    sel_off[it + 1] = sel_off[it] + (pr.dense ? 0 : pl.t[it] / cfg.slc_block + 1 + slc_max[it]);
-  }
-  std::vector<int64_t> num_slc(static_cast<size_t>(items), 0);
-  try {
-    sel.resize(static_cast<size_t>(sel_off[items]));
+    tb.sel_off.assign(static_cast<size_t>(items) + 1, 0);
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t room = pr.dense ? 0 : pl.t[it] / pr.cache->cfg.slc_block + 1 + tb.slc_max[it];
+      tb.sel_off[it + 1] = tb.sel_off[it] + room;
+    }
+    tb.num_slc.assign(static_cast<size_t>(items), 0);
+    tb.sel.resize(static_cast<size_t>(tb.sel_off[items]));
   } catch (const std::bad_alloc&) {
     return false;
   }
@@ -435,36 +409,117 @@ bool Decode(const DecodeProblem& pr) {
   pl.q = buf.data() + q_off;
   pl.part = buf.data() + part_off;
   pl.fin = buf.data() + fin_off;
+  return true;
+}
 
-  // Queries, scaled, heads past G zero.
-  for (int64_t it = 0; it < items; ++it) {
+// Queries, scaled, heads past G zero.
+void load_queries(const DecodeProblem& pr, const Plan& pl) {
+  const int64_t Hkv = pl.c->Hkv;
+  for (int64_t it = 0; it < pl.items; ++it) {
     const int64_t row = it / Hkv, hk = it % Hkv;
-    float* q = pl.q + it * GP * pl.Dk;
-    std::fill(q, q + GP * pl.Dk, 0.0f);
+    float* q = pl.q + it * pl.GP * pl.Dk;
+    std::fill(q, q + pl.GP * pl.Dk, 0.0f);
     for (int64_t g = 0; g < pr.G; ++g) {
       load_row(pr.q, offset_of(pr.q, row, hk * pr.G + g), pl.Dk, q + g * pl.Dk);
       scale_by(pr.scale, q + g * pl.Dk, pl.Dk);
     }
   }
+}
 
-  // The window's chunks do not depend on the selection: they run in phase B, beside the
-  // selections (which are serial per item: with one sequence, one thread would idle). Phase C
-  // runs the selected blocks: per item, min(n, J + 1) entries of a table (a == b: unused).
-  std::vector<Chunk> wins;
-  for (int64_t it = 0; it < items && !pr.dense; ++it) {
-    int64_t s = slc_slot0[it] + slc_max[it];
+// The window's chunks (SPEC 4 step 5) do not depend on the selection: they run in phase B,
+// beside the selections (which are serial per item: with one sequence, one thread would idle).
+// Phase C's table gets its size here and its entries in phase B.
+void window_chunks(const Plan& pl, Tables& tb) {
+  const nsa_config& cfg = pl.c->cfg;
+  for (int64_t it = 0; it < pl.items; ++it) {
+    int64_t s = tb.slc_slot0[it] + tb.slc_max[it];
     cut(it, kWin, false, std::max<int64_t>(0, pl.t[it] - cfg.window + 1), pl.t[it] + 1,
-        kChunkKeys, &s, wins);
+        kChunkKeys, &s, tb.wins);
   }
-  std::vector<Chunk> second(static_cast<size_t>(slc_off[items]));
-  const int64_t phase_b = items + static_cast<int64_t>(wins.size());
-#pragma omp parallel num_threads(threads)
+  tb.second.resize(static_cast<size_t>(tb.slc_off[pl.items]));
+}
+
+// Phase B for one item: merge its compressed (or dense) chunks; for NSA also the block scores
+// (step 2), the top-n (step 3) and the item's phase C chunks; the dense baseline stores here.
+void select_blocks(const Plan& pl, Tables& tb, int64_t it, float* tls) {
+  const DecodeProblem& pr = *pl.pr;
+  const nsa_config& cfg = pl.c->cfg;
+  const int64_t row = it / pl.c->Hkv, hk = it % pl.c->Hkv, t = pl.t[it];
+  float* f = pl.final_of(it, kCmp);
+  merge(pl, pl.a_slot0[it], pl.a_count[it], f, f + pl.GP);
+  if (pr.dense) {
+    store_heads(pl, pr.o, row, hk, f + pl.GP);
+    store_lse(pl, pr.lse, row, hk, f);
+    return;
+  }
+  float* score = tls + pl.GP * tb.ld_max;
+  block_scores(pl, it, f, score);
+  int32_t* cand = tb.sel.data() + tb.sel_off[it];
+  int32_t* blocks = cand + t / cfg.slc_block + 1;
+  tb.num_slc[it] = top_blocks(cfg, t, score, cand, blocks);
+  // This item's phase C chunks, in its own range of the table.
+  for (int64_t k = 0; k < tb.num_slc[it]; ++k) {
+    const int64_t a = int64_t{blocks[k]} * cfg.slc_block;
+    tb.second[tb.slc_off[it] + k] =
+        Chunk{it, kSlc, false, a, std::min(t + 1, a + cfg.slc_block), tb.slc_slot0[it] + k};
+  }
+}
+
+// Phase D for one NSA item: merge the slc and win branches, gate, store (SPEC 4.6).
+void combine_item(const Plan& pl, const Tables& tb, int64_t it, float* mixed) {
+  const DecodeProblem& pr = *pl.pr;
+  const nsa_config& cfg = pl.c->cfg;
+  const int64_t row = it / pl.c->Hkv, hk = it % pl.c->Hkv, t = pl.t[it], GP = pl.GP;
+  float* fs = pl.final_of(it, kSlc);
+  float* fw = pl.final_of(it, kWin);
+  merge(pl, tb.slc_slot0[it], tb.num_slc[it], fs, fs + GP);
+  const int64_t wa = std::max<int64_t>(0, t - cfg.window + 1);
+  const int64_t nwin = (t / kChunkKeys) - (wa / kChunkKeys) + 1;
+  merge(pl, tb.slc_slot0[it] + tb.slc_max[it], nwin, fw, fw + GP);
+  const nsa_decode_params& p = *pr.nsa;
+  const float* fc = pl.final_of(it, kCmp);
+  for (int64_t g = 0; g < pr.G; ++g) {
+    const int64_t h = hk * pr.G + g;
+    const float gc = load_f32(p.g_cmp, offset_of(p.g_cmp, row, h));
+    const float gs = load_f32(p.g_slc, offset_of(p.g_slc, row, h));
+    const float gw = load_f32(p.g_win, offset_of(p.g_win, row, h));
+    const float* oc = fc + GP + g * pl.Dv_pad;
+    const float* os = fs + GP + g * pl.Dv_pad;
+    const float* ow = fw + GP + g * pl.Dv_pad;
+    for (int64_t e = 0; e < pl.Dv; ++e) mixed[e] = gc * oc[e] + gs * os[e] + gw * ow[e];
+    store_row(p.o, offset_of(p.o, row, h), mixed, pl.Dv);
+  }
+  store_lse(pl, p.lse_cmp, row, hk, fc);
+  store_lse(pl, p.lse_slc, row, hk, fs);
+  store_lse(pl, p.lse_win, row, hk, fw);
+  if (present(p.slc_indices_out)) {
+    const int32_t* blocks = tb.sel.data() + tb.sel_off[it] + t / cfg.slc_block + 1;
+    int32_t* out = static_cast<int32_t*>(p.slc_indices_out.data);
+    for (int64_t k = 0; k < cfg.slc_count; ++k) {
+      out[offset_of(p.slc_indices_out, row, hk, k)] = k < tb.num_slc[it] ? blocks[k] : -1;
+    }
+  }
+}
+
+template <bool kBf16>
+bool Decode(const DecodeProblem& pr) {
+  Plan pl;
+  Tables tb;
+  int64_t floats = 0, score_floats = 0;
+  const int64_t slots = plan_items(pr, pl, tb, &floats, &score_floats);
+  if (!allocate(pr, pl, tb, slots, floats, score_floats)) return false;
+  load_queries(pr, pl);
+  if (!pr.dense) window_chunks(pl, tb);
+  std::vector<float>& buf = *pl.buf;
+  const int64_t items = pl.items, ld_max = tb.ld_max;
+  const int64_t phase_b = items + static_cast<int64_t>(tb.wins.size());
+#pragma omp parallel num_threads(tb.threads)
   {
-    float* tls = buf.data() + tls_off + omp_get_thread_num() * tls_floats;
+    float* tls = buf.data() + tb.tls_off + omp_get_thread_num() * tb.tls_floats;
     // Phase A: compressed keys (scores kept per item), or the dense baseline's keys.
 #pragma omp for schedule(dynamic, 1)
-    for (size_t k = 0; k < first.size(); ++k) {
-      const Chunk& ch = first[k];
+    for (size_t k = 0; k < tb.first.size(); ++k) {
+      const Chunk& ch = tb.first[k];
       if (pr.dense) {
         run_chunk<kBf16>(pl, ch, tls, ld_max);
       } else {
@@ -476,71 +531,20 @@ bool Decode(const DecodeProblem& pr) {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < phase_b; ++task) {
       if (task >= items) {
-        run_chunk<kBf16>(pl, wins[task - items], tls, ld_max);
-        continue;
-      }
-      const int64_t it = task;
-      const int64_t row = it / Hkv, hk = it % Hkv;
-      float* f = pl.final_of(it, kCmp);
-      merge(pl, pl.a_slot0[it], pl.a_count[it], f, f + GP);
-      if (pr.dense) {
-        store_heads(pl, pr.o, row, hk, f + GP);
-        store_lse(pl, pr.lse, row, hk, f);
-        continue;
-      }
-      float* score = tls + GP * ld_max;
-      block_scores(pl, it, f, score);
-      int32_t* cand = sel.data() + sel_off[it];
-      int32_t* blocks = cand + pl.t[it] / cfg.slc_block + 1;
-      num_slc[it] = top_blocks(cfg, pl.t[it], score, cand, blocks);
-      // This item's phase C chunks, in its own range of the table.
-      const int64_t t = pl.t[it];
-      for (int64_t k = 0; k < num_slc[it]; ++k) {
-        const int64_t a = int64_t{blocks[k]} * cfg.slc_block;
-        second[slc_off[it] + k] =
-            Chunk{it, kSlc, false, a, std::min(t + 1, a + cfg.slc_block), slc_slot0[it] + k};
+        run_chunk<kBf16>(pl, tb.wins[task - items], tls, ld_max);
+      } else {
+        select_blocks(pl, tb, task, tls);
       }
     }
     // Phase C: the selected blocks.
 #pragma omp for schedule(dynamic, 1)
-    for (size_t k = 0; k < second.size(); ++k) {
-      if (second[k].a < second[k].b) run_chunk<kBf16>(pl, second[k], tls, ld_max);
+    for (size_t k = 0; k < tb.second.size(); ++k) {
+      if (tb.second[k].a < tb.second[k].b) run_chunk<kBf16>(pl, tb.second[k], tls, ld_max);
     }
-    // Phase D: merge the branches, gate, store (SPEC 4.6).
+    // Phase D: merge the branches, gate, store.
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < items; ++it) {
-      if (pr.dense) continue;
-      const int64_t row = it / Hkv, hk = it % Hkv, t = pl.t[it];
-      float* fs = pl.final_of(it, kSlc);
-      float* fw = pl.final_of(it, kWin);
-      merge(pl, slc_slot0[it], num_slc[it], fs, fs + GP);
-      const int64_t wa = std::max<int64_t>(0, t - cfg.window + 1);
-      const int64_t nwin = (t / kChunkKeys) - (wa / kChunkKeys) + 1;
-      merge(pl, slc_slot0[it] + slc_max[it], nwin, fw, fw + GP);
-      const nsa_decode_params& p = *pr.nsa;
-      const float* fc = pl.final_of(it, kCmp);
-      float* mixed = tls;  // [Dv_pad]
-      for (int64_t g = 0; g < pr.G; ++g) {
-        const int64_t h = hk * pr.G + g;
-        const float gc = load_f32(p.g_cmp, offset_of(p.g_cmp, row, h));
-        const float gs = load_f32(p.g_slc, offset_of(p.g_slc, row, h));
-        const float gw = load_f32(p.g_win, offset_of(p.g_win, row, h));
-        const float* oc = fc + GP + g * pl.Dv_pad;
-        const float* os = fs + GP + g * pl.Dv_pad;
-        const float* ow = fw + GP + g * pl.Dv_pad;
-        for (int64_t e = 0; e < pl.Dv; ++e) mixed[e] = gc * oc[e] + gs * os[e] + gw * ow[e];
-        store_row(p.o, offset_of(p.o, row, h), mixed, pl.Dv);
-      }
-      store_lse(pl, p.lse_cmp, row, hk, fc);
-      store_lse(pl, p.lse_slc, row, hk, fs);
-      store_lse(pl, p.lse_win, row, hk, fw);
-      if (present(p.slc_indices_out)) {
-        const int32_t* blocks = sel.data() + sel_off[it] + t / cfg.slc_block + 1;
-        int32_t* out = static_cast<int32_t*>(p.slc_indices_out.data);
-        for (int64_t k = 0; k < n; ++k) {
-          out[offset_of(p.slc_indices_out, row, hk, k)] = k < num_slc[it] ? blocks[k] : -1;
-        }
-      }
+      if (!pr.dense) combine_item(pl, tb, it, tls);  // tls: one mixed row [Dv_pad]
     }
   }
   return true;

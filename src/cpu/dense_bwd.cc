@@ -24,6 +24,7 @@
 #include "cpu/ops.h"
 #include "common/dtype.h"
 #include "cpu/kernels.h"
+#include "cpu/simd/tiles.h"
 #include "hwy/aligned_allocator.h"
 
 #undef HWY_TARGET_INCLUDE
@@ -39,20 +40,13 @@ namespace hn = hwy::HWY_NAMESPACE;
 
 using DF = hn::ScalableTag<float>;
 
-// File-local: the forward (dense_fwd.cc) defines helpers of the same names in this namespace.
+// Internal linkage: every kernel names its own work types plainly (Packed, Dims, ...); the
+// blocks the kernels share are in cpu/simd/.
 namespace {
 
 // Query and key tiles are kTileVecs vectors (64 positions with AVX-512): the S and dP blocks are
 // then one 4-vector column block of the micro-kernel, and a 64 x 128 f32 tile is 32 KiB.
 constexpr int64_t kTileVecs = 4;
-
-int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
-
-// Row `pos` of head h of a [B, T, H, D] tensor as f32 into dst (bf16 widens exactly).
-void load_head_row(const nsa_tensor& t, int64_t b, int64_t pos, int64_t h, int64_t n,
-                   float* dst) {
-  cpu::load_row(t, offset_of(t, b, pos, h), n, dst);
-}
 
 // Writes n floats to row `pos` of head h of a [B, T, H, D] tensor (f32, or rounded to bf16).
 void store_head_row(const nsa_tensor& t, int64_t b, int64_t pos, int64_t h, int64_t n,
@@ -135,34 +129,23 @@ struct Packed {
   }
 };
 
-void pack(const DenseBwdProblem& pr, Packed& pk, int threads) {
+// Packs K and V of every sequence and KV head (see Packed), in parallel over tiles. Thread i
+// transposes value rows in rows + i * stride (Dv floats, allocated by the caller: an exception
+// must not leave the parallel region, it would terminate the process).
+void pack(const DenseBwdProblem& pr, Packed& pk, int threads, float* rows, int64_t stride) {
   const nsa_dense_bwd_params& p = pr.p;
-  const int64_t BN = pk.BN, Dk = pr.Dk, DkP = pk.DkP, Dv = pr.Dv;
-  const int64_t tiles = pk.first_tile.back() * pr.Hkv;
-  // No allocation inside the parallel region: an exception must not leave it (it would
-  // terminate the process).
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t i = 0; i < tiles; ++i) {
-    const int64_t tile = i / pr.Hkv, hk = i % pr.Hkv;
-    const int64_t seq_index =
-        std::upper_bound(pk.first_tile.begin(), pk.first_tile.end(), tile) -
-        pk.first_tile.begin() - 1;
-    const Sequence& seq = pr.seqs[seq_index];
-    const int64_t k0 = (tile - pk.first_tile[seq_index]) * BN;
-    const int64_t nk = std::min(BN, seq.len - k0);
-    float* kt = pk.kt + i * Dk * BN;
-    float* kr = pk.kr + i * BN * DkP;
-    float* vt = pk.vt + i * Dv * BN;
-    std::fill(kt, kt + Dk * BN, 0.0f);
-    std::fill(kr, kr + BN * DkP, 0.0f);
-    std::fill(vt, vt + Dv * BN, 0.0f);
-    for (int64_t j = 0; j < nk; ++j) {
-      load_head_row(p.k, seq.batch, seq.start + k0 + j, hk, Dk, kr + j * DkP);
-      for (int64_t c = 0; c < Dk; ++c) kt[c * BN + j] = kr[j * DkP + c];
-      const int64_t v_off = offset_of(p.v, seq.batch, seq.start + k0 + j, hk);
-      for (int64_t c = 0; c < Dv; ++c) vt[c * BN + j] = load_f32(p.v, v_off + c);
-    }
-  }
+  const TileSource src{&p.k, &p.v, &pr.seqs, &pk.first_tile, pr.Hkv, pr.Dk, pr.Dv,
+                       /*cmp=*/false, /*head_major=*/false};
+  auto dest = [&](int64_t i) {
+    KVTile<float> dst;
+    dst.keys = pk.BN;
+    dst.kt = pk.kt + i * pr.Dk * pk.BN;
+    dst.kr = pk.kr + i * pk.BN * pk.DkP;
+    dst.ldk = pk.DkP;
+    dst.vt = pk.vt + i * pr.Dv * pk.BN;
+    return dst;
+  };
+  pack_kv_tiles(src, dest, rows, stride, threads);
 }
 
 // One thread's buffers, carved from one allocation made before the parallel region. Every
@@ -230,11 +213,11 @@ void head_item(const DenseBwdProblem& pr, const Packed& pk, const Dims& dm, int6
   for (int64_t t = 0; t < len; ++t) {
     const int64_t tok = seq.start + t;
     float* qr = w.q + t * DkP;
-    load_head_row(p.q, b, tok, h, Dk, qr);
+    copy_row(p.q, b, tok, h, Dk, qr);
     for (int64_t c = 0; c < Dk; ++c) qr[c] *= p.scale;
     float* dor = w.d_o + t * DvP;
-    load_head_row(p.d_o, b, tok, h, Dv, dor);
-    load_head_row(p.o, b, tok, h, Dv, w.o);
+    copy_row(p.d_o, b, tok, h, Dv, dor);
+    copy_row(p.o, b, tok, h, Dv, w.o);
     float D = 0.0f;  // FA2's D_i = rowsum(dO_i * O_i), from the forward's O as stored
     for (int64_t c = 0; c < Dv; ++c) D += dor[c] * w.o[c];
     w.dd[t] = D;
@@ -285,9 +268,7 @@ void reduce_heads(const DenseBwdProblem& pr, const Packed& pk, const Dims& dm, f
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t i = 0; i < n; ++i) {
     const int64_t row = i / pr.Hkv, hk = i % pr.Hkv;
-    const int64_t seq_index =
-        std::upper_bound(pk.first_tile.begin(), pk.first_tile.end(), row / dm.BN) -
-        pk.first_tile.begin() - 1;
+    const int64_t seq_index = sequence_of_tile(pk.first_tile, row / dm.BN);
     const Sequence& seq = pr.seqs[seq_index];
     const int64_t t = row - pk.first_tile[seq_index] * dm.BN;
     if (t >= seq.len) continue;  // the padding of the sequence's last tile
@@ -361,7 +342,8 @@ bool DenseBackward(const DenseBwdProblem& pr) {
     const int64_t lx = pr.seqs[x.seq].len, ly = pr.seqs[y.seq].len;
     return lx != ly ? lx > ly : (x.seq != y.seq ? x.seq < y.seq : x.h < y.h);
   });
-  pack(pr, pk, threads);
+  // The packing's value row: the thread's last buffer (w.o, DvP >= Dv floats), not yet in use.
+  pack(pr, pk, threads, buf.get() + per_thread - round_up(dm.DvP, 16), per_thread);
   const int64_t n = static_cast<int64_t>(items.size());
 #pragma omp parallel num_threads(threads)
   {

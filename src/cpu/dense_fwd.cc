@@ -21,6 +21,7 @@
 #include "cpu/ops.h"
 #include "common/dtype.h"
 #include "cpu/kernels.h"
+#include "cpu/simd/tiles.h"
 #include "hwy/aligned_allocator.h"
 
 #undef HWY_TARGET_INCLUDE
@@ -28,6 +29,8 @@
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
 #include <hwy/highway.h>
 #include <hwy/contrib/math/math-inl.h>
+
+#include "cpu/simd/softmax-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace nsa::cpu {
@@ -76,20 +79,6 @@ struct Packed {
   }
 };
 
-int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
-
-// Row `pos` of a [B, T, H, D] tensor as f32 into dst (bf16 widens exactly).
-void load_row(const nsa_tensor& t, int64_t b, int64_t pos, int64_t h, int64_t n, float* dst) {
-  const int64_t off = offset_of(t, b, pos, h);
-  if (t.dtype == NSA_DTYPE_F32) {
-    const float* src = static_cast<const float*>(t.data) + off;
-    std::copy(src, src + n, dst);
-  } else {
-    const uint16_t* src = static_cast<const uint16_t*>(t.data) + off;
-    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
-  }
-}
-
 // S[0 .. rows) = Q K^T for one key tile of NK = 4 vectors, in blocks of 4 rows.
 void scores(const Tiles& w, int64_t rows, int64_t Dk, int64_t NK) {
   const DF d;
@@ -125,50 +114,6 @@ void scores(const Tiles& w, int64_t rows, int64_t Dk, int64_t NK) {
     s += NK;
     hn::Store(a30, d, s); hn::Store(a31, d, s + N); hn::Store(a32, d, s + 2 * N); hn::Store(a33, d, s + 3 * N);
   }
-}
-
-// Online softmax over one key tile for row r (Milakov & Gimelshein; FlashAttention-2): turns S
-// into P = exp(S - m_new) and rescales the row's running sum and output when the max grows.
-void softmax_row(const Tiles& w, int64_t r, int64_t NK, int64_t DvP) {
-  const DF d;
-  const int64_t N = hn::Lanes(d);
-  float* s = w.s + r * NK;
-  auto vmax = hn::Load(d, s);
-  auto vnan = hn::IsNaN(vmax);
-  for (int64_t c = N; c < NK; c += N) {
-    const auto sc = hn::Load(d, s + c);
-    vmax = hn::Max(vmax, sc);
-    vnan = hn::Or(vnan, hn::IsNaN(sc));
-  }
-  const float row_max = hn::GetLane(hn::MaxOfLanes(d, vmax));
-  // A NaN or +inf score makes the row NaN (README, "Non-finite inputs"): vector Max and Exp
-  // would silently drop a NaN, so it is caught here and carried in l, which poisons o and lse.
-  if (!hn::AllFalse(d, vnan) || row_max == -kNegInf) w.l[r] = std::numeric_limits<float>::quiet_NaN();
-  if (std::isnan(w.l[r])) {
-    std::fill(s, s + NK, 0.0f);
-    return;
-  }
-  const float m_new = std::max(w.m[r], row_max);
-  if (m_new == kNegInf) {  // every key so far masked: no weight yet
-    std::fill(s, s + NK, 0.0f);
-    return;
-  }
-  if (m_new > w.m[r]) {
-    const float alpha = std::exp(w.m[r] - m_new);  // 0 on the first visible tile
-    w.l[r] *= alpha;
-    const auto va = hn::Set(d, alpha);
-    float* o = w.o + r * DvP;
-    for (int64_t c = 0; c < DvP; c += N) hn::Store(hn::Mul(va, hn::Load(d, o + c)), d, o + c);
-    w.m[r] = m_new;
-  }
-  const auto vm = hn::Set(d, m_new);
-  auto vsum = hn::Zero(d);
-  for (int64_t c = 0; c < NK; c += N) {
-    const auto pc = hn::Exp(d, hn::Sub(hn::Load(d, s + c), vm));  // exp(-inf) = 0: masked keys
-    hn::Store(pc, d, s + c);
-    vsum = hn::Add(vsum, pc);
-  }
-  w.l[r] += hn::GetLane(hn::SumOfLanes(d, vsum));
 }
 
 // O[0 .. rows) += P V over the first nk keys of the tile.
@@ -252,7 +197,7 @@ void query_tile(const DenseProblem& pr, const Packed& packed, int64_t seq_index,
   const int64_t rows_s = round_up(rows, kSRows), rows_o = round_up(rows, kORows);
   std::fill(w.q, w.q + kQueryTile * Dk, 0.0f);
   for (int64_t r = 0; r < rows; ++r) {
-    load_row(p.q, b, seq.start + q0 + r, h, Dk, w.q + r * Dk);
+    copy_row(p.q, b, seq.start + q0 + r, h, Dk, w.q + r * Dk);
     for (int64_t i = 0; i < Dk; ++i) w.q[r * Dk + i] *= p.scale;
   }
   std::fill(w.o, w.o + kQueryTile * DvP, 0.0f);
@@ -280,7 +225,7 @@ void query_tile(const DenseProblem& pr, const Packed& packed, int64_t seq_index,
           if (j >= nk || pos > qpos || (p.window > 0 && pos <= qpos - p.window)) s[j] = kNegInf;
         }
       }
-      softmax_row(w, r, NK, DvP);
+      softmax::step_row(d, s, NK, w.m + r, w.l + r, w.o + r * DvP, DvP);
     }
     if (edge) {
       accumulate_masked(w, rows, k0, nk, q0, p.window, NK, DvP);
@@ -305,7 +250,7 @@ void query_tile(const DenseProblem& pr, const Packed& packed, int64_t seq_index,
     }
     if (present(p.lse)) {
       static_cast<float*>(p.lse.data)[offset_of(p.lse, b, tok, h)] =
-          empty ? kNegInf : w.m[r] + std::log(w.l[r]);
+          softmax::row_lse(w.m[r], w.l[r]);
     }
   }
 }
@@ -315,31 +260,17 @@ void query_tile(const DenseProblem& pr, const Packed& packed, int64_t seq_index,
 // allocated inside the region).
 void pack(const DenseProblem& pr, Packed& pk, int threads, float* rows, int64_t stride) {
   const nsa_dense_fwd_params& p = pr.p;
-  const int64_t NK = pk.NK, DvP = pk.DvP, Dk = pr.Dk, Dv = pr.Dv;
-  const int64_t tiles = pk.first_tile.back() * pr.Hkv;
-#pragma omp parallel num_threads(threads)
-  {
-    float* const row = rows + omp_get_thread_num() * stride;
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < tiles; ++i) {
-      const int64_t tile = i / pr.Hkv, hk = i % pr.Hkv;
-      const int64_t seq_index =
-          std::upper_bound(pk.first_tile.begin(), pk.first_tile.end(), tile) -
-          pk.first_tile.begin() - 1;
-      const Sequence& seq = pr.seqs[seq_index];
-      const int64_t k0 = (tile - pk.first_tile[seq_index]) * NK;
-      const int64_t nk = std::min(NK, seq.len - k0);
-      float* kt = pk.k + i * Dk * NK;
-      float* vp = pk.v + i * NK * DvP;
-      std::fill(kt, kt + Dk * NK, 0.0f);
-      std::fill(vp, vp + NK * DvP, 0.0f);
-      for (int64_t j = 0; j < nk; ++j) {
-        load_row(p.k, seq.batch, seq.start + k0 + j, hk, Dk, row);
-        for (int64_t c = 0; c < Dk; ++c) kt[c * NK + j] = row[c];
-        load_row(p.v, seq.batch, seq.start + k0 + j, hk, Dv, vp + j * DvP);
-      }
-    }
-  }
+  const TileSource src{&p.k, &p.v, &pr.seqs, &pk.first_tile, pr.Hkv, pr.Dk, pr.Dv,
+                       /*cmp=*/false, /*head_major=*/false};
+  auto dest = [&](int64_t i) {
+    KVTile<float> dst;
+    dst.keys = pk.NK;
+    dst.kt = pk.k + i * pr.Dk * pk.NK;
+    dst.vr = pk.v + i * pk.NK * pk.DvP;
+    dst.ldv = pk.DvP;
+    return dst;
+  };
+  pack_kv_tiles(src, dest, rows, stride, threads);
 }
 
 // Returns false when the tiles cannot be allocated.

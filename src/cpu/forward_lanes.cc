@@ -31,6 +31,7 @@
 
 #include "common/dtype.h"
 #include "cpu/kernels.h"
+#include "cpu/simd/tiles.h"
 #include "hwy/aligned_allocator.h"
 
 #undef HWY_TARGET_INCLUDE
@@ -39,26 +40,26 @@
 #include <hwy/highway.h>
 
 #include "cpu/lanes-inl.h"
+#include "cpu/simd/block_scores-inl.h"
+#include "cpu/simd/softmax-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace nsa::cpu {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
-// Internal linkage: dense_fwd.cc defines helpers of the same names in the same namespaces.
+// Internal linkage: every kernel names its own work types plainly (Packed, Dims, ...); the
+// blocks the kernels share are in cpu/simd/.
 namespace {
 
 using lanes::DF;
 using lanes::VF;
-using lanes::kKeys;
 
 // Keys per online-softmax step: the max/sum/rescale work is paid once per this many keys.
 constexpr int64_t kChunk = 64;
 
-int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
-
-// K and V of one tensor pair, for every (sequence, KV head), as f32: K in tiles of kKeys keys
-// ([Dk][kKeys], keys innermost), V in rows [pos][Dv]. The rows of one (sequence, head) are
+// K and V of one tensor pair, for every (sequence, KV head), as f32: K in tiles of kTileKeys keys
+// ([Dk][kTileKeys], keys innermost), V in rows [pos][Dv]. The rows of one (sequence, head) are
 // contiguous; positions past the sequence end (up to the tile) are zero.
 struct PackedKV {
   std::vector<int64_t> first_tile;  // per sequence, cumulative (tiles of one head)
@@ -69,8 +70,8 @@ struct PackedKV {
   void* k = nullptr;
   void* v = nullptr;
   int64_t tiles = 0, Dk = 0, Dv = 0;
-  int64_t k_index(int64_t seq, int64_t hk) const { return (hk * tiles + first_tile[seq]) * kKeys * Dk; }
-  int64_t v_index(int64_t seq, int64_t hk) const { return (hk * tiles + first_tile[seq]) * kKeys * Dv; }
+  int64_t k_index(int64_t seq, int64_t hk) const { return (hk * tiles + first_tile[seq]) * kTileKeys * Dk; }
+  int64_t v_index(int64_t seq, int64_t hk) const { return (hk * tiles + first_tile[seq]) * kTileKeys * Dv; }
   const float* k_at(int64_t seq, int64_t hk) const { return static_cast<const float*>(k) + k_index(seq, hk); }
   const float* v_at(int64_t seq, int64_t hk) const { return static_cast<const float*>(v) + v_index(seq, hk); }
   const uint16_t* k16_at(int64_t seq, int64_t hk) const { return static_cast<const uint16_t*>(k) + k_index(seq, hk); }
@@ -91,24 +92,12 @@ void widen_bf16(const uint16_t* HWY_RESTRICT src, int64_t n, float* HWY_RESTRICT
   for (; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
 }
 
-
-// Packs (k, v) for every sequence: rows [start, start + len) of each, as `span` gives them
-// (the raw tokens, or the compressed ones). Returns false when out of memory.
-// One row of a [B, rows, H, D] tensor into dst as f32, or as its raw bf16 bits (dst uint16_t).
-void copy_row(const nsa_tensor& t, int64_t b, int64_t row, int64_t h, int64_t n, float* dst) {
-  load_row(t, offset_of(t, b, row, h), n, dst);  // kernels.h: bf16 widens exactly
-}
-void copy_row(const nsa_tensor& t, int64_t b, int64_t row, int64_t h, int64_t n, uint16_t* dst) {
-  const uint16_t* src = static_cast<const uint16_t*>(t.data) + offset_of(t, b, row, h);
-  std::copy(src, src + n, dst);
-}
-
 // Fills the tiles of pk (allocated) with elements of type E: f32, or bf16 bits when pk.half.
 // Returns false when out of memory.
-template <typename E, typename Span>
-bool fill_tiles(const FwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, Span span,
+template <typename E>
+bool fill_tiles(const FwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, bool cmp,
                 int threads, PackedKV& pk) {
-  const int64_t Dk = pr.Dk, Dv = pr.Dv, work = pr.Hkv * pk.tiles;
+  const int64_t Dk = pr.Dk, Dv = pr.Dv;
   E* const kbase = static_cast<E*>(pk.k);
   E* const vbase = static_cast<E*>(pk.v);
   // One key row per thread for the transposition, allocated here: never inside the region.
@@ -120,48 +109,33 @@ bool fill_tiles(const FwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, 
   } catch (const std::bad_alloc&) {
     return false;
   }
-#pragma omp parallel num_threads(threads)
-  {
-    E* const row = rows.data() + omp_get_thread_num() * Dk;
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < work; ++i) {
-      const int64_t hk = i / pk.tiles, tile = i % pk.tiles;
-      const int64_t si = std::upper_bound(pk.first_tile.begin(), pk.first_tile.end(), tile) -
-                         pk.first_tile.begin() - 1;
-      const Sequence& seq = pr.seqs[si];
-      const auto [start, len] = span(seq);
-      const int64_t k0 = (tile - pk.first_tile[si]) * kKeys;
-      const int64_t nk = std::min(kKeys, len - k0);
-      E* kt = kbase + i * kKeys * Dk;
-      E* vr = vbase + i * kKeys * Dv;
-      std::fill(kt, kt + kKeys * Dk, E(0));
-      std::fill(vr, vr + kKeys * Dv, E(0));
-      for (int64_t j = 0; j < nk; ++j) {
-        copy_row(k, seq.batch, start + k0 + j, hk, Dk, row);
-        for (int64_t c = 0; c < Dk; ++c) kt[c * kKeys + j] = row[c];
-        copy_row(v, seq.batch, start + k0 + j, hk, Dv, vr + j * Dv);
-      }
-    }
-  }
+  const TileSource src{&k, &v, &pr.seqs, &pk.first_tile, pr.Hkv, Dk, Dv, cmp, /*head_major=*/true};
+  auto dest = [&](int64_t u) {
+    KVTile<E> dst;
+    dst.kt = kbase + u * kTileKeys * Dk;
+    dst.vr = vbase + u * kTileKeys * Dv;
+    dst.ldv = Dv;
+    return dst;
+  };
+  pack_kv_tiles(src, dest, rows.data(), Dk, threads);
   return true;
 }
 
-// Packs (k, v) for every sequence: rows [start, start + len) of each, as `span` gives them
-// (the raw tokens, or the compressed ones); as bf16 when `keep_bf16` and both are bf16.
-// Returns false when out of memory.
-template <typename Span>
-bool pack(const FwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, Span span,
-          int threads, bool keep_bf16, PackedKV& pk) {
+// Packs (k, v) for every sequence: the raw tokens, or the compressed ones when `cmp`; as bf16
+// when `keep_bf16` and both are bf16. Returns false when out of memory.
+bool pack(const FwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, bool cmp, int threads,
+          bool keep_bf16, PackedKV& pk) {
   const int64_t Dk = pr.Dk, Dv = pr.Dv, Hkv = pr.Hkv;
   pk.Dk = Dk;
   pk.Dv = Dv;
   pk.half = keep_bf16 && k.dtype == NSA_DTYPE_BF16 && v.dtype == NSA_DTYPE_BF16;
   pk.first_tile.assign(1, 0);
   for (const Sequence& seq : pr.seqs) {
-    pk.first_tile.push_back(pk.first_tile.back() + (span(seq).second + kKeys - 1) / kKeys);
+    const int64_t len = cmp ? seq.cmp_len : seq.len;
+    pk.first_tile.push_back(pk.first_tile.back() + (len + kTileKeys - 1) / kTileKeys);
   }
   pk.tiles = pk.first_tile.back();
-  const int64_t k_elems = Hkv * pk.tiles * kKeys * Dk, v_elems = Hkv * pk.tiles * kKeys * Dv;
+  const int64_t k_elems = Hkv * pk.tiles * kTileKeys * Dk, v_elems = Hkv * pk.tiles * kTileKeys * Dv;
   // Element counts rounded to 64 bytes, so that V starts on a line.
   const int64_t k_floats = pk.half ? (k_elems + 31) / 32 * 16 : k_elems;
   const int64_t v_floats = pk.half ? (v_elems + 1) / 2 : v_elems;
@@ -169,8 +143,8 @@ bool pack(const FwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, Span s
   if (!pk.mem) return false;
   pk.k = pk.mem.get();
   pk.v = pk.mem.get() + k_floats;
-  return pk.half ? fill_tiles<uint16_t>(pr, k, v, span, threads, pk)
-                 : fill_tiles<float>(pr, k, v, span, threads, pk);
+  return pk.half ? fill_tiles<uint16_t>(pr, k, v, cmp, threads, pk)
+                 : fill_tiles<float>(pr, k, v, cmp, threads, pk);
 }
 
 // The running state of one branch for the G heads of one position.
@@ -202,7 +176,7 @@ void branch_begin(const Dims& d, Branch& br) {
 
 // Online-softmax attention of up to two positions over keys [f[p], e[p]) of one (sequence, KV
 // head), added to branch `br` of each; a null position, or f >= e, takes no part. kt and v are
-// that pair's packed K tiles and V rows from key `key0` on (a multiple of kKeys). Where both
+// that pair's packed K tiles and V rows from key `key0` on (a multiple of kTileKeys). Where both
 // positions attend a key, the kernels serve both at once.
 void attend_spans(Pos* const pos[2], Branch Pos::*br, const Dims& dm, const float* kt,
                   const float* v, int64_t key0, const int64_t f[2], const int64_t e[2]) {
@@ -214,7 +188,7 @@ void attend_spans(Pos* const pos[2], Branch Pos::*br, const Dims& dm, const floa
     if (act[p]) u0 = std::min(u0, f[p]), u1 = std::max(u1, e[p]);
   }
   if (!act[0] && !act[1]) return;
-  for (int64_t c0 = u0 / kKeys * kKeys; c0 < u1; c0 += kChunk) {
+  for (int64_t c0 = u0 / kTileKeys * kTileKeys; c0 < u1; c0 += kChunk) {
     const int64_t c1 = std::min(c0 + kChunk, u1), n = c1 - c0;
     int64_t lo[2], hi[2];
     bool in[2];
@@ -226,7 +200,7 @@ void attend_spans(Pos* const pos[2], Branch Pos::*br, const Dims& dm, const floa
     if (!in[0] && !in[1]) continue;
     const float* ktc = kt + (c0 - key0) * dm.Dk;
     const float* vc = v + (c0 - key0) * dm.Dv;
-    const int64_t tiles = (n + kKeys - 1) / kKeys;
+    const int64_t tiles = (n + kTileKeys - 1) / kTileKeys;
     const int a = in[0] ? 0 : 1;  // the position that is in (the first, when both are)
     for (int64_t hv = 0; hv < GP; hv += N) {
       // Scores of the keys that are in: jointly, or for the one position.
@@ -237,7 +211,8 @@ void attend_spans(Pos* const pos[2], Branch Pos::*br, const Dims& dm, const floa
       for (int p = 0; p < 2; ++p) {
         if (!in[p]) continue;
         Branch& b = (*pos[p]).*br;
-        lanes::softmax_step(pos[p]->s + hv, GP, lo[p], hi[p], dm.Dv, b.m + hv, b.l + hv, b.o + hv);
+        softmax::step_lanes(DF(), pos[p]->s + hv, GP, lo[p], hi[p], dm.Dv, b.m + hv, b.l + hv,
+                            b.o + hv);
       }
       if (B == nullptr) {
         Branch& b = A.*br;
@@ -271,7 +246,7 @@ void block_scores_lanes(Pos& ps, const Dims& dm, int64_t nc, float* acc);
 
 // The compressed branch of up to four positions, two pairs (steps 1-2). Its probabilities are
 // needed themselves, so it is a two-pass softmax: all nc scores of a position stay in its s
-// ([round_up(nc, kKeys)][GP]) between the passes, and feed the block scores
+// ([round_up(nc, kTileKeys)][GP]) between the passes, and feed the block scores
 // (block_scores_lanes). The compressed keys are walked in chunks that stay in L2 while both
 // pairs pass over them: from L3 once per four positions (Tc grows as T, about 5 MiB of K and V
 // at 64k tokens).
@@ -303,7 +278,7 @@ void cmp_branch(Pos* const quad[4], const Dims& dm, const float* kt, const float
     for (int64_t c0 = 0; c0 < n_all; c0 += kCmpChunk) {
       for (const Pair& pr : pairs) {
         if (!pr.A || c0 >= pr.hi) continue;
-        const int64_t tiles = (std::min(c0 + kCmpChunk, pr.hi) - c0 + kKeys - 1) / kKeys;
+        const int64_t tiles = (std::min(c0 + kCmpChunk, pr.hi) - c0 + kTileKeys - 1) / kTileKeys;
         lanes::score_tiles(pr.A->qt + hv, pr.B ? pr.B->qt + hv : nullptr, GP, dm.Dk,
                            kt + c0 * dm.Dk, tiles, pr.A->s + c0 * GP + hv,
                            pr.B ? pr.B->s + c0 * GP + hv : nullptr);
@@ -314,7 +289,7 @@ void cmp_branch(Pos* const quad[4], const Dims& dm, const float* kt, const float
       for (Pos* p : {pr.A, pr.B}) {
         if (!p) continue;
         const int64_t n = p == pr.A ? pr.nA : pr.nB;
-        lanes::softmax_step(p->s + hv, GP, 0, n, dm.Dv, p->cmp.m + hv, p->cmp.l + hv,
+        softmax::step_lanes(DF(), p->s + hv, GP, 0, n, dm.Dv, p->cmp.m + hv, p->cmp.l + hv,
                             p->cmp.o + hv);
       }
     }
@@ -341,11 +316,11 @@ void cmp_branch(Pos* const quad[4], const Dims& dm, const float* kt, const float
   }
 }
 
-// The block scores of one position (step 2, Eqs. 8-10 with the overlap weights of SPEC 4.2):
-// score[j] = sum_i ov(i, j) / d * sum_h p[h][i] / l[h], over the group's real heads. The
-// probabilities stay in their lanes: each compressed token adds its weighted vector into the
-// vector of each selection block it overlaps, and only those vectors, one per block, are summed
-// across lanes.
+// The block scores of one position (step 2, Eqs. 8-10 with the overlap weights of SPEC 4.2;
+// simd/block_scores-inl.h): score[j] = sum_i ov(i, j) / d * sum_h p[h][i] / l[h], over the group's
+// real heads. The probabilities stay in their lanes: each compressed token adds its weighted
+// vector into the vector of each selection block it overlaps, and only those vectors, one per
+// block, are summed across lanes.
 void block_scores_lanes(Pos& ps, const Dims& dm, int64_t nc, float* acc) {
   const DF d;
   const int64_t N = hn::Lanes(d), GP = dm.GP;
@@ -363,7 +338,6 @@ void block_scores_lanes(Pos& ps, const Dims& dm, int64_t nc, float* acc) {
     hn::Store(hn::IfThenElse(real, inv, hn::Zero(d)), d, inv_l + hv);
   }
   for (int64_t j = 0; j <= last; ++j) hn::Store(hn::Zero(d), d, acc + j * N);
-  const float inv_d = 1.0f / static_cast<float>(stride);
   auto weighted = [&](int64_t i) {  // sum_h p[h][i] / l[h], still in lanes
     VF pv = hn::Zero(d);
     for (int64_t hv = 0; hv < GP; hv += N) {
@@ -371,41 +345,12 @@ void block_scores_lanes(Pos& ps, const Dims& dm, int64_t nc, float* acc) {
     }
     return pv;
   };
-  int64_t j_lo = 0;  // the block holding token i * d, advanced without a division per token
-  if (l <= lp) {
-    // A compressed block touches at most two selection blocks, j_lo and j_lo + 1: their sums
-    // stay in registers, and each block is stored once, when the tokens move past it.
-    VF cur = hn::Zero(d), next = hn::Zero(d);
-    for (int64_t i = 0; i < nc; ++i) {
-      const VF pv = weighted(i);
-      const int64_t lo = i * stride, hi = i * stride + l;
-      while ((j_lo + 1) * lp <= lo) {
-        hn::Store(cur, d, acc + j_lo * N);
-        cur = next;
-        next = hn::Zero(d);
-        ++j_lo;
-      }
-      const int64_t split = (j_lo + 1) * lp;  // the end of block j_lo
-      cur = hn::MulAdd(pv, hn::Set(d, static_cast<float>(std::min(hi, split) - lo) * inv_d), cur);
-      // A visible block ends at or before t, so it never reaches past J; kept for safety.
-      if (hi > split && j_lo + 1 <= last) {
-        next = hn::MulAdd(pv, hn::Set(d, static_cast<float>(hi - split) * inv_d), next);
-      }
-    }
-    hn::Store(cur, d, acc + j_lo * N);
-    if (j_lo + 1 <= last) hn::Store(next, d, acc + (j_lo + 1) * N);
-  } else {
-    for (int64_t i = 0; i < nc; ++i) {
-      const VF pv = weighted(i);
-      const int64_t lo = i * stride, hi = i * stride + l;
-      while ((j_lo + 1) * lp <= lo) ++j_lo;
-      for (int64_t j = j_lo; j * lp < hi && j <= last; ++j) {
-        const int64_t ov = std::min(hi, (j + 1) * lp) - std::max(lo, j * lp);
-        const VF w = hn::Set(d, static_cast<float>(ov) * inv_d);
-        hn::Store(hn::MulAdd(pv, w, hn::Load(d, acc + j * N)), d, acc + j * N);
-      }
-    }
-  }
+  // Each block's sum stays a vector of per-lane partial sums, reduced across lanes once.
+  overlap_block_scores(
+      l, stride, lp, nc, last, hn::Zero(d), weighted,
+      [&](VF m, float w, VF a) { return hn::MulAdd(m, hn::Set(d, w), a); },
+      [&](int64_t j) { return hn::Load(d, acc + j * N); },
+      [&](int64_t j, VF a) { hn::Store(a, d, acc + j * N); });
   for (int64_t j = 0; j <= last; ++j) {
     ps.sel.score[j] = hn::GetLane(hn::SumOfLanes(d, hn::Load(d, acc + j * N)));
   }
@@ -477,10 +422,10 @@ void slc_pair(Pos* const pos[2], const Packs& pk, int64_t si, int64_t hk, const 
       continue;
     }
     // bf16 K/V: the block's whole tiles widened to f32 once, for both positions.
-    const int64_t key0 = int64_t(j) * cfg.slc_block / kKeys * kKeys;
+    const int64_t key0 = int64_t(j) * cfg.slc_block / kTileKeys * kTileKeys;
     const int64_t key_end = std::max(e[0], e[1]);
-    const int64_t tiles = (key_end - key0 + kKeys - 1) / kKeys;
-    widen_bf16(pk.slc.k16_at(si, hk) + key0 * dm.Dk, tiles * kKeys * dm.Dk, blk_k);
+    const int64_t tiles = (key_end - key0 + kTileKeys - 1) / kTileKeys;
+    widen_bf16(pk.slc.k16_at(si, hk) + key0 * dm.Dk, tiles * kTileKeys * dm.Dk, blk_k);
     widen_bf16(pk.slc.v16_at(si, hk) + key0 * dm.Dv, (key_end - key0) * dm.Dv, blk_v);
     attend_spans(pos, &Pos::slc, dm, blk_k, blk_v, key0, f, e);
   }
@@ -519,7 +464,9 @@ void run_item(Pos* const quad[4], const Packs& pk, int64_t si, const Dims& dm, f
   }
   clock.lap(kStageScores);
   for (Pos* ps : std::initializer_list<Pos*>{quad[0], quad[1], quad[2], quad[3]}) {
-    if (ps) lanes::finish(dm.GP, dm.Dv, ps->cmp.m, ps->cmp.l, ps->cmp.o, ps->lse);
+    if (ps) {
+      softmax::finish_lanes(DF(), dm.GP, dm.Dv, ps->cmp.m, ps->cmp.l, ps->cmp.o, ps->lse);
+    }
   }
   clock.lap(kStageCmp);
 
@@ -534,7 +481,9 @@ void run_item(Pos* const quad[4], const Packs& pk, int64_t si, const Dims& dm, f
     if (pos[0]) slc_pair(pos, pk, si, hk, dm, blk_k, blk_v);
   }
   for (Pos* ps : std::initializer_list<Pos*>{quad[0], quad[1], quad[2], quad[3]}) {
-    if (ps) lanes::finish(dm.GP, dm.Dv, ps->slc.m, ps->slc.l, ps->slc.o, ps->lse + dm.GP);
+    if (ps) {
+      softmax::finish_lanes(DF(), dm.GP, dm.Dv, ps->slc.m, ps->slc.l, ps->slc.o, ps->lse + dm.GP);
+    }
   }
   clock.lap(kStageSlc);
 
@@ -550,7 +499,9 @@ void run_item(Pos* const quad[4], const Packs& pk, int64_t si, const Dims& dm, f
     attend_spans(pos, &Pos::win, dm, pk.win_kv->k_at(si, hk), pk.win_kv->v_at(si, hk), 0, f, e);
   }
   for (Pos* ps : std::initializer_list<Pos*>{quad[0], quad[1], quad[2], quad[3]}) {
-    if (ps) lanes::finish(dm.GP, dm.Dv, ps->win.m, ps->win.l, ps->win.o, ps->lse + 2 * dm.GP);
+    if (ps) {
+      softmax::finish_lanes(DF(), dm.GP, dm.Dv, ps->win.m, ps->win.l, ps->win.o, ps->lse + 2 * dm.GP);
+    }
   }
   clock.lap(kStageWin);
 
@@ -574,16 +525,14 @@ bool ForwardLanes(const FwdProblem& pr) {
   StageClock pack_clock(pr.profile ? stage_s.data() : nullptr);
 
   Packs pk;
-  auto raw = [](const Sequence& s) { return std::pair<int64_t, int64_t>(s.start, s.len); };
-  auto cmp = [](const Sequence& s) { return std::pair<int64_t, int64_t>(s.cmp_start, s.cmp_len); };
-  if (!pack(pr, p.in.k_slc, p.in.v_slc, raw, threads, /*keep_bf16=*/true, pk.slc)) return false;
+  if (!pack(pr, p.in.k_slc, p.in.v_slc, /*cmp=*/false, threads, /*keep_bf16=*/true, pk.slc)) return false;
   pk.win_kv = &pk.slc;
   // The window's keys stay in cache from one position to the next: f32, converted once.
   if (pk.slc.half || !same_view(p.in.k_win, p.in.k_slc) || !same_view(p.in.v_win, p.in.v_slc)) {
-    if (!pack(pr, p.in.k_win, p.in.v_win, raw, threads, false, pk.win)) return false;
+    if (!pack(pr, p.in.k_win, p.in.v_win, false, threads, false, pk.win)) return false;
     pk.win_kv = &pk.win;
   }
-  if (!pack(pr, p.in.k_cmp, p.in.v_cmp, cmp, threads, false, pk.cmp)) return false;
+  if (!pack(pr, p.in.k_cmp, p.in.v_cmp, true, threads, false, pk.cmp)) return false;
   pack_clock.lap(kStagePack);
 
   // Work items: four consecutive positions 4i .. 4i + 3 of one sequence and KV head (fewer at
@@ -596,7 +545,7 @@ bool ForwardLanes(const FwdProblem& pr) {
     first_item[i + 1] = first_item[i] + (pr.seqs[i].len + 3) / 4 * pr.Hkv;
   }
   const int64_t max_blocks = max_len > 0 ? (max_len - 1) / p.in.cfg.slc_block + 1 : 1;
-  const int64_t s_rows = std::max(kChunk, round_up(max_cmp, kKeys));
+  const int64_t s_rows = std::max(kChunk, round_up(max_cmp, kTileKeys));
   const Dims dm{pr.G, GP, Dk, Dv};
 
   // Per thread: four positions' buffers, then the rest; carved below in this order.
@@ -607,7 +556,7 @@ bool ForwardLanes(const FwdProblem& pr) {
   // One selected block widened from bf16 (f32 K/V need none): whole tiles from the one holding
   // its first key, never more than the longest sequence holds however large l' is.
   const int64_t blk_keys =
-      pk.slc.half ? round_up(std::min<int64_t>(p.in.cfg.slc_block, max_len), kKeys) + kKeys : 0;
+      pk.slc.half ? round_up(std::min<int64_t>(p.in.cfg.slc_block, max_len), kTileKeys) + kTileKeys : 0;
   int64_t floats = round_up(acc_floats, 16) + round_up(std::max(Dk, Dv), 16) +
                    round_up(blk_keys * Dk, 16) + round_up(blk_keys * Dv, 16);
   for (int64_t size : pos_sizes) floats += 4 * round_up(size, 16);

@@ -15,8 +15,6 @@
 namespace nsa::cpu {
 namespace {
 
-int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
-
 // The n elements of a parameter tensor [H, ...] row `r` of head h, appended to dst as f32.
 void append_param(const nsa_tensor& t, int64_t h, int64_t r, int64_t n, std::vector<float>& dst) {
   const size_t at = dst.size();

@@ -9,14 +9,15 @@
 #include "common/kv_cache.h"
 #include "common/problem.h"
 #include "common/status.h"
+#include "cpu/simd/tile_size.h"
 #include "nsa/nsa.h"
 
 namespace nsa::cpu {
 
-// Keys per K tile: K is stored in tiles of 16 positions laid out [Dk][16] (positions innermost),
-// so the decode score kernel loads the i-th element of 16 consecutive keys as one vector and
-// every query head of the group reuses it (keys in lanes, heads in registers).
-constexpr int64_t kTileKeys = 16;
+// K is stored in tiles of kTileKeys (16, cpu/simd/tile_size.h) positions laid out [Dk][16]
+// (positions innermost), so the decode score kernel loads the i-th element of 16 consecutive
+// keys as one vector and every query head of the group reuses it (keys in lanes, heads in
+// registers).
 
 // The tokens of one kind (raw, or compressed) of every (sequence, KV head), in the cache's dtype.
 // K: tiles [rows / 16][Dk][16]; V: rows [rows][Dv_pad] (Dv padded with zeros to whole vectors).

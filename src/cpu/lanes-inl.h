@@ -4,8 +4,9 @@
 // load of a key or value element: with two, every broadcast feeds two FMAs, which halves the
 // loads per FMA and the cache traffic per position.
 //
-// Layouts: queries qt [Dk][GP] (scaled, zero past G); packed K tiles [Dk][kKeys] (keys
+// Layouts: queries qt [Dk][GP] (scaled, zero past G); packed K tiles [Dk][kTileKeys] (keys
 // innermost); V rows [key][Dv]; scores/probabilities s [key][GP]; outputs transposed o [Dv][GP].
+// The online softmax between the two products is simd/softmax-inl.h's step_lanes.
 #if defined(NSA_CPU_LANES_INL_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef NSA_CPU_LANES_INL_H_
 #undef NSA_CPU_LANES_INL_H_
@@ -14,10 +15,10 @@
 #endif
 
 #include <cstdint>
-#include <limits>
 
 #include <hwy/highway.h>
-#include <hwy/contrib/math/math-inl.h>
+
+#include "cpu/simd/tile_size.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace nsa::cpu {
@@ -28,16 +29,12 @@ namespace hn = hwy::HWY_NAMESPACE;
 using DF = hn::ScalableTag<float>;
 using VF = hn::Vec<DF>;
 
-// Keys per packed K tile. Selection blocks (64 keys by default) are whole tiles.
-constexpr int64_t kKeys = 16;
 // Register blocks, sized to the register file: 32 vector registers on AVX-512, 16 elsewhere.
 // One position: 16 keys (16 accumulators + the query). Two positions: 8 keys each (16
 // accumulators + 2 queries + the broadcast). The output blocks use the same shapes over columns.
 constexpr bool kWide = HWY_MAX_BYTES >= 64;
 constexpr int kBlock1 = kWide ? 16 : 8;
 constexpr int kBlock2 = kWide ? 8 : 4;
-
-constexpr float kNegInfF = -std::numeric_limits<float>::infinity();
 
 // ---- S = Q^T K for one head vector. ----
 
@@ -49,7 +46,7 @@ HWY_INLINE void score_block1(const float* HWY_RESTRICT qa, int64_t GP,
   for (int j = 0; j < KB; ++j) a[j] = hn::Zero(d);
   for (int64_t i = 0; i < Dk; ++i) {
     const VF q = hn::Load(d, qa + i * GP);
-    const float* k = kt + i * kKeys;
+    const float* k = kt + i * kTileKeys;
     for (int j = 0; j < KB; ++j) a[j] = hn::MulAdd(q, hn::Set(d, k[j]), a[j]);
   }
   for (int j = 0; j < KB; ++j) hn::Store(a[j], d, sa + j * GP);
@@ -64,7 +61,7 @@ HWY_INLINE void score_block2(const float* HWY_RESTRICT qa, const float* HWY_REST
   for (int j = 0; j < KB; ++j) a[j] = b[j] = hn::Zero(d);
   for (int64_t i = 0; i < Dk; ++i) {
     const VF q0 = hn::Load(d, qa + i * GP), q1 = hn::Load(d, qb + i * GP);
-    const float* k = kt + i * kKeys;
+    const float* k = kt + i * kTileKeys;
     for (int j = 0; j < KB; ++j) {
       const VF kj = hn::Set(d, k[j]);
       a[j] = hn::MulAdd(q0, kj, a[j]);
@@ -78,18 +75,18 @@ HWY_INLINE void score_block2(const float* HWY_RESTRICT qa, const float* HWY_REST
 }
 
 // Scores of head vector hv for `tiles` packed tiles at kt: sa (and sb when qb is not null) get
-// rows [0, tiles * kKeys).
+// rows [0, tiles * kTileKeys).
 inline void score_tiles(const float* qa, const float* qb, int64_t GP, int64_t Dk, const float* kt,
                         int64_t tiles, float* sa, float* sb) {
   for (int64_t ti = 0; ti < tiles; ++ti) {
-    const float* k = kt + ti * kKeys * Dk;
-    const int64_t r = ti * kKeys;
+    const float* k = kt + ti * kTileKeys * Dk;
+    const int64_t r = ti * kTileKeys;
     if (qb) {
-      for (int64_t j = 0; j < kKeys; j += kBlock2) {
+      for (int64_t j = 0; j < kTileKeys; j += kBlock2) {
         score_block2<kBlock2>(qa, qb, GP, k + j, Dk, sa + (r + j) * GP, sb + (r + j) * GP);
       }
     } else {
-      for (int64_t j = 0; j < kKeys; j += kBlock1) {
+      for (int64_t j = 0; j < kTileKeys; j += kBlock1) {
         score_block1<kBlock1>(qa, GP, k + j, Dk, sa + (r + j) * GP);
       }
     }
@@ -153,74 +150,6 @@ inline void accumulate(const float* pa, const float* pb, int64_t GP, const float
       out_block1<kBlock1>(pa, GP, v + c, Dv, j0, j1, oa + c * GP);
     }
     for (; c < Dv; ++c) out_block1<1>(pa, GP, v + c, Dv, j0, j1, oa + c * GP);
-  }
-}
-
-// ---- Softmax pieces, per head vector. ----
-
-// m = -inf (no finite score yet) is replaced by 0 in exp(s - m), so -inf scores give
-// exp(-inf) = 0 and never exp(NaN).
-HWY_INLINE VF safe_max(VF m) {
-  const DF d;
-  return hn::IfThenElse(hn::Eq(m, hn::Set(d, kNegInfF)), hn::Zero(d), m);
-}
-
-// A NaN or +inf score makes its lane's branch NaN (README "Non-finite inputs"): vector Max and
-// Exp would silently drop a NaN, so such a lane is caught and its l set to NaN, which poisons o
-// and lse.
-HWY_INLINE hn::Mask<DF> poisoned(VF s) {
-  const DF d;
-  return hn::Or(hn::IsNaN(s), hn::Eq(s, hn::Set(d, -kNegInfF)));
-}
-
-// One online-softmax step over rows [lo, hi) of s (one head vector, at lane offset of m, l, o):
-// turns the scores into probabilities exp(s - m_new), updates m and l, and rescales o ([Dv][GP]).
-inline void softmax_step(float* s, int64_t GP, int64_t lo, int64_t hi, int64_t Dv, float* m,
-                         float* l, float* o) {
-  const DF d;
-  const VF m_old = hn::Load(d, m);
-  VF mx = m_old;
-  VF bad = hn::Zero(d);  // all-ones bits in the lanes that met a poisoned score
-  for (int64_t j = lo; j < hi; ++j) {
-    const VF sj = hn::Load(d, s + j * GP);
-    mx = hn::Max(mx, sj);
-    bad = hn::Or(bad, hn::VecFromMask(d, poisoned(sj)));
-  }
-  const VF m_use = safe_max(mx);
-  const VF alpha = hn::Exp(d, hn::Sub(m_old, m_use));  // 0 while nothing was seen
-  VF sum = hn::Zero(d);
-  for (int64_t j = lo; j < hi; ++j) {
-    const VF pj = hn::Exp(d, hn::Sub(hn::Load(d, s + j * GP), m_use));
-    hn::Store(pj, d, s + j * GP);
-    sum = hn::Add(sum, pj);
-  }
-  VF lv = hn::MulAdd(hn::Load(d, l), alpha, sum);
-  lv = hn::IfThenElse(hn::MaskFromVec(bad), hn::Set(d, std::numeric_limits<float>::quiet_NaN()), lv);
-  hn::Store(lv, d, l);
-  hn::Store(mx, d, m);
-  // The running output is rescaled once per step, not per key (alpha = 1 once m settles).
-  if (!hn::AllTrue(d, hn::Eq(alpha, hn::Set(d, 1.0f)))) {
-    for (int64_t c = 0; c < Dv; ++c) hn::Store(hn::Mul(alpha, hn::Load(d, o + c * GP)), d, o + c * GP);
-  }
-}
-
-// o /= l and lse = m + log l per lane; an empty branch (l = 0) keeps o (0) and gets lse = -inf;
-// a poisoned one (l NaN) gets NaN in both (SPEC 4.1, README "Non-finite inputs").
-inline void finish(int64_t GP, int64_t Dv, const float* m, const float* l, float* o, float* lse) {
-  const DF d;
-  const int64_t N = hn::Lanes(d);
-  for (int64_t hv = 0; hv < GP; hv += N) {
-    const VF lv = hn::Load(d, l + hv), mv = hn::Load(d, m + hv);
-    const auto empty = hn::Eq(lv, hn::Zero(d));
-    const VF inv = hn::IfThenElse(empty, hn::Set(d, 1.0f), hn::Div(hn::Set(d, 1.0f), lv));
-    for (int64_t c = 0; c < Dv; ++c) {
-      float* oc = o + c * GP + hv;
-      hn::Store(hn::Mul(hn::Load(d, oc), inv), d, oc);
-    }
-    VF out = hn::Add(mv, hn::Log(d, hn::IfThenElse(empty, hn::Set(d, 1.0f), lv)));
-    out = hn::IfThenElse(empty, hn::Set(d, kNegInfF), out);
-    out = hn::IfThenElse(hn::IsNaN(lv), lv, out);
-    hn::Store(out, d, lse + hv);
   }
 }
 
