@@ -86,9 +86,9 @@ struct Fwd {
     for (int64_t t = 0; t < s.T; ++t) {
       const int64_t nc = t + 1 >= cfg.cmp_block ? (t + 1 - cfg.cmp_block) / cfg.cmp_stride + 1 : 0;
       const int64_t blocks = t / cfg.slc_block + 1;
-      const int64_t slc = blocks <= cfg.slc_count
-                              ? t + 1
-                              : (cfg.slc_count - 1) * int64_t{cfg.slc_block} + t % cfg.slc_block + 1;
+      const int64_t slc = blocks <= cfg.slc_count ? t + 1
+                                                  : (cfg.slc_count - 1) * int64_t{cfg.slc_block} +
+                                                        t % cfg.slc_block + 1;
       keys += double(nc + slc + std::min<int64_t>(cfg.window, t + 1));
     }
     return keys;
@@ -103,8 +103,8 @@ nsa_context* make_context(bool profile) {
 }
 
 void report_flops(benchmark::State& state, double flops_per_iter) {
-  state.counters["GFLOP/s"] =
-      benchmark::Counter(flops_per_iter * double(state.iterations()) / 1e9, benchmark::Counter::kIsRate);
+  state.counters["GFLOP/s"] = benchmark::Counter(flops_per_iter * double(state.iterations()) / 1e9,
+                                                 benchmark::Counter::kIsRate);
 }
 
 void BM_Compress(benchmark::State& state) {
@@ -131,7 +131,10 @@ void BM_Compress(benchmark::State& state) {
   nsa_context_destroy(ctx);
   state.SetBytesProcessed(state.iterations() * T * D * 4);
 }
-BENCHMARK(BM_Compress)->ArgsProduct({{8192, 32768}, {0, 1}})->ArgNames({"T", "mlp"})->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Compress)
+    ->ArgsProduct({{8192, 32768}, {0, 1}})
+    ->ArgNames({"T", "mlp"})
+    ->Unit(benchmark::kMillisecond);
 
 void run_forward(benchmark::State& state, Fwd& f, bool stages) {
   nsa_context* ctx = make_context(stages);
@@ -141,7 +144,8 @@ void run_forward(benchmark::State& state, Fwd& f, bool stages) {
     if (stages) {
       nsa_fwd_profile pr{};
       nsa_context_fwd_profile(ctx, &pr);
-      const double st[7] = {pr.pack_s, pr.cmp_s, pr.scores_s, pr.topn_s, pr.slc_s, pr.win_s, pr.combine_s};
+      const double st[7] = {pr.pack_s, pr.cmp_s, pr.scores_s, pr.topn_s,
+                            pr.slc_s,  pr.win_s, pr.combine_s};
       double sum = 0;
       for (double x : st) sum += x;
       // Thread-seconds scaled to the call's wall time: each stage's share of the wall clock.
@@ -150,8 +154,10 @@ void run_forward(benchmark::State& state, Fwd& f, bool stages) {
   }
   nsa_context_destroy(ctx);
   if (stages) {
-    const char* names[7] = {"pack_ms", "cmp_ms", "scores_ms", "topn_ms", "slc_ms", "win_ms", "combine_ms"};
-    for (int i = 0; i < 7; ++i) state.counters[names[i]] = 1e3 * stage_s[i] / double(state.iterations());
+    const char* names[7] = {"pack_ms", "cmp_ms", "scores_ms", "topn_ms",
+                            "slc_ms",  "win_ms", "combine_ms"};
+    for (int i = 0; i < 7; ++i)
+      state.counters[names[i]] = 1e3 * stage_s[i] / double(state.iterations());
   }
   report_flops(state, 2.0 * double(f.s.Dk + f.s.Dv) * double(f.s.Hq) * f.attended());
 }
@@ -160,7 +166,11 @@ void BM_NsaForward(benchmark::State& state) {
   Fwd f({state.range(0)}, state.range(1) ? NSA_DTYPE_BF16 : NSA_DTYPE_F32);
   run_forward(state, f, true);
 }
-BENCHMARK(BM_NsaForward)->ArgsProduct({{4096, 16384}, {0, 1}})->ArgNames({"T", "bf16"})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_NsaForward)
+    ->ArgsProduct({{4096, 16384}, {0, 1}})
+    ->ArgNames({"T", "bf16"})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 void BM_NsaGivenIndices(benchmark::State& state) {
   Fwd f({state.range(0)}, NSA_DTYPE_F32);
@@ -173,7 +183,11 @@ void BM_NsaGivenIndices(benchmark::State& state) {
   f.p.slc_indices_in = f.idx.t;
   run_forward(state, f, true);
 }
-BENCHMARK(BM_NsaGivenIndices)->Arg(16384)->ArgName("T")->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_NsaGivenIndices)
+    ->Arg(16384)
+    ->ArgName("T")
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 void BM_NsaSmallGroups(benchmark::State& state) {
   Shape s{state.range(0)};
@@ -181,7 +195,11 @@ void BM_NsaSmallGroups(benchmark::State& state) {
   Fwd f(s, NSA_DTYPE_F32);
   run_forward(state, f, true);
 }
-BENCHMARK(BM_NsaSmallGroups)->ArgsProduct({{4096}, {1, 4}})->ArgNames({"T", "G"})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_NsaSmallGroups)
+    ->ArgsProduct({{4096}, {1, 4}})
+    ->ArgNames({"T", "G"})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 void BM_Dense(benchmark::State& state) {
   const int64_t T = state.range(0);
@@ -199,7 +217,11 @@ void BM_Dense(benchmark::State& state) {
   nsa_context_destroy(ctx);
   report_flops(state, 2.0 * 2 * D * H * double(T) * double(T + 1) / 2);
 }
-BENCHMARK(BM_Dense)->ArgsProduct({{2048, 8192}, {0, 1}})->ArgNames({"T", "bf16"})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_Dense)
+    ->ArgsProduct({{2048, 8192}, {0, 1}})
+    ->ArgNames({"T", "bf16"})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 // The dense backward on FlashAttention's shape of the comparison (Dk = Dv = 128). GFLOP/s uses
 // FlashAttention's convention for a causal backward: 2.5 times the forward's 4 * B * Hq * T^2 * D
@@ -227,7 +249,12 @@ void BM_DenseBwd(benchmark::State& state) {
   nsa_context_destroy(ctx);
   report_flops(state, 2.5 * 4.0 * double(H) * double(T) * double(T) * double(D) / 2);
 }
-BENCHMARK(BM_DenseBwd)->Arg(4096)->Arg(8192)->ArgName("T")->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_DenseBwd)
+    ->Arg(4096)
+    ->Arg(8192)
+    ->ArgName("T")
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 // The backward of one forward: inputs, the forward's selection and LSEs, d_o and the gradients.
 void BM_NsaBwd(benchmark::State& state) {
   Fwd f({state.range(0)}, NSA_DTYPE_F32);
@@ -235,7 +262,8 @@ void BM_NsaBwd(benchmark::State& state) {
   const int64_t Tc = nsa_cmp_len(&f.cfg, s.T);
   Buf lse_c(NSA_DTYPE_F32, {1, s.T, s.Hq}, 9, 0, 0), lse_s(NSA_DTYPE_F32, {1, s.T, s.Hq}, 9, 0, 0),
       lse_w(NSA_DTYPE_F32, {1, s.T, s.Hq}, 9, 0, 0);
-  Buf o_c(NSA_DTYPE_F32, {1, s.T, s.Hq, s.Dv}, 9, 0, 0), o_s(NSA_DTYPE_F32, {1, s.T, s.Hq, s.Dv}, 9, 0, 0),
+  Buf o_c(NSA_DTYPE_F32, {1, s.T, s.Hq, s.Dv}, 9, 0, 0),
+      o_s(NSA_DTYPE_F32, {1, s.T, s.Hq, s.Dv}, 9, 0, 0),
       o_w(NSA_DTYPE_F32, {1, s.T, s.Hq, s.Dv}, 9, 0, 0);
   f.p.slc_indices_out = f.idx.t;
   f.p.lse_cmp = lse_c.t, f.p.lse_slc = lse_s.t, f.p.lse_win = lse_w.t;
@@ -243,13 +271,17 @@ void BM_NsaBwd(benchmark::State& state) {
   nsa_context* ctx = make_context(false);
   if (nsa_fwd(ctx, &f.p) != NSA_OK) state.SkipWithError(nsa_last_error(ctx));
   Buf d_o(NSA_DTYPE_F32, {1, s.T, s.Hq, s.Dv}, 10);
-  Buf dq(NSA_DTYPE_F32, {1, s.T, s.Hq, s.Dk}, 11, 0, 0), dk(NSA_DTYPE_F32, {1, s.T, s.Hkv, s.Dk}, 11, 0, 0),
-      dv(NSA_DTYPE_F32, {1, s.T, s.Hkv, s.Dv}, 11, 0, 0), dkc(NSA_DTYPE_F32, {1, Tc, s.Hkv, s.Dk}, 11, 0, 0),
-      dvc(NSA_DTYPE_F32, {1, Tc, s.Hkv, s.Dv}, 11, 0, 0), dg1(NSA_DTYPE_F32, {1, s.T, s.Hq}, 11, 0, 0),
-      dg2(NSA_DTYPE_F32, {1, s.T, s.Hq}, 11, 0, 0), dg3(NSA_DTYPE_F32, {1, s.T, s.Hq}, 11, 0, 0);
+  Buf dq(NSA_DTYPE_F32, {1, s.T, s.Hq, s.Dk}, 11, 0, 0),
+      dk(NSA_DTYPE_F32, {1, s.T, s.Hkv, s.Dk}, 11, 0, 0),
+      dv(NSA_DTYPE_F32, {1, s.T, s.Hkv, s.Dv}, 11, 0, 0),
+      dkc(NSA_DTYPE_F32, {1, Tc, s.Hkv, s.Dk}, 11, 0, 0),
+      dvc(NSA_DTYPE_F32, {1, Tc, s.Hkv, s.Dv}, 11, 0, 0),
+      dg1(NSA_DTYPE_F32, {1, s.T, s.Hq}, 11, 0, 0), dg2(NSA_DTYPE_F32, {1, s.T, s.Hq}, 11, 0, 0),
+      dg3(NSA_DTYPE_F32, {1, s.T, s.Hq}, 11, 0, 0);
   nsa_bwd_params b;
   nsa_bwd_params_init(&b);
-  b.in.q = f.p.in.q, b.in.k = f.p.in.k, b.in.v = f.p.in.v, b.in.k_cmp = f.p.in.k_cmp, b.in.v_cmp = f.p.in.v_cmp;
+  b.in.q = f.p.in.q, b.in.k = f.p.in.k, b.in.v = f.p.in.v, b.in.k_cmp = f.p.in.k_cmp,
+  b.in.v_cmp = f.p.in.v_cmp;
   b.in.g_cmp = b.in.g_slc = b.in.g_win = f.p.in.g_cmp;
   b.slc_indices = f.idx.t, b.lse_cmp = lse_c.t, b.lse_slc = lse_s.t, b.lse_win = lse_w.t;
   b.o_cmp = o_c.t, b.o_slc = o_s.t, b.o_win = o_w.t;
@@ -262,7 +294,13 @@ void BM_NsaBwd(benchmark::State& state) {
   // FlashAttention's count for a backward: attended pairs x 2 (3 Dk + 2 Dv) per head.
   report_flops(state, 2.0 * double(3 * s.Dk + 2 * s.Dv) * double(s.Hq) * f.attended());
 }
-BENCHMARK(BM_NsaBwd)->Arg(4096)->Arg(8192)->ArgName("T")->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(1);
+BENCHMARK(BM_NsaBwd)
+    ->Arg(4096)
+    ->Arg(8192)
+    ->ArgName("T")
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->Iterations(1);
 
 // A few-millisecond case of each, for the test suite's smoke run (the benchmarks must not rot).
 void BM_Smoke(benchmark::State& state) {

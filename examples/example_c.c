@@ -76,8 +76,8 @@ int main(void) {
   } else {
     for (size_t i = 0; i < no; ++i) rc |= !isfinite(o[i]);
     const float* last = o + (size_t)(T - 1) * HQ * DV; /* o[0, T-1, 0, :] */
-    printf("nsa %s (C): o[0, %d, 0, 0:4] = %.5f %.5f %.5f %.5f%s\n", nsa_version(), T - 1,
-           last[0], last[1], last[2], last[3], rc ? " (non-finite values!)" : "");
+    printf("nsa %s (C): o[0, %d, 0, 0:4] = %.5f %.5f %.5f %.5f%s\n", nsa_version(), T - 1, last[0],
+           last[1], last[2], last[3], rc ? " (non-finite values!)" : "");
   }
   nsa_context_destroy(ctx);
   free(mem);

@@ -12,9 +12,9 @@ int main() {
   // Batch, tokens, query heads, KV heads (one GQA group of 4), key and value head dims.
   constexpr int64_t B = 1, T = 256, Hq = 4, Hkv = 1, Dk = 64, Dv = 32;
   try {
-    nsa::Context ctx;                                // backend AUTO: the fastest available
-    const nsa_config cfg = nsa::default_config();    // the paper's l=32, d=16, l'=64, n=16, w=512
-    const int64_t Tc = nsa_cmp_len(&cfg, T);         // compressed tokens: 15
+    nsa::Context ctx;                              // backend AUTO: the fastest available
+    const nsa_config cfg = nsa::default_config();  // the paper's l=32, d=16, l'=64, n=16, w=512
+    const int64_t Tc = nsa_cmp_len(&cfg, T);       // compressed tokens: 15
 
     std::mt19937 rng(42);  // fixed seed: every run prints the same numbers
     auto random = [&](int64_t n, float lo, float hi) {

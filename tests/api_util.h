@@ -15,7 +15,7 @@ namespace nsa_test {
 
 // One invalid config: the mutation, and the field the error message must name.
 struct BadConfig {
-  const char* what;   // for failure messages
+  const char* what;  // for failure messages
   nsa_config cfg;
   const char* field;  // substring the message must contain
 };
@@ -112,7 +112,12 @@ class Ctx {
 // whose Tc = (64 - 16) / 8 + 1 = 7. Every tensor is a padded, NaN-filled view.
 inline Shape base_shape() {
   Shape s;
-  s.B = 2; s.T = 64; s.Hq = 4; s.Hkv = 2; s.Dk = 16; s.Dv = 8;
+  s.B = 2;
+  s.T = 64;
+  s.Hq = 4;
+  s.Hkv = 2;
+  s.Dk = 16;
+  s.Dv = 8;
   return s;
 }
 inline nsa_config base_cfg() { return config(16, 8, 16, 4, 1, 1, 32); }
@@ -143,8 +148,8 @@ struct FwdFixture {
 // Runs `p` on every backend and checks: status `code`, a message containing `needles`, and no
 // byte of the case's outputs (nor of `extra` replacement tensors) changed.
 inline void expect_rejected(const char* what, const FwdFixture& f, const nsa_fwd_params& p,
-                     nsa_status code, const std::vector<std::string>& needles,
-                     const std::vector<const Tensor*>& extra = {}) {
+                            nsa_status code, const std::vector<std::string>& needles,
+                            const std::vector<const Tensor*>& extra = {}) {
   SCOPED_TRACE(what);
   std::vector<const Tensor*> outs = f.outputs();
   outs.insert(outs.end(), extra.begin(), extra.end());
@@ -184,18 +189,24 @@ inline const Field kRequired[] = {
     {"v_cmp", &nsa_fwd_inputs::v_cmp}, {"g_cmp", &nsa_fwd_inputs::g_cmp},
     {"g_slc", &nsa_fwd_inputs::g_slc}, {"g_win", &nsa_fwd_inputs::g_win},
     {"o", &nsa_fwd_params::o}};
-inline const Field kOptional[] = {
-    {"k_slc", &nsa_fwd_inputs::k_slc},     {"v_slc", &nsa_fwd_inputs::v_slc},
-    {"k_win", &nsa_fwd_inputs::k_win},     {"v_win", &nsa_fwd_inputs::v_win},
-    {"o_cmp", &nsa_fwd_params::o_cmp},     {"o_slc", &nsa_fwd_params::o_slc},
-    {"o_win", &nsa_fwd_params::o_win},     {"lse_cmp", &nsa_fwd_params::lse_cmp},
-    {"lse_slc", &nsa_fwd_params::lse_slc}, {"lse_win", &nsa_fwd_params::lse_win},
-    {"slc_indices_in", &nsa_fwd_params::slc_indices_in},
-    {"slc_indices_out", &nsa_fwd_params::slc_indices_out}};
+inline const Field kOptional[] = {{"k_slc", &nsa_fwd_inputs::k_slc},
+                                  {"v_slc", &nsa_fwd_inputs::v_slc},
+                                  {"k_win", &nsa_fwd_inputs::k_win},
+                                  {"v_win", &nsa_fwd_inputs::v_win},
+                                  {"o_cmp", &nsa_fwd_params::o_cmp},
+                                  {"o_slc", &nsa_fwd_params::o_slc},
+                                  {"o_win", &nsa_fwd_params::o_win},
+                                  {"lse_cmp", &nsa_fwd_params::lse_cmp},
+                                  {"lse_slc", &nsa_fwd_params::lse_slc},
+                                  {"lse_win", &nsa_fwd_params::lse_win},
+                                  {"slc_indices_in", &nsa_fwd_params::slc_indices_in},
+                                  {"slc_indices_out", &nsa_fwd_params::slc_indices_out}};
 
 inline Member<nsa_fwd_params> member(const std::string& name) {
-  for (const Field& f : kRequired) if (name == f.name) return f.member;
-  for (const Field& f : kOptional) if (name == f.name) return f.member;
+  for (const Field& f : kRequired)
+    if (name == f.name) return f.member;
+  for (const Field& f : kOptional)
+    if (name == f.name) return f.member;
   ADD_FAILURE() << "no tensor " << name;
   return &nsa_fwd_inputs::q;
 }
@@ -209,6 +220,5 @@ inline Tensor resized(const nsa_tensor& t, int dim, int64_t delta) {
   shape[dim] += delta;
   return Tensor(t.dtype, shape, true);
 }
-
 
 }  // namespace nsa_test

@@ -116,8 +116,8 @@ const int32_t* stage_seqlens(Staging& s, const int32_t* cu, int64_t num_seqs) {
 }
 
 nsa_fwd_inputs stage_inputs(Staging& s, nsa_fwd_inputs in) {
-  for (nsa_tensor* t : {&in.q, &in.k, &in.v, &in.k_slc, &in.v_slc, &in.k_win, &in.v_win,
-                        &in.k_cmp, &in.v_cmp, &in.g_cmp, &in.g_slc, &in.g_win}) {
+  for (nsa_tensor* t : {&in.q, &in.k, &in.v, &in.k_slc, &in.v_slc, &in.k_win, &in.v_win, &in.k_cmp,
+                        &in.v_cmp, &in.g_cmp, &in.g_slc, &in.g_win}) {
     *t = s.in(*t);
   }
   in.cu_seqlens = stage_seqlens(s, in.cu_seqlens, in.num_seqs);
@@ -139,12 +139,12 @@ nsa_fwd_params stage(Staging& s, const nsa_fwd_params& host) {
 nsa_bwd_params stage(Staging& s, const nsa_bwd_params& host) {
   nsa_bwd_params p = host;
   p.in = stage_inputs(s, host.in);
-  for (nsa_tensor* t : {&p.slc_indices, &p.lse_cmp, &p.lse_slc, &p.lse_win, &p.o_cmp, &p.o_slc,
-                        &p.o_win, &p.d_o}) {
+  for (nsa_tensor* t :
+       {&p.slc_indices, &p.lse_cmp, &p.lse_slc, &p.lse_win, &p.o_cmp, &p.o_slc, &p.o_win, &p.d_o}) {
     *t = s.in(*t);
   }
-  for (nsa_tensor* t : {&p.dq, &p.dk, &p.dv, &p.dk_slc, &p.dv_slc, &p.dk_win, &p.dv_win,
-                        &p.dk_cmp, &p.dv_cmp, &p.dg_cmp, &p.dg_slc, &p.dg_win}) {
+  for (nsa_tensor* t : {&p.dq, &p.dk, &p.dv, &p.dk_slc, &p.dv_slc, &p.dk_win, &p.dv_win, &p.dk_cmp,
+                        &p.dv_cmp, &p.dg_cmp, &p.dg_slc, &p.dg_win}) {
     *t = s.out(*t);
   }
   return p;
@@ -185,8 +185,8 @@ nsa_dense_bwd_params stage(Staging& s, const nsa_dense_bwd_params& host) {
 
 nsa_kv_cache_params stage(Staging& s, const nsa_kv_cache_params& host) {
   nsa_kv_cache_params p = host;
-  for (nsa_tensor* t : {&p.k_pos, &p.k_w1, &p.k_b1, &p.k_w2, &p.k_b2, &p.v_pos, &p.v_w1,
-                        &p.v_b1, &p.v_w2, &p.v_b2}) {
+  for (nsa_tensor* t : {&p.k_pos, &p.k_w1, &p.k_b1, &p.k_w2, &p.k_b2, &p.v_pos, &p.v_w1, &p.v_b1,
+                        &p.v_w2, &p.v_b2}) {
     *t = s.in(*t);
   }
   return p;

@@ -72,13 +72,13 @@ const BufferHelper& host_buffers();
 // One backend under test (a GoogleTest value parameter: copyable, printed by name).
 struct BackendUnderTest {
   nsa_backend id = NSA_BACKEND_AUTO;
-  const char* name = "";                 // test-name suffix: "cpu"
+  const char* name = "";  // test-name suffix: "cpu"
   const BufferHelper* buffers = nullptr;
   // Writes the compressed tokens of cache sequence `seq` into rows [row0, row0 + Tc) of batch
   // row `b` of host tensors k_cmp/v_cmp ([B, Tc, Hkv, D]), so that the oracle's forward reads
   // what decode read (SPEC 7). nullptr: the backend has no KV cache; the decode cases skip it.
-  void (*cache_cmp)(const nsa_kv_cache& cache, int64_t seq, int64_t b, int64_t row0,
-                    Tensor& k_cmp, Tensor& v_cmp) = nullptr;
+  void (*cache_cmp)(const nsa_kv_cache& cache, int64_t seq, int64_t b, int64_t row0, Tensor& k_cmp,
+                    Tensor& v_cmp) = nullptr;
 };
 
 // The oracle: the float64 reference, on host memory.
@@ -178,8 +178,9 @@ void for_each_hwy_target(Body&& body) {
     const int64_t target = bits & -bits;
     not_here += std::string(not_here.empty() ? "" : " ") + hwy::TargetName(target);
   }
-  std::cout << "[ targets  ] ran: " << ran << "; built but unsupported here: "
-            << (not_here.empty() ? "none" : not_here) << std::endl;
+  std::cout << "[ targets  ] ran: " << ran
+            << "; built but unsupported here: " << (not_here.empty() ? "none" : not_here)
+            << std::endl;
   ::testing::Test::RecordProperty("hwy_targets_ran", ran);
   ::testing::Test::RecordProperty("hwy_targets_unsupported", not_here);
   EXPECT_FALSE(ran.empty()) << "no Highway target ran";

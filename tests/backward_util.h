@@ -225,8 +225,8 @@ void expect_matches_fd(const char* name, Tensor64* x, const Tensor64& grad, Loss
     x->data[i] = saved;
     const double fd = (up - down) / (2 * kFdStep);
     if (std::abs(fd - grad.data[i]) > kFdTol * (1.0 + std::abs(fd)) && failures++ < 5) {
-      ADD_FAILURE() << name << "[" << i << "]: backward " << grad.data[i]
-                    << ", finite difference " << fd;
+      ADD_FAILURE() << name << "[" << i << "]: backward " << grad.data[i] << ", finite difference "
+                    << fd;
     }
   }
   EXPECT_EQ(failures, 0) << name << ": elements that disagree with finite differences";

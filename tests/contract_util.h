@@ -101,8 +101,8 @@ inline std::vector<Seq> sequences(const FwdCase& c) {
 // copied, so that a later run can be compared against it.
 inline std::vector<Dense> snapshot(const FwdCase& c) {
   std::vector<Dense> out;
-  for (const Tensor* t : {&c.o, &c.o_cmp, &c.o_slc, &c.o_win, &c.lse_cmp, &c.lse_slc, &c.lse_win,
-                          &c.idx_out}) {
+  for (const Tensor* t :
+       {&c.o, &c.o_cmp, &c.o_slc, &c.o_win, &c.lse_cmp, &c.lse_slc, &c.lse_win, &c.idx_out}) {
     out.emplace_back(*t);
   }
   return out;
@@ -136,8 +136,8 @@ class Checker {
  public:
   explicit Checker(std::string what) : what_(std::move(what)) {}
   ~Checker() { EXPECT_EQ(bad_, 0) << what_ << ": mismatches out of " << checked_ << " checked"; }
-  void near(double got, double want, double tol, const char* name, int64_t b, int64_t t,
-            int64_t h, int64_t e = 0) {
+  void near(double got, double want, double tol, const char* name, int64_t b, int64_t t, int64_t h,
+            int64_t e = 0) {
     ++checked_;
     const bool ok = got == want || std::fabs(got - want) <= tol;  // got == want: -inf == -inf
     if (!ok && bad_++ < 5) {

@@ -69,8 +69,8 @@ inline void make_mlp(Tensor* t, int64_t H, int64_t l, int64_t D, int64_t Dh, nsa
   t[4].fill_uniform(rng, -0.1, 0.1);
 }
 
-inline CachePtr make_cache(nsa_context* ctx, const nsa_config& cfg, int64_t seqs,
-                           int64_t capacity, const Shape& s, nsa_dtype dt, nsa_cmp_kind kind,
+inline CachePtr make_cache(nsa_context* ctx, const nsa_config& cfg, int64_t seqs, int64_t capacity,
+                           const Shape& s, nsa_dtype dt, nsa_cmp_kind kind,
                            MlpTensors* mlp = nullptr, std::string* err = nullptr,
                            const BufferHelper& buffers = host_buffers()) {
   nsa_kv_cache_params p;
@@ -109,14 +109,15 @@ struct DecodeTensors {
   nsa_tensor o, lse_cmp, lse_slc, lse_win, idx_out;
 
   static DecodeTensors host(const FwdCase& c, const FwdCase& out) {
-    return {c.q.desc(), c.k.desc(), c.v.desc(), c.g_cmp.desc(), c.g_slc.desc(), c.g_win.desc(),
-            out.o.desc(), out.lse_cmp.desc(), out.lse_slc.desc(), out.lse_win.desc(),
-            out.idx_out.desc()};
+    return {c.q.desc(),         c.k.desc(),         c.v.desc(),        c.g_cmp.desc(),
+            c.g_slc.desc(),     c.g_win.desc(),     out.o.desc(),      out.lse_cmp.desc(),
+            out.lse_slc.desc(), out.lse_win.desc(), out.idx_out.desc()};
   }
   static DecodeTensors staged(Staging& s, const FwdCase& c, const FwdCase& out) {
     const DecodeTensors h = host(c, out);
-    return {s.in(h.q), s.in(h.k), s.in(h.v), s.in(h.g_cmp), s.in(h.g_slc), s.in(h.g_win),
-            s.out(h.o), s.out(h.lse_cmp), s.out(h.lse_slc), s.out(h.lse_win), s.out(h.idx_out)};
+    return {s.in(h.q),        s.in(h.k),        s.in(h.v),       s.in(h.g_cmp),
+            s.in(h.g_slc),    s.in(h.g_win),    s.out(h.o),      s.out(h.lse_cmp),
+            s.out(h.lse_slc), s.out(h.lse_win), s.out(h.idx_out)};
   }
 };
 

@@ -72,7 +72,7 @@ inline void expect_rejected(const Expect& e, nsa_status s, const std::string& ms
 // nothing written at all, else every present output element written.
 template <typename Written>
 inline void expect_valid_result(nsa_status s, const std::string& msg, const Snapshot& ins,
-                         const Snapshot& outs, bool no_work, Written&& written) {
+                                const Snapshot& outs, bool no_work, Written&& written) {
   EXPECT_EQ(s, NSA_OK) << nsa_status_name(s) << ": " << msg;
   EXPECT_EQ(msg, "");
   ins.expect_unchanged("valid call: an input");
@@ -114,7 +114,8 @@ inline void fuzz_fwd(Rng& r) {
   const double cost = double(c.B) * c.T * c.Hq * (c.Dk + c.Dv) * std::min<double>(c.T, 3.0 * 64);
   const nsa_backend fast = chance(r, 0.5) ? NSA_BACKEND_CPU : NSA_BACKEND_AUTO;
   if (cost > budget().compare_cost || !nsa_backend_available(NSA_BACKEND_CPU)) {
-    expect_valid_result(run(valid_backend(r, cost), &msg, &call.p), msg, ins, outs, no_work, written);
+    expect_valid_result(run(valid_backend(r, cost), &msg, &call.p), msg, ins, outs, no_work,
+                        written);
     return;
   }
   expect_valid_result(run(NSA_BACKEND_REF, &msg, &call.p), msg, ins, outs, no_work, written);
@@ -122,17 +123,18 @@ inline void fuzz_fwd(Rng& r) {
   outs.restore(c.outs());
   expect_valid_result(run(fast, &msg, &call.p), msg, ins, outs, no_work, written);
   if (no_work) return;
-  compare_fwd(c, ref, [&](Buf* idx, std::vector<unsigned char>* r_idx, std::vector<unsigned char>* c_idx) {
-    *idx = Buf(NSA_DTYPE_I32, {c.B, c.T, c.Hkv, c.n()}, r, LayoutOpts{false, true});
-    nsa_fwd_params p = call.p;
-    p.slc_indices_out = idx->desc();
-    std::string m;
-    const bool ok = run(NSA_BACKEND_REF, &m, &p) == NSA_OK;
-    *r_idx = idx->storage();
-    const bool ok2 = run(NSA_BACKEND_CPU, &m, &p) == NSA_OK;
-    *c_idx = idx->storage();
-    return ok && ok2;
-  });
+  compare_fwd(c, ref,
+              [&](Buf* idx, std::vector<unsigned char>* r_idx, std::vector<unsigned char>* c_idx) {
+                *idx = Buf(NSA_DTYPE_I32, {c.B, c.T, c.Hkv, c.n()}, r, LayoutOpts{false, true});
+                nsa_fwd_params p = call.p;
+                p.slc_indices_out = idx->desc();
+                std::string m;
+                const bool ok = run(NSA_BACKEND_REF, &m, &p) == NSA_OK;
+                *r_idx = idx->storage();
+                const bool ok2 = run(NSA_BACKEND_CPU, &m, &p) == NSA_OK;
+                *c_idx = idx->storage();
+                return ok && ok2;
+              });
 }
 
 inline void fuzz_compress(Rng& r) {
@@ -160,10 +162,13 @@ inline void fuzz_compress(Rng& r) {
   const bool no_work = c.B == 0 || c.Tc == 0;
   auto written = [&] {
     int64_t bad_elems = 0;
-    c.out.for_each([&](int64_t, int64_t, int64_t, int64_t, int64_t off) { bad_elems += !std::isfinite(c.out.get(off)); });
+    c.out.for_each([&](int64_t, int64_t, int64_t, int64_t, int64_t off) {
+      bad_elems += !std::isfinite(c.out.get(off));
+    });
     EXPECT_EQ(bad_elems, 0) << "out: elements unwritten or not finite";
   };
-  const double per_token = c.kind == NSA_CMP_MLP ? double(c.Dh) * c.cfg.cmp_block * c.D : double(c.cfg.cmp_block) * c.D;
+  const double per_token =
+      c.kind == NSA_CMP_MLP ? double(c.Dh) * c.cfg.cmp_block * c.D : double(c.cfg.cmp_block) * c.D;
   const double cost = double(c.B) * c.Tc * c.H * per_token;
   const nsa_backend fast = chance(r, 0.5) ? NSA_BACKEND_CPU : NSA_BACKEND_AUTO;
   if (cost > budget().compare_cost || !nsa_backend_available(NSA_BACKEND_CPU)) {
@@ -185,7 +190,8 @@ inline void fuzz_misc(Rng& r) {
   EXPECT_EQ(nsa_test_set_backend_int(ctx, junk), NSA_ERR_INVALID_ARGUMENT);
   EXPECT_STRNE(nsa_last_error(ctx), "");
   EXPECT_EQ(nsa_context_backend(ctx), NSA_BACKEND_AUTO);
-  EXPECT_EQ(nsa_context_set_num_threads(ctx, -static_cast<int32_t>(uni(r, 1, 1000))), NSA_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(nsa_context_set_num_threads(ctx, -static_cast<int32_t>(uni(r, 1, 1000))),
+            NSA_ERR_INVALID_ARGUMENT);
   EXPECT_EQ(nsa_context_num_threads(ctx), 0);
   const nsa_config cfg = random_config(r, false);
   std::vector<int32_t> cu = random_cu(r, uni(r, 0, 300));
@@ -195,7 +201,8 @@ inline void fuzz_misc(Rng& r) {
   std::string what = "valid";
   if (!valid) {
     what = break_cu(r, cu, num);
-    if (what == "cu_seqlens does not end at T") cu[0] = 3, what = "cu_seqlens[0] != 0";  // no T here
+    if (what == "cu_seqlens does not end at T")
+      cu[0] = 3, what = "cu_seqlens[0] != 0";  // no T here
   }
   SCOPED_TRACE("nsa_cmp_seqlens: " + what);
   const nsa_status s = nsa_cmp_seqlens(ctx, &cfg, cu.data(), num, out.data());

@@ -50,10 +50,12 @@ inline bool alias_output(Rng& r, const std::vector<Backed>& args, Expect* e) {
     const Backed& x = *pairs[i].second;
     const unsigned char* lo = x.buf->storage().data();
     const int64_t first = static_cast<const unsigned char*>(x.t->data) - lo;
-    const int64_t es = static_cast<int64_t>(esize(o.t->dtype)), room = static_cast<int64_t>(x.buf->storage().size());
+    const int64_t es = static_cast<int64_t>(esize(o.t->dtype)),
+                  room = static_cast<int64_t>(x.buf->storage().size());
     int64_t at = first + uni(r, 0, span_bytes(*x.t) - 1);
     at = (at + es - 1) / es * es;  // aligned for o's elements
-    if (at >= first + span_bytes(*x.t) || at + span_bytes(*o.t) > room) at = (first + es - 1) / es * es;
+    if (at >= first + span_bytes(*x.t) || at + span_bytes(*o.t) > room)
+      at = (first + es - 1) / es * es;
     if (at < first + span_bytes(*x.t) && at + span_bytes(*o.t) <= room) {
       o.t->data = const_cast<unsigned char*>(lo) + at;
       *e = {NSA_ERR_INVALID_ARGUMENT, std::string(o.name) + " inside " + x.name, o.name};
@@ -77,10 +79,13 @@ inline int64_t count_nonfinite(const Buf& b) {
 
 // b (now the CPU result) against the reference's bytes: |cpu - ref| <= abs * max(max|ref|, floor)
 // + rel |ref| for every element, reported with the first few offenders.
-inline void expect_close_to_ref(const char* name, const Buf& b, const std::vector<unsigned char>& ref,
-                                double abs, double floor, double rel) {
+inline void expect_close_to_ref(const char* name, const Buf& b,
+                                const std::vector<unsigned char>& ref, double abs, double floor,
+                                double rel) {
   double m = floor;
-  b.for_each([&](int64_t, int64_t, int64_t, int64_t, int64_t off) { m = std::max(m, std::fabs(b.get_in(ref, off))); });
+  b.for_each([&](int64_t, int64_t, int64_t, int64_t, int64_t off) {
+    m = std::max(m, std::fabs(b.get_in(ref, off)));
+  });
   int64_t bad = 0;
   b.for_each([&](int64_t i0, int64_t i1, int64_t i2, int64_t i3, int64_t off) {
     const double x = b.get(off), y = b.get_in(ref, off);
@@ -105,14 +110,14 @@ inline void fill_indices(Rng& r, Buf& idx, const FwdCase& f) {
 // ---- nsa_bwd -----------------------------------------------------------------------------------
 
 struct BwdCase {
-  FwdCase f;             // the forward's inputs; its outputs are the saved state
+  FwdCase f;                // the forward's inputs; its outputs are the saved state
   bool use_idx_in = false;  // slc_indices: the caller's set given to the forward, else its output
-  bool saved[6] = {};    // lse_cmp, lse_slc, lse_win, o_cmp, o_slc, o_win passed to the backward
-  bool dkv = true;       // dk/dv given (required unless both branches have their own K/V)
-  bool cheap = false;    // small enough for the float64 reference
-  double ref_cost = 0;   // the reference's work, for valid_backend
+  bool saved[6] = {};       // lse_cmp, lse_slc, lse_win, o_cmp, o_slc, o_win passed to the backward
+  bool dkv = true;          // dk/dv given (required unless both branches have their own K/V)
+  bool cheap = false;       // small enough for the float64 reference
+  double ref_cost = 0;      // the reference's work, for valid_backend
   Buf d_o, dq, dk, dv, dk_slc, dv_slc, dk_win, dv_win, dk_cmp, dv_cmp, dg_cmp, dg_slc, dg_win;
-  Buf extra;             // a gradient the call must not take, for one mutation
+  Buf extra;  // a gradient the call must not take, for one mutation
   std::string text;
 
   bool both_own() const { return f.slc_mode != 0 && f.win_mode != 0; }
@@ -124,8 +129,11 @@ struct BwdCase {
     if (dkv) g.insert(g.end(), {{"dk", &dk}, {"dv", &dv}});
     if (f.slc_mode) g.insert(g.end(), {{"dk_slc", &dk_slc}, {"dv_slc", &dv_slc}});
     if (f.win_mode) g.insert(g.end(), {{"dk_win", &dk_win}, {"dv_win", &dv_win}});
-    g.insert(g.end(), {{"dk_cmp", &dk_cmp}, {"dv_cmp", &dv_cmp}, {"dg_cmp", &dg_cmp},
-                       {"dg_slc", &dg_slc}, {"dg_win", &dg_win}});
+    g.insert(g.end(), {{"dk_cmp", &dk_cmp},
+                       {"dv_cmp", &dv_cmp},
+                       {"dg_cmp", &dg_cmp},
+                       {"dg_slc", &dg_slc},
+                       {"dg_win", &dg_win}});
     return g;
   }
   std::vector<Buf*> outs() {
@@ -144,8 +152,10 @@ struct BwdCase {
     nsa_bwd_params p;
     nsa_bwd_params_init(&p);
     p.in.cfg = fp.in.cfg;
-    p.in.q = fp.in.q, p.in.k = fp.in.k, p.in.v = fp.in.v, p.in.k_slc = fp.in.k_slc, p.in.v_slc = fp.in.v_slc;
-    p.in.k_win = fp.in.k_win, p.in.v_win = fp.in.v_win, p.in.k_cmp = fp.in.k_cmp, p.in.v_cmp = fp.in.v_cmp;
+    p.in.q = fp.in.q, p.in.k = fp.in.k, p.in.v = fp.in.v, p.in.k_slc = fp.in.k_slc,
+    p.in.v_slc = fp.in.v_slc;
+    p.in.k_win = fp.in.k_win, p.in.v_win = fp.in.v_win, p.in.k_cmp = fp.in.k_cmp,
+    p.in.v_cmp = fp.in.v_cmp;
     p.in.g_cmp = fp.in.g_cmp, p.in.g_slc = fp.in.g_slc, p.in.g_win = fp.in.g_win;
     p.in.cu_seqlens = fp.in.cu_seqlens, p.in.num_seqs = fp.in.num_seqs;
     p.slc_indices = idx().desc();
@@ -195,7 +205,8 @@ inline BwdCase make_bwd(Rng& r) {
   c.dk_win = Buf(dt(), ks, r, out), c.dv_win = Buf(dt(), vs, r, out);
   c.dk_cmp = Buf(dt(), {f.B, f.Tc, f.Hkv, f.Dk}, r, out);
   c.dv_cmp = Buf(dt(), {f.B, f.Tc, f.Hkv, f.Dv}, r, out);
-  c.dg_cmp = Buf(dt(), gs, r, out), c.dg_slc = Buf(dt(), gs, r, out), c.dg_win = Buf(dt(), gs, r, out);
+  c.dg_cmp = Buf(dt(), gs, r, out), c.dg_slc = Buf(dt(), gs, r, out),
+  c.dg_win = Buf(dt(), gs, r, out);
   std::ostringstream s;
   s << f.text << " | idx_in_as_slc=" << c.use_idx_in << " saved=";
   for (bool b : c.saved) s << b;
@@ -215,19 +226,29 @@ struct BwdCall {
 inline std::vector<TArg> bwd_args(nsa_bwd_params& p, bool both_own) {
   const std::vector<int> fl = {NSA_DTYPE_F32, NSA_DTYPE_BF16}, f32 = {NSA_DTYPE_F32},
                          i32 = {NSA_DTYPE_I32};
-  const std::vector<TArg> a = {
-      {"slc_indices", &p.slc_indices, i32, true},    {"d_o", &p.d_o, fl, true},
-      {"lse_cmp", &p.lse_cmp, f32},                  {"lse_slc", &p.lse_slc, f32},
-      {"lse_win", &p.lse_win, f32},                  {"o_cmp", &p.o_cmp, fl},
-      {"o_slc", &p.o_slc, fl},                       {"o_win", &p.o_win, fl},
-      {"dq", &p.dq, fl, true, true},                 {"dk", &p.dk, fl, !both_own, true},
-      {"dv", &p.dv, fl, !both_own, true},            {"dk_slc", &p.dk_slc, fl, true, true},
-      {"dv_slc", &p.dv_slc, fl, true, true},         {"dk_win", &p.dk_win, fl, true, true},
-      {"dv_win", &p.dv_win, fl, true, true},         {"dk_cmp", &p.dk_cmp, fl, true, true},
-      {"dv_cmp", &p.dv_cmp, fl, true, true},         {"dg_cmp", &p.dg_cmp, fl, true, true},
-      {"dg_slc", &p.dg_slc, fl, true, true},         {"dg_win", &p.dg_win, fl, true, true}};
+  const std::vector<TArg> a = {{"slc_indices", &p.slc_indices, i32, true},
+                               {"d_o", &p.d_o, fl, true},
+                               {"lse_cmp", &p.lse_cmp, f32},
+                               {"lse_slc", &p.lse_slc, f32},
+                               {"lse_win", &p.lse_win, f32},
+                               {"o_cmp", &p.o_cmp, fl},
+                               {"o_slc", &p.o_slc, fl},
+                               {"o_win", &p.o_win, fl},
+                               {"dq", &p.dq, fl, true, true},
+                               {"dk", &p.dk, fl, !both_own, true},
+                               {"dv", &p.dv, fl, !both_own, true},
+                               {"dk_slc", &p.dk_slc, fl, true, true},
+                               {"dv_slc", &p.dv_slc, fl, true, true},
+                               {"dk_win", &p.dk_win, fl, true, true},
+                               {"dv_win", &p.dv_win, fl, true, true},
+                               {"dk_cmp", &p.dk_cmp, fl, true, true},
+                               {"dv_cmp", &p.dv_cmp, fl, true, true},
+                               {"dg_cmp", &p.dg_cmp, fl, true, true},
+                               {"dg_slc", &p.dg_slc, fl, true, true},
+                               {"dg_win", &p.dg_win, fl, true, true}};
   std::vector<TArg> present;
-  std::copy_if(a.begin(), a.end(), std::back_inserter(present), [](const TArg& x) { return x.t->data != nullptr; });
+  std::copy_if(a.begin(), a.end(), std::back_inserter(present),
+               [](const TArg& x) { return x.t->data != nullptr; });
   return present;
 }
 
@@ -238,22 +259,37 @@ inline std::vector<Backed> bwd_backed(nsa_bwd_params& p, BwdCase& c) {
   const Buf* vs = f.slc_mode == 2 ? &f.v_slc : &f.v;
   const Buf* kw = f.win_mode == 2 ? &f.k_win : &f.k;
   const Buf* vw = f.win_mode == 2 ? &f.v_win : &f.v;
-  return {{"q", &p.in.q, &f.q, false},           {"k", &p.in.k, &f.k, false},
-          {"v", &p.in.v, &f.v, false},           {"k_slc", &p.in.k_slc, ks, false},
-          {"v_slc", &p.in.v_slc, vs, false},     {"k_win", &p.in.k_win, kw, false},
-          {"v_win", &p.in.v_win, vw, false},     {"k_cmp", &p.in.k_cmp, &f.k_cmp, false},
-          {"v_cmp", &p.in.v_cmp, &f.v_cmp, false}, {"g_cmp", &p.in.g_cmp, &f.g_cmp, false},
-          {"g_slc", &p.in.g_slc, &f.g_slc, false}, {"g_win", &p.in.g_win, &f.g_win, false},
+  return {{"q", &p.in.q, &f.q, false},
+          {"k", &p.in.k, &f.k, false},
+          {"v", &p.in.v, &f.v, false},
+          {"k_slc", &p.in.k_slc, ks, false},
+          {"v_slc", &p.in.v_slc, vs, false},
+          {"k_win", &p.in.k_win, kw, false},
+          {"v_win", &p.in.v_win, vw, false},
+          {"k_cmp", &p.in.k_cmp, &f.k_cmp, false},
+          {"v_cmp", &p.in.v_cmp, &f.v_cmp, false},
+          {"g_cmp", &p.in.g_cmp, &f.g_cmp, false},
+          {"g_slc", &p.in.g_slc, &f.g_slc, false},
+          {"g_win", &p.in.g_win, &f.g_win, false},
           {"slc_indices", &p.slc_indices, &c.idx(), false},
-          {"lse_cmp", &p.lse_cmp, &f.lse_cmp, false}, {"lse_slc", &p.lse_slc, &f.lse_slc, false},
-          {"lse_win", &p.lse_win, &f.lse_win, false}, {"o_cmp", &p.o_cmp, &f.o_cmp, false},
-          {"o_slc", &p.o_slc, &f.o_slc, false}, {"o_win", &p.o_win, &f.o_win, false},
-          {"d_o", &p.d_o, &c.d_o, false},     {"dq", &p.dq, &c.dq, true},
-          {"dk", &p.dk, &c.dk, true},         {"dv", &p.dv, &c.dv, true},
-          {"dk_slc", &p.dk_slc, &c.dk_slc, true}, {"dv_slc", &p.dv_slc, &c.dv_slc, true},
-          {"dk_win", &p.dk_win, &c.dk_win, true}, {"dv_win", &p.dv_win, &c.dv_win, true},
-          {"dk_cmp", &p.dk_cmp, &c.dk_cmp, true}, {"dv_cmp", &p.dv_cmp, &c.dv_cmp, true},
-          {"dg_cmp", &p.dg_cmp, &c.dg_cmp, true}, {"dg_slc", &p.dg_slc, &c.dg_slc, true},
+          {"lse_cmp", &p.lse_cmp, &f.lse_cmp, false},
+          {"lse_slc", &p.lse_slc, &f.lse_slc, false},
+          {"lse_win", &p.lse_win, &f.lse_win, false},
+          {"o_cmp", &p.o_cmp, &f.o_cmp, false},
+          {"o_slc", &p.o_slc, &f.o_slc, false},
+          {"o_win", &p.o_win, &f.o_win, false},
+          {"d_o", &p.d_o, &c.d_o, false},
+          {"dq", &p.dq, &c.dq, true},
+          {"dk", &p.dk, &c.dk, true},
+          {"dv", &p.dv, &c.dv, true},
+          {"dk_slc", &p.dk_slc, &c.dk_slc, true},
+          {"dv_slc", &p.dv_slc, &c.dv_slc, true},
+          {"dk_win", &p.dk_win, &c.dk_win, true},
+          {"dv_win", &p.dv_win, &c.dv_win, true},
+          {"dk_cmp", &p.dk_cmp, &c.dk_cmp, true},
+          {"dv_cmp", &p.dv_cmp, &c.dv_cmp, true},
+          {"dg_cmp", &p.dg_cmp, &c.dg_cmp, true},
+          {"dg_slc", &p.dg_slc, &c.dg_slc, true},
           {"dg_win", &p.dg_win, &c.dg_win, true}};
 }
 
@@ -267,11 +303,13 @@ inline bool break_index(Rng& r, BwdCase& c, BwdCall& call) {
     if (i++ == which) tok = t, off = o;
   });
   const int64_t last = c.f.pos_in_seq(tok) / c.f.cfg.slc_block;
-  const int32_t v = chance(r, 0.6) ? static_cast<int32_t>(last + uni(r, 1, 3))
-                                   : pick(r, std::vector<int32_t>{-2, -7, std::numeric_limits<int32_t>::min()});
+  const int32_t v =
+      chance(r, 0.6) ? static_cast<int32_t>(last + uni(r, 1, 3))
+                     : pick(r, std::vector<int32_t>{-2, -7, std::numeric_limits<int32_t>::min()});
   call.restore_off = off, call.restore_val = idx.get(off);
   idx.set(off, v);
-  call.e = {NSA_ERR_INVALID_INDEX, "index " + std::to_string(v) + " at token " + std::to_string(tok), "slc_indices"};
+  call.e = {NSA_ERR_INVALID_INDEX,
+            "index " + std::to_string(v) + " at token " + std::to_string(tok), "slc_indices"};
   return true;
 }
 
@@ -288,7 +326,8 @@ inline bool unwanted_grad(Rng& r, BwdCase& c, BwdCall& call) {
   nsa_tensor* t[4] = {&call.p.dk_slc, &call.p.dv_slc, &call.p.dk_win, &call.p.dv_win};
   const char* names[4] = {"dk_slc", "dv_slc", "dk_win", "dv_win"};
   *t[o] = c.extra.desc();
-  call.e = {NSA_ERR_INVALID_ARGUMENT, std::string(names[o]) + " without its branch's own K/V", names[o]};
+  call.e = {NSA_ERR_INVALID_ARGUMENT, std::string(names[o]) + " without its branch's own K/V",
+            names[o]};
   return true;
 }
 
@@ -321,7 +360,8 @@ inline BwdCall make_bwd_call(Rng& r, BwdCase& c) {
     } else if (m >= 92) {
       call.null_params = chance(r, 0.5);
       call.null_ctx = !call.null_params;
-      e = {NSA_ERR_NULL_POINTER, call.null_ctx ? "NULL context" : "NULL params", call.null_ctx ? "" : "params"};
+      e = {NSA_ERR_NULL_POINTER, call.null_ctx ? "NULL context" : "NULL params",
+           call.null_ctx ? "" : "params"};
       return call;
     }
   }
@@ -333,7 +373,8 @@ inline void expect_grads_written(BwdCase& c) {
   for (auto& g : c.grads()) {
     EXPECT_EQ(count_nonfinite(*g.second), 0) << g.first << ": elements unwritten or not finite";
     if (c.both_own() && (g.second == &c.dk || g.second == &c.dv)) {
-      EXPECT_EQ(count_failing(*g.second, [](double x) { return x == 0.0; }), 0) << g.first << ": not zero-filled";
+      EXPECT_EQ(count_failing(*g.second, [](double x) { return x == 0.0; }), 0)
+          << g.first << ": not zero-filled";
     }
   }
 }
@@ -361,8 +402,11 @@ inline void fuzz_bwd_valid(Rng& r, BwdCase& c) {
   SCOPED_TRACE("bwd " + c.text + " | valid");
   std::string msg;
   const nsa_fwd_params fp = c.f.params();
-  const nsa_backend fwd_be = c.cheap ? NSA_BACKEND_REF : chance(r, 0.5) ? NSA_BACKEND_CPU : NSA_BACKEND_AUTO;
-  const nsa_status fs = on_backend(r, fwd_be, &msg, [&](nsa_context* ctx) { return nsa_fwd(ctx, &fp); });
+  const nsa_backend fwd_be = c.cheap          ? NSA_BACKEND_REF
+                             : chance(r, 0.5) ? NSA_BACKEND_CPU
+                                              : NSA_BACKEND_AUTO;
+  const nsa_status fs =
+      on_backend(r, fwd_be, &msg, [&](nsa_context* ctx) { return nsa_fwd(ctx, &fp); });
   ASSERT_EQ(fs, NSA_OK) << "the forward: " << msg;
   const nsa_bwd_params p = c.params();
   auto run = [&](nsa_backend be) {
@@ -392,7 +436,8 @@ inline void fuzz_bwd_valid(Rng& r, BwdCase& c) {
   for (size_t i = 0; i < g.size(); ++i) {
     Buf& b = *g[i].second;
     const std::vector<unsigned char>& want = ref[i];
-    expect_close_to_ref(g[i].first, b, want, 16.0 * K * kEps, 1.0, b.dtype() == NSA_DTYPE_BF16 ? kBf16Rel : 0.0);
+    expect_close_to_ref(g[i].first, b, want, 16.0 * K * kEps, 1.0,
+                        b.dtype() == NSA_DTYPE_BF16 ? kBf16Rel : 0.0);
   }
 }
 

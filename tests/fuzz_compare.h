@@ -23,7 +23,8 @@ constexpr double kBf16Rel = 1.0 / (1 << 7);
 // Every logical element of the present outputs holds a value a kernel wrote: o and the branch
 // outputs finite, LSEs not NaN or +inf (-inf is an empty branch), indices -1 or a visible block.
 inline void expect_written(const FwdCase& c) {
-  const Buf* outs[8] = {&c.o, &c.o_cmp, &c.o_slc, &c.o_win, &c.lse_cmp, &c.lse_slc, &c.lse_win, &c.idx_out};
+  const Buf* outs[8] = {&c.o,       &c.o_cmp,   &c.o_slc,   &c.o_win,
+                        &c.lse_cmp, &c.lse_slc, &c.lse_win, &c.idx_out};
   for (int i = 0; i < 8; ++i) {
     if (!c.present[i]) continue;
     int64_t bad = 0;
@@ -99,7 +100,8 @@ inline bool near_tie(const FwdCase& c, int64_t b, int64_t tok, int64_t hk, std::
   return true;
 }
 
-using IdxRows = std::map<std::tuple<int64_t, int64_t, int64_t>, std::pair<std::set<int>, std::set<int>>>;
+using IdxRows =
+    std::map<std::tuple<int64_t, int64_t, int64_t>, std::pair<std::set<int>, std::set<int>>>;
 
 // Rows (b, t, hk) where two index tensors of shape [B, T, Hkv, n] differ: {ref set, cpu set}.
 inline IdxRows differing_rows(const Buf& shape_of, const std::vector<unsigned char>& ref,
@@ -119,7 +121,8 @@ inline IdxRows differing_rows(const Buf& shape_of, const std::vector<unsigned ch
 // The CPU outputs now in c's buffers against the reference's `ref` (bytes of c.outs(), in order).
 // `selections` runs both backends with an index output and returns {ref, cpu} index bytes in a
 // contiguous [B, T, Hkv, n] tensor it also returns; it is called only when values disagree.
-using SelectionRunner = std::function<bool(Buf*, std::vector<unsigned char>*, std::vector<unsigned char>*)>;
+using SelectionRunner =
+    std::function<bool(Buf*, std::vector<unsigned char>*, std::vector<unsigned char>*)>;
 inline void compare_fwd(FwdCase& c, const std::vector<std::vector<unsigned char>>& ref,
                         const SelectionRunner& selections) {
   ++compare_count();
@@ -128,7 +131,8 @@ inline void compare_fwd(FwdCase& c, const std::vector<std::vector<unsigned char>
   // x16: |s| stays below ~16 (q, k in U(-2, 2), scale <= 1.5 / sqrt(Dk)), and exp turns a
   // relative score error into a relative weight error |s| times larger.
   const double keys = std::min<double>(
-      double(c.T), std::max({double(c.cfg.slc_count) * c.cfg.slc_block, double(c.cfg.window), double(c.Tc)}));
+      double(c.T),
+      std::max({double(c.cfg.slc_count) * c.cfg.slc_block, double(c.cfg.window), double(c.Tc)}));
   const double tol = 16.0 * (double(c.Dk) + keys) * kEps;
   struct Bad {
     int out;
@@ -140,7 +144,8 @@ inline void compare_fwd(FwdCase& c, const std::vector<std::vector<unsigned char>
   for (int i = 0; i < 7; ++i) {
     if (!c.present[i]) continue;
     const Buf& o = *outs[i];
-    const double rel = i < 4 ? (o.dtype() == NSA_DTYPE_BF16 ? kBf16Rel : 0.0) : tol;  // lse: |lse| tol
+    const double rel =
+        i < 4 ? (o.dtype() == NSA_DTYPE_BF16 ? kBf16Rel : 0.0) : tol;  // lse: |lse| tol
     o.for_each([&](int64_t b, int64_t t, int64_t h, int64_t e, int64_t off) {
       const double x = o.get(off), y = o.get_in(ref[i], off);
       const bool ok = std::isinf(y) ? x == y : std::fabs(x - y) <= tol + rel * std::fabs(y);
@@ -163,7 +168,8 @@ inline void compare_fwd(FwdCase& c, const std::vector<std::vector<unsigned char>
     std::string why;
     const auto [b, t, hk] = key;
     if (!near_tie(c, b, t, hk, sets.first, sets.second, &why)) {
-      if (reported++ < 5) ADD_FAILURE() << "cpu and ref select different blocks without a near-tie: " << why;
+      if (reported++ < 5)
+        ADD_FAILURE() << "cpu and ref select different blocks without a near-tie: " << why;
     } else {
       ++tie_count();
     }
@@ -188,7 +194,8 @@ inline void compare_fwd(FwdCase& c, const std::vector<std::vector<unsigned char>
 // sums of |terms| are O(sqrt(fan-in)) <= O(fan-in); x4 for the O(1) biases and position terms.
 inline void compare_cmp(const CmpCase& c, const std::vector<unsigned char>& ref) {
   ++compare_count();
-  const double terms = c.kind == NSA_CMP_MEAN ? double(c.cfg.cmp_block) : double(c.cfg.cmp_block) * c.D + c.Dh;
+  const double terms =
+      c.kind == NSA_CMP_MEAN ? double(c.cfg.cmp_block) : double(c.cfg.cmp_block) * c.D + c.Dh;
   const double tol = 4.0 * terms * kEps, rel = c.out.dtype() == NSA_DTYPE_BF16 ? kBf16Rel : 0.0;
   int64_t bad = 0;
   c.out.for_each([&](int64_t b, int64_t t, int64_t h, int64_t e, int64_t off) {

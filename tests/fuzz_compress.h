@@ -55,7 +55,10 @@ inline CmpCase make_cmp(Rng& r, CmpBad bad = CmpBad::kNone) {
   c.dt = chance(r, 0.5) ? NSA_DTYPE_F32 : NSA_DTYPE_BF16;
   c.B = chance(r, 0.05) ? 0 : uni(r, 1, 3);
   const int64_t tsize = uni(r, 0, 9);
-  c.T = chance(r, 0.04) ? 0 : tsize < 4 ? uni(r, 1, 40) : tsize < 7 ? uni(r, 41, 100) : uni(r, 101, 200);
+  c.T = chance(r, 0.04) ? 0
+        : tsize < 4     ? uni(r, 1, 40)
+        : tsize < 7     ? uni(r, 41, 100)
+                        : uni(r, 101, 200);
   c.T = std::min(c.T, budget().max_T);
   c.H = uni(r, 1, 4);
   c.D = chance(r, 0.3) ? uni(r, 1, 8) : uni(r, 1, 40);

@@ -22,7 +22,9 @@ struct CmpBwdCase {
   bool mlp() const { return c.kind == NSA_CMP_MLP; }
   std::vector<std::pair<const char*, Buf*>> grads() {
     std::vector<std::pair<const char*, Buf*>> g = {{"dx", &dx}};
-    if (mlp()) g.insert(g.end(), {{"dpos", &dpos}, {"dw1", &dw1}, {"db1", &db1}, {"dw2", &dw2}, {"db2", &db2}});
+    if (mlp())
+      g.insert(g.end(),
+               {{"dpos", &dpos}, {"dw1", &dw1}, {"db1", &db1}, {"dw2", &dw2}, {"db2", &db2}});
     return g;
   }
   std::vector<Buf*> outs() {
@@ -45,7 +47,8 @@ struct CmpBwdCase {
     p.dout = dout.desc();
     p.dx = dx.desc();
     if (mlp()) {
-      p.dpos = dpos.desc(), p.dw1 = dw1.desc(), p.db1 = db1.desc(), p.dw2 = dw2.desc(), p.db2 = db2.desc();
+      p.dpos = dpos.desc(), p.dw1 = dw1.desc(), p.db1 = db1.desc(), p.dw2 = dw2.desc(),
+      p.db2 = db2.desc();
     } else if (junk_grads) {
       for (nsa_tensor* t : {&p.dpos, &p.dw1, &p.db1, &p.dw2, &p.db2}) {
         t->data = junk_out;
@@ -79,7 +82,8 @@ inline CmpBwdCase make_cmp_bwd(Rng& r) {
     b.junk_grads = chance(r, 0.3);
   }
   // The reference's work, as fuzz_compress estimates it; its backward does about twice that.
-  const double per_token = b.mlp() ? double(c.Dh) * c.cfg.cmp_block * c.D : double(c.cfg.cmp_block) * c.D;
+  const double per_token =
+      b.mlp() ? double(c.Dh) * c.cfg.cmp_block * c.D : double(c.cfg.cmp_block) * c.D;
   b.ref_cost = 2.0 * c.B * c.Tc * c.H * per_token;
   b.cheap = b.ref_cost <= budget().compare_cost && nsa_backend_available(NSA_BACKEND_CPU);
   std::ostringstream s;
@@ -100,22 +104,29 @@ inline std::vector<TArg> cmp_bwd_args(nsa_compress_bwd_params& p, bool mlp) {
   const std::vector<int> fl = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
   std::vector<TArg> a = {{"dout", &p.dout, fl, true}, {"dx", &p.dx, fl, true, true}};
   if (mlp) {
-    a.insert(a.end(), {{"dpos", &p.dpos, fl, true, true}, {"dw1", &p.dw1, fl, true, true},
-                       {"db1", &p.db1, fl, true, true}, {"dw2", &p.dw2, fl, true, true},
+    a.insert(a.end(), {{"dpos", &p.dpos, fl, true, true},
+                       {"dw1", &p.dw1, fl, true, true},
+                       {"db1", &p.db1, fl, true, true},
+                       {"dw2", &p.dw2, fl, true, true},
                        {"db2", &p.db2, fl, true, true}});
   }
   return a;
 }
 
 inline std::vector<Backed> cmp_bwd_backed(nsa_compress_bwd_params& p, CmpBwdCase& b) {
-  std::vector<Backed> v = {{"x", &p.x, &b.c.x, false}, {"dout", &p.dout, &b.dout, false},
-                           {"dx", &p.dx, &b.dx, true}};
+  std::vector<Backed> v = {
+      {"x", &p.x, &b.c.x, false}, {"dout", &p.dout, &b.dout, false}, {"dx", &p.dx, &b.dx, true}};
   if (b.mlp()) {
-    v.insert(v.end(), {{"pos", &p.pos, &b.c.pos, false}, {"w1", &p.w1, &b.c.w1, false},
-                       {"b1", &p.b1, &b.c.b1, false}, {"w2", &p.w2, &b.c.w2, false},
-                       {"b2", &p.b2, &b.c.b2, false}, {"dpos", &p.dpos, &b.dpos, true},
-                       {"dw1", &p.dw1, &b.dw1, true}, {"db1", &p.db1, &b.db1, true},
-                       {"dw2", &p.dw2, &b.dw2, true}, {"db2", &p.db2, &b.db2, true}});
+    v.insert(v.end(), {{"pos", &p.pos, &b.c.pos, false},
+                       {"w1", &p.w1, &b.c.w1, false},
+                       {"b1", &p.b1, &b.c.b1, false},
+                       {"w2", &p.w2, &b.c.w2, false},
+                       {"b2", &p.b2, &b.c.b2, false},
+                       {"dpos", &p.dpos, &b.dpos, true},
+                       {"dw1", &p.dw1, &b.dw1, true},
+                       {"db1", &p.db1, &b.db1, true},
+                       {"dw2", &p.dw2, &b.dw2, true},
+                       {"db2", &p.db2, &b.db2, true}});
   }
   return v;
 }
@@ -184,7 +195,8 @@ inline CmpBwdCall make_cmp_bwd_call(Rng& r, CmpBwdCase& b) {
     } else {
       call.null_params = chance(r, 0.5);
       call.null_ctx = !call.null_params;
-      e = {NSA_ERR_NULL_POINTER, call.null_ctx ? "NULL context" : "NULL params", call.null_ctx ? "" : "params"};
+      e = {NSA_ERR_NULL_POINTER, call.null_ctx ? "NULL context" : "NULL params",
+           call.null_ctx ? "" : "params"};
       return call;
     }
   }
@@ -205,7 +217,8 @@ inline void expect_cmp_grads_written(CmpBwdCase& b) {
   for (auto& g : b.grads()) {
     EXPECT_EQ(count_nonfinite(*g.second), 0) << g.first << ": elements unwritten or not finite";
     if (c.B * c.Tc == 0) {
-      EXPECT_EQ(count_failing(*g.second, [](double x) { return x == 0.0; }), 0) << g.first << ": not 0 without blocks";
+      EXPECT_EQ(count_failing(*g.second, [](double x) { return x == 0.0; }), 0)
+          << g.first << ": not 0 without blocks";
     }
   }
   int64_t bad = 0;
@@ -226,14 +239,19 @@ inline void cmp_bwd_compare(CmpBwdCase& b, const std::vector<std::vector<unsigne
   // erring by about n 2^-24 of the tensor's largest |ref|), x4 for the O(1) biases. mean dx:
   // ceil(l/d) covering blocks and the 1/l scaling; mlp: the l*D, Dh and D-term dots, plus the
   // sum over every block for the parameters. A bf16 store adds one bf16 ulp (2^-7 |ref|).
-  const int64_t l = c.cfg.cmp_block, d = c.cfg.cmp_stride, blocks = c.B * c.Tc, cover = (l + d - 1) / d;
-  const std::map<std::string, int64_t> chain = {
-      {"dx", b.mlp() ? c.D + c.Dh + cover : cover + 1}, {"dpos", c.D + c.Dh + blocks},
-      {"dw1", c.D + blocks}, {"db1", c.D + blocks}, {"dw2", l * c.D + blocks}, {"db2", blocks}};
+  const int64_t l = c.cfg.cmp_block, d = c.cfg.cmp_stride, blocks = c.B * c.Tc,
+                cover = (l + d - 1) / d;
+  const std::map<std::string, int64_t> chain = {{"dx", b.mlp() ? c.D + c.Dh + cover : cover + 1},
+                                                {"dpos", c.D + c.Dh + blocks},
+                                                {"dw1", c.D + blocks},
+                                                {"db1", c.D + blocks},
+                                                {"dw2", l * c.D + blocks},
+                                                {"db2", blocks}};
   const std::vector<std::pair<const char*, Buf*>> g = b.grads();
   for (size_t i = 0; i < g.size(); ++i) {
     const double rel = g[i].second->dtype() == NSA_DTYPE_BF16 ? kBf16Rel : 0.0;
-    expect_close_to_ref(g[i].first, *g[i].second, ref[i], 4.0 * double(chain.at(g[i].first)) * kEps, 0.0, rel);
+    expect_close_to_ref(g[i].first, *g[i].second, ref[i], 4.0 * double(chain.at(g[i].first)) * kEps,
+                        0.0, rel);
   }
 }
 
@@ -257,13 +275,15 @@ inline void fuzz_compress_bwd(Rng& r) {
       expect_rejected(call.e, run(be, &msg), msg, call.null_ctx);
       snap.expect_unchanged("invalid call");
     }
-    EXPECT_EQ(std::vector<int32_t>(b.junk_out, b.junk_out + 4), junk_before) << "junk gradient written";
+    EXPECT_EQ(std::vector<int32_t>(b.junk_out, b.junk_out + 4), junk_before)
+        << "junk gradient written";
     return;
   }
   const Snapshot ins(b.inputs()), outs(std::vector<const Buf*>(outv.begin(), outv.end()));
   auto written = [&] {
     expect_cmp_grads_written(b);
-    EXPECT_EQ(std::vector<int32_t>(b.junk_out, b.junk_out + 4), junk_before) << "junk gradient written";
+    EXPECT_EQ(std::vector<int32_t>(b.junk_out, b.junk_out + 4), junk_before)
+        << "junk gradient written";
   };
   // Never "no work": the mlp's parameter gradients exist without tokens, and are overwritten.
   const nsa_backend fast = chance(r, 0.5) ? NSA_BACKEND_CPU : NSA_BACKEND_AUTO;

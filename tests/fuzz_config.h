@@ -23,8 +23,10 @@ namespace nsa_fuzz {
 // name either.
 inline std::vector<std::string> config_faults(const nsa_config& c) {
   std::vector<std::string> f;
-  const std::pair<const char*, int32_t> sizes[] = {{"cmp_block", c.cmp_block}, {"cmp_stride", c.cmp_stride},
-                                                   {"slc_block", c.slc_block}, {"slc_count", c.slc_count},
+  const std::pair<const char*, int32_t> sizes[] = {{"cmp_block", c.cmp_block},
+                                                   {"cmp_stride", c.cmp_stride},
+                                                   {"slc_block", c.slc_block},
+                                                   {"slc_count", c.slc_count},
                                                    {"window", c.window}};
   for (const auto& s : sizes) {
     if (s.second < 1) f.push_back(s.first);
@@ -40,16 +42,18 @@ inline std::vector<std::string> config_faults(const nsa_config& c) {
 }
 
 inline int32_t extreme_int(Rng& r) {
-  const int32_t big = std::numeric_limits<int32_t>::max(), small = std::numeric_limits<int32_t>::min();
+  const int32_t big = std::numeric_limits<int32_t>::max(),
+                small = std::numeric_limits<int32_t>::min();
   if (chance(r, 0.3)) return static_cast<int32_t>(uni(r, -3, 70));
-  return pick(r, std::vector<int32_t>{0, 1, -1, 2, 16, 64, big, big - 1, small, small + 1, 1 << 30, -(1 << 30)});
+  return pick(r, std::vector<int32_t>{0, 1, -1, 2, 16, 64, big, big - 1, small, small + 1, 1 << 30,
+                                      -(1 << 30)});
 }
 
 inline float extreme_scale(Rng& r) {
   using L = std::numeric_limits<float>;
-  return pick(r, std::vector<float>{0.0f, -0.0f, 0.125f, 1.0f, 1e30f, L::min(), L::denorm_min(), L::max(),
-                                    -L::min(), -L::denorm_min(), -0.125f, L::quiet_NaN(), -L::quiet_NaN(),
-                                    L::infinity(), -L::infinity()});
+  return pick(r, std::vector<float>{0.0f, -0.0f, 0.125f, 1.0f, 1e30f, L::min(), L::denorm_min(),
+                                    L::max(), -L::min(), -L::denorm_min(), -0.125f, L::quiet_NaN(),
+                                    -L::quiet_NaN(), L::infinity(), -L::infinity()});
 }
 
 // A valid config with one to four fields replaced by extremes, or by values just across a rule
@@ -57,7 +61,7 @@ inline float extreme_scale(Rng& r) {
 inline nsa_config extreme_config(Rng& r) {
   nsa_config c = random_config(r, chance(r, 0.3));
   int32_t* fields[7] = {&c.cmp_block, &c.cmp_stride, &c.slc_block, &c.slc_count,
-                        &c.slc_init, &c.slc_local, &c.window};
+                        &c.slc_init,  &c.slc_local,  &c.window};
   const int64_t changes = chance(r, 0.15) ? 0 : uni(r, 1, 4);
   for (int64_t i = 0; i < changes; ++i) {
     switch (uni(r, 0, 3)) {
@@ -89,10 +93,11 @@ inline void check_validate(Rng& r, const nsa_config& c) {
   const std::vector<std::string> faults = config_faults(c);
   std::string want = "valid";
   for (const std::string& f : faults) want += (want == "valid" ? ": " : ", ") + f;
-  SCOPED_TRACE("nsa_config_validate l=" + std::to_string(c.cmp_block) + " d=" + std::to_string(c.cmp_stride) +
-               " l'=" + std::to_string(c.slc_block) + " n=" + std::to_string(c.slc_count) + " init=" +
-               std::to_string(c.slc_init) + " local=" + std::to_string(c.slc_local) + " w=" +
-               std::to_string(c.window) + " scale=" + std::to_string(c.scale) + " | " + want);
+  SCOPED_TRACE("nsa_config_validate l=" + std::to_string(c.cmp_block) +
+               " d=" + std::to_string(c.cmp_stride) + " l'=" + std::to_string(c.slc_block) +
+               " n=" + std::to_string(c.slc_count) + " init=" + std::to_string(c.slc_init) +
+               " local=" + std::to_string(c.slc_local) + " w=" + std::to_string(c.window) +
+               " scale=" + std::to_string(c.scale) + " | " + want);
   nsa_context* ctx = nullptr;
   if (chance(r, 0.8)) {
     ASSERT_EQ(nsa_context_create(&ctx), NSA_OK);
@@ -124,10 +129,21 @@ inline void check_validate(Rng& r, const nsa_config& c) {
 
 inline void check_cmp_len(Rng& r, const nsa_config& c) {
   const int64_t l = c.cmp_block, d = c.cmp_stride, big = std::numeric_limits<int64_t>::max();
-  const std::vector<int64_t> ts = {0, 1, -1, l - 1, l, l + 1, l + d, uni(r, 0, 1000), uni(r, -1000, 1000), big,
-                                   std::numeric_limits<int64_t>::min(), int64_t{INT32_MAX} + uni(r, 0, 9)};
+  const std::vector<int64_t> ts = {0,
+                                   1,
+                                   -1,
+                                   l - 1,
+                                   l,
+                                   l + 1,
+                                   l + d,
+                                   uni(r, 0, 1000),
+                                   uni(r, -1000, 1000),
+                                   big,
+                                   std::numeric_limits<int64_t>::min(),
+                                   int64_t{INT32_MAX} + uni(r, 0, 9)};
   for (int64_t t : ts) {
-    EXPECT_EQ(nsa_cmp_len(&c, t), expected_cmp_len(c, t)) << "nsa_cmp_len l=" << l << " d=" << d << " t=" << t;
+    EXPECT_EQ(nsa_cmp_len(&c, t), expected_cmp_len(c, t))
+        << "nsa_cmp_len l=" << l << " d=" << d << " t=" << t;
   }
 }
 
@@ -136,16 +152,20 @@ inline void check_cmp_len(Rng& r, const nsa_config& c) {
 // 1..4) is a shape error when an op is given it (x of nsa_compress, validated before any read).
 inline void check_contiguous(Rng& r) {
   const int64_t big = std::numeric_limits<int64_t>::max();
-  const int32_t ndim = chance(r, 0.8) ? static_cast<int32_t>(uni(r, 1, 4))
-                                      : pick(r, std::vector<int32_t>{0, -1, 5, 8, std::numeric_limits<int32_t>::min()});
+  const int32_t ndim =
+      chance(r, 0.8)
+          ? static_cast<int32_t>(uni(r, 1, 4))
+          : pick(r, std::vector<int32_t>{0, -1, 5, 8, std::numeric_limits<int32_t>::min()});
   int64_t shape[8];
   for (int64_t& s : shape) {
     s = chance(r, 0.5) ? uni(r, 0, 9)
-                       : pick(r, std::vector<int64_t>{1 << 20, int64_t{1} << 31, (int64_t{1} << 32) + 1,
-                                                      int64_t{1} << 40, big, -1, std::numeric_limits<int64_t>::min()});
+                       : pick(r, std::vector<int64_t>{1 << 20, int64_t{1} << 31,
+                                                      (int64_t{1} << 32) + 1, int64_t{1} << 40, big,
+                                                      -1, std::numeric_limits<int64_t>::min()});
   }
   const bool null_shape = chance(r, 0.05);
-  const nsa_dtype dt = pick(r, std::vector<nsa_dtype>{NSA_DTYPE_F32, NSA_DTYPE_BF16, NSA_DTYPE_F16, NSA_DTYPE_I32});
+  const nsa_dtype dt =
+      pick(r, std::vector<nsa_dtype>{NSA_DTYPE_F32, NSA_DTYPE_BF16, NSA_DTYPE_F16, NSA_DTYPE_I32});
   float cell[4] = {0, 0, 0, 0};
   const nsa_tensor t = nsa_tensor_contiguous(cell, dt, ndim, null_shape ? nullptr : shape);
   std::ostringstream os;
@@ -166,11 +186,13 @@ inline void check_contiguous(Rng& r) {
       if (i < ndim - 1 && inner <= big) {
         EXPECT_EQ(t.stride[i], static_cast<int64_t>(inner)) << "dimension " << i;
       }
-      if (shape[i] < 1 || inner > big) inner = big + static_cast<__int128>(1);  // no stride to check
+      if (shape[i] < 1 || inner > big)
+        inner = big + static_cast<__int128>(1);  // no stride to check
       else inner *= shape[i];
       negative = negative || shape[i] < 0;
       empty = empty || shape[i] == 0;
-      if (shape[i] > 0) count = std::min<__int128>(count * shape[i], big + static_cast<__int128>(1));
+      if (shape[i] > 0)
+        count = std::min<__int128>(count * shape[i], big + static_cast<__int128>(1));
     }
   }
   const bool f = dt == NSA_DTYPE_F32 || dt == NSA_DTYPE_BF16;
@@ -181,7 +203,8 @@ inline void check_contiguous(Rng& r) {
   p.x = t;
   p.out = t;  // never reached: x is rejected first
   std::string msg;
-  const nsa_status s = on_backend(r, NSA_BACKEND_REF, &msg, [&](nsa_context* ctx) { return nsa_compress(ctx, &p); });
+  const nsa_status s =
+      on_backend(r, NSA_BACKEND_REF, &msg, [&](nsa_context* ctx) { return nsa_compress(ctx, &p); });
   EXPECT_EQ(s, NSA_ERR_INVALID_SHAPE) << msg;
   EXPECT_NE(msg.find("x:"), std::string::npos) << msg;
 }

@@ -56,10 +56,9 @@ inline bool untouched(const nsa_test::Tensor& t) {
 // (a compression or selection block longer than any sequence, a huge window or count).
 inline nsa_config cache_config(Fuzz& f) {
   const int32_t l = static_cast<int32_t>(f.pick(1, 24));
-  nsa_config cfg = nsa_test::config(l, static_cast<int32_t>(f.pick(1, l)),
-                                    static_cast<int32_t>(f.pick(1, 40)),
-                                    static_cast<int32_t>(f.pick(3, 6)), 1, 2,
-                                    static_cast<int32_t>(f.pick(1, 60)));
+  nsa_config cfg = nsa_test::config(
+      l, static_cast<int32_t>(f.pick(1, l)), static_cast<int32_t>(f.pick(1, 40)),
+      static_cast<int32_t>(f.pick(3, 6)), 1, 2, static_cast<int32_t>(f.pick(1, 60)));
   const std::vector<int32_t> extreme = {INT32_MAX, INT32_MAX - 1, 1 << 30, 1000000000};
   if (f.chance(10)) cfg.cmp_block = extreme[static_cast<size_t>(f.pick(0, 3))];
   if (f.chance(5)) cfg.slc_block = extreme[static_cast<size_t>(f.pick(0, 3))];
@@ -77,8 +76,14 @@ struct CacheBreak {
 inline CacheBreak break_cache_params(Fuzz& f, nsa_kv_cache_params& p) {
   // Values outside the bounds nsa.h states: below 1, or past the head bound 2^20; num_seqs'
   // bound is INT32_MAX.
-  const std::vector<int64_t> bad = {0, -1, INT64_MIN, (int64_t{1} << 20) + 1, INT32_MAX + int64_t{1},
-                                    int64_t{1} << 40, INT64_MAX / 2, INT64_MAX};
+  const std::vector<int64_t> bad = {0,
+                                    -1,
+                                    INT64_MIN,
+                                    (int64_t{1} << 20) + 1,
+                                    INT32_MAX + int64_t{1},
+                                    int64_t{1} << 40,
+                                    INT64_MAX / 2,
+                                    INT64_MAX};
   const int64_t v = bad[static_cast<size_t>(f.pick(0, static_cast<int64_t>(bad.size()) - 1))];
   const int64_t v_seqs = v == bad[3] ? bad[4] : v;
   switch (f.pick(0, 7)) {
@@ -109,8 +114,10 @@ inline CacheBreak break_cache_params(Fuzz& f, nsa_kv_cache_params& p) {
 inline void fuzz_cache_session(Fuzz& f, int64_t max_ops, std::map<std::string, int64_t>& counts,
                                int64_t* done) {
   const nsa_config cfg = cache_config(f);
-  const int64_t Hkv = f.pick(1, 2), G = f.pick(1, 5), seqs = f.pick(1, 3), cap = f.pick(1, budget().max_capacity);
-  const nsa_test::Shape s{1, cap + 4, Hkv * G, Hkv, f.pick(1, budget().max_D), f.pick(1, budget().max_D)};
+  const int64_t Hkv = f.pick(1, 2), G = f.pick(1, 5), seqs = f.pick(1, 3),
+                cap = f.pick(1, budget().max_capacity);
+  const nsa_test::Shape s{
+      1, cap + 4, Hkv * G, Hkv, f.pick(1, budget().max_D), f.pick(1, budget().max_D)};
   const nsa_dtype dt = f.chance(50) ? NSA_DTYPE_BF16 : NSA_DTYPE_F32;
   // mlp compression only where its parameters are small ([Hkv, Dh, l * D] for w1).
   const bool mlp = cfg.cmp_block <= 24 && f.chance(25);
@@ -139,7 +146,8 @@ inline void fuzz_cache_session(Fuzz& f, int64_t max_ops, std::map<std::string, i
     nsa_kv_cache_destroy(c);
     return;
   }
-  nsa_test::CachePtr cache = nsa_test::make_cache(cx.ctx, cfg, seqs, cap, s, dt, mlp ? NSA_CMP_MLP : NSA_CMP_MEAN, &m);
+  nsa_test::CachePtr cache =
+      nsa_test::make_cache(cx.ctx, cfg, seqs, cap, s, dt, mlp ? NSA_CMP_MLP : NSA_CMP_MEAN, &m);
   ASSERT_TRUE(cache);
   // Inputs for up to cap + 4 tokens; row r of q/k/v/gates is row r of these.
   const nsa_test::Shape rows_shape{1, std::max<int64_t>(s.T, seqs), s.Hq, Hkv, s.Dk, s.Dv};
@@ -150,7 +158,8 @@ inline void fuzz_cache_session(Fuzz& f, int64_t max_ops, std::map<std::string, i
   for (int op = 0; op < budget().cache_ops && *done < max_ops; ++op, ++*done) {
     SCOPED_TRACE("op " + std::to_string(*done));
     nsa_test::FwdCase out = nsa_test::make_case(rows_shape, rows_cfg, dt, 1);
-    for (nsa_test::Tensor* t : {&out.o, &out.lse_cmp, &out.lse_slc, &out.lse_win, &out.idx_out}) poison(*t);
+    for (nsa_test::Tensor* t : {&out.o, &out.lse_cmp, &out.lse_slc, &out.lse_win, &out.idx_out})
+      poison(*t);
     const int kind = static_cast<int>(f.pick(0, 4));
     Outcome e;
     const int64_t seq = f.pick(0, seqs - 1);
@@ -158,9 +167,11 @@ inline void fuzz_cache_session(Fuzz& f, int64_t max_ops, std::map<std::string, i
     std::vector<int64_t> want_len = len;
     if (kind == 0) {  // append n tokens
       int64_t n = f.pick(0, 20);
-      if (f.chance(15)) n = cap - len[seq] + f.pick(1, 3), e = {NSA_ERR_INVALID_SHAPE, Break::kOverCapacity};
+      if (f.chance(15))
+        n = cap - len[seq] + f.pick(1, 3), e = {NSA_ERR_INVALID_SHAPE, Break::kOverCapacity};
       n = std::min<int64_t>(n, c.q.desc().shape[1]);
-      if (n > cap - len[seq] && e.how == Break::kNone) e = {NSA_ERR_INVALID_SHAPE, Break::kOverCapacity};
+      if (n > cap - len[seq] && e.how == Break::kNone)
+        e = {NSA_ERR_INVALID_SHAPE, Break::kOverCapacity};
       nsa_tensor k = nsa_test::rows(c.k, 0, n), v = nsa_test::rows(c.v, 0, n);
       if (f.chance(10)) k.shape[2] += 1, e = {NSA_ERR_INVALID_SHAPE, Break::kWrongDk};
       got = nsa_kv_cache_append(cx.ctx, cache.get(), seq, &k, &v);
@@ -190,7 +201,9 @@ inline void fuzz_cache_session(Fuzz& f, int64_t max_ops, std::map<std::string, i
       if (r == 2 && e.how == Break::kNone) {
         p.o.dtype = NSA_DTYPE_I32, e = {NSA_ERR_INVALID_DTYPE, Break::kWrongDtype};
       }
-      if (r == 3) ids[0] = static_cast<int32_t>(seqs + f.pick(0, 3)), e = {NSA_ERR_INVALID_INDEX, Break::kSeqOutOfRange};
+      if (r == 3)
+        ids[0] = static_cast<int32_t>(seqs + f.pick(0, 3)),
+        e = {NSA_ERR_INVALID_INDEX, Break::kSeqOutOfRange};
       if (r == 4 && S >= 2) ids[1] = ids[0], e = {NSA_ERR_INVALID_INDEX, Break::kSeqTwice};
       // The rows past the S in the call's view keep the poison no call may overwrite.
       const double poisoned = out.o.at({0, 0, 0, 0});
@@ -199,7 +212,11 @@ inline void fuzz_cache_session(Fuzz& f, int64_t max_ops, std::map<std::string, i
       } else {
         nsa_dense_decode_params dp;
         nsa_dense_decode_params_init(&dp);
-        dp.q = p.q; dp.k = p.k; dp.v = p.v; dp.seq_ids = p.seq_ids; dp.o = p.o;
+        dp.q = p.q;
+        dp.k = p.k;
+        dp.v = p.v;
+        dp.seq_ids = p.seq_ids;
+        dp.o = p.o;
         dp.lse = p.lse_win;
         dp.window = static_cast<int32_t>(f.pick(0, 30));
         got = nsa_dense_decode(cx.ctx, cache.get(), &dp);
@@ -220,9 +237,14 @@ inline void fuzz_cache_session(Fuzz& f, int64_t max_ops, std::map<std::string, i
       nsa_prefill_params p;
       nsa_prefill_params_init(&p);
       p.seq = seq;
-      p.q = nsa_test::rows(c.q, 0, T); p.k = nsa_test::rows(c.k, 0, T); p.v = nsa_test::rows(c.v, 0, T);
-      p.g_cmp = nsa_test::rows(c.g_cmp, 0, T); p.g_slc = nsa_test::rows(c.g_slc, 0, T); p.g_win = nsa_test::rows(c.g_win, 0, T);
-      p.o = nsa_test::rows(out.o, 0, T); p.lse_slc = nsa_test::rows(out.lse_slc, 0, T);
+      p.q = nsa_test::rows(c.q, 0, T);
+      p.k = nsa_test::rows(c.k, 0, T);
+      p.v = nsa_test::rows(c.v, 0, T);
+      p.g_cmp = nsa_test::rows(c.g_cmp, 0, T);
+      p.g_slc = nsa_test::rows(c.g_slc, 0, T);
+      p.g_win = nsa_test::rows(c.g_win, 0, T);
+      p.o = nsa_test::rows(out.o, 0, T);
+      p.lse_slc = nsa_test::rows(out.lse_slc, 0, T);
       if (len[seq] != 0) e = {NSA_ERR_INVALID_ARGUMENT, Break::kSeqTwice};
       got = nsa_prefill(cx.ctx, cache.get(), &p);
       if (e.want == NSA_OK) want_len[seq] = T;

@@ -39,9 +39,12 @@ inline DenseCase make_dense(Rng& r, BadDims bad, bool need_lse) {
   DenseCase c;
   draw_dims(r, bad, &c);
   const int64_t wk = uni(r, 0, 9);  // every earlier key, a window, or one wider than any sequence
-  c.window = wk < 3 ? 0 : wk < 9 ? static_cast<int32_t>(uni(r, 1, 250)) : pick(r, std::vector<int32_t>{INT32_MAX, 1 << 30});
+  c.window = wk < 3   ? 0
+             : wk < 9 ? static_cast<int32_t>(uni(r, 1, 250))
+                      : pick(r, std::vector<int32_t>{INT32_MAX, 1 << 30});
   // Scores O(1), as in make_fwd: scale in [0.5, 1.5] / sqrt(Dk), or 0 for 1/sqrt(Dk).
-  if (chance(r, 0.5) && c.Dk > 0) c.scale = static_cast<float>(uni(r, 5, 15) / 10.0 / std::sqrt(double(c.Dk)));
+  if (chance(r, 0.5) && c.Dk > 0)
+    c.scale = static_cast<float>(uni(r, 5, 15) / 10.0 / std::sqrt(double(c.Dk)));
   if (chance(r, 0.3)) c.B = 1, c.cu = random_cu(r, c.T);
   c.q = Buf(c.dt, {c.B, c.T, c.Hq, c.Dk}, r);
   c.k = Buf(c.dt, {c.B, c.T, c.Hkv, c.Dk}, r);
@@ -52,9 +55,9 @@ inline DenseCase make_dense(Rng& r, BadDims bad, bool need_lse) {
   c.has_lse = need_lse || chance(r, 0.6);
   c.lse = Buf(NSA_DTYPE_F32, {c.B, c.T, c.Hq}, r, out);
   std::ostringstream s;
-  s << "B=" << c.B << " T=" << c.T << " Hq=" << c.Hq << " Hkv=" << c.Hkv << " Dk=" << c.Dk << " Dv=" << c.Dv
-    << " " << nsa_dtype_name(c.dt) << " lse=" << c.has_lse
-    << " w=" << c.window << " scale=" << c.scale << " seqs=" << (c.cu.empty() ? 0 : c.cu.size() - 1);
+  s << "B=" << c.B << " T=" << c.T << " Hq=" << c.Hq << " Hkv=" << c.Hkv << " Dk=" << c.Dk
+    << " Dv=" << c.Dv << " " << nsa_dtype_name(c.dt) << " lse=" << c.has_lse << " w=" << c.window
+    << " scale=" << c.scale << " seqs=" << (c.cu.empty() ? 0 : c.cu.size() - 1);
   c.text = s.str();
   return c;
 }
@@ -71,7 +74,8 @@ inline bool break_dense_common(Rng& r, const DenseCase& c, Params& p, std::vecto
       *e = {NSA_ERR_INVALID_ARGUMENT, "window " + std::to_string(p.window), "window"};
       return true;
     case 1:
-      p.scale = pick(r, std::vector<float>{-0.125f, -inf, inf, std::numeric_limits<float>::quiet_NaN()});
+      p.scale =
+          pick(r, std::vector<float>{-0.125f, -inf, inf, std::numeric_limits<float>::quiet_NaN()});
       *e = {NSA_ERR_INVALID_ARGUMENT, "scale " + std::to_string(p.scale), "scale"};
       return true;
     case 2: {
@@ -98,16 +102,19 @@ inline bool break_dense_common(Rng& r, const DenseCase& c, Params& p, std::vecto
     default:
       *null_params = chance(r, 0.5);
       *null_ctx = !*null_params;
-      *e = {NSA_ERR_NULL_POINTER, *null_ctx ? "NULL context" : "NULL params", *null_ctx ? "" : "params"};
+      *e = {NSA_ERR_NULL_POINTER, *null_ctx ? "NULL context" : "NULL params",
+            *null_ctx ? "" : "params"};
       return true;
   }
 }
 
 // q, k, v as nsa_dense_fwd checks them: k and v take q's dtype (a float q of the other dtype is
 // reported at k), q sets B, T, Hq, Dk, k sets Hkv and v sets Dv, each then checked elsewhere.
-inline std::vector<TArg> dense_input_args(nsa_tensor* q, nsa_tensor* k, nsa_tensor* v, nsa_dtype dt) {
+inline std::vector<TArg> dense_input_args(nsa_tensor* q, nsa_tensor* k, nsa_tensor* v,
+                                          nsa_dtype dt) {
   const std::vector<int> same = {dt};
-  return {{"q", q, same, true, false, 0xF, true}, {"k", k, same, true, false, 1 << 2},
+  return {{"q", q, same, true, false, 0xF, true},
+          {"k", k, same, true, false, 1 << 2},
           {"v", v, same, true, false, 1 << 3}};
 }
 
@@ -172,7 +179,8 @@ inline void fuzz_dense(Rng& r) {
   const Snapshot ins({&c.q, &c.k, &c.v}), outs(std::vector<const Buf*>(outv.begin(), outv.end()));
   const bool no_work = c.B == 0 || c.T == 0;
   auto written = [&] {  // every query sees its own key: o and lse finite
-    for (const Buf* b : outv) EXPECT_EQ(count_nonfinite(*b), 0) << "o/lse: elements unwritten or not finite";
+    for (const Buf* b : outv)
+      EXPECT_EQ(count_nonfinite(*b), 0) << "o/lse: elements unwritten or not finite";
   };
   const nsa_backend fast = chance(r, 0.5) ? NSA_BACKEND_CPU : NSA_BACKEND_AUTO;
   if (c.cost() > budget().compare_cost || !nsa_backend_available(NSA_BACKEND_CPU)) {
@@ -204,7 +212,8 @@ struct DenseBwdCase {
     nsa_dense_bwd_params_init(&p);
     p.q = d.q.desc(), p.k = d.k.desc(), p.v = d.v.desc(), p.o = d.o.desc(), p.lse = d.lse.desc();
     p.d_o = d_o.desc(), p.dq = dq.desc(), p.dk = dk.desc(), p.dv = dv.desc();
-    if (!d.cu.empty()) p.cu_seqlens = d.cu.data(), p.num_seqs = static_cast<int64_t>(d.cu.size()) - 1;
+    if (!d.cu.empty())
+      p.cu_seqlens = d.cu.data(), p.num_seqs = static_cast<int64_t>(d.cu.size()) - 1;
     p.scale = d.scale, p.window = d.window;
     return p;
   }
@@ -219,9 +228,11 @@ inline DenseBwdCase make_dense_bwd(Rng& r, BadDims bad) {
   // The reference recomputes o in float64 (the caller's o only enters D = rowsum(d_o * o) on the
   // CPU), so a compared case keeps o in f32: a bf16 o's rounding would reach every gradient.
   c.cheap = 3.0 * d.cost() <= budget().compare_cost && nsa_backend_available(NSA_BACKEND_CPU);
-  if (c.cheap && d.o.dtype() != NSA_DTYPE_F32) d.o = Buf(NSA_DTYPE_F32, {d.B, d.T, d.Hq, d.Dv}, r, LayoutOpts{false, false});
+  if (c.cheap && d.o.dtype() != NSA_DTYPE_F32)
+    d.o = Buf(NSA_DTYPE_F32, {d.B, d.T, d.Hq, d.Dv}, r, LayoutOpts{false, false});
   auto dt = [&] { return chance(r, 0.5) ? NSA_DTYPE_F32 : NSA_DTYPE_BF16; };
-  c.d_o = Buf(chance(r, 0.5) ? NSA_DTYPE_F32 : d.dt, {d.B, d.T, d.Hq, d.Dv}, r);  // f32 or q's dtype
+  c.d_o =
+      Buf(chance(r, 0.5) ? NSA_DTYPE_F32 : d.dt, {d.B, d.T, d.Hq, d.Dv}, r);  // f32 or q's dtype
   c.d_o.fill_uniform(r, -1.0, 1.0);
   const LayoutOpts out{false, false};
   c.dq = Buf(dt(), {d.B, d.T, d.Hq, d.Dk}, r, out);
@@ -244,22 +255,27 @@ inline DenseCall make_dense_bwd_call(Rng& r, DenseBwdCase& c, nsa_dense_bwd_para
       return call;
     }
     if (m < 65) {
-      std::vector<TArg> args = {{"o", &p.o, fl, true}, {"lse", &p.lse, {NSA_DTYPE_F32}, true},
-                                {"d_o", &p.d_o, {NSA_DTYPE_F32, c.d.dt}, true}, {"dq", &p.dq, fl, true, true},
-                                {"dk", &p.dk, fl, true, true}, {"dv", &p.dv, fl, true, true}};
+      std::vector<TArg> args = {{"o", &p.o, fl, true},
+                                {"lse", &p.lse, {NSA_DTYPE_F32}, true},
+                                {"d_o", &p.d_o, {NSA_DTYPE_F32, c.d.dt}, true},
+                                {"dq", &p.dq, fl, true, true},
+                                {"dk", &p.dk, fl, true, true},
+                                {"dv", &p.dv, fl, true, true}};
       if (mutate_tensor(r, args, random_tmut(r), &call.e)) return call;
     } else if (m < 75) {
-      const std::vector<Backed> b = {{"q", &p.q, &c.d.q, false},   {"k", &p.k, &c.d.k, false},
-                                     {"v", &p.v, &c.d.v, false},   {"o", &p.o, &c.d.o, false},
-                                     {"lse", &p.lse, &c.d.lse, false}, {"d_o", &p.d_o, &c.d_o, false},
-                                     {"dq", &p.dq, &c.dq, true},   {"dk", &p.dk, &c.dk, true},
-                                     {"dv", &p.dv, &c.dv, true}};
+      const std::vector<Backed> b = {
+          {"q", &p.q, &c.d.q, false},       {"k", &p.k, &c.d.k, false},
+          {"v", &p.v, &c.d.v, false},       {"o", &p.o, &c.d.o, false},
+          {"lse", &p.lse, &c.d.lse, false}, {"d_o", &p.d_o, &c.d_o, false},
+          {"dq", &p.dq, &c.dq, true},       {"dk", &p.dk, &c.dk, true},
+          {"dv", &p.dv, &c.dv, true}};
       if (alias_output(r, b, &call.e)) return call;
     } else if (m < 80) {  // the forward may omit lse; the backward needs it (nsa.h)
       std::memset(&p.lse, 0, sizeof p.lse);
       call.e = {NSA_ERR_NULL_POINTER, "lse absent", "lse:"};
       return call;
-    } else if (break_dense_common(r, c.d, p, &call.cu, &call.e, &call.null_ctx, &call.null_params)) {
+    } else if (break_dense_common(r, c.d, p, &call.cu, &call.e, &call.null_ctx,
+                                  &call.null_params)) {
       return call;
     }
   }
@@ -269,8 +285,11 @@ inline DenseCall make_dense_bwd_call(Rng& r, DenseBwdCase& c, nsa_dense_bwd_para
 inline bool dense_forward_state(Rng& r, DenseBwdCase& c, bool cheap) {
   const nsa_dense_fwd_params fp = c.d.fwd_params();
   std::string msg;
-  const nsa_backend be = cheap ? NSA_BACKEND_REF : chance(r, 0.5) ? NSA_BACKEND_CPU : NSA_BACKEND_AUTO;
-  const nsa_status s = on_backend(r, be, &msg, [&](nsa_context* ctx) { return nsa_dense_fwd(ctx, &fp); });
+  const nsa_backend be = cheap            ? NSA_BACKEND_REF
+                         : chance(r, 0.5) ? NSA_BACKEND_CPU
+                                          : NSA_BACKEND_AUTO;
+  const nsa_status s =
+      on_backend(r, be, &msg, [&](nsa_context* ctx) { return nsa_dense_fwd(ctx, &fp); });
   EXPECT_EQ(s, NSA_OK) << "the forward: " << msg;
   return s == NSA_OK;
 }
@@ -280,8 +299,8 @@ inline void fuzz_dense_bwd(Rng& r) {
   DenseBwdCase c = make_dense_bwd(r, bad);
   nsa_dense_bwd_params p = c.params();
   const DenseCall call = make_dense_bwd_call(r, c, p);
-  SCOPED_TRACE("dense_bwd " + c.d.text + " d_o=" + nsa_dtype_name(c.d_o.dtype()) + " o=" +
-               nsa_dtype_name(c.d.o.dtype()) + " | " + call.e.what);
+  SCOPED_TRACE("dense_bwd " + c.d.text + " d_o=" + nsa_dtype_name(c.d_o.dtype()) +
+               " o=" + nsa_dtype_name(c.d.o.dtype()) + " | " + call.e.what);
   auto run = [&](nsa_backend be, std::string* msg) {
     return on_backend(r, be, msg, [&](nsa_context* ctx) {
       return nsa_dense_bwd(call.null_ctx ? nullptr : ctx, call.null_params ? nullptr : &p);
@@ -304,11 +323,13 @@ inline void fuzz_dense_bwd(Rng& r) {
   const Snapshot ins(c.inputs()), outs(std::vector<const Buf*>(outv.begin(), outv.end()));
   const bool no_work = c.d.B == 0 || c.d.T == 0;
   auto written = [&] {
-    for (const Buf* b : outv) EXPECT_EQ(count_nonfinite(*b), 0) << "dq/dk/dv: elements unwritten or not finite";
+    for (const Buf* b : outv)
+      EXPECT_EQ(count_nonfinite(*b), 0) << "dq/dk/dv: elements unwritten or not finite";
   };
   const nsa_backend fast = chance(r, 0.5) ? NSA_BACKEND_CPU : NSA_BACKEND_AUTO;
   if (!cheap) {
-    expect_valid_result(run(valid_backend(r, 3.0 * c.d.cost()), &msg), msg, ins, outs, no_work, written);
+    expect_valid_result(run(valid_backend(r, 3.0 * c.d.cost()), &msg), msg, ins, outs, no_work,
+                        written);
     return;
   }
   expect_valid_result(run(NSA_BACKEND_REF, &msg), msg, ins, outs, no_work, written);
@@ -325,7 +346,8 @@ inline void fuzz_dense_bwd(Rng& r) {
   const char* names[3] = {"dq", "dk", "dv"};
   for (int i = 0; i < 3; ++i) {
     const double rel = outv[i]->dtype() == NSA_DTYPE_BF16 ? kBf16Rel : 0.0;
-    expect_close_to_ref(names[i], *outv[i], ref[static_cast<size_t>(i)], 16.0 * std::sqrt(n) * kEps, 1.0, rel);
+    expect_close_to_ref(names[i], *outv[i], ref[static_cast<size_t>(i)], 16.0 * std::sqrt(n) * kEps,
+                        1.0, rel);
   }
 }
 

@@ -22,7 +22,10 @@ inline void draw_dims(Rng& r, BadDims bad, Case* cp) {
   c.dt = chance(r, 0.5) ? NSA_DTYPE_F32 : NSA_DTYPE_BF16;
   c.B = chance(r, 0.05) ? 0 : uni(r, 1, 3);
   const int64_t tsize = uni(r, 0, 9);
-  c.T = chance(r, 0.04) ? 0 : tsize < 4 ? uni(r, 1, 20) : tsize < 7 ? uni(r, 21, 80) : uni(r, 81, 200);
+  c.T = chance(r, 0.04) ? 0
+        : tsize < 4     ? uni(r, 1, 20)
+        : tsize < 7     ? uni(r, 21, 80)
+                        : uni(r, 81, 200);
   c.T = std::min(c.T, budget().max_T);
   const int64_t G = pick(r, std::vector<int64_t>{1, 1, 2, 3, 4, 16});
   c.Hkv = G == 16 ? uni(r, 1, 2) : uni(r, 1, 4);
@@ -33,7 +36,9 @@ inline void draw_dims(Rng& r, BadDims bad, Case* cp) {
   c.Dk = std::min(c.Dk, budget().max_D);
   c.Dv = std::min(c.Dv, budget().max_D);
   switch (bad) {
-    case BadDims::kRatio: c.Hkv = uni(r, 2, 4), c.Hq = c.Hkv * uni(r, 1, 3) + uni(r, 1, c.Hkv - 1); break;
+    case BadDims::kRatio:
+      c.Hkv = uni(r, 2, 4), c.Hq = c.Hkv * uni(r, 1, 3) + uni(r, 1, c.Hkv - 1);
+      break;
     case BadDims::kHq0: c.Hq = 0; break;
     case BadDims::kHkv0: c.Hkv = 0; break;
     case BadDims::kDk0: c.Dk = 0; break;
@@ -46,7 +51,7 @@ struct FwdCase {
   int64_t B = 0, T = 0, Hq = 0, Hkv = 0, Dk = 0, Dv = 0, Tc = 0;
   nsa_config cfg{};
   nsa_dtype dt = NSA_DTYPE_F32;
-  std::vector<int32_t> cu;  // empty: fixed-length batch
+  std::vector<int32_t> cu;         // empty: fixed-length batch
   int slc_mode = 0, win_mode = 0;  // per-branch K/V: 0 absent, 1 aliasing k/v, 2 own buffers
   Buf q, k, v, k_slc, v_slc, k_win, v_win, k_cmp, v_cmp, g_cmp, g_slc, g_win, idx_in;
   Buf o, o_cmp, o_slc, o_win, lse_cmp, lse_slc, lse_win, idx_out;
@@ -58,8 +63,9 @@ struct FwdCase {
     return {&o, &o_cmp, &o_slc, &o_win, &lse_cmp, &lse_slc, &lse_win, &idx_out};
   }
   std::vector<const Buf*> all() const {
-    return {&q, &k, &v, &k_slc, &v_slc, &k_win, &v_win, &k_cmp, &v_cmp, &g_cmp, &g_slc, &g_win,
-            &idx_in, &o, &o_cmp, &o_slc, &o_win, &lse_cmp, &lse_slc, &lse_win, &idx_out};
+    return {&q,     &k,     &v,     &k_slc,   &v_slc,   &k_win,   &v_win,
+            &k_cmp, &v_cmp, &g_cmp, &g_slc,   &g_win,   &idx_in,  &o,
+            &o_cmp, &o_slc, &o_win, &lse_cmp, &lse_slc, &lse_win, &idx_out};
   }
   std::vector<const Buf*> inputs() const {
     std::vector<const Buf*> a = all();
@@ -75,7 +81,8 @@ struct FwdCase {
     nsa_fwd_params p;
     nsa_fwd_params_init(&p);
     p.in.cfg = cfg;
-    p.in.q = q.desc(), p.in.k = k.desc(), p.in.v = v.desc(), p.in.k_cmp = k_cmp.desc(), p.in.v_cmp = v_cmp.desc();
+    p.in.q = q.desc(), p.in.k = k.desc(), p.in.v = v.desc(), p.in.k_cmp = k_cmp.desc(),
+    p.in.v_cmp = v_cmp.desc();
     p.in.g_cmp = g_cmp.desc(), p.in.g_slc = g_slc.desc(), p.in.g_win = g_win.desc();
     if (slc_mode) p.in.k_slc = slc_mode == 1 ? k.desc() : k_slc.desc();
     if (slc_mode) p.in.v_slc = slc_mode == 1 ? v.desc() : v_slc.desc();
@@ -88,7 +95,8 @@ struct FwdCase {
     for (int i = 0; i < 8; ++i) {
       if (present[i]) *outp[i] = outb[i]->desc();
     }
-    if (!cu.empty()) p.in.cu_seqlens = cu.data(), p.in.num_seqs = static_cast<int64_t>(cu.size()) - 1;
+    if (!cu.empty())
+      p.in.cu_seqlens = cu.data(), p.in.num_seqs = static_cast<int64_t>(cu.size()) - 1;
     return p;
   }
 
@@ -181,26 +189,33 @@ inline std::vector<TArg> fwd_args(nsa_fwd_params& p, nsa_dtype dt) {
                          i32 = {NSA_DTYPE_I32};
   const std::vector<int> gate = dt == NSA_DTYPE_F32 ? f32 : out;  // bf16 inputs take f32 gates
   // q alone would take f32 or bf16, but k must match it: a float q is reported at k.
-  std::vector<TArg> a = {
-      {"q", &p.in.q, same, true, false, 0xF, true},    {"k", &p.in.k, same, true, false, 1 << 2},
-      {"v", &p.in.v, same, true, false, 1 << 3},       {"k_cmp", &p.in.k_cmp, same, true, false},
-      {"v_cmp", &p.in.v_cmp, same, true, false},       {"g_cmp", &p.in.g_cmp, gate, true, false},
-      {"g_slc", &p.in.g_slc, gate, true, false},       {"g_win", &p.in.g_win, gate, true, false},
-      {"o", &p.o, out, true, true},                 {"k_slc", &p.in.k_slc, same, false, false},
-      {"v_slc", &p.in.v_slc, same, false, false},      {"k_win", &p.in.k_win, same, false, false},
-      {"v_win", &p.in.v_win, same, false, false},      {"o_cmp", &p.o_cmp, out, false, true},
-      {"o_slc", &p.o_slc, out, false, true},        {"o_win", &p.o_win, out, false, true},
-      {"lse_cmp", &p.lse_cmp, f32, false, true},    {"lse_slc", &p.lse_slc, f32, false, true},
-      {"lse_win", &p.lse_win, f32, false, true},
-      {"slc_indices_in", &p.slc_indices_in, i32, false, false},
-      {"slc_indices_out", &p.slc_indices_out, i32, false, true}};
+  std::vector<TArg> a = {{"q", &p.in.q, same, true, false, 0xF, true},
+                         {"k", &p.in.k, same, true, false, 1 << 2},
+                         {"v", &p.in.v, same, true, false, 1 << 3},
+                         {"k_cmp", &p.in.k_cmp, same, true, false},
+                         {"v_cmp", &p.in.v_cmp, same, true, false},
+                         {"g_cmp", &p.in.g_cmp, gate, true, false},
+                         {"g_slc", &p.in.g_slc, gate, true, false},
+                         {"g_win", &p.in.g_win, gate, true, false},
+                         {"o", &p.o, out, true, true},
+                         {"k_slc", &p.in.k_slc, same, false, false},
+                         {"v_slc", &p.in.v_slc, same, false, false},
+                         {"k_win", &p.in.k_win, same, false, false},
+                         {"v_win", &p.in.v_win, same, false, false},
+                         {"o_cmp", &p.o_cmp, out, false, true},
+                         {"o_slc", &p.o_slc, out, false, true},
+                         {"o_win", &p.o_win, out, false, true},
+                         {"lse_cmp", &p.lse_cmp, f32, false, true},
+                         {"lse_slc", &p.lse_slc, f32, false, true},
+                         {"lse_win", &p.lse_win, f32, false, true},
+                         {"slc_indices_in", &p.slc_indices_in, i32, false, false},
+                         {"slc_indices_out", &p.slc_indices_out, i32, false, true}};
   std::vector<TArg> present;
   for (const TArg& x : a) {
     if (x.t->data != nullptr) present.push_back(x);
   }
   return present;
 }
-
 
 // A call on case `c`: valid (about a third), or broken in one chosen way.
 inline FwdCall make_fwd_call(Rng& r, FwdCase& c, BadDims bad) {
@@ -210,7 +225,9 @@ inline FwdCall make_fwd_call(Rng& r, FwdCase& c, BadDims bad) {
   if (bad != BadDims::kNone) {
     e.want = NSA_ERR_INVALID_SHAPE;
     e.what = "impossible head counts or head dims";
-    e.needle = bad == BadDims::kRatio ? "q/k:" : (bad == BadDims::kHq0 || bad == BadDims::kDk0) ? "q:" : "k/v:";
+    e.needle = bad == BadDims::kRatio                           ? "q/k:"
+               : (bad == BadDims::kHq0 || bad == BadDims::kDk0) ? "q:"
+                                                                : "k/v:";
     return call;
   }
   const int32_t big = std::numeric_limits<int32_t>::max();
@@ -273,12 +290,14 @@ inline FwdCall make_fwd_call(Rng& r, FwdCase& c, BadDims bad) {
       c.idx_in.for_each([&](int64_t, int64_t tok, int64_t, int64_t, int64_t off) {
         if (i++ != which) return;
         const int64_t last = c.pos_in_seq(tok) / c.cfg.slc_block;
-        const int32_t v = chance(r, 0.6) ? static_cast<int32_t>(last + uni(r, 1, 3))
-                                         : pick(r, std::vector<int32_t>{-2, -7, std::numeric_limits<int32_t>::min()});
+        const int32_t v =
+            chance(r, 0.6)
+                ? static_cast<int32_t>(last + uni(r, 1, 3))
+                : pick(r, std::vector<int32_t>{-2, -7, std::numeric_limits<int32_t>::min()});
         call.restore_off = off, call.restore_val = c.idx_in.get(off);
         c.idx_in.set(off, v);
-        e = {NSA_ERR_INVALID_INDEX, "index " + std::to_string(v) + " at token " + std::to_string(tok),
-             "slc_indices_in"};
+        e = {NSA_ERR_INVALID_INDEX,
+             "index " + std::to_string(v) + " at token " + std::to_string(tok), "slc_indices_in"};
       });
       return call;
     }

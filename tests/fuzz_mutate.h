@@ -16,13 +16,13 @@ namespace nsa_fuzz {
 struct TArg {
   const char* name;
   nsa_tensor* t;
-  std::vector<int> dtypes;      // the dtype tags it accepts in this call
+  std::vector<int> dtypes;  // the dtype tags it accepts in this call
   bool required = false;
   bool output = false;
-  unsigned defining = 0;        // bit i: dimension i sets a size others are checked against,
-                                // so a wrong size there is reported at another argument
-  bool float_elsewhere = false; // a float dtype here is reported at another argument
-  unsigned no_size = 0;         // bit i: a changed size in dimension i may still be valid
+  unsigned defining = 0;         // bit i: dimension i sets a size others are checked against,
+                                 // so a wrong size there is reported at another argument
+  bool float_elsewhere = false;  // a float dtype here is reported at another argument
+  unsigned no_size = 0;          // bit i: a changed size in dimension i may still be valid
 };
 
 enum class TMut { kNull, kDtype, kNdim, kSize, kNegStride, kInnerStride, kOverlap, kSpan };
@@ -114,7 +114,8 @@ inline bool mutate_tensor(Rng& r, const std::vector<TArg>& args, TMut m, Expect*
       if (d == nd - 1) t.stride[d] = 1;
       if (a.defining >> d & 1) e->needle.clear();
       e->want = NSA_ERR_INVALID_SHAPE;
-      e->what += "size[" + std::to_string(d) + "] " + std::to_string(old) + " -> " + std::to_string(v);
+      e->what +=
+          "size[" + std::to_string(d) + "] " + std::to_string(old) + " -> " + std::to_string(v);
       return true;
     }
     case TMut::kNegStride: {
@@ -143,7 +144,8 @@ inline bool mutate_tensor(Rng& r, const std::vector<TArg>& args, TMut m, Expect*
       }
       t.stride[d] = others.empty() || chance(r, 0.3) ? 0 : t.stride[pick(r, others)];
       e->want = NSA_ERR_INVALID_STRIDE;
-      e->what += "overlapping output, stride[" + std::to_string(d) + "] = " + std::to_string(t.stride[d]);
+      e->what +=
+          "overlapping output, stride[" + std::to_string(d) + "] = " + std::to_string(t.stride[d]);
       return true;
     }
     case TMut::kSpan: {

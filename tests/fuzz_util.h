@@ -60,8 +60,14 @@ inline size_t esize(nsa_dtype dt) { return dt == NSA_DTYPE_BF16 || dt == NSA_DTY
 
 // Dtype tags the fuzzer tries: every enum value and a few that are none.
 inline const std::vector<int>& all_dtype_tags() {
-  static const std::vector<int> v = {NSA_DTYPE_F32, NSA_DTYPE_BF16, NSA_DTYPE_F16, NSA_DTYPE_I32,
-                                     -1, 4, 42, std::numeric_limits<int>::max(),
+  static const std::vector<int> v = {NSA_DTYPE_F32,
+                                     NSA_DTYPE_BF16,
+                                     NSA_DTYPE_F16,
+                                     NSA_DTYPE_I32,
+                                     -1,
+                                     4,
+                                     42,
+                                     std::numeric_limits<int>::max(),
                                      std::numeric_limits<int>::min()};
   return v;
 }
@@ -174,7 +180,8 @@ class Buf {
   void fill_uniform(Rng& rng, double lo, double hi) {
     // 53 random bits scaled by hand: std::uniform_real_distribution computes a logarithm per
     // draw in libstdc++, which was the fuzz targets' largest cost.
-    for (int64_t o : logical_) set(o, lo + (hi - lo) * static_cast<double>(rng.values()() >> 11) * 0x1.0p-53);
+    for (int64_t o : logical_)
+      set(o, lo + (hi - lo) * static_cast<double>(rng.values()() >> 11) * 0x1.0p-53);
   }
 
   // Whether element i of the buffer (absolute) holds a logical element.
@@ -191,7 +198,8 @@ class Buf {
       const uint16_t h = nsa_test::float_to_bf16_bits(static_cast<float>(v));
       std::memcpy(p, &h, 2);
     } else if (d_.dtype == NSA_DTYPE_I32) {
-      const int32_t x = std::isnan(v) ? std::numeric_limits<int32_t>::min() : static_cast<int32_t>(v);
+      const int32_t x =
+          std::isnan(v) ? std::numeric_limits<int32_t>::min() : static_cast<int32_t>(v);
       std::memcpy(p, &x, 4);
     } else {
       const float f = static_cast<float>(v);
@@ -268,7 +276,8 @@ inline nsa_config random_config(Rng& r, bool extreme) {
   // be sized by the blocks that exist, not by n (an earlier version allocated gigabytes here).
   const int32_t many = big;
   if (extreme && chance(r, 0.3)) c.slc_count = many;
-  if (extreme && c.slc_count == many && chance(r, 0.5)) c.slc_init = many / 2, c.slc_local = many / 2;
+  if (extreme && c.slc_count == many && chance(r, 0.5))
+    c.slc_init = many / 2, c.slc_local = many / 2;
   c.window = field(1, 250);
   c.scale = chance(r, 0.5) ? 0.0f : static_cast<float>(uni(r, 5, 15) / 10.0 / std::sqrt(32.0));
   return c;
@@ -300,7 +309,8 @@ inline std::string break_cu(Rng& r, std::vector<int32_t>& cu, int64_t& num_seqs)
       cu[1] = -static_cast<int32_t>(uni(r, 1, 5));
       return "cu_seqlens[1] < 0";
     case 2:
-      cu[S] += chance(r, 0.5) ? static_cast<int32_t>(uni(r, 1, 9)) : -static_cast<int32_t>(uni(r, 1, 9));
+      cu[S] +=
+          chance(r, 0.5) ? static_cast<int32_t>(uni(r, 1, 9)) : -static_cast<int32_t>(uni(r, 1, 9));
       if (S >= 2 && cu[S] < cu[S - 1]) return "cu_seqlens decreasing at the end";
       return "cu_seqlens does not end at T";
     default:

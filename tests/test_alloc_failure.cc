@@ -152,9 +152,7 @@ void operator delete[](void* p, size_t, std::align_val_t) noexcept { std::free(p
 void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
 void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
 void operator delete(void* p, std::align_val_t, const std::nothrow_t&) noexcept { std::free(p); }
-void operator delete[](void* p, std::align_val_t, const std::nothrow_t&) noexcept {
-  std::free(p);
-}
+void operator delete[](void* p, std::align_val_t, const std::nothrow_t&) noexcept { std::free(p); }
 
 namespace alloc_failure {
 namespace {
@@ -169,18 +167,18 @@ struct Builder {
 const std::vector<Builder>& builders() {
   static const std::vector<Builder> all = [] {
     std::vector<Builder> b = {
-      {"compress_mean", [] { return compress_call(NSA_CMP_MEAN, false); }},
-      {"compress_mlp", [] { return compress_call(NSA_CMP_MLP, false); }},
-      {"fwd_all_outputs_win_kv", [] { return fwd_call(Fwd::kFull); }},
-      {"fwd_cu_seqlens_bf16", [] { return fwd_call(Fwd::kVarlenBf16); }},
-      {"fwd_slc_indices_in", [] { return fwd_call(Fwd::kGivenSelection); }},
-      {"bwd_saved_state", [] { return bwd_call(Fwd::kFull, true); }},
-      {"bwd_recompute_cu_seqlens_bf16", [] { return bwd_call(Fwd::kVarlenBf16, false); }},
-      {"compress_bwd_mean", [] { return compress_call(NSA_CMP_MEAN, true); }},
-      {"compress_bwd_mlp", [] { return compress_call(NSA_CMP_MLP, true); }},
-      {"dense_fwd", [] { return dense_call(false); }},
-      {"dense_bwd", [] { return dense_call(true); }},
-      {"cmp_seqlens", [] { return cmp_seqlens_call(); }},
+        {"compress_mean", [] { return compress_call(NSA_CMP_MEAN, false); }},
+        {"compress_mlp", [] { return compress_call(NSA_CMP_MLP, false); }},
+        {"fwd_all_outputs_win_kv", [] { return fwd_call(Fwd::kFull); }},
+        {"fwd_cu_seqlens_bf16", [] { return fwd_call(Fwd::kVarlenBf16); }},
+        {"fwd_slc_indices_in", [] { return fwd_call(Fwd::kGivenSelection); }},
+        {"bwd_saved_state", [] { return bwd_call(Fwd::kFull, true); }},
+        {"bwd_recompute_cu_seqlens_bf16", [] { return bwd_call(Fwd::kVarlenBf16, false); }},
+        {"compress_bwd_mean", [] { return compress_call(NSA_CMP_MEAN, true); }},
+        {"compress_bwd_mlp", [] { return compress_call(NSA_CMP_MLP, true); }},
+        {"dense_fwd", [] { return dense_call(false); }},
+        {"dense_bwd", [] { return dense_call(true); }},
+        {"cmp_seqlens", [] { return cmp_seqlens_call(); }},
     };
     using K = CacheOp;
     const nsa_cmp_kind mean = NSA_CMP_MEAN, mlp = NSA_CMP_MLP;
@@ -211,8 +209,12 @@ const std::vector<Builder>& builders() {
 }
 
 const char* kind_name(int kind) {
-  static const char* const names[] = {"operator new", "malloc", "calloc", "realloc",
-                                      "aligned_alloc", "posix_memalign",
+  static const char* const names[] = {"operator new",
+                                      "malloc",
+                                      "calloc",
+                                      "realloc",
+                                      "aligned_alloc",
+                                      "posix_memalign",
                                       "hwy::AllocateAlignedBytes"};
   return kind >= 0 && kind < 7 ? names[kind] : "none";
 }
@@ -364,9 +366,14 @@ TEST(AllocHook, EachHookedAllocatorFails) {
       {alloc_hook::kCalloc, [&] { return p_calloc(4, 4) == nullptr; }},
       {alloc_hook::kRealloc, [&] { return p_realloc(nullptr, 16) == nullptr; }},
       {alloc_hook::kAlignedAlloc, [&] { return p_aligned(64, 64) == nullptr; }},
-      {alloc_hook::kPosixMemalign, [&] { void* q = nullptr; return p_memalign(&q, 64, 64) != 0; }},
+      {alloc_hook::kPosixMemalign,
+       [&] {
+         void* q = nullptr;
+         return p_memalign(&q, 64, 64) != 0;
+       }},
       {alloc_hook::kHwy, [] { return !hwy::AllocateAligned<float>(16); }},
-      {alloc_hook::kNew, [&] {
+      {alloc_hook::kNew,
+       [&] {
          try {
            ::operator delete(p_new(16));
            return false;

@@ -56,8 +56,11 @@ struct CacheData {
     }
   }
   Named outputs() const {
-    return {{"o", &out.o},             {"lse_cmp", &out.lse_cmp}, {"lse_slc", &out.lse_slc},
-            {"lse_win", &out.lse_win}, {"slc_indices_out", &out.idx_out}};
+    return {{"o", &out.o},
+            {"lse_cmp", &out.lse_cmp},
+            {"lse_slc", &out.lse_slc},
+            {"lse_win", &out.lse_win},
+            {"slc_indices_out", &out.idx_out}};
   }
   Snapshot snapshot() const {
     Snapshot s;
@@ -146,8 +149,8 @@ Call cache_call(CacheOp op, nsa_cmp_kind kind, nsa_dtype dt) {
   Call c;
   // Appending is the cache's own work, on any backend; the rest runs the CPU kernels.
   c.ref_unsupported = op != CacheOp::kAppend;
-  c.keeps_scratch = op == CacheOp::kDecode || op == CacheOp::kDecodeNoAppend ||
-                    op == CacheOp::kDenseDecode;
+  c.keeps_scratch =
+      op == CacheOp::kDecode || op == CacheOp::kDecodeNoAppend || op == CacheOp::kDenseDecode;
   c.reset = [d, op, lens] {
     if (d->created != unset()) nsa_kv_cache_destroy(d->created);
     d->created = unset();

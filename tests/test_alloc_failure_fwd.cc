@@ -122,9 +122,14 @@ bool has(const Tensor& t) { return t.desc().data != nullptr; }
 
 Named fwd_outputs(FwdData& d) {
   FwdCase& c = d.c;
-  return {{"o", &c.o},           {"o_cmp", &c.o_cmp},     {"o_slc", &c.o_slc},
-          {"o_win", &c.o_win},   {"lse_cmp", &c.lse_cmp}, {"lse_slc", &c.lse_slc},
-          {"lse_win", &c.lse_win}, {"slc_indices_out", &c.idx_out}};
+  return {{"o", &c.o},
+          {"o_cmp", &c.o_cmp},
+          {"o_slc", &c.o_slc},
+          {"o_win", &c.o_win},
+          {"lse_cmp", &c.lse_cmp},
+          {"lse_slc", &c.lse_slc},
+          {"lse_win", &c.lse_win},
+          {"slc_indices_out", &c.idx_out}};
 }
 
 std::shared_ptr<FwdData> fwd_data(Fwd kind) {
@@ -203,7 +208,8 @@ Call bwd_call(Fwd kind, bool saved) {
     nsa_bwd_params p;
     nsa_bwd_params_init(&p);
     p.in.cfg = fp.in.cfg;
-    p.in.q = fp.in.q, p.in.k = fp.in.k, p.in.v = fp.in.v, p.in.k_win = fp.in.k_win, p.in.v_win = fp.in.v_win;
+    p.in.q = fp.in.q, p.in.k = fp.in.k, p.in.v = fp.in.v, p.in.k_win = fp.in.k_win,
+    p.in.v_win = fp.in.v_win;
     p.in.k_cmp = fp.in.k_cmp, p.in.v_cmp = fp.in.v_cmp;
     p.in.g_cmp = fp.in.g_cmp, p.in.g_slc = fp.in.g_slc, p.in.g_win = fp.in.g_win;
     p.in.cu_seqlens = fp.in.cu_seqlens, p.in.num_seqs = fp.in.num_seqs;

@@ -19,8 +19,7 @@ struct BwdCall {
   ApiTensors in;
   Tensor dq, dk, dv, dk_slc, dv_slc, dk_win, dv_win, dk_cmp, dv_cmp, dg_cmp, dg_slc, dg_win, lse;
 
-  explicit BwdCall(Case64 cs, nsa_dtype out_dtype = NSA_DTYPE_F32)
-      : c(std::move(cs)), in(c, true) {
+  explicit BwdCall(Case64 cs, nsa_dtype out_dtype = NSA_DTYPE_F32) : c(std::move(cs)), in(c, true) {
     const Shape& s = c.shape;
     const int64_t Tc = c.args.k_cmp.shape[1];
     dq = Tensor(out_dtype, {s.B, s.T, s.Hq, s.Dk}, true);
@@ -38,23 +37,33 @@ struct BwdCall {
     nsa_bwd_params p;
     nsa_bwd_params_init(&p);
     p.in.cfg = c.args.cfg;
-    p.in.q = in.q.desc(); p.in.k = in.k.desc(); p.in.v = in.v.desc();
-    p.in.k_cmp = in.k_cmp.desc(); p.in.v_cmp = in.v_cmp.desc();
-    p.in.g_cmp = in.g_cmp.desc(); p.in.g_slc = in.g_slc.desc(); p.in.g_win = in.g_win.desc();
+    p.in.q = in.q.desc();
+    p.in.k = in.k.desc();
+    p.in.v = in.v.desc();
+    p.in.k_cmp = in.k_cmp.desc();
+    p.in.v_cmp = in.v_cmp.desc();
+    p.in.g_cmp = in.g_cmp.desc();
+    p.in.g_slc = in.g_slc.desc();
+    p.in.g_win = in.g_win.desc();
     if (!c.cu.empty()) {
       p.in.cu_seqlens = c.cu.data();
       p.in.num_seqs = static_cast<int64_t>(c.cu.size()) - 1;
     }
     p.slc_indices = in.idx.desc();
     p.d_o = in.d_o.desc();
-    p.dq = dq.desc(); p.dk = dk.desc(); p.dv = dv.desc();
-    p.dk_cmp = dk_cmp.desc(); p.dv_cmp = dv_cmp.desc();
-    p.dg_cmp = dg_cmp.desc(); p.dg_slc = dg_slc.desc(); p.dg_win = dg_win.desc();
+    p.dq = dq.desc();
+    p.dk = dk.desc();
+    p.dv = dv.desc();
+    p.dk_cmp = dk_cmp.desc();
+    p.dv_cmp = dv_cmp.desc();
+    p.dg_cmp = dg_cmp.desc();
+    p.dg_slc = dg_slc.desc();
+    p.dg_win = dg_win.desc();
     return p;
   }
   std::vector<const Tensor*> outputs() const {
-    return {&dq, &dk, &dv, &dk_slc, &dv_slc, &dk_win, &dv_win, &dk_cmp, &dv_cmp,
-            &dg_cmp, &dg_slc, &dg_win};
+    return {&dq,     &dk,     &dv,     &dk_slc, &dv_slc, &dk_win,
+            &dv_win, &dk_cmp, &dv_cmp, &dg_cmp, &dg_slc, &dg_win};
   }
 };
 
@@ -65,7 +74,9 @@ void expect_rounded(const char* name, const Tensor& t, const Tensor64& want) {
   t.for_each([&](int64_t a, int64_t b, int64_t c, int64_t d) {
     const double got = t.get_raw(t.logical_offset(a, b, c, d));
     const double ref = expect.get_raw(expect.logical_offset(a, b, c, d));
-    if (got != ref && bad++ < 3) ADD_FAILURE() << name << " at " << a << "," << b << "," << c << "," << d << ": " << got << " vs " << ref;
+    if (got != ref && bad++ < 3)
+      ADD_FAILURE() << name << " at " << a << "," << b << "," << c << "," << d << ": " << got
+                    << " vs " << ref;
   });
   EXPECT_EQ(bad, 0) << name;
 }
@@ -80,7 +91,12 @@ nsa_config small_cfg() { return config(4, 2, 8, 3, 1, 1, 6); }
 
 Shape shape(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t Dk, int64_t Dv) {
   Shape s;
-  s.B = B; s.T = T; s.Hq = Hq; s.Hkv = Hkv; s.Dk = Dk; s.Dv = Dv;
+  s.B = B;
+  s.T = T;
+  s.Hq = Hq;
+  s.Hkv = Hkv;
+  s.Dk = Dk;
+  s.Dv = Dv;
   return s;
 }
 
@@ -170,16 +186,24 @@ struct BwdField {
   const char* name;
   Member<nsa_bwd_params> member;
 };
-const BwdField kRequiredBwd[] = {
-    {"q", &nsa_fwd_inputs::q},           {"k", &nsa_fwd_inputs::k},
-    {"v", &nsa_fwd_inputs::v},           {"k_cmp", &nsa_fwd_inputs::k_cmp},
-    {"v_cmp", &nsa_fwd_inputs::v_cmp},   {"g_cmp", &nsa_fwd_inputs::g_cmp},
-    {"g_slc", &nsa_fwd_inputs::g_slc},   {"g_win", &nsa_fwd_inputs::g_win},
-    {"slc_indices", &nsa_bwd_params::slc_indices}, {"d_o", &nsa_bwd_params::d_o},
-    {"dq", &nsa_bwd_params::dq},         {"dk", &nsa_bwd_params::dk},
-    {"dv", &nsa_bwd_params::dv},         {"dk_cmp", &nsa_bwd_params::dk_cmp},
-    {"dv_cmp", &nsa_bwd_params::dv_cmp}, {"dg_cmp", &nsa_bwd_params::dg_cmp},
-    {"dg_slc", &nsa_bwd_params::dg_slc}, {"dg_win", &nsa_bwd_params::dg_win}};
+const BwdField kRequiredBwd[] = {{"q", &nsa_fwd_inputs::q},
+                                 {"k", &nsa_fwd_inputs::k},
+                                 {"v", &nsa_fwd_inputs::v},
+                                 {"k_cmp", &nsa_fwd_inputs::k_cmp},
+                                 {"v_cmp", &nsa_fwd_inputs::v_cmp},
+                                 {"g_cmp", &nsa_fwd_inputs::g_cmp},
+                                 {"g_slc", &nsa_fwd_inputs::g_slc},
+                                 {"g_win", &nsa_fwd_inputs::g_win},
+                                 {"slc_indices", &nsa_bwd_params::slc_indices},
+                                 {"d_o", &nsa_bwd_params::d_o},
+                                 {"dq", &nsa_bwd_params::dq},
+                                 {"dk", &nsa_bwd_params::dk},
+                                 {"dv", &nsa_bwd_params::dv},
+                                 {"dk_cmp", &nsa_bwd_params::dk_cmp},
+                                 {"dv_cmp", &nsa_bwd_params::dv_cmp},
+                                 {"dg_cmp", &nsa_bwd_params::dg_cmp},
+                                 {"dg_slc", &nsa_bwd_params::dg_slc},
+                                 {"dg_win", &nsa_bwd_params::dg_win}};
 
 BwdCall validation_call() {
   return BwdCall(make_case64(shape(2, 24, 4, 2, 4, 3), small_cfg(), 25));
@@ -255,13 +279,11 @@ TEST(ApiBwdArgs, OutputsMustNotShareMemory) {
   BwdCall call = validation_call();
   nsa_bwd_params p = call.params();
   p.dg_slc = p.dg_cmp;
-  expect_bwd_rejected("dg_slc = dg_cmp", call, p, NSA_ERR_INVALID_ARGUMENT,
-                      {"dg_cmp:", "dg_slc"});
+  expect_bwd_rejected("dg_slc = dg_cmp", call, p, NSA_ERR_INVALID_ARGUMENT, {"dg_cmp:", "dg_slc"});
   p = call.params();
   p.dg_win = p.in.g_win;  // writing the gradient over the gate
   p.dg_win.data = call.in.g_win.desc().data;
-  expect_bwd_rejected("dg_win over g_win", call, p, NSA_ERR_INVALID_ARGUMENT,
-                      {"dg_win:", "g_win"});
+  expect_bwd_rejected("dg_win over g_win", call, p, NSA_ERR_INVALID_ARGUMENT, {"dg_win:", "g_win"});
   p = call.params();
   p.dq.stride[2] = 1;  // heads on top of each other
   expect_bwd_rejected("dq overlapping itself", call, p, NSA_ERR_INVALID_STRIDE, {"dq:"});
@@ -282,8 +304,7 @@ TEST(ApiBwdArgs, BadIndicesAndConfig) {
   expect_bwd_rejected("bad config", call, p, NSA_ERR_INVALID_CONFIG, {"config.cmp_stride"});
   p = call.params();
   p.in.num_seqs = 1;  // cu_seqlens NULL
-  expect_bwd_rejected("num_seqs without cu_seqlens", call, p, NSA_ERR_NULL_POINTER,
-                      {"cu_seqlens"});
+  expect_bwd_rejected("num_seqs without cu_seqlens", call, p, NSA_ERR_NULL_POINTER, {"cu_seqlens"});
 }
 
 }  // namespace

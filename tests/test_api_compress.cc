@@ -15,7 +15,7 @@ struct CompressFixture {
   nsa_config cfg = config(16, 8, 16, 4, 1, 1, 32);
   Tensor x{NSA_DTYPE_F32, {B, T, H, D}, true};
   Tensor pos{NSA_DTYPE_F32, {H, L, D}, true};
-  Tensor w1{NSA_DTYPE_F32, {H, Dh, L * D}, true};
+  Tensor w1{NSA_DTYPE_F32, {H, Dh, L* D}, true};
   Tensor b1{NSA_DTYPE_F32, {H, Dh}, true};
   Tensor w2{NSA_DTYPE_F32, {H, D, Dh}, true};
   Tensor b2{NSA_DTYPE_F32, {H, D}, true};
@@ -33,7 +33,11 @@ struct CompressFixture {
     p.x = x.desc();
     p.out = out.desc();
     if (kind == NSA_CMP_MLP) {
-      p.pos = pos.desc(); p.w1 = w1.desc(); p.b1 = b1.desc(); p.w2 = w2.desc(); p.b2 = b2.desc();
+      p.pos = pos.desc();
+      p.w1 = w1.desc();
+      p.b1 = b1.desc();
+      p.w2 = w2.desc();
+      p.b2 = b2.desc();
     }
     return p;
   }
@@ -62,8 +66,10 @@ struct Param {
   const char* name;
   Member member;
 };
-const Param kMlpParams[] = {{"pos", &nsa_compress_params::pos}, {"w1", &nsa_compress_params::w1},
-                            {"b1", &nsa_compress_params::b1},   {"w2", &nsa_compress_params::w2},
+const Param kMlpParams[] = {{"pos", &nsa_compress_params::pos},
+                            {"w1", &nsa_compress_params::w1},
+                            {"b1", &nsa_compress_params::b1},
+                            {"w2", &nsa_compress_params::w2},
                             {"b2", &nsa_compress_params::b2}};
 
 }  // namespace
@@ -123,14 +129,15 @@ TEST(ApiCompress, MlpMisShapedParameter) {
     int64_t delta;
   };
   // pos must be [Hkv, l, D]; w1 [Hkv, Dh, l * D]; b1 [Hkv, Dh]; w2 [Hkv, D, Dh]; b2 [Hkv, D].
-  const Case cases[] = {{"pos", 0, 1}, {"pos", 1, -1}, {"pos", 2, 1},  {"w1", 0, -1},
-                        {"w1", 2, -1}, {"w1", 2, 8},   {"b1", 0, 1},   {"b1", 1, 1},
-                        {"w2", 1, -1}, {"w2", 2, 1},   {"b2", 0, -1},  {"b2", 1, 1}};
+  const Case cases[] = {{"pos", 0, 1}, {"pos", 1, -1}, {"pos", 2, 1}, {"w1", 0, -1},
+                        {"w1", 2, -1}, {"w1", 2, 8},   {"b1", 0, 1},  {"b1", 1, 1},
+                        {"w2", 1, -1}, {"w2", 2, 1},   {"b2", 0, -1}, {"b2", 1, 1}};
   for (const Case& cs : cases) {
     CompressFixture f;
     nsa_compress_params p = f.params(NSA_CMP_MLP);
     nsa_tensor* t = nullptr;
-    for (const Param& prm : kMlpParams) if (std::string(prm.name) == cs.name) t = &(p.*prm.member);
+    for (const Param& prm : kMlpParams)
+      if (std::string(prm.name) == cs.name) t = &(p.*prm.member);
     ASSERT_NE(t, nullptr);
     Tensor repl = resized(*t, cs.dim, cs.delta);
     *t = repl.desc();
@@ -142,7 +149,9 @@ TEST(ApiCompress, MlpMisShapedParameter) {
   CompressFixture f;
   nsa_compress_params p = f.params(NSA_CMP_MLP);
   Tensor w1(NSA_DTYPE_F32, {2, 0, 16 * 8}), b1(NSA_DTYPE_F32, {2, 0}), w2(NSA_DTYPE_F32, {2, 8, 0});
-  p.w1 = w1.desc(); p.b1 = b1.desc(); p.w2 = w2.desc();
+  p.w1 = w1.desc();
+  p.b1 = b1.desc();
+  p.w2 = w2.desc();
   expect_compress_rejected("Dh 0", f, p, NSA_ERR_INVALID_SHAPE, {"w1:", "Dh"});
   // A wrong rank.
   p = f.params(NSA_CMP_MLP);
@@ -165,8 +174,8 @@ TEST(ApiCompress, WrongDtypes) {
     Tensor out(dt, {2, 7, 2, 8});
     p = f.params(NSA_CMP_MEAN);
     p.out = out.desc();
-    expect_compress_rejected("out dtype", f, p, NSA_ERR_INVALID_DTYPE,
-                             {"out:", nsa_dtype_name(dt)}, {&out});
+    expect_compress_rejected("out dtype", f, p, NSA_ERR_INVALID_DTYPE, {"out:", nsa_dtype_name(dt)},
+                             {&out});
   }
 }
 
@@ -176,7 +185,10 @@ TEST(ApiCompress, WrongOutShape) {
     int64_t delta;
     const char* extra;  // Tc rows get Tc explained
   };
-  for (Case cs : {Case{1, 1, "Tc = 7"}, {1, -1, "Tc = 7"}, {0, -1, "shape"}, {2, 1, "shape"},
+  for (Case cs : {Case{1, 1, "Tc = 7"},
+                  {1, -1, "Tc = 7"},
+                  {0, -1, "shape"},
+                  {2, 1, "shape"},
                   {3, -1, "shape"}}) {
     CompressFixture f;
     nsa_compress_params p = f.params(NSA_CMP_MEAN);

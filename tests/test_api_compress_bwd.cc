@@ -38,7 +38,8 @@ struct CompressBwdCall {
     a.b1 = Tensor64(H, Dh);
     a.w2 = Tensor64(H, D, Dh);
     a.b2 = Tensor64(H, D);
-    for (Tensor64* t : {&a.x, &a.pos, &a.w1, &a.b1, &a.w2, &a.b2}) fill_f32_exact(*t, rng, -0.5, 0.5);
+    for (Tensor64* t : {&a.x, &a.pos, &a.w1, &a.b1, &a.w2, &a.b2})
+      fill_f32_exact(*t, rng, -0.5, 0.5);
     dout64 = Tensor64(B, cmp_rows(a.cfg, T, cu), H, D);
     fill_f32_exact(dout64, rng, -1.0, 1.0);
     x = to_tensor(a.x, 4, true);
@@ -66,10 +67,17 @@ struct CompressBwdCall {
       p.cu_seqlens = cu.data();
       p.num_seqs = static_cast<int64_t>(cu.size()) - 1;
     }
-    p.pos = pos.desc(); p.w1 = w1.desc(); p.b1 = b1.desc(); p.w2 = w2.desc(); p.b2 = b2.desc();
+    p.pos = pos.desc();
+    p.w1 = w1.desc();
+    p.b1 = b1.desc();
+    p.w2 = w2.desc();
+    p.b2 = b2.desc();
     p.dout = dout.desc();
     p.dx = dx.desc();
-    p.dpos = dpos.desc(); p.dw1 = dw1.desc(); p.db1 = db1.desc(); p.dw2 = dw2.desc();
+    p.dpos = dpos.desc();
+    p.dw1 = dw1.desc();
+    p.db1 = db1.desc();
+    p.dw2 = dw2.desc();
     p.db2 = db2.desc();
     return p;
   }
@@ -140,8 +148,11 @@ TEST(ApiCompressBwd, Compress64IsTheReferenceCompression) {
   p.cfg = call.a.cfg;
   p.kind = NSA_CMP_MLP;
   p.x = call.x.desc();
-  p.pos = call.pos.desc(); p.w1 = call.w1.desc(); p.b1 = call.b1.desc();
-  p.w2 = call.w2.desc(); p.b2 = call.b2.desc();
+  p.pos = call.pos.desc();
+  p.w1 = call.w1.desc();
+  p.b1 = call.b1.desc();
+  p.w2 = call.w2.desc();
+  p.b2 = call.b2.desc();
   p.out = out.desc();
   Ctx ctx(NSA_BACKEND_REF);
   ASSERT_EQ(nsa_compress(ctx.get(), &p), NSA_OK) << ctx.error();
@@ -164,12 +175,11 @@ TEST(ApiCompressBwdArgs, Rejections) {
     const char* name;
     nsa_tensor nsa_compress_bwd_params::*member;
   };
-  for (const Field& f : {Field{"x", &nsa_compress_bwd_params::x},
-                         Field{"w1", &nsa_compress_bwd_params::w1},
-                         Field{"dout", &nsa_compress_bwd_params::dout},
-                         Field{"dx", &nsa_compress_bwd_params::dx},
-                         Field{"dpos", &nsa_compress_bwd_params::dpos},
-                         Field{"db2", &nsa_compress_bwd_params::db2}}) {
+  for (const Field& f :
+       {Field{"x", &nsa_compress_bwd_params::x}, Field{"w1", &nsa_compress_bwd_params::w1},
+        Field{"dout", &nsa_compress_bwd_params::dout}, Field{"dx", &nsa_compress_bwd_params::dx},
+        Field{"dpos", &nsa_compress_bwd_params::dpos},
+        Field{"db2", &nsa_compress_bwd_params::db2}}) {
     nsa_compress_bwd_params p = call.params();
     (p.*f.member).data = nullptr;
     expect_compress_bwd_rejected(f.name, call, p, NSA_ERR_NULL_POINTER, {named(f.name)});

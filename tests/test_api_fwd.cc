@@ -89,16 +89,39 @@ TEST(ApiFwd, MismatchedSizes) {
     int dim;
     int64_t delta;
   };
-  const Case cases[] = {
-      {"k", 0, -1},       {"k", 1, 1},        {"k", 3, 1},       {"v", 0, 1},
-      {"v", 1, -1},       {"v", 2, 1},        {"k_cmp", 0, -1},  {"k_cmp", 2, 1},
-      {"k_cmp", 3, -1},   {"v_cmp", 0, 1},    {"v_cmp", 2, -1},  {"v_cmp", 3, 1},
-      {"g_cmp", 2, 1},    {"g_slc", 1, -1},   {"g_win", 0, 1},   {"o", 0, -1},
-      {"o", 1, 1},        {"o", 2, -1},       {"o", 3, 1},       {"o_cmp", 3, -1},
-      {"o_slc", 2, 1},    {"o_win", 1, 1},    {"lse_cmp", 2, 1}, {"lse_slc", 1, -1},
-      {"lse_win", 0, 1},  {"k_slc", 1, 1},    {"v_slc", 3, 1},   {"k_win", 2, -1},
-      {"v_win", 0, -1},   {"slc_indices_in", 3, 1},   {"slc_indices_in", 2, 1},
-      {"slc_indices_out", 3, -1},                     {"slc_indices_out", 1, 1}};
+  const Case cases[] = {{"k", 0, -1},
+                        {"k", 1, 1},
+                        {"k", 3, 1},
+                        {"v", 0, 1},
+                        {"v", 1, -1},
+                        {"v", 2, 1},
+                        {"k_cmp", 0, -1},
+                        {"k_cmp", 2, 1},
+                        {"k_cmp", 3, -1},
+                        {"v_cmp", 0, 1},
+                        {"v_cmp", 2, -1},
+                        {"v_cmp", 3, 1},
+                        {"g_cmp", 2, 1},
+                        {"g_slc", 1, -1},
+                        {"g_win", 0, 1},
+                        {"o", 0, -1},
+                        {"o", 1, 1},
+                        {"o", 2, -1},
+                        {"o", 3, 1},
+                        {"o_cmp", 3, -1},
+                        {"o_slc", 2, 1},
+                        {"o_win", 1, 1},
+                        {"lse_cmp", 2, 1},
+                        {"lse_slc", 1, -1},
+                        {"lse_win", 0, 1},
+                        {"k_slc", 1, 1},
+                        {"v_slc", 3, 1},
+                        {"k_win", 2, -1},
+                        {"v_win", 0, -1},
+                        {"slc_indices_in", 3, 1},
+                        {"slc_indices_in", 2, 1},
+                        {"slc_indices_out", 3, -1},
+                        {"slc_indices_out", 1, 1}};
   for (const Case& cs : cases) {
     FwdFixture f;
     nsa_fwd_params p = f.full();
@@ -107,8 +130,7 @@ TEST(ApiFwd, MismatchedSizes) {
     if (t.dtype == NSA_DTYPE_I32) repl.fill(-1);  // valid index values: only the shape is wrong
     t = repl.desc();
     const std::string what = std::string(cs.name) + " dim " + std::to_string(cs.dim);
-    expect_rejected(what.c_str(), f, p, NSA_ERR_INVALID_SHAPE, {named(cs.name), "shape"},
-                    {&repl});
+    expect_rejected(what.c_str(), f, p, NSA_ERR_INVALID_SHAPE, {named(cs.name), "shape"}, {&repl});
   }
 }
 
@@ -192,7 +214,10 @@ TEST(ApiFwd, OverlappingOutputView) {
   };
   // o: rows of T collapse (0), or heads of Dv = 8 start every 4 elements; lse_win: T and Hq
   // both step by 1; indices: the two batches share one buffer.
-  for (Case cs : {Case{"o", 1, 0}, {"o", 2, 4}, {"o_slc", 0, 1}, {"lse_win", 1, 1},
+  for (Case cs : {Case{"o", 1, 0},
+                  {"o", 2, 4},
+                  {"o_slc", 0, 1},
+                  {"lse_win", 1, 1},
                   {"slc_indices_out", 0, 0}}) {
     FwdFixture f;
     nsa_fwd_params p = f.full();
@@ -206,7 +231,8 @@ TEST(ApiFwd, OverlappingOutputView) {
 TEST(ApiFwd, BroadcastInputsAccepted) {
   FwdFixture f;
   nsa_fwd_params p = f.c.params();
-  for (nsa_tensor* t : {&p.in.q, &p.in.k, &p.in.v, &p.in.k_cmp, &p.in.v_cmp, &p.in.g_cmp, &p.in.g_slc, &p.in.g_win}) {
+  for (nsa_tensor* t : {&p.in.q, &p.in.k, &p.in.v, &p.in.k_cmp, &p.in.v_cmp, &p.in.g_cmp,
+                        &p.in.g_slc, &p.in.g_win}) {
     t->stride[0] = 0;
   }
   Ctx ctx;

@@ -76,13 +76,12 @@ TEST(ApiLimits, CacheSizesThatOverflowAreRejected) {
     int64_t Dk, Dv, heads, seqs, capacity;
     const char* needle;
   };
-  for (const Case& k : {Case{INT64_MAX, 8, 2, 2, 64, "head_dim_k"},
-                        Case{16, INT64_MAX, 2, 2, 64, "head_dim_v"},
-                        Case{INT64_MAX / 2, INT64_MAX / 2, 1, 1, 1, "head_dim"},
-                        Case{16, 8, INT64_MAX, 1, 64, "num_kv_heads"},
-                        Case{16, 8, 2, INT64_MAX, 64, "num_seqs"},
-                        Case{16, 8, 2, 2, INT64_MAX, "capacity"},
-                        Case{int64_t{1} << 40, 8, 1, 1, 1, "head_dim_k"}}) {
+  for (const Case& k :
+       {Case{INT64_MAX, 8, 2, 2, 64, "head_dim_k"}, Case{16, INT64_MAX, 2, 2, 64, "head_dim_v"},
+        Case{INT64_MAX / 2, INT64_MAX / 2, 1, 1, 1, "head_dim"},
+        Case{16, 8, INT64_MAX, 1, 64, "num_kv_heads"}, Case{16, 8, 2, INT64_MAX, 64, "num_seqs"},
+        Case{16, 8, 2, 2, INT64_MAX, "capacity"},
+        Case{int64_t{1} << 40, 8, 1, 1, 1, "head_dim_k"}}) {
     nsa_kv_cache_params p = cache_params(cfg, k.capacity);
     p.head_dim_k = k.Dk;
     p.head_dim_v = k.Dv;
@@ -144,16 +143,17 @@ TEST(ApiLimits, PrefillReportsTheCallersRank) {
     nsa_tensor nsa_prefill_params::*field;
     int rank;
   };
-  for (const Arg& a : {Arg{"o", &nsa_prefill_params::o, 3},
-                       Arg{"g_cmp", &nsa_prefill_params::g_cmp, 2},
-                       Arg{"g_win", &nsa_prefill_params::g_win, 2}}) {
+  for (const Arg& a :
+       {Arg{"o", &nsa_prefill_params::o, 3}, Arg{"g_cmp", &nsa_prefill_params::g_cmp, 2},
+        Arg{"g_win", &nsa_prefill_params::g_win, 2}}) {
     for (int32_t bad : {INT32_MAX, INT32_MIN, -1, 0, 4, 5}) {
       nsa_prefill_params p = good;
       (p.*a.field).ndim = bad;
       EXPECT_EQ(nsa_prefill(cx.ctx, cache.get(), &p), NSA_ERR_INVALID_SHAPE) << cx.error();
       const std::string want = std::string(a.name) + ": expected " + std::to_string(a.rank) +
                                " dimensions, got " + std::to_string(bad);
-      EXPECT_NE(cx.error().find(want), std::string::npos) << cx.error() << " (want: " << want << ")";
+      EXPECT_NE(cx.error().find(want), std::string::npos)
+          << cx.error() << " (want: " << want << ")";
       EXPECT_EQ(nsa_kv_cache_len(cache.get(), 0), 0);
     }
   }

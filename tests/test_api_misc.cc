@@ -79,9 +79,9 @@ TEST(ApiMisc, ConfigValidate) {
 TEST(ApiMisc, CmpLen) {
   nsa_config c;
   nsa_config_default(&c);  // l = 32, d = 16
-  const std::pair<int64_t, int64_t> cases[] = {{0, 0},  {1, 0},  {31, 0},   {32, 1},  {47, 1},
-                                               {48, 2}, {63, 2}, {64, 3},   {256, 15},
-                                               {1000, 61}, {65536, 4095}};
+  const std::pair<int64_t, int64_t> cases[] = {{0, 0},    {1, 0},     {31, 0},      {32, 1},
+                                               {47, 1},   {48, 2},    {63, 2},      {64, 3},
+                                               {256, 15}, {1000, 61}, {65536, 4095}};
   for (auto [t, tc] : cases) EXPECT_EQ(nsa_cmp_len(&c, t), tc) << "t = " << t;
   const nsa_config same = config(16, 16, 64, 16, 1, 2, 512);  // non-overlapping blocks
   EXPECT_EQ(nsa_cmp_len(&same, 64), 4);
@@ -244,8 +244,7 @@ TEST(ApiMisc, ContextsAreIndependent) {
 
 TEST(ApiMisc, VersionAndBuildInfo) {
   const std::string v = std::to_string(NSA_VERSION_MAJOR) + "." +
-                        std::to_string(NSA_VERSION_MINOR) + "." +
-                        std::to_string(NSA_VERSION_PATCH);
+                        std::to_string(NSA_VERSION_MINOR) + "." + std::to_string(NSA_VERSION_PATCH);
   EXPECT_EQ(std::string(nsa_version()), v);
   ASSERT_NE(nsa_build_info(), nullptr);
   EXPECT_NE(std::string(nsa_build_info()).find("compiler"), std::string::npos);
@@ -312,11 +311,16 @@ TEST(ApiCpp, TensorHelpers) {
 TEST(ApiHugeSlcCount, ValidCallSucceedsOnEveryBackend) {
   using namespace nsa_test;
   Shape s;
-  s.B = 1; s.T = 70; s.Hq = 2; s.Hkv = 1; s.Dk = 4; s.Dv = 4;
+  s.B = 1;
+  s.T = 70;
+  s.Hq = 2;
+  s.Hkv = 1;
+  s.Dk = 4;
+  s.Dv = 4;
   for (nsa_backend b : {NSA_BACKEND_CPU, NSA_BACKEND_REF}) {
     FwdCase c = make_case(s, config(32, 16, 64, 16, 1, 2, 512), NSA_DTYPE_F32, 1);
     nsa_fwd_params p = c.params();
-    p.in.cfg.slc_count = INT32_MAX;  // valid: >= slc_init + slc_local
+    p.in.cfg.slc_count = INT32_MAX;                                // valid: >= slc_init + slc_local
     std::memset(&p.slc_indices_out, 0, sizeof p.slc_indices_out);  // [.., n] would not fit
     std::string msg;
     EXPECT_EQ(run_fwd(b, c, &msg, &p), NSA_OK) << nsa_backend_name(b) << ": " << msg;
@@ -358,8 +362,8 @@ TEST(ApiMisc, FwdProfile) {
   ASSERT_EQ(nsa_fwd(ctx, &p), NSA_OK);
   ASSERT_EQ(nsa_context_fwd_profile(ctx, &prof), NSA_OK);
   EXPECT_GT(prof.wall_s, 0.0);
-  for (double stage : {prof.pack_s, prof.cmp_s, prof.scores_s, prof.topn_s, prof.slc_s,
-                       prof.win_s, prof.combine_s}) {
+  for (double stage : {prof.pack_s, prof.cmp_s, prof.scores_s, prof.topn_s, prof.slc_s, prof.win_s,
+                       prof.combine_s}) {
     EXPECT_GT(stage, 0.0);
   }
   nsa_context_destroy(ctx);

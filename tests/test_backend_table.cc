@@ -51,8 +51,8 @@ TEST(BackendTable, ReferenceHasNoCacheCalls) {
   nsa_test::Context cpu;
   const nsa_test::Shape s{1, 40, 2, 1, 16, 16};
   const nsa_config cfg = nsa_test::config(16, 8, 16, 4, 1, 1, 32);
-  nsa_test::CachePtr cache = nsa_test::make_cache(cpu.ctx, cfg, 1, s.T, s, NSA_DTYPE_F32,
-                                                  NSA_CMP_MEAN, nullptr);
+  nsa_test::CachePtr cache =
+      nsa_test::make_cache(cpu.ctx, cfg, 1, s.T, s, NSA_DTYPE_F32, NSA_CMP_MEAN, nullptr);
   ASSERT_TRUE(cache);
   nsa_test::Context ref;
   ASSERT_EQ(nsa_context_set_backend(ref.ctx, NSA_BACKEND_REF), NSA_OK);

@@ -86,13 +86,15 @@ struct BwdCase {
     r.dq = out({s.B, s.T, s.Hq, s.Dk});
     r.dk = out({s.B, s.T, s.Hkv, s.Dk}), r.dv = out({s.B, s.T, s.Hkv, s.Dv});
     r.dk_cmp = out({s.B, Tc, s.Hkv, s.Dk}), r.dv_cmp = out({s.B, Tc, s.Hkv, s.Dv});
-    r.dg_cmp = out({s.B, s.T, s.Hq}), r.dg_slc = out({s.B, s.T, s.Hq}), r.dg_win = out({s.B, s.T, s.Hq});
+    r.dg_cmp = out({s.B, s.T, s.Hq}), r.dg_slc = out({s.B, s.T, s.Hq}),
+    r.dg_win = out({s.B, s.T, s.Hq});
     nsa_bwd_params p;
     nsa_bwd_params_init(&p);
     common(&p);
     p.slc_indices = idx.desc();
     p.d_o = d_o.desc();
-    if (o.saved > 0) p.lse_cmp = lse[0].desc(), p.lse_slc = lse[1].desc(), p.lse_win = lse[2].desc();
+    if (o.saved > 0)
+      p.lse_cmp = lse[0].desc(), p.lse_slc = lse[1].desc(), p.lse_win = lse[2].desc();
     if (o.saved > 1) {
       p.o_cmp = o_branch[0].desc(), p.o_slc = o_branch[1].desc(), p.o_win = o_branch[2].desc();
     }
@@ -177,11 +179,13 @@ void compare(const BackendUnderTest& be, const Case64& c64, const Options& o, in
   const nsa_config& cfg = c64.args.cfg;
   std::ostringstream os;
   os << "T=" << s.T << " B=" << s.B << " Hq=" << s.Hq << " Hkv=" << s.Hkv << " Dk=" << s.Dk
-     << " Dv=" << s.Dv << " l=" << cfg.cmp_block << " l'=" << cfg.slc_block << " n="
-     << cfg.slc_count << " w=" << cfg.window << " in=" << nsa_dtype_name(o.in_dt)
+     << " Dv=" << s.Dv << " l=" << cfg.cmp_block << " l'=" << cfg.slc_block
+     << " n=" << cfg.slc_count << " w=" << cfg.window << " in=" << nsa_dtype_name(o.in_dt)
      << " out=" << nsa_dtype_name(o.out_dt) << (o.padded ? " padded" : "")
      << (o.own_slc ? " own_slc" : "") << (o.own_win ? " own_win" : "")
-     << (o.saved == 1 ? " saved lse" : o.saved == 2 ? " saved lse+o" : "");
+     << (o.saved == 1   ? " saved lse"
+         : o.saved == 2 ? " saved lse+o"
+                        : "");
   SCOPED_TRACE(os.str());
   BwdCase bc(c64, o);
   BwdCase::Outs cpu, ref;
@@ -256,8 +260,8 @@ TEST_P(BwdVsRef, ConfigsAndHeadDims) {
 
 TEST_P(BwdVsRef, OwnBranchKvAndSavedLse) {
   int i = 0;
-  for (auto [own_slc, own_win] : {std::pair{true, false}, std::pair{false, true},
-                                  std::pair{true, true}}) {
+  for (auto [own_slc, own_win] :
+       {std::pair{true, false}, std::pair{false, true}, std::pair{true, true}}) {
     const Case64 c = make_case64(shape(2, 150, 3, 1, 24, 16), configs()[2], kSeed + 200 + i);
     Options o;
     o.own_slc = own_slc, o.own_win = own_win, o.padded = true;
@@ -331,8 +335,8 @@ TEST_P(BwdVsRef, BothOwnKvWithOnlyOneOfDkDv) {
 // A selection block far longer than the sequence (l' = 2^30) costs what its keys cost, not what
 // its length would.
 TEST_P(BwdVsRef, SelectionBlockLongerThanSequence) {
-  const Case64 c = make_case64(shape(1, 90, 3, 1, 8, 8), config(16, 8, 1 << 30, 2, 1, 0, 20),
-                               kSeed + 430);
+  const Case64 c =
+      make_case64(shape(1, 90, 3, 1, 8, 8), config(16, 8, 1 << 30, 2, 1, 0, 20), kSeed + 430);
   compare(GetParam(), c, Options{});
 }
 
@@ -344,7 +348,8 @@ TEST_P(BwdVsRef, HugeSlcCount) {
   const int64_t n = cfg.slc_count;
   for (int64_t t = 0; t < c.shape.T; ++t) {
     for (int64_t k = 0; k < n; ++k) {
-      c.args.slc_indices[t * n + k] = k % 7 == 3 ? static_cast<int32_t>((k / 7) % (t / 32 + 1)) : -1;
+      c.args.slc_indices[t * n + k] =
+          k % 7 == 3 ? static_cast<int32_t>((k / 7) % (t / 32 + 1)) : -1;
     }
   }
   compare(GetParam(), c, Options{});
@@ -386,11 +391,12 @@ TEST(CpuBwd, ThreadCountsBitwiseIdentical) {
       ASSERT_EQ(bc.run(backend(NSA_BACKEND_CPU), i + 1, &r[i], &msg), NSA_OK) << msg;
     }
     for (int i = 1; i < 3; ++i) {
-      for (auto m : {&BwdCase::Outs::dq, &BwdCase::Outs::dk, &BwdCase::Outs::dv,
-                     &BwdCase::Outs::dk_win, &BwdCase::Outs::dv_win, &BwdCase::Outs::dk_cmp,
-                     &BwdCase::Outs::dv_cmp, &BwdCase::Outs::dg_cmp, &BwdCase::Outs::dg_slc,
-                     &BwdCase::Outs::dg_win}) {
-        EXPECT_EQ((r[i].*m).storage(), (r[0].*m).storage()) << (i + 1) << " threads, saved " << saved;
+      for (auto m :
+           {&BwdCase::Outs::dq, &BwdCase::Outs::dk, &BwdCase::Outs::dv, &BwdCase::Outs::dk_win,
+            &BwdCase::Outs::dv_win, &BwdCase::Outs::dk_cmp, &BwdCase::Outs::dv_cmp,
+            &BwdCase::Outs::dg_cmp, &BwdCase::Outs::dg_slc, &BwdCase::Outs::dg_win}) {
+        EXPECT_EQ((r[i].*m).storage(), (r[0].*m).storage())
+            << (i + 1) << " threads, saved " << saved;
       }
     }
   }
@@ -410,9 +416,9 @@ TEST_P(BwdVsRef, RandomConfigs) {
     const int32_t n = std::max<int32_t>(1, init + local + int32_t(pick(0, 5)));
     const nsa_config cfg = config(l, d, lp, n, init, local, int32_t(pick(1, 100)));
     const int64_t G = std::vector<int64_t>{1, 2, 3, 5, 16}[pick(0, 4)], Hkv = pick(1, 2);
-    const Case64 c = make_case64(shape(pick(1, 2), pick(1, 200), G * Hkv, Hkv, pick(1, 40),
-                                       pick(1, 40)),
-                                 cfg, kSeed + 1000 + i);
+    const Case64 c =
+        make_case64(shape(pick(1, 2), pick(1, 200), G * Hkv, Hkv, pick(1, 40), pick(1, 40)), cfg,
+                    kSeed + 1000 + i);
     Options o;
     o.in_dt = pick(0, 1) ? NSA_DTYPE_BF16 : NSA_DTYPE_F32;
     o.out_dt = pick(0, 1) ? NSA_DTYPE_BF16 : NSA_DTYPE_F32;
@@ -427,8 +433,8 @@ TEST_P(BwdVsRef, RandomConfigs) {
 // Profiling (off by default) splits a CPU backward's time into its stages; the forward rerun is
 // timed only when saved state is missing. CPU only: the stages are the CPU kernels'.
 TEST(CpuBwd, Profile) {
-  const Case64 c = make_case64(shape(1, 300, 16, 1, 16, 8), config(32, 16, 64, 4, 1, 2, 64),
-                               kSeed + 800);
+  const Case64 c =
+      make_case64(shape(1, 300, 16, 1, 16, 8), config(32, 16, 64, 4, 1, 2, 64), kSeed + 800);
   for (int saved : {0, 2}) {
     Options o;
     o.saved = saved;
@@ -446,8 +452,8 @@ TEST(CpuBwd, Profile) {
     EXPECT_GT(prof.wall_s, 0.0);
     // Every branch does work here (T = 300: 15 of 18 cmp tokens visible at the end, n = 4 of 5
     // blocks, w = 64).
-    for (double stage : {prof.pack_s, prof.rows_s, prof.cmp_s, prof.slc_s, prof.win_s,
-                         prof.reduce_s}) {
+    for (double stage :
+         {prof.pack_s, prof.rows_s, prof.cmp_s, prof.slc_s, prof.win_s, prof.reduce_s}) {
       EXPECT_GT(stage, 0.0);
     }
     EXPECT_EQ(prof.forward_s > 0.0, saved == 0);

@@ -17,7 +17,12 @@ using nsa::ref::CompressGrads64;
 
 Shape shape(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t Dk, int64_t Dv) {
   Shape s;
-  s.B = B; s.T = T; s.Hq = Hq; s.Hkv = Hkv; s.Dk = Dk; s.Dv = Dv;
+  s.B = B;
+  s.T = T;
+  s.Hq = Hq;
+  s.Hkv = Hkv;
+  s.Dk = Dk;
+  s.Dv = Dv;
   return s;
 }
 
@@ -95,8 +100,8 @@ TEST(BackwardProperties, EmptyCmpRowsGetNoCmpGradient) {
   for (double& x : c.args.g_slc.data) x = 0.0;
   for (double& x : c.args.g_win.data) x = 0.0;
   const nsa::ref::NsaGrads64 g = grads64(c);
-  for (const Tensor64* t : {&g.dq, &g.dk_slc, &g.dv_slc, &g.dk_win, &g.dv_win, &g.dk_cmp,
-                            &g.dv_cmp, &g.dg_cmp, &g.dg_slc, &g.dg_win}) {
+  for (const Tensor64* t : {&g.dq, &g.dk_slc, &g.dv_slc, &g.dk_win, &g.dv_win, &g.dk_cmp, &g.dv_cmp,
+                            &g.dg_cmp, &g.dg_slc, &g.dg_win}) {
     for (double x : t->data) ASSERT_FALSE(std::isnan(x));
   }
   for (int64_t t = 0; t < 20; ++t) {
@@ -151,7 +156,8 @@ TEST(BackwardProperties, EveryQuerySelectsTheSameBlocks) {
       double mx = -1e300, sum = 0.0, d_row = 0.0;
       for (int64_t j = 0; j < keys; ++j) {
         p[j] = 0.0;
-        for (int64_t i = 0; i < Dk; ++i) p[j] += scale * a.q.at(0, t, h, i) * a.k_slc.at(0, j, 0, i);
+        for (int64_t i = 0; i < Dk; ++i)
+          p[j] += scale * a.q.at(0, t, h, i) * a.k_slc.at(0, j, 0, i);
         mx = std::max(mx, p[j]);
       }
       for (double& x : p) sum += (x = std::exp(x - mx));
@@ -237,7 +243,8 @@ void expect_compress_grads_match_fd(CompressArgs64 a, uint64_t seed) {
 
 TEST(CompressBackwardFd, MeanOverlappingBlocksRaggedTail) {
   // l = 4, d = 2: interior tokens sit in two blocks; T = 11 leaves token 10 in none (dx = 0).
-  const CompressArgs64 a = make_compress_case(NSA_CMP_MEAN, 2, 11, 2, 3, 0, config(4, 2, 8, 3, 1, 1, 6), {}, 10);
+  const CompressArgs64 a =
+      make_compress_case(NSA_CMP_MEAN, 2, 11, 2, 3, 0, config(4, 2, 8, 3, 1, 1, 6), {}, 10);
   expect_compress_grads_match_fd(a, 11);
   Tensor64 dout(2, nsa_cmp_len(&a.cfg, 11), 2, 3);
   for (double& x : dout.data) x = 1.0;
@@ -252,7 +259,8 @@ TEST(CompressBackwardFd, MeanOverlappingBlocksRaggedTail) {
 TEST(CompressBackwardFd, MlpOverlappingVarlen) {
   // Packed sequences of 9, 2 (no block) and 7 tokens; d < l.
   expect_compress_grads_match_fd(
-      make_compress_case(NSA_CMP_MLP, 1, 18, 2, 3, 5, config(4, 3, 8, 3, 1, 1, 6), {0, 9, 11, 18}, 12),
+      make_compress_case(NSA_CMP_MLP, 1, 18, 2, 3, 5, config(4, 3, 8, 3, 1, 1, 6), {0, 9, 11, 18},
+                         12),
       13);
 }
 

@@ -20,10 +20,15 @@ namespace {
 
 // A one-sequence f32 case with all outputs requested; the random inputs are overwritten by the
 // tests that need hand-computable values.
-FwdCase hand_case(int64_t T, int64_t Hq, int64_t Hkv, int64_t Dk, int64_t Dv,
-                  const nsa_config& cfg, bool padded = false) {
+FwdCase hand_case(int64_t T, int64_t Hq, int64_t Hkv, int64_t Dk, int64_t Dv, const nsa_config& cfg,
+                  bool padded = false) {
   Shape s;
-  s.B = 1; s.T = T; s.Hq = Hq; s.Hkv = Hkv; s.Dk = Dk; s.Dv = Dv;
+  s.B = 1;
+  s.T = T;
+  s.Hq = Hq;
+  s.Hkv = Hkv;
+  s.Dk = Dk;
+  s.Dv = Dv;
   return make_case(s, cfg, NSA_DTYPE_F32, 20250211, padded);
 }
 
@@ -43,7 +48,9 @@ std::vector<int32_t> indices_at(const FwdCase& c, int64_t tok, int64_t hk) {
 // ---- SPEC 4.1: compressed token i is visible at t iff i*d + l - 1 <= t. ----
 
 TEST(ContractVisibility, CountsAtBlockBoundaries) {
-  struct Cfg { int32_t l, d; };
+  struct Cfg {
+    int32_t l, d;
+  };
   for (Cfg k : {Cfg{32, 16}, Cfg{16, 8}, Cfg{64, 64}, Cfg{5, 3}}) {
     SCOPED_TRACE("l=" + std::to_string(k.l) + " d=" + std::to_string(k.d));
     const nsa_config cfg = config(k.l, k.d, 64, 16, 1, 2, 512);
@@ -66,7 +73,9 @@ TEST(ContractVisibility, CountsAtBlockBoundaries) {
 // Through nsa_fwd with q = 0: o_cmp is the plain mean of the visible v_cmp rows and
 // lse_cmp = log(count); with g_cmp = 1 and the other gates 0, o = o_cmp.
 TEST(ContractVisibility, UniformCmpBranchEndToEnd) {
-  struct Cfg { int32_t l, d, lp; };
+  struct Cfg {
+    int32_t l, d, lp;
+  };
   for (Cfg k : {Cfg{32, 16, 64}, Cfg{16, 8, 32}}) {
     SCOPED_TRACE("l=" + std::to_string(k.l) + " d=" + std::to_string(k.d));
     const int64_t T = k.l + 2 * k.d - 1;  // Tc = 2: the third block is never complete
@@ -100,14 +109,19 @@ TEST(ContractVisibility, UniformCmpBranchEndToEnd) {
 // Non-uniform weights: q = (1, 0), k_cmp[i] = (log(i+1), 5), scale 1, so p_i is proportional to
 // i+1 over exactly the visible tokens; the second key coordinate meets q's zero.
 TEST(ContractVisibility, WeightedCmpBranchEndToEnd) {
-  struct Cfg { int32_t l, d, lp; };
+  struct Cfg {
+    int32_t l, d, lp;
+  };
   for (Cfg k : {Cfg{32, 16, 64}, Cfg{16, 8, 32}}) {
     SCOPED_TRACE("l=" + std::to_string(k.l) + " d=" + std::to_string(k.d));
     nsa_config cfg = config(k.l, k.d, k.lp, 16, 1, 2, 512);
     cfg.scale = 1.0f;
     const int64_t T = k.l + 4 * k.d;  // Tc = 5
     FwdCase c = hand_case(T, 1, 1, 2, 2, cfg, /*padded=*/true);
-    for (int64_t t = 0; t < T; ++t) { c.q.set({0, t, 0, 0}, 1.0); c.q.set({0, t, 0, 1}, 0.0); }
+    for (int64_t t = 0; t < T; ++t) {
+      c.q.set({0, t, 0, 0}, 1.0);
+      c.q.set({0, t, 0, 1}, 0.0);
+    }
     for (int64_t i = 0; i < 5; ++i) {
       c.k_cmp.set({0, i, 0, 0}, std::log(double(i + 1)));
       c.k_cmp.set({0, i, 0, 1}, 5.0);
@@ -262,12 +276,16 @@ TEST(ContractSelect, FewerEligibleBlocksThanNSelectsAll) {
   // J + 1 == n + 1: now one free block is dropped, the lowest-scoring (here the highest index).
   const std::vector<int32_t> got = sel(16 * 64);
   std::vector<int32_t> expect17;
-  for (int j = 0; j <= 16; ++j) if (j != 14) expect17.push_back(j);
+  for (int j = 0; j <= 16; ++j)
+    if (j != 14) expect17.push_back(j);
   EXPECT_EQ(got, expect17);
 }
 
 TEST(ContractSelect, FewerEligibleBlocksThanNEndToEnd) {
-  struct C { nsa_config cfg; int64_t T; };
+  struct C {
+    nsa_config cfg;
+    int64_t T;
+  };
   for (C k : {C{config(32, 16, 64, 16, 1, 2, 64), 300}, C{config(16, 8, 32, 4, 1, 2, 16), 128},
               C{config(64, 64, 64, 3, 1, 2, 16), 150}}) {
     FwdCase c = hand_case(k.T, 4, 2, 16, 8, k.cfg, /*padded=*/true);
@@ -295,7 +313,10 @@ TEST(ContractSelect, EqualScoresEndToEndPickLowestBlocks) {
 // End to end: one k_cmp row aligned with q holds almost all probability, so the block(s) it
 // overlaps win; forced blocks are in regardless of their (near-zero) scores.
 TEST(ContractSelect, AlignedCompressedRowWinsEndToEnd) {
-  struct C { nsa_config cfg; std::vector<int32_t> want; };
+  struct C {
+    nsa_config cfg;
+    std::vector<int32_t> want;
+  };
   // i* = 17 = 4*4+1 lies inside block 4 (weight 2) only.
   for (C k : {C{config(32, 16, 64, 4, 1, 2, 64), {0, 4, 8, 9}},
               C{config(32, 16, 64, 4, 2, 1, 64), {0, 1, 4, 9}},
@@ -324,7 +345,10 @@ TEST(ContractSelect, GroupHeadsSumTheirScores) {
   const double S = 30.0, a = 1.0 - std::log(1.5) / S;  // logit gap log(1.5): p ratio 0.6 / 0.4
   c.q.fill(0.0);
   c.k_cmp.fill(0.0);
-  for (int64_t t = 0; t < 640; ++t) { c.q.set({0, t, 0, 0}, S); c.q.set({0, t, 1, 1}, S); }
+  for (int64_t t = 0; t < 640; ++t) {
+    c.q.set({0, t, 0, 0}, S);
+    c.q.set({0, t, 1, 1}, S);
+  }
   c.k_cmp.set({0, 13, 0, 0}, 1.0);  // 13 = 4*3+1: block 3, weight 2
   c.k_cmp.set({0, 21, 0, 0}, a);    // 21 = 4*5+1: block 5, weight 2
   c.k_cmp.set({0, 21, 0, 1}, a);
@@ -336,7 +360,10 @@ TEST(ContractSelect, GroupHeadsSumTheirScores) {
 // ---- SPEC 4.1: before the first complete block the compressed branch is empty. ----
 
 TEST(ContractEmpty, CmpBranchBeforeFirstBlockIsZeroAndNoNaN) {
-  struct C { nsa_config cfg; int64_t T; };
+  struct C {
+    nsa_config cfg;
+    int64_t T;
+  };
   for (C k : {C{config(32, 16, 64, 16, 1, 2, 512), 40}, C{config(16, 8, 32, 16, 1, 2, 8), 20},
               C{config(32, 16, 64, 16, 1, 2, 512), 20}}) {  // the last: T < l, Tc = 0
     SCOPED_TRACE("l=" + std::to_string(k.cfg.cmp_block) + " T=" + std::to_string(k.T));

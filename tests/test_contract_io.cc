@@ -24,7 +24,8 @@ void copy_tokens(const Tensor& src, int64_t s0, Tensor& dst, int64_t d0, int64_t
   for (int64_t t = 0; t < len; ++t)
     for (int64_t h = 0; h < H; ++h)
       for (int64_t e = 0; e < D; ++e)
-        dst.set_raw(dst.logical_offset(0, d0 + t, h, e), src.get_raw(src.logical_offset(0, s0 + t, h, e)));
+        dst.set_raw(dst.logical_offset(0, d0 + t, h, e),
+                    src.get_raw(src.logical_offset(0, s0 + t, h, e)));
 }
 
 // Overwrites tokens [s0, s0 + len) of batch row 0 with new values from U(-1, 1).
@@ -43,7 +44,12 @@ const std::vector<int32_t> kCu = {0, 70, 70, 90, 203};
 nsa_config varlen_cfg() { return config(16, 8, 32, 3, 1, 1, 24); }
 Shape varlen_shape() {
   Shape s;
-  s.B = 1; s.T = 203; s.Hq = 4; s.Hkv = 2; s.Dk = 16; s.Dv = 8;
+  s.B = 1;
+  s.T = 203;
+  s.Hq = 4;
+  s.Hkv = 2;
+  s.Dk = 16;
+  s.Dv = 8;
   return s;
 }
 
@@ -67,8 +73,9 @@ TEST(ContractVarlen, PackedSequenceEqualsItRunAlone) {
       one.T = len;
       FwdCase alone = make_case(one, cfg, dt, 99 + s);
       const std::vector<std::pair<Tensor*, Tensor*>> per_token = {
-          {&packed.q, &alone.q},         {&packed.k, &alone.k},         {&packed.v, &alone.v},
-          {&packed.g_cmp, &alone.g_cmp}, {&packed.g_slc, &alone.g_slc}, {&packed.g_win, &alone.g_win}};
+          {&packed.q, &alone.q},         {&packed.k, &alone.k},
+          {&packed.v, &alone.v},         {&packed.g_cmp, &alone.g_cmp},
+          {&packed.g_slc, &alone.g_slc}, {&packed.g_win, &alone.g_win}};
       for (auto [from, to] : per_token) copy_tokens(*from, start, *to, 0, len);
       copy_tokens(packed.k_cmp, cmp, alone.k_cmp, 0, tc);
       copy_tokens(packed.v_cmp, cmp, alone.v_cmp, 0, tc);
@@ -86,11 +93,13 @@ TEST(ContractVarlen, PerturbingOneSequenceLeavesOthersUnchanged) {
   FwdCase c = make_case(varlen_shape(), cfg, NSA_DTYPE_F32, 12, /*padded=*/true, kCu);
   ASSERT_EQ(run_ref(c), NSA_OK);
   const std::vector<Dense> before = snapshot(c);
-  const int64_t tc0 = nsa_cmp_len(&cfg, 70), tc2 = nsa_cmp_len(&cfg, 20), tc3 = nsa_cmp_len(&cfg, 113);
+  const int64_t tc0 = nsa_cmp_len(&cfg, 70), tc2 = nsa_cmp_len(&cfg, 20),
+                tc3 = nsa_cmp_len(&cfg, 113);
   ASSERT_EQ(c.k_cmp.desc().shape[1], tc0 + tc2 + tc3);
   std::mt19937_64 rng(13);
   auto perturb = [&](int64_t start, int64_t len, int64_t cmp_start, int64_t tc) {
-    for (Tensor* x : {&c.q, &c.k, &c.v, &c.g_cmp, &c.g_slc, &c.g_win}) perturb_tokens(*x, start, len, rng);
+    for (Tensor* x : {&c.q, &c.k, &c.v, &c.g_cmp, &c.g_slc, &c.g_win})
+      perturb_tokens(*x, start, len, rng);
     perturb_tokens(c.k_cmp, cmp_start, tc, rng);
     perturb_tokens(c.v_cmp, cmp_start, tc, rng);
   };
@@ -117,12 +126,18 @@ TEST(ContractVarlen, PerturbingOneSequenceLeavesOthersUnchanged) {
 TEST(ContractIndicesIn, UsedAsGivenAndNormalized) {
   const nsa_config cfg = config(32, 16, 64, 4, 1, 2, 16);
   Shape s;
-  s.B = 1; s.T = 200; s.Hq = 2; s.Hkv = 2; s.Dk = 8; s.Dv = 4;
+  s.B = 1;
+  s.T = 200;
+  s.Hq = 2;
+  s.Hkv = 2;
+  s.Dk = 8;
+  s.Dv = 4;
   FwdCase c = make_case(s, cfg, NSA_DTYPE_F32, 21, /*padded=*/true);
   c.q.fill(0.0);
   Tensor idx(NSA_DTYPE_I32, {1, 200, 2, 4});
   auto given = [](int64_t J) {
-    return J >= 2 ? std::vector<int32_t>{int32_t(J), 1, -1, 1} : std::vector<int32_t>{int32_t(J), -1, int32_t(J), -1};
+    return J >= 2 ? std::vector<int32_t>{int32_t(J), 1, -1, 1}
+                  : std::vector<int32_t>{int32_t(J), -1, int32_t(J), -1};
   };
   for (int64_t t = 0; t < 200; ++t) {
     const std::vector<int32_t> g = given(t / 64);
@@ -136,7 +151,8 @@ TEST(ContractIndicesIn, UsedAsGivenAndNormalized) {
   ASSERT_EQ(run_ref(c, &p), NSA_OK);
   for (int64_t t = 0; t < 200; ++t) {
     const int64_t J = t / 64;
-    const std::vector<int32_t> set = J >= 2 ? std::vector<int32_t>{1, int32_t(J)} : std::vector<int32_t>{int32_t(J)};
+    const std::vector<int32_t> set =
+        J >= 2 ? std::vector<int32_t>{1, int32_t(J)} : std::vector<int32_t>{int32_t(J)};
     std::vector<int32_t> want_out = set;
     want_out.resize(4, -1);
     std::vector<int32_t> out0, out1;
@@ -187,12 +203,15 @@ TEST(ContractCompress, MeanHandComputed) {
     p.kind = NSA_CMP_MEAN;
     ASSERT_EQ(nsa_cmp_len(&p.cfg, 9), 3);
     Tensor x(NSA_DTYPE_F32, {2, 9, 2, 3}, padded), out(NSA_DTYPE_F32, {2, 3, 2, 3}, padded);
-    x.for_each([&](int64_t b, int64_t t, int64_t h, int64_t c) { x.set({b, t, h, c}, t + 10 * h + 100 * c + 1000 * b); });
+    x.for_each([&](int64_t b, int64_t t, int64_t h, int64_t c) {
+      x.set({b, t, h, c}, t + 10 * h + 100 * c + 1000 * b);
+    });
     p.x = x.desc();
     p.out = out.desc();
     ASSERT_EQ(run_compress(p), NSA_OK);
     out.for_each([&](int64_t b, int64_t i, int64_t h, int64_t c) {
-      EXPECT_EQ(out.at({b, i, h, c}), 2 * i + 1.5 + 10 * h + 100 * c + 1000 * b) << b << i << h << c;
+      EXPECT_EQ(out.at({b, i, h, c}), 2 * i + 1.5 + 10 * h + 100 * c + 1000 * b)
+          << b << i << h << c;
     });
   }
 }
@@ -243,11 +262,22 @@ TEST(ContractCompress, MeanVarlenAndShortSequences) {
 // transposed W1/W2 or shared per-head parameters would all give other numbers.
 void fill_mlp_params(Tensor& pos, Tensor& w1, Tensor& b1, Tensor& w2, Tensor& b2) {
   for (int64_t h = 0; h < 2; ++h) {
-    pos.set({h, 0, 0}, 0.5); pos.set({h, 0, 1}, 0.0); pos.set({h, 1, 0}, 0.0); pos.set({h, 1, 1}, -1.0);
-    for (int64_t k = 0; k < 4; ++k) { w1.set({h, 0, k}, k == 1); w1.set({h, 1, k}, k == 2); }
-    b1.set({h, 0}, 0.5); b1.set({h, 1}, -4.0);
-    w2.set({h, 0, 0}, 1.0); w2.set({h, 0, 1}, 2.0); w2.set({h, 1, 0}, -1.0); w2.set({h, 1, 1}, 0.5);
-    b2.set({h, 0}, h == 0 ? 0.25 : 1.0); b2.set({h, 1}, h == 0 ? -0.5 : 1.0);
+    pos.set({h, 0, 0}, 0.5);
+    pos.set({h, 0, 1}, 0.0);
+    pos.set({h, 1, 0}, 0.0);
+    pos.set({h, 1, 1}, -1.0);
+    for (int64_t k = 0; k < 4; ++k) {
+      w1.set({h, 0, k}, k == 1);
+      w1.set({h, 1, k}, k == 2);
+    }
+    b1.set({h, 0}, 0.5);
+    b1.set({h, 1}, -4.0);
+    w2.set({h, 0, 0}, 1.0);
+    w2.set({h, 0, 1}, 2.0);
+    w2.set({h, 1, 0}, -1.0);
+    w2.set({h, 1, 1}, 0.5);
+    b2.set({h, 0}, h == 0 ? 0.25 : 1.0);
+    b2.set({h, 1}, h == 0 ? -0.5 : 1.0);
   }
 }
 
@@ -255,7 +285,8 @@ TEST(ContractCompress, MlpHandComputedFixedAndVarlen) {
   Tensor pos(NSA_DTYPE_F32, {2, 2, 2}), w1(NSA_DTYPE_F32, {2, 2, 4}), b1(NSA_DTYPE_F32, {2, 2});
   Tensor w2(NSA_DTYPE_F32, {2, 2, 2}), b2(NSA_DTYPE_F32, {2, 2});
   fill_mlp_params(pos, w1, b1, w2, b2);
-  const double want[2][2][2] = {{{2.75, -3.0}, {6.75, -4.5}}, {{3.5, -1.5}, {7.5, -3.0}}};  // [h][i][c]
+  const double want[2][2][2] = {{{2.75, -3.0}, {6.75, -4.5}},
+                                {{3.5, -1.5}, {7.5, -3.0}}};  // [h][i][c]
   // Fixed length T=3: rows 0-2. Varlen: lengths 3, 1, 3 with rows 4-6 a copy of rows 0-2 and row
   // 3 (a sequence shorter than l, Tc = 0) a poison value: outputs rows 0-1 and 2-3 must agree.
   for (bool varlen : {false, true}) {
@@ -275,14 +306,22 @@ TEST(ContractCompress, MlpHandComputedFixedAndVarlen) {
     p.cfg = config(2, 1, 64, 16, 1, 2, 512);
     p.kind = NSA_CMP_MLP;
     p.x = x.desc();
-    p.pos = pos.desc(); p.w1 = w1.desc(); p.b1 = b1.desc(); p.w2 = w2.desc(); p.b2 = b2.desc();
+    p.pos = pos.desc();
+    p.w1 = w1.desc();
+    p.b1 = b1.desc();
+    p.w2 = w2.desc();
+    p.b2 = b2.desc();
     p.out = out.desc();
-    if (varlen) { p.cu_seqlens = cu.data(); p.num_seqs = 3; }
+    if (varlen) {
+      p.cu_seqlens = cu.data();
+      p.num_seqs = 3;
+    }
     ASSERT_EQ(run_compress(p), NSA_OK);
     // Every intermediate is a small dyadic rational: exact in f32 and float64.
     for (int64_t i = 0; i < Tc; ++i)
       for (int64_t h = 0; h < 2; ++h)
-        for (int64_t c = 0; c < 2; ++c) EXPECT_EQ(out.at({0, i, h, c}), want[h][i % 2][c]) << i << h << c;
+        for (int64_t c = 0; c < 2; ++c)
+          EXPECT_EQ(out.at({0, i, h, c}), want[h][i % 2][c]) << i << h << c;
   }
 }
 

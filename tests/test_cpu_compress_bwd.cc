@@ -1,8 +1,9 @@
 // The compression backward (nsa_compress_bwd, SPEC.md sections 5 and 6: mean and mlp) of every
 // backend under test (backend_harness.h) against the float64 reference: overlapping (d < l) and
-// disjoint (d = l) blocks, T off every block edge and T < l, several KV heads, D and hidden widths down to 1, variable-length packing with empty
-// and one-token sequences, more compressed tokens than one mlp chunk (256), f32/bf16 inputs and
-// outputs, strided views; and, for the CPU backend alone, 1/2/3 threads bitwise.
+// disjoint (d = l) blocks, T off every block edge and T < l, several KV heads, D and hidden widths
+// down to 1, variable-length packing with empty and one-token sequences, more compressed tokens
+// than one mlp chunk (256), f32/bf16 inputs and outputs, strided views; and, for the CPU backend
+// alone, 1/2/3 threads bitwise.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -81,8 +82,8 @@ struct BwdCase {
   }
   std::vector<std::pair<const char*, const Tensor*>> outputs() const {
     if (kind != NSA_CMP_MLP) return {{"dx", &dx}};
-    return {{"dx", &dx}, {"dpos", &dpos}, {"dw1", &dw1}, {"db1", &db1}, {"dw2", &dw2},
-            {"db2", &db2}};
+    return {{"dx", &dx},   {"dpos", &dpos}, {"dw1", &dw1},
+            {"db1", &db1}, {"dw2", &dw2},   {"db2", &db2}};
   }
 };
 
@@ -101,7 +102,8 @@ void expect_padding_intact(const char* name, const Tensor& t) {
 }
 
 void compare(const BackendUnderTest& be, const Dims& s, const nsa_config& cfg, nsa_cmp_kind kind,
-             nsa_dtype dt,             nsa_dtype out_dt, bool padded, uint64_t seed, std::vector<int32_t> cu = {}) {
+             nsa_dtype dt, nsa_dtype out_dt, bool padded, uint64_t seed,
+             std::vector<int32_t> cu = {}) {
   std::ostringstream os;
   os << "B=" << s.B << " T=" << s.T << " H=" << s.H << " D=" << s.D << " Dh=" << s.Dh
      << " l=" << cfg.cmp_block << " d=" << cfg.cmp_stride
@@ -114,7 +116,7 @@ void compare(const BackendUnderTest& be, const Dims& s, const nsa_config& cfg, n
   ASSERT_NO_FATAL_FAILURE(run(be, cpu, 0));
   const int64_t l = cfg.cmp_block, d = cfg.cmp_stride;
   const int64_t blocks = s.B * cmp_rows(cfg, s.T, cu);  // per KV head, all sequences
-  const int64_t cover = (l + d - 1) / d;                 // blocks covering one token, at most
+  const int64_t cover = (l + d - 1) / d;                // blocks covering one token, at most
   // Per output, the f32 sums its elements go through, each of n terms erring by about n 2^-24 of
   // its terms' size, taken as the tensor's largest |ref|, x4 for the O(1) biases on the way.
   // mean dx: <= ceil(l/d) covering blocks, then the 1/l scaling. mlp: pre = W1 flat (l*D terms)
@@ -123,9 +125,8 @@ void compare(const BackendUnderTest& be, const Dims& s, const nsa_config& cfg, n
   // dpos (+ every block).
   std::map<std::string, int64_t> chain = {{"dx", cover + 1}};
   if (kind == NSA_CMP_MLP) {
-    chain = {{"dx", s.D + s.Dh + cover}, {"dpos", s.D + s.Dh + blocks},
-             {"dw1", s.D + blocks},      {"db1", s.D + blocks},
-             {"dw2", l * s.D + blocks},  {"db2", blocks}};
+    chain = {{"dx", s.D + s.Dh + cover}, {"dpos", s.D + s.Dh + blocks}, {"dw1", s.D + blocks},
+             {"db1", s.D + blocks},      {"dw2", l * s.D + blocks},     {"db2", blocks}};
   }
   const double rel = out_dt == NSA_DTYPE_BF16 ? kBf16Rel : 0.0;
   const auto refs = ref.outputs(), cpus = cpu.outputs();
@@ -244,8 +245,8 @@ TEST(CpuCompressBwd, ThreadsBitwiseIdentical) {
   // f32 inputs: sums of a few bf16 values are often exact in f32, in any order.
   for (nsa_cmp_kind kind : {NSA_CMP_MEAN, NSA_CMP_MLP}) {
     for (const nsa_config& cfg : {cmp_configs()[0], cmp_configs()[4]}) {
-      SCOPED_TRACE(std::string(kind == NSA_CMP_MLP ? "mlp" : "mean") + " l=" +
-                   std::to_string(cfg.cmp_block) + " d=" + std::to_string(cfg.cmp_stride));
+      SCOPED_TRACE(std::string(kind == NSA_CMP_MLP ? "mlp" : "mean") +
+                   " l=" + std::to_string(cfg.cmp_block) + " d=" + std::to_string(cfg.cmp_stride));
       BwdCase one(s, cfg, kind, NSA_DTYPE_F32, NSA_DTYPE_F32, true, 31, cu);
       ASSERT_NO_FATAL_FAILURE(run(cpu, one, 1));
       for (int threads : {2, 3}) {

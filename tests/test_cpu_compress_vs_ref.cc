@@ -73,13 +73,13 @@ nsa_status run(const BackendUnderTest& be, CmpCase& c, int threads, std::string*
 }
 
 void compare(const BackendUnderTest& be, int64_t B, int64_t T, int64_t H, int64_t D, int64_t Dh,
-             const nsa_config& cfg,             nsa_cmp_kind kind, nsa_dtype dt, nsa_dtype out_dt, bool padded, uint64_t seed,
-             std::vector<int32_t> cu = {}) {
+             const nsa_config& cfg, nsa_cmp_kind kind, nsa_dtype dt, nsa_dtype out_dt, bool padded,
+             uint64_t seed, std::vector<int32_t> cu = {}) {
   std::ostringstream os;
-  os << "B=" << B << " T=" << T << " H=" << H << " D=" << D << " Dh=" << Dh << " l="
-     << cfg.cmp_block << " d=" << cfg.cmp_stride << (kind == NSA_CMP_MLP ? " mlp " : " mean ")
-     << nsa_dtype_name(dt) << "->" << nsa_dtype_name(out_dt) << (padded ? " padded" : "")
-     << (cu.empty() ? "" : " varlen");
+  os << "B=" << B << " T=" << T << " H=" << H << " D=" << D << " Dh=" << Dh
+     << " l=" << cfg.cmp_block << " d=" << cfg.cmp_stride
+     << (kind == NSA_CMP_MLP ? " mlp " : " mean ") << nsa_dtype_name(dt) << "->"
+     << nsa_dtype_name(out_dt) << (padded ? " padded" : "") << (cu.empty() ? "" : " varlen");
   SCOPED_TRACE(os.str());
   CmpCase ref = make_cmp(B, T, H, D, Dh, cfg, kind, dt, out_dt, padded, seed, cu);
   CmpCase cpu = make_cmp(B, T, H, D, Dh, cfg, kind, dt, out_dt, padded, seed, cu);
@@ -131,7 +131,7 @@ TEST_P(CompressVsRef, Mean) {
     }
   }
   compare(GetParam(), 1, 300, 2, 17, 0, cmp_configs()[0], NSA_CMP_MEAN, NSA_DTYPE_F32,
-          NSA_DTYPE_F32, true, 1,          {0, 31, 31, 64, 300});
+          NSA_DTYPE_F32, true, 1, {0, 31, 31, 64, 300});
 }
 
 TEST_P(CompressVsRef, Mlp) {
@@ -145,16 +145,16 @@ TEST_P(CompressVsRef, Mlp) {
     }
   }
   compare(GetParam(), 1, 300, 2, 12, 20, cmp_configs()[0], NSA_CMP_MLP, NSA_DTYPE_BF16,
-          NSA_DTYPE_F32, true,          2, {0, 31, 31, 64, 300});
+          NSA_DTYPE_F32, true, 2, {0, 31, 31, 64, 300});
 }
 
 // CPU only: the thread count is the CPU kernels' notion.
 TEST(CpuCompress, ThreadsBitwiseIdentical) {
   for (nsa_cmp_kind kind : {NSA_CMP_MEAN, NSA_CMP_MLP}) {
-    CmpCase one = make_cmp(1, 700, 2, 12, 20, cmp_configs()[0], kind, NSA_DTYPE_F32,
-                           NSA_DTYPE_F32, true, 9, {0, 100, 700});
-    CmpCase two = make_cmp(1, 700, 2, 12, 20, cmp_configs()[0], kind, NSA_DTYPE_F32,
-                           NSA_DTYPE_F32, true, 9, {0, 100, 700});
+    CmpCase one = make_cmp(1, 700, 2, 12, 20, cmp_configs()[0], kind, NSA_DTYPE_F32, NSA_DTYPE_F32,
+                           true, 9, {0, 100, 700});
+    CmpCase two = make_cmp(1, 700, 2, 12, 20, cmp_configs()[0], kind, NSA_DTYPE_F32, NSA_DTYPE_F32,
+                           true, 9, {0, 100, 700});
     std::string msg;
     ASSERT_EQ(run(backend(NSA_BACKEND_CPU), one, 1, &msg), NSA_OK) << msg;
     ASSERT_EQ(run(backend(NSA_BACKEND_CPU), two, 2, &msg), NSA_OK) << msg;

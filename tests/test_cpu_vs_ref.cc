@@ -70,9 +70,8 @@ void expect_padding_untouched(const char* name, const Tensor& t) {
 
 // Runs the oracle and backend `be` on identical copies of a case and compares every output.
 void compare_fwd(const BackendUnderTest& be, const Shape& s, const nsa_config& cfg, nsa_dtype dt,
-                 uint64_t seed, bool padded,
-                 std::vector<int32_t> cu = {}, nsa_dtype out_dt = NSA_DTYPE_F32,
-                 const Tensor* idx_in = nullptr) {
+                 uint64_t seed, bool padded, std::vector<int32_t> cu = {},
+                 nsa_dtype out_dt = NSA_DTYPE_F32, const Tensor* idx_in = nullptr) {
   SCOPED_TRACE(describe(s, cfg, dt, padded) + " seed=" + std::to_string(seed));
   FwdCase ref = make_case(s, cfg, dt, seed, padded, cu, out_dt);
   FwdCase cpu = make_case(s, cfg, dt, seed, padded, cu, out_dt);
@@ -212,7 +211,7 @@ TEST_P(FwdVsRef, CallerIndices) {
     s.B = 2, s.T = 300, s.Hq = 6, s.Hkv = 2, s.Dk = 24, s.Dv = 16;
     Tensor ix = random_indices(s, cfg, {}, kSeed + 700 + i);
     compare_fwd(GetParam(), s, cfg, i % 2 ? NSA_DTYPE_BF16 : NSA_DTYPE_F32, kSeed + 800 + i, true,
-                {},                NSA_DTYPE_F32, &ix);
+                {}, NSA_DTYPE_F32, &ix);
     const std::vector<int32_t> cu = {0, 100, 100, 300};
     s.B = 1;
     Tensor ixv = random_indices(s, cfg, cu, kSeed + 900 + i);
@@ -261,11 +260,13 @@ TEST(CpuFwd, ThreadsBitwiseIdentical) {
       std::string msg;
       ASSERT_EQ(run_on(backend(NSA_BACKEND_CPU), one.params(), 1, &msg), NSA_OK) << msg;
       ASSERT_EQ(run_on(backend(NSA_BACKEND_CPU), many.params(), r.threads, &msg), NSA_OK) << msg;
-      for (auto [a, b] : {std::pair{&one.o, &many.o}, std::pair{&one.o_cmp, &many.o_cmp},
-                          std::pair{&one.o_slc, &many.o_slc}, std::pair{&one.o_win, &many.o_win},
-                          std::pair{&one.lse_cmp, &many.lse_cmp}, std::pair{&one.lse_slc, &many.lse_slc},
-                          std::pair{&one.lse_win, &many.lse_win}, std::pair{&one.idx_out, &many.idx_out}}) {
-        EXPECT_TRUE(a->storage() == b->storage()) << "1 and " << r.threads << " threads differ, Hq=" << r.Hq;
+      for (auto [a, b] :
+           {std::pair{&one.o, &many.o}, std::pair{&one.o_cmp, &many.o_cmp},
+            std::pair{&one.o_slc, &many.o_slc}, std::pair{&one.o_win, &many.o_win},
+            std::pair{&one.lse_cmp, &many.lse_cmp}, std::pair{&one.lse_slc, &many.lse_slc},
+            std::pair{&one.lse_win, &many.lse_win}, std::pair{&one.idx_out, &many.idx_out}}) {
+        EXPECT_TRUE(a->storage() == b->storage())
+            << "1 and " << r.threads << " threads differ, Hq=" << r.Hq;
       }
     }
   }
@@ -286,7 +287,7 @@ TEST_P(FwdVsRef, HeadsInLanes) {
       s.Hq = G * s.Hkv;
       const nsa_config cfg = configs()[i % 4];
       compare_fwd(GetParam(), s, cfg, i % 2 ? NSA_DTYPE_BF16 : NSA_DTYPE_F32, kSeed + 1300 + i,
-                  i % 3 == 0,                  {}, i % 4 == 3 ? NSA_DTYPE_BF16 : NSA_DTYPE_F32);
+                  i % 3 == 0, {}, i % 4 == 3 ? NSA_DTYPE_BF16 : NSA_DTYPE_F32);
       ++i;
     }
   }
@@ -331,8 +332,10 @@ bool same_up_to_near_ties(const std::vector<double>& score, const std::vector<in
     return std::find(set.begin(), set.end(), j) != set.end();
   };
   std::vector<int32_t> only_got, only_want;
-  for (int32_t j : got) if (j >= 0 && !present(want, j)) only_got.push_back(j);
-  for (int32_t j : want) if (j >= 0 && !present(got, j)) only_want.push_back(j);
+  for (int32_t j : got)
+    if (j >= 0 && !present(want, j)) only_got.push_back(j);
+  for (int32_t j : want)
+    if (j >= 0 && !present(got, j)) only_want.push_back(j);
   if (only_got.size() != only_want.size()) {
     *why = "different set sizes";
     return false;

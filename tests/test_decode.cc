@@ -21,7 +21,7 @@ struct DecodeCase {
   nsa_config cfg;
   nsa_dtype dtype;
   nsa_cmp_kind kind;
-  int64_t prefill;  // tokens given to nsa_prefill before decoding the rest one by one
+  int64_t prefill;      // tokens given to nsa_prefill before decoding the rest one by one
   bool padded = false;  // every tensor a strided view
 };
 
@@ -35,11 +35,11 @@ std::vector<DecodeCase> cases() {
   Shape tiny{1, 20, 4, 1, 16, 8};
   return {
       {"paper_config_G16_from_empty", g16, def, NSA_DTYPE_F32, NSA_CMP_MEAN, 0},
-      {"small_blocks_G3_bf16_mlp", g3, config(16, 8, 32, 6, 1, 2, 48), NSA_DTYPE_BF16,
-       NSA_CMP_MLP, 100},
+      {"small_blocks_G3_bf16_mlp", g3, config(16, 8, 32, 6, 1, 2, 48), NSA_DTYPE_BF16, NSA_CMP_MLP,
+       100},
       {"top5_G1_odd_Dv", mha, config(32, 16, 64, 5, 1, 2, 512), NSA_DTYPE_F32, NSA_CMP_MEAN, 517},
-      {"blocks_64_two_groups", g3x2, config(64, 64, 64, 4, 1, 2, 100), NSA_DTYPE_F32,
-       NSA_CMP_MEAN, 1},
+      {"blocks_64_two_groups", g3x2, config(64, 64, 64, 4, 1, 2, 100), NSA_DTYPE_F32, NSA_CMP_MEAN,
+       1},
       {"shorter_than_a_block", tiny, def, NSA_DTYPE_BF16, NSA_CMP_MEAN, 0},
       {"G16_bf16_mlp", Shape{1, 400, 16, 1, 32, 32}, config(32, 16, 64, 4, 1, 2, 128),
        NSA_DTYPE_BF16, NSA_CMP_MLP, 150},
@@ -59,8 +59,8 @@ CachePtr mean_cache(const BackendUnderTest& be, const Context& cx, const nsa_con
 // Decodes every position of `c` (batch row 0) on backend `be` into `got`, after a prefill of
 // `prefill` tokens, then runs the oracle forward over the whole sequence, on the compressed
 // tokens the cache holds, into c's outputs: the two are then compared row by row.
-void decode_then_reference(const BackendUnderTest& be, FwdCase& c, FwdCase& got,
-                           nsa_cmp_kind kind, MlpTensors* mlp, int64_t prefill) {
+void decode_then_reference(const BackendUnderTest& be, FwdCase& c, FwdCase& got, nsa_cmp_kind kind,
+                           MlpTensors* mlp, int64_t prefill) {
   if (be.cache_cmp == nullptr) GTEST_SKIP() << be.name << " has no KV cache";
   const Shape& s = c.shape;
   Context cx(0, be.id);
@@ -131,8 +131,8 @@ void run_decode_case(const BackendUnderTest& be, const DecodeCase& dc) {
   expect_decode_matches(got, c, decode_tol(s, dc.cfg));
 }
 
-class DecodeVsForward
-    : public ::testing::TestWithParam<std::tuple<BackendUnderTest, DecodeCase>> {};
+class DecodeVsForward : public ::testing::TestWithParam<std::tuple<BackendUnderTest, DecodeCase>> {
+};
 
 TEST_P(DecodeVsForward, EveryPositionMatchesTheReference) {
   run_decode_case(std::get<0>(GetParam()), std::get<1>(GetParam()));
@@ -152,10 +152,10 @@ INSTANTIATE_TEST_SUITE_P(Shapes, DecodeVsForward,
 TEST(CpuDecode, EveryTargetMatchesReference) {
   const BackendUnderTest cpu = backend(NSA_BACKEND_CPU);
   const DecodeCase short_cases[2] = {
-      {"G3_bf16_mlp", Shape{1, 60, 3, 1, 40, 24}, config(16, 8, 16, 3, 1, 1, 24),
-       NSA_DTYPE_BF16, NSA_CMP_MLP, 20},
-      {"G16_f32_mean", Shape{1, 50, 16, 1, 24, 20}, config(8, 4, 16, 3, 1, 1, 20),
-       NSA_DTYPE_F32, NSA_CMP_MEAN, 0, true}};
+      {"G3_bf16_mlp", Shape{1, 60, 3, 1, 40, 24}, config(16, 8, 16, 3, 1, 1, 24), NSA_DTYPE_BF16,
+       NSA_CMP_MLP, 20},
+      {"G16_f32_mean", Shape{1, 50, 16, 1, 24, 20}, config(8, 4, 16, 3, 1, 1, 20), NSA_DTYPE_F32,
+       NSA_CMP_MEAN, 0, true}};
   for_each_hwy_target([&] {
     for (const DecodeCase& dc : short_cases) {
       SCOPED_TRACE(dc.name);
@@ -211,7 +211,10 @@ TEST_P(DecodeOnBackend, IncrementalCompressionEqualsCompress) {
       p.kind = kind;
       p.x = kv == 0 ? c.k.desc() : c.v.desc();
       Tensor* m = kv == 0 ? mlp.k : mlp.v;
-      p.pos = m[0].desc(); p.w1 = m[1].desc(); p.b1 = m[2].desc(); p.w2 = m[3].desc();
+      p.pos = m[0].desc();
+      p.w1 = m[1].desc();
+      p.b1 = m[2].desc();
+      p.w2 = m[3].desc();
       p.b2 = m[4].desc();
       p.out = want.desc();
       ASSERT_EQ(nsa_compress(ref, &p), NSA_OK) << nsa_last_error(ref);
@@ -245,7 +248,8 @@ TEST(Decode, BatchedEqualsPerSequence) {
   }
   // Batched: rows 0, 1, 2 of q/k/v/gates go to sequences 2, 0, 1.
   const int32_t ids[3] = {2, 0, 1};
-  FwdCase out_b = make_case(s, cfg, NSA_DTYPE_BF16, 1), out_s = make_case(s, cfg, NSA_DTYPE_BF16, 1);
+  FwdCase out_b = make_case(s, cfg, NSA_DTYPE_BF16, 1),
+          out_s = make_case(s, cfg, NSA_DTYPE_BF16, 1);
   nsa_decode_params p = decode_row(c, out_b, 600, /*append=*/true);
   for (nsa_tensor* t : {&p.q, &p.k, &p.v, &p.g_cmp, &p.g_slc, &p.g_win, &p.o, &p.lse_cmp,
                         &p.lse_slc, &p.lse_win, &p.slc_indices_out}) {
@@ -259,9 +263,9 @@ TEST(Decode, BatchedEqualsPerSequence) {
     ASSERT_EQ(nsa_decode(cx.ctx, single.get(), &one), NSA_OK) << cx.error();
     EXPECT_EQ(nsa_kv_cache_len(single.get(), ids[r]), lens[ids[r]] + 1);
   }
-  for (auto ab : {std::pair{&out_b.o, &out_s.o}, std::pair{&out_b.lse_cmp, &out_s.lse_cmp},
-                  std::pair{&out_b.lse_slc, &out_s.lse_slc},
-                  std::pair{&out_b.lse_win, &out_s.lse_win}}) {
+  for (auto ab :
+       {std::pair{&out_b.o, &out_s.o}, std::pair{&out_b.lse_cmp, &out_s.lse_cmp},
+        std::pair{&out_b.lse_slc, &out_s.lse_slc}, std::pair{&out_b.lse_win, &out_s.lse_win}}) {
     Tensor *a = ab.first, *b = ab.second;  // not a binding: clang < 16 cannot capture one
     int64_t diff = 0;
     a->for_each([&](int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
@@ -273,7 +277,8 @@ TEST(Decode, BatchedEqualsPerSequence) {
   }
   int64_t diff = 0;
   out_b.idx_out.for_each([&](int64_t a, int64_t b, int64_t x, int64_t y) {
-    if (b >= 600 && b < 603) diff += out_b.idx_out.at_i32({a, b, x, y}) != out_s.idx_out.at_i32({a, b, x, y});
+    if (b >= 600 && b < 603)
+      diff += out_b.idx_out.at_i32({a, b, x, y}) != out_s.idx_out.at_i32({a, b, x, y});
   });
   EXPECT_EQ(diff, 0);
 }
@@ -375,9 +380,9 @@ TEST_P(DecodeOnBackend, NonFiniteInputsFollowTheForward) {
   FwdCase c = make_case(s, cfg, NSA_DTYPE_F32, 555);
   FwdCase got = make_case(s, cfg, NSA_DTYPE_F32, 555);
   const double nan = std::numeric_limits<double>::quiet_NaN();
-  c.k.set({0, 50, 0, 3}, nan);     // raw key: slc/win of group 0 near it, and its cmp tokens
-  c.v.set({0, 120, 1, 7}, nan);    // raw value: channel 7 of group 1's branches holding it
-  c.q.set({0, 150, 4, 0}, nan);    // one query row
+  c.k.set({0, 50, 0, 3}, nan);   // raw key: slc/win of group 0 near it, and its cmp tokens
+  c.v.set({0, 120, 1, 7}, nan);  // raw value: channel 7 of group 1's branches holding it
+  c.q.set({0, 150, 4, 0}, nan);  // one query row
   c.k.set({0, 200, 1, 2}, -std::numeric_limits<double>::infinity());
   Context cx(0, be.id);
   CachePtr cache = mean_cache(be, cx, cfg, 1, s, NSA_DTYPE_F32);
@@ -441,7 +446,8 @@ TEST_P(DecodeOnBackend, RandomConfigsMatchTheReference) {
     const int32_t l = static_cast<int32_t>(pick(1, 40));
     const int32_t d = static_cast<int32_t>(pick(1, l));
     const int32_t lp = static_cast<int32_t>(pick(1, 70));
-    const int32_t n_init = static_cast<int32_t>(pick(0, 2)), n_local = static_cast<int32_t>(pick(0, 2));
+    const int32_t n_init = static_cast<int32_t>(pick(0, 2)),
+                  n_local = static_cast<int32_t>(pick(0, 2));
     const int32_t n = static_cast<int32_t>(pick(std::max(1, n_init + n_local), 6));
     const int32_t w = static_cast<int32_t>(pick(1, 90));
     const nsa_config cfg = config(l, d, lp, n, n_init, n_local, w);
@@ -452,8 +458,8 @@ TEST_P(DecodeOnBackend, RandomConfigsMatchTheReference) {
     const int64_t prefill = pick(0, 1) ? pick(0, s.T) : 0;
     std::ostringstream what;
     what << "round " << round << ": T=" << s.T << " Hq=" << s.Hq << " Hkv=" << Hkv << " Dk=" << s.Dk
-         << " Dv=" << s.Dv << " l=" << l << " d=" << d << " l'=" << lp << " n=" << n << " init="
-         << n_init << " local=" << n_local << " w=" << w << " " << nsa_dtype_name(dt)
+         << " Dv=" << s.Dv << " l=" << l << " d=" << d << " l'=" << lp << " n=" << n
+         << " init=" << n_init << " local=" << n_local << " w=" << w << " " << nsa_dtype_name(dt)
          << (kind == NSA_CMP_MLP ? " mlp" : " mean") << " prefill=" << prefill;
     SCOPED_TRACE(what.str());
     Context cx;
@@ -472,7 +478,8 @@ TEST_P(DecodeOnBackend, RandomConfigsMatchTheReference) {
     const double tol = 16.0 * static_cast<double>(s.Dk + s.T) * kF32Eps;
     std::string first;
     EXPECT_EQ(count_off(got.o, c.o, 0, s.T, tol, 0.0, &first), 0) << "o: " << first;
-    EXPECT_EQ(count_off(got.lse_slc, c.lse_slc, 0, s.T, tol, tol, &first), 0) << "lse_slc: " << first;
+    EXPECT_EQ(count_off(got.lse_slc, c.lse_slc, 0, s.T, tol, tol, &first), 0)
+        << "lse_slc: " << first;
     expect_same_selection(got, c);
   }
   EXPECT_GE(ran, 20);  // the draws are mostly valid configs, so this tests what it says

@@ -75,8 +75,7 @@ TEST(DecodeApi, AppendingPastCapacityIsAnErrorAndAppendsNothing) {
   expect_error(nsa_kv_cache_append(cx.ctx, cache.get(), 2, &k, &v), NSA_ERR_INVALID_INDEX, cx,
                "seq");
   k = rows(c.k, 8, 2);
-  expect_error(nsa_kv_cache_append(cx.ctx, cache.get(), 1, &k, &v), NSA_ERR_INVALID_SHAPE, cx,
-               "v");
+  expect_error(nsa_kv_cache_append(cx.ctx, cache.get(), 1, &k, &v), NSA_ERR_INVALID_SHAPE, cx, "v");
   v = rows(c.v, 8, 2);
   ASSERT_EQ(nsa_kv_cache_append(cx.ctx, cache.get(), 1, &k, &v), NSA_OK) << cx.error();
   EXPECT_EQ(nsa_kv_cache_len(cache.get(), 1), 10);
@@ -179,8 +178,7 @@ TEST(DecodeApi, PrefillValidates) {
   EXPECT_EQ(nsa_kv_cache_len(cache.get(), 0), 0);
   ASSERT_EQ(nsa_prefill(cx.ctx, cache.get(), &good), NSA_OK) << cx.error();
   EXPECT_EQ(nsa_kv_cache_len(cache.get(), 0), 20);
-  expect_error(nsa_prefill(cx.ctx, cache.get(), &good), NSA_ERR_INVALID_ARGUMENT, cx,
-               "not empty");
+  expect_error(nsa_prefill(cx.ctx, cache.get(), &good), NSA_ERR_INVALID_ARGUMENT, cx, "not empty");
 }
 
 }  // namespace

@@ -55,7 +55,8 @@ class DenseVsRef : public ::testing::TestWithParam<std::tuple<BackendUnderTest, 
 TEST_P(DenseVsRef, MatchesReference) {
   const BackendUnderTest& be = std::get<0>(GetParam());
   const DenseCase& dc = std::get<1>(GetParam());
-  const FwdCase c = make_case(dc.s, config(32, 16, 64, 16, 1, 2, 512), dc.dtype, 7, dc.padded, dc.cu);
+  const FwdCase c =
+      make_case(dc.s, config(32, 16, 64, 16, 1, 2, 512), dc.dtype, 7, dc.padded, dc.cu);
   DenseRun ref, cpu;
   ASSERT_EQ(run_dense(oracle(), 0, c, dc.window, &ref), NSA_OK);
   ASSERT_EQ(run_dense(be, 0, c, dc.window, &cpu, NSA_DTYPE_F32, dc.padded), NSA_OK);

@@ -74,7 +74,8 @@ nsa_dense_fwd_params fwd_params(BwdCase& b, Tensor& o, Tensor* lse) {
 
 // Inputs, backend `be`'s forward o and lse (what a training step saves), and dO ~ U(-1, 1).
 BwdCase make_bwd(const BackendUnderTest& be, const Shape& s, int32_t window, nsa_dtype dtype,
-                 uint64_t seed, bool padded = false,                 std::vector<int32_t> cu = {}, nsa_dtype out_dtype = NSA_DTYPE_F32) {
+                 uint64_t seed, bool padded = false, std::vector<int32_t> cu = {},
+                 nsa_dtype out_dtype = NSA_DTYPE_F32) {
   BwdCase b;
   b.c = make_case(s, config(32, 16, 64, 16, 1, 2, 512), dtype, seed, padded, std::move(cu));
   b.window = window;
@@ -242,7 +243,8 @@ TEST_P(DenseBwdRandom, CasesMatchReferenceAndKeepPadding) {
     if (uni(0, 2) == 0) {  // packed sequences, some possibly empty
       s.B = 1;
       cu = {0};
-      while (cu.back() < s.T) cu.push_back(static_cast<int32_t>(std::min<int64_t>(s.T, cu.back() + uni(0, 60))));
+      while (cu.back() < s.T)
+        cu.push_back(static_cast<int32_t>(std::min<int64_t>(s.T, cu.back() + uni(0, 60))));
     } else {
       s.B = uni(1, 2);
     }
@@ -252,7 +254,8 @@ TEST_P(DenseBwdRandom, CasesMatchReferenceAndKeepPadding) {
     SCOPED_TRACE("iter " + std::to_string(iter) + " T " + std::to_string(s.T) + " Hq " +
                  std::to_string(s.Hq) + " Hkv " + std::to_string(s.Hkv) + " Dk " +
                  std::to_string(s.Dk) + " Dv " + std::to_string(s.Dv) + " window " +
-                 std::to_string(window) + (padded ? " padded" : "") + (cu.empty() ? "" : " varlen"));
+                 std::to_string(window) + (padded ? " padded" : "") +
+                 (cu.empty() ? "" : " varlen"));
     BwdCase ref = make_bwd(be, s, window, dt, 100 + iter, false, cu);
     BwdCase cpu = make_bwd(be, s, window, dt, 100 + iter, padded, cu);
     ASSERT_EQ(run_bwd(oracle(), 0, ref), NSA_OK);

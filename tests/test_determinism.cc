@@ -44,8 +44,10 @@ std::vector<std::vector<unsigned char>> fwd_outputs(const FwdSetup& f, nsa_dtype
   FwdCase c = make_case(f.s, f.cfg, dt, seed, true, f.cu, f.out_dt);
   nsa_fwd_params p = c.params();
   std::mt19937_64 rng(seed + 1);
-  Tensor ks(dt, {f.s.B, f.s.T, f.s.Hkv, f.s.Dk}, true), vs(dt, {f.s.B, f.s.T, f.s.Hkv, f.s.Dv}, true);
-  Tensor kw(dt, {f.s.B, f.s.T, f.s.Hkv, f.s.Dk}, true), vw(dt, {f.s.B, f.s.T, f.s.Hkv, f.s.Dv}, true);
+  Tensor ks(dt, {f.s.B, f.s.T, f.s.Hkv, f.s.Dk}, true),
+      vs(dt, {f.s.B, f.s.T, f.s.Hkv, f.s.Dv}, true);
+  Tensor kw(dt, {f.s.B, f.s.T, f.s.Hkv, f.s.Dk}, true),
+      vw(dt, {f.s.B, f.s.T, f.s.Hkv, f.s.Dv}, true);
   if (f.own_branch_kv) {
     for (Tensor* t : {&ks, &kw}) t->fill_uniform(rng, -2.0, 2.0);
     for (Tensor* t : {&vs, &vw}) t->fill_uniform(rng, -1.0, 1.0);
@@ -56,8 +58,8 @@ std::vector<std::vector<unsigned char>> fwd_outputs(const FwdSetup& f, nsa_dtype
   EXPECT_EQ(st, NSA_OK) << nsa_last_error(ctx);
   nsa_context_destroy(ctx);
   std::vector<std::vector<unsigned char>> out;
-  for (const Tensor* t : {&c.o, &c.o_cmp, &c.o_slc, &c.o_win, &c.lse_cmp, &c.lse_slc, &c.lse_win,
-                          &c.idx_out}) {
+  for (const Tensor* t :
+       {&c.o, &c.o_cmp, &c.o_slc, &c.o_win, &c.lse_cmp, &c.lse_slc, &c.lse_win, &c.idx_out}) {
     out.push_back(t->storage());
   }
   // Not vacuous: o was written (its first element is no longer the NaN it was filled with).
@@ -83,8 +85,8 @@ void expect_fwd_deterministic(const FwdSetup& f, uint64_t seed) {
           continue;
         }
         for (size_t i = 0; i < got.size(); ++i) {
-          EXPECT_TRUE(got[i] == first[i]) << names[i] << " differs between 1 and " << threads
-                                          << " threads";
+          EXPECT_TRUE(got[i] == first[i])
+              << names[i] << " differs between 1 and " << threads << " threads";
         }
       }
     }
@@ -102,9 +104,9 @@ Shape shape(int64_t B, int64_t T, int64_t Hq, int64_t Hkv) {
 }
 
 TEST(Determinism, FwdGroupSizes) {
-  expect_fwd_deterministic({shape(2, 300, 2, 2), small_cfg(), {}}, 101);    // G = 1
-  expect_fwd_deterministic({shape(2, 300, 6, 2), small_cfg(), {}}, 102);    // G = 3
-  expect_fwd_deterministic({shape(1, 300, 16, 1), small_cfg(), {}}, 103);   // G = 16
+  expect_fwd_deterministic({shape(2, 300, 2, 2), small_cfg(), {}}, 101);   // G = 1
+  expect_fwd_deterministic({shape(2, 300, 6, 2), small_cfg(), {}}, 102);   // G = 3
+  expect_fwd_deterministic({shape(1, 300, 16, 1), small_cfg(), {}}, 103);  // G = 16
 }
 
 TEST(Determinism, FwdVarlen) {
@@ -134,9 +136,9 @@ TEST(Determinism, FwdPaperDefaults) {
 // ---- nsa_compress ----
 
 // One compression on a fresh case from `seed`; returns out's buffer, padding included.
-std::vector<unsigned char> cmp_output(nsa_cmp_kind kind, nsa_dtype dt, const std::vector<int32_t>& cu,
-                                      int64_t B, int64_t T, uint64_t seed, nsa_backend backend,
-                                      int threads) {
+std::vector<unsigned char> cmp_output(nsa_cmp_kind kind, nsa_dtype dt,
+                                      const std::vector<int32_t>& cu, int64_t B, int64_t T,
+                                      uint64_t seed, nsa_backend backend, int threads) {
   const int64_t H = 2, D = 12, Dh = 20;
   const nsa_config cfg = config(32, 16, 64, 4, 1, 2, 100);
   const int64_t l = cfg.cmp_block, Tc = cmp_rows(cfg, T, cu);
@@ -173,8 +175,9 @@ TEST(Determinism, Compress) {
     for (nsa_cmp_kind kind : {NSA_CMP_MEAN, NSA_CMP_MLP}) {
       for (nsa_dtype dt : {NSA_DTYPE_F32, NSA_DTYPE_BF16}) {
         for (nsa_backend backend : backends()) {
-          SCOPED_TRACE(std::string(nsa_backend_name(backend)) + (kind == NSA_CMP_MLP ? " mlp " : " mean ") +
-                       nsa_dtype_name(dt) + (bt.cu.empty() ? "" : " varlen"));
+          SCOPED_TRACE(std::string(nsa_backend_name(backend)) +
+                       (kind == NSA_CMP_MLP ? " mlp " : " mean ") + nsa_dtype_name(dt) +
+                       (bt.cu.empty() ? "" : " varlen"));
           const auto first = cmp_output(kind, dt, bt.cu, bt.B, bt.T, 201, backend, 1);
           for (int threads : {1, 2, 3}) {
             EXPECT_TRUE(cmp_output(kind, dt, bt.cu, bt.B, bt.T, 201, backend, threads) == first)

@@ -41,10 +41,14 @@ struct Entry {
   double secs;
 };
 std::vector<Entry>& entries() {
-  static std::vector<Entry> e = {{"fwd", fuzz_fwd, 0},          {"compress", fuzz_compress, 0},
-                                 {"misc", fuzz_misc, 0},        {"bwd", fuzz_bwd, 0},
-                                 {"compress_bwd", fuzz_compress_bwd, 0}, {"dense", fuzz_dense, 0},
-                                 {"dense_bwd", fuzz_dense_bwd, 0}, {"config", fuzz_config, 0}};
+  static std::vector<Entry> e = {{"fwd", fuzz_fwd, 0},
+                                 {"compress", fuzz_compress, 0},
+                                 {"misc", fuzz_misc, 0},
+                                 {"bwd", fuzz_bwd, 0},
+                                 {"compress_bwd", fuzz_compress_bwd, 0},
+                                 {"dense", fuzz_dense, 0},
+                                 {"dense_bwd", fuzz_dense_bwd, 0},
+                                 {"config", fuzz_config, 0}};
   return e;
 }
 void timed(const char* name, Rng& r) {
@@ -91,21 +95,25 @@ TEST(Fuzz, Api) {
     if (failures_so_far() != before) ++failed_iters;
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::printf("[fuzz] seed %llu: %lld iterations, %lld API calls in %.2f s (%.0f calls/s, %.0f "
-              "iterations/s); %lld cpu-vs-ref comparisons, %lld near-tied selections\n",
-              static_cast<unsigned long long>(seed), static_cast<long long>(done),
-              static_cast<long long>(exec_count()), secs, exec_count() / secs, done / secs,
-              static_cast<long long>(compare_count()), static_cast<long long>(tie_count()));
-  for (const auto& [name, n] : status_counts()) std::printf("[fuzz]   %-26s %lld\n", name.c_str(), static_cast<long long>(n));
+  std::printf(
+      "[fuzz] seed %llu: %lld iterations, %lld API calls in %.2f s (%.0f calls/s, %.0f "
+      "iterations/s); %lld cpu-vs-ref comparisons, %lld near-tied selections\n",
+      static_cast<unsigned long long>(seed), static_cast<long long>(done),
+      static_cast<long long>(exec_count()), secs, exec_count() / secs, done / secs,
+      static_cast<long long>(compare_count()), static_cast<long long>(tie_count()));
+  for (const auto& [name, n] : status_counts())
+    std::printf("[fuzz]   %-26s %lld\n", name.c_str(), static_cast<long long>(n));
   for (const Entry& e : entries()) std::printf("[fuzz]   time in %-14s %.2f s\n", e.name, e.secs);
   EXPECT_EQ(failed_iters, 0) << "failing iterations (stopped after 3)";
   // The generator must reach both sides: enough runs give every status it can produce, and a
   // good share of valid cases small enough for the comparison with the reference.
   if (done >= 500 && only.empty()) {
-    EXPECT_GT(compare_count(), done / 10) << "too few valid cases reached the cpu-vs-ref comparison";
-    for (const char* name : {"NSA_OK", "NSA_ERR_NULL_POINTER", "NSA_ERR_INVALID_CONFIG",
-                             "NSA_ERR_INVALID_SHAPE", "NSA_ERR_INVALID_STRIDE", "NSA_ERR_INVALID_DTYPE",
-                             "NSA_ERR_INVALID_SEQLENS", "NSA_ERR_INVALID_INDEX", "NSA_ERR_INVALID_ARGUMENT"}) {
+    EXPECT_GT(compare_count(), done / 10)
+        << "too few valid cases reached the cpu-vs-ref comparison";
+    for (const char* name :
+         {"NSA_OK", "NSA_ERR_NULL_POINTER", "NSA_ERR_INVALID_CONFIG", "NSA_ERR_INVALID_SHAPE",
+          "NSA_ERR_INVALID_STRIDE", "NSA_ERR_INVALID_DTYPE", "NSA_ERR_INVALID_SEQLENS",
+          "NSA_ERR_INVALID_INDEX", "NSA_ERR_INVALID_ARGUMENT"}) {
       EXPECT_GT(status_counts()[name], 0) << name << " never produced";
     }
   }

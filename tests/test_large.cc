@@ -157,7 +157,9 @@ struct Big {
     t = make_desc(map.data(), dt, {1, T, H}, {T * H, H, 1});
   }
   template <typename E>
-  E* at(int64_t off) const { return static_cast<E*>(t.data) + off; }
+  E* at(int64_t off) const {
+    return static_cast<E*>(t.data) + off;
+  }
   int64_t off(int64_t tok, int64_t h = 0, int64_t i = 0) const {
     return tok * t.stride[1] + h * t.stride[2] + (t.ndim == 4 ? i : 0);
   }
@@ -193,9 +195,9 @@ void fill_hashed(Big& b, uint64_t id, double lo, double hi) {
 struct Small {
   int64_t L = 0, Tc = 0;
   std::vector<uint16_t> q, k, v, kc, vc, gc, gs, gw;
-  std::vector<uint16_t> o16;                  // CPU output (bf16, like the big run)
-  std::vector<float> o32;                     // reference output (f32)
-  std::vector<float> lse[3];                  // cmp, slc, win
+  std::vector<uint16_t> o16;  // CPU output (bf16, like the big run)
+  std::vector<float> o32;     // reference output (f32)
+  std::vector<float> lse[3];  // cmp, slc, win
   std::vector<int32_t> idx;
 };
 
@@ -232,7 +234,8 @@ nsa_fwd_params small_params(const Problem& P, Small& s, void* o_data, nsa_dtype 
   }
   const int64_t n = P.cfg.slc_count;
   idx->assign(static_cast<size_t>(L * Hkv * n), std::numeric_limits<int32_t>::min());
-  p.slc_indices_out = make_desc(idx->data(), NSA_DTYPE_I32, {1, L, Hkv, n}, {L * Hkv * n, Hkv * n, n, 1});
+  p.slc_indices_out =
+      make_desc(idx->data(), NSA_DTYPE_I32, {1, L, Hkv, n}, {L * Hkv * n, Hkv * n, n, 1});
   return p;
 }
 
@@ -286,23 +289,25 @@ TEST(LargeShapes, PackedLongTBf16) {
 
   // Resident memory: the rows of q and o, k, v, k_cmp, v_cmp, gates (bf16), lse (f32), indices.
   const int64_t need = 2 * (q_elems + o_elems) + 2 * T * Hkv * (Dk + Dv) +
-                       2 * Tc * Hkv * (Dk + Dv) + 3 * 2 * T * Hq + 3 * 4 * T * Hq +
-                       4 * T * Hkv * n;
+                       2 * Tc * Hkv * (Dk + Dv) + 3 * 2 * T * Hq + 3 * 4 * T * Hq + 4 * T * Hkv * n;
   const int64_t avail = mem_available_bytes();
-  std::printf("[ large    ] T = %lld tokens in %lld packed sequences, Tc = %lld, Hq = %lld, "
-              "Hkv = %lld, Dk = Dv = %lld, bf16\n",
-              (long long)T, (long long)S, (long long)Tc, (long long)Hq, (long long)Hkv,
-              (long long)Dk);
-  std::printf("[ large    ] elements: q %lld (2^%.3f), o %lld (2^%.3f); largest element offset "
-              "in q and o %lld (2^%.3f)\n",
-              (long long)q_elems, std::log2(double(q_elems)), (long long)o_elems,
-              std::log2(double(o_elems)), (long long)((T - 1) * q_row + q_row / 2 - 1),
-              std::log2(double((T - 1) * q_row + q_row / 2 - 1)));
+  std::printf(
+      "[ large    ] T = %lld tokens in %lld packed sequences, Tc = %lld, Hq = %lld, "
+      "Hkv = %lld, Dk = Dv = %lld, bf16\n",
+      (long long)T, (long long)S, (long long)Tc, (long long)Hq, (long long)Hkv, (long long)Dk);
+  std::printf(
+      "[ large    ] elements: q %lld (2^%.3f), o %lld (2^%.3f); largest element offset "
+      "in q and o %lld (2^%.3f)\n",
+      (long long)q_elems, std::log2(double(q_elems)), (long long)o_elems,
+      std::log2(double(o_elems)), (long long)((T - 1) * q_row + q_row / 2 - 1),
+      std::log2(double((T - 1) * q_row + q_row / 2 - 1)));
   std::printf("[ large    ] expected resident memory %.2f GiB, available %.2f GiB\n",
               double(need) / kGiB, double(avail) / kGiB);
   if (sysconf(_SC_PAGESIZE) != 4096) {
-    std::printf("[ large    ] page size %ld: the unused rows of q and o share pages with used "
-                "ones and become resident (about 8 GiB more)\n", sysconf(_SC_PAGESIZE));
+    std::printf(
+        "[ large    ] page size %ld: the unused rows of q and o share pages with used "
+        "ones and become resident (about 8 GiB more)\n",
+        sysconf(_SC_PAGESIZE));
   }
   // Not enough RAM is an environment limit, not a library failure: skip (ctest reports it).
   if (avail >= 0 && avail < need + kGiB) {
@@ -369,7 +374,8 @@ TEST(LargeShapes, PackedLongTBf16) {
     const uint16_t* ob = o.at<uint16_t>(0);
 #pragma omp parallel for schedule(static) reduction(+ : bad)
     for (int64_t tok = 0; tok < T; ++tok) {
-      for (int64_t i = 0; i < Hq * Dv; ++i) bad += std::isfinite(bf16_bits_to_float(ob[o.off(tok) + i])) ? 0 : 1;
+      for (int64_t i = 0; i < Hq * Dv; ++i)
+        bad += std::isfinite(bf16_bits_to_float(ob[o.off(tok) + i])) ? 0 : 1;
     }
     EXPECT_EQ(bad, 0) << "o: elements left unwritten (NaN) or not finite";
   }
@@ -559,11 +565,12 @@ TEST(LargeShapes, PackedLongTBf16) {
     EXPECT_EQ(idx_ref, 0) << "indices differ from the reference";
     rows_checked += L;
   }
-  std::printf("[ large    ] %zu sampled sequences, %lld token rows (x %lld heads) checked "
-              "against the CPU on the sequence alone and the float64 reference in %.1f s; "
-              "largest q offset checked %lld (2^%.3f)\n",
-              sample.size(), (long long)rows_checked, (long long)Hq, seconds_since(t0),
-              (long long)max_q_off, std::log2(double(max_q_off)));
+  std::printf(
+      "[ large    ] %zu sampled sequences, %lld token rows (x %lld heads) checked "
+      "against the CPU on the sequence alone and the float64 reference in %.1f s; "
+      "largest q offset checked %lld (2^%.3f)\n",
+      sample.size(), (long long)rows_checked, (long long)Hq, seconds_since(t0),
+      (long long)max_q_off, std::log2(double(max_q_off)));
   std::printf("[ large    ] peak RSS %.2f GiB, total %.1f s\n", double(peak_rss_bytes()) / kGiB,
               seconds_since(t_start));
 }
@@ -586,7 +593,8 @@ TEST(LargeShapesValidation, BlockIndexPastInt32Rejected) {
   auto d4 = [&](void* data, nsa_dtype dt, int64_t rows, int64_t last) {
     return make_desc(data, dt, {1, rows, 1, last}, {rows * last, last, last, 1});
   };
-  p.in.q = p.in.k = p.in.v = p.in.k_cmp = p.in.v_cmp = d4(cell, NSA_DTYPE_BF16, T, 1);  // Tc = T for l = d = 1
+  p.in.q = p.in.k = p.in.v = p.in.k_cmp = p.in.v_cmp =
+      d4(cell, NSA_DTYPE_BF16, T, 1);  // Tc = T for l = d = 1
   p.in.g_cmp = p.in.g_slc = p.in.g_win = make_desc(cell, NSA_DTYPE_BF16, {1, T, 1}, {T, 1, 1});
   p.o = d4(out, NSA_DTYPE_F32, T, 1);
   p.slc_indices_out = d4(ix, NSA_DTYPE_I32, T, 3);

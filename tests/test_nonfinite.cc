@@ -17,7 +17,7 @@ TEST(NonFinite, NanQuery) {
   sc.make = [] { return random_case(); };
   sc.poison = [](FwdCase& c, nsa_fwd_params&) {
     c.q.set({1, 150, kG, 3}, kNaN);  // group 1's first head, C_t non-empty
-    c.q.set({0, 5, 0, 0}, kNaN);    // group 0, t < l - 1: C_t empty
+    c.q.set({0, 5, 0, 0}, kNaN);     // group 0, t < l - 1: C_t empty
   };
   sc.rule = [](const std::vector<Dense>& clean, int out, int64_t b, int64_t tok, int64_t h,
                int64_t e) -> Expect {
@@ -181,9 +181,9 @@ TEST(NonFinite, VarlenNanStaysInItsSequence) {
 
 // -inf scores weigh 0: keys 0 .. 69 and the compressed rows inside them score -inf for group 0
 // of row 0. Queries t < 70 see only -inf keys: every branch is empty (o_* = 0, lse_* = -inf, so
-// o = 0) and the block scores are all 0 (the lowest blocks win the ties). Later queries are finite; t in [70, 80) has a
-// whole 64-key window tile of -inf before finite keys (the online softmax's m = -inf case). A NaN
-// value at key 5 still reaches its channel, weight 0 or not (0 * NaN = NaN).
+// o = 0) and the block scores are all 0 (the lowest blocks win the ties). Later queries are finite;
+// t in [70, 80) has a whole 64-key window tile of -inf before finite keys (the online softmax's m =
+// -inf case). A NaN value at key 5 still reaches its channel, weight 0 or not (0 * NaN = NaN).
 TEST(NonFinite, NegInfScoresWeighZero) {
   const Hit hit{0, 0, 160, 5, 0, 3};
   Scenario sc;

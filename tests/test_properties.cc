@@ -44,15 +44,44 @@ const std::vector<Spec>& specs() {
       {"T1_G1_B2", 2, 1, 1, 1, 16, 8, Layout::kDefault, NSA_DTYPE_F32, false, {}},
       {"T31_G3_half_bf16", 1, 31, 3, 1, 24, 8, Layout::kHalf, NSA_DTYPE_BF16, true, {}},
       {"T32_G16", 1, 32, 16, 1, 16, 24, Layout::kDefault, NSA_DTYPE_F32, true, {}},
-      {"T33_G3_fla_bf16_out", 1, 33, 6, 2, 24, 16, Layout::kFla, NSA_DTYPE_BF16, false, {},
+      {"T33_G3_fla_bf16_out",
+       1,
+       33,
+       6,
+       2,
+       24,
+       16,
+       Layout::kFla,
+       NSA_DTYPE_BF16,
+       false,
+       {},
        NSA_DTYPE_BF16},
       {"T64_G1_half_B2", 2, 64, 2, 2, 16, 8, Layout::kHalf, NSA_DTYPE_F32, true, {}},
       {"T65_G16_bf16", 1, 65, 16, 1, 16, 8, Layout::kDefault, NSA_DTYPE_BF16, true, {}},
       {"T1000_G1", 1, 1000, 1, 1, 16, 8, Layout::kDefault, NSA_DTYPE_F32, true, {}},
       {"T1000_G3_fla_bf16", 1, 1000, 3, 1, 24, 8, Layout::kFla, NSA_DTYPE_BF16, false, {}},
       {"T1000_G1_half", 1, 1000, 1, 1, 16, 8, Layout::kHalf, NSA_DTYPE_F32, false, {}},
-      {"varlen_half", 1, 162, 3, 1, 16, 8, Layout::kHalf, NSA_DTYPE_F32, true, {0, 1, 32, 97, 97, 162}},
-      {"varlen_default_bf16", 1, 433, 2, 2, 24, 16, Layout::kDefault, NSA_DTYPE_BF16, true,
+      {"varlen_half",
+       1,
+       162,
+       3,
+       1,
+       16,
+       8,
+       Layout::kHalf,
+       NSA_DTYPE_F32,
+       true,
+       {0, 1, 32, 97, 97, 162}},
+      {"varlen_default_bf16",
+       1,
+       433,
+       2,
+       2,
+       24,
+       16,
+       Layout::kDefault,
+       NSA_DTYPE_BF16,
+       true,
        {0, 33, 433}},
   };
   return s;
@@ -67,7 +96,12 @@ int64_t longest(const Spec& s) {
 
 FwdCase build(const Spec& sp, const nsa_config& cfg, uint64_t seed) {
   Shape s;
-  s.B = sp.B; s.T = sp.T; s.Hq = sp.Hq; s.Hkv = sp.Hkv; s.Dk = sp.Dk; s.Dv = sp.Dv;
+  s.B = sp.B;
+  s.T = sp.T;
+  s.Hq = sp.Hq;
+  s.Hkv = sp.Hkv;
+  s.Dk = sp.Dk;
+  s.Dv = sp.Dv;
   return make_case(s, cfg, sp.dtype, seed, sp.padded, sp.cu, sp.out);
 }
 
@@ -75,9 +109,20 @@ FwdCase build(const Spec& sp, const nsa_config& cfg, uint64_t seed) {
 nsa_config sparse_config(const Spec& sp) {
   nsa_config c = layout_config(sp.layout);
   switch (sp.layout) {
-    case Layout::kFla: c.slc_count = 3; c.window = 64; break;
-    case Layout::kHalf: c.slc_count = 5; c.slc_init = 2; c.slc_local = 1; c.window = 20; break;
-    default: c.slc_count = 4; c.window = 40; break;
+    case Layout::kFla:
+      c.slc_count = 3;
+      c.window = 64;
+      break;
+    case Layout::kHalf:
+      c.slc_count = 5;
+      c.slc_init = 2;
+      c.slc_local = 1;
+      c.window = 20;
+      break;
+    default:
+      c.slc_count = 4;
+      c.window = 40;
+      break;
   }
   return c;
 }
@@ -140,7 +185,8 @@ void expect_branch_is_dense(const Spec& sp, const nsa_config& cfg, bool window_b
         chk.near(lse(s.b, tok, h), want.lse, lse_tol(want.lse), "lse", s.b, tok, h);
         for (int64_t e = 0; e < sp.Dv; ++e) {
           chk.near(o(s.b, tok, h, e), want.o[e], out_tol(sp.out, want.o[e]), "o", s.b, tok, h, e);
-          chk.near(ob(s.b, tok, h, e), want.o[e], out_tol(sp.out, want.o[e]), "o_branch", s.b, tok, h, e);
+          chk.near(ob(s.b, tok, h, e), want.o[e], out_tol(sp.out, want.o[e]), "o_branch", s.b, tok,
+                   h, e);
         }
       }
     }
@@ -237,9 +283,12 @@ TEST(Properties, BranchOutputsLseAndGatedSumAreConsistent) {
           for (int64_t e = 0; e < sp.Dv; ++e) {
             const double want = gc * br.cmp.o[e] + gs * br.slc.o[e] + gw * br.win.o[e];
             chk.near(o(s.b, tok, h, e), want, out_tol(sp.out, want), "o", s.b, tok, h, e);
-            chk.near(oc(s.b, tok, h, e), br.cmp.o[e], out_tol(sp.out, br.cmp.o[e]), "o_cmp", s.b, tok, h, e);
-            chk.near(os(s.b, tok, h, e), br.slc.o[e], out_tol(sp.out, br.slc.o[e]), "o_slc", s.b, tok, h, e);
-            chk.near(ow(s.b, tok, h, e), br.win.o[e], out_tol(sp.out, br.win.o[e]), "o_win", s.b, tok, h, e);
+            chk.near(oc(s.b, tok, h, e), br.cmp.o[e], out_tol(sp.out, br.cmp.o[e]), "o_cmp", s.b,
+                     tok, h, e);
+            chk.near(os(s.b, tok, h, e), br.slc.o[e], out_tol(sp.out, br.slc.o[e]), "o_slc", s.b,
+                     tok, h, e);
+            chk.near(ow(s.b, tok, h, e), br.win.o[e], out_tol(sp.out, br.win.o[e]), "o_win", s.b,
+                     tok, h, e);
           }
         }
       }
@@ -250,7 +299,7 @@ TEST(Properties, BranchOutputsLseAndGatedSumAreConsistent) {
 // SPEC 4.2 weights by counting: the raw positions compressed token i shares with selection block
 // j, divided by d. weights[i] lists (j, ov(i, j)) for the blocks i touches.
 std::vector<std::vector<std::pair<int64_t, double>>> counted_overlaps(const nsa_config& cfg,
-                                                                     int64_t max_tc) {
+                                                                      int64_t max_tc) {
   std::vector<std::vector<std::pair<int64_t, double>>> w(max_tc);
   for (int64_t i = 0; i < max_tc; ++i) {
     for (int64_t x = i * cfg.cmp_stride; x < i * cfg.cmp_stride + cfg.cmp_block; ++x) {
@@ -287,7 +336,10 @@ TEST(Properties, SelectedIndicesAreWellFormedTopN) {
                            std::to_string(s.start) + " b=" + std::to_string(s.b);
           for (int64_t k = 0; k < n; ++k) {
             const int64_t j = static_cast<int64_t>(idx(s.b, tok, hk, k));
-            if (j == -1) { padding = true; continue; }
+            if (j == -1) {
+              padding = true;
+              continue;
+            }
             chk.expect(!padding, "index after -1 padding, " + at);
             chk.expect(j >= 0 && j <= J, "index " + std::to_string(j) + " outside [0, J], " + at);
             chk.expect(got.empty() || j > got.back(), "not strictly ascending, " + at);
@@ -295,10 +347,12 @@ TEST(Properties, SelectedIndicesAreWellFormedTopN) {
           }
           chk.expect(static_cast<int64_t>(got.size()) == std::min(n, J + 1), "count, " + at);
           std::vector<char> in_set(J + 1, 0), forced(J + 1, 0);
-          for (int64_t j : got) if (j >= 0 && j <= J) in_set[j] = 1;
+          for (int64_t j : got)
+            if (j >= 0 && j <= J) in_set[j] = 1;
           for (int64_t j = 0; j <= J; ++j) {
             forced[j] = j < cfg.slc_init || j > J - cfg.slc_local;
-            if (forced[j]) chk.expect(in_set[j], "forced block " + std::to_string(j) + " missing, " + at);
+            if (forced[j])
+              chk.expect(in_set[j], "forced block " + std::to_string(j) + " missing, " + at);
           }
           // Independent block scores: sum over the group's heads of p_cmp[i] * ov(i, j).
           std::vector<double> score(J + 1, 0.0);
@@ -310,7 +364,8 @@ TEST(Properties, SelectedIndicesAreWellFormedTopN) {
           for (int64_t g = 0; g < G; ++g) {
             const Att a = attention(in.q.row(s.b, tok, hk * G + g), sp.Dk, K, V, sp.Dv, scale);
             for (size_t i = 0; i < a.p.size(); ++i)
-              for (auto [j, w] : ov[i]) if (j <= J) score[j] += a.p[i] * w;
+              for (auto [j, w] : ov[i])
+                if (j <= J) score[j] += a.p[i] * w;
           }
           double worst_in = 1e300, best_out = -1e300;
           for (int64_t j = 0; j <= J; ++j) {

@@ -93,7 +93,8 @@ class Tensor {
   }
   double get_raw(int64_t off) const {
     switch (desc_.dtype) {
-      case NSA_DTYPE_BF16: return bf16_bits_to_float(reinterpret_cast<const uint16_t*>(bytes_.data())[off]);
+      case NSA_DTYPE_BF16:
+        return bf16_bits_to_float(reinterpret_cast<const uint16_t*>(bytes_.data())[off]);
       case NSA_DTYPE_I32: return reinterpret_cast<const int32_t*>(bytes_.data())[off];
       default: return reinterpret_cast<const float*>(bytes_.data())[off];
     }
@@ -114,10 +115,14 @@ class Tensor {
   // Every logical element from U(lo, hi).
   void fill_uniform(std::mt19937_64& rng, double lo, double hi) {
     std::uniform_real_distribution<double> dist(lo, hi);
-    for_each([&](int64_t a, int64_t b, int64_t c, int64_t d) { set_raw(logical_offset(a, b, c, d), dist(rng)); });
+    for_each([&](int64_t a, int64_t b, int64_t c, int64_t d) {
+      set_raw(logical_offset(a, b, c, d), dist(rng));
+    });
   }
   void fill(double v) {
-    for_each([&](int64_t a, int64_t b, int64_t c, int64_t d) { set_raw(logical_offset(a, b, c, d), v); });
+    for_each([&](int64_t a, int64_t b, int64_t c, int64_t d) {
+      set_raw(logical_offset(a, b, c, d), v);
+    });
   }
 
  private:
@@ -148,11 +153,21 @@ struct FwdCase {
     nsa_fwd_params p;
     nsa_fwd_params_init(&p);
     p.in.cfg = cfg;
-    p.in.q = q.desc(); p.in.k = k.desc(); p.in.v = v.desc();
-    p.in.k_cmp = k_cmp.desc(); p.in.v_cmp = v_cmp.desc();
-    p.in.g_cmp = g_cmp.desc(); p.in.g_slc = g_slc.desc(); p.in.g_win = g_win.desc();
-    p.o = o.desc(); p.o_cmp = o_cmp.desc(); p.o_slc = o_slc.desc(); p.o_win = o_win.desc();
-    p.lse_cmp = lse_cmp.desc(); p.lse_slc = lse_slc.desc(); p.lse_win = lse_win.desc();
+    p.in.q = q.desc();
+    p.in.k = k.desc();
+    p.in.v = v.desc();
+    p.in.k_cmp = k_cmp.desc();
+    p.in.v_cmp = v_cmp.desc();
+    p.in.g_cmp = g_cmp.desc();
+    p.in.g_slc = g_slc.desc();
+    p.in.g_win = g_win.desc();
+    p.o = o.desc();
+    p.o_cmp = o_cmp.desc();
+    p.o_slc = o_slc.desc();
+    p.o_win = o_win.desc();
+    p.lse_cmp = lse_cmp.desc();
+    p.lse_slc = lse_slc.desc();
+    p.lse_win = lse_win.desc();
     p.slc_indices_out = idx_out.desc();
     if (!cu_seqlens.empty()) {
       p.in.cu_seqlens = cu_seqlens.data();
@@ -194,8 +209,10 @@ inline FwdCase make_case(const Shape& s, const nsa_config& cfg, nsa_dtype dtype,
     *g = Tensor(dtype, {s.B, s.T, s.Hq}, padded);
     g->fill_uniform(rng, 0.0, 1.0);
   }
-  for (Tensor* o : {&c.o, &c.o_cmp, &c.o_slc, &c.o_win}) *o = Tensor(out_dtype, {s.B, s.T, s.Hq, s.Dv}, padded);
-  for (Tensor* l : {&c.lse_cmp, &c.lse_slc, &c.lse_win}) *l = Tensor(NSA_DTYPE_F32, {s.B, s.T, s.Hq}, padded);
+  for (Tensor* o : {&c.o, &c.o_cmp, &c.o_slc, &c.o_win})
+    *o = Tensor(out_dtype, {s.B, s.T, s.Hq, s.Dv}, padded);
+  for (Tensor* l : {&c.lse_cmp, &c.lse_slc, &c.lse_win})
+    *l = Tensor(NSA_DTYPE_F32, {s.B, s.T, s.Hq}, padded);
   c.idx_out = Tensor(NSA_DTYPE_I32, {s.B, s.T, s.Hkv, cfg.slc_count}, padded);
   return c;
 }
@@ -204,8 +221,13 @@ inline nsa_config config(int32_t l, int32_t d, int32_t lp, int32_t n, int32_t n_
                          int32_t n_local, int32_t w) {
   nsa_config c;
   nsa_config_default(&c);
-  c.cmp_block = l; c.cmp_stride = d; c.slc_block = lp; c.slc_count = n;
-  c.slc_init = n_init; c.slc_local = n_local; c.window = w;
+  c.cmp_block = l;
+  c.cmp_stride = d;
+  c.slc_block = lp;
+  c.slc_count = n;
+  c.slc_init = n_init;
+  c.slc_local = n_local;
+  c.window = w;
   return c;
 }
 

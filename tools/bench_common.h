@@ -18,8 +18,9 @@ inline double attended_keys(const nsa_config& c, int64_t t) {
   // All blocks when they fit in n; otherwise n blocks, the query's own (forced, partial) among
   // them when n_local >= 1.
   const double slc = blocks <= c.slc_count ? double(t + 1)
-                     : c.slc_local >= 1    ? double(c.slc_count - 1) * c.slc_block + double(t % c.slc_block + 1)
-                                           : double(c.slc_count) * c.slc_block;
+                     : c.slc_local >= 1
+                         ? double(c.slc_count - 1) * c.slc_block + double(t % c.slc_block + 1)
+                         : double(c.slc_count) * c.slc_block;
   const double win = double(std::min<int64_t>(c.window, t + 1));
   return cmp + slc + win;
 }
@@ -55,7 +56,8 @@ double median_ms(int repeats, F&& run) {
   for (int r = 0; r < repeats; ++r) {
     const auto t0 = std::chrono::steady_clock::now();
     run();
-    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    ms.push_back(
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
   }
   std::sort(ms.begin(), ms.end());
   return ms[ms.size() / 2];

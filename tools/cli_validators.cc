@@ -84,8 +84,8 @@ CLI::Validator Real(double lo, double hi) {
         const double v = s.empty() ? 0.0 : std::strtod(s.c_str(), &end);
         if (s.empty() || end != s.c_str() + s.size()) return in_quotes(s) + " is not a number";
         if (!std::isfinite(v) || v < lo || v > hi) {
-          return in_quotes(s) + " is out of range " + range_text(CLI::detail::to_string(lo),
-                                                              CLI::detail::to_string(hi));
+          return in_quotes(s) + " is out of range " +
+                 range_text(CLI::detail::to_string(lo), CLI::detail::to_string(hi));
         }
         return "";
       },
@@ -111,7 +111,8 @@ CLI::Validator IntegerList(int64_t lo, int64_t hi) {
         const std::vector<std::string> items = list_items(s);
         std::string canonical;
         for (size_t i = 0; i < items.size(); ++i) {
-          if (items[i].empty()) return in_quotes(s) + " has an empty item (item " + std::to_string(i + 1) + ")";
+          if (items[i].empty())
+            return in_quotes(s) + " has an empty item (item " + std::to_string(i + 1) + ")";
           int64_t v = 0;
           std::string err = read_integer(items[i], lo, hi, &v);
           if (!err.empty()) return err;
@@ -129,10 +130,12 @@ CLI::Validator NameList(std::vector<std::string> names) {
         if (s.empty()) return "the list is empty";
         const std::vector<std::string> items = list_items(s);
         for (size_t i = 0; i < items.size(); ++i) {
-          if (items[i].empty()) return in_quotes(s) + " has an empty item (item " + std::to_string(i + 1) + ")";
+          if (items[i].empty())
+            return in_quotes(s) + " has an empty item (item " + std::to_string(i + 1) + ")";
           bool known = false;
           for (const std::string& n : names) known = known || items[i] == n;
-          if (!known) return in_quotes(items[i]) + " is not one of " + CLI::detail::join(names, ", ");
+          if (!known)
+            return in_quotes(items[i]) + " is not one of " + CLI::detail::join(names, ", ");
         }
         return "";
       },
@@ -151,14 +154,16 @@ std::vector<int64_t> integer_list(const std::string& list) {
 
 void require_multiple(int64_t hq, int64_t hkv) {
   if (hkv > 0 && hq % hkv != 0) {
-    throw CLI::ValidationError("--hq", std::to_string(hq) + " query heads is not a multiple of --hkv " +
-                                           std::to_string(hkv) + " (each KV head serves a group of query heads)");
+    throw CLI::ValidationError(
+        "--hq", std::to_string(hq) + " query heads is not a multiple of --hkv " +
+                    std::to_string(hkv) + " (each KV head serves a group of query heads)");
   }
 }
 
 void require_memory(const std::string& what, double bytes) {
   const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
-  const double physical = pages > 0 && page > 0 ? double(pages) * double(page) : std::ldexp(1.0, 40);
+  const double physical =
+      pages > 0 && page > 0 ? double(pages) * double(page) : std::ldexp(1.0, 40);
   if (std::isfinite(bytes) && bytes <= 4 * physical) return;
   throw CLI::ValidationError(what, "needs about " + human_bytes(bytes) +
                                        " of buffers, more than 4x this machine's " +

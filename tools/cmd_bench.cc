@@ -1,6 +1,7 @@
-// `nsa bench`: forward timing (`nsa bench decode`: decode, cmd_bench_decode.cc) of NSA (compression + attention) against the dense causal flash
-// baseline on the same inputs, on the paper's GQA group (Hq = 16, Hkv = 1, Dk = 192, Dv = 128)
-// and the default config. Each figure is the median of --repeats runs after one warm-up run.
+// `nsa bench`: forward timing (`nsa bench decode`: decode, cmd_bench_decode.cc) of NSA (compression
+// + attention) against the dense causal flash baseline on the same inputs, on the paper's GQA group
+// (Hq = 16, Hkv = 1, Dk = 192, Dv = 128) and the default config. Each figure is the median of
+// --repeats runs after one warm-up run.
 //
 // Effective GFLOP/s count only the keys each query attends: 2 * (Dk + Dv) FLOPs per attended
 // (query, key) pair per head, for NSA the keys of all three branches. The ratio model is the
@@ -55,9 +56,10 @@ int run_bench(const BenchOptions& opt) {
   nsa_config_default(&cfg);
   nlohmann::json rows = nlohmann::json::array();
   if (!opt.json) {
-    std::printf("nsa bench fwd: B=1 Hq=%lld Hkv=%lld Dk=%lld Dv=%lld %s, threads=%d, median of %d\n",
-                (long long)opt.hq, (long long)opt.hkv, (long long)opt.dk, (long long)opt.dv,
-                opt.dtype.c_str(), opt.threads, opt.repeats);
+    std::printf(
+        "nsa bench fwd: B=1 Hq=%lld Hkv=%lld Dk=%lld Dv=%lld %s, threads=%d, median of %d\n",
+        (long long)opt.hq, (long long)opt.hkv, (long long)opt.dk, (long long)opt.dv,
+        opt.dtype.c_str(), opt.threads, opt.repeats);
     std::printf("%7s %9s %9s %9s %8s %8s %9s %9s | %7s %7s %7s %7s %7s %7s %7s %7s\n", "T",
                 "total_ms", "dense_ms", "speedup", "model", "GF/s", "dense_GF/s", "", "compr",
                 "pack", "cmp", "scores", "top-n", "slc", "win", "combine");
@@ -70,7 +72,8 @@ int run_bench(const BenchOptions& opt) {
     Buf v(dt, {1, T, opt.hkv, opt.dv}, rng, -1, 1);
     Buf g_cmp(dt, {1, T, opt.hq}, rng, 0, 1), g_slc(dt, {1, T, opt.hq}, rng, 0, 1),
         g_win(dt, {1, T, opt.hq}, rng, 0, 1);
-    Buf k_cmp(dt, {1, Tc, opt.hkv, opt.dk}, rng, 0, 0), v_cmp(dt, {1, Tc, opt.hkv, opt.dv}, rng, 0, 0);
+    Buf k_cmp(dt, {1, Tc, opt.hkv, opt.dk}, rng, 0, 0),
+        v_cmp(dt, {1, Tc, opt.hkv, opt.dv}, rng, 0, 0);
     Buf o(NSA_DTYPE_F32, {1, T, opt.hq, opt.dv}, rng, 0, 0);
     nsa_status st = NSA_OK;
     auto compress = [&] {
@@ -85,18 +88,29 @@ int run_bench(const BenchOptions& opt) {
     };
     nsa_fwd_params p;
     nsa_fwd_params_init(&p);
-    p.in.q = q.t; p.in.k = k.t; p.in.v = v.t; p.in.k_cmp = k_cmp.t; p.in.v_cmp = v_cmp.t;
-    p.in.g_cmp = g_cmp.t; p.in.g_slc = g_slc.t; p.in.g_win = g_win.t; p.o = o.t;
+    p.in.q = q.t;
+    p.in.k = k.t;
+    p.in.v = v.t;
+    p.in.k_cmp = k_cmp.t;
+    p.in.v_cmp = v_cmp.t;
+    p.in.g_cmp = g_cmp.t;
+    p.in.g_slc = g_slc.t;
+    p.in.g_win = g_win.t;
+    p.o = o.t;
     nsa_dense_fwd_params dp;
     nsa_dense_fwd_params_init(&dp);
-    dp.q = q.t; dp.k = k.t; dp.v = v.t; dp.o = o.t;
+    dp.q = q.t;
+    dp.k = k.t;
+    dp.v = v.t;
+    dp.o = o.t;
     const double cmp_ms = median_ms(opt.repeats, compress);
-    const double nsa_ms = median_ms(opt.repeats, [&] { st = st != NSA_OK ? st : nsa_fwd(ctx, &p); });
+    const double nsa_ms =
+        median_ms(opt.repeats, [&] { st = st != NSA_OK ? st : nsa_fwd(ctx, &p); });
     // Stage split of the last timed run: thread-seconds per stage, scaled to its wall time.
     nsa_fwd_profile prof{};
     nsa_context_fwd_profile(ctx, &prof);
     const double stage_s[] = {prof.pack_s, prof.cmp_s, prof.scores_s, prof.topn_s,
-                              prof.slc_s, prof.win_s, prof.combine_s};
+                              prof.slc_s,  prof.win_s, prof.combine_s};
     double stage_sum = 0;
     for (double x : stage_s) stage_sum += x;
     double stage_ms[7];
@@ -104,8 +118,9 @@ int run_bench(const BenchOptions& opt) {
       stage_ms[i] = stage_sum > 0 ? prof.wall_s * 1e3 * stage_s[i] / stage_sum : 0.0;
     }
     // --no-dense: NSA alone (long lengths, memory measurements); dense figures are then NaN.
-    const double dense_ms = opt.no_dense ? std::nan("")
-                            : median_ms(opt.repeats, [&] { st = st != NSA_OK ? st : nsa_dense_fwd(ctx, &dp); });
+    const double dense_ms = opt.no_dense ? std::nan("") : median_ms(opt.repeats, [&] {
+      st = st != NSA_OK ? st : nsa_dense_fwd(ctx, &dp);
+    });
     if (st != NSA_OK) {
       std::fprintf(stderr, "nsa bench: %s: %s\n", nsa_status_name(st), nsa_last_error(ctx));
       rc = 1;
@@ -120,19 +135,33 @@ int run_bench(const BenchOptions& opt) {
                                       double(cfg.slc_count) * cfg.slc_block + cfg.window);
     const double gflops = per_key * nsa_keys / (nsa_ms * 1e6);
     const double dense_gflops = per_key * dense_keys / (dense_ms * 1e6);
-    rows.push_back({{"pass", "fwd"}, {"dtype", opt.dtype}, {"T", T}, {"threads", opt.threads},
-                    {"compress_ms", cmp_ms}, {"attn_ms", nsa_ms}, {"ms", total_ms},
-                    {"dense_ms", dense_ms}, {"speedup", dense_ms / total_ms},
-                    {"gflops", gflops}, {"dense_gflops", dense_gflops}, {"model_ratio", model},
-                    {"stage_ms", {{"pack", stage_ms[0]}, {"cmp", stage_ms[1]},
-                                  {"scores", stage_ms[2]}, {"topn", stage_ms[3]},
-                                  {"slc", stage_ms[4]}, {"win", stage_ms[5]},
-                                  {"combine", stage_ms[6]}}}});
+    rows.push_back({{"pass", "fwd"},
+                    {"dtype", opt.dtype},
+                    {"T", T},
+                    {"threads", opt.threads},
+                    {"compress_ms", cmp_ms},
+                    {"attn_ms", nsa_ms},
+                    {"ms", total_ms},
+                    {"dense_ms", dense_ms},
+                    {"speedup", dense_ms / total_ms},
+                    {"gflops", gflops},
+                    {"dense_gflops", dense_gflops},
+                    {"model_ratio", model},
+                    {"stage_ms",
+                     {{"pack", stage_ms[0]},
+                      {"cmp", stage_ms[1]},
+                      {"scores", stage_ms[2]},
+                      {"topn", stage_ms[3]},
+                      {"slc", stage_ms[4]},
+                      {"win", stage_ms[5]},
+                      {"combine", stage_ms[6]}}}});
     if (!opt.json) {
-      std::printf("%7lld %9.1f %9.1f %8.2fx %7.2fx %8.1f %9.1f %9s | %7.1f %7.1f %7.1f %7.1f %7.1f %7.1f %7.1f %7.1f\n",
-                  (long long)T, total_ms, dense_ms, dense_ms / total_ms, model, gflops,
-                  dense_gflops, "stage ms:", cmp_ms, stage_ms[0], stage_ms[1], stage_ms[2],
-                  stage_ms[3], stage_ms[4], stage_ms[5], stage_ms[6]);
+      std::printf(
+          "%7lld %9.1f %9.1f %8.2fx %7.2fx %8.1f %9.1f %9s | %7.1f %7.1f %7.1f %7.1f %7.1f %7.1f "
+          "%7.1f %7.1f\n",
+          (long long)T, total_ms, dense_ms, dense_ms / total_ms, model, gflops, dense_gflops,
+          "stage ms:", cmp_ms, stage_ms[0], stage_ms[1], stage_ms[2], stage_ms[3], stage_ms[4],
+          stage_ms[5], stage_ms[6]);
       std::fflush(stdout);
     }
   }
@@ -146,12 +175,21 @@ int run_bench(const BenchOptions& opt) {
 Command add_bench_command(CLI::App& app) {
   auto* cmd = app.add_subcommand("bench", "Time the NSA forward against the dense baseline");
   auto opt = std::make_shared<BenchOptions>();
-  cmd->add_option("--pass", opt->pass, "fwd, bwd (backward alone) or fwdbwd (forward then backward)")->check(CLI::IsMember({"fwd", "bwd", "fwdbwd"}))->capture_default_str();
+  cmd->add_option("--pass", opt->pass,
+                  "fwd, bwd (backward alone) or fwdbwd (forward then backward)")
+      ->check(CLI::IsMember({"fwd", "bwd", "fwdbwd"}))
+      ->capture_default_str();
   cmd->add_option("--lengths", opt->lengths, "comma-separated sequence lengths, each 1 to 16777216")
-      ->transform(cli::IntegerList(1, cli::kMaxTokens))->type_name("LIST")->capture_default_str();
-  cmd->add_option("--dtype", opt->dtype, "input dtype")->check(CLI::IsMember({"f32", "bf16"}))->capture_default_str();
-  cli::add_integer(cmd, "--threads", opt->threads, "threads (0: OpenMP's default)", 0, cli::kMaxThreads);
-  cli::add_integer(cmd, "--repeats", opt->repeats, "timed runs per figure (median)", 1, cli::kMaxRepeats);
+      ->transform(cli::IntegerList(1, cli::kMaxTokens))
+      ->type_name("LIST")
+      ->capture_default_str();
+  cmd->add_option("--dtype", opt->dtype, "input dtype")
+      ->check(CLI::IsMember({"f32", "bf16"}))
+      ->capture_default_str();
+  cli::add_integer(cmd, "--threads", opt->threads, "threads (0: OpenMP's default)", 0,
+                   cli::kMaxThreads);
+  cli::add_integer(cmd, "--repeats", opt->repeats, "timed runs per figure (median)", 1,
+                   cli::kMaxRepeats);
   cli::add_integer(cmd, "--hq", opt->hq, "query heads, a multiple of --hkv", 1, cli::kMaxHeads);
   cli::add_integer(cmd, "--hkv", opt->hkv, "key/value heads", 1, cli::kMaxHeads);
   cli::add_integer(cmd, "--dk", opt->dk, "query/key head dim", 1, cli::kMaxHeadDim);

@@ -58,51 +58,108 @@ struct Case {
   Case(nsa_context* c, nsa_dtype dt, const nsa_config& cfg, int64_t T, int64_t Hq, int64_t Hkv,
        int64_t Dk, int64_t Dv, std::mt19937_64&& rng)
       : ctx(c),
-        q(dt, {1, T, Hq, Dk}, rng, -1, 1), k(dt, {1, T, Hkv, Dk}, rng, -1, 1),
-        v(dt, {1, T, Hkv, Dv}, rng, -1, 1), d_o(dt, {1, T, Hq, Dv}, rng, -1, 1),
-        g_cmp(dt, {1, T, Hq}, rng, 0, 1), g_slc(dt, {1, T, Hq}, rng, 0, 1),
+        q(dt, {1, T, Hq, Dk}, rng, -1, 1),
+        k(dt, {1, T, Hkv, Dk}, rng, -1, 1),
+        v(dt, {1, T, Hkv, Dv}, rng, -1, 1),
+        d_o(dt, {1, T, Hq, Dv}, rng, -1, 1),
+        g_cmp(dt, {1, T, Hq}, rng, 0, 1),
+        g_slc(dt, {1, T, Hq}, rng, 0, 1),
         g_win(dt, {1, T, Hq}, rng, 0, 1),
         k_cmp(dt, {1, nsa_cmp_len(&cfg, T), Hkv, Dk}, rng, 0, 0),
         v_cmp(dt, {1, nsa_cmp_len(&cfg, T), Hkv, Dv}, rng, 0, 0),
-        o(NSA_DTYPE_F32, {1, T, Hq, Dv}), lse_cmp(NSA_DTYPE_F32, {1, T, Hq}),
-        lse_slc(NSA_DTYPE_F32, {1, T, Hq}), lse_win(NSA_DTYPE_F32, {1, T, Hq}),
-        idx(NSA_DTYPE_I32, {1, T, Hkv, cfg.slc_count}), o_cmp(NSA_DTYPE_F32, {1, T, Hq, Dv}),
-        o_slc(NSA_DTYPE_F32, {1, T, Hq, Dv}), o_win(NSA_DTYPE_F32, {1, T, Hq, Dv}),
-        dq(NSA_DTYPE_F32, {1, T, Hq, Dk}), dk(NSA_DTYPE_F32, {1, T, Hkv, Dk}),
-        dv(NSA_DTYPE_F32, {1, T, Hkv, Dv}), dk_cmp(NSA_DTYPE_F32, {1, nsa_cmp_len(&cfg, T), Hkv, Dk}),
-        dv_cmp(NSA_DTYPE_F32, {1, nsa_cmp_len(&cfg, T), Hkv, Dv}), dg_cmp(NSA_DTYPE_F32, {1, T, Hq}),
-        dg_slc(NSA_DTYPE_F32, {1, T, Hq}), dg_win(NSA_DTYPE_F32, {1, T, Hq}),
-        dxk(NSA_DTYPE_F32, {1, T, Hkv, Dk}), dxv(NSA_DTYPE_F32, {1, T, Hkv, Dv}),
-        od(NSA_DTYPE_F32, {1, T, Hq, Dv}), lse_d(NSA_DTYPE_F32, {1, T, Hq}) {
+        o(NSA_DTYPE_F32, {1, T, Hq, Dv}),
+        lse_cmp(NSA_DTYPE_F32, {1, T, Hq}),
+        lse_slc(NSA_DTYPE_F32, {1, T, Hq}),
+        lse_win(NSA_DTYPE_F32, {1, T, Hq}),
+        idx(NSA_DTYPE_I32, {1, T, Hkv, cfg.slc_count}),
+        o_cmp(NSA_DTYPE_F32, {1, T, Hq, Dv}),
+        o_slc(NSA_DTYPE_F32, {1, T, Hq, Dv}),
+        o_win(NSA_DTYPE_F32, {1, T, Hq, Dv}),
+        dq(NSA_DTYPE_F32, {1, T, Hq, Dk}),
+        dk(NSA_DTYPE_F32, {1, T, Hkv, Dk}),
+        dv(NSA_DTYPE_F32, {1, T, Hkv, Dv}),
+        dk_cmp(NSA_DTYPE_F32, {1, nsa_cmp_len(&cfg, T), Hkv, Dk}),
+        dv_cmp(NSA_DTYPE_F32, {1, nsa_cmp_len(&cfg, T), Hkv, Dv}),
+        dg_cmp(NSA_DTYPE_F32, {1, T, Hq}),
+        dg_slc(NSA_DTYPE_F32, {1, T, Hq}),
+        dg_win(NSA_DTYPE_F32, {1, T, Hq}),
+        dxk(NSA_DTYPE_F32, {1, T, Hkv, Dk}),
+        dxv(NSA_DTYPE_F32, {1, T, Hkv, Dv}),
+        od(NSA_DTYPE_F32, {1, T, Hq, Dv}),
+        lse_d(NSA_DTYPE_F32, {1, T, Hq}) {
     nsa_compress_params_init(&cp);
     nsa_fwd_params_init(&fp);
-    fp.in.q = q.t; fp.in.k = k.t; fp.in.v = v.t; fp.in.k_cmp = k_cmp.t; fp.in.v_cmp = v_cmp.t;
-    fp.in.g_cmp = g_cmp.t; fp.in.g_slc = g_slc.t; fp.in.g_win = g_win.t; fp.o = o.t;
-    fp.lse_cmp = lse_cmp.t; fp.lse_slc = lse_slc.t; fp.lse_win = lse_win.t;
-    fp.o_cmp = o_cmp.t; fp.o_slc = o_slc.t; fp.o_win = o_win.t;
+    fp.in.q = q.t;
+    fp.in.k = k.t;
+    fp.in.v = v.t;
+    fp.in.k_cmp = k_cmp.t;
+    fp.in.v_cmp = v_cmp.t;
+    fp.in.g_cmp = g_cmp.t;
+    fp.in.g_slc = g_slc.t;
+    fp.in.g_win = g_win.t;
+    fp.o = o.t;
+    fp.lse_cmp = lse_cmp.t;
+    fp.lse_slc = lse_slc.t;
+    fp.lse_win = lse_win.t;
+    fp.o_cmp = o_cmp.t;
+    fp.o_slc = o_slc.t;
+    fp.o_win = o_win.t;
     fp.slc_indices_out = idx.t;
     nsa_bwd_params_init(&bp);
     bp.in = fp.in;  // the backward takes the forward's inputs again
-    bp.slc_indices = idx.t; bp.lse_cmp = lse_cmp.t; bp.lse_slc = lse_slc.t; bp.lse_win = lse_win.t;
-    bp.o_cmp = o_cmp.t; bp.o_slc = o_slc.t; bp.o_win = o_win.t;
-    bp.d_o = d_o.t; bp.dq = dq.t; bp.dk = dk.t; bp.dv = dv.t; bp.dk_cmp = dk_cmp.t;
-    bp.dv_cmp = dv_cmp.t; bp.dg_cmp = dg_cmp.t; bp.dg_slc = dg_slc.t; bp.dg_win = dg_win.t;
+    bp.slc_indices = idx.t;
+    bp.lse_cmp = lse_cmp.t;
+    bp.lse_slc = lse_slc.t;
+    bp.lse_win = lse_win.t;
+    bp.o_cmp = o_cmp.t;
+    bp.o_slc = o_slc.t;
+    bp.o_win = o_win.t;
+    bp.d_o = d_o.t;
+    bp.dq = dq.t;
+    bp.dk = dk.t;
+    bp.dv = dv.t;
+    bp.dk_cmp = dk_cmp.t;
+    bp.dv_cmp = dv_cmp.t;
+    bp.dg_cmp = dg_cmp.t;
+    bp.dg_slc = dg_slc.t;
+    bp.dg_win = dg_win.t;
     nsa_compress_bwd_params_init(&cb);
     nsa_dense_fwd_params_init(&df);
-    df.q = q.t; df.k = k.t; df.v = v.t; df.o = od.t; df.lse = lse_d.t;
+    df.q = q.t;
+    df.k = k.t;
+    df.v = v.t;
+    df.o = od.t;
+    df.lse = lse_d.t;
     nsa_dense_bwd_params_init(&db);
-    db.q = q.t; db.k = k.t; db.v = v.t; db.o = od.t; db.lse = lse_d.t; db.d_o = d_o.t;
-    db.dq = dq.t; db.dk = dk.t; db.dv = dv.t;
+    db.q = q.t;
+    db.k = k.t;
+    db.v = v.t;
+    db.o = od.t;
+    db.lse = lse_d.t;
+    db.d_o = d_o.t;
+    db.dq = dq.t;
+    db.dk = dk.t;
+    db.dv = dv.t;
   }
   void ok(nsa_status s) { st = st != NSA_OK ? st : s; }
   void nsa_forward() {
-    cp.x = k.t; cp.out = k_cmp.t; ok(nsa_compress(ctx, &cp));
-    cp.x = v.t; cp.out = v_cmp.t; ok(nsa_compress(ctx, &cp));
+    cp.x = k.t;
+    cp.out = k_cmp.t;
+    ok(nsa_compress(ctx, &cp));
+    cp.x = v.t;
+    cp.out = v_cmp.t;
+    ok(nsa_compress(ctx, &cp));
     ok(nsa_fwd(ctx, &fp));
   }
   void compress_backward() {
-    cb.x = k.t; cb.dout = dk_cmp.t; cb.dx = dxk.t; ok(nsa_compress_bwd(ctx, &cb));
-    cb.x = v.t; cb.dout = dv_cmp.t; cb.dx = dxv.t; ok(nsa_compress_bwd(ctx, &cb));
+    cb.x = k.t;
+    cb.dout = dk_cmp.t;
+    cb.dx = dxk.t;
+    ok(nsa_compress_bwd(ctx, &cb));
+    cb.x = v.t;
+    cb.dout = dv_cmp.t;
+    cb.dx = dxv.t;
+    ok(nsa_compress_bwd(ctx, &cb));
   }
   void nsa_backward() {
     ok(nsa_bwd(ctx, &bp));
@@ -120,8 +177,8 @@ void branch_split(nsa_context* ctx, bool with_fwd, double branch_ms[3], double* 
   nsa_bwd_profile bprof{};
   nsa_context_fwd_profile(ctx, &fprof);
   nsa_context_bwd_profile(ctx, &bprof);
-  const double fwd_sum = fprof.pack_s + fprof.cmp_s + fprof.scores_s + fprof.topn_s +
-                         fprof.slc_s + fprof.win_s + fprof.combine_s;
+  const double fwd_sum = fprof.pack_s + fprof.cmp_s + fprof.scores_s + fprof.topn_s + fprof.slc_s +
+                         fprof.win_s + fprof.combine_s;
   const double f = with_fwd && fwd_sum > 0 ? fprof.wall_s / fwd_sum : 0.0;
   branch_ms[0] = 1e3 * (bprof.cmp_s + f * (fprof.cmp_s + fprof.scores_s));
   branch_ms[1] = 1e3 * (bprof.slc_s + f * (fprof.topn_s + fprof.slc_s));
@@ -134,8 +191,7 @@ void print_header(const BenchOptions& opt) {
               opt.pass.c_str(), (long long)opt.hq, (long long)opt.hkv, (long long)opt.dk,
               (long long)opt.dv, opt.dtype.c_str(), opt.threads, opt.repeats);
   std::printf("%7s %10s %10s %9s %8s %8s %10s %12s %8s %8s %8s\n", "T", "nsa_ms", "dense_ms",
-              "speedup", "model", "GF/s", "dense_GF/s", "cmp_bwd_ms", "cmp_ms", "slc_ms",
-              "win_ms");
+              "speedup", "model", "GF/s", "dense_GF/s", "cmp_bwd_ms", "cmp_ms", "slc_ms", "win_ms");
 }
 
 // One length: times, FLOP rates against the attended pairs, and the printed row.
@@ -145,16 +201,23 @@ bool bench_length(const BenchOptions& opt, nsa_context* ctx, const nsa_config& c
   const bool with_fwd = opt.pass == "fwdbwd";
   Case c(ctx, dt, cfg, T, opt.hq, opt.hkv, opt.dk, opt.dv, std::mt19937_64(1));
   c.nsa_forward();  // the saved values the backward reads
-  const double nsa_ms =
-      with_fwd ? median_ms(opt.repeats, [&] { c.nsa_forward(); c.nsa_backward(); })
-               : median_ms(opt.repeats, [&] { c.nsa_backward(); });
+  const double nsa_ms = with_fwd ? median_ms(opt.repeats,
+                                             [&] {
+                                               c.nsa_forward();
+                                               c.nsa_backward();
+                                             })
+                                 : median_ms(opt.repeats, [&] { c.nsa_backward(); });
   double branch_ms[3], recompute_ms = 0;
   branch_split(ctx, with_fwd, branch_ms, &recompute_ms);
   const double cmp_bwd_ms = median_ms(opt.repeats, [&] { c.compress_backward(); });
   double dense_ms = std::nan("");
   if (!opt.no_dense) {
     c.dense_forward();
-    dense_ms = with_fwd ? median_ms(opt.repeats, [&] { c.dense_forward(); c.dense_backward(); })
+    dense_ms = with_fwd ? median_ms(opt.repeats,
+                                    [&] {
+                                      c.dense_forward();
+                                      c.dense_backward();
+                                    })
                         : median_ms(opt.repeats, [&] { c.dense_backward(); });
   }
   if (c.st != NSA_OK) {
@@ -170,11 +233,20 @@ bool bench_length(const BenchOptions& opt, nsa_context* ctx, const nsa_config& c
                                     double(cfg.slc_count) * cfg.slc_block + cfg.window);
   const double gflops = per_key * nsa_keys / (nsa_ms * 1e6);
   const double dense_gflops = per_key * dense_keys / (dense_ms * 1e6);
-  rows->push_back({{"pass", opt.pass}, {"dtype", opt.dtype}, {"T", T}, {"threads", opt.threads},
-                   {"ms", nsa_ms}, {"dense_ms", dense_ms}, {"speedup", dense_ms / nsa_ms},
-                   {"gflops", gflops}, {"dense_gflops", dense_gflops}, {"model_ratio", model},
-                   {"compress_bwd_ms", cmp_bwd_ms}, {"cmp_ms", branch_ms[0]},
-                   {"slc_ms", branch_ms[1]}, {"win_ms", branch_ms[2]},
+  rows->push_back({{"pass", opt.pass},
+                   {"dtype", opt.dtype},
+                   {"T", T},
+                   {"threads", opt.threads},
+                   {"ms", nsa_ms},
+                   {"dense_ms", dense_ms},
+                   {"speedup", dense_ms / nsa_ms},
+                   {"gflops", gflops},
+                   {"dense_gflops", dense_gflops},
+                   {"model_ratio", model},
+                   {"compress_bwd_ms", cmp_bwd_ms},
+                   {"cmp_ms", branch_ms[0]},
+                   {"slc_ms", branch_ms[1]},
+                   {"win_ms", branch_ms[2]},
                    {"saved_state_recompute_ms", recompute_ms}});
   if (!opt.json) {
     std::printf("%7lld %10.1f %10.1f %8.2fx %7.2fx %8.1f %10.1f %12.1f %8.1f %8.1f %8.1f\n",

@@ -116,18 +116,27 @@ int bench_one(nsa_context* ctx, const DecodeOptions& opt, nsa_dtype dt, int64_t 
   Filled o(NSA_DTYPE_F32, {B, opt.hq, opt.dv}, 17, 0, 0);
   nsa_decode_params p;
   nsa_decode_params_init(&p);
-  p.q = q.t; p.k = k.t; p.v = v.t;
-  p.g_cmp = g_cmp.t; p.g_slc = g_slc.t; p.g_win = g_win.t; p.o = o.t;
+  p.q = q.t;
+  p.k = k.t;
+  p.v = v.t;
+  p.g_cmp = g_cmp.t;
+  p.g_slc = g_slc.t;
+  p.g_win = g_win.t;
+  p.o = o.t;
   nsa_dense_decode_params dp;
   nsa_dense_decode_params_init(&dp);
-  dp.q = q.t; dp.k = k.t; dp.v = v.t; dp.o = o.t;
+  dp.q = q.t;
+  dp.k = k.t;
+  dp.v = v.t;
+  dp.o = o.t;
   nsa_status st = NSA_OK;
   auto nsa_step = [&] { st = st != NSA_OK ? st : nsa_decode(ctx, cache, &p); };
   auto dense_step = [&] { st = st != NSA_OK ? st : nsa_dense_decode(ctx, cache, &dp); };
   // The steps run at lengths T .. T + per_measure; the bytes and FLOPs count at the mean length.
   const int64_t t_nsa = T + per_measure / 2;
   row->ms = median_of_means_ms(opt.repeats, opt.steps, nsa_step);
-  row->dense_ms = opt.no_dense ? std::nan("") : median_of_means_ms(opt.repeats, opt.steps, dense_step);
+  row->dense_ms =
+      opt.no_dense ? std::nan("") : median_of_means_ms(opt.repeats, opt.steps, dense_step);
   if (st != NSA_OK) return 1;
   const double elem = dt == NSA_DTYPE_F32 ? 4.0 : 2.0;
   const double token_bytes = double(opt.hkv) * double(opt.dk + opt.dv) * elem;
@@ -145,10 +154,11 @@ int run_bench_decode(const DecodeOptions& opt) {
   nsa_context_set_num_threads(ctx, opt.threads);
   nlohmann::json rows = nlohmann::json::array();
   if (!opt.json) {
-    std::printf("nsa bench decode: Hq=%lld Hkv=%lld Dk=%lld Dv=%lld, default config, threads=%d,"
-                " median of %d x mean of %d steps; ms per step (one token per sequence)\n",
-                (long long)opt.hq, (long long)opt.hkv, (long long)opt.dk, (long long)opt.dv,
-                opt.threads, opt.repeats, opt.steps);
+    std::printf(
+        "nsa bench decode: Hq=%lld Hkv=%lld Dk=%lld Dv=%lld, default config, threads=%d,"
+        " median of %d x mean of %d steps; ms per step (one token per sequence)\n",
+        (long long)opt.hq, (long long)opt.hkv, (long long)opt.dk, (long long)opt.dv, opt.threads,
+        opt.repeats, opt.steps);
     std::printf("%5s %3s %7s %9s %9s %8s %8s %9s %9s %8s %8s %8s\n", "dtype", "B", "T", "ms",
                 "dense_ms", "speedup", "model", "KB/tok", "dKB/tok", "GB/s", "dGB/s", "GF/s");
   }
@@ -168,12 +178,21 @@ int run_bench_decode(const DecodeOptions& opt) {
         const double dense_gbps = double(B) * r.dense_kv_bytes / (r.dense_ms * 1e6);
         const double gflops = double(B) * r.flops / (r.ms * 1e6);
         const double dense_gflops = double(B) * r.dense_flops / (r.dense_ms * 1e6);
-        rows.push_back({{"pass", "decode"}, {"dtype", dts}, {"T", T}, {"batch", B},
-                        {"threads", opt.threads}, {"ms", r.ms}, {"dense_ms", r.dense_ms},
-                        {"speedup", speedup}, {"model_ratio", model},
-                        {"speedup_vs_model", speedup / model}, {"kv_bytes", r.kv_bytes},
-                        {"dense_kv_bytes", r.dense_kv_bytes}, {"gbps", gbps},
-                        {"dense_gbps", dense_gbps}, {"gflops", gflops},
+        rows.push_back({{"pass", "decode"},
+                        {"dtype", dts},
+                        {"T", T},
+                        {"batch", B},
+                        {"threads", opt.threads},
+                        {"ms", r.ms},
+                        {"dense_ms", r.dense_ms},
+                        {"speedup", speedup},
+                        {"model_ratio", model},
+                        {"speedup_vs_model", speedup / model},
+                        {"kv_bytes", r.kv_bytes},
+                        {"dense_kv_bytes", r.dense_kv_bytes},
+                        {"gbps", gbps},
+                        {"dense_gbps", dense_gbps},
+                        {"gflops", gflops},
                         {"dense_gflops", dense_gflops}});
         if (!opt.json) {
           std::printf("%5s %3lld %7lld %9.3f %9.3f %7.2fx %7.2fx %9.1f %9.1f %8.1f %8.1f %8.1f\n",
@@ -195,14 +214,23 @@ Command add_bench_decode_command(CLI::App& bench) {
   auto* cmd = bench.add_subcommand("decode", "Time KV-cache decode steps, NSA against dense");
   auto opt = std::make_shared<DecodeOptions>();
   cmd->add_option("--lengths", opt->lengths, "comma-separated cache lengths, each 0 to 16777216")
-      ->transform(cli::IntegerList(0, cli::kMaxTokens))->type_name("LIST")->capture_default_str();
+      ->transform(cli::IntegerList(0, cli::kMaxTokens))
+      ->type_name("LIST")
+      ->capture_default_str();
   cmd->add_option("--batch", opt->batches, "comma-separated batch sizes, each 1 to 65536")
-      ->transform(cli::IntegerList(1, cli::kMaxBatch))->type_name("LIST")->capture_default_str();
+      ->transform(cli::IntegerList(1, cli::kMaxBatch))
+      ->type_name("LIST")
+      ->capture_default_str();
   cmd->add_option("--dtype", opt->dtypes, "comma-separated cache dtypes (bf16, f32)")
-      ->check(cli::NameList({"bf16", "f32"}))->type_name("LIST")->capture_default_str();
-  cli::add_integer(cmd, "--threads", opt->threads, "threads (0: OpenMP's default)", 0, cli::kMaxThreads);
-  cli::add_integer(cmd, "--repeats", opt->repeats, "measurements per figure (median)", 1, cli::kMaxRepeats);
-  cli::add_integer(cmd, "--steps", opt->steps, "decode steps per measurement (mean)", 1, cli::kMaxRepeats);
+      ->check(cli::NameList({"bf16", "f32"}))
+      ->type_name("LIST")
+      ->capture_default_str();
+  cli::add_integer(cmd, "--threads", opt->threads, "threads (0: OpenMP's default)", 0,
+                   cli::kMaxThreads);
+  cli::add_integer(cmd, "--repeats", opt->repeats, "measurements per figure (median)", 1,
+                   cli::kMaxRepeats);
+  cli::add_integer(cmd, "--steps", opt->steps, "decode steps per measurement (mean)", 1,
+                   cli::kMaxRepeats);
   cli::add_integer(cmd, "--hq", opt->hq, "query heads, a multiple of --hkv", 1, cli::kMaxHeads);
   cli::add_integer(cmd, "--hkv", opt->hkv, "key/value heads", 1, cli::kMaxHeads);
   cli::add_integer(cmd, "--dk", opt->dk, "query/key head dim", 1, cli::kMaxHeadDim);

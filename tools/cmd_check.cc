@@ -36,7 +36,9 @@ struct Buffer {
   Buffer() = default;
   // Copies and moves re-point the descriptor at their own bytes.
   Buffer(const Buffer& o) : bytes(o.bytes), desc(o.desc) { desc.data = bytes.data(); }
-  Buffer(Buffer&& o) noexcept : bytes(std::move(o.bytes)), desc(o.desc) { desc.data = bytes.data(); }
+  Buffer(Buffer&& o) noexcept : bytes(std::move(o.bytes)), desc(o.desc) {
+    desc.data = bytes.data();
+  }
   Buffer& operator=(Buffer o) noexcept {
     bytes.swap(o.bytes);
     desc = o.desc;
@@ -47,7 +49,8 @@ struct Buffer {
     int64_t n = 1;
     for (int64_t s : shape) n *= s;
     bytes.assign(static_cast<size_t>(n) * nsa_dtype_size(dtype) + 1, 0);  // +1: never empty
-    desc = nsa_tensor_contiguous(bytes.data(), dtype, static_cast<int32_t>(shape.size()), shape.data());
+    desc = nsa_tensor_contiguous(bytes.data(), dtype, static_cast<int32_t>(shape.size()),
+                                 shape.data());
   }
   int64_t numel() const {
     int64_t n = 1;
@@ -68,7 +71,8 @@ struct Buffer {
     if (desc.dtype == NSA_DTYPE_BF16) {
       uint32_t u;
       std::memcpy(&u, &v, 4);
-      reinterpret_cast<uint16_t*>(bytes.data())[i] = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+      reinterpret_cast<uint16_t*>(bytes.data())[i] =
+          uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
     } else {
       reinterpret_cast<float*>(bytes.data())[i] = v;
     }
@@ -76,7 +80,8 @@ struct Buffer {
   void fill(std::mt19937_64& rng, double lo, double hi, bool normal) {
     std::normal_distribution<double> n01;
     std::uniform_real_distribution<double> uni(lo, hi);
-    for (int64_t i = 0; i < numel(); ++i) set(i, static_cast<float>(normal ? n01(rng) * hi : uni(rng)));
+    for (int64_t i = 0; i < numel(); ++i)
+      set(i, static_cast<float>(normal ? n01(rng) * hi : uni(rng)));
   }
 };
 
@@ -156,10 +161,12 @@ void set_shapes(Case& cs) {
   cs.T = opt.tokens;
   if (!opt.seqlens.empty()) {
     cs.cu.push_back(0);
-    for (const int64_t len : cli::integer_list(opt.seqlens)) cs.cu.push_back(cs.cu.back() + int32_t(len));
+    for (const int64_t len : cli::integer_list(opt.seqlens))
+      cs.cu.push_back(cs.cu.back() + int32_t(len));
     cs.B = 1;
     cs.T = cs.cu.back();
-    for (size_t s = 0; s + 1 < cs.cu.size(); ++s) cs.Tc += nsa_cmp_len(&cs.c, cs.cu[s + 1] - cs.cu[s]);
+    for (size_t s = 0; s + 1 < cs.cu.size(); ++s)
+      cs.Tc += nsa_cmp_len(&cs.c, cs.cu[s + 1] - cs.cu[s]);
   } else {
     cs.Tc = nsa_cmp_len(&cs.c, cs.T);
   }
@@ -192,8 +199,8 @@ void make_inputs(Case& cs) {
   // mlp parameters per KV head, one set for keys and one for values, scaled ~ 1/sqrt(fan-in).
   auto mlp_params = [&](int64_t D) {
     std::vector<Buffer> p = {Buffer(dt, {opt.hkv, l, D}), Buffer(dt, {opt.hkv, opt.hidden, l * D}),
-                             Buffer(dt, {opt.hkv, opt.hidden}), Buffer(dt, {opt.hkv, D, opt.hidden}),
-                             Buffer(dt, {opt.hkv, D})};
+                             Buffer(dt, {opt.hkv, opt.hidden}),
+                             Buffer(dt, {opt.hkv, D, opt.hidden}), Buffer(dt, {opt.hkv, D})};
     p[0].fill(rng, 0, 0.1, true);
     p[1].fill(rng, 0, 1.0 / std::sqrt(double(l * D)), true);
     p[2].fill(rng, 0, 0.1, true);
@@ -225,10 +232,17 @@ bool run_backend(Case& cs, nsa_backend backend, const Outputs* ref, Outputs* out
     cp.kind = cs.mlp ? NSA_CMP_MLP : NSA_CMP_MEAN;
     cp.x = side == 0 ? cs.k.desc : cs.v.desc;
     cp.out = side == 0 ? out->k_cmp.desc : out->v_cmp.desc;
-    if (!cs.cu.empty()) { cp.cu_seqlens = cs.cu.data(); cp.num_seqs = cs.num_seqs(); }
+    if (!cs.cu.empty()) {
+      cp.cu_seqlens = cs.cu.data();
+      cp.num_seqs = cs.num_seqs();
+    }
     if (cs.mlp) {
       const std::vector<Buffer>& w = side == 0 ? cs.kp : cs.vp;
-      cp.pos = w[0].desc; cp.w1 = w[1].desc; cp.b1 = w[2].desc; cp.w2 = w[3].desc; cp.b2 = w[4].desc;
+      cp.pos = w[0].desc;
+      cp.w1 = w[1].desc;
+      cp.b1 = w[2].desc;
+      cp.w2 = w[3].desc;
+      cp.b2 = w[4].desc;
     }
     if (nsa_compress(cs.ctx, &cp) != NSA_OK) {
       std::printf("  %s compress failed: %s\n", nsa_backend_name(backend), nsa_last_error(cs.ctx));
@@ -237,20 +251,34 @@ bool run_backend(Case& cs, nsa_backend backend, const Outputs* ref, Outputs* out
   }
   const Outputs* cmp_src = ref ? ref : out;
   out->o = Buffer(NSA_DTYPE_F32, {B, T, opt.hq, opt.dv});
-  for (Buffer* b : {&out->lse_cmp, &out->lse_slc, &out->lse_win}) *b = Buffer(NSA_DTYPE_F32, {B, T, opt.hq});
-  for (Buffer* b : {&out->o_cmp, &out->o_slc, &out->o_win}) *b = Buffer(NSA_DTYPE_F32, {B, T, opt.hq, opt.dv});
+  for (Buffer* b : {&out->lse_cmp, &out->lse_slc, &out->lse_win})
+    *b = Buffer(NSA_DTYPE_F32, {B, T, opt.hq});
+  for (Buffer* b : {&out->o_cmp, &out->o_slc, &out->o_win})
+    *b = Buffer(NSA_DTYPE_F32, {B, T, opt.hq, opt.dv});
   out->idx = Buffer(NSA_DTYPE_I32, {B, T, opt.hkv, c.slc_count});
   nsa_fwd_params p;
   nsa_fwd_params_init(&p);
   p.in.cfg = c;
-  p.in.q = cs.q.desc; p.in.k = cs.k.desc; p.in.v = cs.v.desc;
-  p.in.k_cmp = cmp_src->k_cmp.desc; p.in.v_cmp = cmp_src->v_cmp.desc;
-  p.in.g_cmp = cs.g_cmp.desc; p.in.g_slc = cs.g_slc.desc; p.in.g_win = cs.g_win.desc;
+  p.in.q = cs.q.desc;
+  p.in.k = cs.k.desc;
+  p.in.v = cs.v.desc;
+  p.in.k_cmp = cmp_src->k_cmp.desc;
+  p.in.v_cmp = cmp_src->v_cmp.desc;
+  p.in.g_cmp = cs.g_cmp.desc;
+  p.in.g_slc = cs.g_slc.desc;
+  p.in.g_win = cs.g_win.desc;
   p.o = out->o.desc;
-  p.lse_cmp = out->lse_cmp.desc; p.lse_slc = out->lse_slc.desc; p.lse_win = out->lse_win.desc;
-  p.o_cmp = out->o_cmp.desc; p.o_slc = out->o_slc.desc; p.o_win = out->o_win.desc;
+  p.lse_cmp = out->lse_cmp.desc;
+  p.lse_slc = out->lse_slc.desc;
+  p.lse_win = out->lse_win.desc;
+  p.o_cmp = out->o_cmp.desc;
+  p.o_slc = out->o_slc.desc;
+  p.o_win = out->o_win.desc;
   p.slc_indices_out = out->idx.desc;
-  if (!cs.cu.empty()) { p.in.cu_seqlens = cs.cu.data(); p.in.num_seqs = cs.num_seqs(); }
+  if (!cs.cu.empty()) {
+    p.in.cu_seqlens = cs.cu.data();
+    p.in.num_seqs = cs.num_seqs();
+  }
   const auto t0 = std::chrono::steady_clock::now();
   const nsa_status s = nsa_fwd(cs.ctx, &p);
   *ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
@@ -277,19 +305,29 @@ nsa_status run_compress_backward(Case& cs, const Grads& src, Grads* g) {
     cb.cfg = cs.c;
     cb.kind = cs.mlp ? NSA_CMP_MLP : NSA_CMP_MEAN;
     cb.x = side == 0 ? cs.k.desc : cs.v.desc;
-    if (!cs.cu.empty()) { cb.cu_seqlens = cs.cu.data(); cb.num_seqs = cs.num_seqs(); }
+    if (!cs.cu.empty()) {
+      cb.cu_seqlens = cs.cu.data();
+      cb.num_seqs = cs.num_seqs();
+    }
     cb.dout = side == 0 ? src.dk_cmp.desc : src.dv_cmp.desc;
     cb.dx = dx.desc;
     if (cs.mlp) {
       const std::vector<Buffer>& w = side == 0 ? cs.kp : cs.vp;
-      cb.pos = w[0].desc; cb.w1 = w[1].desc; cb.b1 = w[2].desc; cb.w2 = w[3].desc; cb.b2 = w[4].desc;
+      cb.pos = w[0].desc;
+      cb.w1 = w[1].desc;
+      cb.b1 = w[2].desc;
+      cb.w2 = w[3].desc;
+      cb.b2 = w[4].desc;
       dpar.clear();
       for (const Buffer& x : w) {
         std::vector<int64_t> shape(x.desc.shape, x.desc.shape + x.desc.ndim);
         dpar.emplace_back(f32, shape);
       }
-      cb.dpos = dpar[0].desc; cb.dw1 = dpar[1].desc; cb.db1 = dpar[2].desc;
-      cb.dw2 = dpar[3].desc; cb.db2 = dpar[4].desc;
+      cb.dpos = dpar[0].desc;
+      cb.dw1 = dpar[1].desc;
+      cb.db1 = dpar[2].desc;
+      cb.dw2 = dpar[3].desc;
+      cb.db2 = dpar[4].desc;
     }
     s = nsa_compress_bwd(cs.ctx, &cb);
   }
@@ -313,17 +351,34 @@ bool run_backward(Case& cs, nsa_backend backend, const Outputs& ref_fwd, const G
   nsa_bwd_params bp;
   nsa_bwd_params_init(&bp);
   bp.in.cfg = cs.c;
-  bp.in.q = cs.q.desc; bp.in.k = cs.k.desc; bp.in.v = cs.v.desc;
-  bp.in.k_cmp = ref_fwd.k_cmp.desc; bp.in.v_cmp = ref_fwd.v_cmp.desc;
-  bp.in.g_cmp = cs.g_cmp.desc; bp.in.g_slc = cs.g_slc.desc; bp.in.g_win = cs.g_win.desc;
-  if (!cs.cu.empty()) { bp.in.cu_seqlens = cs.cu.data(); bp.in.num_seqs = cs.num_seqs(); }
+  bp.in.q = cs.q.desc;
+  bp.in.k = cs.k.desc;
+  bp.in.v = cs.v.desc;
+  bp.in.k_cmp = ref_fwd.k_cmp.desc;
+  bp.in.v_cmp = ref_fwd.v_cmp.desc;
+  bp.in.g_cmp = cs.g_cmp.desc;
+  bp.in.g_slc = cs.g_slc.desc;
+  bp.in.g_win = cs.g_win.desc;
+  if (!cs.cu.empty()) {
+    bp.in.cu_seqlens = cs.cu.data();
+    bp.in.num_seqs = cs.num_seqs();
+  }
   bp.slc_indices = ref_fwd.idx.desc;
-  bp.lse_cmp = ref_fwd.lse_cmp.desc; bp.lse_slc = ref_fwd.lse_slc.desc; bp.lse_win = ref_fwd.lse_win.desc;
-  bp.o_cmp = ref_fwd.o_cmp.desc; bp.o_slc = ref_fwd.o_slc.desc; bp.o_win = ref_fwd.o_win.desc;
+  bp.lse_cmp = ref_fwd.lse_cmp.desc;
+  bp.lse_slc = ref_fwd.lse_slc.desc;
+  bp.lse_win = ref_fwd.lse_win.desc;
+  bp.o_cmp = ref_fwd.o_cmp.desc;
+  bp.o_slc = ref_fwd.o_slc.desc;
+  bp.o_win = ref_fwd.o_win.desc;
   bp.d_o = cs.d_o.desc;
-  bp.dq = g->dq.desc; bp.dk = g->dk.desc; bp.dv = g->dv.desc;
-  bp.dk_cmp = g->dk_cmp.desc; bp.dv_cmp = g->dv_cmp.desc;
-  bp.dg_cmp = g->dg_cmp.desc; bp.dg_slc = g->dg_slc.desc; bp.dg_win = g->dg_win.desc;
+  bp.dq = g->dq.desc;
+  bp.dk = g->dk.desc;
+  bp.dv = g->dv.desc;
+  bp.dk_cmp = g->dk_cmp.desc;
+  bp.dv_cmp = g->dv_cmp.desc;
+  bp.dg_cmp = g->dg_cmp.desc;
+  bp.dg_slc = g->dg_slc.desc;
+  bp.dg_win = g->dg_win.desc;
   const auto t0 = std::chrono::steady_clock::now();
   nsa_status s = nsa_bwd(cs.ctx, &bp);
   *ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
@@ -340,10 +395,17 @@ bool run_backward(Case& cs, nsa_backend backend, const Outputs& ref_fwd, const G
 bool report_forward(const Outputs& got, const Outputs& ref, nsa_dtype dt, int64_t n, double tol) {
   bool pass = true;
   std::printf("  %-8s %12s %12s %10s\n", "output", "max abs err", "rel err", "verdict");
-  struct Row { const char* name; const Buffer* got; const Buffer* want; };
-  const Row rows[] = {{"k_cmp", &got.k_cmp, &ref.k_cmp}, {"v_cmp", &got.v_cmp, &ref.v_cmp},
-                      {"o", &got.o, &ref.o}, {"lse_cmp", &got.lse_cmp, &ref.lse_cmp},
-                      {"lse_slc", &got.lse_slc, &ref.lse_slc}, {"lse_win", &got.lse_win, &ref.lse_win}};
+  struct Row {
+    const char* name;
+    const Buffer* got;
+    const Buffer* want;
+  };
+  const Row rows[] = {{"k_cmp", &got.k_cmp, &ref.k_cmp},
+                      {"v_cmp", &got.v_cmp, &ref.v_cmp},
+                      {"o", &got.o, &ref.o},
+                      {"lse_cmp", &got.lse_cmp, &ref.lse_cmp},
+                      {"lse_slc", &got.lse_slc, &ref.lse_slc},
+                      {"lse_win", &got.lse_win, &ref.lse_win}};
   // Compressed K/V are stored in the input dtype, so bf16 allows one bf16 rounding step.
   for (const Row& r : rows) {
     const Error e = compare(*r.got, *r.want);
@@ -367,15 +429,22 @@ bool report_backward(const Grads& gg, const Grads& ref_grads, double tol) {
   // A gradient row may name the tensor whose magnitude its error is measured against: db2 is a
   // column sum of dk_cmp (dv_cmp), and sum_j dk_j cancels to ~0 (sum_j dS_j = 0 per query), so
   // its own largest value is rounding noise while its terms are O(dk_cmp).
-  struct GradRow { const char* name; const Buffer* got; const Buffer* want; const Buffer* scale; };
-  std::vector<GradRow> grad_rows = {
-      {"dq", &gg.dq, &ref_grads.dq, nullptr}, {"dk", &gg.dk, &ref_grads.dk, nullptr},
-      {"dv", &gg.dv, &ref_grads.dv, nullptr}, {"dk_cmp", &gg.dk_cmp, &ref_grads.dk_cmp, nullptr},
-      {"dv_cmp", &gg.dv_cmp, &ref_grads.dv_cmp, nullptr},
-      {"dg_cmp", &gg.dg_cmp, &ref_grads.dg_cmp, nullptr},
-      {"dg_slc", &gg.dg_slc, &ref_grads.dg_slc, nullptr},
-      {"dg_win", &gg.dg_win, &ref_grads.dg_win, nullptr}, {"dx(k)", &gg.dxk, &ref_grads.dxk, nullptr},
-      {"dx(v)", &gg.dxv, &ref_grads.dxv, nullptr}};
+  struct GradRow {
+    const char* name;
+    const Buffer* got;
+    const Buffer* want;
+    const Buffer* scale;
+  };
+  std::vector<GradRow> grad_rows = {{"dq", &gg.dq, &ref_grads.dq, nullptr},
+                                    {"dk", &gg.dk, &ref_grads.dk, nullptr},
+                                    {"dv", &gg.dv, &ref_grads.dv, nullptr},
+                                    {"dk_cmp", &gg.dk_cmp, &ref_grads.dk_cmp, nullptr},
+                                    {"dv_cmp", &gg.dv_cmp, &ref_grads.dv_cmp, nullptr},
+                                    {"dg_cmp", &gg.dg_cmp, &ref_grads.dg_cmp, nullptr},
+                                    {"dg_slc", &gg.dg_slc, &ref_grads.dg_slc, nullptr},
+                                    {"dg_win", &gg.dg_win, &ref_grads.dg_win, nullptr},
+                                    {"dx(k)", &gg.dxk, &ref_grads.dxk, nullptr},
+                                    {"dx(v)", &gg.dxv, &ref_grads.dxv, nullptr}};
   const char* par_names[2][5] = {{"dpos(k)", "dw1(k)", "db1(k)", "dw2(k)", "db2(k)"},
                                  {"dpos(v)", "dw1(v)", "db1(v)", "dw2(v)", "db2(v)"}};
   for (size_t i = 0; i < gg.dparams_k.size(); ++i) {
@@ -466,7 +535,8 @@ void validate_check(const Options& opt) {
   validate_config(opt.cfg);
   cli::require_multiple(opt.hq, opt.hkv);
   int64_t tokens = opt.batch * opt.tokens;  // both bounded: no overflow
-  std::string shape = "--batch " + std::to_string(opt.batch) + " --tokens " + std::to_string(opt.tokens);
+  std::string shape =
+      "--batch " + std::to_string(opt.batch) + " --tokens " + std::to_string(opt.tokens);
   if (!opt.seqlens.empty()) {
     tokens = 0;
     for (const int64_t len : cli::integer_list(opt.seqlens)) tokens += len;
@@ -485,16 +555,18 @@ void validate_check(const Options& opt) {
     shape += " --compress mlp --cmp-block " + std::to_string(opt.cfg.cmp_block) + " --mlp-hidden " +
              std::to_string(opt.hidden);
   }
-  cli::require_memory(shape + " --hq " + std::to_string(opt.hq) + " --hkv " + std::to_string(opt.hkv) +
-                          " --dk " + std::to_string(opt.dk) + " --dv " + std::to_string(opt.dv),
+  cli::require_memory(shape + " --hq " + std::to_string(opt.hq) + " --hkv " +
+                          std::to_string(opt.hkv) + " --dk " + std::to_string(opt.dk) + " --dv " +
+                          std::to_string(opt.dv),
                       bytes);
 }
 
 }  // namespace
 
 Command add_check_command(CLI::App& app) {
-  auto* cmd = app.add_subcommand("check", "Run a random case through the backends and compare "
-                                          "with the float64 reference");
+  auto* cmd = app.add_subcommand("check",
+                                 "Run a random case through the backends and compare "
+                                 "with the float64 reference");
   auto opt = std::make_shared<Options>();
   nsa_config_default(&opt->cfg);
   const int64_t tokens = cli::kMaxTokens, heads = cli::kMaxHeads, dim = cli::kMaxHeadDim;
@@ -504,12 +576,18 @@ Command add_check_command(CLI::App& app) {
   cli::add_integer(cmd, "--hkv", opt->hkv, "key/value heads", 1, heads);
   cli::add_integer(cmd, "--dk", opt->dk, "query/key head dim", 1, dim);
   cli::add_integer(cmd, "--dv", opt->dv, "value head dim", 1, dim);
-  cmd->add_option("--dtype", opt->dtype, "input dtype")->check(CLI::IsMember({"f32", "bf16"}))->capture_default_str();
-  cmd->add_option("--compress", opt->compress, "compression")->check(CLI::IsMember({"mean", "mlp"}))->capture_default_str();
+  cmd->add_option("--dtype", opt->dtype, "input dtype")
+      ->check(CLI::IsMember({"f32", "bf16"}))
+      ->capture_default_str();
+  cmd->add_option("--compress", opt->compress, "compression")
+      ->check(CLI::IsMember({"mean", "mlp"}))
+      ->capture_default_str();
   cli::add_integer(cmd, "--mlp-hidden", opt->hidden, "hidden width of the mlp compression", 1, dim);
-  cmd->add_option("--seqlens", opt->seqlens, "comma-separated lengths, variable-length packing "
-                                             "(overrides -b, -t): each 0 to 16777216, sum 1 to 16777216")
-      ->transform(cli::IntegerList(0, tokens))->type_name("LIST");
+  cmd->add_option("--seqlens", opt->seqlens,
+                  "comma-separated lengths, variable-length packing "
+                  "(overrides -b, -t): each 0 to 16777216, sum 1 to 16777216")
+      ->transform(cli::IntegerList(0, tokens))
+      ->type_name("LIST");
   // The config's own rules (stride <= block, n >= n_init + n_local) are nsa_config_validate's.
   cli::add_integer(cmd, "--cmp-block", opt->cfg.cmp_block, "l", 1, tokens);
   cli::add_integer(cmd, "--cmp-stride", opt->cfg.cmp_stride, "d", 1, tokens);
@@ -518,10 +596,15 @@ Command add_check_command(CLI::App& app) {
   cli::add_integer(cmd, "--slc-init", opt->cfg.slc_init, "n_init", 0, tokens);
   cli::add_integer(cmd, "--slc-local", opt->cfg.slc_local, "n_local", 0, tokens);
   cli::add_integer(cmd, "--window", opt->cfg.window, "w", 1, tokens);
-  cmd->add_option("--seed", opt->seed, "random seed (0 to 2^64 - 1)")->transform(cli::Unsigned64())->capture_default_str();
+  cmd->add_option("--seed", opt->seed, "random seed (0 to 2^64 - 1)")
+      ->transform(cli::Unsigned64())
+      ->capture_default_str();
   cli::add_integer(cmd, "--threads", opt->threads, "threads (0: default)", 0, cli::kMaxThreads);
-  cmd->add_option("--backend", opt->backend, "backend to check")->check(CLI::IsMember({"all", "cpu", "cuda"}))->capture_default_str();
-  cmd->add_option("--tolerance", opt->tolerance, "relative tolerance, 0 to 1 (0: default 1e-4)")->check(cli::Real(0, 1));
+  cmd->add_option("--backend", opt->backend, "backend to check")
+      ->check(CLI::IsMember({"all", "cpu", "cuda"}))
+      ->capture_default_str();
+  cmd->add_option("--tolerance", opt->tolerance, "relative tolerance, 0 to 1 (0: default 1e-4)")
+      ->check(cli::Real(0, 1));
   cmd->add_flag("!--no-backward", opt->backward, "check the forward and compression only");
   cmd->callback([opt] { validate_check(*opt); });
   return [opt] { return run_check(*opt); };

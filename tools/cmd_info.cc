@@ -47,9 +47,10 @@ Command add_info_command(CLI::App& app) {
         std::printf("  %-5s not available in this build\n", nsa_backend_name(b));
         continue;
       }
-      std::printf("  %-5s available: forward and backward (cmp, slc, win, gates), compress and its "
-                  "backward (mean, mlp), dense baseline%s\n",
-                  nsa_backend_name(b), b == NSA_BACKEND_CPU ? ", KV-cache decode" : "");
+      std::printf(
+          "  %-5s available: forward and backward (cmp, slc, win, gates), compress and its "
+          "backward (mean, mlp), dense baseline%s\n",
+          nsa_backend_name(b), b == NSA_BACKEND_CPU ? ", KV-cache decode" : "");
     }
     std::printf("auto backend resolves to: %s\n",
                 nsa_backend_available(NSA_BACKEND_CPU) ? "cpu" : "ref");

@@ -237,11 +237,11 @@ NSA_API size_t nsa_dtype_size(nsa_dtype dtype);
 #define NSA_MAX_DIMS 4
 
 typedef struct nsa_tensor {
-  void* data;                    /* NULL: absent */
+  void* data; /* NULL: absent */
   nsa_dtype dtype;
-  int32_t ndim;                  /* 1 .. NSA_MAX_DIMS: the argument's rank */
+  int32_t ndim; /* 1 .. NSA_MAX_DIMS: the argument's rank */
   int64_t shape[NSA_MAX_DIMS];
-  int64_t stride[NSA_MAX_DIMS];  /* in elements, >= 0; stride[ndim-1] is 1 unless its size <= 1 */
+  int64_t stride[NSA_MAX_DIMS]; /* in elements, >= 0; stride[ndim-1] is 1 unless its size <= 1 */
 } nsa_tensor;
 
 /* A contiguous row-major descriptor of rank ndim (shape[0..ndim-1]); data, dtype and sizes are
@@ -261,22 +261,22 @@ typedef struct nsa_fwd_inputs {
   nsa_config cfg; /* must be valid (nsa_config_validate) */
 
   /* Required except the per-branch K/V. */
-  nsa_tensor q;      /* [B, T, Hq, Dk] f32 or bf16 */
-  nsa_tensor k;      /* [B, T, Hkv, Dk] q's dtype, Hq % Hkv == 0 (else NSA_ERR_INVALID_SHAPE):
-                        raw keys, shared by the slc and win branches */
-  nsa_tensor v;      /* [B, T, Hkv, Dv] q's dtype: raw values, likewise */
-  nsa_tensor k_slc;  /* optional [B, T, Hkv, Dk] q's dtype: the slc branch's own keys (SPEC 3);
-                        absent: k */
-  nsa_tensor v_slc;  /* optional [B, T, Hkv, Dv] q's dtype; absent: v */
-  nsa_tensor k_win;  /* optional [B, T, Hkv, Dk] q's dtype: the win branch's own keys; absent: k */
-  nsa_tensor v_win;  /* optional [B, T, Hkv, Dv] q's dtype; absent: v. Give both of a pair or
-                        neither (one alone: NSA_ERR_NULL_POINTER). */
-  nsa_tensor k_cmp;  /* [B, Tc, Hkv, Dk] q's dtype: compressed keys (nsa_compress, or the
-                        caller's) */
-  nsa_tensor v_cmp;  /* [B, Tc, Hkv, Dv] q's dtype: compressed values */
-  nsa_tensor g_cmp;  /* [B, T, Hq] f32 or q's dtype: gate values (the op applies no sigmoid) */
-  nsa_tensor g_slc;  /* [B, T, Hq] f32 or q's dtype */
-  nsa_tensor g_win;  /* [B, T, Hq] f32 or q's dtype */
+  nsa_tensor q;     /* [B, T, Hq, Dk] f32 or bf16 */
+  nsa_tensor k;     /* [B, T, Hkv, Dk] q's dtype, Hq % Hkv == 0 (else NSA_ERR_INVALID_SHAPE):
+                       raw keys, shared by the slc and win branches */
+  nsa_tensor v;     /* [B, T, Hkv, Dv] q's dtype: raw values, likewise */
+  nsa_tensor k_slc; /* optional [B, T, Hkv, Dk] q's dtype: the slc branch's own keys (SPEC 3);
+                       absent: k */
+  nsa_tensor v_slc; /* optional [B, T, Hkv, Dv] q's dtype; absent: v */
+  nsa_tensor k_win; /* optional [B, T, Hkv, Dk] q's dtype: the win branch's own keys; absent: k */
+  nsa_tensor v_win; /* optional [B, T, Hkv, Dv] q's dtype; absent: v. Give both of a pair or
+                       neither (one alone: NSA_ERR_NULL_POINTER). */
+  nsa_tensor k_cmp; /* [B, Tc, Hkv, Dk] q's dtype: compressed keys (nsa_compress, or the
+                       caller's) */
+  nsa_tensor v_cmp; /* [B, Tc, Hkv, Dv] q's dtype: compressed values */
+  nsa_tensor g_cmp; /* [B, T, Hq] f32 or q's dtype: gate values (the op applies no sigmoid) */
+  nsa_tensor g_slc; /* [B, T, Hq] f32 or q's dtype */
+  nsa_tensor g_win; /* [B, T, Hq] f32 or q's dtype */
 
   /* Optional variable-length packing: S sequences packed along T. The rules of every call that
    * takes cu_seqlens (an array of S + 1 entries):
@@ -300,14 +300,14 @@ typedef struct nsa_fwd_params {
   nsa_tensor slc_indices_in;
 
   /* Outputs: o required, the others optional. */
-  nsa_tensor o;       /* [B, T, Hq, Dv] f32 or bf16 */
-  nsa_tensor lse_cmp; /* [B, T, Hq] f32 only: per-branch log-sum-exp (natural log, scaled
-                         scores); -inf where the branch is empty */
-  nsa_tensor lse_slc; /* [B, T, Hq] f32 only */
-  nsa_tensor lse_win; /* [B, T, Hq] f32 only */
-  nsa_tensor o_cmp;   /* [B, T, Hq, Dv] f32 or bf16: the ungated branch outputs */
-  nsa_tensor o_slc;   /* [B, T, Hq, Dv] f32 or bf16 */
-  nsa_tensor o_win;   /* [B, T, Hq, Dv] f32 or bf16 */
+  nsa_tensor o;               /* [B, T, Hq, Dv] f32 or bf16 */
+  nsa_tensor lse_cmp;         /* [B, T, Hq] f32 only: per-branch log-sum-exp (natural log, scaled
+                                 scores); -inf where the branch is empty */
+  nsa_tensor lse_slc;         /* [B, T, Hq] f32 only */
+  nsa_tensor lse_win;         /* [B, T, Hq] f32 only */
+  nsa_tensor o_cmp;           /* [B, T, Hq, Dv] f32 or bf16: the ungated branch outputs */
+  nsa_tensor o_slc;           /* [B, T, Hq, Dv] f32 or bf16 */
+  nsa_tensor o_win;           /* [B, T, Hq, Dv] f32 or bf16 */
   nsa_tensor slc_indices_out; /* [B, T, Hkv, n] int32: sorted ascending, -1 padded */
 } nsa_fwd_params;
 
@@ -375,22 +375,22 @@ typedef struct nsa_bwd_params {
    * with any missing it first reruns the CPU forward (with slc_indices) to recompute them, about
    * one forward's time. They must be the forward's own values for these inputs (not checked).
    * The reference checks their shapes but recomputes everything in float64. */
-  nsa_tensor lse_cmp;     /* [B, T, Hq] f32 only */
+  nsa_tensor lse_cmp; /* [B, T, Hq] f32 only */
   nsa_tensor lse_slc;
   nsa_tensor lse_win;
-  nsa_tensor o_cmp;       /* [B, T, Hq, Dv] f32 or bf16 */
+  nsa_tensor o_cmp; /* [B, T, Hq, Dv] f32 or bf16 */
   nsa_tensor o_slc;
   nsa_tensor o_win;
 
-  nsa_tensor d_o;         /* [B, T, Hq, Dv] f32 or bf16 (whatever q's dtype), required: dL/do */
+  nsa_tensor d_o; /* [B, T, Hq, Dv] f32 or bf16 (whatever q's dtype), required: dL/do */
 
   /* Outputs, each f32 or bf16 (whatever the inputs' dtypes), each shaped as its input. */
-  nsa_tensor dq;                         /* [B, T, Hq, Dk], required */
-  nsa_tensor dk, dv;                     /* [B, T, Hkv, Dk|Dv]: the branches that read k/v */
-  nsa_tensor dk_slc, dv_slc;             /* exactly when k_slc/v_slc were given */
-  nsa_tensor dk_win, dv_win;             /* exactly when k_win/v_win were given */
-  nsa_tensor dk_cmp, dv_cmp;             /* [B, Tc, Hkv, Dk|Dv], required */
-  nsa_tensor dg_cmp, dg_slc, dg_win;     /* [B, T, Hq], required: dg_c = sum(d_o * o_c) */
+  nsa_tensor dq;                     /* [B, T, Hq, Dk], required */
+  nsa_tensor dk, dv;                 /* [B, T, Hkv, Dk|Dv]: the branches that read k/v */
+  nsa_tensor dk_slc, dv_slc;         /* exactly when k_slc/v_slc were given */
+  nsa_tensor dk_win, dv_win;         /* exactly when k_win/v_win were given */
+  nsa_tensor dk_cmp, dv_cmp;         /* [B, Tc, Hkv, Dk|Dv], required */
+  nsa_tensor dg_cmp, dg_slc, dg_win; /* [B, T, Hq], required: dg_c = sum(d_o * o_c) */
 } nsa_bwd_params;
 
 /* Zeroes every field (all tensors absent) and fills cfg with the defaults. */
@@ -407,10 +407,10 @@ typedef enum nsa_cmp_kind {
 } nsa_cmp_kind;
 
 typedef struct nsa_compress_params {
-  nsa_config cfg; /* uses cmp_block (l) and cmp_stride (d); all of it must be valid */
+  nsa_config cfg;    /* uses cmp_block (l) and cmp_stride (d); all of it must be valid */
   nsa_cmp_kind kind; /* another value: NSA_ERR_INVALID_ARGUMENT */
 
-  nsa_tensor x;   /* [B, T, Hkv, D] raw keys or values; f32 or bf16 */
+  nsa_tensor x;              /* [B, T, Hkv, D] raw keys or values; f32 or bf16 */
   const int32_t* cu_seqlens; /* optional, as in nsa_fwd_params */
   int64_t num_seqs;
 
@@ -440,7 +440,7 @@ typedef struct nsa_compress_bwd_params {
 
   /* The forward's inputs, as given to nsa_compress and checked as it checks them (x is required
    * for both kinds). */
-  nsa_tensor x;   /* [B, T, Hkv, D] */
+  nsa_tensor x; /* [B, T, Hkv, D] */
   const int32_t* cu_seqlens;
   int64_t num_seqs;
   nsa_tensor pos, w1, b1, w2, b2; /* kind == NSA_CMP_MLP only */
@@ -449,7 +449,7 @@ typedef struct nsa_compress_bwd_params {
                       dL/d(nsa_compress's out) */
 
   /* Outputs, each f32 or bf16 (whatever the inputs' dtypes). */
-  nsa_tensor dx;   /* [B, T, Hkv, D], required */
+  nsa_tensor dx; /* [B, T, Hkv, D], required */
   /* kind == NSA_CMP_MLP: required (absent: NSA_ERR_NULL_POINTER), shaped as pos, w1, b1, w2, b2;
    * kind == NSA_CMP_MEAN: ignored (not checked) */
   nsa_tensor dpos, dw1, db1, dw2, db2;
@@ -466,9 +466,9 @@ NSA_API nsa_status nsa_compress_bwd(nsa_context* ctx, const nsa_compress_bwd_par
  * care as the NSA kernels (tiles, online softmax, SIMD). It is the baseline of every speedup that
  * nsa reports, and FlashAttention's op with window_size = (window - 1, 0). */
 typedef struct nsa_dense_fwd_params {
-  nsa_tensor q;   /* [B, T, Hq, Dk], f32 or bf16 */
-  nsa_tensor k;   /* [B, T, Hkv, Dk], q's dtype; Hq % Hkv == 0 (else NSA_ERR_INVALID_SHAPE) */
-  nsa_tensor v;   /* [B, T, Hkv, Dv], q's dtype */
+  nsa_tensor q; /* [B, T, Hq, Dk], f32 or bf16 */
+  nsa_tensor k; /* [B, T, Hkv, Dk], q's dtype; Hq % Hkv == 0 (else NSA_ERR_INVALID_SHAPE) */
+  nsa_tensor v; /* [B, T, Hkv, Dv], q's dtype */
   const int32_t* cu_seqlens; /* optional, as in nsa_fwd_params */
   int64_t num_seqs;
   float scale;    /* finite, >= 0 (else NSA_ERR_INVALID_ARGUMENT); 0: 1/sqrt(Dk) */
@@ -492,20 +492,20 @@ NSA_API nsa_status nsa_dense_fwd(nsa_context* ctx, const nsa_dense_fwd_params* p
  * lse, d_o). */
 typedef struct nsa_dense_bwd_params {
   /* q, k, v, cu_seqlens, scale and window: checked exactly as nsa_dense_fwd checks them. */
-  nsa_tensor q;   /* [B, T, Hq, Dk], f32 or bf16 */
-  nsa_tensor k;   /* [B, T, Hkv, Dk], q's dtype */
-  nsa_tensor v;   /* [B, T, Hkv, Dv], q's dtype */
-  nsa_tensor o;   /* [B, T, Hq, Dv], f32 or bf16, required: nsa_dense_fwd's output */
-  nsa_tensor lse; /* [B, T, Hq] f32 only, required: nsa_dense_fwd's lse */
-  nsa_tensor d_o; /* [B, T, Hq, Dv], f32 or q's dtype, required: dL/do */
+  nsa_tensor q;              /* [B, T, Hq, Dk], f32 or bf16 */
+  nsa_tensor k;              /* [B, T, Hkv, Dk], q's dtype */
+  nsa_tensor v;              /* [B, T, Hkv, Dv], q's dtype */
+  nsa_tensor o;              /* [B, T, Hq, Dv], f32 or bf16, required: nsa_dense_fwd's output */
+  nsa_tensor lse;            /* [B, T, Hq] f32 only, required: nsa_dense_fwd's lse */
+  nsa_tensor d_o;            /* [B, T, Hq, Dv], f32 or q's dtype, required: dL/do */
   const int32_t* cu_seqlens; /* optional, as in nsa_dense_fwd_params */
   int64_t num_seqs;
   float scale;    /* as in nsa_dense_fwd_params; must be the forward's */
   int32_t window; /* as in nsa_dense_fwd_params; must be the forward's */
   /* Outputs, each f32 or bf16, required, overwritten. */
-  nsa_tensor dq;  /* [B, T, Hq, Dk] */
-  nsa_tensor dk;  /* [B, T, Hkv, Dk] */
-  nsa_tensor dv;  /* [B, T, Hkv, Dv] */
+  nsa_tensor dq; /* [B, T, Hq, Dk] */
+  nsa_tensor dk; /* [B, T, Hkv, Dk] */
+  nsa_tensor dv; /* [B, T, Hkv, Dv] */
 } nsa_dense_bwd_params;
 
 NSA_API void nsa_dense_bwd_params_init(nsa_dense_bwd_params* p);
@@ -540,14 +540,14 @@ NSA_API nsa_status nsa_dense_bwd(nsa_context* ctx, const nsa_dense_bwd_params* p
 typedef struct nsa_kv_cache nsa_kv_cache;
 
 typedef struct nsa_kv_cache_params {
-  nsa_config cfg;      /* the NSA configuration every call on the cache uses; must be valid */
-  int64_t num_seqs;    /* sequences (batch slots), in [1, INT32_MAX] */
-  int64_t capacity;    /* tokens per sequence, >= 1, with capacity / slc_block < INT32_MAX */
-  int64_t num_kv_heads;/* Hkv, in [1, 2^20] */
-  int64_t head_dim_k;  /* Dk, in [1, 2^20] */
-  int64_t head_dim_v;  /* Dv, in [1, 2^20] */
-  nsa_dtype dtype;     /* storage of raw and compressed K/V: f32 or bf16 (else
-                          NSA_ERR_INVALID_DTYPE) */
+  nsa_config cfg;        /* the NSA configuration every call on the cache uses; must be valid */
+  int64_t num_seqs;      /* sequences (batch slots), in [1, INT32_MAX] */
+  int64_t capacity;      /* tokens per sequence, >= 1, with capacity / slc_block < INT32_MAX */
+  int64_t num_kv_heads;  /* Hkv, in [1, 2^20] */
+  int64_t head_dim_k;    /* Dk, in [1, 2^20] */
+  int64_t head_dim_v;    /* Dv, in [1, 2^20] */
+  nsa_dtype dtype;       /* storage of raw and compressed K/V: f32 or bf16 (else
+                            NSA_ERR_INVALID_DTYPE) */
   nsa_cmp_kind cmp_kind; /* another value: NSA_ERR_INVALID_ARGUMENT */
   /* cmp_kind == NSA_CMP_MLP: required, phi's parameters for keys (k_*) and values (v_*), shaped
    * as in nsa_compress_params with D = Dk resp. Dv (each set its own Dh >= 1; l * D past
@@ -587,12 +587,12 @@ NSA_API nsa_status nsa_kv_cache_append(nsa_context* ctx, nsa_kv_cache* cache, in
  * steps read). All tensors are required except the optional outputs; the other rules, and their
  * statuses, are nsa_fwd's (Hq >= 1 a multiple of Hkv, ...). T = 0 is valid and appends nothing. */
 typedef struct nsa_prefill_params {
-  int64_t seq;       /* the cache sequence; it must be empty (else NSA_ERR_INVALID_ARGUMENT) */
-  nsa_tensor q;      /* [T, Hq, Dk], the cache's dtype */
-  nsa_tensor k;      /* [T, Hkv, Dk], the cache's dtype; T <= capacity (else
-                        NSA_ERR_INVALID_SHAPE) */
-  nsa_tensor v;      /* [T, Hkv, Dv], the cache's dtype */
-  nsa_tensor g_cmp;  /* [T, Hq], f32 or the cache's dtype */
+  int64_t seq;      /* the cache sequence; it must be empty (else NSA_ERR_INVALID_ARGUMENT) */
+  nsa_tensor q;     /* [T, Hq, Dk], the cache's dtype */
+  nsa_tensor k;     /* [T, Hkv, Dk], the cache's dtype; T <= capacity (else
+                       NSA_ERR_INVALID_SHAPE) */
+  nsa_tensor v;     /* [T, Hkv, Dv], the cache's dtype */
+  nsa_tensor g_cmp; /* [T, Hq], f32 or the cache's dtype */
   nsa_tensor g_slc;
   nsa_tensor g_win;
   nsa_tensor o;       /* [T, Hq, Dv], f32 or bf16 */
@@ -614,16 +614,16 @@ NSA_API nsa_status nsa_prefill(nsa_context* ctx, nsa_kv_cache* cache, const nsa_
  * without, none may be empty (NSA_ERR_INVALID_ARGUMENT). S = 0 is valid and does nothing. A
  * failure after the checks (NSA_ERR_OUT_OF_MEMORY) leaves every sequence's length as it was. */
 typedef struct nsa_decode_params {
-  nsa_tensor q;      /* [S, Hq, Dk], f32 or bf16 (whatever the cache's dtype); Hq >= 1, a
-                        multiple of the cache's Hkv (else NSA_ERR_INVALID_SHAPE) */
-  nsa_tensor k;      /* optional [S, Hkv, Dk]: the new tokens' keys, appended first; f32 or bf16
-                        whatever q's dtype, rounded to the cache's (as nsa_kv_cache_append) */
-  nsa_tensor v;      /* optional [S, Hkv, Dv], likewise; give both k and v or neither (one
-                        alone: NSA_ERR_NULL_POINTER) */
+  nsa_tensor q; /* [S, Hq, Dk], f32 or bf16 (whatever the cache's dtype); Hq >= 1, a
+                   multiple of the cache's Hkv (else NSA_ERR_INVALID_SHAPE) */
+  nsa_tensor k; /* optional [S, Hkv, Dk]: the new tokens' keys, appended first; f32 or bf16
+                   whatever q's dtype, rounded to the cache's (as nsa_kv_cache_append) */
+  nsa_tensor v; /* optional [S, Hkv, Dv], likewise; give both k and v or neither (one
+                   alone: NSA_ERR_NULL_POINTER) */
   const int32_t* seq_ids; /* optional host array [S]: cache sequences, in [0, num_seqs) and
                              distinct (else NSA_ERR_INVALID_INDEX); NULL: 0..S-1, which needs
                              S <= num_seqs (else NSA_ERR_INVALID_SHAPE) */
-  nsa_tensor g_cmp;  /* [S, Hq], f32 or q's dtype */
+  nsa_tensor g_cmp;       /* [S, Hq], f32 or q's dtype */
   nsa_tensor g_slc;
   nsa_tensor g_win;
   nsa_tensor o;       /* [S, Hq, Dv], f32 or bf16, required */
@@ -640,15 +640,15 @@ NSA_API nsa_status nsa_decode(nsa_context* ctx, nsa_kv_cache* cache, const nsa_d
  * its sequence (or the last `window` ones), with the same split-key kernels. q, k, v and seq_ids
  * and the sequences' state obey nsa_decode's rules. */
 typedef struct nsa_dense_decode_params {
-  nsa_tensor q;      /* [S, Hq, Dk], f32 or bf16 */
-  nsa_tensor k;      /* optional [S, Hkv, Dk]: appended first, as in nsa_decode_params */
-  nsa_tensor v;      /* optional [S, Hkv, Dv] */
+  nsa_tensor q; /* [S, Hq, Dk], f32 or bf16 */
+  nsa_tensor k; /* optional [S, Hkv, Dk]: appended first, as in nsa_decode_params */
+  nsa_tensor v; /* optional [S, Hkv, Dv] */
   const int32_t* seq_ids;
-  float scale;       /* finite, >= 0 (else NSA_ERR_INVALID_ARGUMENT); 0: 1/sqrt(Dk) */
-  int32_t window;    /* >= 0 (else NSA_ERR_INVALID_ARGUMENT); 0: every cached token; w >= 1: the
-                        last w */
-  nsa_tensor o;      /* [S, Hq, Dv], f32 or bf16, required */
-  nsa_tensor lse;    /* optional [S, Hq] f32 only */
+  float scale;    /* finite, >= 0 (else NSA_ERR_INVALID_ARGUMENT); 0: 1/sqrt(Dk) */
+  int32_t window; /* >= 0 (else NSA_ERR_INVALID_ARGUMENT); 0: every cached token; w >= 1: the
+                     last w */
+  nsa_tensor o;   /* [S, Hq, Dv], f32 or bf16, required */
+  nsa_tensor lse; /* optional [S, Hq] f32 only */
 } nsa_dense_decode_params;
 
 NSA_API void nsa_dense_decode_params_init(nsa_dense_decode_params* p);

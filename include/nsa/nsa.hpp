@@ -21,11 +21,17 @@ struct bf16 {
 template <typename T>
 constexpr nsa_dtype dtype_of();
 template <>
-constexpr nsa_dtype dtype_of<float>() { return NSA_DTYPE_F32; }
+constexpr nsa_dtype dtype_of<float>() {
+  return NSA_DTYPE_F32;
+}
 template <>
-constexpr nsa_dtype dtype_of<bf16>() { return NSA_DTYPE_BF16; }
+constexpr nsa_dtype dtype_of<bf16>() {
+  return NSA_DTYPE_BF16;
+}
 template <>
-constexpr nsa_dtype dtype_of<int32_t>() { return NSA_DTYPE_I32; }
+constexpr nsa_dtype dtype_of<int32_t>() {
+  return NSA_DTYPE_I32;
+}
 
 // Thrown by the C++ layer when a call returns an error; what() carries the library's message.
 class Error : public std::runtime_error {

@@ -39,7 +39,6 @@ nsa_status op_call(nsa_context* ctx, const Params* p, Make make, Body body) {
 
 }  // namespace
 
-
 extern "C" {
 
 const char* nsa_status_name(nsa_status status) {
@@ -94,9 +93,9 @@ nsa_status nsa_context_set_num_threads(nsa_context* ctx, int32_t n) {
   return guarded(ctx, [&]() -> Status {
     // Bounded: OpenMP ends the process when it cannot start a team of the size asked for.
     if (n < 0 || n > NSA_MAX_THREADS) {
-      return nsa::error(NSA_ERR_INVALID_ARGUMENT,
-                        "num_threads: must be in [0, " + std::to_string(NSA_MAX_THREADS) +
-                            "] (0: default), got " + std::to_string(n));
+      return nsa::error(NSA_ERR_INVALID_ARGUMENT, "num_threads: must be in [0, " +
+                                                      std::to_string(NSA_MAX_THREADS) +
+                                                      "] (0: default), got " + std::to_string(n));
     }
     ctx->num_threads = n;
     return Status::ok();
@@ -214,12 +213,12 @@ void nsa_fwd_params_init(nsa_fwd_params* p) {
 }
 
 nsa_status nsa_fwd(nsa_context* ctx, const nsa_fwd_params* p) {
-  return op_call<nsa::FwdProblem>(ctx, p, nsa::make_fwd_problem,
-                                  [&](const Backend& be, nsa::FwdProblem& pr) -> Status {
-    // No token: nothing to compute or write, so no backend needs to handle the empty case.
-    if (pr.B == 0 || pr.T == 0) return Status::ok();
-    return nsa::api::run_profiled(ctx, be, &Backend::forward, "nsa_fwd", pr, &ctx->fwd_profile);
-  });
+  return op_call<nsa::FwdProblem>(
+      ctx, p, nsa::make_fwd_problem, [&](const Backend& be, nsa::FwdProblem& pr) -> Status {
+        // No token: nothing to compute or write, so no backend needs to handle the empty case.
+        if (pr.B == 0 || pr.T == 0) return Status::ok();
+        return nsa::api::run_profiled(ctx, be, &Backend::forward, "nsa_fwd", pr, &ctx->fwd_profile);
+      });
 }
 
 void nsa_bwd_params_init(nsa_bwd_params* p) {
@@ -231,10 +230,12 @@ void nsa_bwd_params_init(nsa_bwd_params* p) {
 nsa_status nsa_bwd(nsa_context* ctx, const nsa_bwd_params* p) {
   return op_call<nsa::BwdProblem>(ctx, p, nsa::make_bwd_problem,
                                   [&](const Backend& be, nsa::BwdProblem& pr) -> Status {
-    // No token: every output is empty, so there is nothing to write.
-    if (pr.B == 0 || pr.T == 0) return Status::ok();
-    return nsa::api::run_profiled(ctx, be, &Backend::backward, "nsa_bwd", pr, &ctx->bwd_profile);
-  });
+                                    // No token: every output is empty, so there is nothing to
+                                    // write.
+                                    if (pr.B == 0 || pr.T == 0) return Status::ok();
+                                    return nsa::api::run_profiled(ctx, be, &Backend::backward,
+                                                                  "nsa_bwd", pr, &ctx->bwd_profile);
+                                  });
 }
 
 nsa_status nsa_cmp_seqlens(nsa_context* ctx, const nsa_config* cfg, const int32_t* cu_seqlens,
@@ -270,9 +271,11 @@ void nsa_compress_params_init(nsa_compress_params* p) {
 nsa_status nsa_compress(nsa_context* ctx, const nsa_compress_params* p) {
   return op_call<nsa::CompressProblem>(ctx, p, nsa::make_compress_problem,
                                        [](const Backend& be, nsa::CompressProblem& pr) -> Status {
-    if (pr.B == 0 || pr.Tc == 0) return Status::ok();  // no compressed token to write
-    return nsa::api::run(be, &Backend::compress, "nsa_compress", pr);
-  });
+                                         if (pr.B == 0 || pr.Tc == 0)
+                                           return Status::ok();  // no compressed token to write
+                                         return nsa::api::run(be, &Backend::compress,
+                                                              "nsa_compress", pr);
+                                       });
 }
 
 void nsa_compress_bwd_params_init(nsa_compress_bwd_params* p) {
@@ -296,11 +299,11 @@ void nsa_dense_fwd_params_init(nsa_dense_fwd_params* p) {
 }
 
 nsa_status nsa_dense_fwd(nsa_context* ctx, const nsa_dense_fwd_params* p) {
-  return op_call<nsa::DenseProblem>(ctx, p, nsa::make_dense_problem,
-                                    [](const Backend& be, nsa::DenseProblem& pr) -> Status {
-    if (pr.B == 0 || pr.T == 0) return Status::ok();
-    return nsa::api::run(be, &Backend::dense_forward, "nsa_dense_fwd", pr);
-  });
+  return op_call<nsa::DenseProblem>(
+      ctx, p, nsa::make_dense_problem, [](const Backend& be, nsa::DenseProblem& pr) -> Status {
+        if (pr.B == 0 || pr.T == 0) return Status::ok();
+        return nsa::api::run(be, &Backend::dense_forward, "nsa_dense_fwd", pr);
+      });
 }
 
 void nsa_dense_bwd_params_init(nsa_dense_bwd_params* p) {
@@ -310,9 +313,10 @@ void nsa_dense_bwd_params_init(nsa_dense_bwd_params* p) {
 nsa_status nsa_dense_bwd(nsa_context* ctx, const nsa_dense_bwd_params* p) {
   return op_call<nsa::DenseBwdProblem>(ctx, p, nsa::make_dense_bwd_problem,
                                        [](const Backend& be, nsa::DenseBwdProblem& pr) -> Status {
-    if (pr.B == 0 || pr.T == 0) return Status::ok();
-    return nsa::api::run(be, &Backend::dense_backward, "nsa_dense_bwd", pr);
-  });
+                                         if (pr.B == 0 || pr.T == 0) return Status::ok();
+                                         return nsa::api::run(be, &Backend::dense_backward,
+                                                              "nsa_dense_bwd", pr);
+                                       });
 }
 
 const char* nsa_version(void) { return NSA_VERSION_STRING; }

@@ -34,15 +34,18 @@ nsa_status cache_call(nsa_context* ctx, nsa_kv_cache* cache, const Params* p, En
     NSA_RETURN_IF_ERROR(nsa::api::select_backend(ctx, &be));
     if (be->*entry == nullptr) return nsa::api::unsupported(*be, call);
     if (be != cache->backend) {
-      return error(NSA_ERR_INVALID_ARGUMENT,
-                   cat("cache: created on the ", cache->backend->name, " backend, but the context "
-                       "runs ", be->name));
+      return error(NSA_ERR_INVALID_ARGUMENT, cat("cache: created on the ", cache->backend->name,
+                                                 " backend, but the context "
+                                                 "runs ",
+                                                 be->name));
     }
     return body(*be);
   });
 }
 
-int32_t append_threads(const nsa_context* ctx) { return ctx->num_threads > 0 ? ctx->num_threads : 0; }
+int32_t append_threads(const nsa_context* ctx) {
+  return ctx->num_threads > 0 ? ctx->num_threads : 0;
+}
 
 // Appends row s of k/v (each [S, Hkv, D]) to its sequence, then runs the step. A failure on the
 // way (out of memory) restores every length, so the call changes nothing (nsa.h).
@@ -86,9 +89,9 @@ nsa_status nsa_kv_cache_create(nsa_context* ctx, const nsa_kv_cache_params* p, n
     const Backend* be = nullptr;
     NSA_RETURN_IF_ERROR(nsa::api::select_backend(ctx, &be));
     if (be->cache_create == nullptr) {
-      return error(NSA_ERR_UNSUPPORTED,
-                   cat("nsa_kv_cache_create: the ", be->name, " backend has no KV cache (use "
-                       "nsa_fwd on the prefix as the oracle)"));
+      return error(NSA_ERR_UNSUPPORTED, cat("nsa_kv_cache_create: the ", be->name,
+                                            " backend has no KV cache (use "
+                                            "nsa_fwd on the prefix as the oracle)"));
     }
     NSA_RETURN_IF_ERROR(nsa::check_cache_params(*p));
     auto cache = std::make_unique<nsa_kv_cache>();
@@ -153,16 +156,16 @@ void nsa_prefill_params_init(nsa_prefill_params* p) {
 nsa_status nsa_prefill(nsa_context* ctx, nsa_kv_cache* cache, const nsa_prefill_params* p) {
   return cache_call(ctx, cache, p, &Backend::prefill, "nsa_prefill",
                     [&](const Backend& be) -> Status {
-    nsa::FwdProblem fwd;
-    NSA_RETURN_IF_ERROR(nsa::make_prefill_problem(*cache, *p, be, &fwd));
-    if (fwd.T == 0) return Status::ok();
-    fwd.num_threads = ctx->num_threads;
-    // The backend appends the prompt, then runs its forward on the cache's compressed tokens;
-    // the sequence stays empty unless both succeed.
-    NSA_RETURN_IF_ERROR(be.prefill(*cache, p->seq, fwd));
-    cache->len[static_cast<size_t>(p->seq)] = fwd.T;
-    return Status::ok();
-  });
+                      nsa::FwdProblem fwd;
+                      NSA_RETURN_IF_ERROR(nsa::make_prefill_problem(*cache, *p, be, &fwd));
+                      if (fwd.T == 0) return Status::ok();
+                      fwd.num_threads = ctx->num_threads;
+                      // The backend appends the prompt, then runs its forward on the cache's
+                      // compressed tokens; the sequence stays empty unless both succeed.
+                      NSA_RETURN_IF_ERROR(be.prefill(*cache, p->seq, fwd));
+                      cache->len[static_cast<size_t>(p->seq)] = fwd.T;
+                      return Status::ok();
+                    });
 }
 
 void nsa_decode_params_init(nsa_decode_params* p) {
@@ -172,12 +175,12 @@ void nsa_decode_params_init(nsa_decode_params* p) {
 nsa_status nsa_decode(nsa_context* ctx, nsa_kv_cache* cache, const nsa_decode_params* p) {
   return cache_call(ctx, cache, p, &Backend::decode, "nsa_decode",
                     [&](const Backend& be) -> Status {
-    nsa::DecodeProblem pr;
-    NSA_RETURN_IF_ERROR(nsa::make_decode_problem(*cache, *p, &pr));
-    if (pr.S == 0) return Status::ok();
-    pr.num_threads = ctx->num_threads;
-    return append_and_decode(ctx, cache, pr, p->k, p->v, be.decode);
-  });
+                      nsa::DecodeProblem pr;
+                      NSA_RETURN_IF_ERROR(nsa::make_decode_problem(*cache, *p, &pr));
+                      if (pr.S == 0) return Status::ok();
+                      pr.num_threads = ctx->num_threads;
+                      return append_and_decode(ctx, cache, pr, p->k, p->v, be.decode);
+                    });
 }
 
 void nsa_dense_decode_params_init(nsa_dense_decode_params* p) {
@@ -188,12 +191,12 @@ nsa_status nsa_dense_decode(nsa_context* ctx, nsa_kv_cache* cache,
                             const nsa_dense_decode_params* p) {
   return cache_call(ctx, cache, p, &Backend::dense_decode, "nsa_dense_decode",
                     [&](const Backend& be) -> Status {
-    nsa::DecodeProblem pr;
-    NSA_RETURN_IF_ERROR(nsa::make_dense_decode_problem(*cache, *p, &pr));
-    if (pr.S == 0) return Status::ok();
-    pr.num_threads = ctx->num_threads;
-    return append_and_decode(ctx, cache, pr, p->k, p->v, be.dense_decode);
-  });
+                      nsa::DecodeProblem pr;
+                      NSA_RETURN_IF_ERROR(nsa::make_dense_decode_problem(*cache, *p, &pr));
+                      if (pr.S == 0) return Status::ok();
+                      pr.num_threads = ctx->num_threads;
+                      return append_and_decode(ctx, cache, pr, p->k, p->v, be.dense_decode);
+                    });
 }
 
 }  // extern "C"

@@ -31,8 +31,8 @@ Status select_backend(const nsa_context* ctx, const Backend** out) {
   }
   *out = find_backend(ctx->backend);
   if (*out != nullptr) return Status::ok();
-  return error(NSA_ERR_UNSUPPORTED, cat("backend ", nsa_backend_name(ctx->backend),
-                                        " is not available in this build"));
+  return error(NSA_ERR_UNSUPPORTED,
+               cat("backend ", nsa_backend_name(ctx->backend), " is not available in this build"));
 }
 
 Status unsupported(const Backend& be, const char* call) {

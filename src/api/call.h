@@ -57,9 +57,8 @@ Status run(const Backend& be, Status (*Backend::*entry)(const Problem&), const c
 // run() with the context's profiling: the backend fills the stage times of *pr.profile, the wall
 // time is measured here, and the profile is kept in *slot when the call succeeded.
 template <typename Problem, typename Profile>
-Status run_profiled(nsa_context* ctx, const Backend& be,
-                    Status (*Backend::*entry)(const Problem&), const char* call, Problem& pr,
-                    Profile* slot) {
+Status run_profiled(nsa_context* ctx, const Backend& be, Status (*Backend::*entry)(const Problem&),
+                    const char* call, Problem& pr, Profile* slot) {
   if (!ctx->profiling) return run(be, entry, call, pr);
   Profile profile{};
   pr.profile = &profile;

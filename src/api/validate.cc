@@ -88,9 +88,8 @@ Status check_tensor(const char* name, const nsa_tensor& t, const std::vector<int
                    cat(name, ": negative size ", t.shape[i], " in dimension ", i));
     }
     if (shape[i] >= 0 && t.shape[i] != shape[i]) {
-      return error(NSA_ERR_INVALID_SHAPE,
-                   cat(name, ": expected shape ", shape_str(shape), " (-1: any), got ",
-                       shape_str(t)));
+      return error(NSA_ERR_INVALID_SHAPE, cat(name, ": expected shape ", shape_str(shape),
+                                              " (-1: any), got ", shape_str(t)));
     }
     if (t.stride[i] < 0) {
       return error(NSA_ERR_INVALID_STRIDE,
@@ -98,13 +97,15 @@ Status check_tensor(const char* name, const nsa_tensor& t, const std::vector<int
     }
   }
   if (!span_fits(t)) {
-    return error(NSA_ERR_INVALID_SHAPE,
-                 cat(name, ": shape ", shape_str(t), " with these strides spans more memory than "
-                     "a 64-bit offset can address"));
+    return error(NSA_ERR_INVALID_SHAPE, cat(name, ": shape ", shape_str(t),
+                                            " with these strides spans more memory than "
+                                            "a 64-bit offset can address"));
   }
   if (t.shape[nd - 1] > 1 && t.stride[nd - 1] != 1) {
-    return error(NSA_ERR_INVALID_STRIDE, cat(name, ": the last dimension must be contiguous "
-                                               "(stride 1), got stride ", t.stride[nd - 1]));
+    return error(NSA_ERR_INVALID_STRIDE, cat(name,
+                                             ": the last dimension must be contiguous "
+                                             "(stride 1), got stride ",
+                                             t.stride[nd - 1]));
   }
   if (role == Role::kOutput && views_overlap(t)) {
     return error(NSA_ERR_INVALID_STRIDE,
@@ -117,8 +118,8 @@ Status check_tensor(const char* name, const nsa_tensor& t, const std::vector<int
     const bool known = dtype >= NSA_DTYPE_F32 && dtype <= NSA_DTYPE_I32;
     const std::string got = known ? std::string(nsa_dtype_name(static_cast<nsa_dtype>(dtype)))
                                   : cat("unknown (", dtype, ")");
-    return error(NSA_ERR_INVALID_DTYPE, cat(name, ": dtype ", got,
-                                            " is not accepted here (expected ", accepted, ")"));
+    return error(NSA_ERR_INVALID_DTYPE,
+                 cat(name, ": dtype ", got, " is not accepted here (expected ", accepted, ")"));
   }
   return Status::ok();
 }
@@ -135,9 +136,9 @@ Status check_packing(const nsa_config& cfg, int64_t B, int64_t T, const int32_t*
   seqs->clear();
   if (cu_seqlens == nullptr) {
     if (num_seqs != 0) {
-      return error(NSA_ERR_NULL_POINTER,
-                   cat("cu_seqlens: NULL while num_seqs = ", num_seqs, " (set num_seqs to 0 "
-                       "for fixed-length batches)"));
+      return error(NSA_ERR_NULL_POINTER, cat("cu_seqlens: NULL while num_seqs = ", num_seqs,
+                                             " (set num_seqs to 0 "
+                                             "for fixed-length batches)"));
     }
     const int64_t tc = nsa_cmp_len(&cfg, T);
     for (int64_t b = 0; b < B; ++b) seqs->push_back({b, 0, T, 0, tc});
@@ -219,13 +220,13 @@ Status validate_config(const nsa_config& c) {
   }
   if (static_cast<int64_t>(c.slc_init) + c.slc_local > c.slc_count) {
     return error(NSA_ERR_INVALID_CONFIG,
-                 cat("config.slc_count: must be at least slc_init + slc_local (", c.slc_init,
-                     " + ", c.slc_local, "), got ", c.slc_count));
+                 cat("config.slc_count: must be at least slc_init + slc_local (", c.slc_init, " + ",
+                     c.slc_local, "), got ", c.slc_count));
   }
   if (!std::isfinite(c.scale) || c.scale < 0.0f) {
-    return error(NSA_ERR_INVALID_CONFIG,
-                 cat("config.scale: must be finite and >= 0 (0 selects 1/sqrt(Dk)), got ",
-                     c.scale));
+    return error(
+        NSA_ERR_INVALID_CONFIG,
+        cat("config.scale: must be finite and >= 0 (0 selects 1/sqrt(Dk)), got ", c.scale));
   }
   return Status::ok();
 }
@@ -248,14 +249,13 @@ Status check_fwd_qkv(const nsa_fwd_inputs& in, AttnDims* d) {
                  cat("q: needs at least one head and Dk >= 1, got shape ", shape_str(in.q)));
   }
   if (d->Hkv < 1 || d->Dv < 1) {
-    return error(NSA_ERR_INVALID_SHAPE,
-                 cat("k/v: need at least one KV head and Dv >= 1, got k ", shape_str(in.k),
-                     ", v ", shape_str(in.v)));
+    return error(NSA_ERR_INVALID_SHAPE, cat("k/v: need at least one KV head and Dv >= 1, got k ",
+                                            shape_str(in.k), ", v ", shape_str(in.v)));
   }
   if (d->Hq % d->Hkv != 0) {
-    return error(NSA_ERR_INVALID_SHAPE,
-                 cat("q/k: Hq = ", d->Hq, " query heads is not a multiple of Hkv = ", d->Hkv,
-                     " KV heads"));
+    return error(
+        NSA_ERR_INVALID_SHAPE,
+        cat("q/k: Hq = ", d->Hq, " query heads is not a multiple of Hkv = ", d->Hkv, " KV heads"));
   }
   d->G = d->Hq / d->Hkv;
   return Status::ok();
@@ -273,8 +273,8 @@ Status check_branch_kv(nsa_fwd_inputs* in, const AttnDims& d) {
   for (Pair pair : {Pair{"k_slc", "v_slc", &in->k_slc, &in->v_slc},
                     Pair{"k_win", "v_win", &in->k_win, &in->v_win}}) {
     if (present(*pair.k) != present(*pair.v)) {
-      return error(NSA_ERR_NULL_POINTER, cat(pair.kname, "/", pair.vname,
-                                             ": give both of a branch's K/V or neither"));
+      return error(NSA_ERR_NULL_POINTER,
+                   cat(pair.kname, "/", pair.vname, ": give both of a branch's K/V or neither"));
     }
     if (!present(*pair.k)) {
       *pair.k = in->k;
@@ -355,8 +355,8 @@ Status make_fwd_problem(const nsa_fwd_params& params, const Backend& be, FwdProb
   // Contents last (nsa.h: slc_indices_in is reported only when every other rule holds).
   NSA_RETURN_IF_ERROR(check_fwd_contents(be, &pr));
   if (present(p.slc_indices_in)) {
-    NSA_RETURN_IF_ERROR(indices_contents(be, "slc_indices_in", p.slc_indices_in, p.in.cfg,
-                                         pr.seqs, pr.Hkv));
+    NSA_RETURN_IF_ERROR(
+        indices_contents(be, "slc_indices_in", p.slc_indices_in, p.in.cfg, pr.seqs, pr.Hkv));
   }
   if (p.in.cfg.scale == 0.0f) p.in.cfg.scale = static_cast<float>(1.0 / std::sqrt(double(pr.Dk)));
   *out = std::move(pr);
@@ -369,9 +369,9 @@ Status check_compress_inputs(CompressProblem* problem) {
   NSA_RETURN_IF_ERROR(validate_config(p.cfg));
   const int kind = enum_value(p.kind);  // may hold any int a C caller stored
   if (kind != NSA_CMP_MEAN && kind != NSA_CMP_MLP) {
-    return error(NSA_ERR_INVALID_ARGUMENT,
-                 cat("kind: unknown compression kind ", kind, " (expected NSA_CMP_MEAN or "
-                     "NSA_CMP_MLP)"));
+    return error(NSA_ERR_INVALID_ARGUMENT, cat("kind: unknown compression kind ", kind,
+                                               " (expected NSA_CMP_MEAN or "
+                                               "NSA_CMP_MLP)"));
   }
   const std::vector<nsa_dtype> floats = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
   NSA_RETURN_IF_ERROR(check_tensor("x", p.x, {-1, -1, -1, -1}, floats, Role::kInput));
@@ -393,8 +393,8 @@ Status check_compress_inputs(CompressProblem* problem) {
   return Status::ok();
 }
 
-Status check_mlp_params(const char* prefix, const nsa_tensor* phi, int64_t H, int64_t l,
-                        int64_t D, const std::vector<nsa_dtype>& dtypes, int64_t* Dh) {
+Status check_mlp_params(const char* prefix, const nsa_tensor* phi, int64_t H, int64_t l, int64_t D,
+                        const std::vector<nsa_dtype>& dtypes, int64_t* Dh) {
   const std::string pos = cat(prefix, "pos"), w1 = cat(prefix, "w1"), b1 = cat(prefix, "b1"),
                     w2 = cat(prefix, "w2"), b2 = cat(prefix, "b2");
   NSA_RETURN_IF_ERROR(check_tensor(pos.c_str(), phi[0], {H, l, D}, dtypes, Role::kInput));
@@ -424,8 +424,7 @@ Status check_compressed_rows(const char* name, const nsa_tensor& t, Role role,
 Status compress_contents(const Backend& be, const char* cmp_name, const nsa_tensor& cmp,
                          CompressProblem* pr) {
   const nsa_compress_params& p = pr->p;
-  return packed_contents(be, p.cfg, pr->T, p.cu_seqlens, p.num_seqs, {{cmp_name, cmp}},
-                         &pr->seqs);
+  return packed_contents(be, p.cfg, pr->T, p.cu_seqlens, p.num_seqs, {{cmp_name, cmp}}, &pr->seqs);
 }
 
 Status make_compress_problem(const nsa_compress_params& in, const Backend& be,
@@ -461,7 +460,8 @@ Status check_dense_inputs(nsa_dense_fwd_params* params, DenseProblem* pr) {
   pr->Dv = p.v.shape[3];
   if (pr->Hq < 1 || pr->Dk < 1 || pr->Hkv < 1 || pr->Dv < 1) {
     return error(NSA_ERR_INVALID_SHAPE, cat("q/k/v: need at least one head and head dims >= 1, "
-                                            "got q ", shape_str(p.q), ", v ", shape_str(p.v)));
+                                            "got q ",
+                                            shape_str(p.q), ", v ", shape_str(p.v)));
   }
   if (pr->Hq % pr->Hkv != 0) {
     return error(NSA_ERR_INVALID_SHAPE,
@@ -496,8 +496,8 @@ Status make_dense_problem(const nsa_dense_fwd_params& in, const Backend& be, Den
   NSA_RETURN_IF_ERROR(check_dense_inputs(&p, &pr));
   const std::vector<nsa_dtype> floats = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
   NSA_RETURN_IF_ERROR(check_tensor("o", p.o, {pr.B, pr.T, pr.Hq, pr.Dv}, floats, Role::kOutput));
-  NSA_RETURN_IF_ERROR(check_optional("lse", p.lse, {pr.B, pr.T, pr.Hq}, {NSA_DTYPE_F32},
-                                     Role::kOutput));
+  NSA_RETURN_IF_ERROR(
+      check_optional("lse", p.lse, {pr.B, pr.T, pr.Hq}, {NSA_DTYPE_F32}, Role::kOutput));
   NSA_RETURN_IF_ERROR(dense_contents(be, p.cu_seqlens, p.num_seqs, pr.T, &pr.seqs));
   *out = std::move(pr);
   return Status::ok();

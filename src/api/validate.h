@@ -28,8 +28,7 @@ Status validate_config(const nsa_config& cfg);
 // Each checks `p` and builds the problem a backend runs: every descriptor on the host first, then
 // the contents (cu_seqlens, caller indices) through `be`'s content checks (common/backend.h).
 Status make_fwd_problem(const nsa_fwd_params& p, const Backend& be, FwdProblem* out);
-Status make_compress_problem(const nsa_compress_params& p, const Backend& be,
-                             CompressProblem* out);
+Status make_compress_problem(const nsa_compress_params& p, const Backend& be, CompressProblem* out);
 Status make_dense_problem(const nsa_dense_fwd_params& p, const Backend& be, DenseProblem* out);
 // The dense backward's checks (validate_bwd.cc): the forward's inputs as nsa_dense_fwd checks
 // them, then o, lse, d_o, the outputs and their aliasing.

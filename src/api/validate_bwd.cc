@@ -116,8 +116,7 @@ Status make_bwd_problem(const nsa_bwd_params& in, const Backend& be, BwdProblem*
   NSA_RETURN_IF_ERROR(check_optional("o_cmp", p.o_cmp, per_head_v, floats, Role::kInput));
   NSA_RETURN_IF_ERROR(check_optional("o_slc", p.o_slc, per_head_v, floats, Role::kInput));
   NSA_RETURN_IF_ERROR(check_optional("o_win", p.o_win, per_head_v, floats, Role::kInput));
-  NSA_RETURN_IF_ERROR(
-      check_tensor("d_o", p.d_o, {pr.B, pr.T, pr.Hq, pr.Dv}, floats, Role::kInput));
+  NSA_RETURN_IF_ERROR(check_tensor("d_o", p.d_o, {pr.B, pr.T, pr.Hq, pr.Dv}, floats, Role::kInput));
 
   NSA_RETURN_IF_ERROR(check_tensor("dq", p.dq, {pr.B, pr.T, pr.Hq, pr.Dk}, floats, Role::kOutput));
   // dk/dv are needed unless both branches have their own K/V (then nothing reads k/v).
@@ -147,17 +146,38 @@ Status make_bwd_problem(const nsa_bwd_params& in, const Backend& be, BwdProblem*
   NSA_RETURN_IF_ERROR(check_tensor("dg_slc", p.dg_slc, per_head, floats, Role::kOutput));
   NSA_RETURN_IF_ERROR(check_tensor("dg_win", p.dg_win, per_head, floats, Role::kOutput));
 
-  NSA_RETURN_IF_ERROR(check_no_aliasing(
-      {{"dq", p.dq}, {"dk", p.dk}, {"dv", p.dv}, {"dk_slc", p.dk_slc}, {"dv_slc", p.dv_slc},
-       {"dk_win", p.dk_win}, {"dv_win", p.dv_win}, {"dk_cmp", p.dk_cmp}, {"dv_cmp", p.dv_cmp},
-       {"dg_cmp", p.dg_cmp}, {"dg_slc", p.dg_slc}, {"dg_win", p.dg_win}},
-      {{"q", in.in.q}, {"k", in.in.k}, {"v", in.in.v}, {"k_slc", in.in.k_slc},
-       {"v_slc", in.in.v_slc}, {"k_win", in.in.k_win}, {"v_win", in.in.v_win},
-       {"k_cmp", in.in.k_cmp}, {"v_cmp", in.in.v_cmp}, {"g_cmp", in.in.g_cmp},
-       {"g_slc", in.in.g_slc}, {"g_win", in.in.g_win},
-       {"slc_indices", in.slc_indices}, {"lse_cmp", in.lse_cmp}, {"lse_slc", in.lse_slc},
-       {"lse_win", in.lse_win}, {"o_cmp", in.o_cmp}, {"o_slc", in.o_slc}, {"o_win", in.o_win},
-       {"d_o", in.d_o}}));
+  NSA_RETURN_IF_ERROR(check_no_aliasing({{"dq", p.dq},
+                                         {"dk", p.dk},
+                                         {"dv", p.dv},
+                                         {"dk_slc", p.dk_slc},
+                                         {"dv_slc", p.dv_slc},
+                                         {"dk_win", p.dk_win},
+                                         {"dv_win", p.dv_win},
+                                         {"dk_cmp", p.dk_cmp},
+                                         {"dv_cmp", p.dv_cmp},
+                                         {"dg_cmp", p.dg_cmp},
+                                         {"dg_slc", p.dg_slc},
+                                         {"dg_win", p.dg_win}},
+                                        {{"q", in.in.q},
+                                         {"k", in.in.k},
+                                         {"v", in.in.v},
+                                         {"k_slc", in.in.k_slc},
+                                         {"v_slc", in.in.v_slc},
+                                         {"k_win", in.in.k_win},
+                                         {"v_win", in.in.v_win},
+                                         {"k_cmp", in.in.k_cmp},
+                                         {"v_cmp", in.in.v_cmp},
+                                         {"g_cmp", in.in.g_cmp},
+                                         {"g_slc", in.in.g_slc},
+                                         {"g_win", in.in.g_win},
+                                         {"slc_indices", in.slc_indices},
+                                         {"lse_cmp", in.lse_cmp},
+                                         {"lse_slc", in.lse_slc},
+                                         {"lse_win", in.lse_win},
+                                         {"o_cmp", in.o_cmp},
+                                         {"o_slc", in.o_slc},
+                                         {"o_win", in.o_win},
+                                         {"d_o", in.d_o}}));
   // Contents last (nsa.h: slc_indices is checked after every other rule, aliasing included).
   NSA_RETURN_IF_ERROR(check_fwd_contents(be, &fwd));
   pr.seqs = fwd.seqs;
@@ -205,8 +225,9 @@ Status make_compress_bwd_problem(const nsa_compress_bwd_params& in, const Backen
     NSA_RETURN_IF_ERROR(check_required_output("db1", p.db1, {H, Dh}, why));
     NSA_RETURN_IF_ERROR(check_required_output("dw2", p.dw2, {H, D, Dh}, why));
     NSA_RETURN_IF_ERROR(check_required_output("db2", p.db2, {H, D}, why));
-    outputs.insert(outputs.end(), {{"dpos", p.dpos}, {"dw1", p.dw1}, {"db1", p.db1},
-                                   {"dw2", p.dw2}, {"db2", p.db2}});
+    outputs.insert(
+        outputs.end(),
+        {{"dpos", p.dpos}, {"dw1", p.dw1}, {"db1", p.db1}, {"dw2", p.dw2}, {"db2", p.db2}});
     inputs.insert(inputs.end(),
                   {{"pos", p.pos}, {"w1", p.w1}, {"b1", p.b1}, {"w2", p.w2}, {"b2", p.b2}});
   }
@@ -243,16 +264,12 @@ Status make_dense_bwd_problem(const nsa_dense_bwd_params& in, const Backend& be,
   NSA_RETURN_IF_ERROR(check_tensor("o", p.o, per_q, floats, Role::kInput));
   // The backward recomputes P from lse (FlashAttention-2): without it there is nothing to
   // normalise by, so it is required here although the forward may omit it.
-  NSA_RETURN_IF_ERROR(check_tensor("lse", p.lse, {pr.B, pr.T, pr.Hq}, {NSA_DTYPE_F32},
-                                   Role::kInput));
-  NSA_RETURN_IF_ERROR(check_tensor("d_o", p.d_o, per_q, {NSA_DTYPE_F32, p.q.dtype},
-                                   Role::kInput));
-  NSA_RETURN_IF_ERROR(check_tensor("dq", p.dq, {pr.B, pr.T, pr.Hq, pr.Dk}, floats,
-                                   Role::kOutput));
-  NSA_RETURN_IF_ERROR(check_tensor("dk", p.dk, {pr.B, pr.T, pr.Hkv, pr.Dk}, floats,
-                                   Role::kOutput));
-  NSA_RETURN_IF_ERROR(check_tensor("dv", p.dv, {pr.B, pr.T, pr.Hkv, pr.Dv}, floats,
-                                   Role::kOutput));
+  NSA_RETURN_IF_ERROR(
+      check_tensor("lse", p.lse, {pr.B, pr.T, pr.Hq}, {NSA_DTYPE_F32}, Role::kInput));
+  NSA_RETURN_IF_ERROR(check_tensor("d_o", p.d_o, per_q, {NSA_DTYPE_F32, p.q.dtype}, Role::kInput));
+  NSA_RETURN_IF_ERROR(check_tensor("dq", p.dq, {pr.B, pr.T, pr.Hq, pr.Dk}, floats, Role::kOutput));
+  NSA_RETURN_IF_ERROR(check_tensor("dk", p.dk, {pr.B, pr.T, pr.Hkv, pr.Dk}, floats, Role::kOutput));
+  NSA_RETURN_IF_ERROR(check_tensor("dv", p.dv, {pr.B, pr.T, pr.Hkv, pr.Dv}, floats, Role::kOutput));
   NSA_RETURN_IF_ERROR(check_no_aliasing(
       {{"dq", p.dq}, {"dk", p.dk}, {"dv", p.dv}},
       {{"q", p.q}, {"k", p.k}, {"v", p.v}, {"o", p.o}, {"lse", p.lse}, {"d_o", p.d_o}}));

@@ -35,7 +35,8 @@ Status check_cache_sizes(const nsa_kv_cache_params& p) {
   }
   // Block indices are int32 (slc_indices_out).
   if (p.capacity / p.cfg.slc_block >= INT32_MAX) {
-    return error(NSA_ERR_INVALID_SHAPE, cat("capacity: ", p.capacity, " tokens make selection "
+    return error(NSA_ERR_INVALID_SHAPE, cat("capacity: ", p.capacity,
+                                            " tokens make selection "
                                             "block indices past INT32_MAX"));
   }
   // The storage: (seqs * heads) blocks of (capacity + 64) rows of (Dk + Dv + 32) elements of up
@@ -44,7 +45,8 @@ Status check_cache_sizes(const nsa_kv_cache_params& p) {
   const int64_t row = p.head_dim_k + p.head_dim_v + 32;  // <= 2^21 + 32 by the bounds above
   if (__builtin_add_overflow(p.capacity, 64, &rows) ||
       __builtin_mul_overflow(p.num_seqs, p.num_kv_heads, &bytes) ||
-      __builtin_mul_overflow(bytes, rows, &bytes) || __builtin_mul_overflow(bytes, row * 8, &bytes)) {
+      __builtin_mul_overflow(bytes, rows, &bytes) ||
+      __builtin_mul_overflow(bytes, row * 8, &bytes)) {
     return error(NSA_ERR_INVALID_SHAPE,
                  cat("capacity: ", p.capacity, " tokens of ", p.num_seqs, " sequences x ",
                      p.num_kv_heads, " KV heads make a cache whose size overflows 64 bits"));
@@ -59,7 +61,8 @@ Status batch_of_one(const char* name, const nsa_tensor& t, int rank, nsa_tensor*
   *out = t;
   if (t.data == nullptr) return Status::ok();
   if (t.ndim != rank) {
-    return error(NSA_ERR_INVALID_SHAPE, cat(name, ": expected ", rank, " dimensions, got ", t.ndim));
+    return error(NSA_ERR_INVALID_SHAPE,
+                 cat(name, ": expected ", rank, " dimensions, got ", t.ndim));
   }
   out->ndim = rank + 1;
   out->shape[0] = 1;
@@ -86,8 +89,10 @@ Status prefill_params(const nsa_kv_cache& c, const nsa_prefill_params& p, nsa_fw
   NSA_RETURN_IF_ERROR(batch_of_one("v", p.v, 3, &f->in.v));
   const int64_t Tc = nsa_cmp_len(&c.cfg, p.q.shape[0]);
   const int64_t kshape[4] = {1, Tc, c.Hkv, c.Dk}, vshape[4] = {1, Tc, c.Hkv, c.Dv};
-  f->in.k_cmp = nsa_tensor_contiguous(const_cast<char*>(&prefill_cmp_placeholder), c.dtype, 4, kshape);
-  f->in.v_cmp = nsa_tensor_contiguous(const_cast<char*>(&prefill_cmp_placeholder), c.dtype, 4, vshape);
+  f->in.k_cmp =
+      nsa_tensor_contiguous(const_cast<char*>(&prefill_cmp_placeholder), c.dtype, 4, kshape);
+  f->in.v_cmp =
+      nsa_tensor_contiguous(const_cast<char*>(&prefill_cmp_placeholder), c.dtype, 4, vshape);
   NSA_RETURN_IF_ERROR(batch_of_one("g_cmp", p.g_cmp, 2, &f->in.g_cmp));
   NSA_RETURN_IF_ERROR(batch_of_one("g_slc", p.g_slc, 2, &f->in.g_slc));
   NSA_RETURN_IF_ERROR(batch_of_one("g_win", p.g_win, 2, &f->in.g_win));
@@ -147,9 +152,9 @@ Status make_prefill_problem(const nsa_kv_cache& c, const nsa_prefill_params& p, 
                             FwdProblem* out) {
   NSA_RETURN_IF_ERROR(check_cache_seq(c, p.seq, "seq"));
   if (c.len[static_cast<size_t>(p.seq)] != 0) {
-    return error(NSA_ERR_INVALID_ARGUMENT,
-                 cat("seq: sequence ", p.seq, " is not empty (prefill starts a sequence; "
-                     "append and decode extend it)"));
+    return error(NSA_ERR_INVALID_ARGUMENT, cat("seq: sequence ", p.seq,
+                                               " is not empty (prefill starts a sequence; "
+                                               "append and decode extend it)"));
   }
   // q, k, v in the cache's dtype, so that the forward sees the very values decode reads later.
   const std::vector<nsa_dtype> cache_dtype = {c.dtype};
@@ -168,13 +173,15 @@ Status make_decode_rows(const nsa_kv_cache& c, const nsa_tensor& q, const nsa_te
   pr->S = q.shape[0];
   pr->Hq = q.shape[1];
   if (pr->Hq < 1 || pr->Hq % c.Hkv != 0) {
-    return error(NSA_ERR_INVALID_SHAPE, cat("q: Hq = ", pr->Hq, " query heads is not a positive "
-                                            "multiple of the cache's Hkv = ", c.Hkv));
+    return error(NSA_ERR_INVALID_SHAPE, cat("q: Hq = ", pr->Hq,
+                                            " query heads is not a positive "
+                                            "multiple of the cache's Hkv = ",
+                                            c.Hkv));
   }
   pr->G = pr->Hq / c.Hkv;
   if (seq_ids == nullptr && pr->S > c.num_seqs) {
-    return error(NSA_ERR_INVALID_SHAPE, cat("q: ", pr->S, " rows but the cache holds ",
-                                            c.num_seqs, " sequences (give seq_ids)"));
+    return error(NSA_ERR_INVALID_SHAPE, cat("q: ", pr->S, " rows but the cache holds ", c.num_seqs,
+                                            " sequences (give seq_ids)"));
   }
   std::vector<char> seen(static_cast<size_t>(c.num_seqs), 0);
   for (int64_t s = 0; s < pr->S; ++s) {
@@ -196,9 +203,9 @@ Status make_decode_rows(const nsa_kv_cache& c, const nsa_tensor& q, const nsa_te
                    cat("k/v: sequence ", seq, " is full (capacity ", c.capacity, " tokens)"));
     }
     if (!present(k) && len == 0) {
-      return error(NSA_ERR_INVALID_ARGUMENT,
-                   cat("q: sequence ", seq, " is empty, so its query has no position (append "
-                       "its token first, or give k/v)"));
+      return error(NSA_ERR_INVALID_ARGUMENT, cat("q: sequence ", seq,
+                                                 " is empty, so its query has no position (append "
+                                                 "its token first, or give k/v)"));
     }
   }
   if (present(k)) {

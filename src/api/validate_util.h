@@ -78,8 +78,8 @@ Status dense_contents(const Backend& be, const int32_t* cu_seqlens, int64_t num_
 Status check_compress_inputs(CompressProblem* problem);
 // phi's parameters (SPEC 5) pos, w1, b1, w2, b2 = phi[0..4] for H heads, blocks of l tokens of
 // dimension D, named with `prefix`; sets *Dh from w1.
-Status check_mlp_params(const char* prefix, const nsa_tensor* phi, int64_t H, int64_t l,
-                        int64_t D, const std::vector<nsa_dtype>& dtypes, int64_t* Dh);
+Status check_mlp_params(const char* prefix, const nsa_tensor* phi, int64_t H, int64_t l, int64_t D,
+                        const std::vector<nsa_dtype>& dtypes, int64_t* Dh);
 Status check_compressed_rows(const char* name, const nsa_tensor& t, Role role,
                              CompressProblem* problem);
 Status compress_contents(const Backend& be, const char* cmp_name, const nsa_tensor& cmp,

@@ -68,8 +68,8 @@ struct Backend {
   // an empty sequence and runs its forward; decode runs one step (DecodeProblem::dense: the
   // dense baseline).
   Status (*cache_create)(const nsa_kv_cache_params& p, nsa_kv_cache* cache) = nullptr;
-  Status (*cache_append)(nsa_kv_cache& cache, int64_t seq, const nsa_tensor& k,
-                         const nsa_tensor& v, int32_t num_threads) = nullptr;
+  Status (*cache_append)(nsa_kv_cache& cache, int64_t seq, const nsa_tensor& k, const nsa_tensor& v,
+                         int32_t num_threads) = nullptr;
   Status (*prefill)(nsa_kv_cache& cache, int64_t seq, FwdProblem& fwd) = nullptr;
   Status (*decode)(const DecodeProblem& pr) = nullptr;
   Status (*dense_decode)(const DecodeProblem& pr) = nullptr;

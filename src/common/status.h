@@ -35,8 +35,8 @@ std::string cat(const Args&... args) {
 }  // namespace nsa
 
 // Returns early from the enclosing function when `expr` yields an error Status.
-#define NSA_RETURN_IF_ERROR(expr)          \
-  do {                                     \
-    ::nsa::Status nsa_status_tmp_ = (expr); \
+#define NSA_RETURN_IF_ERROR(expr)                         \
+  do {                                                    \
+    ::nsa::Status nsa_status_tmp_ = (expr);               \
     if (!nsa_status_tmp_.is_ok()) return nsa_status_tmp_; \
   } while (0)

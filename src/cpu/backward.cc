@@ -79,7 +79,8 @@ Status recompute_forward(const BwdProblem& pr, Recomputed* rc) {
   for (int c = 0; c < 3; ++c) {
     rc->lse[c].resize(rows);
     rc->o_branch[c].resize(rows * static_cast<size_t>(pr.Dv));
-    *lse_out[c] = rc->lse_t[c] = nsa_tensor_contiguous(rc->lse[c].data(), NSA_DTYPE_F32, 3, rows_shape);
+    *lse_out[c] = rc->lse_t[c] =
+        nsa_tensor_contiguous(rc->lse[c].data(), NSA_DTYPE_F32, 3, rows_shape);
     *o_out[c] = rc->o_branch_t[c] =
         nsa_tensor_contiguous(rc->o_branch[c].data(), NSA_DTYPE_F32, 4, out_shape);
   }

@@ -11,10 +11,11 @@
 // Five products per pair, as FlashAttention counts them: one pass over the pairs, nothing
 // recomputed twice.
 //
-// Layout (the products are in backward_tiles-inl.h): a tile of 16 keys sits in the SIMD lanes (one AVX-512 vector), the G heads of the query
-// position are the rows of the register block. K and V are packed once per call into tiles
-// [D][16] (keys innermost) and K also into padded rows; per position, the scaled queries and dO
-// are transposed to [D][G]. Then every product is a vertical FMA of a tile row by a broadcast:
+// Layout (the products are in backward_tiles-inl.h): a tile of 16 keys sits in the SIMD lanes (one
+// AVX-512 vector), the G heads of the query position are the rows of the register block. K and V
+// are packed once per call into tiles [D][16] (keys innermost) and K also into padded rows; per
+// position, the scaled queries and dO are transposed to [D][G]. Then every product is a vertical
+// FMA of a tile row by a broadcast:
 //   S, dP   [G][16]  += q^T[i][h] (broadcast) x K tile[i] / do^T[c][h] x V tile[c]
 //   dK^T    [Dk][16] += q^T[i][h] (broadcast) x dS[h]      (the tile's accumulator)
 //   dV^T    [Dv][16] += do^T[c][h] (broadcast) x g P[h]
@@ -132,7 +133,14 @@ bool pack(const BwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, Span s
   int64_t row_floats = 0;
   if (!mul_size(threads, Dv, &row_floats)) return false;
   std::vector<float> buf(static_cast<size_t>(row_floats));  // before the region
-  const TileSource src{&k, &v, &pr.seqs, &pk->first_tile, pr.Hkv, Dk, Dv, span.cmp,
+  const TileSource src{&k,
+                       &v,
+                       &pr.seqs,
+                       &pk->first_tile,
+                       pr.Hkv,
+                       Dk,
+                       Dv,
+                       span.cmp,
                        /*head_major=*/true};
   auto dest = [&](int64_t u) {
     KVTile<float> dst;
@@ -188,10 +196,10 @@ struct Pos {
 // Per-chunk scratch: the positions of one query tile, one tile's S/dP, the slc work list.
 struct Scratch {
   Pos pos[kQueryTile];
-  float* s;   // [GP][kGroupKeys] scores, then dS
-  float* dp;  // [GP][kGroupKeys] dP, then g P
+  float* s;                                        // [GP][kGroupKeys] scores, then dS
+  float* dp;                                       // [GP][kGroupKeys] dP, then g P
   std::vector<std::pair<int32_t, int32_t>> pairs;  // (selected block, position in the tile)
-  double stage_s[4] = {0, 0, 0, 0};                 // thread-seconds per BwdStage (profiling)
+  double stage_s[4] = {0, 0, 0, 0};                // thread-seconds per BwdStage (profiling)
 };
 
 struct Ctx {
@@ -204,8 +212,8 @@ struct Ctx {
 
 // The gradients of position ps through keys [k0 + a, k0 + b] of the nt tiles from tile `ti`
 // (k0 = 16 ti) of branch c (rows local to the sequence), added to chunk `chunk`'s accumulators.
-void add_group(const Ctx& cx, Scratch& sc, const Pos& ps, int c, int64_t si, int64_t hk,
-               int64_t ti, int nt, int64_t a, int64_t b, int64_t chunk) {
+void add_group(const Ctx& cx, Scratch& sc, const Pos& ps, int c, int64_t si, int64_t hk, int64_t ti,
+               int nt, int64_t a, int64_t b, int64_t chunk) {
   const BwdProblem& pr = *cx.pr;
   const Packed& pk = *cx.br[c].pk;
   const Accum& acc = *cx.br[c].acc;
@@ -216,8 +224,10 @@ void add_group(const Ctx& cx, Scratch& sc, const Pos& ps, int c, int64_t si, int
   group_products(ps.doT, GP, pk.vt.get() + u * kTileKeys * Dv, Dv, nt, sc.dp);
   group_softmax(sc.s, sc.dp, GP, nt, head, head + GP, head + 2 * GP, a, b);
   group_dq(sc.s, GP, pk.kr.get() + u * kTileKeys * cx.Dkp, cx.Dkp, a, b, ps.dq);
-  group_gradient(ps.qT, GP, sc.s, Dk, nt, acc.dk.get() + chunk * acc.per_chunk_k + u * kTileKeys * Dk);
-  group_gradient(ps.doT, GP, sc.dp, Dv, nt, acc.dv.get() + chunk * acc.per_chunk_v + u * kTileKeys * Dv);
+  group_gradient(ps.qT, GP, sc.s, Dk, nt,
+                 acc.dk.get() + chunk * acc.per_chunk_k + u * kTileKeys * Dk);
+  group_gradient(ps.doT, GP, sc.dp, Dv, nt,
+                 acc.dv.get() + chunk * acc.per_chunk_v + u * kTileKeys * Dv);
 }
 
 // Calls add_group for position ps over keys [lo, hi] of group gi (keys [64 gi, 64 gi + 64)),
@@ -500,8 +510,8 @@ bool BackwardLanes(const State& st) {
   const std::vector<int64_t> bounds = chunk_bounds(pr, units);
 
   // Scratch per chunk (not per thread: a chunk's work is the same whatever thread runs it).
-  const int64_t per_pos = round_up(pr.Dk * GP, 16) + round_up(pr.Dv * GP, 16) + GP * Dkp +
-                          round_up(9 * GP, 16);
+  const int64_t per_pos =
+      round_up(pr.Dk * GP, 16) + round_up(pr.Dv * GP, 16) + GP * Dkp + round_up(9 * GP, 16);
   const int64_t floats = kQueryTile * per_pos + 2 * GP * kGroupKeys;
   int64_t out_floats = 0;
   if (!mul_size(threads, write_keys_floats(pr), &out_floats)) return false;
@@ -512,8 +522,9 @@ bool BackwardLanes(const State& st) {
   // may exceed them by far).
   int64_t max_len = 0;
   for (const Sequence& sq : pr.seqs) max_len = std::max(max_len, sq.len);
-  const int64_t n_set =
-      std::min<int64_t>(p.in.cfg.slc_count, (max_len + p.in.cfg.slc_block - 1) / p.in.cfg.slc_block) + 1;
+  const int64_t n_set = std::min<int64_t>(p.in.cfg.slc_count,
+                                          (max_len + p.in.cfg.slc_block - 1) / p.in.cfg.slc_block) +
+                        1;
   cx.set_room = n_set;
   std::vector<int32_t> sets(static_cast<size_t>(kChunks * kQueryTile * n_set));
   std::vector<Scratch> scratch(kChunks);

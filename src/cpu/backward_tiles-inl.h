@@ -43,15 +43,15 @@ constexpr int kQH = 4, kCB = 4;
 // rows and broadcast HB query elements per step, (V + HB) loads per V HB FMAs; one tile with 16
 // heads needed 17 loads per 16 FMAs, which bound the kernels (measured 1.4x slower per FMA).
 
-constexpr int kGroup = 4;                        // tiles per group
-constexpr int64_t kGroupKeys = kGroup * kTileKeys;   // 64: one default selection block
-constexpr bool kWideBlocks = kNV == 1;           // AVX-512: one vector per tile row
+constexpr int kGroup = 4;                           // tiles per group
+constexpr int64_t kGroupKeys = kGroup * kTileKeys;  // 64: one default selection block
+constexpr bool kWideBlocks = kNV == 1;              // AVX-512: one vector per tile row
 
 // out[h][v*16 + j] = sum_i xT[i][h] tile_v[i][j] for V tiles at `tiles` (stride tile_stride),
 // h < GP: the scores (xT = scaled Q^T, tiles = K) or dP (xT = dO^T, tiles = V).
 template <int HB, int V>
 inline void products(const float* HWY_RESTRICT xT, int64_t GP, const float* HWY_RESTRICT tiles,
-              int64_t tile_stride, int64_t D, float* HWY_RESTRICT out) {
+                     int64_t tile_stride, int64_t D, float* HWY_RESTRICT out) {
   const DT d;
   // Rows in chunks small enough that the chunk's tile rows stay in L1 while every head block
   // reads them (without: each head block re-read the whole group from L2, which bound the loop).
@@ -82,7 +82,7 @@ inline void products(const float* HWY_RESTRICT xT, int64_t GP, const float* HWY_
 }
 
 inline void group_products(const float* xT, int64_t GP, const float* tiles, int64_t D, int nt,
-                    float* out) {
+                           float* out) {
   const int64_t stride = kTileKeys * D;
   if constexpr (kWideBlocks) {
     switch (nt) {
@@ -92,7 +92,8 @@ inline void group_products(const float* xT, int64_t GP, const float* tiles, int6
       default: return products<4, 4>(xT, GP, tiles, stride, D, out);
     }
   } else {
-    for (int v = 0; v < nt; ++v) products<kHB, 1>(xT, GP, tiles + v * stride, stride, D, out + v * kTileKeys);
+    for (int v = 0; v < nt; ++v)
+      products<kHB, 1>(xT, GP, tiles + v * stride, stride, D, out + v * kTileKeys);
   }
 }
 
@@ -126,16 +127,17 @@ HWY_INLINE void gradient_block(const float* HWY_RESTRICT x, int64_t GP, int64_t 
 
 template <int R, int V>
 inline void gradient(const float* xT, int64_t GP, const float* w, int64_t D, float* acc,
-              int64_t tile_stride) {
+                     int64_t tile_stride) {
   int64_t i = 0;
-  for (; i + R <= D; i += R) gradient_block<R, V>(xT + i * GP, GP, GP, w, acc + i * kTileKeys, tile_stride);
+  for (; i + R <= D; i += R)
+    gradient_block<R, V>(xT + i * GP, GP, GP, w, acc + i * kTileKeys, tile_stride);
   for (; i < D; ++i) gradient_block<1, V>(xT + i * GP, GP, GP, w, acc + i * kTileKeys, tile_stride);
 }
 
 // One tile on AVX-512: the 16 weight vectors of a head block stay in registers while the rows
 // stream, 8 rows at a time (8 broadcasts per 8 FMAs, no weight loads).
 inline void gradient_one_tile(const float* HWY_RESTRICT xT, int64_t GP, const float* HWY_RESTRICT w,
-                       int64_t D, float* HWY_RESTRICT acc) {
+                              int64_t D, float* HWY_RESTRICT acc) {
   const DT d;
   constexpr int kHeads = 16, kRows = 8;
   for (int64_t h0 = 0; h0 < GP; h0 += kHeads) {
@@ -145,7 +147,8 @@ inline void gradient_one_tile(const float* HWY_RESTRICT xT, int64_t GP, const fl
     for (; i < D; i += kRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kRows, D - i));
       VT a[kRows];
-      for (int r = 0; r < kRows; ++r) a[r] = r < rows ? hn::Load(d, acc + (i + r) * kTileKeys) : hn::Zero(d);
+      for (int r = 0; r < kRows; ++r)
+        a[r] = r < rows ? hn::Load(d, acc + (i + r) * kTileKeys) : hn::Zero(d);
       for (int h = 0; h < kHeads; ++h) {
         for (int r = 0; r < kRows; ++r) {
           if (r < rows) a[r] = hn::MulAdd(hn::Set(d, xT[(i + r) * GP + h0 + h]), wv[h], a[r]);
@@ -157,7 +160,8 @@ inline void gradient_one_tile(const float* HWY_RESTRICT xT, int64_t GP, const fl
   }
 }
 
-inline void group_gradient(const float* xT, int64_t GP, const float* w, int64_t D, int nt, float* acc) {
+inline void group_gradient(const float* xT, int64_t GP, const float* w, int64_t D, int nt,
+                           float* acc) {
   const int64_t stride = kTileKeys * D;
   if constexpr (kWideBlocks) {
     switch (nt) {
@@ -167,14 +171,15 @@ inline void group_gradient(const float* xT, int64_t GP, const float* w, int64_t 
       default: return gradient<4, 4>(xT, GP, w, D, acc, stride);
     }
   } else {
-    for (int v = 0; v < nt; ++v) gradient<2, 1>(xT, GP, w + v * kTileKeys, D, acc + v * stride, stride);
+    for (int v = 0; v < nt; ++v)
+      gradient<2, 1>(xT, GP, w + v * kTileKeys, D, acc + v * stride, stride);
   }
 }
 
 // dq[h][Dkp] += sum_{j = j0..j1} ds[h][j] kr[j][Dkp]: the group's K rows (padded to Dkp)
 // weighted by dS, kQH heads x kCB column vectors per register block.
-inline void group_dq(const float* HWY_RESTRICT ds, int64_t GP, const float* HWY_RESTRICT kr, int64_t Dkp,
-              int64_t j0, int64_t j1, float* HWY_RESTRICT dq) {
+inline void group_dq(const float* HWY_RESTRICT ds, int64_t GP, const float* HWY_RESTRICT kr,
+                     int64_t Dkp, int64_t j0, int64_t j1, float* HWY_RESTRICT dq) {
   const DT d;
   // Column blocks outer: a block's K rows (64 keys x kCB vectors) stay in L1 for every head block.
   for (int64_t c0 = 0; c0 < Dkp; c0 += kCB * kN) {
@@ -200,8 +205,8 @@ inline void group_dq(const float* HWY_RESTRICT ds, int64_t GP, const float* HWY_
 // dS = P (g dP - D) and dp becomes g P, with P = exp(s - lse) and both 0 in the dead lanes.
 // Padding heads have lse = +inf, g = D = 0, so they give exact zeros.
 inline void group_softmax(float* HWY_RESTRICT s, float* HWY_RESTRICT dp, int64_t GP, int nt,
-                   const float* HWY_RESTRICT lse, const float* HWY_RESTRICT g,
-                   const float* HWY_RESTRICT dsum, int64_t lo, int64_t hi) {
+                          const float* HWY_RESTRICT lse, const float* HWY_RESTRICT g,
+                          const float* HWY_RESTRICT dsum, int64_t lo, int64_t hi) {
   const DT d;
   const int64_t vecs = nt * kNV;
   hn::Mask<DT> live[kGroup * kNV];

@@ -88,9 +88,9 @@ Status mean_backward(const CompressBwdProblem& pr, int threads) {
 // Chunks run in order and OpenBLAS splits a GEMM over rows and columns, never over the
 // reduction, so each parameter gradient is summed in one fixed order whatever the thread counts.
 struct MlpBuffers {
-  std::vector<float> w1, w2, pos, b1;            // this head's parameters, f32, contiguous
-  std::vector<float> dw1, dw2, db1, db2, dpos;   // this head's gradients
-  std::vector<float> flat, pre, dpre, dout, acc; // one chunk; flat is reused for dFlat
+  std::vector<float> w1, w2, pos, b1;             // this head's parameters, f32, contiguous
+  std::vector<float> dw1, dw2, db1, db2, dpos;    // this head's gradients
+  std::vector<float> flat, pre, dpre, dout, acc;  // one chunk; flat is reused for dFlat
 };
 
 Status mlp_backward(const CompressBwdProblem& pr, int threads) {

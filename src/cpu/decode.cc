@@ -147,13 +147,13 @@ struct Plan {
   const DecodeProblem* pr = nullptr;
   const nsa_kv_cache* c = nullptr;
   int64_t G = 0, GP = 0, Dk = 0, Dv = 0, Dv_pad = 0, items = 0;
-  std::vector<int64_t> t, nc;       // per item: query position, visible compressed tokens
-  std::vector<int64_t> s_off, s_ld; // per item: cmp score rows [GP][s_ld] at s_off
+  std::vector<int64_t> t, nc;             // per item: query position, visible compressed tokens
+  std::vector<int64_t> s_off, s_ld;       // per item: cmp score rows [GP][s_ld] at s_off
   std::vector<int64_t> a_slot0, a_count;  // per item: phase A's slots
   std::vector<float>* buf = nullptr;
-  float* q = nullptr;               // [items][GP][Dk], scaled
-  float* part = nullptr;            // [slots][GP * (2 + Dv_pad)]: m, l, o
-  float* fin = nullptr;             // [items][3][GP * (1 + Dv_pad)]: lse, o per branch
+  float* q = nullptr;     // [items][GP][Dk], scaled
+  float* part = nullptr;  // [slots][GP * (2 + Dv_pad)]: m, l, o
+  float* fin = nullptr;   // [items][3][GP * (1 + Dv_pad)]: lse, o per branch
   int64_t part_stride() const { return GP * (2 + Dv_pad); }
   int64_t fin_stride() const { return GP * (1 + Dv_pad); }
   float* final_of(int64_t item, int32_t branch) const {
@@ -181,7 +181,8 @@ void run_chunk(const Plan& pl, const Chunk& ch, float* S, int64_t ld) {
     for (; v + NV <= nvec; v += NV) {
       score_block<NV, kBf16>(q + h0 * Dk, Dk, kbase, key0 + v * N, S + h0 * ld, ld, v * N);
     }
-    for (; v < nvec; ++v) score_block<1, kBf16>(q + h0 * Dk, Dk, kbase, key0 + v * N, S + h0 * ld, ld, v * N);
+    for (; v < nvec; ++v)
+      score_block<1, kBf16>(q + h0 * Dk, Dk, kbase, key0 + v * N, S + h0 * ld, ld, v * N);
   }
   // Softmax of each head row over the chunk's keys (outside [a, b) masked to -inf), from an
   // empty state (simd/softmax-inl.h: a NaN or +inf score poisons the head, its l is NaN).
@@ -201,10 +202,12 @@ void run_chunk(const Plan& pl, const Chunk& ch, float* S, int64_t ld) {
   for (int64_t h0 = 0; h0 < GP; h0 += HB) {
     int64_t c = 0;
     for (; c + CB * N <= Dv_pad; c += CB * N) {
-      out_block<CB, kBf16>(S + h0 * ld + lo, ld, hi - lo, vbase, Dv_pad, ch.a, o_out + h0 * Dv_pad, c);
+      out_block<CB, kBf16>(S + h0 * ld + lo, ld, hi - lo, vbase, Dv_pad, ch.a, o_out + h0 * Dv_pad,
+                           c);
     }
     for (; c < Dv_pad; c += N) {
-      out_block<1, kBf16>(S + h0 * ld + lo, ld, hi - lo, vbase, Dv_pad, ch.a, o_out + h0 * Dv_pad, c);
+      out_block<1, kBf16>(S + h0 * ld + lo, ld, hi - lo, vbase, Dv_pad, ch.a, o_out + h0 * Dv_pad,
+                          c);
     }
   }
 }
@@ -217,7 +220,8 @@ void merge(const Plan& pl, int64_t first, int64_t count, float* lse, float* o) {
   const int64_t N = hn::Lanes(d), GP = pl.GP, Dv_pad = pl.Dv_pad;
   for (int64_t h = 0; h < GP; ++h) {
     float m = -kInf;
-    for (int64_t k = 0; k < count; ++k) m = std::max(m, pl.part[(first + k) * pl.part_stride() + h]);
+    for (int64_t k = 0; k < count; ++k)
+      m = std::max(m, pl.part[(first + k) * pl.part_stride() + h]);
     const float m_use = m == -kInf ? 0.0f : m;
     float l = 0.0f;
     float* oh = o + h * Dv_pad;
@@ -263,9 +267,9 @@ void block_scores(const Plan& pl, int64_t item, const float* lse, float* score) 
     for (int64_t h = 0; h < pl.G; ++h) {
       // A poisoned head (NaN lse) makes every touched block's score NaN (README "Non-finite
       // inputs"); its chunk max may read -inf (a vector max may drop NaN), so test lse first.
-      f[h] = std::isnan(lse[h])                    ? lse[h]
+      f[h] = std::isnan(lse[h])                 ? lse[h]
              : lse[h] == -kInf || m[h] == -kInf ? 0.0f
-                                                   : std::exp(m[h] - lse[h]);
+                                                : std::exp(m[h] - lse[h]);
     }
     const int64_t i1 = std::min(ld, (k + 1) * kChunkKeys);
     for (int64_t i = k * kChunkKeys; i < i1; i += N) {
@@ -314,7 +318,7 @@ struct Tables {
   std::vector<Chunk> second;  // phase C: per item, min(n, J + 1) entries (a == b: unused)
   // Per item: phase C's room (min(n, J + 1) blocks), its offset in `second` and first slot.
   std::vector<int64_t> slc_max, slc_off, slc_slot0;
-  std::vector<int32_t> sel;   // per item: cand [J + 1] and blocks [n], at sel_off
+  std::vector<int32_t> sel;  // per item: cand [J + 1] and blocks [n], at sel_off
   std::vector<int64_t> sel_off, num_slc;
   int threads = 1;
   int64_t ld_max = 0;                   // row stride of a thread's chunk scores
@@ -338,8 +342,8 @@ int64_t plan_items(const DecodeProblem& pr, Plan& pl, Tables& tb, int64_t* float
   pl.Dv_pad = storage(c).raw.Dv_pad;
   pl.items = pr.S * c.Hkv;
   const int64_t items = pl.items;
-  for (std::vector<int64_t>* v : {&pl.t, &pl.nc, &pl.s_off, &pl.s_ld, &pl.a_slot0, &pl.a_count,
-                                  &tb.slc_max, &tb.slc_slot0}) {
+  for (std::vector<int64_t>* v :
+       {&pl.t, &pl.nc, &pl.s_off, &pl.s_ld, &pl.a_slot0, &pl.a_count, &tb.slc_max, &tb.slc_slot0}) {
     v->resize(static_cast<size_t>(items));
   }
   tb.slc_off.assign(static_cast<size_t>(items) + 1, 0);
@@ -433,8 +437,8 @@ void window_chunks(const Plan& pl, Tables& tb) {
   const nsa_config& cfg = pl.c->cfg;
   for (int64_t it = 0; it < pl.items; ++it) {
     int64_t s = tb.slc_slot0[it] + tb.slc_max[it];
-    cut(it, kWin, false, std::max<int64_t>(0, pl.t[it] - cfg.window + 1), pl.t[it] + 1,
-        kChunkKeys, &s, tb.wins);
+    cut(it, kWin, false, std::max<int64_t>(0, pl.t[it] - cfg.window + 1), pl.t[it] + 1, kChunkKeys,
+        &s, tb.wins);
   }
   tb.second.resize(static_cast<size_t>(tb.slc_off[pl.items]));
 }

@@ -67,37 +67,39 @@ void gemm(float* HWY_RESTRICT c, int64_t ldc, const float* HWY_RESTRICT a, int64
     float* c0 = c + m0 * ldc;
     int64_t n0 = 0;
     for (; n0 + 4 * L <= N; n0 += 4 * L) {
-#define NSA_INIT(r, x0, x1, x2, x3)                                              \
-  auto x0 = kAccumulate ? hn::Load(d, c0 + r * ldc + n0) : hn::Zero(d);          \
-  auto x1 = kAccumulate ? hn::Load(d, c0 + r * ldc + n0 + L) : hn::Zero(d);      \
-  auto x2 = kAccumulate ? hn::Load(d, c0 + r * ldc + n0 + 2 * L) : hn::Zero(d);  \
+#define NSA_INIT(r, x0, x1, x2, x3)                                             \
+  auto x0 = kAccumulate ? hn::Load(d, c0 + r * ldc + n0) : hn::Zero(d);         \
+  auto x1 = kAccumulate ? hn::Load(d, c0 + r * ldc + n0 + L) : hn::Zero(d);     \
+  auto x2 = kAccumulate ? hn::Load(d, c0 + r * ldc + n0 + 2 * L) : hn::Zero(d); \
   auto x3 = kAccumulate ? hn::Load(d, c0 + r * ldc + n0 + 3 * L) : hn::Zero(d);
-      NSA_INIT(0, x00, x01, x02, x03) NSA_INIT(1, x10, x11, x12, x13)
+      NSA_INIT(0, x00, x01, x02, x03)
+      NSA_INIT(1, x10, x11, x12, x13)
       NSA_INIT(2, x20, x21, x22, x23) NSA_INIT(3, x30, x31, x32, x33)
 #undef NSA_INIT
-      for (int64_t k = 0; k < K; ++k) {
+          for (int64_t k = 0; k < K; ++k) {
         const float* bk = b + k * ldb + n0;
         const auto b0 = hn::Load(d, bk), b1 = hn::Load(d, bk + L);
         const auto b2 = hn::Load(d, bk + 2 * L), b3 = hn::Load(d, bk + 3 * L);
         const float* ak0 = a0 + k * ak;
-#define NSA_ROW(r, x0, x1, x2, x3)             \
-  {                                            \
-    const auto s = hn::Set(d, ak0[r * am]);    \
-    x0 = hn::MulAdd(s, b0, x0);                \
-    x1 = hn::MulAdd(s, b1, x1);                \
-    x2 = hn::MulAdd(s, b2, x2);                \
-    x3 = hn::MulAdd(s, b3, x3);                \
+#define NSA_ROW(r, x0, x1, x2, x3)          \
+  {                                         \
+    const auto s = hn::Set(d, ak0[r * am]); \
+    x0 = hn::MulAdd(s, b0, x0);             \
+    x1 = hn::MulAdd(s, b1, x1);             \
+    x2 = hn::MulAdd(s, b2, x2);             \
+    x3 = hn::MulAdd(s, b3, x3);             \
   }
-        NSA_ROW(0, x00, x01, x02, x03) NSA_ROW(1, x10, x11, x12, x13)
-        NSA_ROW(2, x20, x21, x22, x23) NSA_ROW(3, x30, x31, x32, x33)
+        NSA_ROW(0, x00, x01, x02, x03)
+        NSA_ROW(1, x10, x11, x12, x13) NSA_ROW(2, x20, x21, x22, x23) NSA_ROW(3, x30, x31, x32, x33)
 #undef NSA_ROW
       }
-#define NSA_STORE(r, x0, x1, x2, x3)              \
-  hn::Store(x0, d, c0 + r * ldc + n0);            \
-  hn::Store(x1, d, c0 + r * ldc + n0 + L);        \
-  hn::Store(x2, d, c0 + r * ldc + n0 + 2 * L);    \
+#define NSA_STORE(r, x0, x1, x2, x3)           \
+  hn::Store(x0, d, c0 + r * ldc + n0);         \
+  hn::Store(x1, d, c0 + r * ldc + n0 + L);     \
+  hn::Store(x2, d, c0 + r * ldc + n0 + 2 * L); \
   hn::Store(x3, d, c0 + r * ldc + n0 + 3 * L);
-      NSA_STORE(0, x00, x01, x02, x03) NSA_STORE(1, x10, x11, x12, x13)
+      NSA_STORE(0, x00, x01, x02, x03)
+      NSA_STORE(1, x10, x11, x12, x13)
       NSA_STORE(2, x20, x21, x22, x23) NSA_STORE(3, x30, x31, x32, x33)
 #undef NSA_STORE
     }
@@ -134,7 +136,10 @@ struct Packed {
 // must not leave the parallel region, it would terminate the process).
 void pack(const DenseBwdProblem& pr, Packed& pk, int threads, float* rows, int64_t stride) {
   const nsa_dense_bwd_params& p = pr.p;
-  const TileSource src{&p.k, &p.v, &pr.seqs, &pk.first_tile, pr.Hkv, pr.Dk, pr.Dv,
+  const TileSource src{&p.k,          &p.v,
+                       &pr.seqs,      &pk.first_tile,
+                       pr.Hkv,        pr.Dk,
+                       pr.Dv,
                        /*cmp=*/false, /*head_major=*/false};
   auto dest = [&](int64_t i) {
     KVTile<float> dst;
@@ -175,8 +180,7 @@ void softmax_grad(const Work& w, const Dims& dm, int64_t q0, int64_t k0, int64_t
                   int32_t window) {
   const DF d;
   const int64_t L = hn::Lanes(d), BN = dm.BN;
-  const bool edge = k0 + BN - 1 > q0 || k0 + BN > len ||
-                    (window > 0 && q0 + dm.BM - window > k0);
+  const bool edge = k0 + BN - 1 > q0 || k0 + BN > len || (window > 0 && q0 + dm.BM - window > k0);
   for (int64_t r = 0; r < dm.BM; ++r) {
     float* s = w.s + r * BN;
     float* dp = w.dp + r * BN;
@@ -234,8 +238,7 @@ void head_item(const DenseBwdProblem& pr, const Packed& pk, const Dims& dm, int6
     std::fill(w.dk, w.dk + BN * DkP, 0.0f);
     std::fill(w.dv, w.dv + BN * DvP, 0.0f);
     // Query rows that see some key of the tile: k0 .. (window ? last key + window - 1 : len - 1).
-    const int64_t q_end =
-        p.window > 0 ? std::min<int64_t>(len, k0 + nk - 1 + p.window) : len;
+    const int64_t q_end = p.window > 0 ? std::min<int64_t>(len, k0 + nk - 1 + p.window) : len;
     for (int64_t q0 = k0 / BM * BM; q0 < q_end; q0 += BM) {
       const float* qi = w.q + q0 * DkP;
       const float* doi = w.d_o + q0 * DvP;
@@ -307,8 +310,8 @@ bool DenseBackward(const DenseBwdProblem& pr) {
   }
   const int64_t tiles = pk.first_tile.back() * pr.Hkv, rows = pk.first_tile.back() * BN;
   const int64_t Lp = round_up(max_len, BN);
-  const int64_t sizes[] = {Lp * dm.DkP, Lp * dm.DvP, Lp * dm.DkP, Lp, Lp, BN * BN, BN * BN,
-                           BN * dm.DkP, BN * dm.DvP, dm.DvP};
+  const int64_t sizes[] = {Lp * dm.DkP, Lp * dm.DvP, Lp * dm.DkP, Lp,          Lp,
+                           BN * BN,     BN * BN,     BN * dm.DkP, BN * dm.DvP, dm.DvP};
   int64_t per_thread = 0;
   for (int64_t size : sizes) per_thread += round_up(size, 16);
   // Every buffer is allocated before the first parallel region and the first output write.

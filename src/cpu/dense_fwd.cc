@@ -54,13 +54,13 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // One thread's tiles, carved from a single allocation made before the parallel region.
 struct Tiles {
-  float* q;    // [kQueryTile, Dk] queries, pre-multiplied by the softmax scale
+  float* q;         // [kQueryTile, Dk] queries, pre-multiplied by the softmax scale
   const float* kt;  // [Dk, NK] the current packed key tile (transposed: S rows are vector loads)
   const float* vp;  // [NK, DvP] the current packed value tile, rows padded to whole vectors
-  float* s;    // [kQueryTile, NK] scores, then probabilities
-  float* o;    // [kQueryTile, DvP] running output
-  float* m;    // [kQueryTile] running max
-  float* l;    // [kQueryTile] running sum
+  float* s;         // [kQueryTile, NK] scores, then probabilities
+  float* o;         // [kQueryTile, DvP] running output
+  float* m;         // [kQueryTile] running max
+  float* l;         // [kQueryTile] running sum
 };
 
 // K and V of every (sequence, KV head), packed into f32 key tiles of NK positions aligned to the
@@ -93,26 +93,39 @@ void scores(const Tiles& w, int64_t rows, int64_t Dk, int64_t NK) {
       const float* kt = w.kt + i * NK;
       const auto k0 = hn::Load(d, kt), k1 = hn::Load(d, kt + N);
       const auto k2 = hn::Load(d, kt + 2 * N), k3 = hn::Load(d, kt + 3 * N);
-#define NSA_S_ROW(r, x0, x1, x2, x3)             \
-  {                                              \
-    const auto qb = hn::Set(d, q[r * Dk + i]);   \
-    x0 = hn::MulAdd(qb, k0, x0);                 \
-    x1 = hn::MulAdd(qb, k1, x1);                 \
-    x2 = hn::MulAdd(qb, k2, x2);                 \
-    x3 = hn::MulAdd(qb, k3, x3);                 \
+#define NSA_S_ROW(r, x0, x1, x2, x3)           \
+  {                                            \
+    const auto qb = hn::Set(d, q[r * Dk + i]); \
+    x0 = hn::MulAdd(qb, k0, x0);               \
+    x1 = hn::MulAdd(qb, k1, x1);               \
+    x2 = hn::MulAdd(qb, k2, x2);               \
+    x3 = hn::MulAdd(qb, k3, x3);               \
   }
-      NSA_S_ROW(0, a00, a01, a02, a03) NSA_S_ROW(1, a10, a11, a12, a13)
+      NSA_S_ROW(0, a00, a01, a02, a03)
+      NSA_S_ROW(1, a10, a11, a12, a13)
       NSA_S_ROW(2, a20, a21, a22, a23) NSA_S_ROW(3, a30, a31, a32, a33)
 #undef NSA_S_ROW
     }
     float* s = w.s + r0 * NK;
-    hn::Store(a00, d, s); hn::Store(a01, d, s + N); hn::Store(a02, d, s + 2 * N); hn::Store(a03, d, s + 3 * N);
+    hn::Store(a00, d, s);
+    hn::Store(a01, d, s + N);
+    hn::Store(a02, d, s + 2 * N);
+    hn::Store(a03, d, s + 3 * N);
     s += NK;
-    hn::Store(a10, d, s); hn::Store(a11, d, s + N); hn::Store(a12, d, s + 2 * N); hn::Store(a13, d, s + 3 * N);
+    hn::Store(a10, d, s);
+    hn::Store(a11, d, s + N);
+    hn::Store(a12, d, s + 2 * N);
+    hn::Store(a13, d, s + 3 * N);
     s += NK;
-    hn::Store(a20, d, s); hn::Store(a21, d, s + N); hn::Store(a22, d, s + 2 * N); hn::Store(a23, d, s + 3 * N);
+    hn::Store(a20, d, s);
+    hn::Store(a21, d, s + N);
+    hn::Store(a22, d, s + 2 * N);
+    hn::Store(a23, d, s + 3 * N);
     s += NK;
-    hn::Store(a30, d, s); hn::Store(a31, d, s + N); hn::Store(a32, d, s + 2 * N); hn::Store(a33, d, s + 3 * N);
+    hn::Store(a30, d, s);
+    hn::Store(a31, d, s + N);
+    hn::Store(a32, d, s + 2 * N);
+    hn::Store(a33, d, s + 3 * N);
   }
 }
 
@@ -124,30 +137,48 @@ void accumulate(const Tiles& w, int64_t rows, int64_t nk, int64_t NK, int64_t Dv
     int64_t c0 = 0;
     for (; c0 + kOVecs * N <= DvP; c0 += kOVecs * N) {
       float* o = w.o + r0 * DvP + c0;
-      auto a00 = hn::Load(d, o), a01 = hn::Load(d, o + N), a02 = hn::Load(d, o + 2 * N), a03 = hn::Load(d, o + 3 * N);
-      auto a10 = hn::Load(d, o + DvP), a11 = hn::Load(d, o + DvP + N), a12 = hn::Load(d, o + DvP + 2 * N), a13 = hn::Load(d, o + DvP + 3 * N);
-      auto a20 = hn::Load(d, o + 2 * DvP), a21 = hn::Load(d, o + 2 * DvP + N), a22 = hn::Load(d, o + 2 * DvP + 2 * N), a23 = hn::Load(d, o + 2 * DvP + 3 * N);
-      auto a30 = hn::Load(d, o + 3 * DvP), a31 = hn::Load(d, o + 3 * DvP + N), a32 = hn::Load(d, o + 3 * DvP + 2 * N), a33 = hn::Load(d, o + 3 * DvP + 3 * N);
+      auto a00 = hn::Load(d, o), a01 = hn::Load(d, o + N), a02 = hn::Load(d, o + 2 * N),
+           a03 = hn::Load(d, o + 3 * N);
+      auto a10 = hn::Load(d, o + DvP), a11 = hn::Load(d, o + DvP + N),
+           a12 = hn::Load(d, o + DvP + 2 * N), a13 = hn::Load(d, o + DvP + 3 * N);
+      auto a20 = hn::Load(d, o + 2 * DvP), a21 = hn::Load(d, o + 2 * DvP + N),
+           a22 = hn::Load(d, o + 2 * DvP + 2 * N), a23 = hn::Load(d, o + 2 * DvP + 3 * N);
+      auto a30 = hn::Load(d, o + 3 * DvP), a31 = hn::Load(d, o + 3 * DvP + N),
+           a32 = hn::Load(d, o + 3 * DvP + 2 * N), a33 = hn::Load(d, o + 3 * DvP + 3 * N);
       const float* p = w.s + r0 * NK;
       for (int64_t j = 0; j < nk; ++j) {
         const float* v = w.vp + j * DvP + c0;
-        const auto v0 = hn::Load(d, v), v1 = hn::Load(d, v + N), v2 = hn::Load(d, v + 2 * N), v3 = hn::Load(d, v + 3 * N);
-#define NSA_O_ROW(r, x0, x1, x2, x3)              \
-  {                                               \
-    const auto pb = hn::Set(d, p[r * NK + j]);    \
-    x0 = hn::MulAdd(pb, v0, x0);                  \
-    x1 = hn::MulAdd(pb, v1, x1);                  \
-    x2 = hn::MulAdd(pb, v2, x2);                  \
-    x3 = hn::MulAdd(pb, v3, x3);                  \
+        const auto v0 = hn::Load(d, v), v1 = hn::Load(d, v + N), v2 = hn::Load(d, v + 2 * N),
+                   v3 = hn::Load(d, v + 3 * N);
+#define NSA_O_ROW(r, x0, x1, x2, x3)           \
+  {                                            \
+    const auto pb = hn::Set(d, p[r * NK + j]); \
+    x0 = hn::MulAdd(pb, v0, x0);               \
+    x1 = hn::MulAdd(pb, v1, x1);               \
+    x2 = hn::MulAdd(pb, v2, x2);               \
+    x3 = hn::MulAdd(pb, v3, x3);               \
   }
-        NSA_O_ROW(0, a00, a01, a02, a03) NSA_O_ROW(1, a10, a11, a12, a13)
+        NSA_O_ROW(0, a00, a01, a02, a03)
+        NSA_O_ROW(1, a10, a11, a12, a13)
         NSA_O_ROW(2, a20, a21, a22, a23) NSA_O_ROW(3, a30, a31, a32, a33)
 #undef NSA_O_ROW
       }
-      hn::Store(a00, d, o); hn::Store(a01, d, o + N); hn::Store(a02, d, o + 2 * N); hn::Store(a03, d, o + 3 * N);
-      hn::Store(a10, d, o + DvP); hn::Store(a11, d, o + DvP + N); hn::Store(a12, d, o + DvP + 2 * N); hn::Store(a13, d, o + DvP + 3 * N);
-      hn::Store(a20, d, o + 2 * DvP); hn::Store(a21, d, o + 2 * DvP + N); hn::Store(a22, d, o + 2 * DvP + 2 * N); hn::Store(a23, d, o + 2 * DvP + 3 * N);
-      hn::Store(a30, d, o + 3 * DvP); hn::Store(a31, d, o + 3 * DvP + N); hn::Store(a32, d, o + 3 * DvP + 2 * N); hn::Store(a33, d, o + 3 * DvP + 3 * N);
+      hn::Store(a00, d, o);
+      hn::Store(a01, d, o + N);
+      hn::Store(a02, d, o + 2 * N);
+      hn::Store(a03, d, o + 3 * N);
+      hn::Store(a10, d, o + DvP);
+      hn::Store(a11, d, o + DvP + N);
+      hn::Store(a12, d, o + DvP + 2 * N);
+      hn::Store(a13, d, o + DvP + 3 * N);
+      hn::Store(a20, d, o + 2 * DvP);
+      hn::Store(a21, d, o + 2 * DvP + N);
+      hn::Store(a22, d, o + 2 * DvP + 2 * N);
+      hn::Store(a23, d, o + 2 * DvP + 3 * N);
+      hn::Store(a30, d, o + 3 * DvP);
+      hn::Store(a31, d, o + 3 * DvP + N);
+      hn::Store(a32, d, o + 3 * DvP + 2 * N);
+      hn::Store(a33, d, o + 3 * DvP + 3 * N);
     }
     // Columns left over (Dv not a multiple of four vectors): one vector at a time.
     for (; c0 < DvP; c0 += N) {
@@ -214,8 +245,8 @@ void query_tile(const DenseProblem& pr, const Packed& packed, int64_t seq_index,
     w.vp = packed.v_tile(seq_index, k0 / NK, hk);
     scores(w, rows_s, Dk, NK);
     // Mask keys past the query (causal), before its window, or past the tile's end.
-    const bool edge = k0 + NK - 1 > q0 || nk < NK ||
-                      (p.window > 0 && k0 <= q0 + rows - 1 - p.window);
+    const bool edge =
+        k0 + NK - 1 > q0 || nk < NK || (p.window > 0 && k0 <= q0 + rows - 1 - p.window);
     for (int64_t r = 0; r < rows; ++r) {
       float* s = w.s + r * NK;
       if (edge) {
@@ -260,7 +291,10 @@ void query_tile(const DenseProblem& pr, const Packed& packed, int64_t seq_index,
 // allocated inside the region).
 void pack(const DenseProblem& pr, Packed& pk, int threads, float* rows, int64_t stride) {
   const nsa_dense_fwd_params& p = pr.p;
-  const TileSource src{&p.k, &p.v, &pr.seqs, &pk.first_tile, pr.Hkv, pr.Dk, pr.Dv,
+  const TileSource src{&p.k,          &p.v,
+                       &pr.seqs,      &pk.first_tile,
+                       pr.Hkv,        pr.Dk,
+                       pr.Dv,
                        /*cmp=*/false, /*head_major=*/false};
   auto dest = [&](int64_t i) {
     KVTile<float> dst;

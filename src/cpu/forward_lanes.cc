@@ -11,10 +11,10 @@
 // does useful work in every lane. A work item is four consecutive positions of one KV head, as
 // two pairs: the two positions of a pair attend nearly the same window and compressed keys (and
 // some of the same selected blocks), so where both attend a key, one broadcast of it feeds both
-// (the kernels in lanes-inl.h); the compressed keys are walked once for all four. K is packed once per call into tiles of 16 keys with the keys
-// innermost ([Dk][16]), so the broadcasts of one step sit in one cache line; V is converted to
-// f32 rows. Heads past G in the last vector are padded with zero queries; their lanes compute
-// finite values that are never stored.
+// (the kernels in lanes-inl.h); the compressed keys are walked once for all four. K is packed once
+// per call into tiles of 16 keys with the keys innermost ([Dk][16]), so the broadcasts of one step
+// sit in one cache line; V is converted to f32 rows. Heads past G in the last vector are padded
+// with zero queries; their lanes compute finite values that are never stored.
 //
 // The compressed branch needs the probabilities themselves (they are summed over the group into
 // block scores, Eqs. 8-10), so it is a two-pass softmax: the scores of every visible compressed
@@ -70,12 +70,24 @@ struct PackedKV {
   void* k = nullptr;
   void* v = nullptr;
   int64_t tiles = 0, Dk = 0, Dv = 0;
-  int64_t k_index(int64_t seq, int64_t hk) const { return (hk * tiles + first_tile[seq]) * kTileKeys * Dk; }
-  int64_t v_index(int64_t seq, int64_t hk) const { return (hk * tiles + first_tile[seq]) * kTileKeys * Dv; }
-  const float* k_at(int64_t seq, int64_t hk) const { return static_cast<const float*>(k) + k_index(seq, hk); }
-  const float* v_at(int64_t seq, int64_t hk) const { return static_cast<const float*>(v) + v_index(seq, hk); }
-  const uint16_t* k16_at(int64_t seq, int64_t hk) const { return static_cast<const uint16_t*>(k) + k_index(seq, hk); }
-  const uint16_t* v16_at(int64_t seq, int64_t hk) const { return static_cast<const uint16_t*>(v) + v_index(seq, hk); }
+  int64_t k_index(int64_t seq, int64_t hk) const {
+    return (hk * tiles + first_tile[seq]) * kTileKeys * Dk;
+  }
+  int64_t v_index(int64_t seq, int64_t hk) const {
+    return (hk * tiles + first_tile[seq]) * kTileKeys * Dv;
+  }
+  const float* k_at(int64_t seq, int64_t hk) const {
+    return static_cast<const float*>(k) + k_index(seq, hk);
+  }
+  const float* v_at(int64_t seq, int64_t hk) const {
+    return static_cast<const float*>(v) + v_index(seq, hk);
+  }
+  const uint16_t* k16_at(int64_t seq, int64_t hk) const {
+    return static_cast<const uint16_t*>(k) + k_index(seq, hk);
+  }
+  const uint16_t* v16_at(int64_t seq, int64_t hk) const {
+    return static_cast<const uint16_t*>(v) + v_index(seq, hk);
+  }
 };
 
 // n bf16 values as f32 (exact: bf16 is the upper half of an f32).
@@ -135,11 +147,13 @@ bool pack(const FwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, bool c
     pk.first_tile.push_back(pk.first_tile.back() + (len + kTileKeys - 1) / kTileKeys);
   }
   pk.tiles = pk.first_tile.back();
-  const int64_t k_elems = Hkv * pk.tiles * kTileKeys * Dk, v_elems = Hkv * pk.tiles * kTileKeys * Dv;
+  const int64_t k_elems = Hkv * pk.tiles * kTileKeys * Dk,
+                v_elems = Hkv * pk.tiles * kTileKeys * Dv;
   // Element counts rounded to 64 bytes, so that V starts on a line.
   const int64_t k_floats = pk.half ? (k_elems + 31) / 32 * 16 : k_elems;
   const int64_t v_floats = pk.half ? (v_elems + 1) / 2 : v_elems;
-  pk.mem = hwy::AllocateAligned<float>(static_cast<size_t>(std::max<int64_t>(1, k_floats + v_floats)));
+  pk.mem =
+      hwy::AllocateAligned<float>(static_cast<size_t>(std::max<int64_t>(1, k_floats + v_floats)));
   if (!pk.mem) return false;
   pk.k = pk.mem.get();
   pk.v = pk.mem.get() + k_floats;
@@ -157,11 +171,11 @@ struct Branch {
 // One query position of a work item, with its buffers.
 struct Pos {
   Group g;
-  float* qt;      // [Dk][GP] queries, scaled, heads in lanes (zero past G)
-  float* s;       // [s_rows][GP] scores, then probabilities
+  float* qt;  // [Dk][GP] queries, scaled, heads in lanes (zero past G)
+  float* s;   // [s_rows][GP] scores, then probabilities
   Branch cmp, slc, win;
-  float* lse;     // [3][GP]: cmp, slc, win
-  Scratch sel;    // score, cand, blocks for slc_select (topk.cc)
+  float* lse;   // [3][GP]: cmp, slc, win
+  Scratch sel;  // score, cand, blocks for slc_select (topk.cc)
 };
 
 struct Dims {
@@ -334,7 +348,8 @@ void block_scores_lanes(Pos& ps, const Dims& dm, int64_t nc, float* acc) {
   for (int64_t hv = 0; hv < GP; hv += N) {
     const VF lv = hn::Load(d, ps.cmp.l + hv);
     const auto real = hn::Lt(hn::Add(lane, hn::Set(d, float(hv))), hn::Set(d, float(dm.G)));
-    const VF inv = hn::IfThenElse(hn::Eq(lv, hn::Zero(d)), hn::Zero(d), hn::Div(hn::Set(d, 1.0f), lv));
+    const VF inv =
+        hn::IfThenElse(hn::Eq(lv, hn::Zero(d)), hn::Zero(d), hn::Div(hn::Set(d, 1.0f), lv));
     hn::Store(hn::IfThenElse(real, inv, hn::Zero(d)), d, inv_l + hv);
   }
   for (int64_t j = 0; j <= last; ++j) hn::Store(hn::Zero(d), d, acc + j * N);
@@ -404,7 +419,7 @@ void slc_pair(Pos* const pos[2], const Packs& pk, int64_t si, int64_t hk, const 
   int64_t i0 = 0, i1 = 0;
   const int64_t n1 = s1 ? s1->num_blocks : 0;
   while (i0 < s0.num_blocks || i1 < n1) {
-    const int32_t j = i1 >= n1 ? s0.blocks[i0]
+    const int32_t j = i1 >= n1              ? s0.blocks[i0]
                       : i0 >= s0.num_blocks ? s1->blocks[i1]
                                             : std::min(s0.blocks[i0], s1->blocks[i1]);
     int64_t f[2] = {0, 0}, e[2] = {0, 0};
@@ -442,7 +457,8 @@ void run_item(Pos* const quad[4], const Packs& pk, int64_t si, const Dims& dm, f
   for (Pos* ps : std::initializer_list<Pos*>{quad[0], quad[1], quad[2], quad[3]}) {
     if (!ps) continue;
     for (int64_t hg = 0; hg < dm.G; ++hg) {
-      load_row(pr.p.in.q, offset_of(pr.p.in.q, ps->g.seq->batch, ps->g.tok, hk * dm.G + hg), dm.Dk, row);
+      load_row(pr.p.in.q, offset_of(pr.p.in.q, ps->g.seq->batch, ps->g.tok, hk * dm.G + hg), dm.Dk,
+               row);
       for (int64_t i = 0; i < dm.Dk; ++i) ps->qt[i * dm.GP + hg] = row[i] * cfg.scale;
     }
     branch_begin(dm, ps->cmp);
@@ -500,7 +516,8 @@ void run_item(Pos* const quad[4], const Packs& pk, int64_t si, const Dims& dm, f
   }
   for (Pos* ps : std::initializer_list<Pos*>{quad[0], quad[1], quad[2], quad[3]}) {
     if (ps) {
-      softmax::finish_lanes(DF(), dm.GP, dm.Dv, ps->win.m, ps->win.l, ps->win.o, ps->lse + 2 * dm.GP);
+      softmax::finish_lanes(DF(), dm.GP, dm.Dv, ps->win.m, ps->win.l, ps->win.o,
+                            ps->lse + 2 * dm.GP);
     }
   }
   clock.lap(kStageWin);
@@ -512,8 +529,8 @@ void run_item(Pos* const quad[4], const Packs& pk, int64_t si, const Dims& dm, f
 }
 
 bool same_view(const nsa_tensor& a, const nsa_tensor& b) {
-  return a.data == b.data && a.dtype == b.dtype &&
-         std::equal(a.stride, a.stride + 4, b.stride) && std::equal(a.shape, a.shape + 4, b.shape);
+  return a.data == b.data && a.dtype == b.dtype && std::equal(a.stride, a.stride + 4, b.stride) &&
+         std::equal(a.shape, a.shape + 4, b.shape);
 }
 
 bool ForwardLanes(const FwdProblem& pr) {
@@ -525,7 +542,8 @@ bool ForwardLanes(const FwdProblem& pr) {
   StageClock pack_clock(pr.profile ? stage_s.data() : nullptr);
 
   Packs pk;
-  if (!pack(pr, p.in.k_slc, p.in.v_slc, /*cmp=*/false, threads, /*keep_bf16=*/true, pk.slc)) return false;
+  if (!pack(pr, p.in.k_slc, p.in.v_slc, /*cmp=*/false, threads, /*keep_bf16=*/true, pk.slc))
+    return false;
   pk.win_kv = &pk.slc;
   // The window's keys stay in cache from one position to the next: f32, converted once.
   if (pk.slc.half || !same_view(p.in.k_win, p.in.k_slc) || !same_view(p.in.v_win, p.in.v_slc)) {
@@ -549,14 +567,15 @@ bool ForwardLanes(const FwdProblem& pr) {
   const Dims dm{pr.G, GP, Dk, Dv};
 
   // Per thread: four positions' buffers, then the rest; carved below in this order.
-  const int64_t pos_sizes[] = {Dk * GP, s_rows * GP, Dv * GP, GP, GP, Dv * GP, GP, GP,
-                               Dv * GP, GP, GP, 3 * GP, max_blocks};
+  const int64_t pos_sizes[] = {Dk * GP, s_rows * GP, Dv * GP, GP, GP,     Dv * GP,   GP,
+                               GP,      Dv * GP,     GP,      GP, 3 * GP, max_blocks};
   // acc: 1/l, then one vector per selection block (block_scores_lanes).
   const int64_t acc_floats = GP + max_blocks * hn::Lanes(d);
   // One selected block widened from bf16 (f32 K/V need none): whole tiles from the one holding
   // its first key, never more than the longest sequence holds however large l' is.
   const int64_t blk_keys =
-      pk.slc.half ? round_up(std::min<int64_t>(p.in.cfg.slc_block, max_len), kTileKeys) + kTileKeys : 0;
+      pk.slc.half ? round_up(std::min<int64_t>(p.in.cfg.slc_block, max_len), kTileKeys) + kTileKeys
+                  : 0;
   int64_t floats = round_up(acc_floats, 16) + round_up(std::max(Dk, Dv), 16) +
                    round_up(blk_keys * Dk, 16) + round_up(blk_keys * Dv, 16);
   for (int64_t size : pos_sizes) floats += 4 * round_up(size, 16);

@@ -92,8 +92,16 @@ inline void store_row(const nsa_tensor& t, int64_t off, const float* src, int64_
 
 // ---- Stage timing (nsa_fwd_profile). ----
 
-enum Stage { kStagePack, kStageCmp, kStageScores, kStageTopn, kStageSlc, kStageWin,
-             kStageCombine, kStageCount };
+enum Stage {
+  kStagePack,
+  kStageCmp,
+  kStageScores,
+  kStageTopn,
+  kStageSlc,
+  kStageWin,
+  kStageCombine,
+  kStageCount
+};
 
 // One thread's stage clock: lap(stage) adds the time since the previous lap to that stage. With
 // no sink (profiling off) it reads no clock.
@@ -116,8 +124,8 @@ class StageClock {
 
 // Adds per-thread stage sums ([threads][kStageCount]) into the caller's profile.
 inline void add_stage_times(const double* per_thread, int threads, nsa_fwd_profile* out) {
-  double* fields[kStageCount] = {&out->pack_s, &out->cmp_s,  &out->scores_s, &out->topn_s,
-                                 &out->slc_s,  &out->win_s,  &out->combine_s};
+  double* fields[kStageCount] = {&out->pack_s, &out->cmp_s, &out->scores_s, &out->topn_s,
+                                 &out->slc_s,  &out->win_s, &out->combine_s};
   for (int t = 0; t < threads; ++t) {
     for (int k = 0; k < kStageCount; ++k) *fields[k] += per_thread[t * kStageCount + k];
   }
@@ -139,10 +147,10 @@ struct Group {
 // One position's selection state (topk.cc): block scores in, the selected set out. Buffers are
 // carved by forward_lanes.cc from one allocation made before the parallel region.
 struct Scratch {
-  float* score = nullptr;    // [J_max + 1] block scores (SPEC 4.2)
-  int32_t* cand = nullptr;   // [J_max + 1] top-n candidates
-  int32_t* blocks = nullptr; // [min(n, J_max + 1)] the selected set, sorted (SPEC 4.3)
-  int64_t num_blocks = 0;    // its size; indices_out pads it with -1 to n
+  float* score = nullptr;     // [J_max + 1] block scores (SPEC 4.2)
+  int32_t* cand = nullptr;    // [J_max + 1] top-n candidates
+  int32_t* blocks = nullptr;  // [min(n, J_max + 1)] the selected set, sorted (SPEC 4.3)
+  int64_t num_blocks = 0;     // its size; indices_out pads it with -1 to n
 };
 
 // ---- The steps of SPEC 4. ----

@@ -61,9 +61,9 @@ void compress_token(nsa_kv_cache& c, int64_t seq, int64_t h, int64_t i, float* b
   CpuCache& st = storage(c);
   for (int kv = 0; kv < 2; ++kv) {
     const int64_t D = kv == 0 ? c.Dk : c.Dv;
-    float* block = buf;                         // [l][D]
-    float* out = block + l * D;                 // [D]
-    float* hidden = out + std::max(c.Dk, c.Dv); // [Dh]
+    float* block = buf;                          // [l][D]
+    float* out = block + l * D;                  // [D]
+    float* hidden = out + std::max(c.Dk, c.Dv);  // [Dh]
     for (int64_t r = 0; r < l; ++r) {
       if (kv == 0) st.raw.read_k(seq, h, i * d + r, block + r * D);
       else st.raw.read_v(seq, h, i * d + r, block + r * D);
@@ -184,8 +184,8 @@ Status kv_cache_append(nsa_kv_cache& c, int64_t seq, const nsa_tensor& k, const 
   // must leave the cache as it was.
   const int64_t block = cmp_after > cmp_before ? (int64_t{c.cfg.cmp_block} + 1) * D + Dh : 0;
   const int64_t per_thread = D + block;
-  const int nt = static_cast<int>(
-      std::max<int64_t>(1, std::min<int64_t>(threads > 0 ? threads : omp_get_max_threads(), c.Hkv)));
+  const int nt = static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>(threads > 0 ? threads : omp_get_max_threads(), c.Hkv)));
   std::vector<float> scratch;
   try {
     scratch.resize(static_cast<size_t>(per_thread) * static_cast<size_t>(nt));

@@ -40,7 +40,9 @@ class TokenStore {
   int64_t k_offset(int64_t pos, int64_t i) const {
     return (pos / kTileKeys) * Dk * kTileKeys + i * kTileKeys + pos % kTileKeys;
   }
-  const void* k_base(int64_t seq, int64_t h) const { return at(k_, (seq * heads_ + h) * rows * Dk); }
+  const void* k_base(int64_t seq, int64_t h) const {
+    return at(k_, (seq * heads_ + h) * rows * Dk);
+  }
   const void* v_base(int64_t seq, int64_t h) const {
     return at(v_, (seq * heads_ + h) * rows * Dv_pad);
   }

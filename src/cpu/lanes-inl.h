@@ -39,8 +39,8 @@ constexpr int kBlock2 = kWide ? 8 : 4;
 // ---- S = Q^T K for one head vector. ----
 
 template <int KB>
-HWY_INLINE void score_block1(const float* HWY_RESTRICT qa, int64_t GP,
-                             const float* HWY_RESTRICT kt, int64_t Dk, float* HWY_RESTRICT sa) {
+HWY_INLINE void score_block1(const float* HWY_RESTRICT qa, int64_t GP, const float* HWY_RESTRICT kt,
+                             int64_t Dk, float* HWY_RESTRICT sa) {
   const DF d;
   VF a[KB];
   for (int j = 0; j < KB; ++j) a[j] = hn::Zero(d);
@@ -53,9 +53,9 @@ HWY_INLINE void score_block1(const float* HWY_RESTRICT qa, int64_t GP,
 }
 
 template <int KB>
-HWY_INLINE void score_block2(const float* HWY_RESTRICT qa, const float* HWY_RESTRICT qb,
-                             int64_t GP, const float* HWY_RESTRICT kt, int64_t Dk,
-                             float* HWY_RESTRICT sa, float* HWY_RESTRICT sb) {
+HWY_INLINE void score_block2(const float* HWY_RESTRICT qa, const float* HWY_RESTRICT qb, int64_t GP,
+                             const float* HWY_RESTRICT kt, int64_t Dk, float* HWY_RESTRICT sa,
+                             float* HWY_RESTRICT sb) {
   const DF d;
   VF a[KB], b[KB];
   for (int j = 0; j < KB; ++j) a[j] = b[j] = hn::Zero(d);

@@ -7,9 +7,9 @@
 
 namespace nsa::cpu {
 
-Status forward(const FwdProblem& problem);          // forward.cc (SPEC 4)
-Status compress(const CompressProblem& problem);    // compress.cc (SPEC 5)
-Status dense_forward(const DenseProblem& problem);  // dense_fwd.cc
+Status forward(const FwdProblem& problem);              // forward.cc (SPEC 4)
+Status compress(const CompressProblem& problem);        // compress.cc (SPEC 5)
+Status dense_forward(const DenseProblem& problem);      // dense_fwd.cc
 Status dense_backward(const DenseBwdProblem& problem);  // dense_bwd.cc
 // backward.cc: nsa_bwd (SPEC 6).
 Status backward(const BwdProblem& problem);

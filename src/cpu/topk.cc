@@ -73,7 +73,7 @@ int64_t top_blocks(const nsa_config& cfg, int64_t t, const float* score, int32_t
 void slc_select(const Group& g, Scratch& s) {
   const nsa_fwd_params& p = g.pr->p;
   s.num_blocks = present(p.slc_indices_in) ? given_blocks(g, s.cand, s.blocks)
-                                            : top_blocks(p.in.cfg, g.t, s.score, s.cand, s.blocks);
+                                           : top_blocks(p.in.cfg, g.t, s.score, s.cand, s.blocks);
   if (present(p.slc_indices_out)) {
     // The reported form: sorted ascending, padded with -1 to n (SPEC 4.3).
     int32_t* out = static_cast<int32_t*>(p.slc_indices_out.data);

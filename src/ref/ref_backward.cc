@@ -64,7 +64,8 @@ std::vector<int64_t> branch_rows(const NsaArgs64& a, const Sequence& s, int64_t 
     // Step 4 with I_t fixed (SPEC 6): positions p <= t of the given blocks.
     const int64_t n = cfg.slc_count;
     const int64_t Hkv = a.k_slc.shape[2];
-    const auto first = a.slc_indices.begin() + ((s.batch * a.q.shape[1] + s.start + t) * Hkv + hk) * n;
+    const auto first =
+        a.slc_indices.begin() + ((s.batch * a.q.shape[1] + s.start + t) * Hkv + hk) * n;
     for (int32_t j : as_block_set(std::vector<int32_t>(first, first + n))) {
       const int64_t begin = int64_t{j} * cfg.slc_block;
       const int64_t end = std::min<int64_t>(begin + cfg.slc_block, t + 1);
@@ -194,8 +195,7 @@ Status forward_fixed64(const NsaArgs64& a, int32_t num_threads, NsaOutputs64* ou
   });
 }
 
-Status backward64(const NsaArgs64& a, const Tensor64& d_o, int32_t num_threads,
-                  NsaGrads64* grads) {
+Status backward64(const NsaArgs64& a, const Tensor64& d_o, int32_t num_threads, NsaGrads64* grads) {
   NsaGrads64& g = *grads;
   g.dq = zeros_like(a.q);
   g.dk_slc = zeros_like(a.k_slc);

@@ -29,7 +29,8 @@ std::vector<double> compress_block(const CompressProblem& pr, const Sequence& s,
   // mlp: W2 relu(W1 flatten(X + P) + b1) + b2, flatten row-major over [l, D].
   std::vector<double> flat(l * D);
   for (int64_t r = 0; r < l; ++r) {
-    for (int64_t i = 0; i < D; ++i) flat[r * D + i] = at(p.x, s.batch, first + r, h, i) + at(p.pos, h, r, i);
+    for (int64_t i = 0; i < D; ++i)
+      flat[r * D + i] = at(p.x, s.batch, first + r, h, i) + at(p.pos, h, r, i);
   }
   std::vector<double> hidden(pr.Dh);
   for (int64_t u = 0; u < pr.Dh; ++u) {

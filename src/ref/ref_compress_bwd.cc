@@ -33,7 +33,8 @@ Block compress_block(const CompressArgs64& a, int64_t b, int64_t first, int64_t 
   const int64_t Dh = a.w1.shape[1];
   k.flat.resize(l * D);
   for (int64_t r = 0; r < l; ++r) {
-    for (int64_t i = 0; i < D; ++i) k.flat[r * D + i] = a.x.at(b, first + r, h, i) + a.pos.at(h, r, i);
+    for (int64_t i = 0; i < D; ++i)
+      k.flat[r * D + i] = a.x.at(b, first + r, h, i) + a.pos.at(h, r, i);
   }
   k.pre.resize(Dh);
   k.hidden.resize(Dh);
@@ -58,7 +59,8 @@ void block_backward(const CompressArgs64& a, const Block& k, const double* dout,
   if (a.kind == NSA_CMP_MEAN) {
     // Each of the l tokens contributes 1/l of the mean.
     for (int64_t r = 0; r < l; ++r) {
-      for (int64_t i = 0; i < D; ++i) g.dx.at(b, first + r, h, i) += dout[i] / static_cast<double>(l);
+      for (int64_t i = 0; i < D; ++i)
+        g.dx.at(b, first + r, h, i) += dout[i] / static_cast<double>(l);
     }
     return;
   }

@@ -90,9 +90,12 @@ void forward_group(const FwdProblem& pr, const Sequence& s, int64_t t, int64_t h
     const int64_t h = hk * pr.G + g;
     const Attention slc = attend(q[g], ks, vs, scale);
     const Attention win = attend(q[g], kw, vw, scale);
-    const double gc = load_as_double(p.in.g_cmp.data, p.in.g_cmp.dtype, offset_of(p.in.g_cmp, b, tok, h));
-    const double gs = load_as_double(p.in.g_slc.data, p.in.g_slc.dtype, offset_of(p.in.g_slc, b, tok, h));
-    const double gw = load_as_double(p.in.g_win.data, p.in.g_win.dtype, offset_of(p.in.g_win, b, tok, h));
+    const double gc =
+        load_as_double(p.in.g_cmp.data, p.in.g_cmp.dtype, offset_of(p.in.g_cmp, b, tok, h));
+    const double gs =
+        load_as_double(p.in.g_slc.data, p.in.g_slc.dtype, offset_of(p.in.g_slc, b, tok, h));
+    const double gw =
+        load_as_double(p.in.g_win.data, p.in.g_win.dtype, offset_of(p.in.g_win, b, tok, h));
     std::vector<double> o(pr.Dv, 0.0);
     // An empty branch (no keys) has no o and counts as zeros; gate * 0 is still added so that a
     // NaN or infinite gate poisons o as it does on the CPU (README "Non-finite inputs").

@@ -68,9 +68,8 @@ std::vector<int32_t> selected_set(const nsa_config& cfg, int64_t t,
     // Largest score first; equal scores in ascending index order (ties to the lower index). A
     // strict total order, so std::sort needs no temporary buffer (std::stable_sort's may fail to
     // allocate and silently fall back).
-    std::sort(candidates.begin(), candidates.end(), [&](int32_t a, int32_t b) {
-      return key(a) > key(b) || (key(a) == key(b) && a < b);
-    });
+    std::sort(candidates.begin(), candidates.end(),
+              [&](int32_t a, int32_t b) { return key(a) > key(b) || (key(a) == key(b) && a < b); });
     const int64_t room = n - static_cast<int64_t>(chosen.size());
     for (int64_t r = 0; r < room && r < static_cast<int64_t>(candidates.size()); ++r) {
       chosen.push_back(candidates[r]);

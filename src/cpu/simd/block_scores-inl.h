@@ -32,7 +32,7 @@ namespace HWY_NAMESPACE {
 // so it never reaches past J; the bound is kept for safety.
 template <typename Acc, typename Mass, typename MulAdd, typename Load, typename Store>
 HWY_INLINE void overlap_block_scores(int64_t l, int64_t d, int64_t lp, int64_t nc, int64_t last,
-                                 Acc zero, Mass mass, MulAdd madd, Load load, Store store) {
+                                     Acc zero, Mass mass, MulAdd madd, Load load, Store store) {
   const float inv_d = 1.0f / static_cast<float>(d);
   int64_t j_lo = 0;  // the block holding token i's first position, advanced without a division
   if (l <= lp) {

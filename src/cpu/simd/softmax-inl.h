@@ -71,12 +71,14 @@ inline void step_lanes(D d, float* s, int64_t GP, int64_t lo, int64_t hi, int64_
     sum = hn::Add(sum, pj);
   }
   V lv = hn::MulAdd(hn::Load(d, l), alpha, sum);
-  lv = hn::IfThenElse(hn::MaskFromVec(bad), hn::Set(d, std::numeric_limits<float>::quiet_NaN()), lv);
+  lv =
+      hn::IfThenElse(hn::MaskFromVec(bad), hn::Set(d, std::numeric_limits<float>::quiet_NaN()), lv);
   hn::Store(lv, d, l);
   hn::Store(mx, d, m);
   // The running output is rescaled once per step, not per key (alpha = 1 once m settles).
   if (!hn::AllTrue(d, hn::Eq(alpha, hn::Set(d, 1.0f)))) {
-    for (int64_t c = 0; c < Dv; ++c) hn::Store(hn::Mul(alpha, hn::Load(d, o + c * GP)), d, o + c * GP);
+    for (int64_t c = 0; c < Dv; ++c)
+      hn::Store(hn::Mul(alpha, hn::Load(d, o + c * GP)), d, o + c * GP);
   }
 }
 
