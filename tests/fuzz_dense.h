@@ -124,8 +124,11 @@ struct DenseCall {
   std::vector<int32_t> cu;
 };
 
-inline Expect bad_dims_expect() {
-  return {NSA_ERR_INVALID_SHAPE, "impossible head counts or head dims", "q/k"};
+// The argument the validator names for impossible sizes (validate.cc, check_qkv, shared with
+// nsa_fwd): q's heads or Dk first, then k/v's, then the group ratio.
+inline Expect bad_dims_expect(const DenseCase& d) {
+  const char* needle = d.Hq < 1 || d.Dk < 1 ? "q:" : d.Hkv < 1 || d.Dv < 1 ? "k/v:" : "q/k:";
+  return {NSA_ERR_INVALID_SHAPE, "impossible head counts or head dims", needle};
 }
 
 // ---- nsa_dense_fwd -----------------------------------------------------------------------------
@@ -133,7 +136,7 @@ inline Expect bad_dims_expect() {
 inline DenseCall make_dense_fwd_call(Rng& r, const DenseCase& c, nsa_dense_fwd_params& p) {
   DenseCall call;
   if (!c.valid_dims()) {
-    call.e = bad_dims_expect();
+    call.e = bad_dims_expect(c);
     return call;
   }
   const std::vector<int> fl = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
@@ -244,7 +247,7 @@ inline DenseBwdCase make_dense_bwd(Rng& r, BadDims bad) {
 inline DenseCall make_dense_bwd_call(Rng& r, DenseBwdCase& c, nsa_dense_bwd_params& p) {
   DenseCall call;
   if (!c.d.valid_dims()) {
-    call.e = bad_dims_expect();
+    call.e = bad_dims_expect(c.d);
     return call;
   }
   const std::vector<int> fl = {NSA_DTYPE_F32, NSA_DTYPE_BF16};

@@ -231,26 +231,27 @@ Status validate_config(const nsa_config& c) {
   return Status::ok();
 }
 
-// q, k, v and the head counts: the sizes of an NSA problem.
-Status check_fwd_qkv(const nsa_fwd_inputs& in, AttnDims* d) {
+// q [B, T, Hq, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv] and the head counts: the sizes of an
+// attention problem, NSA's and the dense baseline's alike.
+Status check_qkv(const nsa_tensor& q, const nsa_tensor& k, const nsa_tensor& v, AttnDims* d) {
   const std::vector<nsa_dtype> floats = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
-  NSA_RETURN_IF_ERROR(check_tensor("q", in.q, {-1, -1, -1, -1}, floats, Role::kInput));
-  d->B = in.q.shape[0];
-  d->T = in.q.shape[1];
-  d->Hq = in.q.shape[2];
-  d->Dk = in.q.shape[3];
-  const std::vector<nsa_dtype> same = {in.q.dtype};
-  NSA_RETURN_IF_ERROR(check_tensor("k", in.k, {d->B, d->T, -1, d->Dk}, same, Role::kInput));
-  d->Hkv = in.k.shape[2];
-  NSA_RETURN_IF_ERROR(check_tensor("v", in.v, {d->B, d->T, d->Hkv, -1}, same, Role::kInput));
-  d->Dv = in.v.shape[3];
+  NSA_RETURN_IF_ERROR(check_tensor("q", q, {-1, -1, -1, -1}, floats, Role::kInput));
+  d->B = q.shape[0];
+  d->T = q.shape[1];
+  d->Hq = q.shape[2];
+  d->Dk = q.shape[3];
+  const std::vector<nsa_dtype> same = {q.dtype};
+  NSA_RETURN_IF_ERROR(check_tensor("k", k, {d->B, d->T, -1, d->Dk}, same, Role::kInput));
+  d->Hkv = k.shape[2];
+  NSA_RETURN_IF_ERROR(check_tensor("v", v, {d->B, d->T, d->Hkv, -1}, same, Role::kInput));
+  d->Dv = v.shape[3];
   if (d->Hq < 1 || d->Dk < 1) {
     return error(NSA_ERR_INVALID_SHAPE,
-                 cat("q: needs at least one head and Dk >= 1, got shape ", shape_str(in.q)));
+                 cat("q: needs at least one head and Dk >= 1, got shape ", shape_str(q)));
   }
   if (d->Hkv < 1 || d->Dv < 1) {
     return error(NSA_ERR_INVALID_SHAPE, cat("k/v: need at least one KV head and Dv >= 1, got k ",
-                                            shape_str(in.k), ", v ", shape_str(in.v)));
+                                            shape_str(k), ", v ", shape_str(v)));
   }
   if (d->Hq % d->Hkv != 0) {
     return error(
@@ -293,7 +294,7 @@ Status check_fwd_inputs(FwdProblem* problem) {
   FwdProblem& pr = *problem;
   nsa_fwd_inputs& in = pr.p.in;
   NSA_RETURN_IF_ERROR(validate_config(in.cfg));
-  NSA_RETURN_IF_ERROR(check_fwd_qkv(in, &pr));
+  NSA_RETURN_IF_ERROR(check_qkv(in.q, in.k, in.v, &pr));
   NSA_RETURN_IF_ERROR(check_branch_kv(&in, pr));
   NSA_RETURN_IF_ERROR(check_packing(in.cfg, pr.B, pr.T, in.cu_seqlens, in.num_seqs, &pr.seqs));
   // Selection block indices are int32 (slc_indices_in/out, and the kernels' block lists), so the
@@ -447,28 +448,7 @@ nsa_config dense_cfg() {
 
 Status check_dense_inputs(nsa_dense_fwd_params* params, DenseProblem* pr) {
   nsa_dense_fwd_params& p = *params;
-  const std::vector<nsa_dtype> floats = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
-  NSA_RETURN_IF_ERROR(check_tensor("q", p.q, {-1, -1, -1, -1}, floats, Role::kInput));
-  pr->B = p.q.shape[0];
-  pr->T = p.q.shape[1];
-  pr->Hq = p.q.shape[2];
-  pr->Dk = p.q.shape[3];
-  const std::vector<nsa_dtype> same = {p.q.dtype};
-  NSA_RETURN_IF_ERROR(check_tensor("k", p.k, {pr->B, pr->T, -1, pr->Dk}, same, Role::kInput));
-  pr->Hkv = p.k.shape[2];
-  NSA_RETURN_IF_ERROR(check_tensor("v", p.v, {pr->B, pr->T, pr->Hkv, -1}, same, Role::kInput));
-  pr->Dv = p.v.shape[3];
-  if (pr->Hq < 1 || pr->Dk < 1 || pr->Hkv < 1 || pr->Dv < 1) {
-    return error(NSA_ERR_INVALID_SHAPE, cat("q/k/v: need at least one head and head dims >= 1, "
-                                            "got q ",
-                                            shape_str(p.q), ", v ", shape_str(p.v)));
-  }
-  if (pr->Hq % pr->Hkv != 0) {
-    return error(NSA_ERR_INVALID_SHAPE,
-                 cat("q/k: Hq = ", pr->Hq, " query heads is not a multiple of Hkv = ", pr->Hkv,
-                     " KV heads"));
-  }
-  pr->G = pr->Hq / pr->Hkv;
+  NSA_RETURN_IF_ERROR(check_qkv(p.q, p.k, p.v, pr));
   if (p.window < 0) {
     return error(NSA_ERR_INVALID_ARGUMENT,
                  cat("window: must be >= 0 (0: no window), got ", p.window));
