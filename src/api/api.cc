@@ -1,7 +1,6 @@
 // The C API: argument checks, dispatch through the backend table (common/backend.h), and the
 // translation of Status into a status code plus the context's last-error message. No exception
 // crosses this boundary.
-#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>

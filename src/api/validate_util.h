@@ -1,6 +1,7 @@
-// The validation building blocks that validate.cc and validate_bwd.cc share: tensor checks,
-// sequence lists, index checks and the forward's input checks, which the backward reuses since it
-// takes the forward's inputs (SPEC.md section 6).
+// The validation building blocks that validate.cc, validate_bwd.cc and validate_decode.cc share:
+// tensor descriptor checks, the packing rules, the hand-off of contents to the backend's checks,
+// and the forward's input checks, which the backward reuses since it takes the forward's inputs
+// (SPEC.md section 6).
 #pragma once
 
 #include <initializer_list>
