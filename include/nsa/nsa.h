@@ -318,7 +318,8 @@ NSA_API void nsa_fwd_params_init(nsa_fwd_params* p);
  * else NSA_ERR_INVALID_SHAPE. */
 NSA_API nsa_status nsa_fwd(nsa_context* ctx, const nsa_fwd_params* p);
 
-/* Writes the cumulative compressed lengths cu_cmp[0..S] for cu_seqlens[0..S], S = num_seqs.
+/* Writes the cumulative compressed lengths cu_cmp[0..S] for cu_seqlens[0..S], S = num_seqs (both
+ * host arrays, whatever the backend).
  * ctx may be NULL. cfg, cu_seqlens or cu_cmp NULL: NSA_ERR_NULL_POINTER; cfg invalid:
  * NSA_ERR_INVALID_CONFIG; num_seqs < 1, cu_seqlens[0] != 0 or a decrease:
  * NSA_ERR_INVALID_SEQLENS (there is no T to end at). */
