@@ -13,6 +13,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <map>
 #include <string>
 #include <vector>
@@ -59,10 +60,13 @@ inline nsa_backend valid_backend(Rng& r, double cost) {
 }
 
 inline void expect_rejected(const Expect& e, nsa_status s, const std::string& msg, bool null_ctx) {
-  EXPECT_EQ(s, e.want) << e.what << ": got " << nsa_status_name(s) << " \"" << msg << "\"";
+  const bool other = std::find(e.also.begin(), e.also.end(), s) != e.also.end();
+  if (!other) {
+    EXPECT_EQ(s, e.want) << e.what << ": got " << nsa_status_name(s) << " \"" << msg << "\"";
+  }
   if (null_ctx) return;  // no context, no message
   EXPECT_FALSE(msg.empty()) << e.what << ": a failed call must leave a message";
-  if (!e.needle.empty()) {
+  if (!e.needle.empty() && !other) {
     EXPECT_NE(msg.find(e.needle), std::string::npos)
         << e.what << ": message \"" << msg << "\" does not name \"" << e.needle << "\"";
   }

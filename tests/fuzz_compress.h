@@ -115,6 +115,7 @@ inline std::vector<TArg> cmp_args(nsa_compress_params& p, const CmpCase& c) {
   // With mlp, a float x of the other dtype is reported at pos.
   std::vector<TArg> a = {{"x", &p.x, mlp ? same : floats, true, false, 0xF, mlp, 1 << 1},
                          {"out", &p.out, floats, true, true}};
+  if (p.cu_seqlens != nullptr) a[1].content_sized = 1 << 1;  // out's rows: packed Tc
   if (mlp) {
     for (TArg t : {TArg{"pos", &p.pos, same, true}, TArg{"w1", &p.w1, same, true, false, 1 << 1},
                    TArg{"b1", &p.b1, same, true}, TArg{"w2", &p.w2, same, true},

@@ -103,6 +103,7 @@ struct CmpBwdCall {
 inline std::vector<TArg> cmp_bwd_args(nsa_compress_bwd_params& p, bool mlp) {
   const std::vector<int> fl = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
   std::vector<TArg> a = {{"dout", &p.dout, fl, true}, {"dx", &p.dx, fl, true, true}};
+  if (p.cu_seqlens != nullptr) a[0].content_sized = 1 << 1;  // dout's rows: packed Tc
   if (mlp) {
     a.insert(a.end(), {{"dpos", &p.dpos, fl, true, true},
                        {"dw1", &p.dw1, fl, true, true},

@@ -210,6 +210,7 @@ inline std::vector<TArg> fwd_args(nsa_fwd_params& p, nsa_dtype dt) {
                          {"lse_win", &p.lse_win, f32, false, true},
                          {"slc_indices_in", &p.slc_indices_in, i32, false, false},
                          {"slc_indices_out", &p.slc_indices_out, i32, false, true}};
+  if (p.in.cu_seqlens != nullptr) a[3].content_sized = a[4].content_sized = 1 << 1;  // k/v_cmp
   std::vector<TArg> present;
   for (const TArg& x : a) {
     if (x.t->data != nullptr) present.push_back(x);
