@@ -133,15 +133,8 @@ bool pack(const BwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, Span s
   int64_t row_floats = 0;
   if (!mul_size(threads, Dv, &row_floats)) return false;
   std::vector<float> buf(static_cast<size_t>(row_floats));  // before the region
-  const TileSource src{&k,
-                       &v,
-                       &pr.seqs,
-                       &pk->first_tile,
-                       pr.Hkv,
-                       Dk,
-                       Dv,
-                       span.cmp,
-                       /*head_major=*/true};
+  const TileSource src =
+      tile_source(k, v, pr, pr.seqs, pk->first_tile, span.cmp, /*head_major=*/true);
   auto dest = [&](int64_t u) {
     KVTile<float> dst;
     dst.kt = pk->kt.get() + u * kTileKeys * Dk;

@@ -74,7 +74,8 @@ void gemm(float* HWY_RESTRICT c, int64_t ldc, const float* HWY_RESTRICT a, int64
   auto x3 = kAccumulate ? hn::Load(d, c0 + r * ldc + n0 + 3 * L) : hn::Zero(d);
       NSA_INIT(0, x00, x01, x02, x03)
       NSA_INIT(1, x10, x11, x12, x13)
-      NSA_INIT(2, x20, x21, x22, x23) NSA_INIT(3, x30, x31, x32, x33)
+      NSA_INIT(2, x20, x21, x22, x23)
+      NSA_INIT(3, x30, x31, x32, x33)
 #undef NSA_INIT
           for (int64_t k = 0; k < K; ++k) {
         const float* bk = b + k * ldb + n0;
@@ -136,11 +137,8 @@ struct Packed {
 // must not leave the parallel region, it would terminate the process).
 void pack(const DenseBwdProblem& pr, Packed& pk, int threads, float* rows, int64_t stride) {
   const nsa_dense_bwd_params& p = pr.p;
-  const TileSource src{&p.k,          &p.v,
-                       &pr.seqs,      &pk.first_tile,
-                       pr.Hkv,        pr.Dk,
-                       pr.Dv,
-                       /*cmp=*/false, /*head_major=*/false};
+  const TileSource src =
+      tile_source(p.k, p.v, pr, pr.seqs, pk.first_tile, /*cmp=*/false, /*head_major=*/false);
   auto dest = [&](int64_t i) {
     KVTile<float> dst;
     dst.keys = pk.BN;

@@ -101,9 +101,12 @@ void scores(const Tiles& w, int64_t rows, int64_t Dk, int64_t NK) {
     x2 = hn::MulAdd(qb, k2, x2);               \
     x3 = hn::MulAdd(qb, k3, x3);               \
   }
+      // clang-format off: one macro row per line
       NSA_S_ROW(0, a00, a01, a02, a03)
       NSA_S_ROW(1, a10, a11, a12, a13)
-      NSA_S_ROW(2, a20, a21, a22, a23) NSA_S_ROW(3, a30, a31, a32, a33)
+      NSA_S_ROW(2, a20, a21, a22, a23)
+      NSA_S_ROW(3, a30, a31, a32, a33)
+      // clang-format on
 #undef NSA_S_ROW
     }
     float* s = w.s + r0 * NK;
@@ -158,9 +161,12 @@ void accumulate(const Tiles& w, int64_t rows, int64_t nk, int64_t NK, int64_t Dv
     x2 = hn::MulAdd(pb, v2, x2);               \
     x3 = hn::MulAdd(pb, v3, x3);               \
   }
+        // clang-format off: one macro row per line
         NSA_O_ROW(0, a00, a01, a02, a03)
         NSA_O_ROW(1, a10, a11, a12, a13)
-        NSA_O_ROW(2, a20, a21, a22, a23) NSA_O_ROW(3, a30, a31, a32, a33)
+        NSA_O_ROW(2, a20, a21, a22, a23)
+        NSA_O_ROW(3, a30, a31, a32, a33)
+        // clang-format on
 #undef NSA_O_ROW
       }
       hn::Store(a00, d, o);
@@ -291,11 +297,8 @@ void query_tile(const DenseProblem& pr, const Packed& packed, int64_t seq_index,
 // allocated inside the region).
 void pack(const DenseProblem& pr, Packed& pk, int threads, float* rows, int64_t stride) {
   const nsa_dense_fwd_params& p = pr.p;
-  const TileSource src{&p.k,          &p.v,
-                       &pr.seqs,      &pk.first_tile,
-                       pr.Hkv,        pr.Dk,
-                       pr.Dv,
-                       /*cmp=*/false, /*head_major=*/false};
+  const TileSource src =
+      tile_source(p.k, p.v, pr, pr.seqs, pk.first_tile, /*cmp=*/false, /*head_major=*/false);
   auto dest = [&](int64_t i) {
     KVTile<float> dst;
     dst.keys = pk.NK;

@@ -121,7 +121,7 @@ bool fill_tiles(const FwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, 
   } catch (const std::bad_alloc&) {
     return false;
   }
-  const TileSource src{&k, &v, &pr.seqs, &pk.first_tile, pr.Hkv, Dk, Dv, cmp, /*head_major=*/true};
+  const TileSource src = tile_source(k, v, pr, pr.seqs, pk.first_tile, cmp, /*head_major=*/true);
   auto dest = [&](int64_t u) {
     KVTile<E> dst;
     dst.kt = kbase + u * kTileKeys * Dk;

@@ -88,6 +88,13 @@ struct TileSource {
   bool cmp = false, head_major = true;
 };
 
+// The tiles of k/v over a problem's sequences (raw rows, or with cmp its compressed rows).
+inline TileSource tile_source(const nsa_tensor& k, const nsa_tensor& v, const AttnDims& d,
+                              const std::vector<Sequence>& seqs,
+                              const std::vector<int64_t>& first_tile, bool cmp, bool head_major) {
+  return TileSource{&k, &v, &seqs, &first_tile, d.Hkv, d.Dk, d.Dv, cmp, head_major};
+}
+
 // Packs every unit of src in parallel: unit u into dest(u) (a KVTile<E>). Thread i's row for
 // pack_kv_tile is rows + i * row_stride, allocated by the caller: nothing is allocated inside
 // the region (an exception cannot leave it).
