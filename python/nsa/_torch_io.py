@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from . import _core
+from ._desc import Descs
 
 # nsa_dtype codes (nsa.h). f16 is passed through: the C API refuses it with a message naming the
 # argument, as it will accept it once a backend computes in it.
@@ -36,19 +37,9 @@ def desc(t: Optional[torch.Tensor], name: str, op: str):
     return (t.data_ptr(), code, tuple(t.shape), t.stride())
 
 
-class Descs(dict):
-    """Descriptors keyed by the C params' field names, holding the tensors they point into: a
-    descriptor is a raw pointer, and a temporary (a copy made by inner_contiguous) must outlive
-    the C call that reads it, which it does as long as this dict is the call's argument."""
-
-    def __init__(self, op: str, tensors: dict):
-        super().__init__((k, desc(t, k, op)) for k, t in tensors.items() if t is not None)
-        self.keep = tensors
-
-
 def descs(op: str, **tensors) -> Descs:
     """Descriptors for the given tensors (None is left out); see Descs."""
-    return Descs(op, tensors)
+    return Descs(lambda t, k: desc(t, k, op), tensors)
 
 
 def inner_contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
