@@ -20,10 +20,10 @@ from . import _core
 from .config import Config
 
 __version__ = _core.version()
-__all__ = ["Config", "np", "ops", "functional", "nn", "native_sparse_attention", "build_info",
+__all__ = ["Config", "np", "ops", "functional", "nn", "cache", "native_sparse_attention", "build_info",
            "backend_available", "__version__"]
 
-_LAZY = {"np", "ops", "functional", "nn"}
+_LAZY = {"np", "ops", "functional", "nn", "cache"}
 
 
 def build_info() -> str:

@@ -96,8 +96,8 @@ def native_sparse_attention(
     if k_cmp is None:
         if (k_mlp is None) != (v_mlp is None):
             raise ValueError("k_mlp/v_mlp: give both (mlp compression) or neither (mean)")
-        k_cmp = compress(k, cfg, k_mlp, cu_seqlens)
-        v_cmp = compress(v, cfg, v_mlp, cu_seqlens)
+        k_cmp = _compress_named(k, cfg, k_mlp, cu_seqlens, "k", "k_mlp")
+        v_cmp = _compress_named(v, cfg, v_mlp, cu_seqlens, "v", "v_mlp")
     elif k_mlp is not None or v_mlp is not None:
         raise ValueError("k_mlp/v_mlp: not used when k_cmp/v_cmp are given")
     inputs = (q, k, v, k_slc, v_slc, k_win, v_win, k_cmp, v_cmp, g_cmp, g_slc, g_win)
@@ -114,6 +114,15 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float = 0.0, wind
     query over every earlier key (``window`` >= 1: the last ``window`` keys), GQA as in NSA.
     ``scale`` 0 means ``1/sqrt(Dk)``. Shapes as in :func:`native_sparse_attention`."""
     return ops.dense_fwd(q, k, v, cu_seqlens, float(scale), int(window))[0]
+
+
+def _compress_named(x, cfg, mlp, cu_seqlens, name, mlp_name):
+    """compress(), with the C API's names for its arguments (x, pos, ...) told as the caller's."""
+    try:
+        return compress(x, cfg, mlp, cu_seqlens)
+    except ValueError as e:
+        raise ValueError(f"{name} (compressed for the cmp branch, with {mlp_name} as its "
+                         f"parameters): {e}") from None
 
 
 def _config(config: Optional[Config]) -> Config:
