@@ -18,7 +18,9 @@ def _fwd_shapes(q, v, cfg, save):
     Dv = v.shape[3]
     o = q.new_empty((B, T, Hq, Dv))
     lse = q.new_empty((3, B, T, Hq), dtype=torch.float32)
-    o_br = q.new_empty((3, B, T, Hq, Dv), dtype=torch.float32) if save else empty(q).float()
+    # The saved branch outputs in q's dtype, as FlashAttention saves o: the backward reads them
+    # once (D = rowsum(d_o * o_c)), and in f32 they would double the largest saved tensor.
+    o_br = q.new_empty((3, B, T, Hq, Dv)) if save else empty(q)
     return o, lse, o_br
 
 
@@ -29,7 +31,7 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, k_slc: Optional[Tensor], v_slc: Optiona
         slc_indices_in: Optional[Tensor], cfg: list[int], scale: float,
         save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The NSA forward (nsa_fwd). Returns ``o``, the per-branch LSEs stacked ``[3, B, T, Hq]``
-    (cmp, slc, win), the ungated branch outputs stacked ``[3, B, T, Hq, Dv]`` in f32 when
+    (cmp, slc, win), the ungated branch outputs stacked ``[3, B, T, Hq, Dv]`` in q's dtype when
     ``save`` (else empty: the backward then recomputes them), and the selected blocks
     ``[B, T, Hkv, n]`` int32 (sorted, -1 padded)."""
     op = "nsa.fwd"

@@ -16,7 +16,7 @@ The ops (shapes as in nsa.h; ``cfg`` is the seven integer fields of :class:`nsa.
   -> (dx, dpos, dw1, db1, dw2, db2)`` (mean: the parameter gradients are empty)
 - ``fwd(q, k, v, k_slc, v_slc, k_win, v_win, k_cmp, v_cmp, g_cmp, g_slc, g_win, cu_seqlens,
   slc_indices_in, cfg, scale, save) -> (o, lse [3, B, T, Hq] f32, o_branches [3, B, T, Hq, Dv]
-  f32 (empty unless save), indices [B, T, Hkv, n] int32)``
+  in q's dtype (empty unless save), indices [B, T, Hkv, n] int32)``
 - ``bwd(d_o, <fwd's inputs>, indices, lse, o_branches, cfg, scale)
   -> (dq, dk, dv, dk_slc, dv_slc, dk_win, dv_win, dk_cmp, dv_cmp, dg_cmp, dg_slc, dg_win)``
 - ``dense_fwd(q, k, v, cu_seqlens, scale, window) -> (o, lse)`` and
