@@ -170,3 +170,21 @@ def test_constructor_checks():
         NativeSparseAttention(64, 4, 2, config=nsa.Config(slc_count=2))
     with pytest.raises(NotImplementedError, match="separate_kv"):
         NativeSparseAttention(64, 4, 2, separate_kv=True).new_cache(1, 16)
+
+
+def test_bf16_layer_trains_and_decodes():
+    """A bf16 layer: finite gradients for every parameter, and decode on a bf16 cache within two
+    bf16 steps of the forward at |y| < 1 (both round the attention output, then the projection's
+    result, to bf16: 2 * 2^-8)."""
+    torch.manual_seed(2)
+    m = layer(dtype=torch.bfloat16)
+    x = torch.randn(2, 50, 64, dtype=torch.bfloat16)
+    y = m(x)
+    y.float().square().mean().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad.float()).all(), name
+    cache = m.new_cache(2, 64)
+    assert cache.dtype == torch.bfloat16
+    steps = torch.cat([m.step(x[:, t:t + 1], cache) for t in range(50)], 1)
+    assert y.detach().abs().max() < 1
+    assert (steps.float() - y.detach().float()).abs().max() <= 2 * 2.0 ** -8
