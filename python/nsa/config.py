@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
-import math
+
+from . import _core
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,21 +47,13 @@ class Config:
         return (t - self.cmp_block) // self.cmp_stride + 1 if t >= self.cmp_block else 0
 
     def validate(self) -> "Config":
-        """Raises ``ValueError`` naming the first field outside the library's ranges."""
-        def need(ok: bool, field: str, rule: str) -> None:
+        """Raises ``ValueError`` naming the first field outside the library's ranges (the C
+        library's own check, ``nsa_config_validate``, so the rules live in one place)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            ok = (isinstance(value, (int, float)) if f.name == "scale" else
+                  isinstance(value, int)) and not isinstance(value, bool)
             if not ok:
-                raise ValueError(f"config.{field}: {rule} (got {getattr(self, field)!r})")
-        for f in ("cmp_block", "cmp_stride", "slc_block", "slc_count", "slc_init", "slc_local",
-                  "window"):
-            need(isinstance(getattr(self, f), int) and not isinstance(getattr(self, f), bool),
-                 f, "must be an int")
-        for f in ("cmp_block", "cmp_stride", "slc_block", "slc_count", "window"):
-            need(getattr(self, f) >= 1, f, "must be >= 1")
-        need(self.cmp_stride <= self.cmp_block, "cmp_stride", "must be <= cmp_block")
-        need(self.slc_init >= 0, "slc_init", "must be >= 0")
-        need(self.slc_local >= 0, "slc_local", "must be >= 0")
-        need(self.slc_count >= self.slc_init + self.slc_local, "slc_count",
-             "must be >= slc_init + slc_local")
-        need(isinstance(self.scale, (int, float)) and math.isfinite(self.scale)
-             and self.scale >= 0, "scale", "must be finite and >= 0")
+                raise TypeError(f"config.{f.name}: expected {f.type}, got {value!r}")
+        _core.config_validate(self.as_tuple())
         return self

@@ -13,8 +13,8 @@ namespace {
 
 class Cache {
  public:
-  Cache(const std::string& backend, int threads, nb::handle cfg, int64_t num_seqs,
-        int64_t capacity, int64_t num_kv_heads, int64_t head_dim_k, int64_t head_dim_v, int dtype,
+  Cache(const std::string& backend, int threads, nb::handle cfg, int64_t num_seqs, int64_t capacity,
+        int64_t num_kv_heads, int64_t head_dim_k, int64_t head_dim_v, int dtype,
         const std::string& kind, nb::dict mlp)
       : backend_(backend) {
     nsa_kv_cache_params p;
@@ -24,12 +24,11 @@ class Cache {
     p.head_dim_k = head_dim_k, p.head_dim_v = head_dim_v;
     p.dtype = static_cast<nsa_dtype>(dtype);
     p.cmp_kind = to_cmp_kind(kind);
-    auto get = [&](const char* name) {
-      return mlp.contains(name) ? to_tensor(mlp[name], name) : nsa_tensor{};
-    };
-    p.k_pos = get("k_pos"), p.k_w1 = get("k_w1"), p.k_b1 = get("k_b1"), p.k_w2 = get("k_w2");
-    p.k_b2 = get("k_b2"), p.v_pos = get("v_pos"), p.v_w1 = get("v_w1"), p.v_b1 = get("v_b1");
-    p.v_w2 = get("v_w2"), p.v_b2 = get("v_b2");
+    const Tensors arg(
+        mlp, {"k_pos", "k_w1", "k_b1", "k_w2", "k_b2", "v_pos", "v_w1", "v_b1", "v_w2", "v_b2"});
+    p.k_pos = arg["k_pos"], p.k_w1 = arg["k_w1"], p.k_b1 = arg["k_b1"], p.k_w2 = arg["k_w2"];
+    p.k_b2 = arg["k_b2"], p.v_pos = arg["v_pos"], p.v_w1 = arg["v_w1"], p.v_b1 = arg["v_b1"];
+    p.v_w2 = arg["v_w2"], p.v_b2 = arg["v_b2"];
     const Context ctx(backend, threads);
     ctx.check(nsa_kv_cache_create(ctx.get(), &p, &cache_));
   }
@@ -59,25 +58,16 @@ nsa_kv_cache* from_handle(uintptr_t handle) {
   return reinterpret_cast<nsa_kv_cache*>(handle);
 }
 
-void append(uintptr_t handle, const std::string& backend, int threads, int64_t seq, nb::handle k,
-            nb::handle v) {
-  const nsa_tensor kt = to_tensor(k, "k"), vt = to_tensor(v, "v");
-  const Context ctx(backend, threads);
-  timed(ctx, 1, [&] { return nsa_kv_cache_append(ctx.get(), from_handle(handle), seq, &kt, &vt); });
-}
-
-void prefill(uintptr_t handle, const std::string& backend, int threads, int64_t seq,
-             nb::dict t) {
+void prefill(uintptr_t handle, const std::string& backend, int threads, int64_t seq, nb::dict t) {
   nsa_prefill_params p;
   nsa_prefill_params_init(&p);
-  auto get = [&](const char* name) {
-    return t.contains(name) ? to_tensor(t[name], name) : nsa_tensor{};
-  };
+  const Tensors arg(t, {"q", "k", "v", "g_cmp", "g_slc", "g_win", "o", "lse_cmp", "lse_slc",
+                        "lse_win", "slc_indices_out"});
   p.seq = seq;
-  p.q = get("q"), p.k = get("k"), p.v = get("v");
-  p.g_cmp = get("g_cmp"), p.g_slc = get("g_slc"), p.g_win = get("g_win");
-  p.o = get("o"), p.lse_cmp = get("lse_cmp"), p.lse_slc = get("lse_slc");
-  p.lse_win = get("lse_win"), p.slc_indices_out = get("slc_indices_out");
+  p.q = arg["q"], p.k = arg["k"], p.v = arg["v"];
+  p.g_cmp = arg["g_cmp"], p.g_slc = arg["g_slc"], p.g_win = arg["g_win"];
+  p.o = arg["o"], p.lse_cmp = arg["lse_cmp"], p.lse_slc = arg["lse_slc"];
+  p.lse_win = arg["lse_win"], p.slc_indices_out = arg["slc_indices_out"];
   const Context ctx(backend, threads);
   timed(ctx, 1, [&] { return nsa_prefill(ctx.get(), from_handle(handle), &p); });
 }
@@ -85,19 +75,18 @@ void prefill(uintptr_t handle, const std::string& backend, int threads, int64_t 
 double decode(uintptr_t handle, const std::string& backend, int threads, nb::dict t, int repeat) {
   nsa_decode_params p;
   nsa_decode_params_init(&p);
-  auto get = [&](const char* name) {
-    return t.contains(name) ? to_tensor(t[name], name) : nsa_tensor{};
-  };
-  p.q = get("q"), p.k = get("k"), p.v = get("v");
-  const nsa_tensor ids = get("seq_ids");
-  if (ids.data != nullptr && (ids.dtype != NSA_DTYPE_I32 || ids.ndim != 1 ||
-                              (ids.shape[0] > 1 && ids.stride[0] != 1))) {
+  const Tensors arg(t, {"q", "k", "v", "seq_ids", "g_cmp", "g_slc", "g_win", "o", "lse_cmp",
+                        "lse_slc", "lse_win", "slc_indices_out"});
+  p.q = arg["q"], p.k = arg["k"], p.v = arg["v"];
+  const nsa_tensor ids = arg["seq_ids"];
+  if (ids.data != nullptr &&
+      (ids.dtype != NSA_DTYPE_I32 || ids.ndim != 1 || (ids.shape[0] > 1 && ids.stride[0] != 1))) {
     throw nb::value_error("seq_ids: expected a contiguous 1-D int32 tensor");
   }
   p.seq_ids = static_cast<const int32_t*>(ids.data);
-  p.g_cmp = get("g_cmp"), p.g_slc = get("g_slc"), p.g_win = get("g_win");
-  p.o = get("o"), p.lse_cmp = get("lse_cmp"), p.lse_slc = get("lse_slc");
-  p.lse_win = get("lse_win"), p.slc_indices_out = get("slc_indices_out");
+  p.g_cmp = arg["g_cmp"], p.g_slc = arg["g_slc"], p.g_win = arg["g_win"];
+  p.o = arg["o"], p.lse_cmp = arg["lse_cmp"], p.lse_slc = arg["lse_slc"];
+  p.lse_win = arg["lse_win"], p.slc_indices_out = arg["slc_indices_out"];
   const Context ctx(backend, threads);
   return timed(ctx, repeat, [&] { return nsa_decode(ctx.get(), from_handle(handle), &p); });
 }
@@ -110,15 +99,13 @@ void bind_cache(nb::module_& m) {
       .def(nb::init<const std::string&, int, nb::handle, int64_t, int64_t, int64_t, int64_t,
                     int64_t, int, const std::string&, nb::dict>(),
            arg("backend"), arg("threads"), arg("cfg"), arg("num_seqs"), arg("capacity"),
-           arg("num_kv_heads"), arg("head_dim_k"), arg("head_dim_v"), arg("dtype"),
-           arg("kind"), arg("mlp"))
+           arg("num_kv_heads"), arg("head_dim_k"), arg("head_dim_v"), arg("dtype"), arg("kind"),
+           arg("mlp"))
       .def_prop_ro("handle", &Cache::handle)
       .def_prop_ro("backend", &Cache::backend)
       .def("len", &Cache::len, arg("seq"))
       .def("reset", &Cache::reset, arg("seq"))
       .def("close", &Cache::close);
-  m.def("cache_append", &append, arg("handle"), arg("backend"), arg("threads"), arg("seq"),
-        arg("k"), arg("v"));
   m.def("prefill", &prefill, arg("handle"), arg("backend"), arg("threads"), arg("seq"),
         arg("tensors"));
   m.def("decode", &decode, arg("handle"), arg("backend"), arg("threads"), arg("tensors"),

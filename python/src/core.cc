@@ -49,7 +49,8 @@ Context::Context(const std::string& backend, int threads) {
   } else if (backend == "cuda") {
     b = NSA_BACKEND_CUDA;
   } else if (backend != "auto") {
-    throw nb::value_error(("backend: '" + backend + "' is not one of auto, ref, cpu, cuda").c_str());
+    throw nb::value_error(
+        ("backend: '" + backend + "' is not one of auto, ref, cpu, cuda").c_str());
   }
   if (nsa_context_create(&ctx_) != NSA_OK) throw std::bad_alloc();
   nsa_status s = nsa_context_set_backend(ctx_, b);
@@ -110,6 +111,23 @@ Seqlens to_seqlens(nb::handle desc) {
   s.data = static_cast<const int32_t*>(t.data);
   s.num_seqs = t.shape[0] - 1;
   return s;
+}
+
+Tensors::Tensors(nb::dict d, std::initializer_list<const char*> names) : d_(d) {
+  for (auto item : d) {
+    const std::string key = nb::cast<std::string>(item.first);
+    bool known = false;
+    for (const char* n : names) known = known || key == n;
+    if (!known) throw nb::value_error(("unknown tensor argument '" + key + "'").c_str());
+  }
+}
+
+nsa_tensor Tensors::operator[](const char* name) const {
+  return d_.contains(name) ? to_tensor(d_[name], name) : nsa_tensor{};
+}
+
+Seqlens Tensors::seqlens() const {
+  return d_.contains("cu_seqlens") ? to_seqlens(d_["cu_seqlens"]) : Seqlens{};
 }
 
 }  // namespace nsa_py

@@ -7,6 +7,7 @@
 #include <nanobind/nanobind.h>
 
 #include <chrono>
+#include <initializer_list>
 #include <string>
 
 #include "nsa/nsa.h"
@@ -54,6 +55,19 @@ struct Seqlens {
   int64_t num_seqs = 0;
 };
 Seqlens to_seqlens(nb::handle desc);
+
+// The tensors of one call, from a dict of descriptors keyed by the C params' field names. Names
+// the call does not take are refused (a misspelt optional argument would otherwise be absent).
+class Tensors {
+ public:
+  Tensors(nb::dict d, std::initializer_list<const char*> names);
+  // The named tensor, or an absent one when the dict lacks the name.
+  nsa_tensor operator[](const char* name) const;
+  Seqlens seqlens() const;
+
+ private:
+  nb::dict d_;
+};
 
 // Runs `call` `repeat` times with the GIL released and returns the seconds of the C calls alone
 // (the bare-call time the overhead benchmark compares with). Raises on the first failure.

@@ -3,7 +3,6 @@
 // names (nsa.h), so that a message from the C API names the argument the Python caller passed.
 #include <nanobind/stl/string.h>
 
-#include <initializer_list>
 #include <string>
 
 #include "core.h"
@@ -11,30 +10,9 @@
 namespace nsa_py {
 namespace {
 
-// The tensors of one call: looks each name up in the dict and refuses names the call does not
-// take (a misspelt optional argument would otherwise be silently absent).
-class Tensors {
- public:
-  Tensors(nb::dict d, std::initializer_list<const char*> names) : d_(d) {
-    for (auto item : d) {
-      const std::string key = nb::cast<std::string>(item.first);
-      bool known = false;
-      for (const char* n : names) known = known || key == n;
-      if (!known) throw nb::value_error(("unknown tensor argument '" + key + "'").c_str());
-    }
-  }
-  nsa_tensor operator[](const char* name) const {
-    return d_.contains(name) ? to_tensor(d_[name], name) : nsa_tensor{};
-  }
-  Seqlens seqlens() const { return d_.contains("cu_seqlens") ? to_seqlens(d_["cu_seqlens"]) : Seqlens{}; }
-
- private:
-  nb::dict d_;
-};
-
-#define NSA_FWD_INPUT_NAMES                                                                 \
-  "q", "k", "v", "k_slc", "v_slc", "k_win", "v_win", "k_cmp", "v_cmp", "g_cmp", "g_slc", \
-      "g_win", "cu_seqlens"
+#define NSA_FWD_INPUT_NAMES                                                                       \
+  "q", "k", "v", "k_slc", "v_slc", "k_win", "v_win", "k_cmp", "v_cmp", "g_cmp", "g_slc", "g_win", \
+      "cu_seqlens"
 
 void fill_inputs(const Tensors& t, nb::handle cfg, nsa_fwd_inputs& in) {
   in.cfg = to_config(cfg);
@@ -63,10 +41,27 @@ double fwd(const std::string& backend, int threads, nb::handle cfg, nb::dict ten
 }
 
 void bwd(const std::string& backend, int threads, nb::handle cfg, nb::dict tensors) {
-  const Tensors t(tensors,
-                  {NSA_FWD_INPUT_NAMES, "slc_indices", "lse_cmp", "lse_slc", "lse_win", "o_cmp",
-                   "o_slc", "o_win", "d_o", "dq", "dk", "dv", "dk_slc", "dv_slc", "dk_win",
-                   "dv_win", "dk_cmp", "dv_cmp", "dg_cmp", "dg_slc", "dg_win"});
+  const Tensors t(tensors, {NSA_FWD_INPUT_NAMES,
+                            "slc_indices",
+                            "lse_cmp",
+                            "lse_slc",
+                            "lse_win",
+                            "o_cmp",
+                            "o_slc",
+                            "o_win",
+                            "d_o",
+                            "dq",
+                            "dk",
+                            "dv",
+                            "dk_slc",
+                            "dv_slc",
+                            "dk_win",
+                            "dv_win",
+                            "dk_cmp",
+                            "dv_cmp",
+                            "dg_cmp",
+                            "dg_slc",
+                            "dg_win"});
   nsa_bwd_params p;
   nsa_bwd_params_init(&p);
   fill_inputs(t, cfg, p.in);
@@ -118,8 +113,8 @@ void compress_bwd(const std::string& backend, int threads, nb::handle cfg, const
   timed(ctx, 1, [&] { return nsa_compress_bwd(ctx.get(), &p); });
 }
 
-double dense_fwd(const std::string& backend, int threads, float scale, int window,
-                 nb::dict tensors, int repeat) {
+double dense_fwd(const std::string& backend, int threads, float scale, int window, nb::dict tensors,
+                 int repeat) {
   const Tensors t(tensors, {"q", "k", "v", "cu_seqlens", "o", "lse"});
   nsa_dense_fwd_params p;
   nsa_dense_fwd_params_init(&p);
@@ -132,10 +127,8 @@ double dense_fwd(const std::string& backend, int threads, float scale, int windo
   return timed(ctx, repeat, [&] { return nsa_dense_fwd(ctx.get(), &p); });
 }
 
-void dense_bwd(const std::string& backend, int threads, float scale, int window,
-               nb::dict tensors) {
-  const Tensors t(tensors,
-                  {"q", "k", "v", "o", "lse", "d_o", "cu_seqlens", "dq", "dk", "dv"});
+void dense_bwd(const std::string& backend, int threads, float scale, int window, nb::dict tensors) {
+  const Tensors t(tensors, {"q", "k", "v", "o", "lse", "d_o", "cu_seqlens", "dq", "dk", "dv"});
   nsa_dense_bwd_params p;
   nsa_dense_bwd_params_init(&p);
   p.q = t["q"], p.k = t["k"], p.v = t["v"], p.o = t["o"], p.lse = t["lse"], p.d_o = t["d_o"];
@@ -152,7 +145,8 @@ void cmp_seqlens(nb::handle cfg, nb::handle cu_seqlens, nb::handle cu_cmp) {
   const nsa_config c = to_config(cfg);
   const Seqlens s = to_seqlens(cu_seqlens);
   const Seqlens out = to_seqlens(cu_cmp);
-  if (out.num_seqs != s.num_seqs) throw nb::value_error("cu_cmp: needs as many entries as cu_seqlens");
+  if (out.num_seqs != s.num_seqs)
+    throw nb::value_error("cu_cmp: needs as many entries as cu_seqlens");
   const nsa_status status =
       nsa_cmp_seqlens(nullptr, &c, s.data, s.num_seqs, const_cast<int32_t*>(out.data));
   if (status != NSA_OK) raise_status(status, "cu_seqlens: must start at 0 and never decrease");
@@ -162,8 +156,8 @@ void cmp_seqlens(nb::handle cfg, nb::handle cu_seqlens, nb::handle cu_cmp) {
 
 void bind_ops(nb::module_& m) {
   using nb::arg;
-  m.def("fwd", &fwd, arg("backend"), arg("threads"), arg("cfg"), arg("tensors"),
-        arg("repeat") = 1, "nsa_fwd; returns the seconds spent in the C calls.");
+  m.def("fwd", &fwd, arg("backend"), arg("threads"), arg("cfg"), arg("tensors"), arg("repeat") = 1,
+        "nsa_fwd; returns the seconds spent in the C calls.");
   m.def("bwd", &bwd, arg("backend"), arg("threads"), arg("cfg"), arg("tensors"), "nsa_bwd.");
   m.def("compress", &compress, arg("backend"), arg("threads"), arg("cfg"), arg("kind"),
         arg("tensors"), "nsa_compress.");

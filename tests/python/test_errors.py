@@ -103,3 +103,11 @@ def test_cache_errors():
                      seq_ids=torch.tensor([3], dtype=torch.int32))
     with pytest.raises(TypeError, match="dtype"):
         nsa.cache.KVCache(1, 8, 2, 8, dtype=torch.float16)
+
+
+def test_config_defaults_and_rules_are_the_c_librarys():
+    assert nsa.Config().as_tuple() == nsa._core.config_default()
+    with pytest.raises(TypeError, match="config.window"):
+        nsa.Config(window=2.5).validate()
+    with pytest.raises(ValueError, match="config.cmp_stride: must not exceed cmp_block"):
+        nsa.Config(cmp_stride=33).validate()

@@ -166,7 +166,7 @@ def test_constructor_checks():
         NativeSparseAttention(64, 6, 4)
     with pytest.raises(ValueError, match="compression"):
         NativeSparseAttention(64, 4, 2, compression="max")
-    with pytest.raises(ValueError, match="config.slc_count"):
+    with pytest.raises(ValueError, match=r"config.slc_count: must be at least"):
         NativeSparseAttention(64, 4, 2, config=nsa.Config(slc_count=2))
     with pytest.raises(NotImplementedError, match="separate_kv"):
         NativeSparseAttention(64, 4, 2, separate_kv=True).new_cache(1, 16)
