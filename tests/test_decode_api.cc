@@ -2,6 +2,9 @@
 // the argument, and leave the cache and the outputs as they were (SPEC.md section 8).
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
+#include "cpu/kv_cache.h"
 #include "decode_util.h"
 
 namespace {
@@ -215,3 +218,25 @@ TEST(DecodeApi, NewTokensMayBeF32OrBf16LikeAppend) {
 }
 
 }  // namespace
+
+// The decode steps' threading on shared cores (cpu/kv_cache.h): stalls after the warm-up send the
+// next steps to one thread for a period that doubles up to its cap; clean steps reset it.
+TEST(StepThreading, StallsSendStepsSoloForADoublingPeriod) {
+  using nsa::cpu::StepThreading;
+  StepThreading t;
+  for (int i = 0; i < StepThreading::kWarmup; ++i) t.judge(true);  // start-up: not judged
+  EXPECT_EQ(t.solo_steps, 0);
+  int32_t expect = StepThreading::kMinPeriod;
+  for (int stall = 0; stall < 10; ++stall) {
+    t.judge(true);
+    EXPECT_EQ(t.solo_steps, expect) << "stall " << stall;
+    expect = std::min(2 * expect, StepThreading::kMaxPeriod);
+    t.solo_steps = 0;  // the solo steps ran (decode.cc counts them down)
+  }
+  EXPECT_EQ(t.period, StepThreading::kMaxPeriod);
+  for (int i = 0; i < StepThreading::kCleanSteps - 1; ++i) t.judge(false);
+  EXPECT_EQ(t.period, StepThreading::kMaxPeriod);
+  t.judge(false);
+  EXPECT_EQ(t.period, StepThreading::kMinPeriod);
+  EXPECT_EQ(t.solo_steps, 0);
+}

@@ -505,6 +505,23 @@ void combine_item(const Plan& pl, const Tables& tb, int64_t it, float* mixed) {
   }
 }
 
+// The calling thread's wait at a barrier, added to *waited (StepThreading); every thread of the
+// team must call it, as it is the barrier.
+inline void timed_barrier(double* waited) {
+  if (omp_get_thread_num() != 0) {
+#pragma omp barrier
+    return;
+  }
+  const double t0 = omp_get_wtime();
+#pragma omp barrier
+  *waited += omp_get_wtime() - t0;
+}
+
+// Whether a step whose calling thread waited `waited` of its `wall` seconds at barriers was held
+// up by a descheduled thread: it waited longer than it worked, and longer than a quiet step's
+// waits (one chunk, tens of microseconds).
+inline bool held_up(double waited, double wall) { return waited > 250e-6 && waited > 0.5 * wall; }
+
 template <bool kBf16>
 bool Decode(const DecodeProblem& pr) {
   Plan pl;
@@ -517,11 +534,16 @@ bool Decode(const DecodeProblem& pr) {
   std::vector<float>& buf = *pl.buf;
   const int64_t items = pl.items, ld_max = tb.ld_max;
   const int64_t phase_b = items + static_cast<int64_t>(tb.wins.size());
-#pragma omp parallel num_threads(tb.threads)
+  StepThreading& threading = storage(*pr.cache).threading;
+  const bool solo = tb.threads > 1 && threading.solo_steps > 0;
+  if (solo) --threading.solo_steps;
+  double waited = 0;
+  const double start = omp_get_wtime();
+#pragma omp parallel num_threads(solo ? 1 : tb.threads)
   {
     float* tls = buf.data() + tb.tls_off + omp_get_thread_num() * tb.tls_floats;
     // Phase A: compressed keys (scores kept per item), or the dense baseline's keys.
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
     for (size_t k = 0; k < tb.first.size(); ++k) {
       const Chunk& ch = tb.first[k];
       if (pr.dense) {
@@ -531,8 +553,9 @@ bool Decode(const DecodeProblem& pr) {
         run_chunk<kBf16>(pl, ch, S, pl.s_ld[ch.item]);
       }
     }
+    timed_barrier(&waited);
     // Phase B: merge; for NSA also block scores, top-n and the item's slc chunks; the window.
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t task = 0; task < phase_b; ++task) {
       if (task >= items) {
         run_chunk<kBf16>(pl, tb.wins[task - items], tls, ld_max);
@@ -540,17 +563,21 @@ bool Decode(const DecodeProblem& pr) {
         select_blocks(pl, tb, task, tls);
       }
     }
+    timed_barrier(&waited);
     // Phase C: the selected blocks.
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
     for (size_t k = 0; k < tb.second.size(); ++k) {
       if (tb.second[k].a < tb.second[k].b) run_chunk<kBf16>(pl, tb.second[k], tls, ld_max);
     }
+    timed_barrier(&waited);
     // Phase D: merge the branches, gate, store.
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int64_t it = 0; it < items; ++it) {
       if (!pr.dense) combine_item(pl, tb, it, tls);  // tls: one mixed row [Dv_pad]
     }
+    timed_barrier(&waited);  // the region's end, timed: the join waits for every thread
   }
+  if (!solo && tb.threads > 1) threading.judge(held_up(waited, omp_get_wtime() - start));
   return true;
 }
 

@@ -184,8 +184,11 @@ Status kv_cache_append(nsa_kv_cache& c, int64_t seq, const nsa_tensor& k, const 
   // must leave the cache as it was.
   const int64_t block = cmp_after > cmp_before ? (int64_t{c.cfg.cmp_block} + 1) * D + Dh : 0;
   const int64_t per_thread = D + block;
-  const int nt = static_cast<int>(std::max<int64_t>(
-      1, std::min<int64_t>(threads > 0 ? threads : omp_get_max_threads(), c.Hkv)));
+  // One thread while the cache's steps run solo (StepThreading): a decode step appends first.
+  const int64_t want = st.threading.solo_steps > 0 ? 1
+                       : threads > 0               ? threads
+                                                   : omp_get_max_threads();
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, c.Hkv)));
   std::vector<float> scratch;
   try {
     scratch.resize(static_cast<size_t>(per_thread) * static_cast<size_t>(nt));
