@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstdint>
 #include <cstring>
 #include <random>
@@ -10,6 +11,17 @@
 #include <vector>
 
 #include "nsa/nsa.h"
+
+// Progress of a run on stderr, one line as each figure starts (a 64k forward with its dense
+// baseline takes minutes): stdout, with its table or --json rows, is unchanged.
+inline void bench_progress(const char* what, int64_t T, int64_t batch = 0) {
+  if (batch > 0) {
+    std::fprintf(stderr, "nsa bench %s: T = %lld, batch %lld ...\n", what, (long long)T,
+                 (long long)batch);
+  } else {
+    std::fprintf(stderr, "nsa bench %s: T = %lld ...\n", what, (long long)T);
+  }
+}
 
 // Keys attended by the query at position t, summed over the three branches (SPEC 4).
 inline double attended_keys(const nsa_config& c, int64_t t) {

@@ -66,6 +66,7 @@ int run_bench(const BenchOptions& opt) {
   }
   int rc = 0;
   for (const int64_t T : cli::integer_list(opt.lengths)) {
+    bench_progress("fwd", T);
     const int64_t Tc = nsa_cmp_len(&cfg, T);
     std::mt19937_64 rng(1);
     Buf q(dt, {1, T, opt.hq, opt.dk}, rng, -1, 1), k(dt, {1, T, opt.hkv, opt.dk}, rng, -1, 1);

@@ -270,6 +270,7 @@ int run_bench_bwd(const BenchOptions& opt) {
   if (!opt.json) print_header(opt);
   int rc = 0;
   for (const int64_t T : cli::integer_list(opt.lengths)) {
+    bench_progress(opt.pass.c_str(), T);
     if (!bench_length(opt, ctx, cfg, T, &rows)) {
       rc = 1;
       break;

@@ -167,6 +167,7 @@ int run_bench_decode(const DecodeOptions& opt) {
     const nsa_dtype dt = dts == "bf16" ? NSA_DTYPE_BF16 : NSA_DTYPE_F32;
     for (const int64_t B : cli::integer_list(opt.batches)) {
       for (const int64_t T : cli::integer_list(opt.lengths)) {
+        bench_progress("decode", T, B);
         Row r;
         if (bench_one(ctx, opt, dt, B, T, &r) != 0) {
           std::fprintf(stderr, "nsa bench decode: %s\n", nsa_last_error(ctx));

@@ -52,8 +52,9 @@ namespace hn = hwy::HWY_NAMESPACE;
 // blocks the kernels share are in cpu/simd/.
 namespace {
 
-using lanes::DF;
-using lanes::VF;
+// The full vector, for conversions; the attention kernels take theirs as a template parameter
+// DF (ForwardLanes picks it from G).
+using DFull = hn::ScalableTag<float>;
 
 // Keys per online-softmax step: the max/sum/rescale work is paid once per this many keys.
 constexpr int64_t kChunk = 64;
@@ -92,9 +93,9 @@ struct PackedKV {
 
 // n bf16 values as f32 (exact: bf16 is the upper half of an f32).
 void widen_bf16(const uint16_t* HWY_RESTRICT src, int64_t n, float* HWY_RESTRICT dst) {
-  const DF df;
-  const hn::RebindToUnsigned<DF> du;
-  const hn::Rebind<uint16_t, DF> d16;
+  const DFull df;
+  const hn::RebindToUnsigned<DFull> du;
+  const hn::Rebind<uint16_t, DFull> d16;
   const int64_t N = hn::Lanes(df);
   int64_t i = 0;
   for (; i + N <= n; i += N) {
@@ -192,6 +193,7 @@ void branch_begin(const Dims& d, Branch& br) {
 // head), added to branch `br` of each; a null position, or f >= e, takes no part. kt and v are
 // that pair's packed K tiles and V rows from key `key0` on (a multiple of kTileKeys). Where both
 // positions attend a key, the kernels serve both at once.
+template <class DF>
 void attend_spans(Pos* const pos[2], Branch Pos::*br, const Dims& dm, const float* kt,
                   const float* v, int64_t key0, const int64_t f[2], const int64_t e[2]) {
   const int64_t N = hn::Lanes(DF()), GP = dm.GP;
@@ -220,8 +222,8 @@ void attend_spans(Pos* const pos[2], Branch Pos::*br, const Dims& dm, const floa
       // Scores of the keys that are in: jointly, or for the one position.
       Pos& A = *pos[a];
       Pos* B = in[0] && in[1] ? pos[1] : nullptr;
-      lanes::score_tiles(A.qt + hv, B ? B->qt + hv : nullptr, GP, dm.Dk, ktc, tiles, A.s + hv,
-                         B ? B->s + hv : nullptr);
+      lanes::score_tiles<DF>(A.qt + hv, B ? B->qt + hv : nullptr, GP, dm.Dk, ktc, tiles, A.s + hv,
+                             B ? B->s + hv : nullptr);
       for (int p = 0; p < 2; ++p) {
         if (!in[p]) continue;
         Branch& b = (*pos[p]).*br;
@@ -230,7 +232,7 @@ void attend_spans(Pos* const pos[2], Branch Pos::*br, const Dims& dm, const floa
       }
       if (B == nullptr) {
         Branch& b = A.*br;
-        lanes::accumulate(A.s + hv, nullptr, GP, vc, dm.Dv, lo[a], hi[a], b.o + hv, nullptr);
+        lanes::accumulate<DF>(A.s + hv, nullptr, GP, vc, dm.Dv, lo[a], hi[a], b.o + hv, nullptr);
         continue;
       }
       // Keys both attend [jl, jh) jointly; each position's other keys on its own (a key that
@@ -239,23 +241,26 @@ void attend_spans(Pos* const pos[2], Branch Pos::*br, const Dims& dm, const floa
       Branch& bb = B->*br;
       const int64_t jl = std::max(lo[0], lo[1]), jh = std::min(hi[0], hi[1]);
       if (jl < jh) {
-        lanes::accumulate(A.s + hv, B->s + hv, GP, vc, dm.Dv, jl, jh, ba.o + hv, bb.o + hv);
+        lanes::accumulate<DF>(A.s + hv, B->s + hv, GP, vc, dm.Dv, jl, jh, ba.o + hv, bb.o + hv);
         for (int p = 0; p < 2; ++p) {
           Branch& b = (*pos[p]).*br;
-          lanes::accumulate(pos[p]->s + hv, nullptr, GP, vc, dm.Dv, lo[p], jl, b.o + hv, nullptr);
-          lanes::accumulate(pos[p]->s + hv, nullptr, GP, vc, dm.Dv, jh, hi[p], b.o + hv, nullptr);
+          lanes::accumulate<DF>(pos[p]->s + hv, nullptr, GP, vc, dm.Dv, lo[p], jl, b.o + hv,
+                                nullptr);
+          lanes::accumulate<DF>(pos[p]->s + hv, nullptr, GP, vc, dm.Dv, jh, hi[p], b.o + hv,
+                                nullptr);
         }
       } else {
         for (int p = 0; p < 2; ++p) {
           Branch& b = (*pos[p]).*br;
-          lanes::accumulate(pos[p]->s + hv, nullptr, GP, vc, dm.Dv, lo[p], hi[p], b.o + hv,
-                            nullptr);
+          lanes::accumulate<DF>(pos[p]->s + hv, nullptr, GP, vc, dm.Dv, lo[p], hi[p], b.o + hv,
+                                nullptr);
         }
       }
     }
   }
 }
 
+template <class DF>
 void block_scores_lanes(Pos& ps, const Dims& dm, int64_t nc, float* acc);
 
 // The compressed branch of up to four positions, two pairs (steps 1-2). Its probabilities are
@@ -264,6 +269,7 @@ void block_scores_lanes(Pos& ps, const Dims& dm, int64_t nc, float* acc);
 // (block_scores_lanes). The compressed keys are walked in chunks that stay in L2 while both
 // pairs pass over them: from L3 once per four positions (Tc grows as T, about 5 MiB of K and V
 // at 64k tokens).
+template <class DF>
 void cmp_branch(Pos* const quad[4], const Dims& dm, const float* kt, const float* v,
                 const int64_t nc[4], float* acc, StageClock& clock) {
   const int64_t N = hn::Lanes(DF()), GP = dm.GP;
@@ -293,9 +299,9 @@ void cmp_branch(Pos* const quad[4], const Dims& dm, const float* kt, const float
       for (const Pair& pr : pairs) {
         if (!pr.A || c0 >= pr.hi) continue;
         const int64_t tiles = (std::min(c0 + kCmpChunk, pr.hi) - c0 + kTileKeys - 1) / kTileKeys;
-        lanes::score_tiles(pr.A->qt + hv, pr.B ? pr.B->qt + hv : nullptr, GP, dm.Dk,
-                           kt + c0 * dm.Dk, tiles, pr.A->s + c0 * GP + hv,
-                           pr.B ? pr.B->s + c0 * GP + hv : nullptr);
+        lanes::score_tiles<DF>(pr.A->qt + hv, pr.B ? pr.B->qt + hv : nullptr, GP, dm.Dk,
+                               kt + c0 * dm.Dk, tiles, pr.A->s + c0 * GP + hv,
+                               pr.B ? pr.B->s + c0 * GP + hv : nullptr);
       }
     }
     // The softmax of each position over all its scores.
@@ -312,12 +318,13 @@ void cmp_branch(Pos* const quad[4], const Dims& dm, const float* kt, const float
       const int64_t c1 = c0 + kCmpChunk;
       for (const Pair& pr : pairs) {
         if (!pr.A || c0 >= pr.hi) continue;
-        lanes::accumulate(pr.A->s + hv, pr.B ? pr.B->s + hv : nullptr, GP, v, dm.Dv, c0,
-                          std::min(c1, pr.lo), pr.A->cmp.o + hv, pr.B ? pr.B->cmp.o + hv : nullptr);
+        lanes::accumulate<DF>(pr.A->s + hv, pr.B ? pr.B->s + hv : nullptr, GP, v, dm.Dv, c0,
+                              std::min(c1, pr.lo), pr.A->cmp.o + hv,
+                              pr.B ? pr.B->cmp.o + hv : nullptr);
         if (pr.B) {  // the one key the later position sees and the earlier does not
           Pos& late = pr.nA > pr.nB ? *pr.A : *pr.B;
-          lanes::accumulate(late.s + hv, nullptr, GP, v, dm.Dv, std::max(c0, pr.lo),
-                            std::min(c1, pr.hi), late.cmp.o + hv, nullptr);
+          lanes::accumulate<DF>(late.s + hv, nullptr, GP, v, dm.Dv, std::max(c0, pr.lo),
+                                std::min(c1, pr.hi), late.cmp.o + hv, nullptr);
         }
       }
     }
@@ -325,8 +332,8 @@ void cmp_branch(Pos* const quad[4], const Dims& dm, const float* kt, const float
   clock.lap(kStageCmp);
   if (present(quad[0]->g.pr->p.slc_indices_in)) return;  // the caller's selection: no scores
   for (const Pair& pr : pairs) {
-    if (pr.A) block_scores_lanes(*pr.A, dm, pr.nA, acc);
-    if (pr.B) block_scores_lanes(*pr.B, dm, pr.nB, acc);
+    if (pr.A) block_scores_lanes<DF>(*pr.A, dm, pr.nA, acc);
+    if (pr.B) block_scores_lanes<DF>(*pr.B, dm, pr.nB, acc);
   }
 }
 
@@ -335,7 +342,9 @@ void cmp_branch(Pos* const quad[4], const Dims& dm, const float* kt, const float
 // real heads. The probabilities stay in their lanes: each compressed token adds its weighted
 // vector into the vector of each selection block it overlaps, and only those vectors, one per
 // block, are summed across lanes.
+template <class DF>
 void block_scores_lanes(Pos& ps, const Dims& dm, int64_t nc, float* acc) {
+  using VF = hn::Vec<DF>;
   const DF d;
   const int64_t N = hn::Lanes(d), GP = dm.GP;
   const nsa_config& cfg = ps.g.pr->p.in.cfg;
@@ -410,6 +419,7 @@ struct Packs {
 
 // Step 4 for one pair of positions (pos[1] may be null): selected attention over the union of
 // their sets, block by block; the causal mask only cuts a query's own block.
+template <class DF>
 void slc_pair(Pos* const pos[2], const Packs& pk, int64_t si, int64_t hk, const Dims& dm,
               float* blk_k, float* blk_v) {
   const nsa_config& cfg = pos[0]->g.pr->p.in.cfg;
@@ -433,7 +443,7 @@ void slc_pair(Pos* const pos[2], const Packs& pk, int64_t si, int64_t hk, const 
       }
     }
     if (!pk.slc.half) {
-      attend_spans(pos, &Pos::slc, dm, pk.slc.k_at(si, hk), pk.slc.v_at(si, hk), 0, f, e);
+      attend_spans<DF>(pos, &Pos::slc, dm, pk.slc.k_at(si, hk), pk.slc.v_at(si, hk), 0, f, e);
       continue;
     }
     // bf16 K/V: the block's whole tiles widened to f32 once, for both positions.
@@ -442,12 +452,13 @@ void slc_pair(Pos* const pos[2], const Packs& pk, int64_t si, int64_t hk, const 
     const int64_t tiles = (key_end - key0 + kTileKeys - 1) / kTileKeys;
     widen_bf16(pk.slc.k16_at(si, hk) + key0 * dm.Dk, tiles * kTileKeys * dm.Dk, blk_k);
     widen_bf16(pk.slc.v16_at(si, hk) + key0 * dm.Dv, (key_end - key0) * dm.Dv, blk_v);
-    attend_spans(pos, &Pos::slc, dm, blk_k, blk_v, key0, f, e);
+    attend_spans<DF>(pos, &Pos::slc, dm, blk_k, blk_v, key0, f, e);
   }
 }
 
 // All steps of SPEC 4 for the G heads of one KV head at up to four consecutive positions
 // (quad[0] always present; later ones null past the sequence end), as two pairs.
+template <class DF>
 void run_item(Pos* const quad[4], const Packs& pk, int64_t si, const Dims& dm, float* acc,
               float* row, float* blk_k, float* blk_v, StageClock& clock) {
   const FwdProblem& pr = *quad[0]->g.pr;
@@ -471,7 +482,7 @@ void run_item(Pos* const quad[4], const Packs& pk, int64_t si, const Dims& dm, f
   int64_t nc[4] = {0, 0, 0, 0};
   for (int p = 0; p < 4; ++p) nc[p] = quad[p] ? visible_cmp_count(cfg, quad[p]->g.t) : 0;
   if (nc[0] > 0 || nc[1] > 0 || nc[2] > 0 || nc[3] > 0) {
-    cmp_branch(quad, dm, pk.cmp.k_at(si, hk), pk.cmp.v_at(si, hk), nc, acc, clock);
+    cmp_branch<DF>(quad, dm, pk.cmp.k_at(si, hk), pk.cmp.v_at(si, hk), nc, acc, clock);
   }
   for (int p = 0; p < 4; ++p) {
     if (quad[p] && nc[p] == 0) {
@@ -494,7 +505,7 @@ void run_item(Pos* const quad[4], const Packs& pk, int64_t si, const Dims& dm, f
 
   // Step 4, per pair.
   for (Pos* const* pos : pairs) {
-    if (pos[0]) slc_pair(pos, pk, si, hk, dm, blk_k, blk_v);
+    if (pos[0]) slc_pair<DF>(pos, pk, si, hk, dm, blk_k, blk_v);
   }
   for (Pos* ps : std::initializer_list<Pos*>{quad[0], quad[1], quad[2], quad[3]}) {
     if (ps) {
@@ -512,7 +523,7 @@ void run_item(Pos* const quad[4], const Packs& pk, int64_t si, const Dims& dm, f
       f[p] = std::max<int64_t>(0, pos[p]->g.t - cfg.window + 1);
       e[p] = pos[p]->g.t + 1;
     }
-    attend_spans(pos, &Pos::win, dm, pk.win_kv->k_at(si, hk), pk.win_kv->v_at(si, hk), 0, f, e);
+    attend_spans<DF>(pos, &Pos::win, dm, pk.win_kv->k_at(si, hk), pk.win_kv->v_at(si, hk), 0, f, e);
   }
   for (Pos* ps : std::initializer_list<Pos*>{quad[0], quad[1], quad[2], quad[3]}) {
     if (ps) {
@@ -533,7 +544,8 @@ bool same_view(const nsa_tensor& a, const nsa_tensor& b) {
          std::equal(a.shape, a.shape + 4, b.shape);
 }
 
-bool ForwardLanes(const FwdProblem& pr) {
+template <class DF>
+bool ForwardLanesT(const FwdProblem& pr) {
   const DF d;
   const int64_t N = hn::Lanes(d), GP = round_up(pr.G, N), Dk = pr.Dk, Dv = pr.Dv;
   const nsa_fwd_params& p = pr.p;
@@ -645,11 +657,21 @@ bool ForwardLanes(const FwdProblem& pr) {
         g.tok = seq.start + g.t;
         g.hk = rem % pr.Hkv;
       }
-      run_item(pos, pk, si, dm, acc, row, blk_k, blk_v, clock);
+      run_item<DF>(pos, pk, si, dm, acc, row, blk_k, blk_v, clock);
     }
   }
   if (pr.profile) add_stage_times(stage_s.data(), threads, pr.profile);
   return true;
+}
+
+// The vector the heads of a group fill: G <= 4 and G <= 8 use vectors of 4 and 8 lanes where the
+// target's are wider, so that a small group does not pay for the full width's padding. (One
+// 512-bit FMA costs two 256-bit ones on AMD Zen 4, so there 8 lanes do G = 8's work in half the
+// time; on a CPU with two full-width FMA units the time is the same.)
+bool ForwardLanesAny(const FwdProblem& pr) {
+  if (pr.G <= 4) return ForwardLanesT<hn::CappedTag<float, 4>>(pr);
+  if (pr.G <= 8) return ForwardLanesT<hn::CappedTag<float, 8>>(pr);
+  return ForwardLanesT<DFull>(pr);
 }
 
 }  // namespace
@@ -660,9 +682,9 @@ HWY_AFTER_NAMESPACE();
 #if HWY_ONCE
 namespace nsa::cpu {
 
-HWY_EXPORT(ForwardLanes);
+HWY_EXPORT(ForwardLanesAny);
 
-bool forward_lanes(const FwdProblem& pr) { return HWY_DYNAMIC_DISPATCH(ForwardLanes)(pr); }
+bool forward_lanes(const FwdProblem& pr) { return HWY_DYNAMIC_DISPATCH(ForwardLanesAny)(pr); }
 
 }  // namespace nsa::cpu
 #endif

@@ -26,8 +26,8 @@ namespace HWY_NAMESPACE {
 namespace lanes {
 namespace hn = hwy::HWY_NAMESPACE;
 
-using DF = hn::ScalableTag<float>;
-using VF = hn::Vec<DF>;
+// Every kernel takes the vector type as DF: the full width, or fewer lanes for small groups
+// (forward_lanes.cc picks it from G, so that a group of 4 or 8 heads does not pay for 16).
 
 // Register blocks, sized to the register file: 32 vector registers on AVX-512, 16 elsewhere.
 // One position: 16 keys (16 accumulators + the query). Two positions: 8 keys each (16
@@ -38,10 +38,11 @@ constexpr int kBlock2 = kWide ? 8 : 4;
 
 // ---- S = Q^T K for one head vector. ----
 
-template <int KB>
+template <class DF, int KB>
 HWY_INLINE void score_block1(const float* HWY_RESTRICT qa, int64_t GP, const float* HWY_RESTRICT kt,
                              int64_t Dk, float* HWY_RESTRICT sa) {
   const DF d;
+  using VF = hn::Vec<DF>;
   VF a[KB];
   for (int j = 0; j < KB; ++j) a[j] = hn::Zero(d);
   for (int64_t i = 0; i < Dk; ++i) {
@@ -52,11 +53,12 @@ HWY_INLINE void score_block1(const float* HWY_RESTRICT qa, int64_t GP, const flo
   for (int j = 0; j < KB; ++j) hn::Store(a[j], d, sa + j * GP);
 }
 
-template <int KB>
+template <class DF, int KB>
 HWY_INLINE void score_block2(const float* HWY_RESTRICT qa, const float* HWY_RESTRICT qb, int64_t GP,
                              const float* HWY_RESTRICT kt, int64_t Dk, float* HWY_RESTRICT sa,
                              float* HWY_RESTRICT sb) {
   const DF d;
+  using VF = hn::Vec<DF>;
   VF a[KB], b[KB];
   for (int j = 0; j < KB; ++j) a[j] = b[j] = hn::Zero(d);
   for (int64_t i = 0; i < Dk; ++i) {
@@ -76,18 +78,19 @@ HWY_INLINE void score_block2(const float* HWY_RESTRICT qa, const float* HWY_REST
 
 // Scores of head vector hv for `tiles` packed tiles at kt: sa (and sb when qb is not null) get
 // rows [0, tiles * kTileKeys).
-inline void score_tiles(const float* qa, const float* qb, int64_t GP, int64_t Dk, const float* kt,
-                        int64_t tiles, float* sa, float* sb) {
+template <class DF>
+void score_tiles(const float* qa, const float* qb, int64_t GP, int64_t Dk, const float* kt,
+                 int64_t tiles, float* sa, float* sb) {
   for (int64_t ti = 0; ti < tiles; ++ti) {
     const float* k = kt + ti * kTileKeys * Dk;
     const int64_t r = ti * kTileKeys;
     if (qb) {
       for (int64_t j = 0; j < kTileKeys; j += kBlock2) {
-        score_block2<kBlock2>(qa, qb, GP, k + j, Dk, sa + (r + j) * GP, sb + (r + j) * GP);
+        score_block2<DF, kBlock2>(qa, qb, GP, k + j, Dk, sa + (r + j) * GP, sb + (r + j) * GP);
       }
     } else {
       for (int64_t j = 0; j < kTileKeys; j += kBlock1) {
-        score_block1<kBlock1>(qa, GP, k + j, Dk, sa + (r + j) * GP);
+        score_block1<DF, kBlock1>(qa, GP, k + j, Dk, sa + (r + j) * GP);
       }
     }
   }
@@ -95,10 +98,11 @@ inline void score_tiles(const float* qa, const float* qb, int64_t GP, int64_t Dk
 
 // ---- O^T += P V for one head vector over keys [j0, j1). ----
 
-template <int CB>
+template <class DF, int CB>
 HWY_INLINE void out_block1(const float* HWY_RESTRICT pa, int64_t GP, const float* HWY_RESTRICT v,
                            int64_t Dv, int64_t j0, int64_t j1, float* HWY_RESTRICT oa) {
   const DF d;
+  using VF = hn::Vec<DF>;
   VF a[CB];
   for (int c = 0; c < CB; ++c) a[c] = hn::Load(d, oa + c * GP);
   for (int64_t j = j0; j < j1; ++j) {
@@ -109,11 +113,12 @@ HWY_INLINE void out_block1(const float* HWY_RESTRICT pa, int64_t GP, const float
   for (int c = 0; c < CB; ++c) hn::Store(a[c], d, oa + c * GP);
 }
 
-template <int CB>
+template <class DF, int CB>
 HWY_INLINE void out_block2(const float* HWY_RESTRICT pa, const float* HWY_RESTRICT pb, int64_t GP,
                            const float* HWY_RESTRICT v, int64_t Dv, int64_t j0, int64_t j1,
                            float* HWY_RESTRICT oa, float* HWY_RESTRICT ob) {
   const DF d;
+  using VF = hn::Vec<DF>;
   VF a[CB], b[CB];
   for (int c = 0; c < CB; ++c) {
     a[c] = hn::Load(d, oa + c * GP);
@@ -136,20 +141,21 @@ HWY_INLINE void out_block2(const float* HWY_RESTRICT pa, const float* HWY_RESTRI
 
 // oa += pa V (and ob += pb V when pb is not null) over keys [j0, j1); p rows and v rows are
 // indexed from the same key 0.
-inline void accumulate(const float* pa, const float* pb, int64_t GP, const float* v, int64_t Dv,
-                       int64_t j0, int64_t j1, float* oa, float* ob) {
+template <class DF>
+void accumulate(const float* pa, const float* pb, int64_t GP, const float* v, int64_t Dv,
+                int64_t j0, int64_t j1, float* oa, float* ob) {
   if (j0 >= j1) return;
   int64_t c = 0;
   if (pb) {
     for (; c + kBlock2 <= Dv; c += kBlock2) {
-      out_block2<kBlock2>(pa, pb, GP, v + c, Dv, j0, j1, oa + c * GP, ob + c * GP);
+      out_block2<DF, kBlock2>(pa, pb, GP, v + c, Dv, j0, j1, oa + c * GP, ob + c * GP);
     }
-    for (; c < Dv; ++c) out_block2<1>(pa, pb, GP, v + c, Dv, j0, j1, oa + c * GP, ob + c * GP);
+    for (; c < Dv; ++c) out_block2<DF, 1>(pa, pb, GP, v + c, Dv, j0, j1, oa + c * GP, ob + c * GP);
   } else {
     for (; c + kBlock1 <= Dv; c += kBlock1) {
-      out_block1<kBlock1>(pa, GP, v + c, Dv, j0, j1, oa + c * GP);
+      out_block1<DF, kBlock1>(pa, GP, v + c, Dv, j0, j1, oa + c * GP);
     }
-    for (; c < Dv; ++c) out_block1<1>(pa, GP, v + c, Dv, j0, j1, oa + c * GP);
+    for (; c < Dv; ++c) out_block1<DF, 1>(pa, GP, v + c, Dv, j0, j1, oa + c * GP);
   }
 }
 
