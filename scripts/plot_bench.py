@@ -35,9 +35,13 @@ def speedup_plot(panels, title, out):
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for ax, (name, rows) in zip(axes[0], panels):
         rows = sorted(rows, key=lambda r: r["T"])
-        T = [r["T"] for r in rows]
-        ax.plot(T, [r["dense_ms"] / r["ms"] for r in rows], "o-", label="measured")
-        ax.plot(T, [r["model_ratio"] for r in rows], "--", color="gray", label="ratio model")
+        for dtype in sorted({r["dtype"] for r in rows}):
+            mine = [r for r in rows if r["dtype"] == dtype]
+            ax.plot([r["T"] for r in mine], [r["dense_ms"] / r["ms"] for r in mine], "o-",
+                    label=f"measured, {dtype}")
+        model = {r["T"]: r["model_ratio"] for r in rows}
+        ax.plot(sorted(model), [model[t] for t in sorted(model)], "--", color="gray",
+                label="ratio model")
         ax.axhline(1.0, color="black", linewidth=0.6)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("T (tokens)")

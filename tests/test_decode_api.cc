@@ -219,17 +219,23 @@ TEST(DecodeApi, NewTokensMayBeF32OrBf16LikeAppend) {
 
 }  // namespace
 
-// The decode steps' threading on shared cores (cpu/kv_cache.h): stalls after the warm-up send the
-// next steps to one thread for a period that doubles up to its cap; clean steps reset it.
-TEST(StepThreading, StallsSendStepsSoloForADoublingPeriod) {
+// The decode steps' threading on shared cores (cpu/kv_cache.h): a lone stall changes nothing;
+// two within the window send the next steps to one thread, for a period that doubles up to its
+// cap; a long run of clean steps resets it.
+TEST(StepThreading, PairsOfStallsSendStepsSoloForADoublingPeriod) {
   using nsa::cpu::StepThreading;
   StepThreading t;
   for (int i = 0; i < StepThreading::kWarmup; ++i) t.judge(true);  // start-up: not judged
   EXPECT_EQ(t.solo_steps, 0);
+  t.judge(true);  // a lone stall
+  for (int i = 0; i < StepThreading::kWindow; ++i) t.judge(false);
+  t.judge(true);  // the next one, out of the window: still lone
+  EXPECT_EQ(t.solo_steps, 0);
   int32_t expect = StepThreading::kMinPeriod;
-  for (int stall = 0; stall < 10; ++stall) {
-    t.judge(true);
-    EXPECT_EQ(t.solo_steps, expect) << "stall " << stall;
+  for (int pair = 0; pair < 10; ++pair) {
+    t.judge(false);
+    t.judge(true);  // within the window of the previous stall
+    EXPECT_EQ(t.solo_steps, expect) << "pair " << pair;
     expect = std::min(2 * expect, StepThreading::kMaxPeriod);
     t.solo_steps = 0;  // the solo steps ran (decode.cc counts them down)
   }

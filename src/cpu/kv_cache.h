@@ -74,19 +74,23 @@ struct MlpParams {
 // How a cache's decode steps are threaded on shared cores. A step lasts a fraction of a
 // millisecond. When a process outside ours keeps one of the two cores busy, every few dozen
 // steps one of the step's threads is descheduled for the OS's slice (about 16 ms measured here)
-// and the calling thread waits for it at a barrier: one such stall costs 70 quiet steps (2
-// threads beside one busy process: 5.8x the quiet mean; one thread: 1.0x). So a step whose
-// calling thread waited longer at the barriers than it worked runs the next `period` steps on
-// one thread, the period doubling at each stall (up to kMaxPeriod) and falling back to
-// kMinPeriod after kCleanSteps steps on every thread without one. The cache's first kWarmup steps
-// are not judged: the thread pool's start and first-touch page faults stall them on a quiet
-// machine too. The results do not depend on the thread count (decode.cc): this changes times only.
+// and the calling thread waits for it at a barrier: such stalls cost 5.8x the quiet mean (2
+// threads beside one busy process; one thread: 1.0x). A quiet machine stalls too, but rarely (a
+// hypervisor's or another tenant's moment). So the calling thread times its waits at the
+// barriers; a step that waited longer than it worked is a stall, and the second stall within
+// kWindow steps sends the next `period` steps to one thread, the period doubling at each such
+// pair (up to kMaxPeriod) and falling back to kMinPeriod after kCleanSteps steps without a
+// stall. The cache's first kWarmup steps are not judged (the thread pool's start and first-touch
+// page faults stall them on a quiet machine). The results do not depend on the thread count
+// (decode.cc): this changes times only.
 struct StepThreading {
-  static constexpr int32_t kWarmup = 4, kMinPeriod = 64, kMaxPeriod = 4096, kCleanSteps = 256;
-  int64_t steps = 0;       // steps judged so far, or not yet (warm-up)
-  int32_t solo_steps = 0;  // steps still to run on one thread
+  static constexpr int32_t kWarmup = 4, kWindow = 64, kMinPeriod = 64, kMaxPeriod = 4096,
+                           kCleanSteps = 256;
+  int64_t steps = 0;              // steps on every thread so far
+  int64_t last_stall = -kWindow;  // the step of the last stall
+  int32_t solo_steps = 0;         // steps still to run on one thread
   int32_t period = kMinPeriod;
-  int32_t clean = 0;  // steps on every thread since the last stall
+  int32_t clean = 0;  // steps since the last stall
   // After a step on every thread: whether its calling thread was held up.
   void judge(bool held_up) {
     if (++steps <= kWarmup) return;
@@ -94,9 +98,12 @@ struct StepThreading {
       if (++clean >= kCleanSteps) period = kMinPeriod;
       return;
     }
+    clean = 0;
+    const bool again = steps - last_stall <= kWindow;
+    last_stall = steps;
+    if (!again) return;
     solo_steps = period;
     period = period < kMaxPeriod ? 2 * period : kMaxPeriod;
-    clean = 0;
   }
 };
 
