@@ -13,7 +13,7 @@ _INPUTS = ("q", "k", "v", "k_slc", "v_slc", "k_win", "v_win", "k_cmp", "v_cmp", 
            "g_slc", "g_win")
 
 
-def _fwd_shapes(q, v, cfg, save):
+def _fwd_shapes(q, v, save):
     B, T, Hq, _ = q.shape
     Dv = v.shape[3]
     o = q.new_empty((B, T, Hq, Dv))
@@ -35,7 +35,7 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, k_slc: Optional[Tensor], v_slc: Optiona
     ``save`` (else empty: the backward then recomputes them), and the selected blocks
     ``[B, T, Hkv, n]`` int32 (sorted, -1 padded)."""
     op = "nsa.fwd"
-    o, lse, o_br = _fwd_shapes(q, v, cfg, save)
+    o, lse, o_br = _fwd_shapes(q, v, save)
     idx = q.new_empty((q.shape[0], q.shape[1], k.shape[2], cfg[3]), dtype=torch.int32)
     ins = dict(zip(_INPUTS, (q, k, v, k_slc, v_slc, k_win, v_win, k_cmp, v_cmp, g_cmp, g_slc,
                              g_win)))
@@ -52,7 +52,7 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, k_slc: Optional[Tensor], v_slc: Optiona
 @fwd.register_fake
 def _(q, k, v, k_slc, v_slc, k_win, v_win, k_cmp, v_cmp, g_cmp, g_slc, g_win, cu_seqlens,
       slc_indices_in, cfg, scale, save):
-    o, lse, o_br = _fwd_shapes(q, v, cfg, save)
+    o, lse, o_br = _fwd_shapes(q, v, save)
     return o, lse, o_br, q.new_empty((q.shape[0], q.shape[1], k.shape[2], cfg[3]),
                                      dtype=torch.int32)
 
