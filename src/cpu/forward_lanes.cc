@@ -566,7 +566,7 @@ bool ForwardLanesT(const FwdProblem& pr) {
   pack_clock.lap(kStagePack);
 
   // Work items: four consecutive positions 4i .. 4i + 3 of one sequence and KV head (fewer at
-  // the sequence end). first_item[s] counts the items before sequence s.
+  // the sequence end), head-major. first_item[s] counts the items before sequence s.
   int64_t max_len = 0, max_cmp = 0;
   std::vector<int64_t> first_item(pr.seqs.size() + 1, 0);
   for (size_t i = 0; i < pr.seqs.size(); ++i) {
@@ -644,8 +644,11 @@ bool ForwardLanesT(const FwdProblem& pr) {
       const int64_t si =
           std::upper_bound(first_item.begin(), first_item.end(), it) - first_item.begin() - 1;
       const Sequence& seq = pr.seqs[si];
-      const int64_t rem = it - first_item[si];
-      const int64_t t0 = rem / pr.Hkv * 4;
+      // Head-major within a sequence: consecutive items are consecutive positions of one KV
+      // head, which share most of their window, compressed keys and local blocks, so those stay
+      // in L2 (with Hkv > 1 an interleaved order cycles through every head's K/V).
+      const int64_t rem = it - first_item[si], quads = (seq.len + 3) / 4;
+      const int64_t hk = rem / quads, t0 = rem % quads * 4;
       Pos* pos[4];
       for (int p = 0; p < 4; ++p) pos[p] = t0 + p < seq.len ? &four[p] : nullptr;
       for (int p = 0; p < 4; ++p) {
@@ -655,7 +658,7 @@ bool ForwardLanesT(const FwdProblem& pr) {
         g.seq = &seq;
         g.t = t0 + p;
         g.tok = seq.start + g.t;
-        g.hk = rem % pr.Hkv;
+        g.hk = hk;
       }
       run_item<DF>(pos, pk, si, dm, acc, row, blk_k, blk_v, clock);
     }
