@@ -57,17 +57,17 @@ class KVCache:
                                   descs("nsa.KVCache", **mlp))
         self.dtype = dtype
         self.lengths = torch.zeros(num_seqs, dtype=torch.int64)
-
-    @property
-    def handle(self) -> int:
-        return self._cache.handle
+        # Plain Python values (not properties of the extension's object), so that torch.compile
+        # traces a step as constants instead of breaking the graph at a C call.
+        self.handle: int = self._cache.handle
+        self.backend: str = self._cache.backend
 
     def prefill(self, seq: int, q: Tensor, k: Tensor, v: Tensor, g_cmp: Tensor, g_slc: Tensor,
                 g_win: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Appends a prompt to the empty sequence ``seq`` and runs the forward for its queries:
         ``q [T, Hq, Dk]``, ``k [T, Hkv, Dk]``, ``v [T, Hkv, Dv]`` in the cache's dtype, gates
         ``[T, Hq]``. Returns ``(o [T, Hq, Dv], lse [3, T, Hq], indices [T, Hkv, n])``."""
-        return ops.prefill(self.lengths, self.handle, self._cache.backend, seq, q, k, v, g_cmp,
+        return ops.prefill(self.lengths, self.handle, self.backend, seq, q, k, v, g_cmp,
                            g_slc, g_win, self.num_kv_heads, self.config.slc_count)
 
     def decode(self, q: Tensor, g_cmp: Tensor, g_slc: Tensor, g_win: Tensor,
@@ -77,7 +77,7 @@ class KVCache:
         at the position after its cached tokens, the new token's ``k``/``v`` (``[S, Hkv, D]``)
         appended first when given. Returns ``(o [S, Hq, Dv], lse [3, S, Hq],
         indices [S, Hkv, n])``, equal to the full forward's rows at those positions."""
-        return ops.decode(self.lengths, self.handle, self._cache.backend, q, k, v, seq_ids,
+        return ops.decode(self.lengths, self.handle, self.backend, q, k, v, seq_ids,
                           g_cmp, g_slc, g_win, self.num_kv_heads, self.head_dim_v,
                           self.config.slc_count)
 
@@ -87,5 +87,7 @@ class KVCache:
         self.lengths[seq] = 0
 
     def close(self) -> None:
-        """Frees the cache now (it is also freed when garbage-collected)."""
+        """Frees the cache now (it is also freed when garbage-collected); later calls on it raise
+        ValueError."""
         self._cache.close()
+        self.handle = 0

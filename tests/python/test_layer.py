@@ -188,3 +188,19 @@ def test_bf16_layer_trains_and_decodes():
     steps = torch.cat([m.step(x[:, t:t + 1], cache) for t in range(50)], 1)
     assert y.detach().abs().max() < 1
     assert (steps.float() - y.detach().float()).abs().max() <= 2 * 2.0 ** -8
+
+
+def test_torch_compile_decode_step():
+    """The generation step compiles as one graph (the decode op's fake, and the cache's lengths
+    declared mutated), and its steps equal the eager forward's rows; the mutation is not dropped
+    (the cache's lengths advance)."""
+    torch._dynamo.reset()
+    m = layer()
+    x = torch.randn(2, 40, 64)
+    with torch.no_grad():
+        full = m(x)
+    cache = m.new_cache(2, 64)
+    step = torch.compile(m.step, fullgraph=True)
+    steps = torch.cat([step(x[:, t:t + 1], cache) for t in range(40)], 1)
+    assert cache.lengths.tolist() == [40, 40]
+    assert (steps - full).abs().max() <= STEP_TOL
