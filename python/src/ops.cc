@@ -79,17 +79,24 @@ void bwd(const std::string& backend, int threads, nb::handle cfg, nb::dict tenso
 
 #define NSA_MLP_NAMES "pos", "w1", "b1", "w2", "b2"
 
-void compress(const std::string& backend, int threads, nb::handle cfg, const std::string& kind,
-              nb::dict tensors) {
-  const Tensors t(tensors, {"x", "cu_seqlens", NSA_MLP_NAMES, "out"});
-  nsa_compress_params p;
-  nsa_compress_params_init(&p);
+// The compression's inputs, shared by nsa_compress_params and nsa_compress_bwd_params (the
+// backward takes the forward's inputs again under the same names).
+template <class Params>
+void fill_compress_inputs(const Tensors& t, nb::handle cfg, const std::string& kind, Params& p) {
   p.cfg = to_config(cfg);
   p.kind = to_cmp_kind(kind);
   p.x = t["x"];
   const Seqlens s = t.seqlens();
   p.cu_seqlens = s.data, p.num_seqs = s.num_seqs;
   p.pos = t["pos"], p.w1 = t["w1"], p.b1 = t["b1"], p.w2 = t["w2"], p.b2 = t["b2"];
+}
+
+void compress(const std::string& backend, int threads, nb::handle cfg, const std::string& kind,
+              nb::dict tensors) {
+  const Tensors t(tensors, {"x", "cu_seqlens", NSA_MLP_NAMES, "out"});
+  nsa_compress_params p;
+  nsa_compress_params_init(&p);
+  fill_compress_inputs(t, cfg, kind, p);
   p.out = t["out"];
   const Context ctx(backend, threads);
   timed(ctx, 1, [&] { return nsa_compress(ctx.get(), &p); });
@@ -101,12 +108,7 @@ void compress_bwd(const std::string& backend, int threads, nb::handle cfg, const
                             "dw2", "db2"});
   nsa_compress_bwd_params p;
   nsa_compress_bwd_params_init(&p);
-  p.cfg = to_config(cfg);
-  p.kind = to_cmp_kind(kind);
-  p.x = t["x"];
-  const Seqlens s = t.seqlens();
-  p.cu_seqlens = s.data, p.num_seqs = s.num_seqs;
-  p.pos = t["pos"], p.w1 = t["w1"], p.b1 = t["b1"], p.w2 = t["w2"], p.b2 = t["b2"];
+  fill_compress_inputs(t, cfg, kind, p);
   p.dout = t["dout"], p.dx = t["dx"];
   p.dpos = t["dpos"], p.dw1 = t["dw1"], p.db1 = t["db1"], p.dw2 = t["dw2"], p.db2 = t["db2"];
   const Context ctx(backend, threads);

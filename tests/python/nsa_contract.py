@@ -310,6 +310,14 @@ def select_blocks(scores: torch.Tensor, pos: torch.Tensor, cfg: Cfg) -> torch.Te
         if order.shape[-1] < n:  # fewer blocks than n in the whole sequence
             pad = order.new_full((*order.shape[:-1], n - order.shape[-1]), -1)
             order = torch.cat([order, pad], dim=-1)
+        # The set's own invariants (SPEC 4.3): min(n, J + 1) blocks, each in [0, J], every forced
+        # block among them. A reading of the contract that breaks one is a bug in this module.
+        count = (order >= 0).sum(-1)
+        assert torch.equal(count, torch.minimum(J[:, 0] + 1, torch.tensor(n)).expand_as(count))
+        assert bool(((order == -1) | ((order >= 0) & (order <= J))).all())
+        chosen = torch.zeros((*order.shape[:-1], nblk + 1), dtype=torch.bool)
+        chosen.scatter_(-1, torch.where(order >= 0, order, nblk), True)
+        assert bool((chosen[..., :nblk] | ~forced).all()), "a forced block was not selected"
     return order
 
 

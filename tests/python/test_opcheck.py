@@ -2,13 +2,22 @@
 (shapes, dtypes, strides), autograd registration and AOT dispatch with dynamic shapes."""
 import pytest
 import torch
-from torch.library import opcheck
+from torch.library import opcheck as torch_opcheck
 
 import nsa
 from nsa.cache import KVCache
 from conftest import SMALL, make_inputs, make_mlp
 
 CFG = SMALL.ints()
+
+
+def opcheck(op, args, **kw):
+    """torch.library.opcheck, which raises on a failed check; its report is asserted too, so
+    that a check skipped or reported as anything but SUCCESS fails the test."""
+    report = torch_opcheck(op, args, **kw)
+    assert report, f"{op}: opcheck ran no check"
+    for check, result in report.items():
+        assert result == "SUCCESS", f"{op}: {check}: {result}"
 
 
 def fwd_args(requires_grad, save, cu=None, T=40, per_branch=False):
