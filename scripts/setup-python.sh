@@ -21,6 +21,8 @@ if [ ! -x "$venv/bin/python" ]; then
     # Debian's own python3 keeps venv in a separate package.
     sudo_cmd=()
     if [ "$(id -u)" -ne 0 ]; then sudo_cmd=(sudo); fi
+    export DEBIAN_FRONTEND=noninteractive
+    "${sudo_cmd[@]}" apt-get update -qq
     "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends python3-venv
     rm -rf "$venv"
     "$python" -m venv "$venv"
