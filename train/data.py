@@ -69,6 +69,16 @@ class PasskeySample:
     key_pos: int        # index of the key's first digit in tokens (its first statement)
     depth: float        # key_pos / T
 
+    again_pos: int      # index of the key's first digit in its restatement, in the same sentence
+
+    def recall_targets(self) -> Tensor:
+        """``[T]`` bool over the next-token targets (target i is token i + 1): the digits a model
+        can know, the key's restatement and the answer (not its first statement, which is random)."""
+        mask = torch.zeros(self.tokens.numel() - 1, dtype=torch.bool)
+        mask[self.again_pos - 1:self.again_pos - 1 + KEY_DIGITS] = True
+        mask[-KEY_DIGITS:] = True
+        return mask
+
 
 def passkey_sample(T: int, depth: float, g: torch.Generator) -> PasskeySample:
     """One sequence of ``T + 1`` tokens whose last five are the key's digits; the key sentence
@@ -94,7 +104,8 @@ def passkey_sample(T: int, depth: float, g: torch.Generator) -> PasskeySample:
     text = INTRO + filler[:cut] + key_sentence + filler[cut:] + QUESTION + key
     tokens = torch.tensor(list(text.encode("ascii")), dtype=torch.int64)
     key_pos = len(INTRO) + cut + KEY.index("{key}")
-    return PasskeySample(tokens, key, key_pos, key_pos / T)
+    again_pos = len(INTRO) + cut + key_sentence.index(key, KEY.index("{key}") + KEY_DIGITS)
+    return PasskeySample(tokens, key, key_pos, key_pos / T, again_pos)
 
 
 class Passkey:
@@ -104,9 +115,9 @@ class Passkey:
 
     def batch(self, seed: int, step: int, batch: int, T: int) -> dict:
         g = _generator(seed, step, stream=1)
-        depths = torch.rand(batch, generator=g).tolist()
-        return {"tokens": torch.stack([passkey_sample(T, d, g).tokens for d in depths]),
-                "answer": KEY_DIGITS}
+        samples = [passkey_sample(T, d, g) for d in torch.rand(batch, generator=g).tolist()]
+        return {"tokens": torch.stack([s.tokens for s in samples]),
+                "recall": torch.stack([s.recall_targets() for s in samples])}
 
     @staticmethod
     def eval_set(T: int, per_decile: int, seed: int = 1234):

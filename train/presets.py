@@ -33,18 +33,30 @@ class Preset:
     eval_every: int = 50            # steps between validation passes (shakespeare)
     eval_windows: int = 16          # validation windows in the passes during training
     ckpt_every: int = 50
+    # A shorter-context start (passkey): the first ``short_steps`` steps at ``short_T`` with
+    # ``short_batch`` sequences, the rest at T.
+    short_steps: int = 0
+    short_T: int = 0
+    short_batch: int = 0
+    recall_only: bool = False       # passkey: the loss only on the digits a model can know
+
+    def shape_at(self, step: int) -> tuple:
+        """(T, batch) of a step."""
+        return (self.short_T, self.short_batch) if step < self.short_steps else (self.T, self.batch)
 
 
-_SMALL = ModelConfig(dim=128, layers=4, heads=4, kv_heads=1, nsa=NSA_2K)
+_SMALL = ModelConfig(dim=128, layers=4, heads=4, kv_heads=2, nsa=NSA_2K)
 _TINY = ModelConfig(dim=32, layers=2, heads=4, kv_heads=2, nsa=NSA_TINY)
 
 PRESETS = {
     "shakespeare": Preset("shakespeare", _SMALL, T=2048, batch=4, steps=300),
-    "passkey": Preset("passkey", _SMALL, T=2048, batch=4, steps=300, eval_every=0),
+    "passkey": Preset("passkey", _SMALL, T=2048, batch=4, steps=750, eval_every=0, short_steps=600,
+                      short_T=256, short_batch=16, recall_only=True),
     "tiny": Preset("shakespeare", _TINY, T=128, batch=4, steps=30, lr=1e-2, warmup=5,
                    eval_every=10, eval_windows=4, ckpt_every=10),
     "tiny-passkey": Preset("passkey", _TINY, T=256, batch=4, steps=20, lr=1e-2, warmup=5,
-                           eval_every=0, ckpt_every=10),
+                           eval_every=0, ckpt_every=10, short_steps=10, short_T=192,
+                           short_batch=8, recall_only=True),
 }
 
 
