@@ -36,7 +36,8 @@ def _passkey_eval(a) -> None:
     results = []
     for T, per in zip(a.lengths, a.per_decile):
         r = passkey_accuracy(model, T, per, batch=a.eval_batch)
-        print(json.dumps({k: r[k] for k in ("T", "accuracy", "samples", "seconds")}), flush=True)
+        print(json.dumps({k: r[k] for k in ("T", "accuracy", "digit_accuracy", "samples",
+                                             "seconds")}), flush=True)
         results.append(r)
     (Path(a.run) / "passkey_eval.json").write_text(json.dumps(results, indent=1))
 
@@ -58,9 +59,9 @@ def main(argv=None) -> None:
     e = sub.add_parser("passkey-eval", help="passkey accuracy of a trained run")
     e.add_argument("--run", required=True)
     e.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
-    e.add_argument("--per-decile", type=int, nargs="+", default=[200, 20, 10, 5],
+    e.add_argument("--per-decile", type=int, nargs="+", default=[200, 10, 5, 2],
                    help="samples per depth decile, one per length")
-    e.add_argument("--eval-batch", type=int, default=4)
+    e.add_argument("--eval-batch", type=int, default=8)
     e.add_argument("--threads", type=int)
     e.set_defaults(fn=_passkey_eval)
     s = sub.add_parser("speed", help="training-step and decode tokens/s, NSA against full")

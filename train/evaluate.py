@@ -3,7 +3,8 @@
 A sample counts as retrieved when the model's greedy prediction at each of the answer's five
 positions is the key's digit, given the correct digits before it (teacher forcing). This is exactly
 greedy generation's exact match: greedy decoding emits the key iff every one of these five argmaxes
-is right, and it costs one forward instead of five.
+is right, and it costs one forward instead of five. Also reported: the fraction of the five digits
+right (chance: 1/10), which shows partial retrieval where exact match shows none.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def passkey_accuracy(model: GPT, T: int, per_decile: int, batch: int = 4,
                      progress: bool = True) -> dict:
     """Exact-match accuracy per depth decile at length T, the mean gates, and the wall time."""
     model.eval()
-    hits, counts = defaultdict(int), defaultdict(int)
+    hits, counts, digits = defaultdict(int), defaultdict(int), defaultdict(float)
     sums = {}
     handles = _gate_hooks(model, sums)
     samples = list(Passkey.eval_set(T, per_decile))
@@ -51,16 +52,20 @@ def passkey_accuracy(model: GPT, T: int, per_decile: int, batch: int = 4,
             chunk = samples[i:i + batch]
             tokens = torch.stack([s.tokens for _, s in chunk])
             logits = model(tokens[:, :-1])[:, -KEY_DIGITS:]
-            ok = (logits.argmax(-1) == tokens[:, -KEY_DIGITS:]).all(-1)
-            for (decile, _), good in zip(chunk, ok.tolist()):
-                hits[decile] += good
+            right = logits.argmax(-1) == tokens[:, -KEY_DIGITS:]
+            for (decile, _), row in zip(chunk, right.tolist()):
+                hits[decile] += all(row)
+                digits[decile] += sum(row) / KEY_DIGITS
                 counts[decile] += 1
     finally:
         for h in handles:
             h.remove()
     per = [hits[d] / counts[d] for d in range(10)]
+    per_digit = [digits[d] / counts[d] for d in range(10)]
     gates = {f"layer{i}": (sums[i] / sums["n", i]).tolist()
              for i in range(len(model.blocks)) if i in sums}
     return {"T": T, "per_decile": per, "accuracy": sum(hits.values()) / sum(counts.values()),
+            "digits_per_decile": per_digit,
+            "digit_accuracy": sum(digits.values()) / sum(counts.values()),
             "samples": sum(counts.values()), "gates_cmp_slc_win": gates,
             "seconds": time.perf_counter() - t0}

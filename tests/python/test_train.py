@@ -163,4 +163,9 @@ def test_passkey_accuracy_counts_exact_matches_per_decile():
         expect[decile] += int(s.key[0]) % 2 == 0
     assert r["samples"] == 60
     assert r["per_decile"] == [e / 6 for e in expect]
+    # The odd keys' answer "00000" gets each digit that is a 0 right, the even keys' all five.
+    digits = [0.0] * 10
+    for decile, s in data.Passkey.eval_set(512, 6):
+        digits[decile] += 1 if int(s.key[0]) % 2 == 0 else s.key.count("0") / 5
+    assert r["digits_per_decile"] == pytest.approx([d / 6 for d in digits])
     assert 0 < r["accuracy"] < 1
