@@ -16,7 +16,8 @@ for job in ${what[*]}; do
   case $job in
     shakespeare|passkey)
       for attn in nsa full window; do
-        "$py" -m train run --preset "$job" --attn "$attn" --out "$runs/$job-$attn"
+        # --resume: a finished run is kept (and an interrupted one continued) on a rerun.
+        "$py" -m train run --preset "$job" --attn "$attn" --out "$runs/$job-$attn" --resume
         if [ "$job" = passkey ]; then
           "$py" -m train passkey-eval --run "$runs/$job-$attn"
         fi

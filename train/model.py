@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -55,32 +55,71 @@ def loss_plot(runs: Path, task: str, img: Path) -> str:
 
 
 def passkey_plot(runs: Path, img: Path) -> str:
-    fig, ax = plt.subplots(figsize=(7, 4))
-    rows = ["| twin | T | samples | accuracy | per depth decile (0-10 % ... 90-100 %) |",
-            "|---|---|---|---|---|"]
+    """Exact match and digits right by depth at the training length (two panels); the table of
+    every length, and NSA's mean gates."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    rows = ["| twin | T | samples | exact match | digits right | exact match by depth decile (%) "
+            "| digits right by depth decile (%) |", "|---|---|---|---|---|---|---|"]
     gates = ["| layer | cmp | slc | win |", "|---|---|---|---|"]
     for attn in ATTENTIONS:
         f = runs / f"passkey-{attn}" / "passkey_eval.json"
         if not f.exists():
             continue
-        for r in json.loads(f.read_text()):
+        results = json.loads(f.read_text())
+        for r in results:
+            digits = r.get("digits_per_decile", [])
             rows.append(f"| {attn} | {r['T']} | {r['samples']} | {100 * r['accuracy']:.1f} % | "
-                        + " ".join(f"{100 * a:.0f}" for a in r["per_decile"]) + " |")
-            if r["T"] == min(x["T"] for x in json.loads(f.read_text())):
-                ax.plot([10 * d + 5 for d in range(10)], [100 * a for a in r["per_decile"]],
-                        "o-", color=COLORS[attn], label=f"{attn}, T = {r['T']}")
-                for layer, g in r.get("gates_cmp_slc_win", {}).items():
-                    gates.append(f"| {layer} | " + " | ".join(f"{x:.3f}" for x in g) + " |")
-    ax.set_xlabel("depth of the key in the filler (%)")
-    ax.set_ylabel("exact match (%)")
-    ax.set_ylim(-5, 105)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title("passkey retrieval by depth")
+                        + (f"{100 * r['digit_accuracy']:.1f} %" if digits else "") + " | "
+                        + " ".join(f"{100 * a:.0f}" for a in r["per_decile"]) + " | "
+                        + " ".join(f"{100 * a:.0f}" for a in digits) + " |")
+        r = min(results, key=lambda x: x["T"])
+        depth = [10 * d + 5 for d in range(10)]
+        axes[0].plot(depth, [100 * a for a in r["per_decile"]], "o-", color=COLORS[attn],
+                     label=f"{attn}, T = {r['T']}")
+        if "digits_per_decile" in r:
+            axes[1].plot(depth, [100 * a for a in r["digits_per_decile"]], "o-",
+                         color=COLORS[attn], label=f"{attn}, T = {r['T']}")
+        for layer, g in r.get("gates_cmp_slc_win", {}).items():
+            gates.append(f"| {layer} | " + " | ".join(f"{x:.3f}" for x in g) + " |")
+    axes[1].axhline(10, color="gray", ls=":", label="chance (1 in 10)")
+    for ax, what in zip(axes, ("exact match (%)", "digits right (%)")):
+        ax.set_xlabel("depth of the key in the filler (%)")
+        ax.set_ylabel(what)
+        ax.set_ylim(-5, 105)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("passkey retrieval by depth")
     fig.tight_layout()
     fig.savefig(img, dpi=110)
     plt.close(fig)
     return "\n".join(rows) + "\n\nNSA's mean gates at T = 2048:\n\n" + "\n".join(gates)
+
+
+def _ratio_rows(results: dict, key: str, cells) -> list:
+    """Table rows for both twins, each with its tokens/s as a multiple of full attention's."""
+    full = {r[key]: r for r in results["full"]}
+    return [f"| {r[key]} | {attn} | " + " | ".join(cells(r)) +
+            f" | {r['tokens_per_s'] / full[r[key]]['tokens_per_s']:.2f}x |"
+            for attn in ("nsa", "full") for r in results[attn]]
+
+
+def speed_tables(runs: Path) -> str:
+    f = runs / "speed.json"
+    if not f.exists():
+        return ""
+    d = json.loads(f.read_text())
+    rows = [f"Training step ({d['threads']} threads):", "",
+            "| T | twin | forward | backward | step | tokens/s | NSA / full |",
+            "|---|---|---|---|---|---|---|"]
+    rows += _ratio_rows(d["train"], "T", lambda r: (
+        f"{r['fwd_s']:.2f} s", f"{r['bwd_s']:.2f} s", f"{r['step_s']:.2f} s",
+        f"{r['tokens_per_s']:.0f}"))
+    rows += ["", "Generation (one sequence, sampled token by token after the prompt):", "",
+             "| context | twin | prefill | per token | tokens/s | NSA / full |",
+             "|---|---|---|---|---|---|"]
+    rows += _ratio_rows(d["decode"], "context", lambda r: (
+        f"{r['prefill_s']:.2f} s", f"{r['step_s'] * 1e3:.2f} ms", f"{r['tokens_per_s']:.0f}"))
+    return "\n".join(rows)
 
 
 def main(a) -> None:
@@ -88,4 +127,5 @@ def main(a) -> None:
     img.mkdir(parents=True, exist_ok=True)
     print(loss_plot(runs, "shakespeare", img / "train_shakespeare.png"), end="\n\n")
     print(loss_plot(runs, "passkey", img / "train_passkey.png"), end="\n\n")
-    print(passkey_plot(runs, img / "passkey_depth.png"))
+    print(passkey_plot(runs, img / "passkey_depth.png"), end="\n\n")
+    print(speed_tables(runs))

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import make_dataset
-from .model import GPT, parameter_counts
+import nsa
+
+from .model import GPT, ModelConfig, parameter_counts
 from .presets import Preset
 
 
@@ -105,6 +107,7 @@ def train(p: Preset, out: Path, *, resume: bool = False, stop_at: Optional[int] 
     opt = make_optimizer(model, p)
     log, start = [], 0
     ckpt = out / "ckpt.pt"
+    _check_run_dir(out, p, model, resume)
     if resume and ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         model.load_state_dict(state["model"])
@@ -149,6 +152,20 @@ def train(p: Preset, out: Path, *, resume: bool = False, stop_at: Optional[int] 
     return log
 
 
+def _check_run_dir(out: Path, p: Preset, model, resume: bool) -> None:
+    """A run never overwrites another's checkpoint, nor resumes under other settings."""
+    if not (out / "ckpt.pt").exists():
+        return
+    if not resume:
+        raise ValueError(f"out: {out} holds a run already; pass resume=True (--resume) to "
+                         "continue it, or choose another directory")
+    before = json.loads((out / "preset.json").read_text())
+    now = json.loads(json.dumps(_describe(p, model), default=str))
+    diff = sorted(k for k in now if k != "threads" and before.get(k) != now[k])
+    if diff:
+        raise ValueError(f"resume: {out} was trained with other settings ({', '.join(diff)})")
+
+
 def _save(out: Path, model, opt, step: int, log: list) -> None:
     tmp = out / "ckpt.pt.tmp"
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log},
@@ -168,10 +185,7 @@ def _describe(p: Preset, model) -> dict:
 
 def load_model(out: Path) -> GPT:
     """The model of a run's checkpoint, its preset read back from ``preset.json``."""
-    from .presets import PRESETS  # noqa: F401  (names for the error message)
     desc = json.loads((Path(out) / "preset.json").read_text())
-    import nsa
-    from .model import ModelConfig
     m = dict(desc["model"])
     m["nsa"] = nsa.Config(**m["nsa"])
     model = GPT(ModelConfig(**m), seed=desc["seed"])

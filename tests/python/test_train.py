@@ -3,7 +3,6 @@ bit, DDP over loopback gives the single process's losses, the twins differ only 
 the passkey generator and evaluation say what they claim."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,6 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-import nsa  # noqa: E402
 from train import data, evaluate, model, trainer  # noqa: E402
 from train.presets import preset  # noqa: E402
 
@@ -47,6 +45,18 @@ def test_resume_repeats_the_uninterrupted_run_bit_for_bit(tmp_path, attn):
     a = trainer.load_model(tmp_path / "whole").state_dict()
     b = trainer.load_model(tmp_path / "cut").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_keeps_its_directory(tmp_path):
+    p = preset("tiny", "nsa", steps=3)
+    trainer.train(p, tmp_path, threads=2, progress=False)
+    with pytest.raises(ValueError, match="holds a run already"):
+        trainer.train(p, tmp_path, threads=2, progress=False)
+    with pytest.raises(ValueError, match=r"other settings \(steps\)"):
+        trainer.train(preset("tiny", "nsa", steps=5), tmp_path, resume=True, progress=False)
+    # Resuming a finished run trains nothing and keeps its log.
+    assert _losses(trainer.train(p, tmp_path, resume=True, progress=False)) == _losses(
+        [json.loads(s) for s in (tmp_path / "log.jsonl").read_text().splitlines()])
 
 
 def test_ddp_over_loopback_gives_the_single_process_losses(tmp_path):
