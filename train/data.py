@@ -16,7 +16,13 @@ import torch
 from torch import Tensor
 
 REPO = Path(__file__).resolve().parent.parent
-SHAKESPEARE = Path(os.environ.get("NSA_SHAKESPEARE", REPO.parent / "shared/data/tinyshakespeare.txt"))
+# The project's shared copy (read-only, never copied into this repository).
+SHAKESPEARE_SHARED = REPO.parent / "shared/data/tinyshakespeare.txt"
+
+
+def shakespeare_path() -> Path:
+    """``$NSA_SHAKESPEARE`` if set, else the project's shared copy."""
+    return Path(os.environ.get("NSA_SHAKESPEARE") or SHAKESPEARE_SHARED)
 
 
 def _generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
@@ -26,9 +32,11 @@ def _generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
 class Shakespeare:
     """tinyshakespeare as bytes: the first 90 % trains, the last 10 % validates."""
 
-    def __init__(self, path: Path = SHAKESPEARE):
-        if not Path(path).exists():
-            raise FileNotFoundError(f"{path}: tinyshakespeare not found (set NSA_SHAKESPEARE)")
+    def __init__(self, path: Optional[Path] = None):
+        path = Path(path or shakespeare_path())
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: tinyshakespeare not found (set NSA_SHAKESPEARE to "
+                                    "karpathy/char-rnn's data/tinyshakespeare/input.txt)")
         data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
         split = int(0.9 * data.numel())
         self.train, self.val = data[:split].long(), data[split:].long()

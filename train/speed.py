@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import SHAKESPEARE
+from .data import shakespeare_path
 from .model import GPT, extend, new_caches
 from .presets import preset
 
@@ -44,7 +44,7 @@ def step_times(model: GPT, T: int, reps: int = 3) -> dict:
 @torch.no_grad()
 def decode_times(model: GPT, context: int, new: int = 32) -> dict:
     """Prefill seconds for ``context`` tokens of text, then the median seconds per sampled token."""
-    text = torch.tensor(list(Path(SHAKESPEARE).read_bytes()[:context]), dtype=torch.int64)
+    text = torch.tensor(list(shakespeare_path().read_bytes()[:context]), dtype=torch.int64)
     caches = new_caches(model, context + new)
     t0 = time.perf_counter()
     logits = extend(model, text[None], caches)

@@ -17,8 +17,22 @@ sys.path.insert(0, str(REPO))
 from train import data, evaluate, model, trainer  # noqa: E402
 from train.presets import preset  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not data.SHAKESPEARE.exists(),
-                                reason=f"{data.SHAKESPEARE} missing (set NSA_SHAKESPEARE)")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _text(tmp_path_factory):
+    """The tests' 'tinyshakespeare': this repository's Markdown, so the suite needs no download
+    (the experiments use the real text)."""
+    text = b"".join(p.read_bytes() for p in sorted([*REPO.glob("*.md"), *REPO.glob("docs/*.md")]))
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_bytes(text[:300_000])
+    old = os.environ.get("NSA_SHAKESPEARE")
+    os.environ["NSA_SHAKESPEARE"] = str(path)
+    yield
+    if old is None:
+        del os.environ["NSA_SHAKESPEARE"]
+    else:
+        os.environ["NSA_SHAKESPEARE"] = old
 
 
 def _losses(log):
