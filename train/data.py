@@ -58,9 +58,9 @@ class Shakespeare:
             yield {"tokens": torch.stack(windows[i:i + batch])}
 
 
-# The passkey task (after Mohtashami and Jaggi, 2023): repetitive filler with no digit in it, the key
-# stated once at a random depth (and repeated right after, as in the original prompt, which also
-# lets a model learn copying within its window), and a question at the end.
+# The passkey task (after Mohtashami and Jaggi, 2023): repetitive filler with no digit in it, the
+# key stated once at a random depth (and repeated right after, as in the original prompt, which
+# also lets a model learn copying within its window), and a question at the end.
 INTRO = "There is a pass key hidden in this text. Find it and remember it.\n"
 FILLER = ("The grass is green. ", "The sky is blue. ", "The sun is yellow. ", "Here we go. ",
           "There and back again. ", "The river runs to the sea. ", "A bird sings in the tree. ",
@@ -81,7 +81,7 @@ class PasskeySample:
 
     def recall_targets(self) -> Tensor:
         """``[T]`` bool over the next-token targets (target i is token i + 1): the digits a model
-        can know, the key's restatement and the answer (not its first statement, which is random)."""
+        can know, the key's restatement and the answer (not its first statement: random)."""
         mask = torch.zeros(self.tokens.numel() - 1, dtype=torch.bool)
         mask[self.again_pos - 1:self.again_pos - 1 + KEY_DIGITS] = True
         mask[-KEY_DIGITS:] = True

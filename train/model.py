@@ -148,7 +148,7 @@ class GPT(nn.Module):
         init_parameters(self, seed)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        """``tokens [B, T]`` int64 -> logits ``[B, T, vocab]`` (the output head is the embedding)."""
+        """``tokens [B, T]`` int64 -> logits ``[B, T, vocab]`` (the head is the embedding)."""
         x = self.embed(tokens)
         for block in self.blocks:
             x = block(x)

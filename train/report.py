@@ -39,8 +39,9 @@ def loss_plot(runs: Path, task: str, img: Path) -> str:
         if val:
             ax.plot(*zip(*val), "o--", color=COLORS[attn], label=f"{attn} validation")
         full = log[-1].get("val_loss_full")
+        final = "" if full is None else f"{full:.4f}"
         rows.append(f"| {attn} | {steps[-1]} | {sum(e['loss'] for e in log[-10:]) / 10:.4f} | "
-                    f"{'' if full is None else f'{full:.4f}'} | {log[-1]['elapsed_s'] / 60:.1f} min |")
+                    f"{final} | {log[-1]['elapsed_s'] / 60:.1f} min |")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per byte)")
     ax.set_title(f"{task}: NSA against its twins")

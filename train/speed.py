@@ -62,27 +62,32 @@ def decode_times(model: GPT, context: int, new: int = 32) -> dict:
             "sample": bytes(out).decode("latin-1")}
 
 
+def _sweep(model: GPT, measure, values, describe) -> list:
+    """``measure(model, v)`` for each value, each result printed as it comes (a long run's
+    progress) and returned."""
+    results = []
+    for v in values:
+        r = measure(model, v)
+        print(f"{model.cfg.attention} {describe(r)}", flush=True)
+        results.append(r)
+    return results
+
+
 def main(a) -> None:
-    threads = torch.get_num_threads()
-    result = {"threads": threads, "train": {}, "decode": {}}
-    for attn in ("nsa", "full"):
-        model = GPT(preset("shakespeare", attn).model)
-        result["train"][attn] = []
-        for T in a.lengths:
-            r = step_times(model, T)
-            print(f"train {attn} T={T}: fwd {r['fwd_s']:.2f} s, bwd {r['bwd_s']:.2f} s, "
-                  f"{r['tokens_per_s']:.0f} tokens/s", flush=True)
-            result["train"][attn].append(r)
     from .trainer import load_model
+    result = {"threads": torch.get_num_threads(), "train": {}, "decode": {}}
+    for attn in ("nsa", "full"):
+        result["train"][attn] = _sweep(
+            GPT(preset("shakespeare", attn).model), step_times, a.lengths,
+            lambda r: f"train T={r['T']}: fwd {r['fwd_s']:.2f} s, bwd {r['bwd_s']:.2f} s, "
+                      f"{r['tokens_per_s']:.0f} tokens/s")
     for attn in ("nsa", "full"):
         run = Path(a.runs) / f"shakespeare-{attn}"
         model = load_model(run) if (run / "ckpt.pt").exists() else GPT(
             preset("shakespeare", attn).model).eval()
-        result["decode"][attn] = []
-        for C in a.contexts:
-            r = decode_times(model, C)
-            print(f"decode {attn} context={C}: prefill {r['prefill_s']:.2f} s, "
-                  f"{r['step_s'] * 1e3:.2f} ms/token ({r['tokens_per_s']:.0f} tokens/s)", flush=True)
-            result["decode"][attn].append(r)
+        result["decode"][attn] = _sweep(
+            model, decode_times, a.contexts,
+            lambda r: f"decode context={r['context']}: prefill {r['prefill_s']:.2f} s, "
+                      f"{r['step_s'] * 1e3:.2f} ms/token ({r['tokens_per_s']:.0f} tokens/s)")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))

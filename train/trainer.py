@@ -139,7 +139,7 @@ def train(p: Preset, out: Path, *, resume: bool = False, stop_at: Optional[int] 
         dt = time.perf_counter() - t0
         entry = {"step": step + 1, "loss": ddp.mean(loss.item()), "lr": lr, "grad_norm": gnorm,
                  "tokens_per_s": size * T / dt}
-        if p.eval_every and (step + 1) % p.eval_every == 0 and p.task == "shakespeare":
+        if main and p.eval_every and (step + 1) % p.eval_every == 0 and p.task == "shakespeare":
             entry["val_loss"] = validate(model, data, p, p.eval_windows)
         entry["elapsed_s"] = (log[-1]["elapsed_s"] if log else 0.0) + time.perf_counter() - t0
         log.append(entry)
