@@ -465,14 +465,18 @@ TEST(CpuBwd, Profile) {
 }
 
 // The kernels are generic in the vector length (register blocks over up to four 16-key tiles
-// with AVX-512, one tile elsewhere): every target this machine runs matches the reference, for
-// group sizes that fill (16) and pad (3) the head blocks, and key ranges of 1 to 4 tiles. CPU
-// only: targets are a CPU notion.
+// with AVX-512, one tile elsewhere) and in the head rows (GP = 1, 2, 4, 8, then multiples of
+// 16): every target this machine runs matches the reference, for groups that fill their rows
+// (1, 8, 16), pad them (3 -> 4, 24 -> 32), and key ranges of 1 to 4 tiles. CPU only: targets
+// are a CPU notion.
 TEST(CpuBwd, EveryTargetMatchesReference) {
   nsa_config def;
   nsa_config_default(&def);
-  const Case64 cases[2] = {make_case64(shape(1, 150, 6, 2, 20, 12), configs()[2], kSeed + 700),
-                           make_case64(shape(1, 300, 16, 1, 24, 16), def, kSeed + 701)};
+  const Case64 cases[] = {make_case64(shape(1, 150, 6, 2, 20, 12), configs()[2], kSeed + 700),
+                          make_case64(shape(1, 300, 16, 1, 24, 16), def, kSeed + 701),
+                          make_case64(shape(1, 130, 2, 2, 20, 12), configs()[2], kSeed + 702),
+                          make_case64(shape(1, 140, 16, 2, 12, 20), configs()[2], kSeed + 703),
+                          make_case64(shape(1, 90, 24, 1, 8, 8), configs()[2], kSeed + 704)};
   const BackendUnderTest cpu = backend(NSA_BACKEND_CPU);
   for_each_hwy_target([&] {
     for (const Case64& c : cases) {

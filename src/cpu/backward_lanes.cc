@@ -70,9 +70,7 @@ using bwd_tiles::group_products;
 using bwd_tiles::group_softmax;
 using bwd_tiles::kCB;
 using bwd_tiles::kGroupKeys;
-using bwd_tiles::kHB;
 using bwd_tiles::kN;
-using bwd_tiles::kQH;
 
 // Query positions per work unit (the unit of the chunk split). Key groups are walked once per
 // unit for all its positions, so a selected block is fetched once for every position of the unit
@@ -459,7 +457,7 @@ bool BackwardLanes(const State& st) {
   const BwdProblem& pr = *st.pr;
   const nsa_bwd_params& p = pr.p;
   const int threads = st.threads;
-  const int64_t GP = round_up(pr.G, std::max(kHB, kQH));
+  const int64_t GP = bwd_tiles::padded_heads(pr.G);
   const int64_t Dkp = round_up(pr.Dk, kCB * kN);
   using Clock = std::chrono::steady_clock;
   auto seconds_since = [](Clock::time_point t) {

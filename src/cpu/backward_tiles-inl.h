@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include <hwy/highway.h>
 #include <hwy/contrib/math/math-inl.h>
@@ -35,6 +36,28 @@ constexpr int kNV = static_cast<int>(kTileKeys) / kN;  // vectors per tile row (
 constexpr int kHB = std::max(1, (HWY_MAX_BYTES >= 64 ? 16 : 8) / kNV);
 // The dq block: kQH heads x kCB vectors of columns.
 constexpr int kQH = 4, kCB = 4;
+
+// The G heads of a position are padded to GP rows: the next power of two up to 16, then a
+// multiple of 16. Every register block below spans min(its heads, GP) rows, so a group of 4
+// computes 4 rows, not 16 (padding rows cost as much as real ones: issue "every group size").
+inline int64_t padded_heads(int64_t G) {
+  if (G > 16) return (G + 15) / 16 * 16;
+  int64_t gp = 1;
+  while (gp < G) gp *= 2;
+  return gp;
+}
+
+// Calls f(std::integral_constant<int, H>{}) with H = min(GP, 16): the head rows a block may span.
+template <class F>
+HWY_INLINE void with_heads(int64_t GP, F&& f) {
+  switch (GP) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 8: return f(std::integral_constant<int, 8>{});
+    default: return f(std::integral_constant<int, 16>{});
+  }
+}
 
 // ---- Products over a group of up to kGroup consecutive key tiles. ----
 //
@@ -84,17 +107,20 @@ inline void products(const float* HWY_RESTRICT xT, int64_t GP, const float* HWY_
 inline void group_products(const float* xT, int64_t GP, const float* tiles, int64_t D, int nt,
                            float* out) {
   const int64_t stride = kTileKeys * D;
-  if constexpr (kWideBlocks) {
-    switch (nt) {
-      case 1: return products<16, 1>(xT, GP, tiles, stride, D, out);
-      case 2: return products<8, 2>(xT, GP, tiles, stride, D, out);
-      case 3: return products<4, 3>(xT, GP, tiles, stride, D, out);
-      default: return products<4, 4>(xT, GP, tiles, stride, D, out);
+  with_heads(GP, [&](auto heads) {
+    constexpr int H = decltype(heads)::value;
+    if constexpr (kWideBlocks) {
+      switch (nt) {
+        case 1: return products<std::min(16, H), 1>(xT, GP, tiles, stride, D, out);
+        case 2: return products<std::min(8, H), 2>(xT, GP, tiles, stride, D, out);
+        case 3: return products<std::min(4, H), 3>(xT, GP, tiles, stride, D, out);
+        default: return products<std::min(4, H), 4>(xT, GP, tiles, stride, D, out);
+      }
+    } else {
+      for (int v = 0; v < nt; ++v)
+        products<std::min(kHB, H), 1>(xT, GP, tiles + v * stride, stride, D, out + v * kTileKeys);
     }
-  } else {
-    for (int v = 0; v < nt; ++v)
-      products<kHB, 1>(xT, GP, tiles + v * stride, stride, D, out + v * kTileKeys);
-  }
+  });
 }
 
 // acc_v[i][16] += sum_h xT[i][h] w[h][v*16 .. v*16 + 16) for V tiles (accumulators at stride
@@ -134,12 +160,13 @@ inline void gradient(const float* xT, int64_t GP, const float* w, int64_t D, flo
   for (; i < D; ++i) gradient_block<1, V>(xT + i * GP, GP, GP, w, acc + i * kTileKeys, tile_stride);
 }
 
-// One tile on AVX-512: the 16 weight vectors of a head block stay in registers while the rows
-// stream, 8 rows at a time (8 broadcasts per 8 FMAs, no weight loads).
+// One tile on AVX-512: the kHeads (16, or GP when fewer) weight vectors of a head block stay in
+// registers while the rows stream, 8 rows at a time (8 broadcasts per 8 FMAs, no weight loads).
+template <int kHeads>
 inline void gradient_one_tile(const float* HWY_RESTRICT xT, int64_t GP, const float* HWY_RESTRICT w,
                               int64_t D, float* HWY_RESTRICT acc) {
   const DT d;
-  constexpr int kHeads = 16, kRows = 8;
+  constexpr int kRows = 8;
   for (int64_t h0 = 0; h0 < GP; h0 += kHeads) {
     VT wv[kHeads];
     for (int h = 0; h < kHeads; ++h) wv[h] = hn::Load(d, w + (h0 + h) * kGroupKeys);
@@ -165,7 +192,10 @@ inline void group_gradient(const float* xT, int64_t GP, const float* w, int64_t 
   const int64_t stride = kTileKeys * D;
   if constexpr (kWideBlocks) {
     switch (nt) {
-      case 1: return gradient_one_tile(xT, GP, w, D, acc);
+      case 1:
+        return with_heads(GP, [&](auto heads) {
+          gradient_one_tile<std::min(16, decltype(heads)::value)>(xT, GP, w, D, acc);
+        });
       case 2: return gradient<4, 2>(xT, GP, w, D, acc, stride);
       case 3: return gradient<4, 3>(xT, GP, w, D, acc, stride);
       default: return gradient<4, 4>(xT, GP, w, D, acc, stride);
@@ -177,28 +207,36 @@ inline void group_gradient(const float* xT, int64_t GP, const float* w, int64_t 
 }
 
 // dq[h][Dkp] += sum_{j = j0..j1} ds[h][j] kr[j][Dkp]: the group's K rows (padded to Dkp)
-// weighted by dS, kQH heads x kCB column vectors per register block.
-inline void group_dq(const float* HWY_RESTRICT ds, int64_t GP, const float* HWY_RESTRICT kr,
-                     int64_t Dkp, int64_t j0, int64_t j1, float* HWY_RESTRICT dq) {
+// weighted by dS, QH heads x kCB column vectors per register block.
+template <int QH>
+inline void dq_blocks(const float* HWY_RESTRICT ds, int64_t GP, const float* HWY_RESTRICT kr,
+                      int64_t Dkp, int64_t j0, int64_t j1, float* HWY_RESTRICT dq) {
   const DT d;
   // Column blocks outer: a block's K rows (64 keys x kCB vectors) stay in L1 for every head block.
   for (int64_t c0 = 0; c0 < Dkp; c0 += kCB * kN) {
-    for (int64_t h0 = 0; h0 < GP; h0 += kQH) {
-      VT a[kQH][kCB];
-      for (int h = 0; h < kQH; ++h)
+    for (int64_t h0 = 0; h0 < GP; h0 += QH) {
+      VT a[QH][kCB];
+      for (int h = 0; h < QH; ++h)
         for (int c = 0; c < kCB; ++c) a[h][c] = hn::Load(d, dq + (h0 + h) * Dkp + c0 + c * kN);
       for (int64_t j = j0; j <= j1; ++j) {
         VT kv[kCB];
         for (int c = 0; c < kCB; ++c) kv[c] = hn::Load(d, kr + j * Dkp + c0 + c * kN);
-        for (int h = 0; h < kQH; ++h) {
+        for (int h = 0; h < QH; ++h) {
           const VT b = hn::Set(d, ds[(h0 + h) * kGroupKeys + j]);
           for (int c = 0; c < kCB; ++c) a[h][c] = hn::MulAdd(b, kv[c], a[h][c]);
         }
       }
-      for (int h = 0; h < kQH; ++h)
+      for (int h = 0; h < QH; ++h)
         for (int c = 0; c < kCB; ++c) hn::Store(a[h][c], d, dq + (h0 + h) * Dkp + c0 + c * kN);
     }
   }
+}
+
+inline void group_dq(const float* ds, int64_t GP, const float* kr, int64_t Dkp, int64_t j0,
+                     int64_t j1, float* dq) {
+  with_heads(GP, [&](auto heads) {
+    dq_blocks<std::min(kQH, decltype(heads)::value)>(ds, GP, kr, Dkp, j0, j1, dq);
+  });
 }
 
 // The softmax pieces of a group of nt tiles, keys [lo, hi] live: s (scores) becomes
