@@ -420,9 +420,11 @@ TEST_P(FwdVsRef, SelectionEqualUpToNearTies) {
 }
 
 // The CPU kernels dispatch at run time to the best Highway target; every other target this
-// machine runs must match the reference too (as CpuBwd.EveryTargetMatchesReference): G = 1 and
-// G = 3 (padded head lanes), G = 16 (heads in lanes), bf16, varlen, caller indices. CPU only:
-// targets are a CPU notion. Small shapes, to keep the suite's time.
+// machine runs must match the reference too (as CpuBwd.EveryTargetMatchesReference): G = 1, 3,
+// 5 and 8 (the keys in lanes for steps 1-2, 4 and 5: head rows padded to 1, 4, 8, 8; Dv = 36
+// leaves a column tail; T = 700 with d = 8 spans two groups of 64 compressed keys), G = 16
+// (heads in lanes), bf16, varlen, caller indices. CPU only: targets are a CPU notion. Small
+// shapes, to keep the suite's time.
 TEST(CpuFwd, EveryTargetMatchesReference) {
   const BackendUnderTest cpu = backend(NSA_BACKEND_CPU);
   const std::vector<int32_t> cu = {0, 1, 1, 33, 97, 130};
@@ -437,6 +439,10 @@ TEST(CpuFwd, EveryTargetMatchesReference) {
     s.Hq = 6, s.B = 2, s.T = 100;
     Tensor ix = random_indices(s, configs()[2], {}, kSeed + 1803);
     compare_fwd(cpu, s, configs()[2], NSA_DTYPE_F32, kSeed + 1804, true, {}, NSA_DTYPE_F32, &ix);
+    s.B = 1, s.T = 700, s.Hq = 10, s.Dk = 20, s.Dv = 36;  // G = 5
+    compare_fwd(cpu, s, configs()[3], NSA_DTYPE_F32, kSeed + 1805, false);
+    s.T = 300, s.Hq = 16;  // G = 8, bf16
+    compare_fwd(cpu, s, configs()[1], NSA_DTYPE_BF16, kSeed + 1806, false);
   });
 }
 

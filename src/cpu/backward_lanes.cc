@@ -211,8 +211,8 @@ void add_group(const Ctx& cx, Scratch& sc, const Pos& ps, int c, int64_t si, int
   const int64_t Dk = pr.Dk, Dv = pr.Dv, GP = cx.GP;
   const int64_t u = hk * pk.tiles + pk.first_tile[si] + ti;
   const float* head = ps.head + c * 3 * GP;
-  group_products(ps.qT, GP, pk.kt.get() + u * kTileKeys * Dk, Dk, nt, sc.s);
-  group_products(ps.doT, GP, pk.vt.get() + u * kTileKeys * Dv, Dv, nt, sc.dp);
+  group_products(ps.qT, GP, GP, pk.kt.get() + u * kTileKeys * Dk, Dk, nt, sc.s);
+  group_products(ps.doT, GP, GP, pk.vt.get() + u * kTileKeys * Dv, Dv, nt, sc.dp);
   group_softmax(sc.s, sc.dp, GP, nt, head, head + GP, head + 2 * GP, a, b);
   group_dq(sc.s, GP, pk.kr.get() + u * kTileKeys * cx.Dkp, cx.Dkp, a, b, ps.dq);
   group_gradient(ps.qT, GP, sc.s, Dk, nt,

@@ -71,54 +71,60 @@ constexpr int64_t kGroupKeys = kGroup * kTileKeys;  // 64: one default selection
 constexpr bool kWideBlocks = kNV == 1;              // AVX-512: one vector per tile row
 
 // out[h][v*16 + j] = sum_i xT[i][h] tile_v[i][j] for V tiles at `tiles` (stride tile_stride),
-// h < GP: the scores (xT = scaled Q^T, tiles = K) or dP (xT = dO^T, tiles = V).
+// h < rows (a multiple of HB; xT's row stride is ld >= rows; out's row stride ldo): the scores
+// (xT = scaled Q^T, tiles = K) or dP (xT = dO^T, tiles = V).
 template <int HB, int V>
-inline void products(const float* HWY_RESTRICT xT, int64_t GP, const float* HWY_RESTRICT tiles,
-                     int64_t tile_stride, int64_t D, float* HWY_RESTRICT out) {
+inline void products(const float* HWY_RESTRICT xT, int64_t ld, int64_t rows,
+                     const float* HWY_RESTRICT tiles, int64_t tile_stride, int64_t D,
+                     float* HWY_RESTRICT out, int64_t ldo) {
   const DT d;
   // Rows in chunks small enough that the chunk's tile rows stay in L1 while every head block
   // reads them (without: each head block re-read the whole group from L2, which bound the loop).
   constexpr int64_t kRowChunk = 32;
   for (int64_t i0 = 0; i0 < D; i0 += kRowChunk) {
     const int64_t i1 = std::min(D, i0 + kRowChunk);
-    for (int64_t h0 = 0; h0 < GP; h0 += HB) {
+    for (int64_t h0 = 0; h0 < rows; h0 += HB) {
       VT acc[HB][V * kNV];
-      float* o = out + h0 * kGroupKeys;
+      float* o = out + h0 * ldo;
       for (int h = 0; h < HB; ++h)
         for (int v = 0; v < V * kNV; ++v)
-          acc[h][v] = i0 == 0 ? hn::Zero(d) : hn::Load(d, o + h * kGroupKeys + v * kN);
+          acc[h][v] = i0 == 0 ? hn::Zero(d) : hn::Load(d, o + h * ldo + v * kN);
       for (int64_t i = i0; i < i1; ++i) {
         VT kv[V * kNV];
         for (int v = 0; v < V; ++v)
           for (int w = 0; w < kNV; ++w)
             kv[v * kNV + w] = hn::Load(d, tiles + v * tile_stride + i * kTileKeys + w * kN);
-        const float* x = xT + i * GP + h0;
+        const float* x = xT + i * ld + h0;
         for (int h = 0; h < HB; ++h) {
           const VT b = hn::Set(d, x[h]);
           for (int v = 0; v < V * kNV; ++v) acc[h][v] = hn::MulAdd(b, kv[v], acc[h][v]);
         }
       }
       for (int h = 0; h < HB; ++h)
-        for (int v = 0; v < V * kNV; ++v) hn::Store(acc[h][v], d, o + h * kGroupKeys + v * kN);
+        for (int v = 0; v < V * kNV; ++v) hn::Store(acc[h][v], d, o + h * ldo + v * kN);
     }
   }
 }
 
-inline void group_products(const float* xT, int64_t GP, const float* tiles, int64_t D, int nt,
-                           float* out) {
+// The products of nt tiles for `rows` head rows (padded_heads of the group, or GP), into out
+// with row stride ldo (kGroupKeys unless given).
+inline void group_products(const float* xT, int64_t ld, int64_t rows, const float* tiles,
+                           int64_t D, int nt, float* out, int64_t ldo = kGroupKeys) {
   const int64_t stride = kTileKeys * D;
-  with_heads(GP, [&](auto heads) {
+  with_heads(rows, [&](auto heads) {
     constexpr int H = decltype(heads)::value;
     if constexpr (kWideBlocks) {
       switch (nt) {
-        case 1: return products<std::min(16, H), 1>(xT, GP, tiles, stride, D, out);
-        case 2: return products<std::min(8, H), 2>(xT, GP, tiles, stride, D, out);
-        case 3: return products<std::min(4, H), 3>(xT, GP, tiles, stride, D, out);
-        default: return products<std::min(4, H), 4>(xT, GP, tiles, stride, D, out);
+        case 1: return products<std::min(16, H), 1>(xT, ld, rows, tiles, stride, D, out, ldo);
+        case 2: return products<std::min(8, H), 2>(xT, ld, rows, tiles, stride, D, out, ldo);
+        case 3: return products<std::min(4, H), 3>(xT, ld, rows, tiles, stride, D, out, ldo);
+        default: return products<std::min(4, H), 4>(xT, ld, rows, tiles, stride, D, out, ldo);
       }
     } else {
-      for (int v = 0; v < nt; ++v)
-        products<std::min(kHB, H), 1>(xT, GP, tiles + v * stride, stride, D, out + v * kTileKeys);
+      for (int v = 0; v < nt; ++v) {
+        products<std::min(kHB, H), 1>(xT, ld, rows, tiles + v * stride, stride, D,
+                                      out + v * kTileKeys, ldo);
+      }
     }
   });
 }

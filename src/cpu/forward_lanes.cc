@@ -40,6 +40,7 @@
 #include <hwy/highway.h>
 
 #include "cpu/lanes-inl.h"
+#include "cpu/slc_keys-inl.h"
 #include "cpu/simd/block_scores-inl.h"
 #include "cpu/simd/softmax-inl.h"
 
@@ -103,6 +104,17 @@ void widen_bf16(const uint16_t* HWY_RESTRICT src, int64_t n, float* HWY_RESTRICT
     hn::StoreU(hn::BitCast(df, hn::ShiftLeft<16>(w)), df, dst + i);
   }
   for (; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
+}
+
+// bf16 K/V: keys [f, e) of (seq, hk) widened to f32, as whole tiles from the one holding key f
+// (K tiles into blk_k, V rows into blk_v). Returns that tile's first key.
+int64_t widen_block(const PackedKV& pk, int64_t seq, int64_t hk, int64_t f, int64_t e,
+                    float* blk_k, float* blk_v) {
+  const int64_t key0 = f / kTileKeys * kTileKeys;
+  const int64_t tiles = (e - key0 + kTileKeys - 1) / kTileKeys;
+  widen_bf16(pk.k16_at(seq, hk) + key0 * pk.Dk, tiles * kTileKeys * pk.Dk, blk_k);
+  widen_bf16(pk.v16_at(seq, hk) + key0 * pk.Dv, (e - key0) * pk.Dv, blk_v);
+  return key0;
 }
 
 // Fills the tiles of pk (allocated) with elements of type E: f32, or bf16 bits when pk.half.
@@ -177,10 +189,15 @@ struct Pos {
   Branch cmp, slc, win;
   float* lse;   // [3][GP]: cmp, slc, win
   Scratch sel;  // score, cand, blocks for slc_select (topk.cc)
+  float* orows = nullptr;  // [GH][ldo] step 4's output with the keys in lanes (Dims::slc_rows)
 };
+
+// A (selected block, position in the tile) pair of step 4's block-major walk.
+using BlockPos = std::pair<int32_t, int32_t>;
 
 struct Dims {
   int64_t G, GP, Dk, Dv;
+  bool keys;  // steps 4 and 5 with the keys in lanes (slc_keys-inl.h), for small groups
 };
 
 void branch_begin(const Dims& d, Branch& br) {
@@ -446,25 +463,163 @@ void slc_pair(Pos* const pos[2], const Packs& pk, int64_t si, int64_t hk, const 
       attend_spans<DF>(pos, &Pos::slc, dm, pk.slc.k_at(si, hk), pk.slc.v_at(si, hk), 0, f, e);
       continue;
     }
-    // bf16 K/V: the block's whole tiles widened to f32 once, for both positions.
-    const int64_t key0 = int64_t(j) * cfg.slc_block / kTileKeys * kTileKeys;
-    const int64_t key_end = std::max(e[0], e[1]);
-    const int64_t tiles = (key_end - key0 + kTileKeys - 1) / kTileKeys;
-    widen_bf16(pk.slc.k16_at(si, hk) + key0 * dm.Dk, tiles * kTileKeys * dm.Dk, blk_k);
-    widen_bf16(pk.slc.v16_at(si, hk) + key0 * dm.Dv, (key_end - key0) * dm.Dv, blk_v);
+    const int64_t key0 =
+        widen_block(pk.slc, si, hk, int64_t{j} * cfg.slc_block, std::max(e[0], e[1]), blk_k, blk_v);
     attend_spans<DF>(pos, &Pos::slc, dm, blk_k, blk_v, key0, f, e);
   }
 }
 
-// All steps of SPEC 4 for the G heads of one KV head at up to four consecutive positions
-// (quad[0] always present; later ones null past the sequence end), as two pairs.
+// A branch's output computed with the keys in lanes (rows o[h][ldo]) into its heads-in-lanes
+// Branch (o^T [Dv][GP]), whose m and l the rows already updated.
+void rows_to_lanes(const float* o, int64_t ldo, const Dims& dm, Branch& br) {
+  for (int64_t h = 0; h < dm.G; ++h)
+    for (int64_t c = 0; c < dm.Dv; ++c) br.o[c * dm.GP + h] = o[h * ldo + c];
+}
+
+// Step 4 for the positions of a tile with the keys in lanes (slc_keys-inl.h), block-major: the
+// (block, position) pairs sorted, so that each selected block is fetched once (widened once, for
+// bf16) for every position of the tile that picked it, and stays in L1 while they pass (the
+// backward's order: at 16k, random selections share a block among 256 positions about 16 times).
+// Each position's rows are then transposed into its heads-in-lanes Branch.
+void slc_tile_rows(Pos* tile, int64_t np, const Packs& pk, int64_t si, int64_t hk, const Dims& dm,
+                   float* blk_k, float* blk_v, slc_keys::Rows rows, BlockPos* pairs) {
+  const nsa_config& cfg = tile[0].g.pr->p.in.cfg;
+  int64_t n_pairs = 0;
+  for (int64_t i = 0; i < np; ++i) {
+    std::fill(tile[i].orows, tile[i].orows + rows.GH * rows.ldo, 0.0f);
+    for (int64_t k = 0; k < tile[i].sel.num_blocks; ++k)
+      pairs[n_pairs++] = {tile[i].sel.blocks[k], static_cast<int32_t>(i)};
+  }
+  std::sort(pairs, pairs + n_pairs);
+  for (int64_t x = 0; x < n_pairs;) {
+    int64_t y = x;
+    while (y < n_pairs && pairs[y].first == pairs[x].first) ++y;
+    const int64_t f = int64_t{pairs[x].first} * cfg.slc_block;
+    auto end_of = [&](const Pos& ps) { return std::min<int64_t>(f + cfg.slc_block, ps.g.t + 1); };
+    const float* kt = pk.slc.half ? blk_k : pk.slc.k_at(si, hk);
+    const float* v = pk.slc.half ? blk_v : pk.slc.v_at(si, hk);
+    int64_t key0 = 0;  // the first key of kt and v
+    if (pk.slc.half) {  // the positions come in order: the last one reads the most keys
+      key0 = widen_block(pk.slc, si, hk, f, end_of(tile[pairs[y - 1].second]), blk_k, blk_v);
+    }
+    for (int64_t z = x; z < y; ++z) {
+      Pos& ps = tile[pairs[z].second];
+      rows.m = ps.slc.m, rows.l = ps.slc.l, rows.o = ps.orows;
+      slc_keys::attend_range(ps.qt, dm.GP, dm.Dk, dm.Dv, kt, v, f - key0, end_of(ps) - key0, rows);
+    }
+    x = y;
+  }
+  for (int64_t i = 0; i < np; ++i) rows_to_lanes(tile[i].orows, rows.ldo, dm, tile[i].slc);
+}
+
+// Step 5 for one position with the keys in lanes: the window's keys max(0, t - w + 1) .. t.
+void window_rows(Pos& ps, const Packs& pk, int64_t si, const Dims& dm, slc_keys::Rows rows) {
+  const int64_t t = ps.g.t, w = ps.g.pr->p.in.cfg.window;
+  rows.m = ps.win.m, rows.l = ps.win.l, rows.o = ps.orows;
+  std::fill(rows.o, rows.o + rows.GH * rows.ldo, 0.0f);
+  slc_keys::attend_range(ps.qt, dm.GP, dm.Dk, dm.Dv, pk.win_kv->k_at(si, ps.g.hk),
+                         pk.win_kv->v_at(si, ps.g.hk), std::max<int64_t>(0, t - w + 1), t + 1,
+                         rows);
+  rows_to_lanes(rows.o, rows.ldo, dm, ps.win);
+}
+
+// The keys-in-lanes buffers of steps 1-2 for a quad (R = 4 GH rows).
+struct QuadRows {
+  int64_t GH = 0, s_ld = 0, ldo = 0;
+  float* q;    // [Dk][R] the four positions' scaled queries
+  float* s;    // [R][s_ld] scores, then exp(s - m)
+  float* o;    // [R][ldo] outputs
+  float* w;    // [s_ld] the group's mass per compressed token
+  float* inv;  // [GH] 1 / l per head
+};
+
+// Step 2 for position p of a quad with the keys in lanes (Eqs. 8-10, SPEC 4.2): mass(i) =
+// sum_h p[h][i] / l[h] over the real heads (an empty head, l = 0, has none; a poisoned one, l
+// NaN, makes the masses NaN), summed into blocks by overlap_block_scores.
+void block_scores_rows(Pos& ps, const Dims& dm, int64_t nc, const QuadRows& qr, int p) {
+  const DFull d;
+  const int64_t N = hn::Lanes(d);
+  const nsa_config& cfg = ps.g.pr->p.in.cfg;
+  const int64_t last = ps.g.t / cfg.slc_block;
+  const float* P = qr.s + p * qr.GH * qr.s_ld;
+  for (int64_t h = 0; h < dm.G; ++h) {
+    const float l = ps.cmp.l[h];
+    qr.inv[h] = l == 0.0f ? 0.0f : 1.0f / l;
+  }
+  for (int64_t i = 0; i < nc; i += N) {
+    auto acc = hn::Zero(d);
+    for (int64_t h = 0; h < dm.G; ++h)
+      acc = hn::MulAdd(hn::LoadU(d, P + h * qr.s_ld + i), hn::Set(d, qr.inv[h]), acc);
+    hn::StoreU(acc, d, qr.w + i);
+  }
+  float* score = ps.sel.score;
+  std::fill(score, score + last + 1, 0.0f);
+  overlap_block_scores(
+      int64_t{cfg.cmp_block}, int64_t{cfg.cmp_stride}, int64_t{cfg.slc_block}, nc, last, 0.0f,
+      [&](int64_t i) { return qr.w[i]; }, [](float m, float wt, float a) { return a + m * wt; },
+      [&](int64_t j) { return score[j]; }, [&](int64_t j, float a) { score[j] = a; });
+}
+
+// Steps 1-2 for a quad with the keys in lanes: the quad's queries stacked as the rows of one
+// product (R = 4 GH rows: position p's heads at rows p GH ..), so each compressed key tile is
+// loaded once for the four positions, with full-width FMAs whatever G is. Two-pass softmax per
+// row over the position's nc[p] keys (their probabilities feed the block scores), then
+// O += P V: jointly over the keys every position sees, each position alone over the rest (a
+// key a position does not see never reaches its output: 0 * inf would be NaN).
+void cmp_quad_rows(Pos* const quad[4], const int64_t nc[4], const Packs& pk, int64_t si,
+                   const Dims& dm, const QuadRows& qr) {
+  const DFull d;
+  const int64_t GH = qr.GH, R = 4 * GH, ld = qr.s_ld, ldo = qr.ldo, hk = quad[0]->g.hk;
+  int64_t n_all = 0, n_lo = INT64_MAX;
+  for (int p = 0; p < 4; ++p) {
+    for (int64_t i = 0; i < dm.Dk; ++i)
+      for (int64_t h = 0; h < GH; ++h)
+        qr.q[i * R + p * GH + h] = quad[p] ? quad[p]->qt[i * dm.GP + h] : 0.0f;
+    if (quad[p] && nc[p] > 0) n_all = std::max(n_all, nc[p]), n_lo = std::min(n_lo, nc[p]);
+  }
+  const float* kt = pk.cmp.k_at(si, hk);
+  const float* v = pk.cmp.v_at(si, hk);
+  for (int64_t g0 = 0; g0 < n_all; g0 += slc_keys::kGroupKeys) {
+    const int nt = static_cast<int>(
+        (std::min(slc_keys::kGroupKeys, n_all - g0) + kTileKeys - 1) / kTileKeys);
+    bwd_tiles::group_products(qr.q, R, R, kt + g0 * dm.Dk, dm.Dk, nt, qr.s + g0, ld);
+  }
+  std::fill(qr.o, qr.o + R * ldo, 0.0f);
+  for (int p = 0; p < 4; ++p) {
+    if (!quad[p] || nc[p] == 0) continue;
+    Pos& ps = *quad[p];
+    const int64_t n = round_up(nc[p], kTileKeys);
+    for (int64_t h = 0; h < dm.G; ++h) {
+      float* row = qr.s + (p * GH + h) * ld;
+      std::fill(row + nc[p], row + n, -std::numeric_limits<float>::infinity());
+      softmax::step_row(d, row, n, ps.cmp.m + h, ps.cmp.l + h, nullptr, 0);
+    }
+  }
+  bwd_tiles::with_heads(R, [&](auto heads) {
+    constexpr int QH = std::min(bwd_tiles::kQH, decltype(heads)::value);
+    slc_keys::pv_rows<QH>(qr.s, ld, R, v, dm.Dv, 0, n_lo, qr.o, ldo);
+  });
+  for (int p = 0; p < 4; ++p) {
+    if (!quad[p] || nc[p] == 0) continue;
+    bwd_tiles::with_heads(GH, [&](auto heads) {
+      constexpr int QH = std::min(bwd_tiles::kQH, decltype(heads)::value);
+      slc_keys::pv_rows<QH>(qr.s + p * GH * ld, ld, GH, v, dm.Dv, n_lo, nc[p],
+                            qr.o + p * GH * ldo, ldo);
+    });
+    rows_to_lanes(qr.o + p * GH * ldo, ldo, dm, quad[p]->cmp);
+    if (!present(quad[p]->g.pr->p.slc_indices_in)) block_scores_rows(*quad[p], dm, nc[p], qr, p);
+  }
+}
+
+// Steps 1-3 for the G heads of one KV head at up to four consecutive positions (quad[0] always
+// present; later ones null past the sequence end), as two pairs: queries, compressed attention,
+// block scores, the selected sets.
 template <class DF>
-void run_item(Pos* const quad[4], const Packs& pk, int64_t si, const Dims& dm, float* acc,
-              float* row, float* blk_k, float* blk_v, StageClock& clock) {
+void prepare_quad(Pos* const quad[4], const Packs& pk, int64_t si, const Dims& dm, float* acc,
+                  float* row, const QuadRows& qr, StageClock& clock) {
   const FwdProblem& pr = *quad[0]->g.pr;
   const nsa_config& cfg = pr.p.in.cfg;
   const int64_t hk = quad[0]->g.hk;
-  Pos* const pairs[2][2] = {{quad[0], quad[1]}, {quad[2], quad[3]}};
   for (Pos* ps : std::initializer_list<Pos*>{quad[0], quad[1], quad[2], quad[3]}) {
     if (!ps) continue;
     for (int64_t hg = 0; hg < dm.G; ++hg) {
@@ -482,7 +637,12 @@ void run_item(Pos* const quad[4], const Packs& pk, int64_t si, const Dims& dm, f
   int64_t nc[4] = {0, 0, 0, 0};
   for (int p = 0; p < 4; ++p) nc[p] = quad[p] ? visible_cmp_count(cfg, quad[p]->g.t) : 0;
   if (nc[0] > 0 || nc[1] > 0 || nc[2] > 0 || nc[3] > 0) {
-    cmp_branch<DF>(quad, dm, pk.cmp.k_at(si, hk), pk.cmp.v_at(si, hk), nc, acc, clock);
+    if (dm.keys) {
+      cmp_quad_rows(quad, nc, pk, si, dm, qr);
+      clock.lap(kStageCmp);
+    } else {
+      cmp_branch<DF>(quad, dm, pk.cmp.k_at(si, hk), pk.cmp.v_at(si, hk), nc, acc, clock);
+    }
   }
   for (int p = 0; p < 4; ++p) {
     if (quad[p] && nc[p] == 0) {
@@ -502,21 +662,22 @@ void run_item(Pos* const quad[4], const Packs& pk, int64_t si, const Dims& dm, f
     if (ps) slc_select(ps->g, ps->sel);
   }
   clock.lap(kStageTopn);
+}
 
-  // Step 4, per pair.
-  for (Pos* const* pos : pairs) {
-    if (pos[0]) slc_pair<DF>(pos, pk, si, hk, dm, blk_k, blk_v);
-  }
-  for (Pos* ps : std::initializer_list<Pos*>{quad[0], quad[1], quad[2], quad[3]}) {
-    if (ps) {
-      softmax::finish_lanes(DF(), dm.GP, dm.Dv, ps->slc.m, ps->slc.l, ps->slc.o, ps->lse + dm.GP);
-    }
-  }
-  clock.lap(kStageSlc);
-
-  // Step 5, per pair: the windows, keys max(0, t - w + 1) .. t.
+// Step 5 and the combine for a quad, as two pairs: the windows, keys max(0, t - w + 1) .. t.
+template <class DF>
+void window_quad(Pos* const quad[4], const Packs& pk, int64_t si, const Dims& dm, float* row,
+                 const slc_keys::Rows& rows, StageClock& clock) {
+  const nsa_config& cfg = quad[0]->g.pr->p.in.cfg;
+  const int64_t hk = quad[0]->g.hk;
+  Pos* const pairs[2][2] = {{quad[0], quad[1]}, {quad[2], quad[3]}};
   for (Pos* const* pos : pairs) {
     if (!pos[0]) continue;
+    if (dm.keys) {
+      for (int p = 0; p < 2; ++p)
+        if (pos[p]) window_rows(*pos[p], pk, si, dm, rows);
+      continue;
+    }
     int64_t f[2] = {0, 0}, e[2] = {0, 0};
     for (int p = 0; p < 2; ++p) {
       if (!pos[p]) continue;
@@ -532,11 +693,55 @@ void run_item(Pos* const quad[4], const Packs& pk, int64_t si, const Dims& dm, f
     }
   }
   clock.lap(kStageWin);
-
   for (Pos* ps : std::initializer_list<Pos*>{quad[0], quad[1], quad[2], quad[3]}) {
     if (ps) combine_heads(*ps, dm, row);
   }
   clock.lap(kStageCombine);
+}
+
+// Per-thread buffers of a work item.
+struct Bufs {
+  float* acc;
+  float* row;
+  float* blk_k;
+  float* blk_v;
+  slc_keys::Rows rows;  // its scores buffer; m, l and o are set per position
+  BlockPos* pairs;      // [tile positions x set room]
+  QuadRows qr;          // steps 1-2 with the keys in lanes
+};
+
+// All steps of SPEC 4 for the np consecutive positions of a tile (one sequence, one KV head), in
+// three passes: steps 1-3 per quad, step 4 over the tile (per pair with the heads in lanes, or
+// block-major with the keys in lanes), step 5 and the combine per quad.
+template <class DF>
+void run_tile(Pos* tile, int64_t np, const Packs& pk, int64_t si, const Dims& dm, const Bufs& b,
+              StageClock& clock) {
+  const int64_t hk = tile[0].g.hk;
+  auto quad_at = [&](int64_t q0, Pos* quad[4]) {
+    for (int p = 0; p < 4; ++p) quad[p] = q0 + p < np ? &tile[q0 + p] : nullptr;
+  };
+  Pos* quad[4];
+  for (int64_t q0 = 0; q0 < np; q0 += 4) {
+    quad_at(q0, quad);
+    prepare_quad<DF>(quad, pk, si, dm, b.acc, b.row, b.qr, clock);
+  }
+  if (dm.keys) {
+    slc_tile_rows(tile, np, pk, si, hk, dm, b.blk_k, b.blk_v, b.rows, b.pairs);
+  } else {
+    for (int64_t q0 = 0; q0 < np; q0 += 2) {
+      Pos* pair[2] = {&tile[q0], q0 + 1 < np ? &tile[q0 + 1] : nullptr};
+      slc_pair<DF>(pair, pk, si, hk, dm, b.blk_k, b.blk_v);
+    }
+  }
+  for (int64_t i = 0; i < np; ++i) {
+    Pos& ps = tile[i];
+    softmax::finish_lanes(DF(), dm.GP, dm.Dv, ps.slc.m, ps.slc.l, ps.slc.o, ps.lse + dm.GP);
+  }
+  clock.lap(kStageSlc);
+  for (int64_t q0 = 0; q0 < np; q0 += 4) {
+    quad_at(q0, quad);
+    window_quad<DF>(quad, pk, si, dm, b.row, b.rows, clock);
+  }
 }
 
 bool same_view(const nsa_tensor& a, const nsa_tensor& b) {
@@ -565,22 +770,39 @@ bool ForwardLanesT(const FwdProblem& pr) {
   if (!pack(pr, p.in.k_cmp, p.in.v_cmp, true, threads, false, pk.cmp)) return false;
   pack_clock.lap(kStagePack);
 
-  // Work items: four consecutive positions 4i .. 4i + 3 of one sequence and KV head (fewer at
-  // the sequence end), head-major. first_item[s] counts the items before sequence s.
+  // Groups of up to 8 heads run step 4 with the keys in lanes (slc_keys-inl.h): a 4- or 8-lane
+  // vector of heads would do a quarter or half of a 16-lane FMA's work per selected key.
+  const Dims dm{pr.G, GP, Dk, Dv, pr.G <= 8 && N < kTileKeys};
+  // Work items: a tile of P consecutive positions of one sequence and KV head (fewer at the
+  // sequence end), head-major; first_item[s] counts the items before sequence s. Step 4 with the
+  // keys in lanes shares each selected block among the tile's positions, so its tiles are long;
+  // the heads-in-lanes kernels share within pairs only and take four positions.
+  const int64_t P = dm.keys ? 256 : 4;
   int64_t max_len = 0, max_cmp = 0;
   std::vector<int64_t> first_item(pr.seqs.size() + 1, 0);
   for (size_t i = 0; i < pr.seqs.size(); ++i) {
     max_len = std::max(max_len, pr.seqs[i].len);
     max_cmp = std::max(max_cmp, pr.seqs[i].cmp_len);
-    first_item[i + 1] = first_item[i] + (pr.seqs[i].len + 3) / 4 * pr.Hkv;
+    first_item[i + 1] = first_item[i] + (pr.seqs[i].len + P - 1) / P * pr.Hkv;
   }
   const int64_t max_blocks = max_len > 0 ? (max_len - 1) / p.in.cfg.slc_block + 1 : 1;
+  const int64_t set_room = std::min<int64_t>(p.in.cfg.slc_count, max_blocks);  // |I_t| at most
   const int64_t s_rows = std::max(kChunk, round_up(max_cmp, kTileKeys));
-  const Dims dm{pr.G, GP, Dk, Dv};
+  slc_keys::Rows rows_proto;
+  rows_proto.G = pr.G;
+  rows_proto.GH = bwd_tiles::padded_heads(pr.G);
+  rows_proto.ldo = round_up(Dv, kTileKeys);
+  const int64_t orows = dm.keys ? rows_proto.GH * rows_proto.ldo : 0;
+  // Steps 1-2 with the keys in lanes: score rows for whole groups of 64 compressed keys.
+  const int64_t R = 4 * rows_proto.GH * dm.keys;
+  const int64_t s_ld = round_up(std::max<int64_t>(1, max_cmp), slc_keys::kGroupKeys);
+  const int64_t quad_rows[] = {Dk * R, R * s_ld, R * rows_proto.ldo, s_ld * dm.keys, 16};
 
-  // Per thread: four positions' buffers, then the rest; carved below in this order.
-  const int64_t pos_sizes[] = {Dk * GP, s_rows * GP, Dv * GP, GP, GP,     Dv * GP,   GP,
-                               GP,      Dv * GP,     GP,      GP, 3 * GP, max_blocks};
+  // Per thread, carved below in this order: the tile's positions (kept from step 1 to the
+  // combine), the scratch of the four positions of a quad (scores, block scores), the rest.
+  const int64_t pos_sizes[] = {Dk * GP, Dv * GP, GP, GP, Dv * GP, GP, GP, Dv * GP,
+                               GP,      GP,      3 * GP, orows};
+  const int64_t quad_sizes[] = {s_rows * GP, max_blocks};
   // acc: 1/l, then one vector per selection block (block_scores_lanes).
   const int64_t acc_floats = GP + max_blocks * hn::Lanes(d);
   // One selected block widened from bf16 (f32 K/V need none): whole tiles from the one holding
@@ -589,16 +811,27 @@ bool ForwardLanesT(const FwdProblem& pr) {
       pk.slc.half ? round_up(std::min<int64_t>(p.in.cfg.slc_block, max_len), kTileKeys) + kTileKeys
                   : 0;
   int64_t floats = round_up(acc_floats, 16) + round_up(std::max(Dk, Dv), 16) +
-                   round_up(blk_keys * Dk, 16) + round_up(blk_keys * Dv, 16);
-  for (int64_t size : pos_sizes) floats += 4 * round_up(size, 16);
-  const int64_t ints = 8 * round_up(max_blocks, 16);
-  int64_t all_floats = 0, all_ints = 0;
-  if (!mul_size(threads, floats, &all_floats) || !mul_size(threads, ints, &all_ints)) return false;
+                   round_up(blk_keys * Dk, 16) + round_up(blk_keys * Dv, 16) +
+                   rows_proto.GH * slc_keys::kGroupKeys;
+  for (int64_t size : pos_sizes) floats += P * round_up(size, 16);
+  for (int64_t size : quad_sizes) floats += 4 * round_up(size, 16);
+  for (int64_t size : quad_rows) floats += round_up(size, 16);
+  const int64_t ints = 4 * round_up(max_blocks, 16) + P * round_up(set_room, 16);
+  const int64_t pairs = dm.keys ? P * set_room : 0;
+  int64_t all_floats = 0, all_ints = 0, all_pairs = 0;
+  if (!mul_size(threads, floats, &all_floats) || !mul_size(threads, ints, &all_ints) ||
+      !mul_size(threads, pairs, &all_pairs)) {
+    return false;
+  }
   hwy::AlignedFreeUniquePtr<float[]> fbuf = hwy::AllocateAligned<float>(size_t(all_floats));
   if (!fbuf) return false;
   std::vector<int32_t> ibuf;
+  std::vector<BlockPos> pbuf;
+  std::vector<Pos> tiles;
   try {
     ibuf.resize(static_cast<size_t>(all_ints));
+    pbuf.resize(static_cast<size_t>(all_pairs));
+    tiles.resize(static_cast<size_t>(threads * P));
   } catch (const std::bad_alloc&) {
     return false;
   }
@@ -614,32 +847,51 @@ bool ForwardLanesT(const FwdProblem& pr) {
       return at;
     };
     int32_t* ints_at = ibuf.data() + tid * ints;
-    Pos four[4];
-    for (Pos& ps : four) {
+    Pos* tile = tiles.data() + tid * P;
+    for (int64_t i = 0; i < P; ++i) {
+      Pos& ps = tile[i];
       ps.qt = take(Dk * GP);
-      ps.s = take(s_rows * GP);
       for (Branch* br : {&ps.cmp, &ps.slc, &ps.win}) {
         br->o = take(Dv * GP);
         br->m = take(GP);
         br->l = take(GP);
       }
       ps.lse = take(3 * GP);
-      ps.sel.score = take(max_blocks);
-      ps.sel.cand = ints_at;
-      ps.sel.blocks = ints_at + round_up(max_blocks, 16);
-      ints_at += 2 * round_up(max_blocks, 16);
+      ps.orows = take(orows);
+      ps.sel.blocks = ints_at;
+      ints_at += round_up(set_room, 16);
       // Padding lanes of the queries stay zero for the whole call.
       std::fill(ps.qt, ps.qt + Dk * GP, 0.0f);
     }
-    float* acc = take(acc_floats);
-    float* row = take(std::max(Dk, Dv));
-    float* blk_k = take(blk_keys * Dk);
-    float* blk_v = take(blk_keys * Dv);
+    // The four positions of a quad (from a multiple of 4) use scratch slots i % 4.
+    for (int k = 0; k < 4; ++k) {
+      float* s = take(s_rows * GP);
+      float* score = take(max_blocks);
+      int32_t* cand = ints_at;
+      ints_at += round_up(max_blocks, 16);
+      for (int64_t i = k; i < P; i += 4) {
+        tile[i].s = s, tile[i].sel.score = score, tile[i].sel.cand = cand;
+      }
+    }
+    Bufs b;
+    b.acc = take(acc_floats);
+    b.row = take(std::max(Dk, Dv));
+    b.blk_k = take(blk_keys * Dk);
+    b.blk_v = take(blk_keys * Dv);
+    b.rows = rows_proto;
+    b.rows.s = take(rows_proto.GH * slc_keys::kGroupKeys);
+    b.pairs = pbuf.data() + tid * pairs;
+    b.qr.GH = rows_proto.GH, b.qr.s_ld = s_ld, b.qr.ldo = rows_proto.ldo;
+    b.qr.q = take(quad_rows[0]);
+    b.qr.s = take(quad_rows[1]);
+    b.qr.o = take(quad_rows[2]);
+    b.qr.w = take(quad_rows[3]);
+    b.qr.inv = take(quad_rows[4]);
     StageClock clock(pr.profile ? stage_s.data() + tid * kStageCount : nullptr);
     // Later positions cost more (more compressed tokens): dynamic chunks balance the threads.
     // Every item is computed by the same code whatever thread runs it, so the results do not
     // depend on the thread count.
-#pragma omp for schedule(dynamic, 8)
+#pragma omp for schedule(dynamic, P == 4 ? 8 : 1)
     for (int64_t it = 0; it < total; ++it) {
       const int64_t si =
           std::upper_bound(first_item.begin(), first_item.end(), it) - first_item.begin() - 1;
@@ -647,20 +899,18 @@ bool ForwardLanesT(const FwdProblem& pr) {
       // Head-major within a sequence: consecutive items are consecutive positions of one KV
       // head, which share most of their window, compressed keys and local blocks, so those stay
       // in L2 (with Hkv > 1 an interleaved order cycles through every head's K/V).
-      const int64_t rem = it - first_item[si], quads = (seq.len + 3) / 4;
-      const int64_t hk = rem / quads, t0 = rem % quads * 4;
-      Pos* pos[4];
-      for (int p = 0; p < 4; ++p) pos[p] = t0 + p < seq.len ? &four[p] : nullptr;
-      for (int p = 0; p < 4; ++p) {
-        if (!pos[p]) continue;
-        Group& g = pos[p]->g;
+      const int64_t rem = it - first_item[si], n_tiles = (seq.len + P - 1) / P;
+      const int64_t hk = rem / n_tiles, t0 = rem % n_tiles * P;
+      const int64_t np = std::min(P, seq.len - t0);
+      for (int64_t i = 0; i < np; ++i) {
+        Group& g = tile[i].g;
         g.pr = &pr;
         g.seq = &seq;
-        g.t = t0 + p;
+        g.t = t0 + i;
         g.tok = seq.start + g.t;
         g.hk = hk;
       }
-      run_item<DF>(pos, pk, si, dm, acc, row, blk_k, blk_v, clock);
+      run_tile<DF>(tile, np, pk, si, dm, b, clock);
     }
   }
   if (pr.profile) add_stage_times(stage_s.data(), threads, pr.profile);
