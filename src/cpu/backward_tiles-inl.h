@@ -70,13 +70,15 @@ constexpr int kGroup = 4;                           // tiles per group
 constexpr int64_t kGroupKeys = kGroup * kTileKeys;  // 64: one default selection block
 constexpr bool kWideBlocks = kNV == 1;              // AVX-512: one vector per tile row
 
-// out[h][v*16 + j] = sum_i xT[i][h] tile_v[i][j] for V tiles at `tiles` (stride tile_stride),
-// h < rows (a multiple of HB; xT's row stride is ld >= rows; out's row stride ldo): the scores
-// (xT = scaled Q^T, tiles = K) or dP (xT = dO^T, tiles = V).
-template <int HB, int V>
+// out[h][v*16 + j] = sum_i x(i, h) tile_v[i][j] for V tiles at `tiles` (stride tile_stride),
+// h < rows (a multiple of HB; out's row stride ldo): the scores (x = scaled Q^T, tiles = K) or
+// dP (x = dO^T, tiles = V). x(i, h) = xT[i ld + h], or xT[i ld + roff[h]] when kGather (the
+// forward's stacked rows: the heads of several positions, each position's [Dk][GH] block
+// where it lies, so nothing is copied to stack them).
+template <int HB, int V, bool kGather>
 inline void products(const float* HWY_RESTRICT xT, int64_t ld, int64_t rows,
-                     const float* HWY_RESTRICT tiles, int64_t tile_stride, int64_t D,
-                     float* HWY_RESTRICT out, int64_t ldo) {
+                     const int32_t* HWY_RESTRICT roff, const float* HWY_RESTRICT tiles,
+                     int64_t tile_stride, int64_t D, float* HWY_RESTRICT out, int64_t ldo) {
   const DT d;
   // Rows in chunks small enough that the chunk's tile rows stay in L1 while every head block
   // reads them (without: each head block re-read the whole group from L2, which bound the loop).
@@ -86,6 +88,8 @@ inline void products(const float* HWY_RESTRICT xT, int64_t ld, int64_t rows,
     for (int64_t h0 = 0; h0 < rows; h0 += HB) {
       VT acc[HB][V * kNV];
       float* o = out + h0 * ldo;
+      int64_t off[HB];
+      for (int h = 0; h < HB; ++h) off[h] = kGather ? roff[h0 + h] : h0 + h;
       for (int h = 0; h < HB; ++h)
         for (int v = 0; v < V * kNV; ++v)
           acc[h][v] = i0 == 0 ? hn::Zero(d) : hn::Load(d, o + h * ldo + v * kN);
@@ -94,9 +98,9 @@ inline void products(const float* HWY_RESTRICT xT, int64_t ld, int64_t rows,
         for (int v = 0; v < V; ++v)
           for (int w = 0; w < kNV; ++w)
             kv[v * kNV + w] = hn::Load(d, tiles + v * tile_stride + i * kTileKeys + w * kN);
-        const float* x = xT + i * ld + h0;
+        const float* x = xT + i * ld;
         for (int h = 0; h < HB; ++h) {
-          const VT b = hn::Set(d, x[h]);
+          const VT b = hn::Set(d, x[off[h]]);
           for (int v = 0; v < V * kNV; ++v) acc[h][v] = hn::MulAdd(b, kv[v], acc[h][v]);
         }
       }
@@ -106,27 +110,39 @@ inline void products(const float* HWY_RESTRICT xT, int64_t ld, int64_t rows,
   }
 }
 
-// The products of nt tiles for `rows` head rows (padded_heads of the group, or GP), into out
-// with row stride ldo (kGroupKeys unless given).
-inline void group_products(const float* xT, int64_t ld, int64_t rows, const float* tiles,
-                           int64_t D, int nt, float* out, int64_t ldo = kGroupKeys) {
+// The products of nt tiles for `rows` rows (padded_heads of the group, GP, or a forward stack),
+// into out with row stride ldo; rows gathered through roff when given.
+template <bool kGather>
+inline void products_nt(const float* xT, int64_t ld, int64_t rows, const int32_t* roff,
+                        const float* tiles, int64_t D, int nt, float* out, int64_t ldo) {
   const int64_t stride = kTileKeys * D;
   with_heads(rows, [&](auto heads) {
     constexpr int H = decltype(heads)::value;
     if constexpr (kWideBlocks) {
       switch (nt) {
-        case 1: return products<std::min(16, H), 1>(xT, ld, rows, tiles, stride, D, out, ldo);
-        case 2: return products<std::min(8, H), 2>(xT, ld, rows, tiles, stride, D, out, ldo);
-        case 3: return products<std::min(4, H), 3>(xT, ld, rows, tiles, stride, D, out, ldo);
-        default: return products<std::min(4, H), 4>(xT, ld, rows, tiles, stride, D, out, ldo);
+        case 1: return products<std::min(16, H), 1, kGather>(xT, ld, rows, roff, tiles, stride, D, out, ldo);
+        case 2: return products<std::min(8, H), 2, kGather>(xT, ld, rows, roff, tiles, stride, D, out, ldo);
+        case 3: return products<std::min(4, H), 3, kGather>(xT, ld, rows, roff, tiles, stride, D, out, ldo);
+        default: return products<std::min(4, H), 4, kGather>(xT, ld, rows, roff, tiles, stride, D, out, ldo);
       }
     } else {
       for (int v = 0; v < nt; ++v) {
-        products<std::min(kHB, H), 1>(xT, ld, rows, tiles + v * stride, stride, D,
-                                      out + v * kTileKeys, ldo);
+        products<std::min(kHB, H), 1, kGather>(xT, ld, rows, roff, tiles + v * stride, stride, D,
+                                               out + v * kTileKeys, ldo);
       }
     }
   });
+}
+
+inline void group_products(const float* xT, int64_t ld, int64_t rows, const float* tiles,
+                           int64_t D, int nt, float* out, int64_t ldo = kGroupKeys) {
+  products_nt<false>(xT, ld, rows, nullptr, tiles, D, nt, out, ldo);
+}
+
+// The forward's stacked rows: row h reads xT[i ld + roff[h]].
+inline void gathered_products(const float* xT, int64_t ld, int64_t rows, const int32_t* roff,
+                              const float* tiles, int64_t D, int nt, float* out, int64_t ldo) {
+  products_nt<true>(xT, ld, rows, roff, tiles, D, nt, out, ldo);
 }
 
 // acc_v[i][16] += sum_h xT[i][h] w[h][v*16 .. v*16 + 16) for V tiles (accumulators at stride

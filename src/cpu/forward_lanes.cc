@@ -40,7 +40,7 @@
 #include <hwy/highway.h>
 
 #include "cpu/lanes-inl.h"
-#include "cpu/slc_keys-inl.h"
+#include "cpu/forward_keys-inl.h"
 #include "cpu/simd/block_scores-inl.h"
 #include "cpu/simd/softmax-inl.h"
 
@@ -53,152 +53,20 @@ namespace hn = hwy::HWY_NAMESPACE;
 // blocks the kernels share are in cpu/simd/.
 namespace {
 
-// The full vector, for conversions; the attention kernels take theirs as a template parameter
-// DF (ForwardLanes picks it from G).
+// The full vector; the heads-in-lanes kernels take theirs as a template parameter DF
+// (ForwardLanes picks it from G).
 using DFull = hn::ScalableTag<float>;
+
+using fwd::BlockPos;
+using fwd::Branch;
+using fwd::Dims;
+using fwd::Packs;
+using fwd::Pos;
+using fwd::Stack;
+using keys::widen_block;
 
 // Keys per online-softmax step: the max/sum/rescale work is paid once per this many keys.
 constexpr int64_t kChunk = 64;
-
-// K and V of one tensor pair, for every (sequence, KV head), as f32: K in tiles of kTileKeys keys
-// ([Dk][kTileKeys], keys innermost), V in rows [pos][Dv]. The rows of one (sequence, head) are
-// contiguous; positions past the sequence end (up to the tile) are zero.
-struct PackedKV {
-  std::vector<int64_t> first_tile;  // per sequence, cumulative (tiles of one head)
-  hwy::AlignedFreeUniquePtr<float[]> mem;
-  // bf16 elements instead of f32: bf16 inputs packed as they are (exact), for the selected
-  // branch, whose blocks come from DRAM at long T and so cost bytes more than conversions.
-  bool half = false;
-  void* k = nullptr;
-  void* v = nullptr;
-  int64_t tiles = 0, Dk = 0, Dv = 0;
-  int64_t k_index(int64_t seq, int64_t hk) const {
-    return (hk * tiles + first_tile[seq]) * kTileKeys * Dk;
-  }
-  int64_t v_index(int64_t seq, int64_t hk) const {
-    return (hk * tiles + first_tile[seq]) * kTileKeys * Dv;
-  }
-  const float* k_at(int64_t seq, int64_t hk) const {
-    return static_cast<const float*>(k) + k_index(seq, hk);
-  }
-  const float* v_at(int64_t seq, int64_t hk) const {
-    return static_cast<const float*>(v) + v_index(seq, hk);
-  }
-  const uint16_t* k16_at(int64_t seq, int64_t hk) const {
-    return static_cast<const uint16_t*>(k) + k_index(seq, hk);
-  }
-  const uint16_t* v16_at(int64_t seq, int64_t hk) const {
-    return static_cast<const uint16_t*>(v) + v_index(seq, hk);
-  }
-};
-
-// n bf16 values as f32 (exact: bf16 is the upper half of an f32).
-void widen_bf16(const uint16_t* HWY_RESTRICT src, int64_t n, float* HWY_RESTRICT dst) {
-  const DFull df;
-  const hn::RebindToUnsigned<DFull> du;
-  const hn::Rebind<uint16_t, DFull> d16;
-  const int64_t N = hn::Lanes(df);
-  int64_t i = 0;
-  for (; i + N <= n; i += N) {
-    const auto w = hn::PromoteTo(du, hn::LoadU(d16, src + i));
-    hn::StoreU(hn::BitCast(df, hn::ShiftLeft<16>(w)), df, dst + i);
-  }
-  for (; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
-}
-
-// bf16 K/V: keys [f, e) of (seq, hk) widened to f32, as whole tiles from the one holding key f
-// (K tiles into blk_k, V rows into blk_v). Returns that tile's first key.
-int64_t widen_block(const PackedKV& pk, int64_t seq, int64_t hk, int64_t f, int64_t e,
-                    float* blk_k, float* blk_v) {
-  const int64_t key0 = f / kTileKeys * kTileKeys;
-  const int64_t tiles = (e - key0 + kTileKeys - 1) / kTileKeys;
-  widen_bf16(pk.k16_at(seq, hk) + key0 * pk.Dk, tiles * kTileKeys * pk.Dk, blk_k);
-  widen_bf16(pk.v16_at(seq, hk) + key0 * pk.Dv, (e - key0) * pk.Dv, blk_v);
-  return key0;
-}
-
-// Fills the tiles of pk (allocated) with elements of type E: f32, or bf16 bits when pk.half.
-// Returns false when out of memory.
-template <typename E>
-bool fill_tiles(const FwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, bool cmp,
-                int threads, PackedKV& pk) {
-  const int64_t Dk = pr.Dk, Dv = pr.Dv;
-  E* const kbase = static_cast<E*>(pk.k);
-  E* const vbase = static_cast<E*>(pk.v);
-  // One key row per thread for the transposition, allocated here: never inside the region.
-  std::vector<E> rows;
-  int64_t row_elems = 0;
-  if (!mul_size(threads, Dk, &row_elems)) return false;
-  try {
-    rows.resize(static_cast<size_t>(row_elems));
-  } catch (const std::bad_alloc&) {
-    return false;
-  }
-  const TileSource src = tile_source(k, v, pr, pr.seqs, pk.first_tile, cmp, /*head_major=*/true);
-  auto dest = [&](int64_t u) {
-    KVTile<E> dst;
-    dst.kt = kbase + u * kTileKeys * Dk;
-    dst.vr = vbase + u * kTileKeys * Dv;
-    dst.ldv = Dv;
-    return dst;
-  };
-  pack_kv_tiles(src, dest, rows.data(), Dk, threads);
-  return true;
-}
-
-// Packs (k, v) for every sequence: the raw tokens, or the compressed ones when `cmp`; as bf16
-// when `keep_bf16` and both are bf16. Returns false when out of memory.
-bool pack(const FwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, bool cmp, int threads,
-          bool keep_bf16, PackedKV& pk) {
-  const int64_t Dk = pr.Dk, Dv = pr.Dv, Hkv = pr.Hkv;
-  pk.Dk = Dk;
-  pk.Dv = Dv;
-  pk.half = keep_bf16 && k.dtype == NSA_DTYPE_BF16 && v.dtype == NSA_DTYPE_BF16;
-  pk.first_tile.assign(1, 0);
-  for (const Sequence& seq : pr.seqs) {
-    const int64_t len = cmp ? seq.cmp_len : seq.len;
-    pk.first_tile.push_back(pk.first_tile.back() + (len + kTileKeys - 1) / kTileKeys);
-  }
-  pk.tiles = pk.first_tile.back();
-  const int64_t k_elems = Hkv * pk.tiles * kTileKeys * Dk,
-                v_elems = Hkv * pk.tiles * kTileKeys * Dv;
-  // Element counts rounded to 64 bytes, so that V starts on a line.
-  const int64_t k_floats = pk.half ? (k_elems + 31) / 32 * 16 : k_elems;
-  const int64_t v_floats = pk.half ? (v_elems + 1) / 2 : v_elems;
-  pk.mem =
-      hwy::AllocateAligned<float>(static_cast<size_t>(std::max<int64_t>(1, k_floats + v_floats)));
-  if (!pk.mem) return false;
-  pk.k = pk.mem.get();
-  pk.v = pk.mem.get() + k_floats;
-  return pk.half ? fill_tiles<uint16_t>(pr, k, v, cmp, threads, pk)
-                 : fill_tiles<float>(pr, k, v, cmp, threads, pk);
-}
-
-// The running state of one branch for the G heads of one position.
-struct Branch {
-  float* o;  // [Dv][GP] output, transposed
-  float* m;  // [GP] running max
-  float* l;  // [GP] running sum (NaN once a NaN or +inf score was seen)
-};
-
-// One query position of a work item, with its buffers.
-struct Pos {
-  Group g;
-  float* qt;  // [Dk][GP] queries, scaled, heads in lanes (zero past G)
-  float* s;   // [s_rows][GP] scores, then probabilities
-  Branch cmp, slc, win;
-  float* lse;   // [3][GP]: cmp, slc, win
-  Scratch sel;  // score, cand, blocks for slc_select (topk.cc)
-  float* orows = nullptr;  // [GH][ldo] step 4's output with the keys in lanes (Dims::slc_rows)
-};
-
-// A (selected block, position in the tile) pair of step 4's block-major walk.
-using BlockPos = std::pair<int32_t, int32_t>;
-
-struct Dims {
-  int64_t G, GP, Dk, Dv;
-  bool keys;  // steps 4 and 5 with the keys in lanes (slc_keys-inl.h), for small groups
-};
 
 void branch_begin(const Dims& d, Branch& br) {
   std::fill(br.o, br.o + d.Dv * d.GP, 0.0f);
@@ -429,11 +297,6 @@ void combine_heads(const Pos& ps, const Dims& dm, float* row) {
   }
 }
 
-struct Packs {
-  PackedKV slc, win, cmp;
-  const PackedKV* win_kv = nullptr;  // &win, or &slc when the branches share K/V
-};
-
 // Step 4 for one pair of positions (pos[1] may be null): selected attention over the union of
 // their sets, block by block; the causal mask only cuts a query's own block.
 template <class DF>
@@ -469,154 +332,12 @@ void slc_pair(Pos* const pos[2], const Packs& pk, int64_t si, int64_t hk, const 
   }
 }
 
-// A branch's output computed with the keys in lanes (rows o[h][ldo]) into its heads-in-lanes
-// Branch (o^T [Dv][GP]), whose m and l the rows already updated.
-void rows_to_lanes(const float* o, int64_t ldo, const Dims& dm, Branch& br) {
-  for (int64_t h = 0; h < dm.G; ++h)
-    for (int64_t c = 0; c < dm.Dv; ++c) br.o[c * dm.GP + h] = o[h * ldo + c];
-}
-
-// Step 4 for the positions of a tile with the keys in lanes (slc_keys-inl.h), block-major: the
-// (block, position) pairs sorted, so that each selected block is fetched once (widened once, for
-// bf16) for every position of the tile that picked it, and stays in L1 while they pass (the
-// backward's order: at 16k, random selections share a block among 256 positions about 16 times).
-// Each position's rows are then transposed into its heads-in-lanes Branch.
-void slc_tile_rows(Pos* tile, int64_t np, const Packs& pk, int64_t si, int64_t hk, const Dims& dm,
-                   float* blk_k, float* blk_v, slc_keys::Rows rows, BlockPos* pairs) {
-  const nsa_config& cfg = tile[0].g.pr->p.in.cfg;
-  int64_t n_pairs = 0;
-  for (int64_t i = 0; i < np; ++i) {
-    std::fill(tile[i].orows, tile[i].orows + rows.GH * rows.ldo, 0.0f);
-    for (int64_t k = 0; k < tile[i].sel.num_blocks; ++k)
-      pairs[n_pairs++] = {tile[i].sel.blocks[k], static_cast<int32_t>(i)};
-  }
-  std::sort(pairs, pairs + n_pairs);
-  for (int64_t x = 0; x < n_pairs;) {
-    int64_t y = x;
-    while (y < n_pairs && pairs[y].first == pairs[x].first) ++y;
-    const int64_t f = int64_t{pairs[x].first} * cfg.slc_block;
-    auto end_of = [&](const Pos& ps) { return std::min<int64_t>(f + cfg.slc_block, ps.g.t + 1); };
-    const float* kt = pk.slc.half ? blk_k : pk.slc.k_at(si, hk);
-    const float* v = pk.slc.half ? blk_v : pk.slc.v_at(si, hk);
-    int64_t key0 = 0;  // the first key of kt and v
-    if (pk.slc.half) {  // the positions come in order: the last one reads the most keys
-      key0 = widen_block(pk.slc, si, hk, f, end_of(tile[pairs[y - 1].second]), blk_k, blk_v);
-    }
-    for (int64_t z = x; z < y; ++z) {
-      Pos& ps = tile[pairs[z].second];
-      rows.m = ps.slc.m, rows.l = ps.slc.l, rows.o = ps.orows;
-      slc_keys::attend_range(ps.qt, dm.GP, dm.Dk, dm.Dv, kt, v, f - key0, end_of(ps) - key0, rows);
-    }
-    x = y;
-  }
-  for (int64_t i = 0; i < np; ++i) rows_to_lanes(tile[i].orows, rows.ldo, dm, tile[i].slc);
-}
-
-// Step 5 for one position with the keys in lanes: the window's keys max(0, t - w + 1) .. t.
-void window_rows(Pos& ps, const Packs& pk, int64_t si, const Dims& dm, slc_keys::Rows rows) {
-  const int64_t t = ps.g.t, w = ps.g.pr->p.in.cfg.window;
-  rows.m = ps.win.m, rows.l = ps.win.l, rows.o = ps.orows;
-  std::fill(rows.o, rows.o + rows.GH * rows.ldo, 0.0f);
-  slc_keys::attend_range(ps.qt, dm.GP, dm.Dk, dm.Dv, pk.win_kv->k_at(si, ps.g.hk),
-                         pk.win_kv->v_at(si, ps.g.hk), std::max<int64_t>(0, t - w + 1), t + 1,
-                         rows);
-  rows_to_lanes(rows.o, rows.ldo, dm, ps.win);
-}
-
-// The keys-in-lanes buffers of steps 1-2 for a quad (R = 4 GH rows).
-struct QuadRows {
-  int64_t GH = 0, s_ld = 0, ldo = 0;
-  float* q;    // [Dk][R] the four positions' scaled queries
-  float* s;    // [R][s_ld] scores, then exp(s - m)
-  float* o;    // [R][ldo] outputs
-  float* w;    // [s_ld] the group's mass per compressed token
-  float* inv;  // [GH] 1 / l per head
-};
-
-// Step 2 for position p of a quad with the keys in lanes (Eqs. 8-10, SPEC 4.2): mass(i) =
-// sum_h p[h][i] / l[h] over the real heads (an empty head, l = 0, has none; a poisoned one, l
-// NaN, makes the masses NaN), summed into blocks by overlap_block_scores.
-void block_scores_rows(Pos& ps, const Dims& dm, int64_t nc, const QuadRows& qr, int p) {
-  const DFull d;
-  const int64_t N = hn::Lanes(d);
-  const nsa_config& cfg = ps.g.pr->p.in.cfg;
-  const int64_t last = ps.g.t / cfg.slc_block;
-  const float* P = qr.s + p * qr.GH * qr.s_ld;
-  for (int64_t h = 0; h < dm.G; ++h) {
-    const float l = ps.cmp.l[h];
-    qr.inv[h] = l == 0.0f ? 0.0f : 1.0f / l;
-  }
-  for (int64_t i = 0; i < nc; i += N) {
-    auto acc = hn::Zero(d);
-    for (int64_t h = 0; h < dm.G; ++h)
-      acc = hn::MulAdd(hn::LoadU(d, P + h * qr.s_ld + i), hn::Set(d, qr.inv[h]), acc);
-    hn::StoreU(acc, d, qr.w + i);
-  }
-  float* score = ps.sel.score;
-  std::fill(score, score + last + 1, 0.0f);
-  overlap_block_scores(
-      int64_t{cfg.cmp_block}, int64_t{cfg.cmp_stride}, int64_t{cfg.slc_block}, nc, last, 0.0f,
-      [&](int64_t i) { return qr.w[i]; }, [](float m, float wt, float a) { return a + m * wt; },
-      [&](int64_t j) { return score[j]; }, [&](int64_t j, float a) { score[j] = a; });
-}
-
-// Steps 1-2 for a quad with the keys in lanes: the quad's queries stacked as the rows of one
-// product (R = 4 GH rows: position p's heads at rows p GH ..), so each compressed key tile is
-// loaded once for the four positions, with full-width FMAs whatever G is. Two-pass softmax per
-// row over the position's nc[p] keys (their probabilities feed the block scores), then
-// O += P V: jointly over the keys every position sees, each position alone over the rest (a
-// key a position does not see never reaches its output: 0 * inf would be NaN).
-void cmp_quad_rows(Pos* const quad[4], const int64_t nc[4], const Packs& pk, int64_t si,
-                   const Dims& dm, const QuadRows& qr) {
-  const DFull d;
-  const int64_t GH = qr.GH, R = 4 * GH, ld = qr.s_ld, ldo = qr.ldo, hk = quad[0]->g.hk;
-  int64_t n_all = 0, n_lo = INT64_MAX;
-  for (int p = 0; p < 4; ++p) {
-    for (int64_t i = 0; i < dm.Dk; ++i)
-      for (int64_t h = 0; h < GH; ++h)
-        qr.q[i * R + p * GH + h] = quad[p] ? quad[p]->qt[i * dm.GP + h] : 0.0f;
-    if (quad[p] && nc[p] > 0) n_all = std::max(n_all, nc[p]), n_lo = std::min(n_lo, nc[p]);
-  }
-  const float* kt = pk.cmp.k_at(si, hk);
-  const float* v = pk.cmp.v_at(si, hk);
-  for (int64_t g0 = 0; g0 < n_all; g0 += slc_keys::kGroupKeys) {
-    const int nt = static_cast<int>(
-        (std::min(slc_keys::kGroupKeys, n_all - g0) + kTileKeys - 1) / kTileKeys);
-    bwd_tiles::group_products(qr.q, R, R, kt + g0 * dm.Dk, dm.Dk, nt, qr.s + g0, ld);
-  }
-  std::fill(qr.o, qr.o + R * ldo, 0.0f);
-  for (int p = 0; p < 4; ++p) {
-    if (!quad[p] || nc[p] == 0) continue;
-    Pos& ps = *quad[p];
-    const int64_t n = round_up(nc[p], kTileKeys);
-    for (int64_t h = 0; h < dm.G; ++h) {
-      float* row = qr.s + (p * GH + h) * ld;
-      std::fill(row + nc[p], row + n, -std::numeric_limits<float>::infinity());
-      softmax::step_row(d, row, n, ps.cmp.m + h, ps.cmp.l + h, nullptr, 0);
-    }
-  }
-  bwd_tiles::with_heads(R, [&](auto heads) {
-    constexpr int QH = std::min(bwd_tiles::kQH, decltype(heads)::value);
-    slc_keys::pv_rows<QH>(qr.s, ld, R, v, dm.Dv, 0, n_lo, qr.o, ldo);
-  });
-  for (int p = 0; p < 4; ++p) {
-    if (!quad[p] || nc[p] == 0) continue;
-    bwd_tiles::with_heads(GH, [&](auto heads) {
-      constexpr int QH = std::min(bwd_tiles::kQH, decltype(heads)::value);
-      slc_keys::pv_rows<QH>(qr.s + p * GH * ld, ld, GH, v, dm.Dv, n_lo, nc[p],
-                            qr.o + p * GH * ldo, ldo);
-    });
-    rows_to_lanes(qr.o + p * GH * ldo, ldo, dm, quad[p]->cmp);
-    if (!present(quad[p]->g.pr->p.slc_indices_in)) block_scores_rows(*quad[p], dm, nc[p], qr, p);
-  }
-}
-
 // Steps 1-3 for the G heads of one KV head at up to four consecutive positions (quad[0] always
 // present; later ones null past the sequence end), as two pairs: queries, compressed attention,
 // block scores, the selected sets.
 template <class DF>
 void prepare_quad(Pos* const quad[4], const Packs& pk, int64_t si, const Dims& dm, float* acc,
-                  float* row, const QuadRows& qr, StageClock& clock) {
+                  float* row, const Stack& st, StageClock& clock) {
   const FwdProblem& pr = *quad[0]->g.pr;
   const nsa_config& cfg = pr.p.in.cfg;
   const int64_t hk = quad[0]->g.hk;
@@ -625,7 +346,7 @@ void prepare_quad(Pos* const quad[4], const Packs& pk, int64_t si, const Dims& d
     for (int64_t hg = 0; hg < dm.G; ++hg) {
       load_row(pr.p.in.q, offset_of(pr.p.in.q, ps->g.seq->batch, ps->g.tok, hk * dm.G + hg), dm.Dk,
                row);
-      for (int64_t i = 0; i < dm.Dk; ++i) ps->qt[i * dm.GP + hg] = row[i] * cfg.scale;
+      for (int64_t i = 0; i < dm.Dk; ++i) ps->qt[i * dm.ldq + hg] = row[i] * cfg.scale;
     }
     branch_begin(dm, ps->cmp);
     branch_begin(dm, ps->slc);
@@ -638,7 +359,7 @@ void prepare_quad(Pos* const quad[4], const Packs& pk, int64_t si, const Dims& d
   for (int p = 0; p < 4; ++p) nc[p] = quad[p] ? visible_cmp_count(cfg, quad[p]->g.t) : 0;
   if (nc[0] > 0 || nc[1] > 0 || nc[2] > 0 || nc[3] > 0) {
     if (dm.keys) {
-      cmp_quad_rows(quad, nc, pk, si, dm, qr);
+      keys::cmp_quad(quad, nc, pk, si, dm, st);
       clock.lap(kStageCmp);
     } else {
       cmp_branch<DF>(quad, dm, pk.cmp.k_at(si, hk), pk.cmp.v_at(si, hk), nc, acc, clock);
@@ -664,20 +385,17 @@ void prepare_quad(Pos* const quad[4], const Packs& pk, int64_t si, const Dims& d
   clock.lap(kStageTopn);
 }
 
-// Step 5 and the combine for a quad, as two pairs: the windows, keys max(0, t - w + 1) .. t.
+// Step 5 and the combine for a quad: the windows, keys max(0, t - w + 1) .. t, as two pairs
+// (heads in lanes) or one stack (keys in lanes).
 template <class DF>
 void window_quad(Pos* const quad[4], const Packs& pk, int64_t si, const Dims& dm, float* row,
-                 const slc_keys::Rows& rows, StageClock& clock) {
+                 const Stack& st, StageClock& clock) {
   const nsa_config& cfg = quad[0]->g.pr->p.in.cfg;
   const int64_t hk = quad[0]->g.hk;
   Pos* const pairs[2][2] = {{quad[0], quad[1]}, {quad[2], quad[3]}};
+  if (dm.keys) keys::window_quad(quad, pk, si, dm, st);
   for (Pos* const* pos : pairs) {
-    if (!pos[0]) continue;
-    if (dm.keys) {
-      for (int p = 0; p < 2; ++p)
-        if (pos[p]) window_rows(*pos[p], pk, si, dm, rows);
-      continue;
-    }
+    if (!pos[0] || dm.keys) continue;
     int64_t f[2] = {0, 0}, e[2] = {0, 0};
     for (int p = 0; p < 2; ++p) {
       if (!pos[p]) continue;
@@ -705,9 +423,7 @@ struct Bufs {
   float* row;
   float* blk_k;
   float* blk_v;
-  slc_keys::Rows rows;  // its scores buffer; m, l and o are set per position
-  BlockPos* pairs;      // [tile positions x set room]
-  QuadRows qr;          // steps 1-2 with the keys in lanes
+  Stack st;  // the keys-in-lanes steps' buffers
 };
 
 // All steps of SPEC 4 for the np consecutive positions of a tile (one sequence, one KV head), in
@@ -723,10 +439,10 @@ void run_tile(Pos* tile, int64_t np, const Packs& pk, int64_t si, const Dims& dm
   Pos* quad[4];
   for (int64_t q0 = 0; q0 < np; q0 += 4) {
     quad_at(q0, quad);
-    prepare_quad<DF>(quad, pk, si, dm, b.acc, b.row, b.qr, clock);
+    prepare_quad<DF>(quad, pk, si, dm, b.acc, b.row, b.st, clock);
   }
   if (dm.keys) {
-    slc_tile_rows(tile, np, pk, si, hk, dm, b.blk_k, b.blk_v, b.rows, b.pairs);
+    keys::slc_tile(tile, np, pk, si, hk, dm, b.blk_k, b.blk_v, b.st);
   } else {
     for (int64_t q0 = 0; q0 < np; q0 += 2) {
       Pos* pair[2] = {&tile[q0], q0 + 1 < np ? &tile[q0 + 1] : nullptr};
@@ -740,7 +456,7 @@ void run_tile(Pos* tile, int64_t np, const Packs& pk, int64_t si, const Dims& dm
   clock.lap(kStageSlc);
   for (int64_t q0 = 0; q0 < np; q0 += 4) {
     quad_at(q0, quad);
-    window_quad<DF>(quad, pk, si, dm, b.row, b.rows, clock);
+    window_quad<DF>(quad, pk, si, dm, b.row, b.st, clock);
   }
 }
 
@@ -770,9 +486,10 @@ bool ForwardLanesT(const FwdProblem& pr) {
   if (!pack(pr, p.in.k_cmp, p.in.v_cmp, true, threads, false, pk.cmp)) return false;
   pack_clock.lap(kStagePack);
 
-  // Groups of up to 8 heads run step 4 with the keys in lanes (slc_keys-inl.h): a 4- or 8-lane
-  // vector of heads would do a quarter or half of a 16-lane FMA's work per selected key.
-  const Dims dm{pr.G, GP, Dk, Dv, pr.G <= 8 && N < kTileKeys};
+  // Groups of up to 8 heads run steps 1-2, 4 and 5 with the keys in lanes (forward_keys-inl.h):
+  // a 4- or 8-lane vector of heads would do a quarter or half of a 16-lane FMA's work per key.
+  const bool keys = pr.G <= 8 && N < kTileKeys;
+  const Dims dm{pr.G, GP, Dk, Dv, keys, keys ? bwd_tiles::padded_heads(pr.G) : GP};
   // Work items: a tile of P consecutive positions of one sequence and KV head (fewer at the
   // sequence end), head-major; first_item[s] counts the items before sequence s. Step 4 with the
   // keys in lanes shares each selected block among the tile's positions, so its tiles are long;
@@ -788,19 +505,21 @@ bool ForwardLanesT(const FwdProblem& pr) {
   const int64_t max_blocks = max_len > 0 ? (max_len - 1) / p.in.cfg.slc_block + 1 : 1;
   const int64_t set_room = std::min<int64_t>(p.in.cfg.slc_count, max_blocks);  // |I_t| at most
   const int64_t s_rows = std::max(kChunk, round_up(max_cmp, kTileKeys));
-  slc_keys::Rows rows_proto;
-  rows_proto.G = pr.G;
-  rows_proto.GH = bwd_tiles::padded_heads(pr.G);
-  rows_proto.ldo = round_up(Dv, kTileKeys);
-  const int64_t orows = dm.keys ? rows_proto.GH * rows_proto.ldo : 0;
-  // Steps 1-2 with the keys in lanes: score rows for whole groups of 64 compressed keys.
-  const int64_t R = 4 * rows_proto.GH * dm.keys;
-  const int64_t s_ld = round_up(std::max<int64_t>(1, max_cmp), slc_keys::kGroupKeys);
-  const int64_t quad_rows[] = {Dk * R, R * s_ld, R * rows_proto.ldo, s_ld * dm.keys, 16};
+  // The keys-in-lanes steps' stack (keys::): score rows hold whole groups of 64 keys, and all
+  // the compressed keys of a position.
+  Stack st_proto;
+  st_proto.G = pr.G;
+  st_proto.GH = bwd_tiles::padded_heads(pr.G);
+  st_proto.ldo = round_up(Dv, kTileKeys);
+  st_proto.s_ld = round_up(std::max<int64_t>(1, max_cmp), keys::kGroupKeys);
+  const int64_t orows = dm.keys ? st_proto.GH * st_proto.ldo : 0;
+  const int64_t R = dm.keys ? fwd::kMaxRows : 0;
+  const int64_t stack_sizes[] = {R * st_proto.s_ld, R * st_proto.ldo, dm.keys ? st_proto.s_ld : 0,
+                                 R};
 
   // Per thread, carved below in this order: the tile's positions (kept from step 1 to the
   // combine), the scratch of the four positions of a quad (scores, block scores), the rest.
-  const int64_t pos_sizes[] = {Dk * GP, Dv * GP, GP, GP, Dv * GP, GP, GP, Dv * GP,
+  const int64_t pos_sizes[] = {Dk * dm.ldq, Dv * GP, GP, GP, Dv * GP, GP, GP, Dv * GP,
                                GP,      GP,      3 * GP, orows};
   const int64_t quad_sizes[] = {s_rows * GP, max_blocks};
   // acc: 1/l, then one vector per selection block (block_scores_lanes).
@@ -811,12 +530,11 @@ bool ForwardLanesT(const FwdProblem& pr) {
       pk.slc.half ? round_up(std::min<int64_t>(p.in.cfg.slc_block, max_len), kTileKeys) + kTileKeys
                   : 0;
   int64_t floats = round_up(acc_floats, 16) + round_up(std::max(Dk, Dv), 16) +
-                   round_up(blk_keys * Dk, 16) + round_up(blk_keys * Dv, 16) +
-                   rows_proto.GH * slc_keys::kGroupKeys;
+                   round_up(blk_keys * Dk, 16) + round_up(blk_keys * Dv, 16);
   for (int64_t size : pos_sizes) floats += P * round_up(size, 16);
   for (int64_t size : quad_sizes) floats += 4 * round_up(size, 16);
-  for (int64_t size : quad_rows) floats += round_up(size, 16);
-  const int64_t ints = 4 * round_up(max_blocks, 16) + P * round_up(set_room, 16);
+  for (int64_t size : stack_sizes) floats += round_up(size, 16);
+  const int64_t ints = 4 * round_up(max_blocks, 16) + P * round_up(set_room, 16) + fwd::kMaxRows;
   const int64_t pairs = dm.keys ? P * set_room : 0;
   int64_t all_floats = 0, all_ints = 0, all_pairs = 0;
   if (!mul_size(threads, floats, &all_floats) || !mul_size(threads, ints, &all_ints) ||
@@ -850,7 +568,7 @@ bool ForwardLanesT(const FwdProblem& pr) {
     Pos* tile = tiles.data() + tid * P;
     for (int64_t i = 0; i < P; ++i) {
       Pos& ps = tile[i];
-      ps.qt = take(Dk * GP);
+      ps.qt = take(Dk * dm.ldq);
       for (Branch* br : {&ps.cmp, &ps.slc, &ps.win}) {
         br->o = take(Dv * GP);
         br->m = take(GP);
@@ -861,7 +579,7 @@ bool ForwardLanesT(const FwdProblem& pr) {
       ps.sel.blocks = ints_at;
       ints_at += round_up(set_room, 16);
       // Padding lanes of the queries stay zero for the whole call.
-      std::fill(ps.qt, ps.qt + Dk * GP, 0.0f);
+      std::fill(ps.qt, ps.qt + Dk * dm.ldq, 0.0f);
     }
     // The four positions of a quad (from a multiple of 4) use scratch slots i % 4.
     for (int k = 0; k < 4; ++k) {
@@ -878,15 +596,15 @@ bool ForwardLanesT(const FwdProblem& pr) {
     b.row = take(std::max(Dk, Dv));
     b.blk_k = take(blk_keys * Dk);
     b.blk_v = take(blk_keys * Dv);
-    b.rows = rows_proto;
-    b.rows.s = take(rows_proto.GH * slc_keys::kGroupKeys);
-    b.pairs = pbuf.data() + tid * pairs;
-    b.qr.GH = rows_proto.GH, b.qr.s_ld = s_ld, b.qr.ldo = rows_proto.ldo;
-    b.qr.q = take(quad_rows[0]);
-    b.qr.s = take(quad_rows[1]);
-    b.qr.o = take(quad_rows[2]);
-    b.qr.w = take(quad_rows[3]);
-    b.qr.inv = take(quad_rows[4]);
+    b.st = st_proto;
+    b.st.qbase = tile[0].qt;
+    b.st.roff = ints_at;
+    ints_at += fwd::kMaxRows;
+    b.st.s = take(stack_sizes[0]);
+    b.st.o = take(stack_sizes[1]);
+    b.st.w = take(stack_sizes[2]);
+    b.st.inv = take(stack_sizes[3]);
+    b.st.pairs = pbuf.data() + tid * pairs;
     StageClock clock(pr.profile ? stage_s.data() + tid * kStageCount : nullptr);
     // Later positions cost more (more compressed tokens): dynamic chunks balance the threads.
     // Every item is computed by the same code whatever thread runs it, so the results do not
