@@ -148,11 +148,12 @@ inline nsa_status call(nsa_context* c, const nsa_dense_bwd_params* p) {
 // context's message through `msg`.
 template <typename Params>
 nsa_status run_on(const BackendUnderTest& b, const Params& p, int threads = 0,
-                  std::string* msg = nullptr) {
+                  std::string* msg = nullptr, nsa_bf16_math math = NSA_BF16_MATH_AUTO) {
   Staging st(b);
   const Params staged = stage(st, p);
   Ctx ctx(b.id);
   EXPECT_EQ(nsa_context_set_num_threads(ctx.get(), threads), NSA_OK);
+  EXPECT_EQ(nsa_context_set_bf16_math(ctx.get(), math), NSA_OK);
   const nsa_status s = call(ctx.get(), &staged);
   st.download_outputs();
   if (msg) *msg = ctx.error();

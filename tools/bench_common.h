@@ -55,7 +55,7 @@ double median_of_means_ms(int repeats, int steps, F&& run) {
 
 // The options of `nsa bench` (forward and backward passes).
 struct BenchOptions {
-  std::string pass = "fwd", lengths = "4096,8192,16384,32768", dtype = "f32";
+  std::string pass = "fwd", lengths = "4096,8192,16384,32768", dtype = "f32", bf16_math = "auto";
   int32_t threads = 0, repeats = 3;
   bool json = false, no_dense = false;
   int64_t hq = 16, hkv = 1, dk = 192, dv = 128;
@@ -96,6 +96,24 @@ struct Buf {
     }
   }
 };
+
+// The nsa_bf16_math named by --bf16-math (auto, f32, native, emulated).
+inline nsa_bf16_math bf16_math_of(const std::string& name) {
+  if (name == "f32") return NSA_BF16_MATH_F32;
+  if (name == "native") return NSA_BF16_MATH_NATIVE;
+  if (name == "emulated") return NSA_BF16_MATH_EMULATED;
+  return NSA_BF16_MATH_AUTO;
+}
+
+// What a context's bf16 arithmetic means on this CPU, for the benchmark's header and rows.
+inline const char* bf16_math_label(nsa_bf16_math math) {
+  if (math == NSA_BF16_MATH_AUTO) math = nsa_bf16_math_auto();
+  switch (math) {
+    case NSA_BF16_MATH_NATIVE: return "native";
+    case NSA_BF16_MATH_EMULATED: return "emulated";
+    default: return "f32";
+  }
+}
 
 // `nsa bench --pass bwd|fwdbwd` (cmd_bench_bwd.cc).
 int run_bench_bwd(const BenchOptions& opt);

@@ -51,15 +51,23 @@ int run_bench(const BenchOptions& opt) {
   nsa_context_create(&ctx);
   nsa_context_set_num_threads(ctx, opt.threads);
   nsa_context_set_profiling(ctx, 1);
+  if (nsa_context_set_bf16_math(ctx, bf16_math_of(opt.bf16_math)) != NSA_OK) {
+    std::fprintf(stderr, "nsa bench: --bf16-math %s: %s\n", opt.bf16_math.c_str(),
+                 nsa_last_error(ctx));
+    nsa_context_destroy(ctx);
+    return 2;
+  }
+  const char* math = bf16_math_label(nsa_context_bf16_math(ctx));
   const nsa_dtype dt = opt.dtype == "bf16" ? NSA_DTYPE_BF16 : NSA_DTYPE_F32;
   nsa_config cfg;
   nsa_config_default(&cfg);
   nlohmann::json rows = nlohmann::json::array();
   if (!opt.json) {
     std::printf(
-        "nsa bench fwd: B=1 Hq=%lld Hkv=%lld Dk=%lld Dv=%lld %s, threads=%d, median of %d\n",
+        "nsa bench fwd: B=1 Hq=%lld Hkv=%lld Dk=%lld Dv=%lld %s (bf16 arithmetic of the dense "
+        "baseline: %s), threads=%d, median of %d\n",
         (long long)opt.hq, (long long)opt.hkv, (long long)opt.dk, (long long)opt.dv,
-        opt.dtype.c_str(), opt.threads, opt.repeats);
+        opt.dtype.c_str(), math, opt.threads, opt.repeats);
     std::printf("%7s %9s %9s %9s %8s %8s %9s %9s | %7s %7s %7s %7s %7s %7s %7s %7s\n", "T",
                 "total_ms", "dense_ms", "speedup", "model", "GF/s", "dense_GF/s", "", "compr",
                 "pack", "cmp", "scores", "top-n", "slc", "win", "combine");
@@ -138,6 +146,7 @@ int run_bench(const BenchOptions& opt) {
     const double dense_gflops = per_key * dense_keys / (dense_ms * 1e6);
     rows.push_back({{"pass", "fwd"},
                     {"dtype", opt.dtype},
+                    {"bf16_math", math},
                     {"T", T},
                     {"threads", opt.threads},
                     {"compress_ms", cmp_ms},
@@ -186,6 +195,10 @@ Command add_bench_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--dtype", opt->dtype, "input dtype")
       ->check(CLI::IsMember({"f32", "bf16"}))
+      ->capture_default_str();
+  cmd->add_option("--bf16-math", opt->bf16_math,
+                  "arithmetic for bf16 inputs (nsa_bf16_math; the dense forward uses it)")
+      ->check(CLI::IsMember({"auto", "f32", "native", "emulated"}))
       ->capture_default_str();
   cli::add_integer(cmd, "--threads", opt->threads, "threads (0: OpenMP's default)", 0,
                    cli::kMaxThreads);

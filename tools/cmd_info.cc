@@ -54,6 +54,14 @@ Command add_info_command(CLI::App& app) {
     }
     std::printf("auto backend resolves to: %s\n",
                 nsa_backend_available(NSA_BACKEND_CPU) ? "cpu" : "ref");
+    // nsa_bf16_math: what AUTO runs here, and which variants this CPU can run at all.
+    const bool native = nsa_bf16_math_available(NSA_BF16_MATH_NATIVE) != 0;
+    std::printf("bf16 arithmetic (cpu dense forward, bf16 inputs): %s\n",
+                nsa_bf16_math_auto() == NSA_BF16_MATH_NATIVE
+                    ? "native AVX512_BF16 (vdpbf16ps: bf16 products, f32 sums)"
+                    : "f32 (inputs widened; this CPU lacks AVX512_BF16)");
+    std::printf("  variants this CPU runs: f32%s%s\n", native ? ", native" : "",
+                nsa_bf16_math_available(NSA_BF16_MATH_EMULATED) ? ", emulated (tests)" : "");
     return 0;
   };
 }

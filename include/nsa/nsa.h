@@ -107,6 +107,33 @@ NSA_API nsa_backend nsa_context_backend(const nsa_context* ctx);
 NSA_API nsa_status nsa_context_set_num_threads(nsa_context* ctx, int32_t n);
 NSA_API int32_t nsa_context_num_threads(const nsa_context* ctx);
 
+/* Arithmetic for bf16 inputs on the CPU backend. Applies in this version to nsa_dense_fwd when
+ * q, k and v are all bf16 (nsa_fwd, nsa_bwd and decode widen bf16 to f32 whatever the setting).
+ *   AUTO      NATIVE where the CPU has AVX512_BF16, F32 elsewhere (the default);
+ *   F32       inputs widened to f32 (exact), f32 products and sums;
+ *   NATIVE    bf16 products with f32 accumulation (vdpbf16ps): twice the f32 rate. QK^T is as
+ *             exact as F32 (bf16 products are exact in f32); the softmax weights are rounded to
+ *             bf16 for P V, which moves an output by at most 2^-8 max|v| (README "bf16
+ *             arithmetic");
+ *   EMULATED  NATIVE's arithmetic with AVX-512F instructions, for testing that path on CPUs
+ *             without AVX512_BF16 (the same bits except where a subnormal number meets the
+ *             instruction's flush to zero); slower than F32.
+ * A value outside the enum: NSA_ERR_INVALID_ARGUMENT; NATIVE or EMULATED on a CPU that cannot run
+ * it (nsa_bf16_math_available() == 0): NSA_ERR_UNSUPPORTED. Either way the context keeps its
+ * setting. The REF backend computes in float64 whatever the setting. */
+typedef enum nsa_bf16_math {
+  NSA_BF16_MATH_AUTO = 0,
+  NSA_BF16_MATH_F32 = 1,
+  NSA_BF16_MATH_NATIVE = 2,
+  NSA_BF16_MATH_EMULATED = 3
+} nsa_bf16_math;
+NSA_API nsa_status nsa_context_set_bf16_math(nsa_context* ctx, nsa_bf16_math math);
+NSA_API nsa_bf16_math nsa_context_bf16_math(const nsa_context* ctx);
+/* 1 when this CPU runs `math` (AUTO and F32 always), else 0. */
+NSA_API int32_t nsa_bf16_math_available(nsa_bf16_math math);
+/* What AUTO resolves to on this CPU: NSA_BF16_MATH_NATIVE or NSA_BF16_MATH_F32. */
+NSA_API nsa_bf16_math nsa_bf16_math_auto(void);
+
 /* Per-stage timing of the forward and the backward, for benchmarks. Off by default: when on,
  * each nsa_fwd / nsa_bwd on the context records where its time went (a few clock reads per query
  * position and KV head). */

@@ -9,6 +9,7 @@
 
 #include "api/call.h"
 #include "api/context.h"
+#include "common/bf16_math.h"
 #include "api/validate.h"
 #include "build_info.h"
 
@@ -32,6 +33,7 @@ nsa_status op_call(nsa_context* ctx, const Params* p, Make make, Body body) {
     Problem pr;
     NSA_RETURN_IF_ERROR(make(*p, *be, &pr));
     pr.num_threads = ctx->num_threads;
+    pr.bf16_math = nsa::bf16_math_resolve(ctx->bf16_math);
     return body(*be, pr);
   });
 }
@@ -104,6 +106,36 @@ nsa_status nsa_context_set_num_threads(nsa_context* ctx, int32_t n) {
 int32_t nsa_context_num_threads(const nsa_context* ctx) {
   return ctx != nullptr ? ctx->num_threads : 0;
 }
+
+nsa_status nsa_context_set_bf16_math(nsa_context* ctx, nsa_bf16_math math) {
+  if (ctx == nullptr) return NSA_ERR_NULL_POINTER;
+  return guarded(ctx, [&]() -> Status {
+    const int m = nsa::enum_value(math);  // any int: C callers may pass one
+    if (m < NSA_BF16_MATH_AUTO || m > NSA_BF16_MATH_EMULATED) {
+      return nsa::error(NSA_ERR_INVALID_ARGUMENT, "bf16_math: unknown value " + std::to_string(m));
+    }
+    if (!nsa::bf16_math_runs(math)) {
+      return nsa::error(NSA_ERR_UNSUPPORTED,
+                        math == NSA_BF16_MATH_NATIVE
+                            ? "bf16_math NATIVE: this CPU lacks AVX512_BF16 (or AVX-512)"
+                            : "bf16_math EMULATED: this CPU lacks AVX-512 (F, BW, DQ, VL)");
+    }
+    ctx->bf16_math = math;
+    return Status::ok();
+  });
+}
+
+nsa_bf16_math nsa_context_bf16_math(const nsa_context* ctx) {
+  return ctx != nullptr ? ctx->bf16_math : NSA_BF16_MATH_AUTO;
+}
+
+int32_t nsa_bf16_math_available(nsa_bf16_math math) {
+  const int m = nsa::enum_value(math);
+  if (m < NSA_BF16_MATH_AUTO || m > NSA_BF16_MATH_EMULATED) return 0;
+  return nsa::bf16_math_runs(math) ? 1 : 0;
+}
+
+nsa_bf16_math nsa_bf16_math_auto(void) { return nsa::bf16_math_resolve(NSA_BF16_MATH_AUTO); }
 
 nsa_status nsa_context_set_profiling(nsa_context* ctx, int32_t on) {
   if (ctx == nullptr) return NSA_ERR_NULL_POINTER;

@@ -8,6 +8,7 @@
 struct nsa_context {
   nsa_backend backend = NSA_BACKEND_AUTO;
   int32_t num_threads = 0;  // 0: OpenMP's default
+  nsa_bf16_math bf16_math = NSA_BF16_MATH_AUTO;
   bool profiling = false;
   nsa_fwd_profile fwd_profile{};
   nsa_bwd_profile bwd_profile{};

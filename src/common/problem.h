@@ -45,6 +45,8 @@ struct CmpDims {
 struct Launch {
   std::vector<Sequence> seqs;
   int32_t num_threads = 0;  // 0: OpenMP's default
+  // The context's bf16 arithmetic, resolved (never AUTO) and runnable on this CPU.
+  nsa_bf16_math bf16_math = NSA_BF16_MATH_F32;
 };
 
 struct FwdProblem : AttnDims, Launch {

@@ -10,6 +10,11 @@
 //   online softmax per row (running max m, running sum l, rescale of O only when m grows),
 //   O += P V    register-blocked 4 rows x 4 vectors.
 // Q, the packed K/V tiles, S and O stay in L1/L2; nothing grows with T except the output.
+//
+// bf16 arithmetic (nsa_bf16_math NATIVE or EMULATED, bf16 q, k and v): the same walk with the
+// products of cpu/bf16/dot-inl.h, two elements per 32-bit lane. K is packed as pairs of dims
+// ([Dk/2][64] words), V as pairs of keys ([32][DvP] words), Q as pairs of its (unscaled, exact)
+// elements; S is scaled after the product, and P is rounded to bf16 pairs for O += P V.
 #include <omp.h>
 
 #include <algorithm>
@@ -19,6 +24,7 @@
 #include <vector>
 
 #include "cpu/ops.h"
+#include "cpu/bf16/dot.h"
 #include "common/dtype.h"
 #include "cpu/kernels.h"
 #include "cpu/simd/tiles.h"
@@ -54,6 +60,9 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // One thread's tiles, carved from a single allocation made before the parallel region.
 struct Tiles {
+  const bf16::Kernels* bf;  // the bf16 arithmetic's kernels, or null for f32
+  uint32_t* qp;             // bf16: [kQueryTile, Dk2] query pairs (unscaled)
+  uint32_t* pp;             // bf16: [kQueryTile, NK / 2] probability pairs
   float* q;         // [kQueryTile, Dk] queries, pre-multiplied by the softmax scale
   const float* kt;  // [Dk, NK] the current packed key tile (transposed: S rows are vector loads)
   const float* vp;  // [NK, DvP] the current packed value tile, rows padded to whole vectors
@@ -68,16 +77,49 @@ struct Tiles {
 // Hkv + hk. Positions past the sequence end are zero. Memory: T * Hkv * (Dk + DvP) floats.
 struct Packed {
   std::vector<int64_t> first_tile;  // per sequence, cumulative
-  float* k = nullptr;               // tiles of [Dk, NK]
-  float* v = nullptr;               // tiles of [NK, DvP]
-  int64_t NK = 0, DvP = 0, Hkv = 0, Dk = 0;
+  float* k = nullptr;               // tiles of [Dk, NK] (bf16: [Dk2, NK] pairs of dims)
+  float* v = nullptr;               // tiles of [NK, DvP] (bf16: [NK / 2, DvP] pairs of keys)
+  int64_t NK = 0, DvP = 0, Hkv = 0, Dk = 0;  // bf16: Dk is Dk2, in words
+  int64_t k_size = 0, v_size = 0;            // floats (or words) per tile
   const float* k_tile(int64_t seq, int64_t ti, int64_t hk) const {
-    return k + ((first_tile[seq] + ti) * Hkv + hk) * Dk * NK;
+    return k + ((first_tile[seq] + ti) * Hkv + hk) * k_size;
   }
   const float* v_tile(int64_t seq, int64_t ti, int64_t hk) const {
-    return v + ((first_tile[seq] + ti) * Hkv + hk) * NK * DvP;
+    return v + ((first_tile[seq] + ti) * Hkv + hk) * v_size;
   }
 };
+
+// bf16 arithmetic: the words of a tile (a 32-bit word holds a pair, the lower element first).
+const uint32_t* words(const float* tile) { return reinterpret_cast<const uint32_t*>(tile); }
+
+// bf16 arithmetic: packs K as pairs of dims and V as pairs of keys (Packed's comments), straight
+// from the bf16 inputs (no rounding), in parallel over tiles; zeros past a sequence's end and in
+// the odd dim's partner when Dk is odd.
+void pack_pairs(const DenseProblem& pr, Packed& pk, int threads) {
+  const nsa_dense_fwd_params& p = pr.p;
+  const int64_t NK = pk.NK, Dk2 = pk.Dk, DvP = pk.DvP, Hkv = pk.Hkv;
+  const int64_t n_tiles = pk.first_tile.back() * Hkv;
+  const uint16_t* kb = static_cast<const uint16_t*>(p.k.data);
+  const uint16_t* vb = static_cast<const uint16_t*>(p.v.data);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t u = 0; u < n_tiles; ++u) {
+    const int64_t hk = u % Hkv, tile = u / Hkv;
+    const int64_t si = sequence_of_tile(pk.first_tile, tile);
+    const Sequence& seq = pr.seqs[si];
+    const int64_t k0 = (tile - pk.first_tile[si]) * NK;
+    uint16_t* kt = reinterpret_cast<uint16_t*>(pk.k + u * pk.k_size);
+    uint16_t* vt = reinterpret_cast<uint16_t*>(pk.v + u * pk.v_size);
+    std::fill(kt, kt + 2 * pk.k_size, uint16_t{0});
+    std::fill(vt, vt + 2 * pk.v_size, uint16_t{0});
+    for (int64_t j = 0; j < std::min(NK, seq.len - k0); ++j) {
+      const int64_t tok = seq.start + k0 + j;
+      const uint16_t* kr = kb + offset_of(p.k, seq.batch, tok, hk);
+      const uint16_t* vr = vb + offset_of(p.v, seq.batch, tok, hk);
+      for (int64_t i = 0; i < pr.Dk; ++i) kt[((i / 2) * NK + j) * 2 + (i & 1)] = kr[i * p.k.stride[3]];
+      for (int64_t c = 0; c < pr.Dv; ++c) vt[((j / 2) * DvP + c) * 2 + (j & 1)] = vr[c * p.v.stride[3]];
+    }
+  }
+}
 
 // S[0 .. rows) = Q K^T for one key tile of NK = 4 vectors, in blocks of 4 rows.
 void scores(const Tiles& w, int64_t rows, int64_t Dk, int64_t NK) {
@@ -222,20 +264,57 @@ void accumulate_masked(const Tiles& w, int64_t rows, int64_t k0, int64_t nk, int
   }
 }
 
+// bf16 arithmetic: query rows [tok0, tok0 + rows) of head h as pairs of their bf16 elements
+// (exact; the scale is applied to S), zero past `rows` and in an odd Dk's last partner.
+void load_query_pairs(const DenseProblem& pr, int64_t b, int64_t tok0, int64_t h, int64_t rows,
+                      int64_t Dk2, uint32_t* qp) {
+  const nsa_tensor& q = pr.p.q;
+  std::fill(qp, qp + kQueryTile * Dk2, 0u);
+  uint16_t* e = reinterpret_cast<uint16_t*>(qp);  // little-endian: the lower half first
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* src = static_cast<const uint16_t*>(q.data) + offset_of(q, b, tok0 + r, h);
+    for (int64_t i = 0; i < pr.Dk; ++i) e[r * 2 * Dk2 + i] = src[i * q.stride[3]];
+  }
+}
+
+// bf16 arithmetic: O += P V for one key tile. Inside the triangle every row sees every key, and
+// P is rounded to pairs for the bf16 products; on an edge tile each row adds its own keys in f32
+// (a pair may hold a key the row must not read, and 0 * NaN is NaN).
+void accumulate_pairs(Tiles& w, int64_t rows, int64_t rows_o, bool edge, int64_t k0, int64_t nk,
+                      int64_t q0, int32_t window, int64_t NK, int64_t DvP) {
+  const uint32_t* vt = words(w.vp);
+  if (edge) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t qpos = q0 + r;
+      const int64_t j_end = std::min(nk, qpos - k0 + 1);
+      const int64_t j_first = window > 0 ? std::max<int64_t>(0, qpos - window + 1 - k0) : 0;
+      w.bf->accumulate_row(w.s + r * NK, j_first, j_end, vt, DvP, w.o + r * DvP);
+    }
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) w.bf->to_pairs(w.s + r * NK, NK, w.pp + r * NK / 2);
+  std::fill(w.pp + rows * NK / 2, w.pp + rows_o * NK / 2, 0u);
+  w.bf->accumulate(w.pp, rows_o, NK / 2, vt, DvP, w.o);
+}
+
 // One work item: rows [q0, q0 + rows) of query head h of sequence `seq`.
 void query_tile(const DenseProblem& pr, const Packed& packed, int64_t seq_index, int64_t h,
                 int64_t q0, int64_t rows, Tiles& w) {
   const Sequence& seq = pr.seqs[seq_index];
   const DF d;
-  const int64_t N = hn::Lanes(d), NK = kKeyVecs * N;
+  const int64_t NK = packed.NK, DvP = packed.DvP;
   const nsa_dense_fwd_params& p = pr.p;
-  const int64_t Dk = pr.Dk, Dv = pr.Dv, DvP = round_up(Dv, N), hk = h / pr.G, b = seq.batch;
+  const int64_t Dk = pr.Dk, Dv = pr.Dv, hk = h / pr.G, b = seq.batch;
   // Rows are processed in whole register blocks; rows past `rows` are zero and never stored.
   const int64_t rows_s = round_up(rows, kSRows), rows_o = round_up(rows, kORows);
-  std::fill(w.q, w.q + kQueryTile * Dk, 0.0f);
-  for (int64_t r = 0; r < rows; ++r) {
-    copy_row(p.q, b, seq.start + q0 + r, h, Dk, w.q + r * Dk);
-    for (int64_t i = 0; i < Dk; ++i) w.q[r * Dk + i] *= p.scale;
+  if (w.bf) {
+    load_query_pairs(pr, b, seq.start + q0, h, rows, packed.Dk, w.qp);
+  } else {
+    std::fill(w.q, w.q + kQueryTile * Dk, 0.0f);
+    for (int64_t r = 0; r < rows; ++r) {
+      copy_row(p.q, b, seq.start + q0 + r, h, Dk, w.q + r * Dk);
+      for (int64_t i = 0; i < Dk; ++i) w.q[r * Dk + i] *= p.scale;
+    }
   }
   std::fill(w.o, w.o + kQueryTile * DvP, 0.0f);
   std::fill(w.m, w.m + kQueryTile, kNegInf);
@@ -249,7 +328,11 @@ void query_tile(const DenseProblem& pr, const Packed& packed, int64_t seq_index,
     const int64_t nk = std::min(NK, hi - k0);
     w.kt = packed.k_tile(seq_index, k0 / NK, hk);
     w.vp = packed.v_tile(seq_index, k0 / NK, hk);
-    scores(w, rows_s, Dk, NK);
+    if (w.bf) {
+      w.bf->scores(w.qp, rows_s, packed.Dk, words(w.kt), p.scale, w.s);
+    } else {
+      scores(w, rows_s, Dk, NK);
+    }
     // Mask keys past the query (causal), before its window, or past the tile's end.
     const bool edge =
         k0 + NK - 1 > q0 || nk < NK || (p.window > 0 && k0 <= q0 + rows - 1 - p.window);
@@ -264,7 +347,9 @@ void query_tile(const DenseProblem& pr, const Packed& packed, int64_t seq_index,
       }
       softmax::step_row(d, s, NK, w.m + r, w.l + r, w.o + r * DvP, DvP);
     }
-    if (edge) {
+    if (w.bf) {
+      accumulate_pairs(w, rows, rows_o, edge, k0, nk, q0, p.window, NK, DvP);
+    } else if (edge) {
       accumulate_masked(w, rows, k0, nk, q0, p.window, NK, DvP);
     } else {
       for (int64_t r = rows; r < rows_o; ++r) std::fill(w.s + r * NK, w.s + (r + 1) * NK, 0.0f);
@@ -313,7 +398,14 @@ void pack(const DenseProblem& pr, Packed& pk, int threads, float* rows, int64_t 
 // Returns false when the tiles cannot be allocated.
 bool DenseForward(const DenseProblem& pr) {
   const DF d;
-  const int64_t N = hn::Lanes(d), NK = kKeyVecs * N, DvP = round_up(pr.Dv, N);
+  const nsa_dense_fwd_params& p = pr.p;
+  // bf16 arithmetic when asked for (resolved: NATIVE or EMULATED) and every input is bf16; its
+  // tiles are 64 keys and DvP a multiple of 16 whatever this target's vector (dot-inl.h).
+  const bool all_bf16 = p.q.dtype == NSA_DTYPE_BF16 && p.k.dtype == NSA_DTYPE_BF16 &&
+                        p.v.dtype == NSA_DTYPE_BF16;
+  const bf16::Kernels* bf = all_bf16 ? bf16::kernels(pr.bf16_math) : nullptr;
+  const int64_t N = bf ? 16 : hn::Lanes(d), NK = kKeyVecs * N, DvP = round_up(pr.Dv, N);
+  const int64_t Dk2 = (pr.Dk + 1) / 2;
   // Work items (sequence, query tile, head): neighbouring items share K/V tiles when G > 1.
   struct Item {
     int64_t seq, q0, h;
@@ -329,20 +421,23 @@ bool DenseForward(const DenseProblem& pr) {
   packed.NK = NK;
   packed.DvP = DvP;
   packed.Hkv = pr.Hkv;
-  packed.Dk = pr.Dk;
+  packed.Dk = bf ? Dk2 : pr.Dk;
+  packed.k_size = packed.Dk * NK;
+  packed.v_size = bf ? NK / 2 * DvP : NK * DvP;
   packed.first_tile.push_back(0);
   for (const Sequence& seq : pr.seqs) {
     packed.first_tile.push_back(packed.first_tile.back() + (seq.len + NK - 1) / NK);
   }
   const int64_t tiles = packed.first_tile.back() * pr.Hkv;
   // Everything is allocated before the first parallel region and the first output write.
-  const int64_t sizes[] = {kQueryTile * pr.Dk, kQueryTile * NK, kQueryTile * DvP, kQueryTile,
-                           kQueryTile};
+  const int64_t sizes[] = {bf ? 0 : kQueryTile * pr.Dk, kQueryTile * NK, kQueryTile * DvP,
+                           kQueryTile, kQueryTile, bf ? kQueryTile * Dk2 : 0,
+                           bf ? kQueryTile * NK / 2 : 0};
   // Per thread: the query tile's buffers (sizes), then the packing's key row of Dk.
   int64_t per_thread = round_up(pr.Dk, 16);
   for (int64_t size : sizes) per_thread += round_up(size, 16);
   int64_t kv_floats = 0, buf_floats = 0;
-  if (!mul_size(tiles * NK, pr.Dk + DvP, &kv_floats) ||
+  if (!mul_size(tiles, packed.k_size + packed.v_size, &kv_floats) ||
       !mul_size(threads, per_thread, &buf_floats)) {
     return false;
   }
@@ -350,8 +445,12 @@ bool DenseForward(const DenseProblem& pr) {
   const auto buf = hwy::AllocateAligned<float>(static_cast<size_t>(buf_floats));
   if (!kv || !buf) return false;
   packed.k = kv.get();
-  packed.v = kv.get() + tiles * NK * pr.Dk;
-  pack(pr, packed, threads, buf.get() + per_thread - round_up(pr.Dk, 16), per_thread);
+  packed.v = kv.get() + tiles * packed.k_size;
+  if (bf) {
+    pack_pairs(pr, packed, threads);
+  } else {
+    pack(pr, packed, threads, buf.get() + per_thread - round_up(pr.Dk, 16), per_thread);
+  }
   const int64_t n = static_cast<int64_t>(items.size());
 #pragma omp parallel num_threads(threads)
   {
@@ -363,11 +462,14 @@ bool DenseForward(const DenseProblem& pr) {
       return at;
     };
     Tiles w;
-    w.q = take(kQueryTile * pr.Dk);
-    w.s = take(kQueryTile * NK);
-    w.o = take(kQueryTile * DvP);
-    w.m = take(kQueryTile);
-    w.l = take(kQueryTile);
+    w.bf = bf;
+    w.q = take(sizes[0]);
+    w.s = take(sizes[1]);
+    w.o = take(sizes[2]);
+    w.m = take(sizes[3]);
+    w.l = take(sizes[4]);
+    w.qp = reinterpret_cast<uint32_t*>(take(sizes[5]));
+    w.pp = reinterpret_cast<uint32_t*>(take(sizes[6]));
     // Later tiles see more keys: dynamic scheduling balances the threads. Each item is computed
     // by the same code whatever thread takes it, so results do not depend on the thread count.
 #pragma omp for schedule(dynamic, 1)
