@@ -8,7 +8,7 @@
 //   online softmax      running max and sum per lane, no horizontal reduction at all,
 //   O^T += P V          Dv FMAs per key of (P[j], the G heads' weights) x (v_j[c] broadcast).
 // Each key is loaded once for the whole group, as a broadcast operand of the FMA, and each FMA
-// does useful work in every lane. A work item is four consecutive positions of one KV head, as
+// does useful work in every lane. Four consecutive positions of one KV head go together, as
 // two pairs: the two positions of a pair attend nearly the same window and compressed keys (and
 // some of the same selected blocks), so where both attend a key, one broadcast of it feeds both
 // (the kernels in lanes-inl.h); the compressed keys are walked once for all four. K is packed once
@@ -20,6 +20,12 @@
 // block scores, Eqs. 8-10), so it is a two-pass softmax: the scores of every visible compressed
 // token, Tc x G floats (256 KiB at 64k tokens), stay in L2 between the passes, and the one QK
 // pass serves both o_cmp and the block scores.
+//
+// Groups of up to 8 heads would fill a quarter or half of a vector this way, so for them steps
+// 1-2, 4 and 5 put the keys in the lanes instead (forward_keys-inl.h), and a work item is a tile
+// of 256 positions whose selected branch is walked block-major. The tile runs in three passes
+// either way (run_tile): steps 1-3 per quad, step 4 over the tile, step 5 and the combine per
+// quad; with the heads in lanes a tile is one quad.
 #include <omp.h>
 
 #include <algorithm>
@@ -465,10 +471,113 @@ bool same_view(const nsa_tensor& a, const nsa_tensor& b) {
          std::equal(a.shape, a.shape + 4, b.shape);
 }
 
+// The sizes of one thread's buffers (floats, ints, pairs), carved by carve() in this order: the
+// tile's positions (kept from step 1 to the combine), the scratch of the four positions of a
+// quad, the rest. All of it is allocated before the parallel region.
+struct Layout {
+  int64_t P = 4;  // positions per tile
+  int64_t Dk = 0, Dv = 0, GP = 0, ldq = 0, orows = 0, set_room = 0, max_blocks = 0;
+  int64_t s_rows = 0, acc = 0, blk_keys = 0;
+  Stack st;            // the keys-in-lanes stack's shape (its buffers are carved)
+  int64_t stack[4]{};  // its s, o, w and inv
+  int64_t floats = 0, ints = 0, pairs = 0;
+};
+
+Layout layout_of(const FwdProblem& pr, const Dims& dm, const Packs& pk, int64_t lanes) {
+  Layout z;
+  const nsa_config& cfg = pr.p.in.cfg;
+  // Step 4 with the keys in lanes shares each selected block among a tile's positions, so its
+  // tiles are long; the heads-in-lanes kernels share within pairs only.
+  z.P = dm.keys ? 256 : 4;
+  z.Dk = dm.Dk, z.Dv = dm.Dv, z.GP = dm.GP, z.ldq = dm.ldq;
+  int64_t max_len = 0, max_cmp = 0;
+  for (const Sequence& sq : pr.seqs) max_len = std::max(max_len, sq.len);
+  for (const Sequence& sq : pr.seqs) max_cmp = std::max(max_cmp, sq.cmp_len);
+  z.max_blocks = max_len > 0 ? (max_len - 1) / cfg.slc_block + 1 : 1;
+  z.set_room = std::min<int64_t>(cfg.slc_count, z.max_blocks);  // |I_t| at most
+  // Heads-in-lanes scratch: all compressed scores of a position; acc: 1/l, then one vector per
+  // selection block (block_scores_lanes).
+  z.s_rows = dm.keys ? 0 : std::max(kChunk, round_up(max_cmp, kTileKeys));
+  z.acc = dm.keys ? 0 : dm.GP + z.max_blocks * lanes;
+  // One selected block widened from bf16 (f32 K/V need none): whole tiles from the one holding
+  // its first key, never more than the longest sequence holds however large l' is.
+  z.blk_keys = pk.slc.half
+                   ? round_up(std::min<int64_t>(cfg.slc_block, max_len), kTileKeys) + kTileKeys
+                   : 0;
+  // The keys-in-lanes stack: score rows hold whole groups of 64 keys, and all the compressed
+  // keys of a position.
+  z.st.G = dm.G;
+  z.st.GH = bwd_tiles::padded_heads(dm.G);
+  z.st.ldo = round_up(dm.Dv, kTileKeys);
+  z.st.s_ld = round_up(std::max<int64_t>(1, max_cmp), keys::kGroupKeys);
+  const int64_t R = dm.keys ? fwd::kMaxRows : 0;
+  z.orows = dm.keys ? z.st.GH * z.st.ldo : 0;
+  z.stack[0] = R * z.st.s_ld, z.stack[1] = R * z.st.ldo;
+  z.stack[2] = dm.keys ? z.st.s_ld : 0, z.stack[3] = R;
+  // As carve() takes them, each rounded up to 16 floats: per position qt, three branches' o, m,
+  // l, lse, orows; per quad slot s and score; then acc, row, blk_k, blk_v and the stack's four.
+  const int64_t branch = round_up(dm.Dv * dm.GP, 16) + 2 * round_up(dm.GP, 16);
+  z.floats = z.P * (round_up(dm.Dk * dm.ldq, 16) + 3 * branch + round_up(3 * dm.GP, 16) +
+                    round_up(z.orows, 16)) +
+             4 * (round_up(z.s_rows * dm.GP, 16) + round_up(z.max_blocks, 16)) +
+             round_up(z.acc, 16) + round_up(std::max(dm.Dk, dm.Dv), 16) +
+             round_up(z.blk_keys * dm.Dk, 16) + round_up(z.blk_keys * dm.Dv, 16);
+  for (int64_t size : z.stack) z.floats += round_up(size, 16);
+  z.ints = 4 * round_up(z.max_blocks, 16) + z.P * round_up(z.set_room, 16) + fwd::kMaxRows;
+  z.pairs = dm.keys ? z.P * z.set_room : 0;
+  return z;
+}
+
+// Carves one thread's buffers (Layout's order) for its tile of positions and its Bufs.
+void carve(const Layout& z, float* f, int32_t* ints, fwd::BlockPos* pairs, Pos* tile, Bufs& b) {
+  auto take = [&f](int64_t count) {
+    float* at = f;
+    f += round_up(count, 16);
+    return at;
+  };
+  for (int64_t i = 0; i < z.P; ++i) {
+    Pos& ps = tile[i];
+    ps.qt = take(z.Dk * z.ldq);
+    for (Branch* br : {&ps.cmp, &ps.slc, &ps.win}) {
+      br->o = take(z.Dv * z.GP);
+      br->m = take(z.GP);
+      br->l = take(z.GP);
+    }
+    ps.lse = take(3 * z.GP);
+    ps.orows = take(z.orows);
+    ps.sel.blocks = ints;
+    ints += round_up(z.set_room, 16);
+    // Padding lanes of the queries stay zero for the whole call.
+    std::fill(ps.qt, ps.qt + z.Dk * z.ldq, 0.0f);
+  }
+  // The four positions of a quad (from a multiple of 4) use scratch slots i % 4.
+  for (int k = 0; k < 4; ++k) {
+    float* s = take(z.s_rows * z.GP);
+    float* score = take(z.max_blocks);
+    int32_t* cand = ints;
+    ints += round_up(z.max_blocks, 16);
+    for (int64_t i = k; i < z.P; i += 4) {
+      tile[i].s = s, tile[i].sel.score = score, tile[i].sel.cand = cand;
+    }
+  }
+  b.acc = take(z.acc);
+  b.row = take(std::max(z.Dk, z.Dv));
+  b.blk_k = take(z.blk_keys * z.Dk);
+  b.blk_v = take(z.blk_keys * z.Dv);
+  b.st = z.st;
+  b.st.qbase = tile[0].qt;
+  b.st.roff = ints;
+  b.st.s = take(z.stack[0]);
+  b.st.o = take(z.stack[1]);
+  b.st.w = take(z.stack[2]);
+  b.st.inv = take(z.stack[3]);
+  b.st.pairs = pairs;
+}
+
 template <class DF>
 bool ForwardLanesT(const FwdProblem& pr) {
   const DF d;
-  const int64_t N = hn::Lanes(d), GP = round_up(pr.G, N), Dk = pr.Dk, Dv = pr.Dv;
+  const int64_t N = hn::Lanes(d), GP = round_up(pr.G, N);
   const nsa_fwd_params& p = pr.p;
   const int threads = pr.num_threads > 0 ? pr.num_threads : omp_get_max_threads();
   std::vector<double> stage_s(pr.profile ? static_cast<size_t>(threads * kStageCount) : 0);
@@ -489,56 +598,17 @@ bool ForwardLanesT(const FwdProblem& pr) {
   // Groups of up to 8 heads run steps 1-2, 4 and 5 with the keys in lanes (forward_keys-inl.h):
   // a 4- or 8-lane vector of heads would do a quarter or half of a 16-lane FMA's work per key.
   const bool keys = pr.G <= 8 && N < kTileKeys;
-  const Dims dm{pr.G, GP, Dk, Dv, keys, keys ? bwd_tiles::padded_heads(pr.G) : GP};
+  const Dims dm{pr.G, GP, pr.Dk, pr.Dv, keys, keys ? bwd_tiles::padded_heads(pr.G) : GP};
+  const Layout z = layout_of(pr, dm, pk, N);
   // Work items: a tile of P consecutive positions of one sequence and KV head (fewer at the
-  // sequence end), head-major; first_item[s] counts the items before sequence s. Step 4 with the
-  // keys in lanes shares each selected block among the tile's positions, so its tiles are long;
-  // the heads-in-lanes kernels share within pairs only and take four positions.
-  const int64_t P = dm.keys ? 256 : 4;
-  int64_t max_len = 0, max_cmp = 0;
+  // sequence end), head-major; first_item[s] counts the items before sequence s.
   std::vector<int64_t> first_item(pr.seqs.size() + 1, 0);
   for (size_t i = 0; i < pr.seqs.size(); ++i) {
-    max_len = std::max(max_len, pr.seqs[i].len);
-    max_cmp = std::max(max_cmp, pr.seqs[i].cmp_len);
-    first_item[i + 1] = first_item[i] + (pr.seqs[i].len + P - 1) / P * pr.Hkv;
+    first_item[i + 1] = first_item[i] + (pr.seqs[i].len + z.P - 1) / z.P * pr.Hkv;
   }
-  const int64_t max_blocks = max_len > 0 ? (max_len - 1) / p.in.cfg.slc_block + 1 : 1;
-  const int64_t set_room = std::min<int64_t>(p.in.cfg.slc_count, max_blocks);  // |I_t| at most
-  const int64_t s_rows = std::max(kChunk, round_up(max_cmp, kTileKeys));
-  // The keys-in-lanes steps' stack (keys::): score rows hold whole groups of 64 keys, and all
-  // the compressed keys of a position.
-  Stack st_proto;
-  st_proto.G = pr.G;
-  st_proto.GH = bwd_tiles::padded_heads(pr.G);
-  st_proto.ldo = round_up(Dv, kTileKeys);
-  st_proto.s_ld = round_up(std::max<int64_t>(1, max_cmp), keys::kGroupKeys);
-  const int64_t orows = dm.keys ? st_proto.GH * st_proto.ldo : 0;
-  const int64_t R = dm.keys ? fwd::kMaxRows : 0;
-  const int64_t stack_sizes[] = {R * st_proto.s_ld, R * st_proto.ldo, dm.keys ? st_proto.s_ld : 0,
-                                 R};
-
-  // Per thread, carved below in this order: the tile's positions (kept from step 1 to the
-  // combine), the scratch of the four positions of a quad (scores, block scores), the rest.
-  const int64_t pos_sizes[] = {Dk * dm.ldq, Dv * GP, GP, GP, Dv * GP, GP, GP, Dv * GP,
-                               GP,      GP,      3 * GP, orows};
-  const int64_t quad_sizes[] = {s_rows * GP, max_blocks};
-  // acc: 1/l, then one vector per selection block (block_scores_lanes).
-  const int64_t acc_floats = GP + max_blocks * hn::Lanes(d);
-  // One selected block widened from bf16 (f32 K/V need none): whole tiles from the one holding
-  // its first key, never more than the longest sequence holds however large l' is.
-  const int64_t blk_keys =
-      pk.slc.half ? round_up(std::min<int64_t>(p.in.cfg.slc_block, max_len), kTileKeys) + kTileKeys
-                  : 0;
-  int64_t floats = round_up(acc_floats, 16) + round_up(std::max(Dk, Dv), 16) +
-                   round_up(blk_keys * Dk, 16) + round_up(blk_keys * Dv, 16);
-  for (int64_t size : pos_sizes) floats += P * round_up(size, 16);
-  for (int64_t size : quad_sizes) floats += 4 * round_up(size, 16);
-  for (int64_t size : stack_sizes) floats += round_up(size, 16);
-  const int64_t ints = 4 * round_up(max_blocks, 16) + P * round_up(set_room, 16) + fwd::kMaxRows;
-  const int64_t pairs = dm.keys ? P * set_room : 0;
   int64_t all_floats = 0, all_ints = 0, all_pairs = 0;
-  if (!mul_size(threads, floats, &all_floats) || !mul_size(threads, ints, &all_ints) ||
-      !mul_size(threads, pairs, &all_pairs)) {
+  if (!mul_size(threads, z.floats, &all_floats) || !mul_size(threads, z.ints, &all_ints) ||
+      !mul_size(threads, z.pairs, &all_pairs)) {
     return false;
   }
   hwy::AlignedFreeUniquePtr<float[]> fbuf = hwy::AllocateAligned<float>(size_t(all_floats));
@@ -549,7 +619,7 @@ bool ForwardLanesT(const FwdProblem& pr) {
   try {
     ibuf.resize(static_cast<size_t>(all_ints));
     pbuf.resize(static_cast<size_t>(all_pairs));
-    tiles.resize(static_cast<size_t>(threads * P));
+    tiles.resize(static_cast<size_t>(threads * z.P));
   } catch (const std::bad_alloc&) {
     return false;
   }
@@ -558,58 +628,15 @@ bool ForwardLanesT(const FwdProblem& pr) {
 #pragma omp parallel num_threads(threads)
   {
     const int tid = omp_get_thread_num();
-    float* f = fbuf.get() + tid * floats;
-    auto take = [&f](int64_t count) {
-      float* at = f;
-      f += round_up(count, 16);
-      return at;
-    };
-    int32_t* ints_at = ibuf.data() + tid * ints;
-    Pos* tile = tiles.data() + tid * P;
-    for (int64_t i = 0; i < P; ++i) {
-      Pos& ps = tile[i];
-      ps.qt = take(Dk * dm.ldq);
-      for (Branch* br : {&ps.cmp, &ps.slc, &ps.win}) {
-        br->o = take(Dv * GP);
-        br->m = take(GP);
-        br->l = take(GP);
-      }
-      ps.lse = take(3 * GP);
-      ps.orows = take(orows);
-      ps.sel.blocks = ints_at;
-      ints_at += round_up(set_room, 16);
-      // Padding lanes of the queries stay zero for the whole call.
-      std::fill(ps.qt, ps.qt + Dk * dm.ldq, 0.0f);
-    }
-    // The four positions of a quad (from a multiple of 4) use scratch slots i % 4.
-    for (int k = 0; k < 4; ++k) {
-      float* s = take(s_rows * GP);
-      float* score = take(max_blocks);
-      int32_t* cand = ints_at;
-      ints_at += round_up(max_blocks, 16);
-      for (int64_t i = k; i < P; i += 4) {
-        tile[i].s = s, tile[i].sel.score = score, tile[i].sel.cand = cand;
-      }
-    }
+    Pos* tile = tiles.data() + tid * z.P;
     Bufs b;
-    b.acc = take(acc_floats);
-    b.row = take(std::max(Dk, Dv));
-    b.blk_k = take(blk_keys * Dk);
-    b.blk_v = take(blk_keys * Dv);
-    b.st = st_proto;
-    b.st.qbase = tile[0].qt;
-    b.st.roff = ints_at;
-    ints_at += fwd::kMaxRows;
-    b.st.s = take(stack_sizes[0]);
-    b.st.o = take(stack_sizes[1]);
-    b.st.w = take(stack_sizes[2]);
-    b.st.inv = take(stack_sizes[3]);
-    b.st.pairs = pbuf.data() + tid * pairs;
+    carve(z, fbuf.get() + tid * z.floats, ibuf.data() + tid * z.ints, pbuf.data() + tid * z.pairs,
+          tile, b);
     StageClock clock(pr.profile ? stage_s.data() + tid * kStageCount : nullptr);
     // Later positions cost more (more compressed tokens): dynamic chunks balance the threads.
     // Every item is computed by the same code whatever thread runs it, so the results do not
     // depend on the thread count.
-#pragma omp for schedule(dynamic, P == 4 ? 8 : 1)
+#pragma omp for schedule(dynamic, z.P == 4 ? 8 : 1)
     for (int64_t it = 0; it < total; ++it) {
       const int64_t si =
           std::upper_bound(first_item.begin(), first_item.end(), it) - first_item.begin() - 1;
@@ -617,9 +644,9 @@ bool ForwardLanesT(const FwdProblem& pr) {
       // Head-major within a sequence: consecutive items are consecutive positions of one KV
       // head, which share most of their window, compressed keys and local blocks, so those stay
       // in L2 (with Hkv > 1 an interleaved order cycles through every head's K/V).
-      const int64_t rem = it - first_item[si], n_tiles = (seq.len + P - 1) / P;
-      const int64_t hk = rem / n_tiles, t0 = rem % n_tiles * P;
-      const int64_t np = std::min(P, seq.len - t0);
+      const int64_t rem = it - first_item[si], n_tiles = (seq.len + z.P - 1) / z.P;
+      const int64_t hk = rem / n_tiles, t0 = rem % n_tiles * z.P;
+      const int64_t np = std::min(z.P, seq.len - t0);
       for (int64_t i = 0; i < np; ++i) {
         Group& g = tile[i].g;
         g.pr = &pr;

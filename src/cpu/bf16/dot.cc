@@ -10,8 +10,10 @@
 
 // GCC 12 warns inside its own _mm512_slli_epi32 (an undefined pass-through operand it reads as
 // uninitialised); nothing of ours is uninitialised.
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 namespace nsa::cpu::bf16 {
 #if NSA_HAVE_BF16_KERNELS
@@ -46,4 +48,6 @@ const Kernels* kernels(nsa_bf16_math) { return nullptr; }  // x86 only: F32 else
 
 }  // namespace nsa::cpu::bf16
 
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
+#endif
