@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "api_util.h"
@@ -17,7 +18,7 @@
 namespace {
 using namespace nsa_test;
 
-constexpr double kEps = 1.0 / (1 << 24);  // f32 unit roundoff
+constexpr double kEps = 1.0 / (1 << 24);   // f32 unit roundoff
 constexpr double kBf16U = 1.0 / (1 << 8);  // bf16 unit roundoff (8-bit significand, nearest)
 
 struct Out {
@@ -79,17 +80,24 @@ struct Case {
 // T below, at and past the 64-key tile; G = 1, 3, 16; odd Dk (an unpaired last dim) and Dv off
 // the vector; the paper's dims; windows that start mid-tile and of one key; strided views;
 // packed sequences.
+Case make(Shape s, int32_t window = 0, bool padded = false, std::vector<int32_t> cu = {}) {
+  Case c;
+  c.s = s, c.window = window, c.padded = padded, c.cu = std::move(cu);
+  return c;
+}
+
 std::vector<Case> cases() {
   std::vector<Case> v;
   for (int64_t T : {1, 63, 64, 65, 300}) {
-    for (int64_t G : {1, 3, 16}) v.push_back({{1, T, G * (G == 16 ? 1 : 2), G == 16 ? 1 : 2, 24, 16}});
+    for (int64_t G : {1, 3, 16})
+      v.push_back(make({1, T, G * (G == 16 ? 1 : 2), G == 16 ? 1 : 2, 24, 16}));
   }
-  v.push_back({{2, 97, 4, 2, 17, 33}});
-  v.push_back({{1, 130, 2, 1, 192, 128}});
-  v.push_back({{1, 130, 2, 1, 192, 128}, 37});
-  v.push_back({{1, 200, 3, 1, 24, 16}, 1});
-  v.push_back({{2, 50, 6, 2, 24, 20}, 0, true});
-  v.push_back({{1, 150, 4, 2, 24, 16}, 20, false, {0, 33, 33, 100, 150}});
+  v.push_back(make({2, 97, 4, 2, 17, 33}));
+  v.push_back(make({1, 130, 2, 1, 192, 128}));
+  v.push_back(make({1, 130, 2, 1, 192, 128}, 37));
+  v.push_back(make({1, 200, 3, 1, 24, 16}, 1));
+  v.push_back(make({2, 50, 6, 2, 24, 20}, 0, true));
+  v.push_back(make({1, 150, 4, 2, 24, 16}, 20, false, {0, 33, 33, 100, 150}));
   return v;
 }
 
@@ -120,8 +128,8 @@ TEST(DenseBf16Math, MatchesReferenceOnAwkwardShapes) {
   if (maths.empty()) GTEST_SKIP() << "no bf16 arithmetic variant runs on this CPU (no AVX-512)";
   uint64_t seed = 900;
   for (const Case& k : cases()) {
-    const FwdCase c = make_case(k.s, config(32, 16, 64, 16, 1, 2, 512), NSA_DTYPE_BF16, ++seed,
-                                k.padded, k.cu);
+    const FwdCase c =
+        make_case(k.s, config(32, 16, 64, 16, 1, 2, 512), NSA_DTYPE_BF16, ++seed, k.padded, k.cu);
     const Out ref = reference(c, k.window);
     // f32 accumulation as in DenseVsRef (QK^T of bf16 elements is exact term by term), plus the
     // rounding of each softmax weight to bf16 for P V: sum_j p_j d_j v_j with |d_j| <= 2^-8 and
@@ -149,8 +157,8 @@ TEST(DenseBf16Math, EmulationEqualsNativeBitForBit) {
   }
   uint64_t seed = 950;
   for (const Case& k : cases()) {
-    const FwdCase c = make_case(k.s, config(32, 16, 64, 16, 1, 2, 512), NSA_DTYPE_BF16, ++seed,
-                                k.padded, k.cu);
+    const FwdCase c =
+        make_case(k.s, config(32, 16, 64, 16, 1, 2, 512), NSA_DTYPE_BF16, ++seed, k.padded, k.cu);
     const Out a = dense(c, k.window, NSA_BF16_MATH_NATIVE, 0, k.padded);
     const Out b = dense(c, k.window, NSA_BF16_MATH_EMULATED, 0, k.padded);
     EXPECT_EQ(a.o.storage(), b.o.storage()) << "T=" << k.s.T << " Hq=" << k.s.Hq;
@@ -163,8 +171,8 @@ TEST(DenseBf16Math, EmulationEqualsNativeBitForBit) {
 TEST(DenseBf16Math, TakesTheBf16PathWithBitsIndependentOfThreads) {
   const std::vector<nsa_bf16_math> maths = runnable();
   if (maths.empty()) GTEST_SKIP() << "no bf16 arithmetic variant runs on this CPU (no AVX-512)";
-  const FwdCase c = make_case({1, 301, 4, 1, 64, 32}, config(32, 16, 64, 16, 1, 2, 512),
-                              NSA_DTYPE_BF16, 990);
+  const FwdCase c =
+      make_case({1, 301, 4, 1, 64, 32}, config(32, 16, 64, 16, 1, 2, 512), NSA_DTYPE_BF16, 990);
   const Out f32 = dense(c, 0, NSA_BF16_MATH_F32, 0, false);
   for (nsa_bf16_math m : maths) {
     const Out one = dense(c, 0, m, 1, false), two = dense(c, 0, m, 2, false),
@@ -183,8 +191,8 @@ TEST(DenseBf16Math, NanValueReachesOnlyTheRowsThatSeeIt) {
   if (maths.empty()) GTEST_SKIP() << "no bf16 arithmetic variant runs on this CPU (no AVX-512)";
   const int32_t window = 30;
   for (int64_t p : {44, 45, 100}) {  // an even and an odd key of a pair; one in a full tile
-    FwdCase c = make_case({1, 200, 2, 1, 24, 16}, config(32, 16, 64, 16, 1, 2, 512),
-                          NSA_DTYPE_BF16, 995);
+    FwdCase c =
+        make_case({1, 200, 2, 1, 24, 16}, config(32, 16, 64, 16, 1, 2, 512), NSA_DTYPE_BF16, 995);
     c.v.set({0, p, 0, 3}, NAN);
     for (nsa_bf16_math m : maths) {
       const Out r = dense(c, window, m, 0, false);

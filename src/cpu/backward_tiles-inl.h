@@ -119,11 +119,16 @@ inline void products_nt(const float* xT, int64_t ld, int64_t rows, const int32_t
   with_heads(rows, [&](auto heads) {
     constexpr int H = decltype(heads)::value;
     if constexpr (kWideBlocks) {
+      auto run = [&](auto hb, auto v) {
+        products<decltype(hb)::value, decltype(v)::value, kGather>(xT, ld, rows, roff, tiles,
+                                                                   stride, D, out, ldo);
+      };
+      using std::integral_constant;
       switch (nt) {
-        case 1: return products<std::min(16, H), 1, kGather>(xT, ld, rows, roff, tiles, stride, D, out, ldo);
-        case 2: return products<std::min(8, H), 2, kGather>(xT, ld, rows, roff, tiles, stride, D, out, ldo);
-        case 3: return products<std::min(4, H), 3, kGather>(xT, ld, rows, roff, tiles, stride, D, out, ldo);
-        default: return products<std::min(4, H), 4, kGather>(xT, ld, rows, roff, tiles, stride, D, out, ldo);
+        case 1: return run(integral_constant<int, std::min(16, H)>{}, integral_constant<int, 1>{});
+        case 2: return run(integral_constant<int, std::min(8, H)>{}, integral_constant<int, 2>{});
+        case 3: return run(integral_constant<int, std::min(4, H)>{}, integral_constant<int, 3>{});
+        default: return run(integral_constant<int, std::min(4, H)>{}, integral_constant<int, 4>{});
       }
     } else {
       for (int v = 0; v < nt; ++v) {

@@ -97,7 +97,7 @@ const uint32_t* words(const float* tile) { return reinterpret_cast<const uint32_
 // the odd dim's partner when Dk is odd.
 void pack_pairs(const DenseProblem& pr, Packed& pk, int threads) {
   const nsa_dense_fwd_params& p = pr.p;
-  const int64_t NK = pk.NK, Dk2 = pk.Dk, DvP = pk.DvP, Hkv = pk.Hkv;
+  const int64_t NK = pk.NK, DvP = pk.DvP, Hkv = pk.Hkv;
   const int64_t n_tiles = pk.first_tile.back() * Hkv;
   const uint16_t* kb = static_cast<const uint16_t*>(p.k.data);
   const uint16_t* vb = static_cast<const uint16_t*>(p.v.data);
@@ -115,8 +115,12 @@ void pack_pairs(const DenseProblem& pr, Packed& pk, int threads) {
       const int64_t tok = seq.start + k0 + j;
       const uint16_t* kr = kb + offset_of(p.k, seq.batch, tok, hk);
       const uint16_t* vr = vb + offset_of(p.v, seq.batch, tok, hk);
-      for (int64_t i = 0; i < pr.Dk; ++i) kt[((i / 2) * NK + j) * 2 + (i & 1)] = kr[i * p.k.stride[3]];
-      for (int64_t c = 0; c < pr.Dv; ++c) vt[((j / 2) * DvP + c) * 2 + (j & 1)] = vr[c * p.v.stride[3]];
+      for (int64_t i = 0; i < pr.Dk; ++i) {
+        kt[((i / 2) * NK + j) * 2 + (i & 1)] = kr[i * p.k.stride[3]];
+      }
+      for (int64_t c = 0; c < pr.Dv; ++c) {
+        vt[((j / 2) * DvP + c) * 2 + (j & 1)] = vr[c * p.v.stride[3]];
+      }
     }
   }
 }

@@ -42,8 +42,8 @@ using bwd_tiles::DT;
 using bwd_tiles::kGroupKeys;
 using bwd_tiles::kN;
 using bwd_tiles::VT;
-using fwd::Branch;
 using fwd::BlockPos;
+using fwd::Branch;
 using fwd::Dims;
 using fwd::kMaxRows;
 using fwd::PackedKV;
@@ -210,8 +210,8 @@ inline void rows_to_lanes(const float* o, int64_t ldo, const Dims& dm, Branch& b
 // block is fetched once (widened once, for bf16) for all the positions that picked it, which
 // attend it as slots of one stack (kMaxRows / GH at a time). Their running outputs live in
 // Pos::orows between blocks; at the end they are transposed into the Branch.
-inline void slc_tile(Pos* tile, int64_t np, const Packs& pk, int64_t si, int64_t hk,
-                     const Dims& dm, float* blk_k, float* blk_v, const Stack& st) {
+inline void slc_tile(Pos* tile, int64_t np, const Packs& pk, int64_t si, int64_t hk, const Dims& dm,
+                     float* blk_k, float* blk_v, const Stack& st) {
   const nsa_config& cfg = tile[0].g.pr->p.in.cfg;
   const int64_t rows = st.GH * st.ldo;  // floats of one position's outputs
   int64_t n_pairs = 0;
@@ -229,7 +229,7 @@ inline void slc_tile(Pos* tile, int64_t np, const Packs& pk, int64_t si, int64_t
     auto end_of = [&](const Pos& ps) { return std::min<int64_t>(f + cfg.slc_block, ps.g.t + 1); };
     const float* kt = pk.slc.half ? blk_k : pk.slc.k_at(si, hk);
     const float* v = pk.slc.half ? blk_v : pk.slc.v_at(si, hk);
-    int64_t key0 = 0;  // the first key of kt and v
+    int64_t key0 = 0;   // the first key of kt and v
     if (pk.slc.half) {  // the positions come in order: the last one reads the most keys
       key0 = widen_block(pk.slc, si, hk, f, end_of(tile[st.pairs[y - 1].second]), blk_k, blk_v);
     }
@@ -246,7 +246,8 @@ inline void slc_tile(Pos* tile, int64_t np, const Packs& pk, int64_t si, int64_t
       const int64_t R = stack_rows(st, sl.K);
       stack_queries(st, ps, sl.K, R);
       attend_slots(st, sl, R, dm, kt, v);
-      for (int k = 0; k < sl.K; ++k) std::copy(st.o + k * rows, st.o + (k + 1) * rows, ps[k]->orows);
+      for (int k = 0; k < sl.K; ++k)
+        std::copy(st.o + k * rows, st.o + (k + 1) * rows, ps[k]->orows);
     }
     x = y;
   }

@@ -89,11 +89,11 @@ struct Stack {
   int64_t G = 0, GH = 0, ldo = 0, s_ld = 0;
   const float* qbase = nullptr;  // every Pos::qt of the thread lies after it
   int32_t* roff = nullptr;       // [kMaxRows] row r's queries: qbase + roff[r] + i GH, i < Dk
-  float* s = nullptr;    // [kMaxRows][s_ld] scores, then exp(s - m)
-  float* o = nullptr;    // [kMaxRows][ldo] outputs
-  float* w = nullptr;    // [s_ld] the group's mass per compressed token
-  float* inv = nullptr;  // [kMaxRows] 1 / l per head
-  BlockPos* pairs = nullptr;  // [tile positions x set room]
+  float* s = nullptr;            // [kMaxRows][s_ld] scores, then exp(s - m)
+  float* o = nullptr;            // [kMaxRows][ldo] outputs
+  float* w = nullptr;            // [s_ld] the group's mass per compressed token
+  float* inv = nullptr;          // [kMaxRows] 1 / l per head
+  BlockPos* pairs = nullptr;     // [tile positions x set room]
 };
 
 }  // namespace nsa::cpu::fwd

@@ -59,7 +59,8 @@ NSA_BF16_ATTR static inline __m512i to_pairs16(__m512 lo, __m512 hi) {
 // out[k] = the pair (x[2k], x[2k + 1]) rounded to bf16, k < n / 2 (n a multiple of 32).
 NSA_BF16_ATTR static void to_pairs(const float* x, int64_t n, uint32_t* out) {
   for (int64_t i = 0; i < n; i += 32) {
-    _mm512_storeu_si512(out + i / 2, to_pairs16(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i + 16)));
+    _mm512_storeu_si512(out + i / 2,
+                        to_pairs16(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i + 16)));
   }
 }
 
@@ -82,7 +83,8 @@ NSA_BF16_ATTR static void scores(const uint32_t* qp, int64_t rows, int64_t Dk2, 
     }
     const __m512 sc = _mm512_set1_ps(scale);
     for (int r = 0; r < 4; ++r)
-      for (int v = 0; v < 4; ++v) _mm512_store_ps(s + (r0 + r) * 64 + v * 16, _mm512_mul_ps(a[r][v], sc));
+      for (int v = 0; v < 4; ++v)
+        _mm512_store_ps(s + (r0 + r) * 64 + v * 16, _mm512_mul_ps(a[r][v], sc));
   }
 }
 
@@ -123,8 +125,8 @@ NSA_BF16_ATTR static void accumulate(const uint32_t* pp, int64_t rows, int64_t n
 
 // O[0][c] += sum_{j in [j0, j1)} p[j] v[j][c], p in f32, for one row: the keys a row sees on a
 // tile's causal diagonal or window edge (its pair partner may be a key it must not read).
-NSA_BF16_ATTR static void accumulate_row(const float* p, int64_t j0, int64_t j1,
-                                         const uint32_t* vt, int64_t DvP, float* o) {
+NSA_BF16_ATTR static void accumulate_row(const float* p, int64_t j0, int64_t j1, const uint32_t* vt,
+                                         int64_t DvP, float* o) {
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t j = j0; j < j1; ++j) {
     const __m512 pb = _mm512_set1_ps(p[j]);

@@ -14,8 +14,8 @@ struct Kernels {
   void (*to_pairs)(const float* x, int64_t n, uint32_t* out);
   void (*scores)(const uint32_t* qp, int64_t rows, int64_t Dk2, const uint32_t* kt, float scale,
                  float* s);
-  void (*accumulate)(const uint32_t* pp, int64_t rows, int64_t nk2, const uint32_t* vt,
-                     int64_t DvP, float* o);
+  void (*accumulate)(const uint32_t* pp, int64_t rows, int64_t nk2, const uint32_t* vt, int64_t DvP,
+                     float* o);
   void (*accumulate_row)(const float* p, int64_t j0, int64_t j1, const uint32_t* vt, int64_t DvP,
                          float* o);
 };
