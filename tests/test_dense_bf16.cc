@@ -25,8 +25,9 @@ struct Out {
   Tensor o, lse;
 };
 
-// nsa_dense_fwd on the CPU backend with the given bf16 arithmetic and thread count.
-Out dense(const FwdCase& c, int32_t window, nsa_bf16_math math, int threads, bool padded) {
+// nsa_dense_fwd of case c on `backend` with the given bf16 arithmetic and thread count.
+Out dense_on(nsa_backend backend, const FwdCase& c, int32_t window, nsa_bf16_math math,
+             int threads, bool padded) {
   Out r;
   r.o = Tensor(NSA_DTYPE_F32, {c.shape.B, c.shape.T, c.shape.Hq, c.shape.Dv}, padded);
   r.lse = Tensor(NSA_DTYPE_F32, {c.shape.B, c.shape.T, c.shape.Hq}, padded);
@@ -42,32 +43,20 @@ Out dense(const FwdCase& c, int32_t window, nsa_bf16_math math, int threads, boo
     p.cu_seqlens = c.cu_seqlens.data();
     p.num_seqs = static_cast<int64_t>(c.cu_seqlens.size()) - 1;
   }
-  Ctx ctx(NSA_BACKEND_CPU);
+  Ctx ctx(backend);
   EXPECT_EQ(nsa_context_set_bf16_math(ctx.get(), math), NSA_OK) << ctx.error();
   EXPECT_EQ(nsa_context_set_num_threads(ctx.get(), threads), NSA_OK);
   EXPECT_EQ(nsa_dense_fwd(ctx.get(), &p), NSA_OK) << ctx.error();
   return r;
 }
 
+Out dense(const FwdCase& c, int32_t window, nsa_bf16_math math, int threads, bool padded) {
+  return dense_on(NSA_BACKEND_CPU, c, window, math, threads, padded);
+}
+
+// The float64 reference (which computes in float64 whatever the bf16 setting).
 Out reference(const FwdCase& c, int32_t window) {
-  Out r;
-  r.o = Tensor(NSA_DTYPE_F32, {c.shape.B, c.shape.T, c.shape.Hq, c.shape.Dv});
-  r.lse = Tensor(NSA_DTYPE_F32, {c.shape.B, c.shape.T, c.shape.Hq});
-  nsa_dense_fwd_params p;
-  nsa_dense_fwd_params_init(&p);
-  p.q = c.q.desc();
-  p.k = c.k.desc();
-  p.v = c.v.desc();
-  p.window = window;
-  p.o = r.o.desc();
-  p.lse = r.lse.desc();
-  if (!c.cu_seqlens.empty()) {
-    p.cu_seqlens = c.cu_seqlens.data();
-    p.num_seqs = static_cast<int64_t>(c.cu_seqlens.size()) - 1;
-  }
-  Ctx ctx(NSA_BACKEND_REF);
-  EXPECT_EQ(nsa_dense_fwd(ctx.get(), &p), NSA_OK) << ctx.error();
-  return r;
+  return dense_on(NSA_BACKEND_REF, c, window, NSA_BF16_MATH_AUTO, 0, false);
 }
 
 struct Case {
@@ -113,14 +102,6 @@ std::vector<nsa_bf16_math> runnable() {
     }
   }
   return v;
-}
-
-double max_abs(const Tensor& t) {
-  double m = 0;
-  t.for_each([&](int64_t a, int64_t b, int64_t c, int64_t d) {
-    m = std::max(m, std::fabs(t.get_raw(t.logical_offset(a, b, c, d))));
-  });
-  return m;
 }
 
 TEST(DenseBf16Math, MatchesReferenceOnAwkwardShapes) {

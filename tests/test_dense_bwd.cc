@@ -102,14 +102,6 @@ nsa_status run_bwd(const BackendUnderTest& be, int threads, BwdCase& b) {
   return st;
 }
 
-double max_abs(const Tensor& t) {
-  double m = 0;
-  t.for_each([&](int64_t a, int64_t b, int64_t c, int64_t d) {
-    m = std::max(m, std::fabs(t.get_raw(t.logical_offset(a, b, c, d))));
-  });
-  return m;
-}
-
 struct Case {
   Shape s;
   int32_t window = 0;

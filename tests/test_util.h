@@ -247,6 +247,15 @@ inline nsa_status run_fwd(nsa_backend backend, FwdCase& c, std::string* message 
 // Entries of `got` with |got - want| > tol (absolute); infinities must match exactly. The two
 // tensors may have different strides (a padded view against a plain one). *worst gets the largest
 // finite difference.
+// The largest |element| of t's logical elements.
+inline double max_abs(const Tensor& t) {
+  double m = 0;
+  t.for_each([&](int64_t a, int64_t b, int64_t c, int64_t d) {
+    m = std::max(m, std::fabs(t.get_raw(t.logical_offset(a, b, c, d))));
+  });
+  return m;
+}
+
 inline int64_t count_far(const Tensor& got, const Tensor& want, double tol, double* worst) {
   int64_t bad = 0;
   got.for_each([&](int64_t a, int64_t b, int64_t c, int64_t d) {
