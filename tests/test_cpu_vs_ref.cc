@@ -20,6 +20,7 @@ constexpr double kEps = 1.0 / (1 << 24);  // f32 unit roundoff, 2^-24
 // One bf16 ulp is at most 2^-7 of the value: the f32 and f64 results, each rounded to bf16 on
 // store, can land on the two sides of one rounding boundary.
 constexpr double kBf16Rel = 1.0 / (1 << 7);
+constexpr double kBf16U = 1.0 / (1 << 8);  // bf16 unit roundoff (8-bit significand, nearest)
 
 // The configs: paper defaults (top-n never binds at T <= 1024, so a second default-shaped one
 // with n = 5 exercises selection), non-overlapping blocks all of 64, and small blocks.
@@ -68,18 +69,21 @@ void expect_padding_untouched(const char* name, const Tensor& t) {
   EXPECT_EQ(nan, elems - t.numel()) << name << ": padding written or NaN produced";
 }
 
-// Runs the oracle and backend `be` on identical copies of a case and compares every output.
+// Runs the oracle and backend `be` (with bf16 arithmetic `math`: F32 unless a test is about it)
+// on identical copies of a case and compares every output.
 void compare_fwd(const BackendUnderTest& be, const Shape& s, const nsa_config& cfg, nsa_dtype dt,
                  uint64_t seed, bool padded, std::vector<int32_t> cu = {},
-                 nsa_dtype out_dt = NSA_DTYPE_F32, const Tensor* idx_in = nullptr) {
-  SCOPED_TRACE(describe(s, cfg, dt, padded) + " seed=" + std::to_string(seed));
+                 nsa_dtype out_dt = NSA_DTYPE_F32, const Tensor* idx_in = nullptr,
+                 nsa_bf16_math math = NSA_BF16_MATH_F32) {
+  SCOPED_TRACE(describe(s, cfg, dt, padded) + " seed=" + std::to_string(seed) +
+               " bf16_math=" + std::to_string(math));
   FwdCase ref = make_case(s, cfg, dt, seed, padded, cu, out_dt);
   FwdCase cpu = make_case(s, cfg, dt, seed, padded, cu, out_dt);
   nsa_fwd_params pr = ref.params(), pc = cpu.params();
   if (idx_in) pr.slc_indices_in = pc.slc_indices_in = idx_in->desc();
   std::string msg;
   ASSERT_EQ(run_on(oracle(), pr, 0, &msg), NSA_OK) << msg;
-  ASSERT_EQ(run_on(be, pc, 0, &msg), NSA_OK) << msg;
+  ASSERT_EQ(run_on(be, pc, 0, &msg, math), NSA_OK) << msg;
 
   // K: the most terms any f32 sum of this case adds, a Dk-term score dot plus up to
   // min(T, max(n l', w)) softmax-weighted O(1) values (Tc is smaller in every case here); each
@@ -89,10 +93,15 @@ void compare_fwd(const BackendUnderTest& be, const Shape& s, const nsa_config& c
       s.T, std::max<int64_t>({int64_t{cfg.slc_count} * cfg.slc_block, cfg.window}));
   const double tol = 16.0 * static_cast<double>(s.Dk + keys) * kEps;
   const double rel = out_dt == NSA_DTYPE_BF16 ? kBf16Rel : 0.0;
-  expect_close("o", cpu.o, ref.o, tol, rel);
-  expect_close("o_cmp", cpu.o_cmp, ref.o_cmp, tol, rel);
-  expect_close("o_slc", cpu.o_slc, ref.o_slc, tol, rel);
-  expect_close("o_win", cpu.o_win, ref.o_win, tol, rel);
+  // bf16 arithmetic: each softmax weight rounded to bf16 for P V (relative error <= 2^-8, the
+  // sum l stays f32) moves a branch's output by at most 2^-8 max|v|, and o, their sum weighted
+  // by three gates in [0, 1], by three times that. Q K^T of bf16 elements is exact term by term.
+  const double pv =
+      math == NSA_BF16_MATH_F32 ? 0.0 : kBf16U * std::max(max_abs(cpu.v), max_abs(cpu.v_cmp));
+  expect_close("o", cpu.o, ref.o, tol + 3 * pv, rel);
+  expect_close("o_cmp", cpu.o_cmp, ref.o_cmp, tol + pv, rel);
+  expect_close("o_slc", cpu.o_slc, ref.o_slc, tol + pv, rel);
+  expect_close("o_win", cpu.o_win, ref.o_win, tol + pv, rel);
   // lse = max s + log(sum): the same relative error as the sum, on a value of size |lse|.
   for (auto [name, a, b] : {std::tuple{"lse_cmp", &cpu.lse_cmp, &ref.lse_cmp},
                             std::tuple{"lse_slc", &cpu.lse_slc, &ref.lse_slc},
@@ -444,6 +453,85 @@ TEST(CpuFwd, EveryTargetMatchesReference) {
     s.T = 300, s.Hq = 16;  // G = 8, bf16
     compare_fwd(cpu, s, configs()[1], NSA_DTYPE_BF16, kSeed + 1806, false);
   });
+}
+
+// ---- bf16 arithmetic (nsa_bf16_math), CPU only: the heads-in-lanes path (G > 8, 16 lanes)
+// multiplies bf16 pairs with f32 accumulation where every input is bf16. Each variant this CPU
+// runs is compared with the reference (tolerance in compare_fwd); the variants it cannot run are
+// reported as not run. ----
+
+// T below a block and off every block (1, 40, 130, 301), G = 16, 12 (padding lanes) and 32 (two
+// head vectors), odd Dk (an unpaired last dim), Dv off the column blocks (20, 33), the paper's
+// dims, windows and selected blocks that start on odd keys (every config), strided views, bf16
+// outputs, varlen and caller indices.
+TEST(CpuFwdBf16Math, MatchesReferenceOnAwkwardShapes) {
+  const std::vector<nsa_bf16_math> maths = runnable_bf16_maths();
+  if (maths.empty()) GTEST_SKIP() << "no bf16 arithmetic variant runs on this CPU (no AVX-512)";
+  const BackendUnderTest cpu = backend(NSA_BACKEND_CPU);
+  const nsa_dtype bf = NSA_DTYPE_BF16, f32 = NSA_DTYPE_F32;
+  const std::vector<int32_t> cu = {0, 1, 1, 33, 97, 130};
+  for (nsa_bf16_math m : maths) {
+    uint64_t seed = kSeed + 2000;
+    for (int64_t T : {1, 40, 130, 301}) {
+      compare_fwd(cpu, {1, T, 16, 1, 24, 16}, configs()[3], bf, ++seed, false, {}, f32, nullptr,
+                  m);
+    }
+    compare_fwd(cpu, {2, 100, 24, 2, 17, 20}, configs()[1], bf, ++seed, true, {}, bf, nullptr, m);
+    compare_fwd(cpu, {1, 300, 32, 1, 32, 33}, configs()[2], bf, ++seed, false, {}, f32, nullptr,
+                m);
+    compare_fwd(cpu, {1, 130, 32, 2, 24, 16}, configs()[3], bf, ++seed, true, cu, f32, nullptr, m);
+    compare_fwd(cpu, {1, 700, 16, 1, 192, 128}, configs()[0], bf, ++seed, false, {}, f32, nullptr,
+                m);
+    const Shape s{2, 100, 32, 2, 24, 16};
+    const Tensor ix = random_indices(s, configs()[2], {}, ++seed);
+    compare_fwd(cpu, s, configs()[2], bf, ++seed, true, {}, f32, &ix, m);
+  }
+}
+
+// The CPU forward of case c with bf16 arithmetic `math` on `threads` threads.
+FwdCase run_cpu_fwd(const Shape& s, uint64_t seed, nsa_bf16_math math, int threads,
+                    std::vector<int32_t> cu = {}) {
+  FwdCase c = make_case(s, configs()[1], NSA_DTYPE_BF16, seed, false, std::move(cu));
+  std::string msg;
+  EXPECT_EQ(run_on(backend(NSA_BACKEND_CPU), c.params(), threads, &msg, math), NSA_OK) << msg;
+  return c;
+}
+
+// The emulation is the same arithmetic: equal bits where both run (no subnormal values here).
+TEST(CpuFwdBf16Math, EmulationEqualsNativeBitForBit) {
+  if (!nsa_bf16_math_available(NSA_BF16_MATH_NATIVE) ||
+      !nsa_bf16_math_available(NSA_BF16_MATH_EMULATED)) {
+    GTEST_SKIP() << "needs both NATIVE (AVX512_BF16) and EMULATED (AVX-512) on this CPU";
+  }
+  for (const Shape& s : {Shape{1, 301, 16, 1, 24, 16}, Shape{2, 150, 24, 2, 17, 33}}) {
+    const FwdCase a = run_cpu_fwd(s, kSeed + 2100, NSA_BF16_MATH_NATIVE, 0);
+    const FwdCase b = run_cpu_fwd(s, kSeed + 2100, NSA_BF16_MATH_EMULATED, 0);
+    for (auto [x, y] : {std::pair{&a.o, &b.o}, std::pair{&a.o_cmp, &b.o_cmp},
+                        std::pair{&a.lse_slc, &b.lse_slc}, std::pair{&a.idx_out, &b.idx_out}}) {
+      EXPECT_TRUE(x->storage() == y->storage()) << "Hq=" << s.Hq << " Dk=" << s.Dk;
+    }
+  }
+}
+
+// The path runs (rounding P changes bits against F32; the selection, from f32 probabilities,
+// does not change here), and its bits do not depend on the thread count.
+TEST(CpuFwdBf16Math, TakesThePathWithBitsIndependentOfThreads) {
+  const std::vector<nsa_bf16_math> maths = runnable_bf16_maths();
+  if (maths.empty()) GTEST_SKIP() << "no bf16 arithmetic variant runs on this CPU (no AVX-512)";
+  const Shape s{1, 300, 32, 2, 24, 16};
+  const std::vector<int32_t> cu = {0, 7, 200, 300};
+  const FwdCase f32 = run_cpu_fwd(s, kSeed + 2200, NSA_BF16_MATH_F32, 0, cu);
+  for (nsa_bf16_math m : maths) {
+    const FwdCase one = run_cpu_fwd(s, kSeed + 2200, m, 1, cu);
+    const FwdCase three = run_cpu_fwd(s, kSeed + 2200, m, 3, cu);
+    EXPECT_FALSE(one.o.storage() == f32.o.storage()) << "math " << m << " computed as F32";
+    EXPECT_TRUE(one.idx_out.storage() == f32.idx_out.storage()) << "math " << m;
+    for (auto [x, y] : {std::pair{&one.o, &three.o}, std::pair{&one.o_slc, &three.o_slc},
+                        std::pair{&one.o_win, &three.o_win}, std::pair{&one.lse_cmp, &three.lse_cmp},
+                        std::pair{&one.idx_out, &three.idx_out}}) {
+      EXPECT_TRUE(x->storage() == y->storage()) << "math " << m << ": 1 and 3 threads differ";
+    }
+  }
 }
 
 }  // namespace

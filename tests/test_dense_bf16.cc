@@ -90,22 +90,8 @@ std::vector<Case> cases() {
   return v;
 }
 
-// The variants this CPU runs; prints the ones it cannot (the test is then partial, and says so).
-std::vector<nsa_bf16_math> runnable() {
-  std::vector<nsa_bf16_math> v;
-  for (nsa_bf16_math m : {NSA_BF16_MATH_NATIVE, NSA_BF16_MATH_EMULATED}) {
-    if (nsa_bf16_math_available(m)) {
-      v.push_back(m);
-    } else {
-      std::printf("[ not run  ] bf16 math %s: this CPU cannot run it\n",
-                  m == NSA_BF16_MATH_NATIVE ? "NATIVE (no AVX512_BF16)" : "EMULATED (no AVX-512)");
-    }
-  }
-  return v;
-}
-
 TEST(DenseBf16Math, MatchesReferenceOnAwkwardShapes) {
-  const std::vector<nsa_bf16_math> maths = runnable();
+  const std::vector<nsa_bf16_math> maths = runnable_bf16_maths();
   if (maths.empty()) GTEST_SKIP() << "no bf16 arithmetic variant runs on this CPU (no AVX-512)";
   uint64_t seed = 900;
   for (const Case& k : cases()) {
@@ -150,7 +136,7 @@ TEST(DenseBf16Math, EmulationEqualsNativeBitForBit) {
 // The path runs (its rounding of P changes bits against F32), and the bits do not depend on the
 // thread count.
 TEST(DenseBf16Math, TakesTheBf16PathWithBitsIndependentOfThreads) {
-  const std::vector<nsa_bf16_math> maths = runnable();
+  const std::vector<nsa_bf16_math> maths = runnable_bf16_maths();
   if (maths.empty()) GTEST_SKIP() << "no bf16 arithmetic variant runs on this CPU (no AVX-512)";
   const FwdCase c =
       make_case({1, 301, 4, 1, 64, 32}, config(32, 16, 64, 16, 1, 2, 512), NSA_DTYPE_BF16, 990);
@@ -168,7 +154,7 @@ TEST(DenseBf16Math, TakesTheBf16PathWithBitsIndependentOfThreads) {
 // A NaN value at one position reaches exactly the rows that attend it, in the channel it is in:
 // the pairs of keys in P V must not carry it to a row whose partner key it is.
 TEST(DenseBf16Math, NanValueReachesOnlyTheRowsThatSeeIt) {
-  const std::vector<nsa_bf16_math> maths = runnable();
+  const std::vector<nsa_bf16_math> maths = runnable_bf16_maths();
   if (maths.empty()) GTEST_SKIP() << "no bf16 arithmetic variant runs on this CPU (no AVX-512)";
   const int32_t window = 30;
   for (int64_t p : {44, 45, 100}) {  // an even and an odd key of a pair; one in a full tile

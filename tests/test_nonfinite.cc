@@ -97,17 +97,26 @@ TEST(NonFinite, NanOrInfInOneBranchKeys) {
 }
 
 // NaN in v[b,p,hk,c]: channel c of o_slc / o_win / o for the queries whose set holds p (weight 0
-// included: NegInfScoresWeighZero); the LSEs and the other channels are unchanged.
+// included: NegInfScoresWeighZero); the LSEs and the other channels are unchanged. f32 and bf16
+// inputs, an even and an odd key: bf16 arithmetic multiplies keys in pairs, and the pair partner
+// of a key that a query sees may be one it must not.
 TEST(NonFinite, NanValue) {
-  const Hit hit{1, 0, 160, 70, 1, 2};
-  Scenario sc;
-  sc.make = [] { return random_case(); };
-  sc.poison = [&](FwdCase& c, nsa_fwd_params&) { c.v.set({1, 70, 1, 2}, kNaN); };
-  sc.rule = [&](const std::vector<Dense>& clean, int out, int64_t b, int64_t tok, int64_t h,
-                int64_t e) -> Expect {
-    return key_hit(hit, clean[kIdx], out, b, tok, h, e).value_or(Want::Same);
-  };
-  run_scenario("nan v", sc);
+  for (nsa_dtype dt : {NSA_DTYPE_F32, NSA_DTYPE_BF16}) {
+    const Hit hits[] = {{1, 0, 160, 70, 1, 2}, {0, 0, 160, 45, 0, 5}};
+    Scenario sc;
+    sc.make = [dt] { return random_case(dt); };
+    sc.poison = [&](FwdCase& c, nsa_fwd_params&) {
+      for (const Hit& x : hits) c.v.set({x.b, x.p, x.hk, x.channel}, kNaN);
+    };
+    sc.rule = [&](const std::vector<Dense>& clean, int out, int64_t b, int64_t tok, int64_t h,
+                  int64_t e) -> Expect {
+      for (const Hit& x : hits) {
+        if (auto r = key_hit(x, clean[kIdx], out, b, tok, h, e)) return *r;
+      }
+      return Want::Same;
+    };
+    run_scenario(std::string("nan v ") + nsa_dtype_name(dt), sc);
+  }
 }
 
 // NaN in k_cmp row i: the cmp branch of every query that sees row i is NaN, and so are the

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <random>
@@ -248,6 +249,21 @@ inline nsa_status run_fwd(nsa_backend backend, FwdCase& c, std::string* message 
 // tensors may have different strides (a padded view against a plain one). *worst gets the largest
 // finite difference.
 // The largest |element| of t's logical elements.
+// The bf16 arithmetic variants (nsa_bf16_math NATIVE, EMULATED) this CPU runs; prints the ones
+// it cannot (a test over them is then partial, and says so).
+inline std::vector<nsa_bf16_math> runnable_bf16_maths() {
+  std::vector<nsa_bf16_math> v;
+  for (nsa_bf16_math m : {NSA_BF16_MATH_NATIVE, NSA_BF16_MATH_EMULATED}) {
+    if (nsa_bf16_math_available(m)) {
+      v.push_back(m);
+    } else {
+      std::printf("[ not run  ] bf16 math %s: this CPU cannot run it\n",
+                  m == NSA_BF16_MATH_NATIVE ? "NATIVE (no AVX512_BF16)" : "EMULATED (no AVX-512)");
+    }
+  }
+  return v;
+}
+
 inline double max_abs(const Tensor& t) {
   double m = 0;
   t.for_each([&](int64_t a, int64_t b, int64_t c, int64_t d) {

@@ -86,6 +86,9 @@ Status recompute_forward(const BwdProblem& pr, Recomputed* rc) {
   }
   static_cast<AttnDims&>(fp) = pr;
   static_cast<Launch&>(fp) = pr;
+  // f32 arithmetic whatever the context's bf16 setting: the backward's D = do . O_c must come
+  // from the O_c that its own f32 P = exp(S - lse) gives, or dS = P (dP - D) stops summing to 0.
+  fp.bf16_math = NSA_BF16_MATH_F32;
   return forward(fp);
 }
 

@@ -80,13 +80,59 @@ void branch_begin(const Dims& d, Branch& br) {
   std::fill(br.l, br.l + d.GP, 0.0f);
 }
 
-// Online-softmax attention of up to two positions over keys [f[p], e[p]) of one (sequence, KV
-// head), added to branch `br` of each; a null position, or f >= e, takes no part. kt and v are
-// that pair's packed K tiles and V rows from key `key0` on (a multiple of kTileKeys). Where both
-// positions attend a key, the kernels serve both at once.
+// The packed K/V of one (sequence, KV head) from key key0 (a multiple of kTileKeys): f32 K tiles
+// and V rows, or bf16 pairs with bf16 arithmetic.
+struct KV {
+  const float* kt = nullptr;
+  const float* v = nullptr;
+  const uint32_t* kp = nullptr;
+  const uint32_t* vp = nullptr;
+  int64_t key0 = 0;
+};
+
+KV kv_of(const fwd::PackedKV& pk, int64_t si, int64_t hk) {
+  KV kv;
+  if (pk.pairs) {
+    kv.kp = pk.kp_at(si, hk), kv.vp = pk.vp_at(si, hk);
+  } else {
+    kv.kt = pk.k_at(si, hk), kv.v = pk.v_at(si, hk);
+  }
+  return kv;
+}
+
+// S = Q^T K of head vector hv of A (and B) for `tiles` tiles from key c0 into sa (sb): f32
+// (lanes-inl.h) or bf16 pairs (bf16/lanes-inl.h).
 template <class DF>
-void attend_spans(Pos* const pos[2], Branch Pos::*br, const Dims& dm, const float* kt,
-                  const float* v, int64_t key0, const int64_t f[2], const int64_t e[2]) {
+void scores(const Dims& dm, const KV& kv, int64_t c0, int64_t tiles, const Pos& A, const Pos* B,
+            int64_t hv, float* sa, float* sb) {
+  if (dm.bf) {
+    dm.bf->lane_scores(A.qp + hv, B ? B->qp + hv : nullptr, dm.GP, dm.Dk2,
+                       kv.kp + (c0 - kv.key0) * dm.Dk2, tiles, dm.scale, sa, sb);
+  } else {
+    lanes::score_tiles<DF>(A.qt + hv, B ? B->qt + hv : nullptr, dm.GP, dm.Dk,
+                           kv.kt + (c0 - kv.key0) * dm.Dk, tiles, sa, sb);
+  }
+}
+
+// oa += pa V (and ob += pb V) over keys [j0, j1) counted from key c0 (a multiple of kTileKeys);
+// with bf16 arithmetic the paired rows of pa and pb are overwritten (bf16/lanes-inl.h).
+template <class DF>
+void accumulate(const Dims& dm, const KV& kv, int64_t c0, float* pa, float* pb, int64_t j0,
+                int64_t j1, float* oa, float* ob) {
+  if (dm.bf) {
+    dm.bf->lane_accumulate(pa, pb, dm.GP, kv.vp + (c0 - kv.key0) / 2 * dm.Dv, dm.Dv, j0, j1, oa,
+                           ob);
+  } else {
+    lanes::accumulate<DF>(pa, pb, dm.GP, kv.v + (c0 - kv.key0) * dm.Dv, dm.Dv, j0, j1, oa, ob);
+  }
+}
+
+// Online-softmax attention of up to two positions over keys [f[p], e[p]) of one (sequence, KV
+// head), added to branch `br` of each; a null position, or f >= e, takes no part. kv holds that
+// pair's packed K and V. Where both positions attend a key, the kernels serve both at once.
+template <class DF>
+void attend_spans(Pos* const pos[2], Branch Pos::*br, const Dims& dm, const KV& kv,
+                  const int64_t f[2], const int64_t e[2]) {
   const int64_t N = hn::Lanes(DF()), GP = dm.GP;
   bool act[2];
   int64_t u0 = INT64_MAX, u1 = INT64_MIN;
@@ -105,16 +151,13 @@ void attend_spans(Pos* const pos[2], Branch Pos::*br, const Dims& dm, const floa
       in[p] = lo[p] < hi[p];
     }
     if (!in[0] && !in[1]) continue;
-    const float* ktc = kt + (c0 - key0) * dm.Dk;
-    const float* vc = v + (c0 - key0) * dm.Dv;
     const int64_t tiles = (n + kTileKeys - 1) / kTileKeys;
     const int a = in[0] ? 0 : 1;  // the position that is in (the first, when both are)
     for (int64_t hv = 0; hv < GP; hv += N) {
       // Scores of the keys that are in: jointly, or for the one position.
       Pos& A = *pos[a];
       Pos* B = in[0] && in[1] ? pos[1] : nullptr;
-      lanes::score_tiles<DF>(A.qt + hv, B ? B->qt + hv : nullptr, GP, dm.Dk, ktc, tiles, A.s + hv,
-                             B ? B->s + hv : nullptr);
+      scores<DF>(dm, kv, c0, tiles, A, B, hv, A.s + hv, B ? B->s + hv : nullptr);
       for (int p = 0; p < 2; ++p) {
         if (!in[p]) continue;
         Branch& b = (*pos[p]).*br;
@@ -123,7 +166,7 @@ void attend_spans(Pos* const pos[2], Branch Pos::*br, const Dims& dm, const floa
       }
       if (B == nullptr) {
         Branch& b = A.*br;
-        lanes::accumulate<DF>(A.s + hv, nullptr, GP, vc, dm.Dv, lo[a], hi[a], b.o + hv, nullptr);
+        accumulate<DF>(dm, kv, c0, A.s + hv, nullptr, lo[a], hi[a], b.o + hv, nullptr);
         continue;
       }
       // Keys both attend [jl, jh) jointly; each position's other keys on its own (a key that
@@ -132,19 +175,16 @@ void attend_spans(Pos* const pos[2], Branch Pos::*br, const Dims& dm, const floa
       Branch& bb = B->*br;
       const int64_t jl = std::max(lo[0], lo[1]), jh = std::min(hi[0], hi[1]);
       if (jl < jh) {
-        lanes::accumulate<DF>(A.s + hv, B->s + hv, GP, vc, dm.Dv, jl, jh, ba.o + hv, bb.o + hv);
+        accumulate<DF>(dm, kv, c0, A.s + hv, B->s + hv, jl, jh, ba.o + hv, bb.o + hv);
         for (int p = 0; p < 2; ++p) {
           Branch& b = (*pos[p]).*br;
-          lanes::accumulate<DF>(pos[p]->s + hv, nullptr, GP, vc, dm.Dv, lo[p], jl, b.o + hv,
-                                nullptr);
-          lanes::accumulate<DF>(pos[p]->s + hv, nullptr, GP, vc, dm.Dv, jh, hi[p], b.o + hv,
-                                nullptr);
+          accumulate<DF>(dm, kv, c0, pos[p]->s + hv, nullptr, lo[p], jl, b.o + hv, nullptr);
+          accumulate<DF>(dm, kv, c0, pos[p]->s + hv, nullptr, jh, hi[p], b.o + hv, nullptr);
         }
       } else {
         for (int p = 0; p < 2; ++p) {
           Branch& b = (*pos[p]).*br;
-          lanes::accumulate<DF>(pos[p]->s + hv, nullptr, GP, vc, dm.Dv, lo[p], hi[p], b.o + hv,
-                                nullptr);
+          accumulate<DF>(dm, kv, c0, pos[p]->s + hv, nullptr, lo[p], hi[p], b.o + hv, nullptr);
         }
       }
     }
@@ -157,12 +197,12 @@ void block_scores_lanes(Pos& ps, const Dims& dm, int64_t nc, float* acc);
 // The compressed branch of up to four positions, two pairs (steps 1-2). Its probabilities are
 // needed themselves, so it is a two-pass softmax: all nc scores of a position stay in its s
 // ([round_up(nc, kTileKeys)][GP]) between the passes, and feed the block scores
-// (block_scores_lanes). The compressed keys are walked in chunks that stay in L2 while both
-// pairs pass over them: from L3 once per four positions (Tc grows as T, about 5 MiB of K and V
-// at 64k tokens).
+// (block_scores_lanes) before P V (which may overwrite them: bf16/lanes-inl.h). The compressed
+// keys are walked in chunks that stay in L2 while both pairs pass over them: from L3 once per
+// four positions (Tc grows as T, about 5 MiB of K and V at 64k tokens).
 template <class DF>
-void cmp_branch(Pos* const quad[4], const Dims& dm, const float* kt, const float* v,
-                const int64_t nc[4], float* acc, StageClock& clock) {
+void cmp_branch(Pos* const quad[4], const Dims& dm, const KV& kv, const int64_t nc[4], float* acc,
+                StageClock& clock) {
   const int64_t N = hn::Lanes(DF()), GP = dm.GP;
   constexpr int64_t kCmpChunk = 256;  // keys: 192 KiB of K and 128 KiB of V at the paper's dims
   // Per pair: A, the position with keys (the earlier when both have: nc grows with t), B the
@@ -190,9 +230,8 @@ void cmp_branch(Pos* const quad[4], const Dims& dm, const float* kt, const float
       for (const Pair& pr : pairs) {
         if (!pr.A || c0 >= pr.hi) continue;
         const int64_t tiles = (std::min(c0 + kCmpChunk, pr.hi) - c0 + kTileKeys - 1) / kTileKeys;
-        lanes::score_tiles<DF>(pr.A->qt + hv, pr.B ? pr.B->qt + hv : nullptr, GP, dm.Dk,
-                               kt + c0 * dm.Dk, tiles, pr.A->s + c0 * GP + hv,
-                               pr.B ? pr.B->s + c0 * GP + hv : nullptr);
+        scores<DF>(dm, kv, c0, tiles, *pr.A, pr.B, hv, pr.A->s + c0 * GP + hv,
+                   pr.B ? pr.B->s + c0 * GP + hv : nullptr);
       }
     }
     // The softmax of each position over all its scores.
@@ -204,28 +243,32 @@ void cmp_branch(Pos* const quad[4], const Dims& dm, const float* kt, const float
                             p->cmp.o + hv);
       }
     }
-    // Pass 2: O^T += P V.
+  }
+  clock.lap(kStageCmp);
+  if (!present(quad[0]->g.pr->p.slc_indices_in)) {  // the caller's selection: no scores
+    for (const Pair& pr : pairs) {
+      if (pr.A) block_scores_lanes<DF>(*pr.A, dm, pr.nA, acc);
+      if (pr.B) block_scores_lanes<DF>(*pr.B, dm, pr.nB, acc);
+    }
+  }
+  clock.lap(kStageScores);
+  // Pass 2: O^T += P V.
+  for (int64_t hv = 0; hv < GP; hv += N) {
     for (int64_t c0 = 0; c0 < n_all; c0 += kCmpChunk) {
       const int64_t c1 = c0 + kCmpChunk;
       for (const Pair& pr : pairs) {
         if (!pr.A || c0 >= pr.hi) continue;
-        lanes::accumulate<DF>(pr.A->s + hv, pr.B ? pr.B->s + hv : nullptr, GP, v, dm.Dv, c0,
-                              std::min(c1, pr.lo), pr.A->cmp.o + hv,
-                              pr.B ? pr.B->cmp.o + hv : nullptr);
+        accumulate<DF>(dm, kv, 0, pr.A->s + hv, pr.B ? pr.B->s + hv : nullptr, c0,
+                       std::min(c1, pr.lo), pr.A->cmp.o + hv, pr.B ? pr.B->cmp.o + hv : nullptr);
         if (pr.B) {  // the one key the later position sees and the earlier does not
           Pos& late = pr.nA > pr.nB ? *pr.A : *pr.B;
-          lanes::accumulate<DF>(late.s + hv, nullptr, GP, v, dm.Dv, std::max(c0, pr.lo),
-                                std::min(c1, pr.hi), late.cmp.o + hv, nullptr);
+          accumulate<DF>(dm, kv, 0, late.s + hv, nullptr, std::max(c0, pr.lo),
+                         std::min(c1, pr.hi), late.cmp.o + hv, nullptr);
         }
       }
     }
   }
   clock.lap(kStageCmp);
-  if (present(quad[0]->g.pr->p.slc_indices_in)) return;  // the caller's selection: no scores
-  for (const Pair& pr : pairs) {
-    if (pr.A) block_scores_lanes<DF>(*pr.A, dm, pr.nA, acc);
-    if (pr.B) block_scores_lanes<DF>(*pr.B, dm, pr.nB, acc);
-  }
 }
 
 // The block scores of one position (step 2, Eqs. 8-10 with the overlap weights of SPEC 4.2;
@@ -328,13 +371,26 @@ void slc_pair(Pos* const pos[2], const Packs& pk, int64_t si, int64_t hk, const 
         ++at;
       }
     }
-    if (!pk.slc.half) {
-      attend_spans<DF>(pos, &Pos::slc, dm, pk.slc.k_at(si, hk), pk.slc.v_at(si, hk), 0, f, e);
+    if (!pk.slc.half) {  // f32 or pairs: read in place
+      attend_spans<DF>(pos, &Pos::slc, dm, kv_of(pk.slc, si, hk), f, e);
       continue;
     }
-    const int64_t key0 =
+    KV kv;
+    kv.kt = blk_k, kv.v = blk_v;
+    kv.key0 =
         widen_block(pk.slc, si, hk, int64_t{j} * cfg.slc_block, std::max(e[0], e[1]), blk_k, blk_v);
-    attend_spans<DF>(pos, &Pos::slc, dm, blk_k, blk_v, key0, f, e);
+    attend_spans<DF>(pos, &Pos::slc, dm, kv, f, e);
+  }
+}
+
+// One head's query (bf16, at element offset `at` of q) as pairs of dims into qp[i GP], unscaled:
+// the bits are moved, so the products see the exact query (Dims::scale applies to the scores).
+void query_pairs(const nsa_tensor& q, int64_t at, const Dims& dm, uint32_t* qp) {
+  const uint16_t* x = static_cast<const uint16_t*>(q.data) + at;
+  const int64_t st = q.stride[3];
+  for (int64_t i = 0; i < dm.Dk2; ++i) {
+    const uint32_t hi = 2 * i + 1 < dm.Dk ? x[(2 * i + 1) * st] : 0;
+    qp[i * dm.GP] = uint32_t{x[2 * i * st]} | hi << 16;
   }
 }
 
@@ -350,8 +406,12 @@ void prepare_quad(Pos* const quad[4], const Packs& pk, int64_t si, const Dims& d
   for (Pos* ps : std::initializer_list<Pos*>{quad[0], quad[1], quad[2], quad[3]}) {
     if (!ps) continue;
     for (int64_t hg = 0; hg < dm.G; ++hg) {
-      load_row(pr.p.in.q, offset_of(pr.p.in.q, ps->g.seq->batch, ps->g.tok, hk * dm.G + hg), dm.Dk,
-               row);
+      const int64_t at = offset_of(pr.p.in.q, ps->g.seq->batch, ps->g.tok, hk * dm.G + hg);
+      if (dm.bf) {
+        query_pairs(pr.p.in.q, at, dm, ps->qp + hg);
+        continue;
+      }
+      load_row(pr.p.in.q, at, dm.Dk, row);
       for (int64_t i = 0; i < dm.Dk; ++i) ps->qt[i * dm.ldq + hg] = row[i] * cfg.scale;
     }
     branch_begin(dm, ps->cmp);
@@ -368,7 +428,7 @@ void prepare_quad(Pos* const quad[4], const Packs& pk, int64_t si, const Dims& d
       keys::cmp_quad(quad, nc, pk, si, dm, st);
       clock.lap(kStageCmp);
     } else {
-      cmp_branch<DF>(quad, dm, pk.cmp.k_at(si, hk), pk.cmp.v_at(si, hk), nc, acc, clock);
+      cmp_branch<DF>(quad, dm, kv_of(pk.cmp, si, hk), nc, acc, clock);
     }
   }
   for (int p = 0; p < 4; ++p) {
@@ -408,7 +468,7 @@ void window_quad(Pos* const quad[4], const Packs& pk, int64_t si, const Dims& dm
       f[p] = std::max<int64_t>(0, pos[p]->g.t - cfg.window + 1);
       e[p] = pos[p]->g.t + 1;
     }
-    attend_spans<DF>(pos, &Pos::win, dm, pk.win_kv->k_at(si, hk), pk.win_kv->v_at(si, hk), 0, f, e);
+    attend_spans<DF>(pos, &Pos::win, dm, kv_of(*pk.win_kv, si, hk), f, e);
   }
   for (Pos* ps : std::initializer_list<Pos*>{quad[0], quad[1], quad[2], quad[3]}) {
     if (ps) {
@@ -477,7 +537,7 @@ bool same_view(const nsa_tensor& a, const nsa_tensor& b) {
 struct Layout {
   int64_t P = 4;  // positions per tile
   int64_t Dk = 0, Dv = 0, GP = 0, ldq = 0, orows = 0, set_room = 0, max_blocks = 0;
-  int64_t s_rows = 0, acc = 0, blk_keys = 0;
+  int64_t s_rows = 0, acc = 0, blk_keys = 0, qp = 0;
   Stack st;            // the keys-in-lanes stack's shape (its buffers are carved)
   int64_t stack[4]{};  // its s, o, w and inv
   int64_t floats = 0, ints = 0, pairs = 0;
@@ -490,6 +550,7 @@ Layout layout_of(const FwdProblem& pr, const Dims& dm, const Packs& pk, int64_t 
   // tiles are long; the heads-in-lanes kernels share within pairs only.
   z.P = dm.keys ? 256 : 4;
   z.Dk = dm.Dk, z.Dv = dm.Dv, z.GP = dm.GP, z.ldq = dm.ldq;
+  z.qp = dm.bf ? dm.Dk2 * dm.GP : 0;
   int64_t max_len = 0, max_cmp = 0;
   for (const Sequence& sq : pr.seqs) max_len = std::max(max_len, sq.len);
   for (const Sequence& sq : pr.seqs) max_cmp = std::max(max_cmp, sq.cmp_len);
@@ -514,11 +575,12 @@ Layout layout_of(const FwdProblem& pr, const Dims& dm, const Packs& pk, int64_t 
   z.orows = dm.keys ? z.st.GH * z.st.ldo : 0;
   z.stack[0] = R * z.st.s_ld, z.stack[1] = R * z.st.ldo;
   z.stack[2] = dm.keys ? z.st.s_ld : 0, z.stack[3] = R;
-  // As carve() takes them, each rounded up to 16 floats: per position qt, three branches' o, m,
-  // l, lse, orows; per quad slot s and score; then acc, row, blk_k, blk_v and the stack's four.
+  // As carve() takes them, each rounded up to 16 floats: per position qt, qp, three branches'
+  // o, m, l, lse, orows; per quad slot s and score; then acc, row, blk_k, blk_v and the stack's
+  // four.
   const int64_t branch = round_up(dm.Dv * dm.GP, 16) + 2 * round_up(dm.GP, 16);
-  z.floats = z.P * (round_up(dm.Dk * dm.ldq, 16) + 3 * branch + round_up(3 * dm.GP, 16) +
-                    round_up(z.orows, 16)) +
+  z.floats = z.P * (round_up(dm.Dk * dm.ldq, 16) + round_up(z.qp, 16) + 3 * branch +
+                    round_up(3 * dm.GP, 16) + round_up(z.orows, 16)) +
              4 * (round_up(z.s_rows * dm.GP, 16) + round_up(z.max_blocks, 16)) +
              round_up(z.acc, 16) + round_up(std::max(dm.Dk, dm.Dv), 16) +
              round_up(z.blk_keys * dm.Dk, 16) + round_up(z.blk_keys * dm.Dv, 16);
@@ -538,6 +600,7 @@ void carve(const Layout& z, float* f, int32_t* ints, fwd::BlockPos* pairs, Pos* 
   for (int64_t i = 0; i < z.P; ++i) {
     Pos& ps = tile[i];
     ps.qt = take(z.Dk * z.ldq);
+    ps.qp = reinterpret_cast<uint32_t*>(take(z.qp));
     for (Branch* br : {&ps.cmp, &ps.slc, &ps.win}) {
       br->o = take(z.Dv * z.GP);
       br->m = take(z.GP);
@@ -549,6 +612,7 @@ void carve(const Layout& z, float* f, int32_t* ints, fwd::BlockPos* pairs, Pos* 
     ints += round_up(z.set_room, 16);
     // Padding lanes of the queries stay zero for the whole call.
     std::fill(ps.qt, ps.qt + z.Dk * z.ldq, 0.0f);
+    std::fill(ps.qp, ps.qp + z.qp, 0u);
   }
   // The four positions of a quad (from a multiple of 4) use scratch slots i % 4.
   for (int k = 0; k < 4; ++k) {
@@ -583,22 +647,37 @@ bool ForwardLanesT(const FwdProblem& pr) {
   std::vector<double> stage_s(pr.profile ? static_cast<size_t>(threads * kStageCount) : 0);
   StageClock pack_clock(pr.profile ? stage_s.data() : nullptr);
 
-  Packs pk;
-  if (!pack(pr, p.in.k_slc, p.in.v_slc, /*cmp=*/false, threads, /*keep_bf16=*/true, pk.slc))
-    return false;
-  pk.win_kv = &pk.slc;
-  // The window's keys stay in cache from one position to the next: f32, converted once.
-  if (pk.slc.half || !same_view(p.in.k_win, p.in.k_slc) || !same_view(p.in.v_win, p.in.v_slc)) {
-    if (!pack(pr, p.in.k_win, p.in.v_win, false, threads, false, pk.win)) return false;
-    pk.win_kv = &pk.win;
-  }
-  if (!pack(pr, p.in.k_cmp, p.in.v_cmp, true, threads, false, pk.cmp)) return false;
-  pack_clock.lap(kStagePack);
-
   // Groups of up to 8 heads run steps 1-2, 4 and 5 with the keys in lanes (forward_keys-inl.h):
   // a 4- or 8-lane vector of heads would do a quarter or half of a 16-lane FMA's work per key.
   const bool keys = pr.G <= 8 && N < kTileKeys;
-  const Dims dm{pr.G, GP, pr.Dk, pr.Dv, keys, keys ? bwd_tiles::padded_heads(pr.G) : GP};
+  Dims dm{pr.G, GP, pr.Dk, pr.Dv, keys, keys ? bwd_tiles::padded_heads(pr.G) : GP};
+  // bf16 arithmetic: the heads in 16 lanes, and every operand of the products bf16 (the dense
+  // forward's rule: f32 inputs are not rounded).
+  bool all_bf16 = true;
+  for (const nsa_tensor* t :
+       {&p.in.q, &p.in.k_slc, &p.in.v_slc, &p.in.k_win, &p.in.v_win, &p.in.k_cmp, &p.in.v_cmp}) {
+    all_bf16 = all_bf16 && t->dtype == NSA_DTYPE_BF16;
+  }
+  if (!keys && N == 16 && all_bf16) dm.bf = bf16::kernels(pr.bf16_math);
+  dm.Dk2 = (pr.Dk + 1) / 2;
+  dm.scale = p.in.cfg.scale;
+
+  Packs pk;
+  const fwd::Form form = dm.bf ? fwd::Form::kPairs : fwd::Form::kF32;
+  if (!pack(pr, p.in.k_slc, p.in.v_slc, /*cmp=*/false, threads,
+            dm.bf ? form : fwd::Form::kBf16, pk.slc)) {
+    return false;
+  }
+  pk.win_kv = &pk.slc;
+  // The window's keys stay in cache from one position to the next: f32, converted once (or
+  // pairs, which are read as they are).
+  if (pk.slc.half || !same_view(p.in.k_win, p.in.k_slc) || !same_view(p.in.v_win, p.in.v_slc)) {
+    if (!pack(pr, p.in.k_win, p.in.v_win, false, threads, form, pk.win)) return false;
+    pk.win_kv = &pk.win;
+  }
+  if (!pack(pr, p.in.k_cmp, p.in.v_cmp, true, threads, form, pk.cmp)) return false;
+  pack_clock.lap(kStagePack);
+
   const Layout z = layout_of(pr, dm, pk, N);
   // Work items: a tile of P consecutive positions of one sequence and KV head (fewer at the
   // sequence end), head-major; first_item[s] counts the items before sequence s.

@@ -7,6 +7,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/bf16/dot.h"
 #include "cpu/kernels.h"
 #include "cpu/simd/tile_size.h"
 #include "hwy/aligned_allocator.h"
@@ -22,9 +23,12 @@ struct PackedKV {
   // bf16 elements instead of f32: bf16 inputs packed as they are (exact), for the selected
   // branch, whose blocks come from DRAM at long T and so cost bytes more than conversions.
   bool half = false;
+  // bf16 pairs for bf16 arithmetic (bf16/lanes-inl.h): K tiles [Dk2][kTileKeys] of pairs of dims,
+  // V [kTileKeys / 2][Dv] pairs of keys per tile; the same bytes as bf16.
+  bool pairs = false;
   void* k = nullptr;
   void* v = nullptr;
-  int64_t tiles = 0, Dk = 0, Dv = 0;
+  int64_t tiles = 0, Dk = 0, Dv = 0, Dk2 = 0;
   int64_t k_index(int64_t seq, int64_t hk) const {
     return (hk * tiles + first_tile[seq]) * kTileKeys * Dk;
   }
@@ -43,12 +47,22 @@ struct PackedKV {
   const uint16_t* v16_at(int64_t seq, int64_t hk) const {
     return static_cast<const uint16_t*>(v) + v_index(seq, hk);
   }
+  const uint32_t* kp_at(int64_t seq, int64_t hk) const {
+    return static_cast<const uint32_t*>(k) + (hk * tiles + first_tile[seq]) * kTileKeys * Dk2;
+  }
+  const uint32_t* vp_at(int64_t seq, int64_t hk) const {
+    return static_cast<const uint32_t*>(v) + (hk * tiles + first_tile[seq]) * kTileKeys / 2 * Dv;
+  }
 };
 
-// Packs (k, v) for every sequence: the raw tokens, or the compressed ones when `cmp`; as bf16
-// when `keep_bf16` and both are bf16 (forward_pack.cc). Returns false when out of memory.
+// The element form of a pack: f32, bf16 as given (when k and v are bf16), or bf16 pairs (the
+// same condition).
+enum class Form { kF32, kBf16, kPairs };
+
+// Packs (k, v) for every sequence: the raw tokens, or the compressed ones when `cmp`; in `form`
+// where k and v are bf16, else f32 (forward_pack.cc). Returns false when out of memory.
 bool pack(const FwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, bool cmp, int threads,
-          bool keep_bf16, PackedKV& pk);
+          Form form, PackedKV& pk);
 
 struct Packs {
   PackedKV slc, win, cmp;
@@ -66,6 +80,7 @@ struct Branch {
 struct Pos {
   Group g;
   float* qt;  // [Dk][Dims::ldq] queries, scaled, heads in lanes (zero past G)
+  uint32_t* qp = nullptr;  // [Dk2][GP] the queries as bf16 pairs, unscaled (bf16 arithmetic)
   float* s;   // [s_rows][GP] scores, then probabilities (heads in lanes)
   Branch cmp, slc, win;
   float* lse;              // [3][GP]: cmp, slc, win
@@ -77,6 +92,11 @@ struct Dims {
   int64_t G, GP, Dk, Dv;
   bool keys;    // steps 1-2, 4 and 5 with the keys in lanes (forward_keys-inl.h): small groups
   int64_t ldq;  // Pos::qt's row: GP, or padded_heads(G) with the keys in lanes
+  // bf16 arithmetic (heads in lanes, 16 lanes, bf16 inputs): its kernels, the query pairs' rows
+  // (Pos::qp) and the scale the scores take after the products. bf null: f32.
+  const bf16::Kernels* bf = nullptr;
+  int64_t Dk2 = 0;
+  float scale = 0.0f;
 };
 
 // A (selected block, position in the tile) pair of step 4's block-major walk.

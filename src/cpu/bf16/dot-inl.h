@@ -47,6 +47,15 @@ NSA_BF16_ATTR static inline __m256i round_bf16(__m512 x) {
 }
 #endif
 
+// 16 f32 to 16 bf16, rounded as vcvtneps2bf16 does.
+NSA_BF16_ATTR static inline __m256i round16(__m512 x) {
+#if NSA_BF16_NATIVE
+  return (__m256i)_mm512_cvtneps_pbh(x);
+#else
+  return round_bf16(x);
+#endif
+}
+
 // 32 f32 (lo, then hi) to 16 pairs: element order kept, x[2k] the lower half of word k.
 NSA_BF16_ATTR static inline __m512i to_pairs16(__m512 lo, __m512 hi) {
 #if NSA_BF16_NATIVE

@@ -19,21 +19,25 @@ namespace nsa::cpu::bf16 {
 #if NSA_HAVE_BF16_KERNELS
 namespace native {
 #define NSA_BF16_NATIVE 1
-#include "cpu/bf16/dot-inl.h"  // NOLINT(build/include)
+#include "cpu/bf16/dot-inl.h"    // NOLINT(build/include)
+#include "cpu/bf16/lanes-inl.h"  // NOLINT(build/include)
 #undef NSA_BF16_NATIVE
 }  // namespace native
 namespace emulated {
 #define NSA_BF16_NATIVE 0
-#include "cpu/bf16/dot-inl.h"  // NOLINT(build/include)
+#include "cpu/bf16/dot-inl.h"    // NOLINT(build/include)
+#include "cpu/bf16/lanes-inl.h"  // NOLINT(build/include)
 #undef NSA_BF16_NATIVE
 }  // namespace emulated
 
 namespace {
 
-constexpr Kernels kNative = {native::to_pairs, native::scores, native::accumulate,
-                             native::accumulate_row};
-constexpr Kernels kEmulated = {emulated::to_pairs, emulated::scores, emulated::accumulate,
-                               emulated::accumulate_row};
+constexpr Kernels kNative = {native::to_pairs,       native::scores,
+                             native::accumulate,     native::accumulate_row,
+                             native::lane_scores,    native::lane_accumulate};
+constexpr Kernels kEmulated = {emulated::to_pairs,       emulated::scores,
+                               emulated::accumulate,     emulated::accumulate_row,
+                               emulated::lane_scores,    emulated::lane_accumulate};
 
 }  // namespace
 

@@ -1,4 +1,4 @@
-// bf16 arithmetic on the CPU (the bf16 products of the dense forward, with f32 accumulation):
+// bf16 arithmetic on the CPU (the bf16 products of the dense and NSA forwards, f32 accumulation):
 // the instructions of AVX512_BF16 where the CPU has them, an emulation of the same arithmetic
 // with AVX-512F (for tests on CPUs without them), chosen per call from nsa_bf16_math.
 #pragma once
@@ -18,6 +18,11 @@ struct Kernels {
                      float* o);
   void (*accumulate_row)(const float* p, int64_t j0, int64_t j1, const uint32_t* vt, int64_t DvP,
                          float* o);
+  // The NSA forward's heads-in-lanes products (lanes-inl.h).
+  void (*lane_scores)(const uint32_t* qa, const uint32_t* qb, int64_t GP, int64_t Dk2,
+                      const uint32_t* kp, int64_t tiles, float scale, float* sa, float* sb);
+  void (*lane_accumulate)(float* pa, float* pb, int64_t GP, const uint32_t* vp, int64_t Dv,
+                          int64_t j0, int64_t j1, float* oa, float* ob);
 };
 
 // NATIVE or EMULATED (the caller checked nsa::bf16_math_runs); nullptr for any other value.
