@@ -102,6 +102,7 @@ for v in abc "" -1 2 nan inf 1e999 0.5x; do bad --tolerance check --tolerance "$
 for v in f16 F32 "" bf16,f32; do bad --dtype check --dtype "$v"; done
 for v in max MEAN ""; do bad --compress check --compress "$v"; done
 for v in gpu ref ""; do bad --backend check --backend "$v"; done
+for v in NATIVE bf16 ""; do bad --bf16-math check --bf16-math "$v"; done
 bad --no-backward check --no-backward=maybe
 list_option check -- --seqlens 300
 bad --seqlens check --seqlens 0,0
@@ -132,6 +133,7 @@ for pass in fwd bwd fwdbwd; do
   bad --repeats bench --pass "$pass" --repeats 10001
   bad --hq bench --pass "$pass" --hq 3 --hkv 2
   bad --lengths bench --pass "$pass" --lengths 16777216 --hq 4096 --dk 4096
+  bad --bf16-math bench --pass "$pass" --bf16-math fast
   bad --bogus bench --pass "$pass" --bogus
 done
 for v in zzz FWD "" bwd,fwd; do bad --pass bench --pass "$v"; done

@@ -197,7 +197,7 @@ Command add_bench_command(CLI::App& app) {
       ->check(CLI::IsMember({"f32", "bf16"}))
       ->capture_default_str();
   cmd->add_option("--bf16-math", opt->bf16_math,
-                  "arithmetic for bf16 inputs (nsa_bf16_math; the dense forward uses it)")
+                  "arithmetic for bf16 inputs (nsa_bf16_math; the dense and NSA forwards)")
       ->check(CLI::IsMember({"auto", "f32", "native", "emulated"}))
       ->capture_default_str();
   cli::add_integer(cmd, "--threads", opt->threads, "threads (0: OpenMP's default)", 0,
