@@ -3,6 +3,7 @@
 ``import nsa`` needs only NumPy:
 
 - :class:`nsa.Config`: the contract's knobs (docs/SPEC.md section 2), the paper's defaults.
+- :func:`nsa.set_bf16_math` / :func:`nsa.bf16_math`: the forward's arithmetic for bf16 inputs.
 - :mod:`nsa.np`: the forward, the compression and KV-cache decode on NumPy arrays.
 
 With torch installed (imported on first use):
@@ -17,11 +18,12 @@ from __future__ import annotations
 import importlib
 
 from . import _core
+from ._bf16 import bf16_math, bf16_math_resolved, set_bf16_math
 from .config import Config
 
 __version__ = _core.version()
 __all__ = ["Config", "np", "ops", "functional", "nn", "cache", "native_sparse_attention", "build_info",
-           "backend_available", "__version__"]
+           "backend_available", "set_bf16_math", "bf16_math", "bf16_math_resolved", "__version__"]
 
 _LAZY = {"np", "ops", "functional", "nn", "cache"}
 

@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _core
+from . import _bf16, _core
 from ._torch_io import cfg_tuple, descs, empty, host_int32, inner_contiguous as ic, threads
 
 _BRANCHES = ("cmp", "slc", "win")
@@ -45,7 +45,8 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, k_slc: Optional[Tensor], v_slc: Optiona
     _core.fwd("auto", threads(), cfg_tuple(cfg, scale),
               descs(op, **{n: ic(t) for n, t in ins.items()},
                     cu_seqlens=host_int32(cu_seqlens, "cu_seqlens", op),
-                    slc_indices_in=ic(slc_indices_in), o=o, slc_indices_out=idx, **outs))
+                    slc_indices_in=ic(slc_indices_in), o=o, slc_indices_out=idx, **outs),
+              bf16_math=_bf16.code())
     return o, lse, o_br, idx
 
 
@@ -131,7 +132,8 @@ def dense_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], sca
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
     _core.dense_fwd("auto", threads(), float(scale), int(window),
                     descs(op, q=ic(q), k=ic(k), v=ic(v), o=o, lse=lse,
-                          cu_seqlens=host_int32(cu_seqlens, "cu_seqlens", op)))
+                          cu_seqlens=host_int32(cu_seqlens, "cu_seqlens", op)),
+                    bf16_math=_bf16.code())
     return o, lse
 
 

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import _core
+from . import _bf16, _core
 from ._desc import Descs
 from .config import Config
 
@@ -99,7 +99,8 @@ def forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, g_cmp: np.ndarray, g_sl
               _descs(q=q, k=k, v=v, k_slc=k_slc, v_slc=v_slc, k_win=k_win, v_win=v_win,
                      k_cmp=k_cmp, v_cmp=v_cmp, g_cmp=g_cmp, g_slc=g_slc, g_win=g_win,
                      cu_seqlens=_seqlens(cu_seqlens), slc_indices_in=block_indices, o=o,
-                     lse_cmp=lse[0], lse_slc=lse[1], lse_win=lse[2], slc_indices_out=idx))
+                     lse_cmp=lse[0], lse_slc=lse[1], lse_win=lse[2], slc_indices_out=idx),
+              bf16_math=_bf16.code())
     extra = ([lse] if return_lse else []) + ([idx] if return_indices else [])
     return (o, *extra) if extra else o
 

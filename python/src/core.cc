@@ -40,7 +40,7 @@ nsa_tensor to_tensor(nb::handle desc, const char* name) {
   return t;
 }
 
-Context::Context(const std::string& backend, int threads) {
+Context::Context(const std::string& backend, int threads, int bf16_math) {
   nsa_backend b = NSA_BACKEND_AUTO;
   if (backend == "ref") {
     b = NSA_BACKEND_REF;
@@ -55,8 +55,11 @@ Context::Context(const std::string& backend, int threads) {
   if (nsa_context_create(&ctx_) != NSA_OK) throw std::bad_alloc();
   nsa_status s = nsa_context_set_backend(ctx_, b);
   if (s == NSA_OK && threads > 0) s = nsa_context_set_num_threads(ctx_, threads);
+  if (s == NSA_OK && bf16_math != NSA_BF16_MATH_AUTO) {
+    s = nsa_context_set_bf16_math(ctx_, static_cast<nsa_bf16_math>(bf16_math));
+  }
   if (s != NSA_OK) {
-    const std::string message = std::string("backend/threads: ") + nsa_last_error(ctx_);
+    const std::string message = std::string("backend/threads/bf16_math: ") + nsa_last_error(ctx_);
     nsa_context_destroy(ctx_);
     ctx_ = nullptr;
     raise_status(s, message);
@@ -144,6 +147,10 @@ NB_MODULE(_core, m) {
                                            : NSA_BACKEND_AUTO;
     return nsa_backend_available(b) != 0;
   });
+  m.def("bf16_math_available", [](int math) {
+    return nsa_bf16_math_available(static_cast<nsa_bf16_math>(math)) != 0;
+  });
+  m.def("bf16_math_auto", [] { return static_cast<int>(nsa_bf16_math_auto()); });
   m.def("config_default", [] {
     nsa_config c;
     nsa_config_default(&c);

@@ -20,12 +20,12 @@ namespace nb = nanobind;
 // C field the descriptor fills, quoted in errors.
 nsa_tensor to_tensor(nb::handle desc, const char* name);
 
-// A context for one call: the backend by name ("auto", "ref", "cpu", "cuda") and a thread count
-// (0: OpenMP's default). One per call, so that concurrent calls from Python threads (the GIL is
+// A context for one call: the backend by name ("auto", "ref", "cpu", "cuda"), a thread count
+// (0: OpenMP's default) and the bf16 arithmetic (an nsa_bf16_math value). One per call, so that concurrent calls from Python threads (the GIL is
 // released while the C call runs) never share a context's error message.
 class Context {
  public:
-  Context(const std::string& backend, int threads);
+  Context(const std::string& backend, int threads, int bf16_math = NSA_BF16_MATH_AUTO);
   ~Context();
   Context(const Context&) = delete;
   Context& operator=(const Context&) = delete;

@@ -25,7 +25,8 @@ void fill_inputs(const Tensors& t, nb::handle cfg, nsa_fwd_inputs& in) {
   in.num_seqs = s.num_seqs;
 }
 
-double fwd(const std::string& backend, int threads, nb::handle cfg, nb::dict tensors, int repeat) {
+double fwd(const std::string& backend, int threads, nb::handle cfg, nb::dict tensors, int repeat,
+           int bf16_math) {
   const Tensors t(tensors, {NSA_FWD_INPUT_NAMES, "slc_indices_in", "o", "lse_cmp", "lse_slc",
                             "lse_win", "o_cmp", "o_slc", "o_win", "slc_indices_out"});
   nsa_fwd_params p;
@@ -36,7 +37,7 @@ double fwd(const std::string& backend, int threads, nb::handle cfg, nb::dict ten
   p.lse_cmp = t["lse_cmp"], p.lse_slc = t["lse_slc"], p.lse_win = t["lse_win"];
   p.o_cmp = t["o_cmp"], p.o_slc = t["o_slc"], p.o_win = t["o_win"];
   p.slc_indices_out = t["slc_indices_out"];
-  const Context ctx(backend, threads);
+  const Context ctx(backend, threads, bf16_math);
   return timed(ctx, repeat, [&] { return nsa_fwd(ctx.get(), &p); });
 }
 
@@ -116,7 +117,7 @@ void compress_bwd(const std::string& backend, int threads, nb::handle cfg, const
 }
 
 double dense_fwd(const std::string& backend, int threads, float scale, int window, nb::dict tensors,
-                 int repeat) {
+                 int repeat, int bf16_math) {
   const Tensors t(tensors, {"q", "k", "v", "cu_seqlens", "o", "lse"});
   nsa_dense_fwd_params p;
   nsa_dense_fwd_params_init(&p);
@@ -125,7 +126,7 @@ double dense_fwd(const std::string& backend, int threads, float scale, int windo
   p.cu_seqlens = s.data, p.num_seqs = s.num_seqs;
   p.scale = scale, p.window = window;
   p.o = t["o"], p.lse = t["lse"];
-  const Context ctx(backend, threads);
+  const Context ctx(backend, threads, bf16_math);
   return timed(ctx, repeat, [&] { return nsa_dense_fwd(ctx.get(), &p); });
 }
 
@@ -159,14 +160,15 @@ void cmp_seqlens(nb::handle cfg, nb::handle cu_seqlens, nb::handle cu_cmp) {
 void bind_ops(nb::module_& m) {
   using nb::arg;
   m.def("fwd", &fwd, arg("backend"), arg("threads"), arg("cfg"), arg("tensors"), arg("repeat") = 1,
-        "nsa_fwd; returns the seconds spent in the C calls.");
+        arg("bf16_math") = 0, "nsa_fwd; returns the seconds spent in the C calls.");
   m.def("bwd", &bwd, arg("backend"), arg("threads"), arg("cfg"), arg("tensors"), "nsa_bwd.");
   m.def("compress", &compress, arg("backend"), arg("threads"), arg("cfg"), arg("kind"),
         arg("tensors"), "nsa_compress.");
   m.def("compress_bwd", &compress_bwd, arg("backend"), arg("threads"), arg("cfg"), arg("kind"),
         arg("tensors"), "nsa_compress_bwd.");
   m.def("dense_fwd", &dense_fwd, arg("backend"), arg("threads"), arg("scale"), arg("window"),
-        arg("tensors"), arg("repeat") = 1, "nsa_dense_fwd; returns the seconds in the C calls.");
+        arg("tensors"), arg("repeat") = 1, arg("bf16_math") = 0,
+        "nsa_dense_fwd; returns the seconds in the C calls.");
   m.def("dense_bwd", &dense_bwd, arg("backend"), arg("threads"), arg("scale"), arg("window"),
         arg("tensors"), "nsa_dense_bwd.");
   m.def("cmp_seqlens", &cmp_seqlens, arg("cfg"), arg("cu_seqlens"), arg("cu_cmp"),

@@ -119,6 +119,40 @@ def test_bf16():
     check(out, run_oracle(q, k, v, g, SMALL, k_cmp=k_cmp, v_cmp=v_cmp), BF16_TOL, "bf16")
 
 
+def test_bf16_math_setting():
+    """nsa.set_bf16_math at G = 16 (the heads-in-lanes forward): "f32" widens bf16 inputs,
+    "native" and "emulated" (where this CPU runs them) multiply bf16 pairs; each is within its
+    tolerance of the oracle, the two bf16 variants agree bit for bit, and bad modes are refused."""
+    q, k, v, g = make_inputs(1, 150, 16, 1, 16, 16, dtype=torch.bfloat16)
+    k_cmp, v_cmp = compress(k, SMALL), compress(v, SMALL)
+    ref = run_oracle(q, k, v, g, SMALL, k_cmp=k_cmp, v_cmp=v_cmp)
+    # bf16 o (rounded: BF16_TOL), plus rounding each softmax weight to bf16 for P V: 2^-8 max|v|
+    # per branch, three gated branches.
+    tol = BF16_TOL + 3 * 2.0 ** -8 * float(v.abs().max())
+    got = {}
+    try:
+        for mode in ("f32", "native", "emulated"):
+            try:
+                nsa.set_bf16_math(mode)
+            except RuntimeError:
+                print(f"bf16 math {mode}: this CPU cannot run it (not tested)")
+                continue
+            assert nsa.bf16_math() == mode and nsa.bf16_math_resolved() == mode
+            out = native_sparse_attention(q, k, v, *g, config=SMALL, k_cmp=k_cmp, v_cmp=v_cmp,
+                                          return_lse=True, return_indices=True)
+            check(out, ref, BF16_TOL if mode == "f32" else tol, f"bf16 math {mode}")
+            got[mode] = out[0]
+    finally:
+        nsa.set_bf16_math("auto")
+    assert nsa.bf16_math() == "auto"
+    if "native" in got and "emulated" in got:
+        assert torch.equal(got["native"], got["emulated"])
+    if "native" in got:  # the path ran: rounding P changes some bits
+        assert not torch.equal(got["native"], got["f32"])
+    with pytest.raises(ValueError, match="set_bf16_math"):
+        nsa.set_bf16_math("fast")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mlp", [False, True])
 def test_compress_matches_oracle(dtype, mlp):
