@@ -461,7 +461,8 @@ TEST(CpuFwd, EveryTargetMatchesReference) {
 // reported as not run. ----
 
 // T below a block and off every block (1, 40, 130, 301), G = 16, 12 (padding lanes) and 32 (two
-// head vectors), odd Dk (an unpaired last dim), Dv off the column blocks (20, 33), the paper's
+// head vectors) with the heads in lanes, G = 1, 3, 5 and 8 with the keys in lanes (stacks of 1
+// to 32 rows), odd Dk (an unpaired last dim), Dv off the column blocks (20, 33, 36), the paper's
 // dims, windows and selected blocks that start on odd keys (every config), strided views, bf16
 // outputs, varlen and caller indices.
 TEST(CpuFwdBf16Math, MatchesReferenceOnAwkwardShapes) {
@@ -485,6 +486,20 @@ TEST(CpuFwdBf16Math, MatchesReferenceOnAwkwardShapes) {
     const Shape s{2, 100, 32, 2, 24, 16};
     const Tensor ix = random_indices(s, configs()[2], {}, ++seed);
     compare_fwd(cpu, s, configs()[2], bf, ++seed, true, {}, f32, &ix, m);
+    // The keys in lanes.
+    for (int64_t T : {1, 40, 301}) {
+      compare_fwd(cpu, {1, T, 2, 2, 24, 16}, configs()[3], bf, ++seed, false, {}, f32, nullptr,
+                  m);
+    }
+    compare_fwd(cpu, {2, 130, 6, 2, 17, 20}, configs()[1], bf, ++seed, true, {}, bf, nullptr, m);
+    compare_fwd(cpu, {1, 700, 10, 2, 20, 36}, configs()[3], bf, ++seed, false, {}, f32, nullptr,
+                m);
+    compare_fwd(cpu, {1, 130, 16, 2, 24, 33}, configs()[2], bf, ++seed, true, cu, f32, nullptr, m);
+    compare_fwd(cpu, {1, 700, 4, 1, 192, 128}, configs()[0], bf, ++seed, false, {}, f32, nullptr,
+                m);
+    const Shape s4{2, 100, 8, 2, 24, 16};
+    const Tensor ix4 = random_indices(s4, configs()[2], {}, ++seed);
+    compare_fwd(cpu, s4, configs()[2], bf, ++seed, true, {}, f32, &ix4, m);
   }
 }
 
@@ -503,7 +518,8 @@ TEST(CpuFwdBf16Math, EmulationEqualsNativeBitForBit) {
       !nsa_bf16_math_available(NSA_BF16_MATH_EMULATED)) {
     GTEST_SKIP() << "needs both NATIVE (AVX512_BF16) and EMULATED (AVX-512) on this CPU";
   }
-  for (const Shape& s : {Shape{1, 301, 16, 1, 24, 16}, Shape{2, 150, 24, 2, 17, 33}}) {
+  for (const Shape& s : {Shape{1, 301, 16, 1, 24, 16}, Shape{2, 150, 24, 2, 17, 33},
+                         Shape{1, 301, 4, 1, 24, 16}, Shape{2, 150, 6, 2, 17, 33}}) {
     const FwdCase a = run_cpu_fwd(s, kSeed + 2100, NSA_BF16_MATH_NATIVE, 0);
     const FwdCase b = run_cpu_fwd(s, kSeed + 2100, NSA_BF16_MATH_EMULATED, 0);
     for (auto [x, y] : {std::pair{&a.o, &b.o}, std::pair{&a.o_cmp, &b.o_cmp},
@@ -518,10 +534,10 @@ TEST(CpuFwdBf16Math, EmulationEqualsNativeBitForBit) {
 TEST(CpuFwdBf16Math, TakesThePathWithBitsIndependentOfThreads) {
   const std::vector<nsa_bf16_math> maths = runnable_bf16_maths();
   if (maths.empty()) GTEST_SKIP() << "no bf16 arithmetic variant runs on this CPU (no AVX-512)";
-  const Shape s{1, 300, 32, 2, 24, 16};
   const std::vector<int32_t> cu = {0, 7, 200, 300};
-  const FwdCase f32 = run_cpu_fwd(s, kSeed + 2200, NSA_BF16_MATH_F32, 0, cu);
+  for (const Shape& s : {Shape{1, 300, 32, 2, 24, 16}, Shape{1, 300, 8, 2, 24, 16}})
   for (nsa_bf16_math m : maths) {
+    const FwdCase f32 = run_cpu_fwd(s, kSeed + 2200, NSA_BF16_MATH_F32, 0, cu);
     const FwdCase one = run_cpu_fwd(s, kSeed + 2200, m, 1, cu);
     const FwdCase three = run_cpu_fwd(s, kSeed + 2200, m, 3, cu);
     EXPECT_FALSE(one.o.storage() == f32.o.storage()) << "math " << m << " computed as F32";

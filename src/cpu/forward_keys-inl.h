@@ -45,6 +45,8 @@ using bwd_tiles::VT;
 using fwd::BlockPos;
 using fwd::Branch;
 using fwd::Dims;
+using fwd::KV;
+using fwd::kv_of;
 using fwd::kMaxRows;
 using fwd::PackedKV;
 using fwd::Packs;
@@ -153,12 +155,36 @@ inline void stack_queries(const Stack& st, Pos* const* ps, int K, int64_t R) {
   std::fill(st.roff + K * st.GH, st.roff + R, st.roff[0]);
 }
 
-// Online softmax attention of the slots over their key ranges of one K/V run (kt its tiles
-// [Dk][16], v its rows [key][Dv], from a tile start), in groups of up to 64 keys: the products
-// for every row at once, the softmax per row with the keys outside its slot's range masked to
-// -inf, then O += P V jointly over the keys every slot sees and per slot over the rest.
+// S = Q K^T for R stacked rows over nt tiles from key g0 of kv: f32, or bf16 pairs (with the
+// scale, which the f32 queries carry, applied to the scores).
+inline void row_scores(const Stack& st, int64_t R, const Dims& dm, const KV& kv, int64_t g0, int nt,
+                       float* s, int64_t ld) {
+  if (dm.bf) {
+    dm.bf->row_scores(reinterpret_cast<const uint32_t*>(st.qbase), st.GH, R, st.roff,
+                      kv.kp + (g0 - kv.key0) * dm.Dk2, dm.Dk2, nt, dm.scale, s, ld);
+  } else {
+    bwd_tiles::gathered_products(st.qbase, st.GH, R, st.roff, kv.kt + (g0 - kv.key0) * dm.Dk,
+                                 dm.Dk, nt, s, ld);
+  }
+}
+
+// O += P V for `rows` rows over keys [j0, j1) counted from key g0 (a multiple of kTileKeys) of kv.
+inline void row_pv(const Stack& st, const Dims& dm, const KV& kv, int64_t g0, const float* p,
+                   int64_t ldp, int64_t rows, int64_t j0, int64_t j1, float* o) {
+  if (dm.bf) {
+    dm.bf->row_accumulate(p, ldp, rows, kv.vp + (g0 - kv.key0) / 2 * dm.ldv, dm.ldv, j0, j1, o,
+                          st.ldo, st.pp);
+  } else {
+    pv_rows(p, ldp, rows, kv.v + (g0 - kv.key0) * dm.Dv, dm.Dv, j0, j1, o, st.ldo);
+  }
+}
+
+// Online softmax attention of the slots over their key ranges of one K/V run (kv, from a tile
+// start; the slots' ranges count from kv's key0), in groups of up to 64 keys: the products for
+// every row at once, the softmax per row with the keys outside its slot's range masked to -inf,
+// then O += P V jointly over the keys every slot sees and per slot over the rest.
 inline void attend_slots(const Stack& st, const Slots& sl, int64_t R, const Dims& dm,
-                         const float* kt, const float* v) {
+                         const KV& kv) {
   const DT d;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   int64_t u0 = INT64_MAX, u1 = 0, both0 = 0, both1 = INT64_MAX;
@@ -168,8 +194,7 @@ inline void attend_slots(const Stack& st, const Slots& sl, int64_t R, const Dims
   }
   for (int64_t g0 = u0 / kTileKeys * kTileKeys; g0 < u1; g0 += kGroupKeys) {
     const int64_t n = round_up(std::min(kGroupKeys, u1 - g0), kTileKeys);
-    bwd_tiles::gathered_products(st.qbase, st.GH, R, st.roff, kt + g0 * dm.Dk, dm.Dk,
-                                 static_cast<int>(n / kTileKeys), st.s, st.s_ld);
+    row_scores(st, R, dm, kv, kv.key0 + g0, static_cast<int>(n / kTileKeys), st.s, st.s_ld);
     auto local = [&](int64_t x) { return std::clamp<int64_t>(x - g0, 0, n); };
     const int64_t j0 = local(both0), j1 = local(both1);
     for (int k = 0; k < sl.K; ++k) {
@@ -183,17 +208,17 @@ inline void attend_slots(const Stack& st, const Slots& sl, int64_t R, const Dims
         softmax::step_row(d, row, n, sl.m[k] + h, sl.l[k] + h, st.o + r * st.ldo, st.ldo);
       }
       if (j0 >= j1) {
-        pv_rows(st.s + k * st.GH * st.s_ld, st.s_ld, st.GH, v + g0 * dm.Dv, dm.Dv, a, b,
-                st.o + k * st.GH * st.ldo, st.ldo);
+        row_pv(st, dm, kv, kv.key0 + g0, st.s + k * st.GH * st.s_ld, st.s_ld, st.GH, a, b,
+               st.o + k * st.GH * st.ldo);
         continue;
       }
       for (auto [x, y] : {std::pair{a, j0}, std::pair{j1, b}}) {
-        pv_rows(st.s + k * st.GH * st.s_ld, st.s_ld, st.GH, v + g0 * dm.Dv, dm.Dv, x, y,
-                st.o + k * st.GH * st.ldo, st.ldo);
+        row_pv(st, dm, kv, kv.key0 + g0, st.s + k * st.GH * st.s_ld, st.s_ld, st.GH, x, y,
+               st.o + k * st.GH * st.ldo);
       }
     }
     // Every slot sees [j0, j1): all rows at once (rows past K GH compute unread values).
-    pv_rows(st.s, st.s_ld, R, v + g0 * dm.Dv, dm.Dv, j0, j1, st.o, st.ldo);
+    row_pv(st, dm, kv, kv.key0 + g0, st.s, st.s_ld, R, j0, j1, st.o);
   }
 }
 
@@ -227,11 +252,12 @@ inline void slc_tile(Pos* tile, int64_t np, const Packs& pk, int64_t si, int64_t
     while (y < n_pairs && st.pairs[y].first == st.pairs[x].first) ++y;
     const int64_t f = int64_t{st.pairs[x].first} * cfg.slc_block;
     auto end_of = [&](const Pos& ps) { return std::min<int64_t>(f + cfg.slc_block, ps.g.t + 1); };
-    const float* kt = pk.slc.half ? blk_k : pk.slc.k_at(si, hk);
-    const float* v = pk.slc.half ? blk_v : pk.slc.v_at(si, hk);
-    int64_t key0 = 0;   // the first key of kt and v
-    if (pk.slc.half) {  // the positions come in order: the last one reads the most keys
+    KV kv = kv_of(pk.slc, si, hk);  // f32 or pairs: read in place
+    int64_t key0 = 0;                // the first key of kv's run
+    if (pk.slc.half) {               // the positions come in order: the last one reads the most
+      kv.kt = blk_k, kv.v = blk_v;
       key0 = widen_block(pk.slc, si, hk, f, end_of(tile[st.pairs[y - 1].second]), blk_k, blk_v);
+      kv.key0 = key0;
     }
     for (int64_t z0 = x; z0 < y; z0 += max_slots) {
       Slots sl;
@@ -245,7 +271,7 @@ inline void slc_tile(Pos* tile, int64_t np, const Packs& pk, int64_t si, int64_t
       }
       const int64_t R = stack_rows(st, sl.K);
       stack_queries(st, ps, sl.K, R);
-      attend_slots(st, sl, R, dm, kt, v);
+      attend_slots(st, sl, R, dm, kv);
       for (int k = 0; k < sl.K; ++k)
         std::copy(st.o + k * rows, st.o + (k + 1) * rows, ps[k]->orows);
     }
@@ -269,7 +295,7 @@ inline void window_quad(Pos* const quad[4], const Packs& pk, int64_t si, const D
   const int64_t R = stack_rows(st, sl.K);
   std::fill(st.o, st.o + R * st.ldo, 0.0f);
   stack_queries(st, quad, sl.K, R);
-  attend_slots(st, sl, R, dm, pk.win_kv->k_at(si, hk), pk.win_kv->v_at(si, hk));
+  attend_slots(st, sl, R, dm, kv_of(*pk.win_kv, si, hk));
   for (int k = 0; k < sl.K; ++k) rows_to_lanes(st.o + k * st.GH * st.ldo, st.ldo, dm, quad[k]->win);
 }
 
@@ -314,12 +340,10 @@ inline void cmp_quad(Pos* const quad[4], const int64_t nc[4], const Packs& pk, i
     ++K;
   }
   stack_queries(st, quad, K, R);
-  const float* kt = pk.cmp.k_at(si, hk);
-  const float* v = pk.cmp.v_at(si, hk);
+  const KV kv = kv_of(pk.cmp, si, hk);
   for (int64_t g0 = 0; g0 < n_all; g0 += kGroupKeys) {
     const int nt = static_cast<int>((std::min(kGroupKeys, n_all - g0) + kTileKeys - 1) / kTileKeys);
-    bwd_tiles::gathered_products(st.qbase, GH, R, st.roff, kt + g0 * dm.Dk, dm.Dk, nt, st.s + g0,
-                                 ld);
+    row_scores(st, R, dm, kv, g0, nt, st.s + g0, ld);
   }
   std::fill(st.o, st.o + R * st.ldo, 0.0f);
   for (int p = 0; p < K; ++p) {
@@ -333,10 +357,10 @@ inline void cmp_quad(Pos* const quad[4], const int64_t nc[4], const Packs& pk, i
   }
   // A position with no compressed key (nc = 0) stays empty (o = 0, lse = -inf): then n_lo is
   // the least of the others and its rows' values are never read.
-  pv_rows(st.s, ld, R, v, dm.Dv, 0, n_lo, st.o, st.ldo);
+  row_pv(st, dm, kv, 0, st.s, ld, R, 0, n_lo, st.o);
   for (int p = 0; p < K; ++p) {
     if (nc[p] == 0) continue;
-    pv_rows(st.s + p * GH * ld, ld, GH, v, dm.Dv, n_lo, nc[p], st.o + p * GH * st.ldo, st.ldo);
+    row_pv(st, dm, kv, 0, st.s + p * GH * ld, ld, GH, n_lo, nc[p], st.o + p * GH * st.ldo);
     rows_to_lanes(st.o + p * GH * st.ldo, st.ldo, dm, quad[p]->cmp);
     if (!present(quad[p]->g.pr->p.slc_indices_in)) block_scores(*quad[p], dm, nc[p], st, p);
   }

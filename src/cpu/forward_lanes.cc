@@ -66,6 +66,8 @@ using DFull = hn::ScalableTag<float>;
 using fwd::BlockPos;
 using fwd::Branch;
 using fwd::Dims;
+using fwd::KV;
+using fwd::kv_of;
 using fwd::Packs;
 using fwd::Pos;
 using fwd::Stack;
@@ -78,26 +80,6 @@ void branch_begin(const Dims& d, Branch& br) {
   std::fill(br.o, br.o + d.Dv * d.GP, 0.0f);
   std::fill(br.m, br.m + d.GP, kNegInf);
   std::fill(br.l, br.l + d.GP, 0.0f);
-}
-
-// The packed K/V of one (sequence, KV head) from key key0 (a multiple of kTileKeys): f32 K tiles
-// and V rows, or bf16 pairs with bf16 arithmetic.
-struct KV {
-  const float* kt = nullptr;
-  const float* v = nullptr;
-  const uint32_t* kp = nullptr;
-  const uint32_t* vp = nullptr;
-  int64_t key0 = 0;
-};
-
-KV kv_of(const fwd::PackedKV& pk, int64_t si, int64_t hk) {
-  KV kv;
-  if (pk.pairs) {
-    kv.kp = pk.kp_at(si, hk), kv.vp = pk.vp_at(si, hk);
-  } else {
-    kv.kt = pk.k_at(si, hk), kv.v = pk.v_at(si, hk);
-  }
-  return kv;
 }
 
 // S = Q^T K of head vector hv of A (and B) for `tiles` tiles from key c0 into sa (sb): f32
@@ -120,8 +102,8 @@ template <class DF>
 void accumulate(const Dims& dm, const KV& kv, int64_t c0, float* pa, float* pb, int64_t j0,
                 int64_t j1, float* oa, float* ob) {
   if (dm.bf) {
-    dm.bf->lane_accumulate(pa, pb, dm.GP, kv.vp + (c0 - kv.key0) / 2 * dm.Dv, dm.Dv, j0, j1, oa,
-                           ob);
+    dm.bf->lane_accumulate(pa, pb, dm.GP, kv.vp + (c0 - kv.key0) / 2 * dm.ldv, dm.ldv, dm.Dv, j0,
+                           j1, oa, ob);
   } else {
     lanes::accumulate<DF>(pa, pb, dm.GP, kv.v + (c0 - kv.key0) * dm.Dv, dm.Dv, j0, j1, oa, ob);
   }
@@ -383,14 +365,14 @@ void slc_pair(Pos* const pos[2], const Packs& pk, int64_t si, int64_t hk, const 
   }
 }
 
-// One head's query (bf16, at element offset `at` of q) as pairs of dims into qp[i GP], unscaled:
+// One head's query (bf16, at element offset `at` of q) as pairs of dims into qp[i ldq], unscaled:
 // the bits are moved, so the products see the exact query (Dims::scale applies to the scores).
 void query_pairs(const nsa_tensor& q, int64_t at, const Dims& dm, uint32_t* qp) {
   const uint16_t* x = static_cast<const uint16_t*>(q.data) + at;
   const int64_t st = q.stride[3];
   for (int64_t i = 0; i < dm.Dk2; ++i) {
     const uint32_t hi = 2 * i + 1 < dm.Dk ? x[(2 * i + 1) * st] : 0;
-    qp[i * dm.GP] = uint32_t{x[2 * i * st]} | hi << 16;
+    qp[i * dm.ldq] = uint32_t{x[2 * i * st]} | hi << 16;
   }
 }
 
@@ -538,8 +520,9 @@ struct Layout {
   int64_t P = 4;  // positions per tile
   int64_t Dk = 0, Dv = 0, GP = 0, ldq = 0, orows = 0, set_room = 0, max_blocks = 0;
   int64_t s_rows = 0, acc = 0, blk_keys = 0, qp = 0;
+  bool qp_in_qt = false;  // the keys in lanes keep the query pairs in qt's memory (Pos::qp)
   Stack st;            // the keys-in-lanes stack's shape (its buffers are carved)
-  int64_t stack[4]{};  // its s, o, w and inv
+  int64_t stack[5]{};  // its s, o, w, inv and pp
   int64_t floats = 0, ints = 0, pairs = 0;
 };
 
@@ -550,7 +533,8 @@ Layout layout_of(const FwdProblem& pr, const Dims& dm, const Packs& pk, int64_t 
   // tiles are long; the heads-in-lanes kernels share within pairs only.
   z.P = dm.keys ? 256 : 4;
   z.Dk = dm.Dk, z.Dv = dm.Dv, z.GP = dm.GP, z.ldq = dm.ldq;
-  z.qp = dm.bf ? dm.Dk2 * dm.GP : 0;
+  z.qp = dm.bf && !dm.keys ? dm.Dk2 * dm.GP : 0;
+  z.qp_in_qt = dm.keys;
   int64_t max_len = 0, max_cmp = 0;
   for (const Sequence& sq : pr.seqs) max_len = std::max(max_len, sq.len);
   for (const Sequence& sq : pr.seqs) max_cmp = std::max(max_cmp, sq.cmp_len);
@@ -575,9 +559,10 @@ Layout layout_of(const FwdProblem& pr, const Dims& dm, const Packs& pk, int64_t 
   z.orows = dm.keys ? z.st.GH * z.st.ldo : 0;
   z.stack[0] = R * z.st.s_ld, z.stack[1] = R * z.st.ldo;
   z.stack[2] = dm.keys ? z.st.s_ld : 0, z.stack[3] = R;
+  z.stack[4] = dm.keys && dm.bf ? R * 32 : 0;
   // As carve() takes them, each rounded up to 16 floats: per position qt, qp, three branches'
   // o, m, l, lse, orows; per quad slot s and score; then acc, row, blk_k, blk_v and the stack's
-  // four.
+  // five.
   const int64_t branch = round_up(dm.Dv * dm.GP, 16) + 2 * round_up(dm.GP, 16);
   z.floats = z.P * (round_up(dm.Dk * dm.ldq, 16) + round_up(z.qp, 16) + 3 * branch +
                     round_up(3 * dm.GP, 16) + round_up(z.orows, 16)) +
@@ -600,7 +585,7 @@ void carve(const Layout& z, float* f, int32_t* ints, fwd::BlockPos* pairs, Pos* 
   for (int64_t i = 0; i < z.P; ++i) {
     Pos& ps = tile[i];
     ps.qt = take(z.Dk * z.ldq);
-    ps.qp = reinterpret_cast<uint32_t*>(take(z.qp));
+    ps.qp = reinterpret_cast<uint32_t*>(z.qp_in_qt ? ps.qt : take(z.qp));
     for (Branch* br : {&ps.cmp, &ps.slc, &ps.win}) {
       br->o = take(z.Dv * z.GP);
       br->m = take(z.GP);
@@ -635,6 +620,7 @@ void carve(const Layout& z, float* f, int32_t* ints, fwd::BlockPos* pairs, Pos* 
   b.st.o = take(z.stack[1]);
   b.st.w = take(z.stack[2]);
   b.st.inv = take(z.stack[3]);
+  b.st.pp = reinterpret_cast<uint32_t*>(take(z.stack[4]));
   b.st.pairs = pairs;
 }
 
@@ -651,15 +637,17 @@ bool ForwardLanesT(const FwdProblem& pr) {
   // a 4- or 8-lane vector of heads would do a quarter or half of a 16-lane FMA's work per key.
   const bool keys = pr.G <= 8 && N < kTileKeys;
   Dims dm{pr.G, GP, pr.Dk, pr.Dv, keys, keys ? bwd_tiles::padded_heads(pr.G) : GP};
-  // bf16 arithmetic: the heads in 16 lanes, and every operand of the products bf16 (the dense
-  // forward's rule: f32 inputs are not rounded).
+  // bf16 arithmetic where every operand of the products is bf16 (the dense forward's rule: f32
+  // inputs are not rounded).
   bool all_bf16 = true;
   for (const nsa_tensor* t :
        {&p.in.q, &p.in.k_slc, &p.in.v_slc, &p.in.k_win, &p.in.v_win, &p.in.k_cmp, &p.in.v_cmp}) {
     all_bf16 = all_bf16 && t->dtype == NSA_DTYPE_BF16;
   }
-  if (!keys && N == 16 && all_bf16) dm.bf = bf16::kernels(pr.bf16_math);
+  // Heads in lanes: the bf16 kernels' 16 lanes; keys in lanes: any target (tiles of 16 keys).
+  if ((keys || N == 16) && all_bf16) dm.bf = bf16::kernels(pr.bf16_math);
   dm.Dk2 = (pr.Dk + 1) / 2;
+  dm.ldv = round_up(pr.Dv, 16);
   dm.scale = p.in.cfg.scale;
 
   Packs pk;

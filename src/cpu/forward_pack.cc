@@ -40,12 +40,12 @@ bool fill_tiles(const FwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, 
 }
 
 // Fills pk's pair layouts from bf16 k and v (forward_state.h): per tile of kTileKeys keys, K
-// as [Dk2][kTileKeys] pairs of dims and V as [kTileKeys / 2][Dv] pairs of keys, zero past the
-// sequence end and past Dk. Exact: the bf16 bits are moved, not converted.
+// as [Dk2][kTileKeys] pairs of dims and V as [kTileKeys / 2][ldv] pairs of keys, zero past the
+// sequence end, past Dk and past Dv. Exact: the bf16 bits are moved, not converted.
 void fill_pairs(const FwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, bool cmp,
                 int threads, PackedKV& pk) {
-  const int64_t Dk = pr.Dk, Dv = pr.Dv, Dk2 = pk.Dk2, tiles = pk.tiles;
-  const int64_t k_words = kTileKeys * Dk2, v_words = kTileKeys / 2 * Dv;
+  const int64_t Dk = pr.Dk, Dv = pr.Dv, Dk2 = pk.Dk2, ldv = pk.ldv, tiles = pk.tiles;
+  const int64_t k_words = kTileKeys * Dk2, v_words = kTileKeys / 2 * ldv;
   const uint16_t* kb = static_cast<const uint16_t*>(k.data);
   const uint16_t* vb = static_cast<const uint16_t*>(v.data);
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -62,8 +62,10 @@ void fill_pairs(const FwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, 
     for (int64_t j = 0; j < std::min(kTileKeys, len - k0); ++j) {
       const uint16_t* kr = kb + offset_of(k, seq.batch, start + k0 + j, hk);
       const uint16_t* vr = vb + offset_of(v, seq.batch, start + k0 + j, hk);
-      for (int64_t i = 0; i < Dk; ++i) kt[((i / 2) * kTileKeys + j) * 2 + (i & 1)] = kr[i * k.stride[3]];
-      for (int64_t c = 0; c < Dv; ++c) vt[((j / 2) * Dv + c) * 2 + (j & 1)] = vr[c * v.stride[3]];
+      for (int64_t i = 0; i < Dk; ++i) {
+        kt[((i / 2) * kTileKeys + j) * 2 + (i & 1)] = kr[i * k.stride[3]];
+      }
+      for (int64_t c = 0; c < Dv; ++c) vt[((j / 2) * ldv + c) * 2 + (j & 1)] = vr[c * v.stride[3]];
     }
   }
 }
@@ -77,6 +79,7 @@ bool pack(const FwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, bool c
   pk.Dk = Dk;
   pk.Dv = Dv;
   pk.Dk2 = (Dk + 1) / 2;
+  pk.ldv = round_up(Dv, int64_t{16});
   pk.half = form == Form::kBf16 && bf16;
   pk.pairs = form == Form::kPairs && bf16;
   pk.first_tile.assign(1, 0);
@@ -87,7 +90,7 @@ bool pack(const FwdProblem& pr, const nsa_tensor& k, const nsa_tensor& v, bool c
   pk.tiles = pk.first_tile.back();
   // Pairs: Dk rounded up to even, 2 elements per word.
   const int64_t k_elems = Hkv * pk.tiles * kTileKeys * (pk.pairs ? 2 * pk.Dk2 : Dk),
-                v_elems = Hkv * pk.tiles * kTileKeys * Dv;
+                v_elems = Hkv * pk.tiles * kTileKeys * (pk.pairs ? pk.ldv : Dv);
   // Element counts rounded to 64 bytes, so that V starts on a line.
   const bool two_bytes = pk.half || pk.pairs;
   const int64_t k_floats = two_bytes ? (k_elems + 31) / 32 * 16 : k_elems;

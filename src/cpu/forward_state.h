@@ -24,11 +24,11 @@ struct PackedKV {
   // branch, whose blocks come from DRAM at long T and so cost bytes more than conversions.
   bool half = false;
   // bf16 pairs for bf16 arithmetic (bf16/lanes-inl.h): K tiles [Dk2][kTileKeys] of pairs of dims,
-  // V [kTileKeys / 2][Dv] pairs of keys per tile; the same bytes as bf16.
+  // V [kTileKeys / 2][ldv] pairs of keys per tile (ldv = Dv rounded up to 16, zero-padded).
   bool pairs = false;
   void* k = nullptr;
   void* v = nullptr;
-  int64_t tiles = 0, Dk = 0, Dv = 0, Dk2 = 0;
+  int64_t tiles = 0, Dk = 0, Dv = 0, Dk2 = 0, ldv = 0;
   int64_t k_index(int64_t seq, int64_t hk) const {
     return (hk * tiles + first_tile[seq]) * kTileKeys * Dk;
   }
@@ -51,9 +51,29 @@ struct PackedKV {
     return static_cast<const uint32_t*>(k) + (hk * tiles + first_tile[seq]) * kTileKeys * Dk2;
   }
   const uint32_t* vp_at(int64_t seq, int64_t hk) const {
-    return static_cast<const uint32_t*>(v) + (hk * tiles + first_tile[seq]) * kTileKeys / 2 * Dv;
+    return static_cast<const uint32_t*>(v) + (hk * tiles + first_tile[seq]) * kTileKeys / 2 * ldv;
   }
 };
+
+// The packed K/V of one (sequence, KV head) from key key0 (a multiple of kTileKeys): f32 K tiles
+// and V rows, or bf16 pairs with bf16 arithmetic.
+struct KV {
+  const float* kt = nullptr;
+  const float* v = nullptr;
+  const uint32_t* kp = nullptr;
+  const uint32_t* vp = nullptr;
+  int64_t key0 = 0;
+};
+
+inline KV kv_of(const PackedKV& pk, int64_t si, int64_t hk) {
+  KV kv;
+  if (pk.pairs) {
+    kv.kp = pk.kp_at(si, hk), kv.vp = pk.vp_at(si, hk);
+  } else {
+    kv.kt = pk.k_at(si, hk), kv.v = pk.v_at(si, hk);
+  }
+  return kv;
+}
 
 // The element form of a pack: f32, bf16 as given (when k and v are bf16), or bf16 pairs (the
 // same condition).
@@ -80,7 +100,9 @@ struct Branch {
 struct Pos {
   Group g;
   float* qt;  // [Dk][Dims::ldq] queries, scaled, heads in lanes (zero past G)
-  uint32_t* qp = nullptr;  // [Dk2][GP] the queries as bf16 pairs, unscaled (bf16 arithmetic)
+  // [Dk2][Dims::ldq] the queries as bf16 pairs, unscaled (bf16 arithmetic); with the keys in
+  // lanes it is qt's memory, so that the stack's row offsets serve both.
+  uint32_t* qp = nullptr;
   float* s;   // [s_rows][GP] scores, then probabilities (heads in lanes)
   Branch cmp, slc, win;
   float* lse;              // [3][GP]: cmp, slc, win
@@ -95,7 +117,7 @@ struct Dims {
   // bf16 arithmetic (heads in lanes, 16 lanes, bf16 inputs): its kernels, the query pairs' rows
   // (Pos::qp) and the scale the scores take after the products. bf null: f32.
   const bf16::Kernels* bf = nullptr;
-  int64_t Dk2 = 0;
+  int64_t Dk2 = 0, ldv = 0;  // query/key pairs per row; V pairs' row (PackedKV::ldv)
   float scale = 0.0f;
 };
 
@@ -113,6 +135,7 @@ struct Stack {
   float* o = nullptr;            // [kMaxRows][ldo] outputs
   float* w = nullptr;            // [s_ld] the group's mass per compressed token
   float* inv = nullptr;          // [kMaxRows] 1 / l per head
+  uint32_t* pp = nullptr;        // [kMaxRows][32] bf16 pairs of weights (bf16 arithmetic)
   BlockPos* pairs = nullptr;     // [tile positions x set room]
 };
 

@@ -4,6 +4,7 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #define NSA_HAVE_BF16_KERNELS 1
 #endif
@@ -34,10 +35,12 @@ namespace {
 
 constexpr Kernels kNative = {native::to_pairs,       native::scores,
                              native::accumulate,     native::accumulate_row,
-                             native::lane_scores,    native::lane_accumulate};
+                             native::lane_scores,    native::lane_accumulate,
+                             native::row_scores,     native::row_accumulate};
 constexpr Kernels kEmulated = {emulated::to_pairs,       emulated::scores,
                                emulated::accumulate,     emulated::accumulate_row,
-                               emulated::lane_scores,    emulated::lane_accumulate};
+                               emulated::lane_scores,    emulated::lane_accumulate,
+                               emulated::row_scores,     emulated::row_accumulate};
 
 }  // namespace
 

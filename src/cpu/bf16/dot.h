@@ -21,8 +21,15 @@ struct Kernels {
   // The NSA forward's heads-in-lanes products (lanes-inl.h).
   void (*lane_scores)(const uint32_t* qa, const uint32_t* qb, int64_t GP, int64_t Dk2,
                       const uint32_t* kp, int64_t tiles, float scale, float* sa, float* sb);
-  void (*lane_accumulate)(float* pa, float* pb, int64_t GP, const uint32_t* vp, int64_t Dv,
-                          int64_t j0, int64_t j1, float* oa, float* ob);
+  void (*lane_accumulate)(float* pa, float* pb, int64_t GP, const uint32_t* vp, int64_t ldv,
+                          int64_t Dv, int64_t j0, int64_t j1, float* oa, float* ob);
+  // The NSA forward's keys-in-lanes products (stacked rows; lanes-inl.h).
+  void (*row_scores)(const uint32_t* xT, int64_t ld, int64_t rows, const int32_t* roff,
+                     const uint32_t* kp, int64_t Dk2, int nt, float scale, float* out,
+                     int64_t ldo);
+  void (*row_accumulate)(const float* p, int64_t ldp, int64_t rows, const uint32_t* vp,
+                         int64_t ldv, int64_t j0, int64_t j1, float* o, int64_t ldo,
+                         uint32_t* pp);
 };
 
 // NATIVE or EMULATED (the caller checked nsa::bf16_math_runs); nullptr for any other value.
