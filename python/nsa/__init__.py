@@ -22,8 +22,9 @@ from ._bf16 import bf16_math, bf16_math_resolved, set_bf16_math
 from .config import Config
 
 __version__ = _core.version()
-__all__ = ["Config", "np", "ops", "functional", "nn", "cache", "native_sparse_attention", "build_info",
-           "backend_available", "set_bf16_math", "bf16_math", "bf16_math_resolved", "__version__"]
+__all__ = ["Config", "np", "ops", "functional", "nn", "cache", "native_sparse_attention",
+           "build_info", "backend_available", "set_bf16_math", "bf16_math", "bf16_math_resolved",
+           "__version__"]
 
 _LAZY = {"np", "ops", "functional", "nn", "cache"}
 

@@ -21,8 +21,9 @@ namespace nb = nanobind;
 nsa_tensor to_tensor(nb::handle desc, const char* name);
 
 // A context for one call: the backend by name ("auto", "ref", "cpu", "cuda"), a thread count
-// (0: OpenMP's default) and the bf16 arithmetic (an nsa_bf16_math value). One per call, so that concurrent calls from Python threads (the GIL is
-// released while the C call runs) never share a context's error message.
+// (0: OpenMP's default) and the bf16 arithmetic (an nsa_bf16_math value). One per call, so that
+// concurrent calls from Python threads (the GIL is released while the C call runs) never share a
+// context's error message.
 class Context {
  public:
   Context(const std::string& backend, int threads, int bf16_math = NSA_BF16_MATH_AUTO);

@@ -235,8 +235,9 @@ NSA_BF16_ATTR static inline void pairs_of(const float* x, int64_t n, uint32_t* o
   for (int64_t i = 0; i < n; i += 32) {
     const int64_t left = n - i;
     const __mmask16 m0 = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
-    const __mmask16 m1 =
-        left >= 32 ? 0xFFFF : left <= 16 ? 0 : static_cast<__mmask16>((1u << (left - 16)) - 1);
+    const __mmask16 m1 = left >= 32   ? 0xFFFF
+                         : left <= 16 ? 0
+                                      : static_cast<__mmask16>((1u << (left - 16)) - 1);
     _mm512_storeu_si512(out + i / 2, to_pairs16(_mm512_maskz_loadu_ps(m0, x + i),
                                                 _mm512_maskz_loadu_ps(m1, x + i + 16)));
   }
@@ -283,7 +284,8 @@ NSA_BF16_ATTR static void row_accumulate(const float* p, int64_t ldp, int64_t ro
                                          float* o, int64_t ldo, uint32_t* pp) {
   if (j0 >= j1) return;
   if (j0 & 1) {
-    for (int64_t h = 0; h < rows; ++h) accumulate_row(p + h * ldp, j0, j0 + 1, vp, ldv, o + h * ldo);
+    for (int64_t h = 0; h < rows; ++h)
+      accumulate_row(p + h * ldp, j0, j0 + 1, vp, ldv, o + h * ldo);
     ++j0;
   }
   if ((j1 & 1) && j0 < j1) {
