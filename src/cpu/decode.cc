@@ -77,16 +77,34 @@ constexpr int NV = HWY_MAX_BYTES >= 64 ? 4 : 2;  // key vectors per score block
 constexpr int CB = HWY_MAX_BYTES >= 64 ? 4 : 2;  // value-column vectors per output block
 constexpr int HB = static_cast<int>(kHeadBlock);
 
+// N elements of a bf16 cache (kv_cache.h: pairs in 32-bit words) as f32: the lower (even) or
+// the upper (odd) element of N consecutive words. Exact.
+template <bool kOdd>
+HWY_INLINE VF load_half(const uint32_t* HWY_RESTRICT words) {
+  const DF d;
+  const hn::RebindToUnsigned<DF> du;
+  const auto w = hn::LoadU(du, words);
+  return hn::BitCast(d, kOdd ? hn::And(w, hn::Set(du, 0xFFFF0000u)) : hn::ShiftLeft<16>(w));
+}
+
 template <bool kBf16>
 HWY_INLINE VF load_elems(const void* base, int64_t off) {
-  const DF d;
   if constexpr (kBf16) {
-    const hn::RebindToUnsigned<DF> du;
-    const hn::Rebind<uint16_t, DF> d16;
-    const auto w = hn::PromoteTo(du, hn::LoadU(d16, static_cast<const uint16_t*>(base) + off));
-    return hn::BitCast(d, hn::ShiftLeft<16>(w));
+    const uint32_t* w = static_cast<const uint32_t*>(base) + off / 2;
+    return off & 1 ? load_half<true>(w) : load_half<false>(w);
   } else {
-    return hn::LoadU(d, static_cast<const float*>(base) + off);
+    return hn::LoadU(DF(), static_cast<const float*>(base) + off);
+  }
+}
+
+// acc[h][v] += q[h][i] k[i][v] for HB heads and NVB key vectors.
+template <int NVB>
+HWY_INLINE void fma_dim(const float* HWY_RESTRICT q, int64_t Dk, int64_t i, const VF* kv,
+                        VF (*acc)[NVB]) {
+  const DF d;
+  for (int h = 0; h < HB; ++h) {
+    const VF qh = hn::Set(d, q[h * Dk + i]);
+    for (int v = 0; v < NVB; ++v) acc[h][v] = hn::MulAdd(qh, kv[v], acc[h][v]);
   }
 }
 
@@ -96,21 +114,34 @@ HWY_INLINE void score_block(const float* HWY_RESTRICT q, int64_t Dk, const void*
                             int64_t key0, float* HWY_RESTRICT S, int64_t ld, int64_t col0) {
   const DF d;
   const int64_t N = hn::Lanes(d);
-  int64_t koff[NVB];
+  const int64_t Dk2 = (Dk + 1) / 2;
+  int64_t koff[NVB];  // f32: elements; bf16: words (pairs of dims)
   for (int v = 0; v < NVB; ++v) {
     const int64_t key = key0 + v * N;
-    koff[v] = (key / kTileKeys) * Dk * kTileKeys + key % kTileKeys;
+    koff[v] = (key / kTileKeys) * (kBf16 ? Dk2 : Dk) * kTileKeys + key % kTileKeys;
   }
   VF acc[HB][NVB];
   for (int h = 0; h < HB; ++h) {
     for (int v = 0; v < NVB; ++v) acc[h][v] = hn::Zero(d);
   }
-  for (int64_t i = 0; i < Dk; ++i) {
-    VF kv[NVB];
-    for (int v = 0; v < NVB; ++v) kv[v] = load_elems<kBf16>(kbase, koff[v] + i * kTileKeys);
-    for (int h = 0; h < HB; ++h) {
-      const VF qh = hn::Set(d, q[h * Dk + i]);
-      for (int v = 0; v < NVB; ++v) acc[h][v] = hn::MulAdd(qh, kv[v], acc[h][v]);
+  if constexpr (kBf16) {
+    // Each word holds dims 2i and 2i + 1: one load serves both (the odd one past an odd Dk is
+    // padding, never multiplied).
+    const uint32_t* kw = static_cast<const uint32_t*>(kbase);
+    for (int64_t i = 0; i < Dk2; ++i) {
+      VF kv[NVB];
+      for (int v = 0; v < NVB; ++v) kv[v] = load_half<false>(kw + koff[v] + i * kTileKeys);
+      fma_dim<NVB>(q, Dk, 2 * i, kv, acc);
+      if (2 * i + 1 == Dk) break;
+      for (int v = 0; v < NVB; ++v) kv[v] = load_half<true>(kw + koff[v] + i * kTileKeys);
+      fma_dim<NVB>(q, Dk, 2 * i + 1, kv, acc);
+    }
+  } else {
+    const float* kf = static_cast<const float*>(kbase);
+    for (int64_t i = 0; i < Dk; ++i) {
+      VF kv[NVB];
+      for (int v = 0; v < NVB; ++v) kv[v] = hn::LoadU(d, kf + koff[v] + i * kTileKeys);
+      fma_dim<NVB>(q, Dk, i, kv, acc);
     }
   }
   for (int h = 0; h < HB; ++h) {
@@ -130,8 +161,12 @@ HWY_INLINE void out_block(const float* HWY_RESTRICT P, int64_t ld, int64_t nk, c
   }
   for (int64_t j = 0; j < nk; ++j) {
     VF vv[CBB];
-    const int64_t row = (pos0 + j) * Dv_pad + c0;
-    for (int c = 0; c < CBB; ++c) vv[c] = load_elems<kBf16>(vbase, row + c * N);
+    // bf16: element (pos, c) is half pos & 1 of word (pos / 2) Dv_pad + c (kv_cache.h).
+    const int64_t pos = pos0 + j;
+    const int64_t row = kBf16 ? ((pos / 2) * Dv_pad + c0) * 2 + (pos & 1) : pos * Dv_pad + c0;
+    for (int c = 0; c < CBB; ++c) {
+      vv[c] = load_elems<kBf16>(vbase, row + (kBf16 ? 2 : 1) * c * N);
+    }
     for (int h = 0; h < HB; ++h) {
       const VF ph = hn::Set(d, P[h * ld + j]);
       for (int c = 0; c < CBB; ++c) acc[h][c] = hn::MulAdd(ph, vv[c], acc[h][c]);

@@ -108,10 +108,11 @@ bool TokenStore::allocate(int64_t seqs, int64_t heads, int64_t rows_, int64_t Dk
   Dv = Dv_;
   Dv_pad = round_up(Dv_, kTileKeys);
   bf16 = bf16_;
+  Dk_rows = bf16 ? round_up(Dk_, 2) : Dk_;
   heads_ = heads;
   const size_t elem = bf16 ? 2 : 4;
   const size_t blocks = static_cast<size_t>(seqs * heads * rows);
-  k_ = zeroed_aligned(blocks * static_cast<size_t>(Dk) * elem, &k_alloc_);
+  k_ = zeroed_aligned(blocks * static_cast<size_t>(Dk_rows) * elem, &k_alloc_);
   v_ = zeroed_aligned(blocks * static_cast<size_t>(Dv_pad) * elem, &v_alloc_);
   return k_ != nullptr && v_ != nullptr;
 }
@@ -128,7 +129,7 @@ void TokenStore::write_k(int64_t seq, int64_t h, int64_t pos, const float* row) 
 void TokenStore::write_v(int64_t seq, int64_t h, int64_t pos, const float* row) {
   void* base = const_cast<void*>(v_base(seq, h));
   for (int64_t i = 0; i < Dv; ++i) {
-    const int64_t off = pos * Dv_pad + i;
+    const int64_t off = v_offset(pos, i);
     if (bf16) static_cast<uint16_t*>(base)[off] = f32_to_bf16(row[i]);
     else static_cast<float*>(base)[off] = row[i];
   }
@@ -146,7 +147,7 @@ void TokenStore::read_k(int64_t seq, int64_t h, int64_t pos, float* row) const {
 void TokenStore::read_v(int64_t seq, int64_t h, int64_t pos, float* row) const {
   const void* base = v_base(seq, h);
   for (int64_t i = 0; i < Dv; ++i) {
-    const int64_t off = pos * Dv_pad + i;
+    const int64_t off = v_offset(pos, i);
     row[i] = bf16 ? bf16_to_f32(static_cast<const uint16_t*>(base)[off])
                   : static_cast<const float*>(base)[off];
   }

@@ -20,7 +20,11 @@ namespace nsa::cpu {
 // registers).
 
 // The tokens of one kind (raw, or compressed) of every (sequence, KV head), in the cache's dtype.
-// K: tiles [rows / 16][Dk][16]; V: rows [rows][Dv_pad] (Dv padded with zeros to whole vectors).
+// f32: K tiles [rows / 16][Dk][16], V rows [rows][Dv_pad] (Dv padded with zeros to 16).
+// bf16: pairs, two bf16 in a 32-bit word (the lower element first), as the bf16 arithmetic's
+// products read them (cpu/bf16/lanes-inl.h): K tiles [rows / 16][Dk2][16] words (dims 2i, 2i + 1
+// of a key; Dk2 = Dk rounded up to even, halved), V [rows / 2][Dv_pad] words (a column of keys
+// 2j, 2j + 1). The widening f32 kernels read one half of each word.
 // The memory is zeroed at creation (calloc: the OS commits pages as they are first written) and
 // never moves; positions past a sequence's length read as zeros.
 class TokenStore {
@@ -34,14 +38,20 @@ class TokenStore {
   bool allocate(int64_t seqs, int64_t heads, int64_t rows, int64_t Dk, int64_t Dv, bool bf16);
 
   int64_t rows = 0, Dk = 0, Dv = 0, Dv_pad = 0;
+  int64_t Dk_rows = 0;  // K elements per key: Dk, or 2 Dk2 for bf16 pairs
   bool bf16 = false;
 
   // Element offsets inside the (seq, head) block, and the blocks' bases.
   int64_t k_offset(int64_t pos, int64_t i) const {
-    return (pos / kTileKeys) * Dk * kTileKeys + i * kTileKeys + pos % kTileKeys;
+    const int64_t tile = (pos / kTileKeys) * Dk_rows * kTileKeys;
+    if (bf16) return tile + ((i / 2) * kTileKeys + pos % kTileKeys) * 2 + (i & 1);
+    return tile + i * kTileKeys + pos % kTileKeys;
+  }
+  int64_t v_offset(int64_t pos, int64_t c) const {
+    return bf16 ? ((pos / 2) * Dv_pad + c) * 2 + (pos & 1) : pos * Dv_pad + c;
   }
   const void* k_base(int64_t seq, int64_t h) const {
-    return at(k_, (seq * heads_ + h) * rows * Dk);
+    return at(k_, (seq * heads_ + h) * rows * Dk_rows);
   }
   const void* v_base(int64_t seq, int64_t h) const {
     return at(v_, (seq * heads_ + h) * rows * Dv_pad);
