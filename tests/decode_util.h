@@ -36,10 +36,12 @@ inline nsa_tensor rows(const Tensor& t, int64_t t0, int64_t n) { return rows(t.d
 
 struct Context {
   nsa_context* ctx = nullptr;
-  explicit Context(int threads = 0, nsa_backend backend = NSA_BACKEND_AUTO) {
+  explicit Context(int threads = 0, nsa_backend backend = NSA_BACKEND_AUTO,
+                   nsa_bf16_math math = NSA_BF16_MATH_AUTO) {
     nsa_context_create(&ctx);
     nsa_context_set_num_threads(ctx, threads);
     EXPECT_EQ(nsa_context_set_backend(ctx, backend), NSA_OK) << nsa_last_error(ctx);
+    EXPECT_EQ(nsa_context_set_bf16_math(ctx, math), NSA_OK) << nsa_last_error(ctx);
   }
   ~Context() { nsa_context_destroy(ctx); }
   std::string error() const { return nsa_last_error(ctx); }

@@ -60,10 +60,11 @@ CachePtr mean_cache(const BackendUnderTest& be, const Context& cx, const nsa_con
 // `prefill` tokens, then runs the oracle forward over the whole sequence, on the compressed
 // tokens the cache holds, into c's outputs: the two are then compared row by row.
 void decode_then_reference(const BackendUnderTest& be, FwdCase& c, FwdCase& got, nsa_cmp_kind kind,
-                           MlpTensors* mlp, int64_t prefill) {
+                           MlpTensors* mlp, int64_t prefill,
+                           nsa_bf16_math math = NSA_BF16_MATH_AUTO) {
   if (be.cache_cmp == nullptr) GTEST_SKIP() << be.name << " has no KV cache";
   const Shape& s = c.shape;
-  Context cx(0, be.id);
+  Context cx(0, be.id, math);
   CachePtr cache = make_cache(cx.ctx, c.cfg, 1, s.T, s, c.dtype, kind, mlp, nullptr, *be.buffers);
   ASSERT_TRUE(cache);
   Staging st(be);
@@ -94,11 +95,23 @@ void expect_same_selection(const FwdCase& got, const FwdCase& want) {
   EXPECT_EQ(diff, 0) << "selected blocks differ from the reference forward";
 }
 
+// bf16 arithmetic's share of o's tolerance: a bf16 cache with bf16 queries takes it under `math`
+// (AUTO: where the CPU has it). Each softmax weight rounded to bf16 for P V moves a branch's
+// output by at most 2^-8 max|v|, and o, three gated branches, by three times that
+// (test_cpu_vs_ref.cc, CpuFwdBf16Math).
+double bf16_math_tol(const FwdCase& c, nsa_bf16_math math = NSA_BF16_MATH_AUTO) {
+  if (math == NSA_BF16_MATH_AUTO) math = nsa_bf16_math_auto();
+  if (c.dtype != NSA_DTYPE_BF16 || math == NSA_BF16_MATH_F32) return 0.0;
+  return 3.0 / 256 * std::max(max_abs(c.v), max_abs(c.v_cmp));
+}
+
 // Decode's outputs against the oracle's, for every position: `tol` as the caller derives it.
-void expect_decode_matches(const FwdCase& got, const FwdCase& c, double tol) {
+void expect_decode_matches(const FwdCase& got, const FwdCase& c, double tol,
+                           nsa_bf16_math math = NSA_BF16_MATH_AUTO) {
   const int64_t T = c.shape.T;
   std::string first;
-  EXPECT_EQ(count_off(got.o, c.o, 0, T, tol, 0.0, &first), 0) << "o: " << first;
+  EXPECT_EQ(count_off(got.o, c.o, 0, T, tol + bf16_math_tol(c, math), 0.0, &first), 0)
+      << "o: " << first;
   for (auto [name, a, b] : {std::tuple{"lse_cmp", &got.lse_cmp, &c.lse_cmp},
                             std::tuple{"lse_slc", &got.lse_slc, &c.lse_slc},
                             std::tuple{"lse_win", &got.lse_win, &c.lse_win}}) {
@@ -116,7 +129,10 @@ double decode_tol(const Shape& s, const nsa_config& cfg) {
   return 16.0 * static_cast<double>(s.Dk + keys) * kF32Eps;
 }
 
-void run_decode_case(const BackendUnderTest& be, const DecodeCase& dc) {
+// Decodes case dc position by position on `be` with bf16 arithmetic `math`, checks every output
+// against the reference and returns decode's outputs.
+FwdCase run_decode_case(const BackendUnderTest& be, const DecodeCase& dc,
+                        nsa_bf16_math math = NSA_BF16_MATH_AUTO) {
   const Shape& s = dc.shape;
   FwdCase c = make_case(s, dc.cfg, dc.dtype, 1234 + s.T, dc.padded);
   FwdCase got = make_case(s, dc.cfg, dc.dtype, 1234 + s.T, dc.padded);  // output holder
@@ -126,9 +142,10 @@ void run_decode_case(const BackendUnderTest& be, const DecodeCase& dc) {
     make_mlp(mlp.k, s.Hkv, dc.cfg.cmp_block, s.Dk, 24, dc.dtype, rng);
     make_mlp(mlp.v, s.Hkv, dc.cfg.cmp_block, s.Dv, 24, dc.dtype, rng);
   }
-  ASSERT_NO_FATAL_FAILURE(decode_then_reference(be, c, got, dc.kind, &mlp, dc.prefill));
-  if (::testing::Test::IsSkipped()) return;
-  expect_decode_matches(got, c, decode_tol(s, dc.cfg));
+  decode_then_reference(be, c, got, dc.kind, &mlp, dc.prefill, math);
+  if (::testing::Test::HasFatalFailure() || ::testing::Test::IsSkipped()) return got;
+  expect_decode_matches(got, c, decode_tol(s, dc.cfg), math);
+  return got;
 }
 
 class DecodeVsForward : public ::testing::TestWithParam<std::tuple<BackendUnderTest, DecodeCase>> {
@@ -145,6 +162,37 @@ INSTANTIATE_TEST_SUITE_P(Shapes, DecodeVsForward,
                            return std::string(std::get<0>(info.param).name) + "_" +
                                   std::get<1>(info.param).name;
                          });
+
+// bf16 arithmetic in decode (nsa_bf16_math; a bf16 cache and bf16 queries), CPU only: every
+// variant this CPU runs against the reference (bf16_math_tol), the emulation equal to the
+// instruction bit for bit, and the path taken (its bits differ from F32). G = 16 (one block of
+// 16 rows), 12 (blocks of 8 and 4) and 3 (rows padded to 4); odd Dk, Dv off the vector, a
+// prefill, mean and mlp compression.
+TEST(CpuDecodeBf16Math, MatchesReferenceAndEmulation) {
+  const std::vector<nsa_bf16_math> maths = runnable_bf16_maths();
+  if (maths.empty()) GTEST_SKIP() << "no bf16 arithmetic variant runs on this CPU (no AVX-512)";
+  const BackendUnderTest cpu = backend(NSA_BACKEND_CPU);
+  const DecodeCase dcs[] = {
+      {"G16_mean", Shape{1, 300, 16, 1, 24, 20}, config(16, 8, 32, 4, 1, 1, 40), NSA_DTYPE_BF16,
+       NSA_CMP_MEAN, 100},
+      {"G12_mlp", Shape{1, 150, 24, 2, 17, 33}, config(16, 8, 16, 3, 1, 1, 24), NSA_DTYPE_BF16,
+       NSA_CMP_MLP, 0},
+      {"G3_mean", Shape{1, 130, 3, 1, 40, 24}, config(16, 8, 16, 3, 1, 1, 24), NSA_DTYPE_BF16,
+       NSA_CMP_MEAN, 20}};
+  for (const DecodeCase& dc : dcs) {
+    SCOPED_TRACE(dc.name);
+    const FwdCase f32 = run_decode_case(cpu, dc, NSA_BF16_MATH_F32);
+    std::vector<FwdCase> got;
+    for (nsa_bf16_math m : maths) {
+      got.push_back(run_decode_case(cpu, dc, m));
+      EXPECT_FALSE(got.back().o.storage() == f32.o.storage()) << "math " << m << " ran as F32";
+    }
+    if (got.size() == 2) {
+      EXPECT_TRUE(got[0].o.storage() == got[1].o.storage()) << "NATIVE and EMULATED differ";
+      EXPECT_TRUE(got[0].lse_cmp.storage() == got[1].lse_cmp.storage());
+    }
+  }
+}
 
 // Decode is a CPU kernel dispatched to the best Highway target; every target this machine runs
 // must give the reference's outputs too: a short run per target (G = 3 bf16 mlp with a prefill,
@@ -477,7 +525,8 @@ TEST_P(DecodeOnBackend, RandomConfigsMatchTheReference) {
     // As the shape tests: a Dk dot, then at most T weighted values per f32 sum, x16 for |s|.
     const double tol = 16.0 * static_cast<double>(s.Dk + s.T) * kF32Eps;
     std::string first;
-    EXPECT_EQ(count_off(got.o, c.o, 0, s.T, tol, 0.0, &first), 0) << "o: " << first;
+    EXPECT_EQ(count_off(got.o, c.o, 0, s.T, tol + bf16_math_tol(c), 0.0, &first), 0)
+        << "o: " << first;
     EXPECT_EQ(count_off(got.lse_slc, c.lse_slc, 0, s.T, tol, tol, &first), 0)
         << "lse_slc: " << first;
     expect_same_selection(got, c);

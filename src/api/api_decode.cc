@@ -10,6 +10,7 @@
 
 #include "api/call.h"
 #include "api/validate.h"
+#include "common/bf16_math.h"
 
 using nsa::Backend;
 using nsa::cat;
@@ -160,6 +161,7 @@ nsa_status nsa_prefill(nsa_context* ctx, nsa_kv_cache* cache, const nsa_prefill_
                       NSA_RETURN_IF_ERROR(nsa::make_prefill_problem(*cache, *p, be, &fwd));
                       if (fwd.T == 0) return Status::ok();
                       fwd.num_threads = ctx->num_threads;
+                      fwd.bf16_math = nsa::bf16_math_resolve(ctx->bf16_math);
                       // The backend appends the prompt, then runs its forward on the cache's
                       // compressed tokens; the sequence stays empty unless both succeed.
                       NSA_RETURN_IF_ERROR(be.prefill(*cache, p->seq, fwd));
@@ -179,6 +181,7 @@ nsa_status nsa_decode(nsa_context* ctx, nsa_kv_cache* cache, const nsa_decode_pa
                       NSA_RETURN_IF_ERROR(nsa::make_decode_problem(*cache, *p, &pr));
                       if (pr.S == 0) return Status::ok();
                       pr.num_threads = ctx->num_threads;
+                      pr.bf16_math = nsa::bf16_math_resolve(ctx->bf16_math);
                       return append_and_decode(ctx, cache, pr, p->k, p->v, be.decode);
                     });
 }
@@ -195,6 +198,7 @@ nsa_status nsa_dense_decode(nsa_context* ctx, nsa_kv_cache* cache,
                       NSA_RETURN_IF_ERROR(nsa::make_dense_decode_problem(*cache, *p, &pr));
                       if (pr.S == 0) return Status::ok();
                       pr.num_threads = ctx->num_threads;
+                      pr.bf16_math = nsa::bf16_math_resolve(ctx->bf16_math);
                       return append_and_decode(ctx, cache, pr, p->k, p->v, be.dense_decode);
                     });
 }

@@ -95,6 +95,7 @@ struct DecodeProblem {
   int64_t S = 0, Hq = 0, G = 0;
   std::vector<int64_t> seqs;  // the cache sequence of each row of q
   int32_t num_threads = 0;    // 0: OpenMP's default
+  nsa_bf16_math bf16_math = NSA_BF16_MATH_F32;  // resolved, as Launch::bf16_math
 };
 
 }  // namespace nsa

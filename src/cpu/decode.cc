@@ -5,7 +5,10 @@
 // (paper Section 3.4): the score kernel holds HB heads x NV key vectors of accumulators, loads
 // each key vector once from the cache's K tiles ([Dk][16], keys in lanes) and multiplies it by
 // HB broadcast query elements; the output kernel does the same with V rows and broadcast
-// probabilities. bf16 caches are widened in registers (exact).
+// probabilities. bf16 caches (pairs of bf16 in 32-bit words, kv_cache.h) are widened in
+// registers (exact), or, with bf16 arithmetic (nsa_bf16_math, bf16 q), multiplied as pairs into
+// f32 sums by the forward's keys-in-lanes kernels (cpu/bf16/lanes-inl.h: the heads are the rows).
+// The dense baseline runs the same chunks, so it gets the same arithmetic.
 //
 // Keys are cut into chunks of fixed size; each chunk yields a partial softmax state (max, sum,
 // unnormalised output) and the partials of a branch are merged with their log-sum-exps, in chunk
@@ -32,6 +35,7 @@
 #include <hwy/highway.h>
 #include <hwy/contrib/math/math-inl.h>
 
+#include "cpu/bf16/dot.h"
 #include "cpu/kernels.h"
 #include "cpu/kv_cache.h"
 #include "cpu/simd/block_scores-inl.h"
@@ -187,6 +191,12 @@ struct Plan {
   std::vector<int64_t> a_slot0, a_count;  // per item: phase A's slots
   std::vector<float>* buf = nullptr;
   float* q = nullptr;     // [items][GP][Dk], scaled
+  // bf16 arithmetic (null: f32): the queries as pairs [items][GP][Dk2], unscaled, and the row
+  // offsets [GP] of one item's heads in them (h Dk2).
+  const bf16::Kernels* bf = nullptr;
+  int64_t Dk2 = 0;
+  uint32_t* qp = nullptr;
+  std::vector<int32_t> roff;
   float* part = nullptr;  // [slots][GP * (2 + Dv_pad)]: m, l, o
   float* fin = nullptr;   // [items][3][GP * (1 + Dv_pad)]: lse, o per branch
   int64_t part_stride() const { return GP * (2 + Dv_pad); }
@@ -196,10 +206,24 @@ struct Plan {
   }
 };
 
+// S [GP][ld] = scale Q K^T over nk keys from key0 (a multiple of 16) of one item, with bf16
+// arithmetic: groups of up to 4 tiles of the cache's K pairs.
+void bf16_scores(const Plan& pl, int64_t item, const void* kbase, int64_t key0, int64_t nk,
+                 float* S, int64_t ld) {
+  const uint32_t* kp = static_cast<const uint32_t*>(kbase) + key0 * pl.Dk2;
+  const uint32_t* qp = pl.qp + item * pl.GP * pl.Dk2;
+  for (int64_t t0 = 0; t0 < nk / kTileKeys; t0 += 4) {
+    const int nt = static_cast<int>(std::min<int64_t>(4, nk / kTileKeys - t0));
+    pl.bf->row_scores(qp, 1, pl.GP, pl.roff.data(), kp + t0 * kTileKeys * pl.Dk2, pl.Dk2, nt,
+                      pl.pr->scale, S + t0 * kTileKeys, ld);
+  }
+}
+
 // One chunk: scores into S [GP][ld] (columns from key floor(a/16)*16), masked outside [a, b),
-// softmax per head, then the partial state into its slot.
+// softmax per head, then the partial state into its slot. pp: bf16 arithmetic's scratch
+// ([GP][32] words).
 template <bool kBf16>
-void run_chunk(const Plan& pl, const Chunk& ch, float* S, int64_t ld) {
+void run_chunk(const Plan& pl, const Chunk& ch, float* S, int64_t ld, uint32_t* pp) {
   const DF d;
   const int64_t N = hn::Lanes(d), GP = pl.GP, Dk = pl.Dk, Dv_pad = pl.Dv_pad;
   const DecodeProblem& pr = *pl.pr;
@@ -210,14 +234,18 @@ void run_chunk(const Plan& pl, const Chunk& ch, float* S, int64_t ld) {
   const int64_t key0 = ch.a / kTileKeys * kTileKeys;
   const int64_t key1 = round_up(ch.b, kTileKeys);
   const int64_t nk = key1 - key0, nvec = nk / N;
-  const float* q = pl.q + ch.item * GP * Dk;
-  for (int64_t h0 = 0; h0 < GP; h0 += HB) {
-    int64_t v = 0;
-    for (; v + NV <= nvec; v += NV) {
-      score_block<NV, kBf16>(q + h0 * Dk, Dk, kbase, key0 + v * N, S + h0 * ld, ld, v * N);
+  if (pl.bf) {
+    bf16_scores(pl, ch.item, kbase, key0, nk, S, ld);
+  } else {
+    const float* q = pl.q + ch.item * GP * Dk;
+    for (int64_t h0 = 0; h0 < GP; h0 += HB) {
+      int64_t v = 0;
+      for (; v + NV <= nvec; v += NV) {
+        score_block<NV, kBf16>(q + h0 * Dk, Dk, kbase, key0 + v * N, S + h0 * ld, ld, v * N);
+      }
+      for (; v < nvec; ++v)
+        score_block<1, kBf16>(q + h0 * Dk, Dk, kbase, key0 + v * N, S + h0 * ld, ld, v * N);
     }
-    for (; v < nvec; ++v)
-      score_block<1, kBf16>(q + h0 * Dk, Dk, kbase, key0 + v * N, S + h0 * ld, ld, v * N);
   }
   // Softmax of each head row over the chunk's keys (outside [a, b) masked to -inf), from an
   // empty state (simd/softmax-inl.h: a NaN or +inf score poisons the head, its l is NaN).
@@ -233,6 +261,12 @@ void run_chunk(const Plan& pl, const Chunk& ch, float* S, int64_t ld) {
     m_out[h] = -kInf;
     l_out[h] = 0.0f;
     softmax::step_row(d, row, nk, m_out + h, l_out + h, nullptr, 0);
+  }
+  if (pl.bf) {  // o = P V over [lo, hi), the pairs of V from key0 (a multiple of 16)
+    std::fill(o_out, o_out + GP * Dv_pad, 0.0f);
+    pl.bf->row_accumulate(S, ld, GP, static_cast<const uint32_t*>(vbase) + key0 / 2 * Dv_pad,
+                          Dv_pad, lo, hi, o_out, Dv_pad, pp);
+    return;
   }
   for (int64_t h0 = 0; h0 < GP; h0 += HB) {
     int64_t c = 0;
@@ -358,6 +392,7 @@ struct Tables {
   int threads = 1;
   int64_t ld_max = 0;                   // row stride of a thread's chunk scores
   int64_t tls_off = 0, tls_floats = 0;  // per-thread scratch in the cache's buffer
+  int64_t pp_off = 0;                   // bf16 arithmetic's pairs of weights, inside it
 };
 
 // Plan: the items' shapes, phase A's chunks and the slots of every phase. Per item, room is
@@ -424,12 +459,15 @@ bool allocate(const DecodeProblem& pr, Plan& pl, Tables& tb, int64_t slots, int6
   tb.ld_max = std::max(kChunkKeys, kDenseChunkKeys) + 2 * kTileKeys;
   const int64_t q_off = floats;
   floats += items * pl.GP * pl.Dk;
+  const int64_t qp_off = floats;
+  if (pl.bf) floats += items * pl.GP * pl.Dk2;
   const int64_t part_off = floats;
   floats += slots * pl.part_stride();
   const int64_t fin_off = floats;
   floats += items * 3 * pl.fin_stride();
   tb.tls_off = floats;
-  tb.tls_floats = pl.GP * tb.ld_max + score_floats + 2 * kTileKeys;
+  tb.pp_off = pl.GP * tb.ld_max + score_floats + 2 * kTileKeys;
+  tb.tls_floats = tb.pp_off + (pl.bf ? pl.GP * 32 : 0);
   floats += tb.threads * tb.tls_floats;
   std::vector<float>& buf = storage(*pr.cache).scratch;
   try {
@@ -446,6 +484,7 @@ bool allocate(const DecodeProblem& pr, Plan& pl, Tables& tb, int64_t slots, int6
   }
   pl.buf = &buf;
   pl.q = buf.data() + q_off;
+  pl.qp = reinterpret_cast<uint32_t*>(buf.data() + qp_off);
   pl.part = buf.data() + part_off;
   pl.fin = buf.data() + fin_off;
   return true;
@@ -456,6 +495,18 @@ void load_queries(const DecodeProblem& pr, const Plan& pl) {
   const int64_t Hkv = pl.c->Hkv;
   for (int64_t it = 0; it < pl.items; ++it) {
     const int64_t row = it / Hkv, hk = it % Hkv;
+    if (pl.bf) {  // bf16 arithmetic: the exact bf16 queries as pairs of dims
+      uint32_t* qp = pl.qp + it * pl.GP * pl.Dk2;
+      std::fill(qp, qp + pl.GP * pl.Dk2, 0u);
+      for (int64_t g = 0; g < pr.G; ++g) {
+        const uint16_t* x =
+            static_cast<const uint16_t*>(pr.q.data) + offset_of(pr.q, row, hk * pr.G + g);
+        for (int64_t i = 0; i < pl.Dk; ++i) {  // rows are contiguous, as load_row reads them
+          qp[g * pl.Dk2 + i / 2] |= uint32_t{x[i]} << (16 * (i & 1));
+        }
+      }
+      continue;
+    }
     float* q = pl.q + it * pl.GP * pl.Dk;
     std::fill(q, q + pl.GP * pl.Dk, 0.0f);
     for (int64_t g = 0; g < pr.G; ++g) {
@@ -563,6 +614,10 @@ bool Decode(const DecodeProblem& pr) {
   Tables tb;
   int64_t floats = 0, score_floats = 0;
   const int64_t slots = plan_items(pr, pl, tb, &floats, &score_floats);
+  // bf16 arithmetic: a bf16 cache and bf16 queries (the forward's rule: f32 is never rounded).
+  if (kBf16 && pr.q.dtype == NSA_DTYPE_BF16) pl.bf = bf16::kernels(pr.bf16_math);
+  pl.Dk2 = (pl.Dk + 1) / 2;
+  for (int64_t h = 0; h < pl.GP; ++h) pl.roff.push_back(static_cast<int32_t>(h * pl.Dk2));
   if (!allocate(pr, pl, tb, slots, floats, score_floats)) return false;
   load_queries(pr, pl);
   if (!pr.dense) window_chunks(pl, tb);
@@ -577,15 +632,16 @@ bool Decode(const DecodeProblem& pr) {
 #pragma omp parallel num_threads(solo ? 1 : tb.threads)
   {
     float* tls = buf.data() + tb.tls_off + omp_get_thread_num() * tb.tls_floats;
+    uint32_t* pp = reinterpret_cast<uint32_t*>(tls + tb.pp_off);
     // Phase A: compressed keys (scores kept per item), or the dense baseline's keys.
 #pragma omp for schedule(dynamic, 1) nowait
     for (size_t k = 0; k < tb.first.size(); ++k) {
       const Chunk& ch = tb.first[k];
       if (pr.dense) {
-        run_chunk<kBf16>(pl, ch, tls, ld_max);
+        run_chunk<kBf16>(pl, ch, tls, ld_max, pp);
       } else {
         float* S = buf.data() + pl.s_off[ch.item] + ch.a;  // tile-aligned: a % 256 == 0
-        run_chunk<kBf16>(pl, ch, S, pl.s_ld[ch.item]);
+        run_chunk<kBf16>(pl, ch, S, pl.s_ld[ch.item], pp);
       }
     }
     timed_barrier(&waited);
@@ -593,7 +649,7 @@ bool Decode(const DecodeProblem& pr) {
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t task = 0; task < phase_b; ++task) {
       if (task >= items) {
-        run_chunk<kBf16>(pl, tb.wins[task - items], tls, ld_max);
+        run_chunk<kBf16>(pl, tb.wins[task - items], tls, ld_max, pp);
       } else {
         select_blocks(pl, tb, task, tls);
       }
@@ -602,7 +658,7 @@ bool Decode(const DecodeProblem& pr) {
     // Phase C: the selected blocks.
 #pragma omp for schedule(dynamic, 1) nowait
     for (size_t k = 0; k < tb.second.size(); ++k) {
-      if (tb.second[k].a < tb.second[k].b) run_chunk<kBf16>(pl, tb.second[k], tls, ld_max);
+      if (tb.second[k].a < tb.second[k].b) run_chunk<kBf16>(pl, tb.second[k], tls, ld_max, pp);
     }
     timed_barrier(&waited);
     // Phase D: merge the branches, gate, store.

@@ -134,6 +134,7 @@ NSA_BF16_ATTR static void accumulate(const uint32_t* pp, int64_t rows, int64_t n
 
 // O[0][c] += sum_{j in [j0, j1)} p[j] v[j][c], p in f32, for one row: the keys a row sees on a
 // tile's causal diagonal or window edge (its pair partner may be a key it must not read).
+// o need not be aligned (decode.cc's partial outputs).
 NSA_BF16_ATTR static void accumulate_row(const float* p, int64_t j0, int64_t j1, const uint32_t* vt,
                                          int64_t DvP, float* o) {
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
@@ -143,7 +144,7 @@ NSA_BF16_ATTR static void accumulate_row(const float* p, int64_t j0, int64_t j1,
     for (int64_t c = 0; c < DvP; c += 16) {
       const __m512i w = _mm512_loadu_si512(v + c);
       const __m512i e = (j & 1) ? _mm512_and_si512(w, high) : _mm512_slli_epi32(w, 16);
-      _mm512_store_ps(o + c, _mm512_fmadd_ps(pb, _mm512_castsi512_ps(e), _mm512_load_ps(o + c)));
+      _mm512_storeu_ps(o + c, _mm512_fmadd_ps(pb, _mm512_castsi512_ps(e), _mm512_loadu_ps(o + c)));
     }
   }
 }

@@ -189,32 +189,25 @@ NSA_BF16_ATTR static inline void row_score_block(const uint32_t* xT, int64_t ld,
       _mm512_storeu_ps(out + (h0 + h) * ldo + v * 16, _mm512_mul_ps(acc[h][v], sc));
 }
 
-template <int HB, int V>
-NSA_BF16_ATTR static void row_scores_hb(const uint32_t* xT, int64_t ld, int64_t rows,
-                                        const int32_t* roff, const uint32_t* kp, int64_t Dk2,
-                                        float scale, float* out, int64_t ldo) {
-  for (int64_t h0 = 0; h0 < rows; h0 += HB)
-    row_score_block<HB, V>(xT, ld, roff, h0, kp, Dk2, scale, out, ldo);
-}
-
 // Register blocks as the f32 kernels take them: more rows for fewer tiles (16 accumulators where
-// the rows allow); rows are a power of two up to 16 or a multiple of 16.
+// the rows allow), then smaller blocks for the rows left (decode's heads: a multiple of 4).
 template <int V, int kMaxHB>
 NSA_BF16_ATTR static void row_scores_v(const uint32_t* xT, int64_t ld, int64_t rows,
                                        const int32_t* roff, const uint32_t* kp, int64_t Dk2,
                                        float scale, float* out, int64_t ldo) {
-  constexpr int kHB8 = kMaxHB < 8 ? kMaxHB : 8;
-  if (rows >= kMaxHB) {
-    row_scores_hb<kMaxHB, V>(xT, ld, rows, roff, kp, Dk2, scale, out, ldo);
-  } else if (rows >= 8) {
-    row_scores_hb<kHB8, V>(xT, ld, rows, roff, kp, Dk2, scale, out, ldo);
-  } else if (rows >= 4) {
-    row_scores_hb<4, V>(xT, ld, rows, roff, kp, Dk2, scale, out, ldo);
-  } else if (rows >= 2) {
-    row_scores_hb<2, V>(xT, ld, rows, roff, kp, Dk2, scale, out, ldo);
-  } else {
-    row_scores_hb<1, V>(xT, ld, rows, roff, kp, Dk2, scale, out, ldo);
+  int64_t h0 = 0;
+  for (; h0 + kMaxHB <= rows; h0 += kMaxHB)
+    row_score_block<kMaxHB, V>(xT, ld, roff, h0, kp, Dk2, scale, out, ldo);
+  if constexpr (kMaxHB > 8) {
+    for (; h0 + 8 <= rows; h0 += 8)
+      row_score_block<8, V>(xT, ld, roff, h0, kp, Dk2, scale, out, ldo);
   }
+  if constexpr (kMaxHB > 4) {
+    for (; h0 + 4 <= rows; h0 += 4)
+      row_score_block<4, V>(xT, ld, roff, h0, kp, Dk2, scale, out, ldo);
+  }
+  for (; h0 + 2 <= rows; h0 += 2) row_score_block<2, V>(xT, ld, roff, h0, kp, Dk2, scale, out, ldo);
+  for (; h0 < rows; ++h0) row_score_block<1, V>(xT, ld, roff, h0, kp, Dk2, scale, out, ldo);
 }
 
 // S [rows][ldo] = scale Q K^T over nt (1 to 4) tiles of kp ([Dk2][16] pairs each).
@@ -265,19 +258,26 @@ NSA_BF16_ATTR static inline void row_out_block(const uint32_t* pp, int64_t h0, i
 }
 
 template <int HB>
-NSA_BF16_ATTR static void row_out(const uint32_t* pp, int64_t rows, int64_t n2, const uint32_t* vp,
-                                  int64_t ldv, float* o, int64_t ldo) {
-  for (int64_t h0 = 0; h0 < rows; h0 += HB) {
-    int64_t c0 = 0;
-    for (; c0 + 64 <= ldv; c0 += 64) row_out_block<HB, 4>(pp, h0, n2, vp, ldv, c0, o, ldo);
-    for (; c0 < ldv; c0 += 16) row_out_block<HB, 1>(pp, h0, n2, vp, ldv, c0, o, ldo);
-  }
+NSA_BF16_ATTR static void row_out_rows(const uint32_t* pp, int64_t h0, int64_t n2,
+                                       const uint32_t* vp, int64_t ldv, float* o, int64_t ldo) {
+  int64_t c0 = 0;
+  for (; c0 + 64 <= ldv; c0 += 64) row_out_block<HB, 4>(pp, h0, n2, vp, ldv, c0, o, ldo);
+  for (; c0 < ldv; c0 += 16) row_out_block<HB, 1>(pp, h0, n2, vp, ldv, c0, o, ldo);
 }
 
-// o[h][c] += sum_{j in [j0, j1)} p[h][j] v[j][c] for h < rows (a power of two up to 16, or a
-// multiple of 16): p rows [rows][ldp] of f32 weights (left as they are), vp pairs [keys / 2][ldv]
-// from key 0, o rows [rows][ldo] (ldo >= ldv). An unpaired edge key is added in f32
-// (accumulate_row); the rest in groups of 64 keys, each row's weights paired into pp
+// Rows in blocks of 4, then 2 and 1 for the rest.
+NSA_BF16_ATTR static void row_out(const uint32_t* pp, int64_t rows, int64_t n2, const uint32_t* vp,
+                                  int64_t ldv, float* o, int64_t ldo) {
+  int64_t h0 = 0;
+  for (; h0 + 4 <= rows; h0 += 4) row_out_rows<4>(pp, h0, n2, vp, ldv, o, ldo);
+  for (; h0 + 2 <= rows; h0 += 2) row_out_rows<2>(pp, h0, n2, vp, ldv, o, ldo);
+  for (; h0 < rows; ++h0) row_out_rows<1>(pp, h0, n2, vp, ldv, o, ldo);
+}
+
+// o[h][c] += sum_{j in [j0, j1)} p[h][j] v[j][c] for h < rows: p rows [rows][ldp] of f32 weights
+// (left as they are), vp pairs [keys / 2][ldv] from key 0, o rows [rows][ldo] (ldo >= ldv). An
+// unpaired edge key is added in f32 (accumulate_row); the rest in groups of 64 keys, each row's
+// weights paired into pp
 // ([rows][32] words of scratch).
 NSA_BF16_ATTR static void row_accumulate(const float* p, int64_t ldp, int64_t rows,
                                          const uint32_t* vp, int64_t ldv, int64_t j0, int64_t j1,
@@ -296,14 +296,7 @@ NSA_BF16_ATTR static void row_accumulate(const float* p, int64_t ldp, int64_t ro
   for (int64_t k0 = j0; k0 < j1; k0 += 64) {
     const int64_t n = std::min<int64_t>(64, j1 - k0);
     for (int64_t h = 0; h < rows; ++h) pairs_of(p + h * ldp + k0, n, pp + h * 32);
-    const uint32_t* v = vp + k0 / 2 * ldv;
-    if (rows >= 4) {
-      row_out<4>(pp, rows, n / 2, v, ldv, o, ldo);
-    } else if (rows == 2) {
-      row_out<2>(pp, rows, n / 2, v, ldv, o, ldo);
-    } else {
-      row_out<1>(pp, rows, n / 2, v, ldv, o, ldo);
-    }
+    row_out(pp, rows, n / 2, vp + k0 / 2 * ldv, ldv, o, ldo);
   }
 }
 
