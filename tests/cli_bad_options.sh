@@ -155,6 +155,7 @@ bad --hq bench decode --hq 3 --hkv 2
 bad --lengths bench decode --lengths 16777216 --batch 65536
 bad --lengths bench decode --lengths 16777216 --batch 4096 --hq 4096 --hkv 4096 --dk 4096
 bad --json bench decode --json=maybe
+bad --bf16-math bench decode --bf16-math fast
 bad --bogus bench decode --bogus
 bad --pass bench decode --pass bwd
 

@@ -29,6 +29,7 @@ namespace {
 
 struct DecodeOptions {
   std::string lengths = "8192,16384,32768,65536", batches = "1,8", dtypes = "bf16,f32";
+  std::string bf16_math = "auto";
   int32_t threads = 0, repeats = 5, steps = 8;
   bool json = false, no_dense = false;
   int64_t hq = 16, hkv = 1, dk = 192, dv = 128;
@@ -152,13 +153,21 @@ int run_bench_decode(const DecodeOptions& opt) {
   nsa_context* ctx = nullptr;
   nsa_context_create(&ctx);
   nsa_context_set_num_threads(ctx, opt.threads);
+  if (nsa_context_set_bf16_math(ctx, bf16_math_of(opt.bf16_math)) != NSA_OK) {
+    std::fprintf(stderr, "nsa bench decode: --bf16-math %s: %s\n", opt.bf16_math.c_str(),
+                 nsa_last_error(ctx));
+    nsa_context_destroy(ctx);
+    return 2;
+  }
+  const char* math = bf16_math_label(nsa_context_bf16_math(ctx));
   nlohmann::json rows = nlohmann::json::array();
   if (!opt.json) {
     std::printf(
         "nsa bench decode: Hq=%lld Hkv=%lld Dk=%lld Dv=%lld, default config, threads=%d,"
-        " median of %d x mean of %d steps; ms per step (one token per sequence)\n",
+        " median of %d x mean of %d steps, bf16 arithmetic %s; ms per step (one token per"
+        " sequence)\n",
         (long long)opt.hq, (long long)opt.hkv, (long long)opt.dk, (long long)opt.dv, opt.threads,
-        opt.repeats, opt.steps);
+        opt.repeats, opt.steps, math);
     std::printf("%5s %3s %7s %9s %9s %8s %8s %9s %9s %8s %8s %8s\n", "dtype", "B", "T", "ms",
                 "dense_ms", "speedup", "model", "KB/tok", "dKB/tok", "GB/s", "dGB/s", "GF/s");
   }
@@ -181,6 +190,7 @@ int run_bench_decode(const DecodeOptions& opt) {
         const double dense_gflops = double(B) * r.dense_flops / (r.dense_ms * 1e6);
         rows.push_back({{"pass", "decode"},
                         {"dtype", dts},
+                        {"bf16_math", dt == NSA_DTYPE_BF16 ? math : "f32"},
                         {"T", T},
                         {"batch", B},
                         {"threads", opt.threads},
@@ -225,6 +235,10 @@ Command add_bench_decode_command(CLI::App& bench) {
   cmd->add_option("--dtype", opt->dtypes, "comma-separated cache dtypes (bf16, f32)")
       ->check(cli::NameList({"bf16", "f32"}))
       ->type_name("LIST")
+      ->capture_default_str();
+  cmd->add_option("--bf16-math", opt->bf16_math,
+                  "arithmetic for bf16 caches and queries (nsa_bf16_math)")
+      ->check(CLI::IsMember({"auto", "f32", "native", "emulated"}))
       ->capture_default_str();
   cli::add_integer(cmd, "--threads", opt->threads, "threads (0: OpenMP's default)", 0,
                    cli::kMaxThreads);
