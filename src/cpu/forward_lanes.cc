@@ -85,8 +85,8 @@ void branch_begin(const Dims& d, Branch& br) {
 // S = Q^T K of head vector hv of A (and B) for `tiles` tiles from key c0 into sa (sb): f32
 // (lanes-inl.h) or bf16 pairs (bf16/lanes-inl.h).
 template <class DF>
-void scores(const Dims& dm, const KV& kv, int64_t c0, int64_t tiles, const Pos& A, const Pos* B,
-            int64_t hv, float* sa, float* sb) {
+HWY_NOINLINE void scores(const Dims& dm, const KV& kv, int64_t c0, int64_t tiles, const Pos& A,
+                         const Pos* B, int64_t hv, float* sa, float* sb) {
   if (dm.bf) {
     dm.bf->lane_scores(A.qp + hv, B ? B->qp + hv : nullptr, dm.GP, dm.Dk2,
                        kv.kp + (c0 - kv.key0) * dm.Dk2, tiles, dm.scale, sa, sb);
@@ -99,13 +99,48 @@ void scores(const Dims& dm, const KV& kv, int64_t c0, int64_t tiles, const Pos& 
 // oa += pa V (and ob += pb V) over keys [j0, j1) counted from key c0 (a multiple of kTileKeys);
 // with bf16 arithmetic the paired rows of pa and pb are overwritten (bf16/lanes-inl.h).
 template <class DF>
-void accumulate(const Dims& dm, const KV& kv, int64_t c0, float* pa, float* pb, int64_t j0,
-                int64_t j1, float* oa, float* ob) {
+HWY_NOINLINE void accumulate(const Dims& dm, const KV& kv, int64_t c0, float* pa, float* pb,
+                             int64_t j0, int64_t j1, float* oa, float* ob) {
   if (dm.bf) {
     dm.bf->lane_accumulate(pa, pb, dm.GP, kv.vp + (c0 - kv.key0) / 2 * dm.ldv, dm.ldv, dm.Dv, j0,
                            j1, oa, ob);
   } else {
     lanes::accumulate<DF>(pa, pb, dm.GP, kv.v + (c0 - kv.key0) * dm.Dv, dm.Dv, j0, j1, oa, ob);
+  }
+}
+
+// One head vector (lanes from hv) of one chunk of keys from c0 for positions pos[0], pos[1]:
+// scores, the online-softmax step over each position's keys [lo[p], hi[p]) (in[p]: it has some),
+// and O^T += P V, jointly over the keys both attend. Only a position's own keys reach its output
+// (a key that only one position attends never meets the other's weight: 0 * NaN would be NaN).
+template <class DF>
+void attend_vector(Pos* const pos[2], Branch Pos::*br, const Dims& dm, const KV& kv, int64_t c0,
+                   int64_t tiles, const int64_t lo[2], const int64_t hi[2], const bool in[2],
+                   int64_t hv) {
+  const int64_t GP = dm.GP;
+  Pos& A = *pos[in[0] ? 0 : 1];  // the position that is in (the first, when both are)
+  Pos* B = in[0] && in[1] ? pos[1] : nullptr;
+  scores<DF>(dm, kv, c0, tiles, A, B, hv, A.s + hv, B ? B->s + hv : nullptr);
+  for (int p = 0; p < 2; ++p) {
+    if (!in[p]) continue;
+    Branch& b = (*pos[p]).*br;
+    softmax::step_lanes(DF(), pos[p]->s + hv, GP, lo[p], hi[p], dm.Dv, b.m + hv, b.l + hv,
+                        b.o + hv);
+  }
+  // Keys both attend: [jl, jh) (empty with one position); each position's others on its own.
+  const int64_t jl = B ? std::max(lo[0], lo[1]) : 0, jh = B ? std::min(hi[0], hi[1]) : 0;
+  if (jl < jh) {
+    accumulate<DF>(dm, kv, c0, A.s + hv, B->s + hv, jl, jh, (A.*br).o + hv, (B->*br).o + hv);
+  }
+  for (int p = 0; p < 2; ++p) {
+    if (!in[p]) continue;
+    float* o = ((*pos[p]).*br).o + hv;
+    if (jl < jh) {
+      accumulate<DF>(dm, kv, c0, pos[p]->s + hv, nullptr, lo[p], jl, o, nullptr);
+      accumulate<DF>(dm, kv, c0, pos[p]->s + hv, nullptr, jh, hi[p], o, nullptr);
+    } else {
+      accumulate<DF>(dm, kv, c0, pos[p]->s + hv, nullptr, lo[p], hi[p], o, nullptr);
+    }
   }
 }
 
@@ -115,7 +150,7 @@ void accumulate(const Dims& dm, const KV& kv, int64_t c0, float* pa, float* pb, 
 template <class DF>
 void attend_spans(Pos* const pos[2], Branch Pos::*br, const Dims& dm, const KV& kv,
                   const int64_t f[2], const int64_t e[2]) {
-  const int64_t N = hn::Lanes(DF()), GP = dm.GP;
+  const int64_t N = hn::Lanes(DF());
   bool act[2];
   int64_t u0 = INT64_MAX, u1 = INT64_MIN;
   for (int p = 0; p < 2; ++p) {
@@ -134,41 +169,8 @@ void attend_spans(Pos* const pos[2], Branch Pos::*br, const Dims& dm, const KV& 
     }
     if (!in[0] && !in[1]) continue;
     const int64_t tiles = (n + kTileKeys - 1) / kTileKeys;
-    const int a = in[0] ? 0 : 1;  // the position that is in (the first, when both are)
-    for (int64_t hv = 0; hv < GP; hv += N) {
-      // Scores of the keys that are in: jointly, or for the one position.
-      Pos& A = *pos[a];
-      Pos* B = in[0] && in[1] ? pos[1] : nullptr;
-      scores<DF>(dm, kv, c0, tiles, A, B, hv, A.s + hv, B ? B->s + hv : nullptr);
-      for (int p = 0; p < 2; ++p) {
-        if (!in[p]) continue;
-        Branch& b = (*pos[p]).*br;
-        softmax::step_lanes(DF(), pos[p]->s + hv, GP, lo[p], hi[p], dm.Dv, b.m + hv, b.l + hv,
-                            b.o + hv);
-      }
-      if (B == nullptr) {
-        Branch& b = A.*br;
-        accumulate<DF>(dm, kv, c0, A.s + hv, nullptr, lo[a], hi[a], b.o + hv, nullptr);
-        continue;
-      }
-      // Keys both attend [jl, jh) jointly; each position's other keys on its own (a key that
-      // only one position attends never reaches the other's output: 0 * NaN would).
-      Branch& ba = A.*br;
-      Branch& bb = B->*br;
-      const int64_t jl = std::max(lo[0], lo[1]), jh = std::min(hi[0], hi[1]);
-      if (jl < jh) {
-        accumulate<DF>(dm, kv, c0, A.s + hv, B->s + hv, jl, jh, ba.o + hv, bb.o + hv);
-        for (int p = 0; p < 2; ++p) {
-          Branch& b = (*pos[p]).*br;
-          accumulate<DF>(dm, kv, c0, pos[p]->s + hv, nullptr, lo[p], jl, b.o + hv, nullptr);
-          accumulate<DF>(dm, kv, c0, pos[p]->s + hv, nullptr, jh, hi[p], b.o + hv, nullptr);
-        }
-      } else {
-        for (int p = 0; p < 2; ++p) {
-          Branch& b = (*pos[p]).*br;
-          accumulate<DF>(dm, kv, c0, pos[p]->s + hv, nullptr, lo[p], hi[p], b.o + hv, nullptr);
-        }
-      }
+    for (int64_t hv = 0; hv < dm.GP; hv += N) {
+      attend_vector<DF>(pos, br, dm, kv, c0, tiles, lo, hi, in, hv);
     }
   }
 }
