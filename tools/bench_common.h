@@ -105,6 +105,14 @@ inline nsa_bf16_math bf16_math_of(const std::string& name) {
   return NSA_BF16_MATH_AUTO;
 }
 
+// Sets ctx's bf16 arithmetic from --bf16-math; where this CPU cannot run it, says so on stderr
+// (naming the command) and returns false.
+inline bool apply_bf16_math(nsa_context* ctx, const std::string& name, const char* command) {
+  if (nsa_context_set_bf16_math(ctx, bf16_math_of(name)) == NSA_OK) return true;
+  std::fprintf(stderr, "%s: --bf16-math %s: %s\n", command, name.c_str(), nsa_last_error(ctx));
+  return false;
+}
+
 // What a context's bf16 arithmetic means on this CPU, for the benchmark's header and rows.
 inline const char* bf16_math_label(nsa_bf16_math math) {
   if (math == NSA_BF16_MATH_AUTO) math = nsa_bf16_math_auto();

@@ -51,9 +51,7 @@ int run_bench(const BenchOptions& opt) {
   nsa_context_create(&ctx);
   nsa_context_set_num_threads(ctx, opt.threads);
   nsa_context_set_profiling(ctx, 1);
-  if (nsa_context_set_bf16_math(ctx, bf16_math_of(opt.bf16_math)) != NSA_OK) {
-    std::fprintf(stderr, "nsa bench: --bf16-math %s: %s\n", opt.bf16_math.c_str(),
-                 nsa_last_error(ctx));
+  if (!apply_bf16_math(ctx, opt.bf16_math, "nsa bench")) {
     nsa_context_destroy(ctx);
     return 2;
   }
@@ -197,7 +195,7 @@ Command add_bench_command(CLI::App& app) {
       ->check(CLI::IsMember({"f32", "bf16"}))
       ->capture_default_str();
   cmd->add_option("--bf16-math", opt->bf16_math,
-                  "arithmetic for bf16 inputs (nsa_bf16_math; the dense and NSA forwards)")
+                  "arithmetic for bf16 inputs (nsa_bf16_math; the forwards, not the backward)")
       ->check(CLI::IsMember({"auto", "f32", "native", "emulated"}))
       ->capture_default_str();
   cli::add_integer(cmd, "--threads", opt->threads, "threads (0: OpenMP's default)", 0,

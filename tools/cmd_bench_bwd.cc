@@ -264,6 +264,11 @@ int run_bench_bwd(const BenchOptions& opt) {
   nsa_context_create(&ctx);
   nsa_context_set_num_threads(ctx, opt.threads);
   nsa_context_set_profiling(ctx, 1);
+  // The forward of --pass fwdbwd takes it (the backward computes in f32 whatever the setting).
+  if (!apply_bf16_math(ctx, opt.bf16_math, "nsa bench")) {
+    nsa_context_destroy(ctx);
+    return 2;
+  }
   nsa_config cfg;
   nsa_config_default(&cfg);
   nlohmann::json rows = nlohmann::json::array();

@@ -153,9 +153,7 @@ int run_bench_decode(const DecodeOptions& opt) {
   nsa_context* ctx = nullptr;
   nsa_context_create(&ctx);
   nsa_context_set_num_threads(ctx, opt.threads);
-  if (nsa_context_set_bf16_math(ctx, bf16_math_of(opt.bf16_math)) != NSA_OK) {
-    std::fprintf(stderr, "nsa bench decode: --bf16-math %s: %s\n", opt.bf16_math.c_str(),
-                 nsa_last_error(ctx));
+  if (!apply_bf16_math(ctx, opt.bf16_math, "nsa bench decode")) {
     nsa_context_destroy(ctx);
     return 2;
   }

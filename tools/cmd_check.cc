@@ -486,11 +486,7 @@ bool check_backend(Case& cs, nsa_backend b, const Outputs& ref, const Grads& ref
 
 int run_check(const Options& opt) {
   Case cs(opt);
-  if (nsa_context_set_bf16_math(cs.ctx, bf16_math_of(opt.bf16_math)) != NSA_OK) {
-    std::fprintf(stderr, "nsa check: --bf16-math %s: %s\n", opt.bf16_math.c_str(),
-                 nsa_last_error(cs.ctx));
-    return 2;
-  }
+  if (!apply_bf16_math(cs.ctx, opt.bf16_math, "nsa check")) return 2;
   set_shapes(cs);
   make_inputs(cs);
   Outputs ref;
