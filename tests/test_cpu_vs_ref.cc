@@ -432,8 +432,8 @@ TEST_P(FwdVsRef, SelectionEqualUpToNearTies) {
 // machine runs must match the reference too (as CpuBwd.EveryTargetMatchesReference): G = 1, 3,
 // 5 and 8 (the keys in lanes for steps 1-2, 4 and 5: head rows padded to 1, 4, 8, 8; Dv = 36
 // leaves a column tail; T = 700 with d = 8 spans two groups of 64 compressed keys), G = 16
-// (heads in lanes), bf16, varlen, caller indices. CPU only: targets are a CPU notion. Small
-// shapes, to keep the suite's time.
+// (heads in lanes), bf16, varlen, caller indices, and bf16 arithmetic at G = 4 and 16. CPU only:
+// targets are a CPU notion. Small shapes, to keep the suite's time.
 TEST(CpuFwd, EveryTargetMatchesReference) {
   const BackendUnderTest cpu = backend(NSA_BACKEND_CPU);
   const std::vector<int32_t> cu = {0, 1, 1, 33, 97, 130};
@@ -452,6 +452,16 @@ TEST(CpuFwd, EveryTargetMatchesReference) {
     compare_fwd(cpu, s, configs()[3], NSA_DTYPE_F32, kSeed + 1805, false);
     s.T = 300, s.Hq = 16;  // G = 8, bf16
     compare_fwd(cpu, s, configs()[1], NSA_DTYPE_BF16, kSeed + 1806, false);
+    // bf16 arithmetic (the first variant this CPU runs): G = 4 with the keys in lanes on any
+    // target, G = 16 with the heads in lanes (16-lane targets; f32 on the others).
+    const std::vector<nsa_bf16_math> maths = runnable_bf16_maths();
+    if (maths.empty()) return;
+    s.T = 300, s.Hq = 8, s.Dk = 24, s.Dv = 20;
+    compare_fwd(cpu, s, configs()[1], NSA_DTYPE_BF16, kSeed + 1807, true, {}, NSA_DTYPE_F32,
+                nullptr, maths[0]);
+    s.Hq = 32;
+    compare_fwd(cpu, s, configs()[3], NSA_DTYPE_BF16, kSeed + 1808, false, {}, NSA_DTYPE_F32,
+                nullptr, maths[0]);
   });
 }
 
