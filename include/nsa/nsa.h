@@ -107,11 +107,9 @@ NSA_API nsa_backend nsa_context_backend(const nsa_context* ctx);
 NSA_API nsa_status nsa_context_set_num_threads(nsa_context* ctx, int32_t n);
 NSA_API int32_t nsa_context_num_threads(const nsa_context* ctx);
 
-/* Arithmetic for bf16 inputs on the CPU backend. Applies to nsa_dense_fwd when q, k and v are
- * all bf16; to nsa_fwd (and nsa_prefill's forward) when q and every K/V tensor (k, v, the
- * branches' own, k_cmp, v_cmp) are bf16; to nsa_decode and nsa_dense_decode with a bf16 cache
- * and bf16 q. nsa_bwd computes in f32 whatever the setting (its recomputed forward too). The NSA
- * selection comes from the f32 softmax weights, so it changes only at near-ties.
+/* Arithmetic for bf16 inputs on the CPU backend: nsa_dense_fwd, nsa_fwd and nsa_prefill when q
+ * and every K/V tensor are bf16, decode with a bf16 cache and bf16 q; nsa_bwd is f32 whatever
+ * the setting. The NSA selection comes from f32 softmax weights (it changes only at near-ties).
  *   AUTO      NATIVE where the CPU has AVX512_BF16, F32 elsewhere (the default);
  *   F32       inputs widened to f32 (exact), f32 products and sums;
  *   NATIVE    bf16 products with f32 accumulation (vdpbf16ps): twice the f32 rate. QK^T is as

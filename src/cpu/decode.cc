@@ -5,10 +5,9 @@
 // (paper Section 3.4): the score kernel holds HB heads x NV key vectors of accumulators, loads
 // each key vector once from the cache's K tiles ([Dk][16], keys in lanes) and multiplies it by
 // HB broadcast query elements; the output kernel does the same with V rows and broadcast
-// probabilities. bf16 caches (pairs of bf16 in 32-bit words, kv_cache.h) are widened in
-// registers (exact), or, with bf16 arithmetic (nsa_bf16_math, bf16 q), multiplied as pairs into
-// f32 sums by the forward's keys-in-lanes kernels (cpu/bf16/lanes-inl.h: the heads are the rows).
-// The dense baseline runs the same chunks, so it gets the same arithmetic.
+// probabilities. bf16 caches (pairs in 32-bit words, kv_cache.h) are widened in registers, or
+// with bf16 arithmetic (bf16 q) multiplied as pairs by cpu/bf16/lanes-inl.h's keys-in-lanes
+// kernels, the heads as rows; the dense baseline runs the same chunks.
 //
 // Keys are cut into chunks of fixed size; each chunk yields a partial softmax state (max, sum,
 // unnormalised output) and the partials of a branch are merged with their log-sum-exps, in chunk
@@ -206,8 +205,7 @@ struct Plan {
   }
 };
 
-// S [GP][ld] = scale Q K^T over nk keys from key0 (a multiple of 16) of one item, with bf16
-// arithmetic: groups of up to 4 tiles of the cache's K pairs.
+// S [GP][ld] = scale Q K^T over nk keys from key0 (a multiple of 16), bf16 arithmetic.
 void bf16_scores(const Plan& pl, int64_t item, const void* kbase, int64_t key0, int64_t nk,
                  float* S, int64_t ld) {
   const uint32_t* kp = static_cast<const uint32_t*>(kbase) + key0 * pl.Dk2;
