@@ -1,5 +1,5 @@
 # Install rules (included from the top-level CMakeLists.txt). After `cmake --install build --prefix P`:
-#   P/include/nsa/{nsa.h,nsa.hpp}, P/<libdir>/libnsa.so (soname libnsa.so.MAJOR.MINOR), libnsa.a,
+#   P/include/nsa/{nsa.h,nsa_cuda.h,nsa.hpp}, P/<libdir>/libnsa.so (soname libnsa.so.MAJOR.MINOR), libnsa.a,
 #   P/<libdir>/cmake/nsa/  nsaConfig.cmake, nsaConfigVersion.cmake, nsaTargets.cmake (nsa::nsa),
 #                          nsaStaticTargets.cmake (nsa::nsa_static),
 #   P/<libdir>/pkgconfig/nsa.pc, and P/bin/nsa when the tools are built (tools/CMakeLists.txt).
@@ -78,8 +78,17 @@ if(NOT nsa_hwy_location)
 endif()
 set(nsa_cxx_runtime ${CMAKE_CXX_IMPLICIT_LINK_LIBRARIES})
 list(REMOVE_ITEM nsa_cxx_runtime ${CMAKE_C_IMPLICIT_LINK_LIBRARIES})
+# The CUDA backend's libraries by file: the static runtime (with what it needs itself) and cuBLAS.
+set(nsa_cuda_pc_libs)
+if(NSA_HAVE_CUDA)
+  foreach(target CUDA::cudart_static CUDA::cublas)
+    get_target_property(location ${target} IMPORTED_LOCATION)
+    list(APPEND nsa_cuda_pc_libs ${location})
+  endforeach()
+  list(APPEND nsa_cuda_pc_libs -ldl -lrt -lpthread)
+endif()
 nsa_pc_link_flags(NSA_PC_LIBS_PRIVATE ${OpenMP_CXX_LIBRARIES} ${nsa_hwy_location}
-                  ${BLAS_LINKER_FLAGS} ${BLAS_LIBRARIES} ${nsa_cxx_runtime})
+                  ${BLAS_LINKER_FLAGS} ${BLAS_LIBRARIES} ${nsa_cuda_pc_libs} ${nsa_cxx_runtime})
 set(NSA_PC_LIBS_SANITIZE "${nsa_sanitize_link}")
 
 set(nsa_pc_dir ${CMAKE_INSTALL_LIBDIR}/pkgconfig)

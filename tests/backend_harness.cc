@@ -43,16 +43,28 @@ void cpu_cache_cmp(const nsa_kv_cache& c, int64_t seq, int64_t b, int64_t row0, 
   }
 }
 
-// Every backend the harness knows. A device backend adds one line here, with its buffer helper
-// (device copies) and its cache reader (a download of the cache's compressed tokens):
-//   {NSA_BACKEND_CUDA, "cuda", &cuda_buffers(), &cuda_cache_cmp},
-// it then runs every parameterised case as soon as nsa_backend_available says it is there.
+// Every backend the harness knows, with its buffer helper and, where it has a KV cache, its cache
+// reader. A backend runs every parameterised case of its ops as soon as nsa_backend_available
+// says it is there (CUDA: built, and a device present).
 std::vector<BackendUnderTest> all_backends() {
-  return {{NSA_BACKEND_REF, "ref", &host_buffers(), nullptr},
-          {NSA_BACKEND_CPU, "cpu", &host_buffers(), &cpu_cache_cmp}};
+  std::vector<BackendUnderTest> v = {{NSA_BACKEND_REF, "ref", &host_buffers(), nullptr},
+                                     {NSA_BACKEND_CPU, "cpu", &host_buffers(), &cpu_cache_cmp}};
+#ifdef NSA_HAVE_CUDA
+  v.push_back({NSA_BACKEND_CUDA, "cuda", &cuda_buffers(), nullptr, kOpFwd | kOpCompress | kOpDense});
+#endif
+  return v;
 }
 
 }  // namespace
+
+int64_t view_bytes(const nsa_tensor& t) {
+  int64_t end = 1;
+  for (int32_t i = 0; i < t.ndim; ++i) {
+    if (t.shape[i] == 0) return 0;
+    end += (t.shape[i] - 1) * t.stride[i];
+  }
+  return end * static_cast<int64_t>(nsa_dtype_size(t.dtype));
+}
 
 const BufferHelper& host_buffers() {
   static const HostBuffers h;
@@ -64,10 +76,10 @@ const BackendUnderTest& oracle() {
   return o;
 }
 
-std::vector<BackendUnderTest> backends_under_test() {
+std::vector<BackendUnderTest> backends_under_test(uint32_t ops) {
   std::vector<BackendUnderTest> v;
   for (const BackendUnderTest& b : all_backends()) {
-    if (b.id != oracle().id && nsa_backend_available(b.id)) v.push_back(b);
+    if (b.id != oracle().id && nsa_backend_available(b.id) && (b.ops & ops) == ops) v.push_back(b);
   }
   return v;
 }

@@ -68,6 +68,26 @@ class BufferHelper {
 
 // REF and CPU: every pointer is host memory, so the backend reads the test's own buffers.
 const BufferHelper& host_buffers();
+#ifdef NSA_HAVE_CUDA
+// CUDA: device copies (cuda_buffers.cc). download waits for the device first, since the ops
+// return before their kernels ran (nsa_cuda.h).
+const BufferHelper& cuda_buffers();
+#endif
+// The bytes a view spans, [data, data + end) (nsa.h, "Tensors"): 0 when a size is 0.
+int64_t view_bytes(const nsa_tensor& t);
+
+// The op families a backend implements (its table's entries): a parameterised suite runs on the
+// backends that have its op, so a backend with part of the API still runs every case it can.
+enum Op : uint32_t {
+  kOpFwd = 1u << 0,
+  kOpBwd = 1u << 1,
+  kOpCompress = 1u << 2,
+  kOpCompressBwd = 1u << 3,
+  kOpDense = 1u << 4,
+  kOpDenseBwd = 1u << 5,
+  kOpDecode = 1u << 6,  // the KV cache: create, append, prefill, decode, dense decode
+  kOpAll = (1u << 7) - 1,
+};
 
 // One backend under test (a GoogleTest value parameter: copyable, printed by name).
 struct BackendUnderTest {
@@ -79,12 +99,14 @@ struct BackendUnderTest {
   // what decode read (SPEC 7). nullptr: the backend has no KV cache; the decode cases skip it.
   void (*cache_cmp)(const nsa_kv_cache& cache, int64_t seq, int64_t b, int64_t row0, Tensor& k_cmp,
                     Tensor& v_cmp) = nullptr;
+  uint32_t ops = kOpAll;  // the Op bits it implements
 };
 
 // The oracle: the float64 reference, on host memory.
 const BackendUnderTest& oracle();
-// Every backend this build has except the oracle (comparing REF with itself is pointless).
-std::vector<BackendUnderTest> backends_under_test();
+// Every backend this build has and can run here, except the oracle (comparing REF with itself is
+// pointless), that implements every op in `ops`.
+std::vector<BackendUnderTest> backends_under_test(uint32_t ops);
 // The entry for `id` (CPU-only tests name theirs). Fails the test if the build lacks it.
 BackendUnderTest backend(nsa_backend id);
 

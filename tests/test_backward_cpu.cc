@@ -223,7 +223,7 @@ void compare(const BackendUnderTest& be, const Case64& c64, const Options& o, in
 constexpr uint64_t kSeed = 20260211;
 
 class BwdVsRef : public ::testing::TestWithParam<BackendUnderTest> {};
-INSTANTIATE_TEST_SUITE_P(Backends, BwdVsRef, ::testing::ValuesIn(backends_under_test()),
+INSTANTIATE_TEST_SUITE_P(Backends, BwdVsRef, ::testing::ValuesIn(backends_under_test(kOpBwd)),
                          backend_test_name);
 
 TEST_P(BwdVsRef, ShortShapes) {

@@ -156,7 +156,7 @@ TEST_P(DecodeVsForward, EveryPositionMatchesTheReference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, DecodeVsForward,
-                         ::testing::Combine(::testing::ValuesIn(backends_under_test()),
+                         ::testing::Combine(::testing::ValuesIn(backends_under_test(kOpDecode)),
                                             ::testing::ValuesIn(cases())),
                          [](const auto& info) {
                            return std::string(std::get<0>(info.param).name) + "_" +
@@ -218,7 +218,7 @@ class DecodeOnBackend : public ::testing::TestWithParam<BackendUnderTest> {
     if (GetParam().cache_cmp == nullptr) GTEST_SKIP() << GetParam().name << " has no KV cache";
   }
 };
-INSTANTIATE_TEST_SUITE_P(Backends, DecodeOnBackend, ::testing::ValuesIn(backends_under_test()),
+INSTANTIATE_TEST_SUITE_P(Backends, DecodeOnBackend, ::testing::ValuesIn(backends_under_test(kOpDecode)),
                          backend_test_name);
 
 // Incremental compression computes each compressed token once, from the cached rows: it must

@@ -130,7 +130,7 @@ std::vector<DenseCase> cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, DenseVsRef,
-                         ::testing::Combine(::testing::ValuesIn(backends_under_test()),
+                         ::testing::Combine(::testing::ValuesIn(backends_under_test(kOpDense)),
                                             ::testing::ValuesIn(cases())),
                          backend_case_name<DenseCase>);
 
@@ -189,7 +189,7 @@ TEST(Dense, BadArgumentsAreRejectedAndNamed) {
 // that score it, and every other row is bit-identical to a clean run (on the backend under test;
 // the oracle's NaN pattern is checked alongside).
 class DenseNan : public ::testing::TestWithParam<BackendUnderTest> {};
-INSTANTIATE_TEST_SUITE_P(Backends, DenseNan, ::testing::ValuesIn(backends_under_test()),
+INSTANTIATE_TEST_SUITE_P(Backends, DenseNan, ::testing::ValuesIn(backends_under_test(kOpDense)),
                          backend_test_name);
 
 TEST_P(DenseNan, NanReachesExactlyTheRowsThatSeeIt) {

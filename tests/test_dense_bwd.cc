@@ -188,7 +188,7 @@ std::vector<Case> cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, DenseBwdVsRef,
-                         ::testing::Combine(::testing::ValuesIn(backends_under_test()),
+                         ::testing::Combine(::testing::ValuesIn(backends_under_test(kOpDenseBwd)),
                                             ::testing::ValuesIn(cases())),
                          backend_case_name<Case>);
 
@@ -218,7 +218,7 @@ TEST(DenseBwd, EveryTargetMatchesReference) {
 // strided views, thread counts): the CPU matches the reference, and the outputs' padding (NaN
 // bytes between the rows of a strided view) is never written.
 class DenseBwdRandom : public ::testing::TestWithParam<BackendUnderTest> {};
-INSTANTIATE_TEST_SUITE_P(Backends, DenseBwdRandom, ::testing::ValuesIn(backends_under_test()),
+INSTANTIATE_TEST_SUITE_P(Backends, DenseBwdRandom, ::testing::ValuesIn(backends_under_test(kOpDenseBwd)),
                          backend_test_name);
 
 TEST_P(DenseBwdRandom, CasesMatchReferenceAndKeepPadding) {

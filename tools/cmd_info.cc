@@ -6,6 +6,7 @@
 
 #include "commands.h"
 #include "nsa/nsa.h"
+#include "nsa/nsa_cuda.h"
 
 namespace {
 
@@ -42,7 +43,21 @@ Command add_info_command(CLI::App& app) {
     print_cpu_features();
     const nsa_backend backends[] = {NSA_BACKEND_REF, NSA_BACKEND_CPU, NSA_BACKEND_CUDA};
     std::printf("backends:\n");
+    const bool cuda_built = std::string(nsa_build_info()).find("cuda: ON") != std::string::npos;
     for (nsa_backend b : backends) {
+      if (b == NSA_BACKEND_CUDA) {
+        // Built without a device is the usual CI case: say which of the two is missing.
+        if (!cuda_built) {
+          std::printf("  cuda  not available in this build (CMake NSA_CUDA, needs nvcc)\n");
+        } else if (!nsa_backend_available(b)) {
+          std::printf("  cuda  built, but no device found (no GPU, or no driver)\n");
+        } else {
+          std::printf("  cuda  available on %d device(s): forward (cmp, slc, win, gates), compress "
+                      "(mean, mlp), dense baseline\n",
+                      nsa_cuda_device_count());
+        }
+        continue;
+      }
       if (!nsa_backend_available(b)) {
         std::printf("  %-5s not available in this build\n", nsa_backend_name(b));
         continue;

@@ -85,7 +85,7 @@ typedef enum nsa_backend {
   NSA_BACKEND_AUTO = 0, /* the fastest backend available for the call */
   NSA_BACKEND_REF = 1,  /* the float64 reference (src/ref): slow, always built, the oracle */
   NSA_BACKEND_CPU = 2,  /* the CPU kernels (src/cpu) */
-  NSA_BACKEND_CUDA = 3  /* reserved: CUDA kernels; data pointers are then device pointers */
+  NSA_BACKEND_CUDA = 3  /* the CUDA kernels (src/cuda): device pointers, see nsa_cuda.h */
 } nsa_backend;
 
 typedef struct nsa_context nsa_context;
@@ -96,9 +96,9 @@ NSA_API nsa_status nsa_context_create(nsa_context** out);
 /* Destroys a context; NULL is a no-op. */
 NSA_API void nsa_context_destroy(nsa_context* ctx);
 
-/* A value outside the enum: NSA_ERR_INVALID_ARGUMENT; a backend this build lacks
- * (nsa_backend_available() == 0; CUDA always): NSA_ERR_UNSUPPORTED. Either way the context keeps
- * its backend. */
+/* A value outside the enum: NSA_ERR_INVALID_ARGUMENT; a backend not available here
+ * (nsa_backend_available() == 0; CUDA: not built, or no device): NSA_ERR_UNSUPPORTED. Either way
+ * the context keeps its backend. */
 NSA_API nsa_status nsa_context_set_backend(nsa_context* ctx, nsa_backend backend);
 NSA_API nsa_backend nsa_context_backend(const nsa_context* ctx);
 /* n >= 1 threads; 0 restores the default; n < 0 or n > NSA_MAX_THREADS: NSA_ERR_INVALID_ARGUMENT
@@ -243,7 +243,7 @@ NSA_API int64_t nsa_cmp_len(const nsa_config* cfg, int64_t t);
  * indices: their range), the backend checks them where the data lives:
  *   - REF and CPU: every data pointer, cu_seqlens and seq_ids are host memory. Contents are
  *     checked before anything is written, with the statuses stated at each argument.
- *   - a device backend (CUDA, not yet built): tensor data and cu_seqlens are device memory on the
+ *   - a device backend (CUDA, nsa_cuda.h): tensor data and cu_seqlens are device memory on the
  *     context's device; seq_ids and every params struct stay host memory. Content checks run on
  *     the device, so a call never waits for the device to report them: an out-of-range caller
  *     index is ignored like -1; invalid cu_seqlens (not starting at 0, decreasing, or not ending

@@ -32,8 +32,7 @@ nsa_status op_call(nsa_context* ctx, const Params* p, Make make, Body body) {
     NSA_RETURN_IF_ERROR(nsa::api::select_backend(ctx, &be));
     Problem pr;
     NSA_RETURN_IF_ERROR(make(*p, *be, &pr));
-    pr.num_threads = ctx->num_threads;
-    pr.bf16_math = nsa::bf16_math_resolve(ctx->bf16_math);
+    nsa::api::take_settings(ctx, &pr);
     return body(*be, pr);
   });
 }
@@ -77,8 +76,7 @@ nsa_status nsa_context_set_backend(nsa_context* ctx, nsa_backend backend) {
       return nsa::error(NSA_ERR_INVALID_ARGUMENT, "backend: unknown value " + std::to_string(b));
     }
     if (!nsa_backend_available(backend)) {
-      return nsa::error(NSA_ERR_UNSUPPORTED, std::string("backend ") + nsa_backend_name(backend) +
-                                                 " is not available in this build");
+      return nsa::error(NSA_ERR_UNSUPPORTED, nsa::api::unavailable(backend));
     }
     ctx->backend = backend;
     return Status::ok();

@@ -160,8 +160,7 @@ nsa_status nsa_prefill(nsa_context* ctx, nsa_kv_cache* cache, const nsa_prefill_
                       nsa::FwdProblem fwd;
                       NSA_RETURN_IF_ERROR(nsa::make_prefill_problem(*cache, *p, be, &fwd));
                       if (fwd.T == 0) return Status::ok();
-                      fwd.num_threads = ctx->num_threads;
-                      fwd.bf16_math = nsa::bf16_math_resolve(ctx->bf16_math);
+                      nsa::api::take_settings(ctx, &fwd);
                       // The backend appends the prompt, then runs its forward on the cache's
                       // compressed tokens; the sequence stays empty unless both succeed.
                       NSA_RETURN_IF_ERROR(be.prefill(*cache, p->seq, fwd));
@@ -180,8 +179,7 @@ nsa_status nsa_decode(nsa_context* ctx, nsa_kv_cache* cache, const nsa_decode_pa
                       nsa::DecodeProblem pr;
                       NSA_RETURN_IF_ERROR(nsa::make_decode_problem(*cache, *p, &pr));
                       if (pr.S == 0) return Status::ok();
-                      pr.num_threads = ctx->num_threads;
-                      pr.bf16_math = nsa::bf16_math_resolve(ctx->bf16_math);
+                      nsa::api::take_settings(ctx, &pr);
                       return append_and_decode(ctx, cache, pr, p->k, p->v, be.decode);
                     });
 }
@@ -197,8 +195,7 @@ nsa_status nsa_dense_decode(nsa_context* ctx, nsa_kv_cache* cache,
                       nsa::DecodeProblem pr;
                       NSA_RETURN_IF_ERROR(nsa::make_dense_decode_problem(*cache, *p, &pr));
                       if (pr.S == 0) return Status::ok();
-                      pr.num_threads = ctx->num_threads;
-                      pr.bf16_math = nsa::bf16_math_resolve(ctx->bf16_math);
+                      nsa::api::take_settings(ctx, &pr);
                       return append_and_decode(ctx, cache, pr, p->k, p->v, be.dense_decode);
                     });
 }

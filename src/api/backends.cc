@@ -6,10 +6,17 @@
 namespace nsa::api {
 namespace {
 
-// Every backend compiled in, in the order AUTO prefers them. AUTO stays on the host backends:
-// for a device backend the data pointers would mean device memory, so it is only ever chosen
+// Every host backend, in the order AUTO prefers them. AUTO stays on the host backends: for a
+// device backend the data pointers would mean device memory, so it is only ever chosen
 // explicitly (nsa.h, "Where memory lives").
 std::array<const Backend*, 2> host_backends() { return {&cpu::backend(), &ref::backend()}; }
+
+// The device backends this build has (CMake's NSA_CUDA).
+#ifdef NSA_HAVE_CUDA
+std::array<const Backend*, 1> device_backends() { return {&cuda::backend()}; }
+#else
+std::array<const Backend*, 0> device_backends() { return {}; }
+#endif
 
 }  // namespace
 
@@ -17,7 +24,10 @@ const Backend* find_backend(nsa_backend id) {
   for (const Backend* be : host_backends()) {
     if (be->id == id) return be->available() ? be : nullptr;
   }
-  return nullptr;  // CUDA: not built yet
+  for (const Backend* be : device_backends()) {
+    if (be->id == id) return be->available() ? be : nullptr;
+  }
+  return nullptr;
 }
 
 Status select_backend(const nsa_context* ctx, const Backend** out) {
@@ -31,8 +41,17 @@ Status select_backend(const nsa_context* ctx, const Backend** out) {
   }
   *out = find_backend(ctx->backend);
   if (*out != nullptr) return Status::ok();
-  return error(NSA_ERR_UNSUPPORTED,
-               cat("backend ", nsa_backend_name(ctx->backend), " is not available in this build"));
+  return error(NSA_ERR_UNSUPPORTED, unavailable(ctx->backend));
+}
+
+std::string unavailable(nsa_backend id) {
+  for (const Backend* be : device_backends()) {
+    if (be->id == id) {
+      return cat("backend ", be->name, " is not available: built, but no device was found (or "
+                                       "no driver to reach one)");
+    }
+  }
+  return cat("backend ", nsa_backend_name(id), " is not available in this build");
 }
 
 Status unsupported(const Backend& be, const char* call) {

@@ -10,6 +10,7 @@
 
 #include "api/context.h"
 #include "common/backend.h"
+#include "common/bf16_math.h"
 #include "common/status.h"
 
 namespace nsa::api {
@@ -42,8 +43,20 @@ const Backend* find_backend(nsa_backend id);
 // The backend a call on ctx runs: ctx's choice, AUTO resolved to the fastest host backend
 // available; NSA_ERR_UNSUPPORTED when it is not available.
 Status select_backend(const nsa_context* ctx, const Backend** out);
+// Why backend `id` is not available: not built, or (a device backend) no device.
+std::string unavailable(nsa_backend id);
 // NSA_ERR_UNSUPPORTED naming the backend and the call (an absent table entry).
 Status unsupported(const Backend& be, const char* call);
+
+// Copies the context's settings that every call passes down (thread count, bf16 arithmetic, the
+// device stream and workspace) into a problem (common/problem.h: Launch, DecodeProblem).
+template <typename Problem>
+void take_settings(nsa_context* ctx, Problem* pr) {
+  pr->num_threads = ctx->num_threads;
+  pr->bf16_math = bf16_math_resolve(ctx->bf16_math);
+  pr->stream = ctx->cuda_stream;
+  pr->workspace = &ctx->workspace;
+}
 
 // Runs the table entry `entry` of `be` on a validated problem, or reports it unsupported.
 template <typename Problem>

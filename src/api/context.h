@@ -1,8 +1,10 @@
 // The context behind the opaque nsa_context handle.
 #pragma once
 
+#include <memory>
 #include <string>
 
+#include "common/problem.h"
 #include "nsa/nsa.h"
 
 struct nsa_context {
@@ -13,4 +15,6 @@ struct nsa_context {
   nsa_fwd_profile fwd_profile{};
   nsa_bwd_profile bwd_profile{};
   std::string last_error;
+  void* cuda_stream = nullptr;                   // nsa_cuda.h: the CUDA backend's stream
+  std::unique_ptr<nsa::Workspace> workspace;     // nsa_cuda.h: device scratch, kept between calls
 };

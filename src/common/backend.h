@@ -73,6 +73,10 @@ struct Backend {
   Status (*prefill)(nsa_kv_cache& cache, int64_t seq, FwdProblem& fwd) = nullptr;
   Status (*decode)(const DecodeProblem& pr) = nullptr;
   Status (*dense_decode)(const DecodeProblem& pr) = nullptr;
+
+  // A device backend: grows the context's workspace (*slot, created on first use) to `bytes`
+  // (nsa_context_reserve_cuda_workspace).
+  Status (*reserve_workspace)(std::unique_ptr<Workspace>* slot, size_t bytes) = nullptr;
 };
 
 // The content checks of every host-memory backend (REF, CPU): host_checks.cc. host_sequences
@@ -88,5 +92,12 @@ const Backend& backend();  // src/ref/ref_backend.cc
 namespace cpu {
 const Backend& backend();  // src/cpu/cpu_backend.cc
 }
+#ifdef NSA_HAVE_CUDA
+namespace cuda {
+const Backend& backend();  // src/cuda/cuda_backend.cc
+int32_t device_count();    // 0 without a driver or a device
+Status reserve_workspace(std::unique_ptr<Workspace>* slot, size_t bytes);
+}  // namespace cuda
+#endif
 
 }  // namespace nsa

@@ -2,7 +2,9 @@
 // A backend may assume everything stated here; it never re-validates.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "nsa/nsa.h"
@@ -40,13 +42,24 @@ struct CmpDims {
   int64_t B = 0, T = 0, Hkv = 0, D = 0, Dh = 0, Tc = 0;
 };
 
-// What every batched problem carries besides its sizes: the independent sequences, and the
-// context's thread count.
+// Scratch a device backend keeps in a context between calls (nsa_cuda.h, "Scratch"): the context
+// owns it, the backend that made it knows its type.
+class Workspace {
+ public:
+  virtual ~Workspace() = default;
+  virtual size_t size() const = 0;
+};
+
+// What every batched problem carries besides its sizes: the independent sequences (a device
+// backend, which does not read cu_seqlens on the host, gets them only for fixed-length batches),
+// and the context's settings.
 struct Launch {
   std::vector<Sequence> seqs;
   int32_t num_threads = 0;  // 0: OpenMP's default
   // The context's bf16 arithmetic, resolved (never AUTO) and runnable on this CPU.
   nsa_bf16_math bf16_math = NSA_BF16_MATH_F32;
+  void* stream = nullptr;                            // a device backend's stream (nsa_cuda.h)
+  std::unique_ptr<Workspace>* workspace = nullptr;  // the context's device scratch
 };
 
 struct FwdProblem : AttnDims, Launch {
@@ -96,6 +109,8 @@ struct DecodeProblem {
   std::vector<int64_t> seqs;  // the cache sequence of each row of q
   int32_t num_threads = 0;    // 0: OpenMP's default
   nsa_bf16_math bf16_math = NSA_BF16_MATH_F32;  // resolved, as Launch::bf16_math
+  void* stream = nullptr;                        // as Launch::stream
+  std::unique_ptr<Workspace>* workspace = nullptr;
 };
 
 }  // namespace nsa

@@ -1,0 +1,53 @@
+/*
+ * nsa_cuda.h: the CUDA backend's part of the C API (nsa.h holds the rest).
+ *
+ * Where memory lives: a context whose backend is NSA_BACKEND_CUDA reads and writes device memory
+ * through every tensor's data pointer and through cu_seqlens (nsa.h, "Where memory lives"); the
+ * params structs, seq_ids and the config stay host memory. A descriptor does not say where its
+ * memory is: the context's backend does (one rule for every call, and nsa_tensor keeps its
+ * layout). Pointers must belong to the device that is current (cudaSetDevice) when the call is
+ * made. AUTO never resolves to CUDA: it is chosen explicitly (nsa_context_set_backend).
+ *
+ * Streams: every CUDA call is enqueued on the context's stream and returns without waiting for
+ * the device; its outputs are ready when the stream reaches that point (cudaStreamSynchronize,
+ * an event, or later work on the same stream). A status other than NSA_OK means nothing was
+ * enqueued.
+ *
+ * Scratch: calls that need device scratch (the mlp compression's hidden layer) take it from a
+ * workspace the context owns. It grows when a call needs more than it holds (one cudaMalloc on
+ * the first such call, none afterwards for calls of the same size or smaller), is kept for the
+ * next call, and is freed by nsa_context_destroy; nsa_context_reserve_cuda_workspace grows it
+ * ahead of time, so that a timed or graph-captured call allocates nothing. The forward needs no
+ * scratch: its block scores and selection live in shared memory (paper, Section 3.4).
+ */
+#ifndef NSA_NSA_CUDA_H_
+#define NSA_NSA_CUDA_H_
+
+#include "nsa/nsa.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Devices the CUDA runtime reports: 0 when this build has no CUDA backend, when no driver is
+ * installed, or when no device is present (nsa_backend_available(NSA_BACKEND_CUDA) is then 0). */
+NSA_API int32_t nsa_cuda_device_count(void);
+
+/* The CUDA stream (a cudaStream_t, passed as void*) the context's calls are enqueued on; NULL,
+ * the default, is the legacy default stream. Accepted in every build (it is used only by the
+ * CUDA backend). ctx NULL: NSA_ERR_NULL_POINTER. */
+NSA_API nsa_status nsa_context_set_cuda_stream(nsa_context* ctx, void* stream);
+NSA_API void* nsa_context_cuda_stream(const nsa_context* ctx);
+
+/* Grows the context's device workspace to at least `bytes` on the current device (see "Scratch"
+ * above). NSA_ERR_UNSUPPORTED when the CUDA backend is not available; NSA_ERR_OUT_OF_MEMORY when
+ * cudaMalloc fails (the workspace is then as it was). */
+NSA_API nsa_status nsa_context_reserve_cuda_workspace(nsa_context* ctx, size_t bytes);
+/* Bytes the context's workspace holds now (0 before any use). */
+NSA_API size_t nsa_context_cuda_workspace_size(const nsa_context* ctx);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* NSA_NSA_CUDA_H_ */

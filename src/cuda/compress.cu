@@ -1,0 +1,203 @@
+// The CUDA compression (SPEC 5): mean as one kernel, one block per (compressed row, KV head);
+// mlp as gather, two cuBLAS GEMMs per KV head (batched over heads) and two bias kernels, its
+// intermediates in the context's workspace (nsa_cuda.h, "Scratch"). f32 arithmetic throughout.
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "cuda/compress.h"
+#include "cuda/device.h"
+#include "cuda/ops.h"
+#include "cuda/seqs.cuh"
+
+namespace nsa::cuda {
+namespace {
+
+constexpr int kThreads = 128;
+
+__device__ __forceinline__ float load(const void* p, bool bf16, int64_t i) {
+  return bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i])
+              : static_cast<const float*>(p)[i];
+}
+__device__ __forceinline__ void store(void* p, bool bf16, int64_t i, float x) {
+  if (bf16) {
+    static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(x);
+  } else {
+    static_cast<float*>(p)[i] = x;
+  }
+}
+
+// Compressed row r of out: its batch row and the raw token row of its block's first token, or
+// !ok when cu_seqlens does not place it (invalid contents: the row is left as it was).
+struct CmpRow {
+  int64_t b = 0, row = 0, first = 0;  // batch row, row of out, first raw token's row of x
+  bool ok = false;
+};
+
+__device__ CmpRow place_row(const CmpArgs& a, int64_t r) {
+  CmpRow c;
+  if (a.cu == nullptr) {
+    c.b = r / a.Tc;
+    c.row = r % a.Tc;
+    c.first = c.row * a.d;
+    c.ok = true;
+    return c;
+  }
+  int64_t cmp_start = 0;
+  for (int64_t s = 0; s < a.S; ++s) {
+    const int64_t begin = a.cu[s], end = a.cu[s + 1];
+    const int64_t n = end > begin ? cmp_len(end - begin, a.l, a.d) : 0;
+    if (r < cmp_start + n) {
+      c.row = r;
+      c.first = begin + (r - cmp_start) * a.d;
+      c.ok = begin >= 0 && end <= a.T;
+      return c;
+    }
+    cmp_start += n;
+  }
+  return c;
+}
+
+__global__ void mean_kernel(const CmpArgs a) {
+  const int64_t r = blockIdx.x, h = blockIdx.y;
+  const CmpRow c = place_row(a, r);
+  if (!c.ok) return;
+  const float inv_l = 1.0f / float(a.l);
+  for (int64_t x = threadIdx.x; x < a.D; x += kThreads) {
+    float acc = 0.0f;
+    for (int64_t u = 0; u < a.l; ++u) {
+      acc += load(a.x, a.x_bf16, c.b * a.xs0 + (c.first + u) * a.xs1 + h * a.xs2 + x);
+    }
+    store(a.out, a.out_bf16, c.b * a.os0 + c.row * a.os1 + h * a.os2 + x, acc * inv_l);
+  }
+}
+
+// mlp, step 1: X[h][r] = flatten(x block + P[h]) as f32 rows of l D.
+__global__ void gather_kernel(const CmpArgs a, const MlpArgs m, float* X) {
+  const int64_t r = blockIdx.x, h = blockIdx.y, L = int64_t(a.l) * a.D;
+  const CmpRow c = place_row(a, r);
+  float* dst = X + (h * a.rows + r) * L;
+  for (int64_t e = threadIdx.x; e < L; e += kThreads) {
+    const int64_t u = e / a.D, x = e % a.D;
+    const float pos = load(m.pos, m.bf16, h * m.pos_s0 + u * m.pos_s1 + x);
+    // Rows cu_seqlens cannot place get zeros: the GEMMs stay in bounds, the row is not stored.
+    dst[e] = c.ok ? load(a.x, a.x_bf16, c.b * a.xs0 + (c.first + u) * a.xs1 + h * a.xs2 + x) + pos
+                  : 0.0f;
+  }
+}
+
+// A [H, R, C] parameter (last dim contiguous) as contiguous f32.
+__global__ void widen_kernel(const void* p, bool bf16, int64_t s0, int64_t s1, int64_t R, int64_t C,
+                             float* dst) {
+  const int64_t h = blockIdx.y;
+  for (int64_t e = blockIdx.x * int64_t(kThreads) + threadIdx.x; e < R * C;
+       e += int64_t(gridDim.x) * kThreads) {
+    dst[h * R * C + e] = load(p, bf16, h * s0 + (e / C) * s1 + e % C);
+  }
+}
+
+// hidden[h][r][j] = relu(hidden + b1[h][j]), in place.
+__global__ void relu_kernel(float* hidden, const float* b1, int64_t rows, int64_t Dh) {
+  const int64_t h = blockIdx.y;
+  for (int64_t e = blockIdx.x * int64_t(kThreads) + threadIdx.x; e < rows * Dh;
+       e += int64_t(gridDim.x) * kThreads) {
+    float* v = hidden + h * rows * Dh + e;
+    *v = fmaxf(*v + b1[h * Dh + e % Dh], 0.0f);
+  }
+}
+
+// out[row r, head h] = Y[h][r] + b2[h].
+__global__ void scatter_kernel(const CmpArgs a, const float* Y, const float* b2) {
+  const int64_t r = blockIdx.x, h = blockIdx.y;
+  const CmpRow c = place_row(a, r);
+  if (!c.ok) return;
+  for (int64_t x = threadIdx.x; x < a.D; x += kThreads) {
+    store(a.out, a.out_bf16, c.b * a.os0 + c.row * a.os1 + h * a.os2 + x,
+          Y[(h * a.rows + r) * a.D + x] + b2[h * a.D + x]);
+  }
+}
+
+dim3 elementwise_grid(int64_t n, int64_t heads) {
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  return dim3(static_cast<unsigned>(blocks < 4096 ? (blocks > 0 ? blocks : 1) : 4096),
+              static_cast<unsigned>(heads));
+}
+
+Status cublas_status(cublasStatus_t s, const char* what) {
+  if (s == CUBLAS_STATUS_SUCCESS) return Status::ok();
+  return error(s == CUBLAS_STATUS_ALLOC_FAILED ? NSA_ERR_OUT_OF_MEMORY : NSA_ERR_INTERNAL,
+               cat("nsa_compress (mlp): cuBLAS ", what, " failed with status ", int(s)));
+}
+
+// Row-major C[h] = A[h] B[h]^T for every head h: A [rows, k], B [m, k], C [rows, m]; cuBLAS is
+// column-major, so it computes C^T = B A^T.
+Status gemm_abt(cublasHandle_t handle, const float* A, const float* B, float* C, int64_t rows,
+                int64_t m, int64_t k, int64_t heads) {
+  const float one = 1.0f, zero = 0.0f;
+  return cublas_status(
+      cublasSgemmStridedBatched(handle, CUBLAS_OP_T, CUBLAS_OP_N, int(m), int(rows), int(k), &one,
+                                B, int(k), m * k, A, int(k), rows * k, &zero, C, int(m), rows * m,
+                                int(heads)),
+      "sgemm");
+}
+
+Status compress_mlp(const CompressProblem& pr, const CmpArgs& a) {
+  const nsa_compress_params& p = pr.p;
+  const int64_t H = pr.Hkv, R = a.rows, L = int64_t(a.l) * a.D, Dh = pr.Dh, D = a.D;
+  // Workspace: X [H, R, L], hidden [H, R, Dh], Y [H, R, D], and the parameters as f32.
+  const int64_t floats = H * (R * L + R * Dh + R * D + Dh * L + D * Dh + Dh + D);
+  DeviceWorkspace* ws = nullptr;
+  NSA_RETURN_IF_ERROR(workspace(pr.workspace, size_t(floats) * 4, &ws));
+  cublasHandle_t handle = nullptr;
+  NSA_RETURN_IF_ERROR(ws->cublas(&handle));
+  NSA_RETURN_IF_ERROR(cublas_status(cublasSetStream(handle, stream_of(pr)), "set stream"));
+  float* X = static_cast<float*>(ws->data());
+  float* hidden = X + H * R * L;
+  float* Y = hidden + H * R * Dh;
+  float* w1 = Y + H * R * D;
+  float* w2 = w1 + H * Dh * L;
+  float* b1 = w2 + H * D * Dh;
+  float* b2 = b1 + H * Dh;
+  const cudaStream_t st = stream_of(pr);
+  auto widen = [&](const nsa_tensor& t, int64_t rows, int64_t cols, float* dst) {
+    const int64_t s1 = t.ndim == 3 ? t.stride[1] : 0;
+    widen_kernel<<<elementwise_grid(rows * cols, H), kThreads, 0, st>>>(
+        t.data, t.dtype == NSA_DTYPE_BF16, t.stride[0], s1, rows, cols, dst);
+  };
+  widen(p.w1, Dh, L, w1);
+  widen(p.w2, D, Dh, w2);
+  widen(p.b1, 1, Dh, b1);
+  widen(p.b2, 1, D, b2);
+  MlpArgs m;
+  m.pos = p.pos.data;
+  m.bf16 = p.pos.dtype == NSA_DTYPE_BF16;
+  m.pos_s0 = p.pos.stride[0];
+  m.pos_s1 = p.pos.stride[1];
+  const dim3 grid(static_cast<unsigned>(R), static_cast<unsigned>(H));
+  gather_kernel<<<grid, kThreads, 0, st>>>(a, m, X);
+  NSA_RETURN_IF_ERROR(launch_status("nsa_compress (mlp)"));
+  NSA_RETURN_IF_ERROR(gemm_abt(handle, X, w1, hidden, R, Dh, L, H));
+  relu_kernel<<<elementwise_grid(R * Dh, H), kThreads, 0, st>>>(hidden, b1, R, Dh);
+  NSA_RETURN_IF_ERROR(gemm_abt(handle, hidden, w2, Y, R, D, Dh, H));
+  scatter_kernel<<<grid, kThreads, 0, st>>>(a, Y, b2);
+  return launch_status("nsa_compress (mlp)");
+}
+
+}  // namespace
+
+Status compress(const CompressProblem& pr) {
+  const nsa_compress_params& p = pr.p;
+  CmpArgs a = cmp_args(p.cfg, p.x, p.out, p.cu_seqlens, p.num_seqs, pr.B, pr.T);
+  if (a.rows == 0 || pr.Hkv == 0 || a.D == 0) return Status::ok();
+  if (a.rows > INT32_MAX || pr.Hkv > 65535) {
+    return error(NSA_ERR_UNSUPPORTED,
+                 "nsa_compress: the CUDA backend launches one block per "
+                 "compressed row (at most 2^31 - 1) and KV head (65535)");
+  }
+  if (p.kind == NSA_CMP_MLP) return compress_mlp(pr, a);
+  const dim3 grid(static_cast<unsigned>(a.rows), static_cast<unsigned>(pr.Hkv));
+  mean_kernel<<<grid, kThreads, 0, stream_of(pr)>>>(a);
+  return launch_status("nsa_compress (mean)");
+}
+
+}  // namespace nsa::cuda

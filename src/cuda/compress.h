@@ -1,0 +1,52 @@
+// The arguments of the CUDA compression kernels (compress.cu), filled on the host from a
+// validated problem: plain values, passed to the kernels by value.
+#pragma once
+
+#include <cstdint>
+
+#include "nsa/nsa.h"
+
+namespace nsa::cuda {
+
+struct CmpArgs {
+  const void* x = nullptr;  // [B, T, Hkv, D]
+  bool x_bf16 = false;
+  int64_t xs0 = 0, xs1 = 0, xs2 = 0;
+  void* out = nullptr;  // [B, Tc, Hkv, D] (packed: [1, sum of Tc, Hkv, D])
+  bool out_bf16 = false;
+  int64_t os0 = 0, os1 = 0, os2 = 0;
+  const int32_t* cu = nullptr;  // device memory; nullptr: B fixed-length sequences
+  int64_t S = 0, T = 0, D = 0;
+  int64_t Tc = 0;    // fixed length: compressed rows per batch row
+  int64_t rows = 0;  // compressed rows to produce: B Tc, or out's rows when packed
+  int l = 0, d = 0;
+};
+
+// mlp: the intra-block position encoding P [Hkv, l, D].
+struct MlpArgs {
+  const void* pos = nullptr;
+  bool bf16 = false;
+  int64_t pos_s0 = 0, pos_s1 = 0;
+};
+
+inline CmpArgs cmp_args(const nsa_config& cfg, const nsa_tensor& x, const nsa_tensor& out,
+                        const int32_t* cu, int64_t num_seqs, int64_t B, int64_t T) {
+  CmpArgs a;
+  a.x = x.data;
+  a.x_bf16 = x.dtype == NSA_DTYPE_BF16;
+  a.xs0 = x.stride[0], a.xs1 = x.stride[1], a.xs2 = x.stride[2];
+  a.out = out.data;
+  a.out_bf16 = out.dtype == NSA_DTYPE_BF16;
+  a.os0 = out.stride[0], a.os1 = out.stride[1], a.os2 = out.stride[2];
+  a.cu = cu;
+  a.S = num_seqs;
+  a.T = T;
+  a.D = x.shape[3];
+  a.l = cfg.cmp_block;
+  a.d = cfg.cmp_stride;
+  a.Tc = T >= a.l ? (T - a.l) / a.d + 1 : 0;
+  a.rows = cu != nullptr ? out.shape[1] : B * a.Tc;
+  return a;
+}
+
+}  // namespace nsa::cuda

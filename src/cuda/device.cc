@@ -1,0 +1,82 @@
+// Host-side helpers of the CUDA backend's launches (device.h).
+#include "cuda/device.h"
+
+namespace nsa::cuda {
+
+Status cuda_status(cudaError_t e, const char* what) {
+  if (e == cudaSuccess) return Status::ok();
+  return error(e == cudaErrorMemoryAllocation ? NSA_ERR_OUT_OF_MEMORY : NSA_ERR_INTERNAL,
+               cat(what, ": CUDA error ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ")"));
+}
+
+Status launch_shape(const char* call, const void* kernel, int64_t smem_bytes, int64_t rows,
+                    int64_t heads, LaunchShape* out) {
+  if (rows > INT32_MAX || heads > 65535) {
+    return error(NSA_ERR_UNSUPPORTED, cat(call,
+                                          ": the CUDA backend launches one block per token "
+                                          "and KV head: at most 2^31 - 1 tokens (B T = ",
+                                          rows, ") and 65535 KV heads (", heads, ")"));
+  }
+  int dev = 0, limit = 0;
+  NSA_RETURN_IF_ERROR(cuda_status(cudaGetDevice(&dev), call));
+  NSA_RETURN_IF_ERROR(cuda_status(
+      cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), call));
+  if (smem_bytes > limit) {
+    return error(NSA_ERR_UNSUPPORTED,
+                 cat(call,
+                     ": one thread block holds the group's queries and accumulators, a "
+                     "key chunk and the block scores in shared memory: ",
+                     smem_bytes,
+                     " bytes for these sizes (G, Dk, Dv, T / slc_block), more "
+                     "than the ",
+                     limit, " this device allows"));
+  }
+  NSA_RETURN_IF_ERROR(cuda_status(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes)),
+      call));
+  out->grid = dim3(static_cast<unsigned>(rows), static_cast<unsigned>(heads));
+  out->smem = static_cast<size_t>(smem_bytes);
+  return Status::ok();
+}
+
+Status launch_status(const char* call) { return cuda_status(cudaGetLastError(), call); }
+
+DeviceWorkspace::~DeviceWorkspace() {
+  if (cublas_ != nullptr) cublasDestroy(cublas_);
+  if (ptr_ != nullptr) cudaFree(ptr_);
+}
+
+Status DeviceWorkspace::cublas(cublasHandle_t* out) {
+  if (cublas_ == nullptr) {
+    const cublasStatus_t s = cublasCreate(&cublas_);
+    if (s != CUBLAS_STATUS_SUCCESS) {
+      cublas_ = nullptr;
+      return error(s == CUBLAS_STATUS_ALLOC_FAILED ? NSA_ERR_OUT_OF_MEMORY : NSA_ERR_INTERNAL,
+                   cat("cuBLAS: cannot create a handle (status ", int(s), ")"));
+    }
+  }
+  *out = cublas_;
+  return Status::ok();
+}
+
+Status DeviceWorkspace::reserve(size_t bytes) {
+  if (bytes <= bytes_) return Status::ok();
+  void* p = nullptr;
+  NSA_RETURN_IF_ERROR(cuda_status(cudaMalloc(&p, bytes), "workspace"));
+  // The old buffer may still be read by work queued on a stream: cudaFree waits for the device.
+  if (ptr_ != nullptr) cudaFree(ptr_);
+  ptr_ = p;
+  bytes_ = bytes;
+  return Status::ok();
+}
+
+Status workspace(std::unique_ptr<Workspace>* slot, size_t bytes, DeviceWorkspace** out) {
+  if (*slot == nullptr) *slot = std::make_unique<DeviceWorkspace>();
+  auto* ws = dynamic_cast<DeviceWorkspace*>(slot->get());
+  if (ws == nullptr) return error(NSA_ERR_INTERNAL, "workspace: not the CUDA backend's");
+  NSA_RETURN_IF_ERROR(ws->reserve(bytes));
+  *out = ws;
+  return Status::ok();
+}
+
+}  // namespace nsa::cuda
