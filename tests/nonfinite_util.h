@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "backend_harness.h"
 #include "contract_util.h"
 
 namespace nsa_test {
@@ -75,9 +76,10 @@ inline FwdCase signed_case() {
   return c;
 }
 
-inline std::vector<Dense> run(nsa_backend be, FwdCase& c, const nsa_fwd_params& p) {
+// Runs p (whose tensors are c's) on backend be, in its memory (backend_harness.h).
+inline std::vector<Dense> run(const BackendUnderTest& be, FwdCase& c, const nsa_fwd_params& p) {
   std::string msg;
-  EXPECT_EQ(run_fwd(be, c, &msg, &p), NSA_OK) << msg;
+  EXPECT_EQ(run_on(be, p, 0, &msg), NSA_OK) << msg;
   return snapshot(c);
 }
 
@@ -118,7 +120,7 @@ inline void check(const std::string& what, const std::vector<Dense>& clean,
 // `extra` (bf16 arithmetic's rounding of P). The outputs that depend on the selection are
 // compared only where the selections agree.
 inline void cross_check(const std::string& what, const std::vector<Dense>& ref,
-                        const std::vector<Dense>& cpu, double extra) {
+                        const std::vector<Dense>& cpu, double extra, const char* name) {
   int64_t bad = 0;
   for (int n = 0; n < kIdx; ++n) {
     const Dense& r = ref[n];
@@ -135,8 +137,8 @@ inline void cross_check(const std::string& what, const std::vector<Dense>& ref,
             const bool ok = (std::isnan(x) && std::isnan(y)) || x == y ||
                             std::fabs(x - y) <= 1e-4 * (1.0 + std::fabs(x)) + extra;
             if (!ok && bad++ < 5) {
-              ADD_FAILURE() << what << ": ref vs cpu " << kOutName[n] << "[" << b << ", " << t
-                            << ", " << h << ", " << e << "] = " << x << " vs " << y;
+              ADD_FAILURE() << what << ": ref vs " << name << " " << kOutName[n] << "[" << b << ", "
+                            << t << ", " << h << ", " << e << "] = " << x << " vs " << y;
             }
           }
         }
@@ -146,10 +148,13 @@ inline void cross_check(const std::string& what, const std::vector<Dense>& ref,
 
 // Returns the reference's clean run.
 inline std::vector<Dense> run_scenario(const std::string& what, const Scenario& sc) {
-  std::vector<Dense> poisoned[2], clean_ref;
-  const nsa_backend backends[2] = {NSA_BACKEND_REF, NSA_BACKEND_CPU};
+  // The oracle first, then every backend with a forward (CUDA where a device is).
+  std::vector<BackendUnderTest> backends = {oracle()};
+  for (const BackendUnderTest& b : backends_under_test(kOpFwd)) backends.push_back(b);
+  std::vector<std::vector<Dense>> poisoned(backends.size());
+  std::vector<Dense> clean_ref;
   double extra = 0.0;
-  for (int i = 0; i < 2; ++i) {
+  for (size_t i = 0; i < backends.size(); ++i) {
     FwdCase c = sc.make();
     // bf16 inputs take bf16 arithmetic where the CPU has it: P rounded to bf16 moves a branch's
     // output by at most 2^-8 max|v|, o by the gates' sum (<= 3) times that (test_cpu_vs_ref.cc).
@@ -164,9 +169,11 @@ inline std::vector<Dense> run_scenario(const std::string& what, const Scenario& 
     if (i == 0) clean_ref = clean;
     sc.poison(c, p);
     poisoned[i] = run(backends[i], c, p);
-    check(what + " [" + nsa_backend_name(backends[i]) + "]", clean, poisoned[i], sc.rule);
+    check(what + " [" + backends[i].name + "]", clean, poisoned[i], sc.rule);
   }
-  cross_check(what, poisoned[0], poisoned[1], extra);
+  for (size_t i = 1; i < backends.size(); ++i) {
+    cross_check(what, poisoned[0], poisoned[i], extra, backends[i].name);
+  }
   return clean_ref;
 }
 

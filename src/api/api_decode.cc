@@ -62,7 +62,7 @@ Status append_and_decode(nsa_context* ctx, nsa_kv_cache* c, const nsa::DecodePro
     ks.shape[0] = vs.shape[0] = 1;
     // One thread per token unless asked: a team for one token's rows costs more than it saves.
     const int32_t threads = ctx->num_threads > 0 ? ctx->num_threads : 1;
-    s = c->backend->cache_append(*c, pr.seqs[r], ks, vs, threads);
+    s = c->backend->cache_append(*c, pr.seqs[r], ks, vs, threads, ctx->cuda_stream);
     if (s.is_ok()) ++c->len[static_cast<size_t>(pr.seqs[r])];
   }
   if (s.is_ok()) s = step(pr);
@@ -144,7 +144,8 @@ nsa_status nsa_kv_cache_append(nsa_context* ctx, nsa_kv_cache* cache, int64_t se
     const int64_t n = k->shape[0] >= 0 ? k->shape[0] : -1;
     NSA_RETURN_IF_ERROR(nsa::check_append(*cache, seq, *k, *v, n, kFloats));
     if (n == 0) return Status::ok();
-    NSA_RETURN_IF_ERROR(cache->backend->cache_append(*cache, seq, *k, *v, append_threads(ctx)));
+    NSA_RETURN_IF_ERROR(
+        cache->backend->cache_append(*cache, seq, *k, *v, append_threads(ctx), ctx->cuda_stream));
     cache->len[static_cast<size_t>(seq)] += n;
     return Status::ok();
   });

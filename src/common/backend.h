@@ -62,6 +62,7 @@ struct Backend {
 
   // The KV cache (SPEC 7). cache_create receives a handle whose common fields are set and
   // attaches its storage; cache_append appends rows [0, n) of k [n, Hkv, Dk] / v [n, Hkv, Dv]
+  // (on the context's thread count, or, for a device backend, its stream)
   // (checked to fit) to sequence seq and compresses what they complete, leaving the storage as
   // it was on failure (the API restores the lengths); prefill appends the prompt of `fwd` (a
   // validated forward of one sequence whose k_cmp/v_cmp the backend supplies from the cache) to
@@ -69,7 +70,7 @@ struct Backend {
   // dense baseline).
   Status (*cache_create)(const nsa_kv_cache_params& p, nsa_kv_cache* cache) = nullptr;
   Status (*cache_append)(nsa_kv_cache& cache, int64_t seq, const nsa_tensor& k, const nsa_tensor& v,
-                         int32_t num_threads) = nullptr;
+                         int32_t num_threads, void* stream) = nullptr;
   Status (*prefill)(nsa_kv_cache& cache, int64_t seq, FwdProblem& fwd) = nullptr;
   Status (*decode)(const DecodeProblem& pr) = nullptr;
   Status (*dense_decode)(const DecodeProblem& pr) = nullptr;

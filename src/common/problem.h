@@ -19,6 +19,15 @@ inline int64_t offset_of(const nsa_tensor& t, int64_t i0, int64_t i1 = 0, int64_
 
 inline bool present(const nsa_tensor& t) { return t.data != nullptr; }
 
+// The [T, H, D] rows of a [1, T, H, D] tensor (a prefill's prompt, as an append takes it).
+inline nsa_tensor drop_batch(const nsa_tensor& t) {
+  nsa_tensor r = t;
+  r.ndim = 3;
+  for (int i = 0; i < 3; ++i) r.shape[i] = t.shape[i + 1], r.stride[i] = t.stride[i + 1];
+  r.shape[3] = r.stride[3] = 0;
+  return r;
+}
+
 // One independent sequence: batch row `batch`, tokens [start, start + len) of that row, and
 // compressed tokens [cmp_start, cmp_start + cmp_len). Without cu_seqlens there is one per batch
 // row with start = cmp_start = 0.
@@ -58,7 +67,7 @@ struct Launch {
   int32_t num_threads = 0;  // 0: OpenMP's default
   // The context's bf16 arithmetic, resolved (never AUTO) and runnable on this CPU.
   nsa_bf16_math bf16_math = NSA_BF16_MATH_F32;
-  void* stream = nullptr;                            // a device backend's stream (nsa_cuda.h)
+  void* stream = nullptr;                           // a device backend's stream (nsa_cuda.h)
   std::unique_ptr<Workspace>* workspace = nullptr;  // the context's device scratch
 };
 
@@ -106,10 +115,10 @@ struct DecodeProblem {
   float scale = 0.0f;                      // resolved
   int64_t window = 0;                      // dense: 0 = every cached token
   int64_t S = 0, Hq = 0, G = 0;
-  std::vector<int64_t> seqs;  // the cache sequence of each row of q
-  int32_t num_threads = 0;    // 0: OpenMP's default
+  std::vector<int64_t> seqs;                    // the cache sequence of each row of q
+  int32_t num_threads = 0;                      // 0: OpenMP's default
   nsa_bf16_math bf16_math = NSA_BF16_MATH_F32;  // resolved, as Launch::bf16_math
-  void* stream = nullptr;                        // as Launch::stream
+  void* stream = nullptr;                       // as Launch::stream
   std::unique_ptr<Workspace>* workspace = nullptr;
 };
 

@@ -171,7 +171,7 @@ Status kv_cache_create(const nsa_kv_cache_params& p, nsa_kv_cache* c) {
 }
 
 Status kv_cache_append(nsa_kv_cache& c, int64_t seq, const nsa_tensor& k, const nsa_tensor& v,
-                       int threads) {
+                       int threads, void* /*stream*/) {
   const int64_t n = k.shape[0], first = c.len[static_cast<size_t>(seq)];
   const int64_t cmp_before = c.cmp_len(seq);
   const int64_t cmp_after = nsa_cmp_len(&c.cfg, first + n);
@@ -216,19 +216,6 @@ Status kv_cache_append(nsa_kv_cache& c, int64_t seq, const nsa_tensor& k, const 
   return Status::ok();
 }
 
-namespace {
-
-// The [T, H, D] rows of a validated [1, T, H, D] forward tensor, as an append takes them.
-nsa_tensor row_view(const nsa_tensor& t) {
-  nsa_tensor r = t;
-  r.ndim = 3;
-  for (int i = 0; i < 3; ++i) r.shape[i] = t.shape[i + 1], r.stride[i] = t.stride[i + 1];
-  r.shape[3] = r.stride[3] = 0;
-  return r;
-}
-
-}  // namespace
-
 Status kv_cache_prefill(nsa_kv_cache& c, int64_t seq, FwdProblem& fwd) {
   const nsa_fwd_inputs& in = fwd.p.in;
   const int64_t Tc = fwd.Tc;
@@ -238,7 +225,8 @@ Status kv_cache_prefill(nsa_kv_cache& c, int64_t seq, FwdProblem& fwd) {
   std::vector<char> kc(static_cast<size_t>(Tc * c.Hkv * c.Dk) * esize);
   std::vector<char> vc(static_cast<size_t>(Tc * c.Hkv * c.Dv) * esize);
   std::vector<float> row(static_cast<size_t>(std::max(c.Dk, c.Dv)));
-  NSA_RETURN_IF_ERROR(kv_cache_append(c, seq, row_view(in.k), row_view(in.v), fwd.num_threads));
+  NSA_RETURN_IF_ERROR(
+      kv_cache_append(c, seq, drop_batch(in.k), drop_batch(in.v), fwd.num_threads, nullptr));
   // The forward reads the compressed tokens exactly as the cache holds them (SPEC 7): the ones
   // decode steps will read, computed once by the append.
   const int64_t kshape[4] = {1, Tc, c.Hkv, c.Dk}, vshape[4] = {1, Tc, c.Hkv, c.Dv};

@@ -138,7 +138,7 @@ Status kv_cache_create(const nsa_kv_cache_params& p, nsa_kv_cache* c);
 // (SPEC 7): compressed token i exactly when position i*d + l - 1 arrives. The length is the
 // caller's to advance. Out of memory: an error before any row is written.
 Status kv_cache_append(nsa_kv_cache& c, int64_t seq, const nsa_tensor& k, const nsa_tensor& v,
-                       int32_t threads);
+                       int32_t threads, void* stream);  // stream: unused (host memory)
 // Appends the prompt of a validated forward of one sequence, then runs the CPU forward over it
 // with the cache's own compressed tokens as k_cmp/v_cmp.
 Status kv_cache_prefill(nsa_kv_cache& c, int64_t seq, FwdProblem& fwd);

@@ -47,7 +47,7 @@ __device__ __forceinline__ void st_any(void* p, bool bf16, int64_t i, float x) {
 // Shared memory of one block, carved from the dynamic allocation (sizes in floats: smem_floats).
 struct Smem {
   float* q;      // [G][Dk] the group's queries
-  float* k;      // [kChunk][Dk + 1] a key chunk (rows padded: lane i reads row i, no bank clash)
+  float* k;      // [kChunk][kstride(Dk)] a key chunk
   float* v;      // [kChunk][Dv] the chunk's values
   float* p;      // [G][kChunk] the chunk's softmax weights
   float* o;      // [G][Dv] the branch being computed, unnormalised
@@ -57,16 +57,20 @@ struct Smem {
   float* extra;  // what a kernel adds after these (block scores, ...)
 };
 
+// The row stride of a key chunk in shared memory: odd, so that lane i reading row i meets no other
+// lane's bank.
+__host__ __device__ inline int kstride(int Dk) { return Dk | 1; }
+
 __host__ __device__ inline int64_t smem_floats(int G, int Dk, int Dv) {
-  return int64_t(G) * Dk + int64_t(kChunk) * (Dk + 1) + int64_t(kChunk) * Dv + int64_t(G) * kChunk +
-         2 * int64_t(G) * Dv + 2 * int64_t(G);
+  return int64_t(G) * Dk + int64_t(kChunk) * kstride(Dk) + int64_t(kChunk) * Dv +
+         int64_t(G) * kChunk + 2 * int64_t(G) * Dv + 2 * int64_t(G);
 }
 
 __device__ inline Smem carve(float* base, int G, int Dk, int Dv) {
   Smem s;
   s.q = base;
   s.k = s.q + G * Dk;
-  s.v = s.k + kChunk * (Dk + 1);
+  s.v = s.k + kChunk * kstride(Dk);
   s.p = s.v + kChunk * Dv;
   s.o = s.p + G * kChunk;
   s.out = s.o + G * Dv;
@@ -82,12 +86,13 @@ struct Group {
   float scale;
 };
 
-// Loads the G queries of a group ([G, Dk] at q, head stride hs) and clears out.
-template <typename In>
-__device__ void load_group(const Smem& s, const Group& g, const In* q, int64_t hs) {
+// Loads the G queries of a group ([G, Dk] at q, f32 or bf16, head stride hs) and clears out.
+// q's dtype is a run-time fact: decode takes f32 or bf16 queries whatever the cache holds.
+__device__ inline void load_group(const Smem& s, const Group& g, const void* q, bool bf16,
+                                  int64_t hs) {
   for (int i = threadIdx.x; i < g.G * g.Dk; i += kThreads) {
     const int h = i / g.Dk, x = i % g.Dk;
-    s.q[i] = ld(q, h * hs + x);
+    s.q[i] = ld_any(q, bf16, h * hs + x);
   }
   for (int i = threadIdx.x; i < g.G * g.Dv; i += kThreads) s.out[i] = 0.0f;
 }
@@ -109,7 +114,7 @@ __device__ void load_chunk(const Smem& s, const Group& g, RowView k, RowView v, 
   const In* kp = static_cast<const In*>(k.p);
   for (int i = threadIdx.x; i < nk * g.Dk; i += kThreads) {
     const int r = i / g.Dk, x = i % g.Dk;
-    s.k[r * (g.Dk + 1) + x] = ld(kp, pos(r) * k.row + x);
+    s.k[r * kstride(g.Dk) + x] = ld(kp, pos(r) * k.row + x);
   }
   if (!want_v) return;
   const In* vp = static_cast<const In*>(v.p);
@@ -119,8 +124,12 @@ __device__ void load_chunk(const Smem& s, const Group& g, RowView k, RowView v, 
   }
 }
 
+// max that keeps NaN (fmaxf drops it): a NaN score must make the branch NaN, as in the reference.
+__device__ __forceinline__ float nan_max(float a, float b) {
+  return isnan(a) || isnan(b) ? CUDART_NAN_F : fmaxf(a, b);
+}
 __device__ __forceinline__ float warp_max(float x) {
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  for (int o = 16; o > 0; o >>= 1) x = nan_max(x, __shfl_xor_sync(0xffffffffu, x, o));
   return x;
 }
 __device__ __forceinline__ float warp_sum(float x) {
@@ -133,19 +142,19 @@ __device__ __forceinline__ float chunk_score(const Smem& s, const Group& g, int 
                                              int nk) {
   if (lane >= nk) return -CUDART_INF_F;
   const float* qh = s.q + h * g.Dk;
-  const float* kr = s.k + lane * (g.Dk + 1);
+  const float* kr = s.k + lane * kstride(g.Dk);
   float acc = 0.0f;
   for (int x = 0; x < g.Dk; ++x) acc = fmaf(qh[x], kr[x], acc);
   return acc * g.scale;
 }
 
 // One chunk of the online softmax for every head (the chunk is loaded): m, l and o updated.
-__device__ void attend_chunk(const Smem& s, const Group& g, int nk) {
+__device__ inline void attend_chunk(const Smem& s, const Group& g, int nk) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int h = warp; h < g.G; h += kWarps) {
     const float sc = chunk_score(s, g, h, lane, nk);
     const float m_old = s.m[h];
-    const float m_new = fmaxf(m_old, warp_max(sc));
+    const float m_new = nan_max(m_old, warp_max(sc));
     // m_new is finite once a key was seen (nk >= 1); -inf only for -inf scores from the input.
     const float corr = m_old == -CUDART_INF_F ? 0.0f : expf(m_old - m_new);
     const float p = lane < nk && m_new != -CUDART_INF_F ? expf(sc - m_new) : 0.0f;
@@ -199,20 +208,21 @@ struct BranchOut {
   int64_t gate_hs = 0;
 };
 
-// Normalises the branch (o / l; 0 and lse = -inf when it saw no key, SPEC 4 step 1), writes its
-// outputs and adds gate * o to out. Callers sync before (attend_spans does) and after.
+// Normalises the branch (o / l; 0 and lse = -inf when it saw no key, SPEC 4 step 1; NaN stays
+// NaN), writes its outputs and adds gate * o to out. Callers sync before (attend_spans does) and
+// after.
 __device__ inline void end_branch(const Smem& s, const Group& g, const BranchOut& b) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int h = warp; h < g.G; h += kWarps) {
     const float l = s.l[h];
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    const float inv = l == 0.0f ? 0.0f : 1.0f / l;
     const float gate = b.gate ? ld_any(b.gate, b.gate_bf16, h * b.gate_hs) : 1.0f;
     for (int x = lane; x < g.Dv; x += 32) {
       const float o = s.o[h * g.Dv + x] * inv;
       if (b.o) st_any(b.o, b.o_bf16, h * b.o_hs + x, o);
       s.out[h * g.Dv + x] = fmaf(gate, o, s.out[h * g.Dv + x]);
     }
-    if (b.lse && lane == 0) b.lse[h * b.lse_hs] = l > 0.0f ? s.m[h] + logf(l) : -CUDART_INF_F;
+    if (b.lse && lane == 0) b.lse[h * b.lse_hs] = l == 0.0f ? -CUDART_INF_F : s.m[h] + logf(l);
   }
 }
 

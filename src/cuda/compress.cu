@@ -5,6 +5,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <climits>
+
 #include "cuda/compress.h"
 #include "cuda/device.h"
 #include "cuda/ops.h"
@@ -38,7 +40,7 @@ __device__ CmpRow place_row(const CmpArgs& a, int64_t r) {
   CmpRow c;
   if (a.cu == nullptr) {
     c.b = r / a.Tc;
-    c.row = r % a.Tc;
+    c.row = a.row0 + r % a.Tc;
     c.first = c.row * a.d;
     c.ok = true;
     return c;
@@ -194,10 +196,22 @@ Status compress(const CompressProblem& pr) {
                  "nsa_compress: the CUDA backend launches one block per "
                  "compressed row (at most 2^31 - 1) and KV head (65535)");
   }
-  if (p.kind == NSA_CMP_MLP) return compress_mlp(pr, a);
-  const dim3 grid(static_cast<unsigned>(a.rows), static_cast<unsigned>(pr.Hkv));
-  mean_kernel<<<grid, kThreads, 0, stream_of(pr)>>>(a);
-  return launch_status("nsa_compress (mean)");
+  if (p.kind == NSA_CMP_MLP) {
+    if (int64_t(a.l) * a.D > INT32_MAX || pr.Dh > INT32_MAX) {
+      return error(NSA_ERR_UNSUPPORTED,
+                   "nsa_compress (mlp): cuBLAS takes int sizes: l * D and "
+                   "Dh must be at most 2^31 - 1 on the cuda backend");
+    }
+    return compress_mlp(pr, a);
+  }
+  return launch_mean(a, pr.Hkv, stream_of(pr));
+}
+
+Status launch_mean(const CmpArgs& a, int64_t heads, cudaStream_t stream) {
+  if (a.rows == 0) return Status::ok();
+  const dim3 grid(static_cast<unsigned>(a.rows), static_cast<unsigned>(heads));
+  mean_kernel<<<grid, kThreads, 0, stream>>>(a);
+  return launch_status("compress (mean)");
 }
 
 }  // namespace nsa::cuda

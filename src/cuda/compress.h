@@ -4,6 +4,9 @@
 
 #include <cstdint>
 
+#include <cuda_runtime.h>
+
+#include "common/status.h"
 #include "nsa/nsa.h"
 
 namespace nsa::cuda {
@@ -17,7 +20,8 @@ struct CmpArgs {
   int64_t os0 = 0, os1 = 0, os2 = 0;
   const int32_t* cu = nullptr;  // device memory; nullptr: B fixed-length sequences
   int64_t S = 0, T = 0, D = 0;
-  int64_t Tc = 0;    // fixed length: compressed rows per batch row
+  int64_t Tc = 0;    // fixed length: compressed rows to produce per batch row
+  int64_t row0 = 0;  // fixed length: the first of them (a cache appends rows row0 .. row0 + Tc)
   int64_t rows = 0;  // compressed rows to produce: B Tc, or out's rows when packed
   int l = 0, d = 0;
 };
@@ -28,6 +32,9 @@ struct MlpArgs {
   bool bf16 = false;
   int64_t pos_s0 = 0, pos_s1 = 0;
 };
+
+// Enqueues the mean compression of a.rows rows for `heads` KV heads (compress.cu).
+Status launch_mean(const CmpArgs& a, int64_t heads, cudaStream_t stream);
 
 inline CmpArgs cmp_args(const nsa_config& cfg, const nsa_tensor& x, const nsa_tensor& out,
                         const int32_t* cu, int64_t num_seqs, int64_t B, int64_t T) {

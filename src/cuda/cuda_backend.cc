@@ -1,6 +1,6 @@
 // The CUDA backend's table (common/backend.h): device memory, kernels enqueued on the context's
-// stream (nsa_cuda.h). It has the forward, the dense baseline and the compression; the backward
-// and the KV cache are not built yet (NSA_ERR_UNSUPPORTED, from the absent entries).
+// stream (nsa_cuda.h). It has the forward, the dense baseline, the compression and the KV cache
+// with decode; the backward is not built yet (NSA_ERR_UNSUPPORTED, from the absent entries).
 #include <cuda_runtime.h>
 
 #include "common/backend.h"
@@ -31,6 +31,11 @@ Backend make_table() {
   b.forward = forward;
   b.compress = compress;
   b.dense_forward = dense_forward;
+  b.cache_create = kv_cache_create;
+  b.cache_append = kv_cache_append;
+  b.prefill = kv_cache_prefill;
+  b.decode = decode;
+  b.dense_decode = decode;
   b.reserve_workspace = reserve_workspace;
   return b;
 }

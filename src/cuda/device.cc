@@ -21,6 +21,9 @@ Status launch_shape(const char* call, const void* kernel, int64_t smem_bytes, in
   NSA_RETURN_IF_ERROR(cuda_status(cudaGetDevice(&dev), call));
   NSA_RETURN_IF_ERROR(cuda_status(
       cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), call));
+  cudaFuncAttributes fa{};
+  NSA_RETURN_IF_ERROR(cuda_status(cudaFuncGetAttributes(&fa, kernel), call));
+  limit -= int(fa.sharedSizeBytes);  // the kernel's static shared memory counts against it
   if (smem_bytes > limit) {
     return error(NSA_ERR_UNSUPPORTED,
                  cat(call,

@@ -1,307 +1,30 @@
-// The CUDA forward (SPEC 4) and the dense baseline: one thread block per (query position, KV
-// group), all G query heads together. The compressed branch runs first; its probabilities are
-// recomputed once more, summed over the group and spread onto the selection blocks (Eq. 9),
-// straight into shared memory, so neither a [T, Tc] nor a [T, blocks] matrix reaches global
-// memory; the top-n is chosen there; then the slc and win branches stream their keys through the
-// same chunk loop (attend.cuh). Everything a block sums, it sums in a fixed order: the same bits
-// on every run.
+// The CUDA forward (SPEC 4) and the dense baseline over [B, T] batches, fixed-length or packed
+// (cu_seqlens, read on the device): one block per (token, KV head) running query.cuh.
 #include <cuda_runtime.h>
 
-#include <climits>
-
-#include "cuda/attend.cuh"
 #include "cuda/device.h"
 #include "cuda/ops.h"
-#include "cuda/seqs.cuh"
+#include "cuda/query.cuh"
 
 namespace nsa::cuda {
 namespace {
 
-// An [B, T, H(, D)] tensor: data and the strides of its first three dims; absent when p is null.
-struct T4 {
-  void* p = nullptr;
-  int64_t s0 = 0, s1 = 0, s2 = 0;
-  bool bf16 = false;
-};
-
-T4 t4(const nsa_tensor& t) {
-  T4 v;
-  v.p = t.data;
-  v.s0 = t.stride[0];
-  v.s1 = t.ndim > 1 ? t.stride[1] : 0;
-  v.s2 = t.ndim > 2 ? t.stride[2] : 0;
-  v.bf16 = t.dtype == NSA_DTYPE_BF16;
-  return v;
-}
-
-// Element offset of [b, t, h] and its byte address.
-__device__ __forceinline__ int64_t at(const T4& x, int64_t b, int64_t t, int64_t h) {
-  return b * x.s0 + t * x.s1 + h * x.s2;
-}
-template <typename E>
-__device__ __forceinline__ E* ptr(const T4& x, int64_t b, int64_t t, int64_t h) {
-  return static_cast<E*>(x.p) + at(x, b, t, h);
-}
-__device__ __forceinline__ void* any_ptr(const T4& x, int64_t b, int64_t t, int64_t h) {
-  const int64_t off = at(x, b, t, h);
-  return x.bf16 ? static_cast<void*>(static_cast<__nv_bfloat16*>(x.p) + off)
-                : static_cast<void*>(static_cast<float*>(x.p) + off);
-}
-
-// The rows of head h of batch row b, for chunk loads.
-template <typename In>
-__device__ RowView rows(const T4& x, int64_t b, int64_t h) {
-  return {static_cast<const In*>(x.p) + b * x.s0 + h * x.s2, x.s1, x.s2};
-}
-
-struct FwdArgs {
-  T4 q, k_slc, v_slc, k_win, v_win, k_cmp, v_cmp;
-  T4 gate[3], o_br[3], lse[3];  // per branch: cmp, slc, win
-  T4 o, idx_in, idx_out;
-  const int32_t* cu = nullptr;
-  int64_t S = 0, T = 0, Tc_rows = 0;
-  int G = 0, Dk = 0, Dv = 0;
-  int l = 0, d = 0, lp = 0, n = 0, n_init = 0, n_local = 0, w = 0;
-  float scale = 0.0f;
-  int nblk = 0;  // block-score slots: the longest sequence's t / l' + 1
-};
-
-// Block-scope reduction slots of the top-n.
-struct Best {
-  float key;
-  int j;
-};
-__device__ __forceinline__ bool better(float k, int j, const Best& b) {
-  return b.j < 0 || k > b.key || (k == b.key && j < b.j);
-}
-
-// SPEC 4 step 3: the n - |F_t| highest non-forced scores (ties to the lower index, NaN lowest)
-// joined to the forced blocks, written ascending to sel; returns the count (J + 1 >= n here).
-// score[0..J] is consumed: forced blocks get +inf keys, chosen ones NaN.
-__device__ int top_n(float* score, int* sel, int* tmp, const FwdArgs& a, int64_t J) {
-  __shared__ Best red[kWarps];
-  for (int64_t j = threadIdx.x; j <= J; j += kThreads) {
-    const bool forced = j < a.n_init || j > J - a.n_local;
-    const float s = score[j];
-    score[j] = forced ? CUDART_INF_F : (isnan(s) ? -CUDART_INF_F : s);
-  }
-  __syncthreads();
-  for (int r = 0; r < a.n; ++r) {
-    Best b{0.0f, -1};
-    for (int64_t j = threadIdx.x; j <= J; j += kThreads) {
-      const float k = score[j];
-      if (!isnan(k) && better(k, int(j), b)) b = {k, int(j)};
-    }
-    for (int o = 16; o > 0; o >>= 1) {
-      const float k = __shfl_xor_sync(0xffffffffu, b.key, o);
-      const int j = __shfl_xor_sync(0xffffffffu, b.j, o);
-      if (j >= 0 && better(k, j, b)) b = {k, j};
-    }
-    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = b;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      Best w = red[0];
-      for (int i = 1; i < kWarps; ++i) {
-        if (red[i].j >= 0 && better(red[i].key, red[i].j, w)) w = red[i];
-      }
-      tmp[r] = w.j;
-      if (w.j >= 0) score[w.j] = CUDART_NAN_F;  // taken (J + 1 > n: there is always one)
-    }
-    __syncthreads();
-  }
-  // Ascending: each chosen block's rank among the chosen (they are distinct).
-  for (int i = threadIdx.x; i < a.n; i += kThreads) {
-    int rank = 0;
-    for (int k = 0; k < a.n; ++k) rank += tmp[k] < tmp[i];
-    sel[rank] = tmp[i];
-  }
-  __syncthreads();
-  return a.n;
-}
-
-// The caller's selection (nsa.h, slc_indices_in): -1 and out-of-range entries ignored (a device
-// call cannot report them, "Where memory lives"), duplicates once, ascending.
-__device__ int given_set(const int32_t* in, int* sel, int* tmp, const FwdArgs& a, int64_t J) {
-  __shared__ int count;
-  for (int i = threadIdx.x; i < a.n; i += kThreads) {
-    const int32_t j = in[i];
-    tmp[i] = j >= 0 && j <= J ? j : INT_MAX;
-  }
-  if (threadIdx.x == 0) count = 0;
-  __syncthreads();
-  for (int i = threadIdx.x; i < a.n; i += kThreads) {
-    bool first = tmp[i] != INT_MAX;
-    for (int k = 0; k < i && first; ++k) first = tmp[k] != tmp[i];
-    if (!first) continue;
-    int rank = 0;  // distinct values below tmp[i]: first occurrences only
-    for (int k = 0; k < a.n; ++k) {
-      bool first_k = tmp[k] < tmp[i];
-      for (int m = 0; m < k && first_k; ++m) first_k = tmp[m] != tmp[k];
-      rank += first_k;
-    }
-    sel[rank] = tmp[i];
-    atomicAdd(&count, 1);  // an integer count: order-free
-  }
-  __syncthreads();
-  return count;
-}
-
-// SPEC 4 step 2: the group-summed cmp probabilities spread onto the selection blocks 0..J of
-// score, from the branch's final m and l (s.m, s.l), chunk by chunk in key order.
-template <typename In>
-__device__ void block_scores(const Smem& s, const Group& g, RowView kc, int64_t cmp0, int64_t nc,
-                             float* score, float* ps, const FwdArgs& a, int64_t J) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int64_t j = threadIdx.x; j <= J; j += kThreads) score[j] = 0.0f;
-  for (int64_t c0 = 0; c0 < nc; c0 += kChunk) {
-    const int nk = int(nc - c0 < kChunk ? nc - c0 : kChunk);
-    __syncthreads();
-    load_chunk<In>(
-        s, g, kc, kc, nk, [&](int r) { return cmp0 + c0 + r; }, false);
-    __syncthreads();
-    for (int h = warp; h < g.G; h += kWarps) {
-      const float lse = s.m[h] + logf(s.l[h]);
-      const float sc = chunk_score(s, g, h, lane, nk);
-      s.p[h * kChunk + lane] = lane < nk ? expf(sc - lse) : 0.0f;
-    }
-    __syncthreads();
-    if (threadIdx.x < nk) {  // Eq. 10: the group's heads add up, in head order
-      float sum = 0.0f;
-      for (int h = 0; h < g.G; ++h) sum += s.p[h * kChunk + threadIdx.x];
-      ps[threadIdx.x] = sum;
-    }
-    __syncthreads();
-    // Compressed token i covers [i d, i d + l); it weighs on block j by the overlap in strides.
-    const int64_t j_lo = (c0 * a.d) / a.lp;
-    int64_t j_hi = ((c0 + nk - 1) * a.d + a.l - 1) / a.lp;
-    if (j_hi > J) j_hi = J;
-    for (int64_t j = j_lo + threadIdx.x; j <= j_hi; j += kThreads) {
-      float acc = score[j];
-      for (int r = 0; r < nk; ++r) {
-        const int64_t i = c0 + r;
-        const int64_t lo = max(i * a.d, j * a.lp), hi = min(i * a.d + a.l, (j + 1) * a.lp);
-        if (hi > lo) acc = fmaf(ps[r], float(hi - lo) / float(a.d), acc);
-      }
-      score[j] = acc;
-    }
-  }
-  __syncthreads();
-}
-
 template <typename In>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdArgs a) {
   extern __shared__ float smem[];
-  const int64_t b = blockIdx.x / a.T, tok = blockIdx.x % a.T, hk = blockIdx.y;
+  const int64_t b = blockIdx.x / a.T, tok = blockIdx.x % a.T;
   const Place pl = place_token(a.cu, a.S, b, tok, a.T, a.l, a.d);
   if (!pl.ok) return;  // invalid cu_seqlens: this row is left as it was
-  const Group g{a.G, a.Dk, a.Dv, a.scale};
-  const Smem s = carve(smem, a.G, a.Dk, a.Dv);
-  float* score = s.extra;
-  float* ps = score + a.nblk;
-  int* sel = reinterpret_cast<int*>(ps + kChunk);
-  int* tmp = sel + a.n;
-  const int64_t t = pl.t, J = t / a.lp, h0 = hk * a.G;
-  load_group(s, g, ptr<const In>(a.q, b, tok, h0), a.q.s2);
-
-  BranchOut out[3];
-  for (int c = 0; c < 3; ++c) {
-    BranchOut& o = out[c];
-    if (a.o_br[c].p) o = {any_ptr(a.o_br[c], b, tok, h0), a.o_br[c].bf16, a.o_br[c].s2};
-    if (a.lse[c].p) o.lse = ptr<float>(a.lse[c], b, tok, h0), o.lse_hs = a.lse[c].s2;
-    o.gate = any_ptr(a.gate[c], b, tok, h0);
-    o.gate_bf16 = a.gate[c].bf16;
-    o.gate_hs = a.gate[c].s2;
-  }
-
-  // Step 1: cmp over the complete compressed blocks, clamped to the rows the tensor has.
-  int64_t nc = t + 1 >= a.l ? (t + 1 - a.l) / a.d + 1 : 0;
-  nc = min(nc, cmp_len(pl.len, a.l, a.d));
-  nc = max(int64_t(0), min(nc, a.Tc_rows - pl.cmp_start));
-  const RowView kc = rows<In>(a.k_cmp, b, hk), vc = rows<In>(a.v_cmp, b, hk);
-  begin_branch(s, g);
-  attend_spans<In>(s, g, kc, vc, 1, [&](int, int64_t* f, int64_t* n) {
-    *f = pl.cmp_start;
-    *n = nc;
-  });
-  end_branch(s, g, out[0]);
-
-  // Steps 2-3: the group's selection.
-  int count;
-  if (a.idx_in.p) {
-    count = given_set(ptr<const int32_t>(a.idx_in, b, tok, hk), sel, tmp, a, J);
-  } else if (J + 1 <= a.n) {
-    for (int i = threadIdx.x; i <= J; i += kThreads) sel[i] = i;
-    count = int(J + 1);
-  } else {
-    block_scores<In>(s, g, kc, pl.cmp_start, nc, score, ps, a, J);
-    count = top_n(score, sel, tmp, a, J);
-  }
-  __syncthreads();
-  if (a.idx_out.p) {
-    int32_t* io = ptr<int32_t>(a.idx_out, b, tok, hk);
-    for (int i = threadIdx.x; i < a.n; i += kThreads) io[i] = i < count ? sel[i] : -1;
-  }
-
-  // Step 4: slc over the selected blocks' keys up to t.
-  begin_branch(s, g);
-  __syncthreads();
-  attend_spans<In>(s, g, rows<In>(a.k_slc, b, hk), rows<In>(a.v_slc, b, hk), count,
-                   [&](int i, int64_t* f, int64_t* n) {
-                     const int64_t first = int64_t(sel[i]) * a.lp;
-                     *f = pl.start + first;
-                     *n = min(int64_t(a.lp), t + 1 - first);
-                   });
-  end_branch(s, g, out[1]);
-  __syncthreads();
-
-  // Step 5: win over max(0, t - w + 1) .. t.
-  begin_branch(s, g);
-  __syncthreads();
-  const int64_t w0 = max(int64_t(0), t - a.w + 1);
-  attend_spans<In>(s, g, rows<In>(a.k_win, b, hk), rows<In>(a.v_win, b, hk), 1,
-                   [&](int, int64_t* f, int64_t* n) {
-                     *f = pl.start + w0;
-                     *n = t - w0 + 1;
-                   });
-  end_branch(s, g, out[2]);
-  __syncthreads();
-
-  // Step 6: the gated sum.
-  store_out(s, g, any_ptr(a.o, b, tok, h0), a.o.bf16, a.o.s2);
+  nsa_query<In>(a, {b, tok, b, pl.start, pl.t, pl.len, pl.cmp_start, blockIdx.y}, smem);
 }
-
-// The dense baseline (nsa_dense_fwd): one branch over keys max(0, t - w + 1) .. t (w = 0: all).
-struct DenseArgs {
-  T4 q, k, v, o, lse;
-  const int32_t* cu = nullptr;
-  int64_t S = 0, T = 0;
-  int G = 0, Dk = 0, Dv = 0, w = 0;
-  float scale = 0.0f;
-};
 
 template <typename In>
 __global__ void __launch_bounds__(kThreads) dense_kernel(const DenseArgs a) {
   extern __shared__ float smem[];
-  const int64_t b = blockIdx.x / a.T, tok = blockIdx.x % a.T, hk = blockIdx.y;
+  const int64_t b = blockIdx.x / a.T, tok = blockIdx.x % a.T;
   const Place pl = place_token(a.cu, a.S, b, tok, a.T, 1, 1);
   if (!pl.ok) return;
-  const Group g{a.G, a.Dk, a.Dv, a.scale};
-  const Smem s = carve(smem, a.G, a.Dk, a.Dv);
-  const int64_t t = pl.t, h0 = hk * a.G;
-  load_group(s, g, ptr<const In>(a.q, b, tok, h0), a.q.s2);
-  begin_branch(s, g);
-  __syncthreads();
-  const int64_t w0 = a.w > 0 ? max(int64_t(0), t - a.w + 1) : 0;
-  attend_spans<In>(s, g, rows<In>(a.k, b, hk), rows<In>(a.v, b, hk), 1,
-                   [&](int, int64_t* f, int64_t* n) {
-                     *f = pl.start + w0;
-                     *n = t - w0 + 1;
-                   });
-  BranchOut bo;
-  if (a.lse.p) bo.lse = ptr<float>(a.lse, b, tok, h0), bo.lse_hs = a.lse.s2;
-  end_branch(s, g, bo);
-  __syncthreads();
-  store_out(s, g, any_ptr(a.o, b, tok, h0), a.o.bf16, a.o.s2);
+  dense_query<In>(a, {b, tok, b, pl.start, pl.t, pl.len, 0, blockIdx.y}, smem);
 }
 
 }  // namespace
@@ -330,12 +53,12 @@ Status forward(const FwdProblem& pr) {
   a.n_init = cfg.slc_init, a.n_local = cfg.slc_local, a.w = cfg.window;
   a.scale = cfg.scale;
   a.nblk = int((pr.T - 1) / cfg.slc_block + 1);
-  const int64_t floats = smem_floats(a.G, a.Dk, a.Dv) + a.nblk + kChunk + 2 * int64_t(a.n);
   const bool bf16 = p.in.q.dtype == NSA_DTYPE_BF16;
   const void* fn = bf16 ? reinterpret_cast<const void*>(&fwd_kernel<__nv_bfloat16>)
                         : reinterpret_cast<const void*>(&fwd_kernel<float>);
   LaunchShape ls;
-  NSA_RETURN_IF_ERROR(launch_shape("nsa_fwd", fn, floats * 4, pr.B * pr.T, pr.Hkv, &ls));
+  NSA_RETURN_IF_ERROR(launch_shape("nsa_fwd", fn, nsa_smem_bytes(a.G, a.Dk, a.Dv, a.nblk, a.n),
+                                   pr.B * pr.T, pr.Hkv, &ls));
   if (bf16) {
     fwd_kernel<__nv_bfloat16><<<ls.grid, kThreads, ls.smem, stream_of(pr)>>>(a);
   } else {

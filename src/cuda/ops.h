@@ -3,6 +3,7 @@
 // problem's stream and returns without waiting (nsa_cuda.h).
 #pragma once
 
+#include "common/kv_cache.h"
 #include "common/problem.h"
 #include "common/status.h"
 
@@ -11,5 +12,12 @@ namespace nsa::cuda {
 Status forward(const FwdProblem& problem);          // forward.cu (SPEC 4)
 Status dense_forward(const DenseProblem& problem);  // forward.cu
 Status compress(const CompressProblem& problem);    // compress.cu (SPEC 5)
+
+// decode.cu: the KV cache in device memory (SPEC 7), its appends, prefill and decode steps.
+Status kv_cache_create(const nsa_kv_cache_params& p, nsa_kv_cache* cache);
+Status kv_cache_append(nsa_kv_cache& c, int64_t seq, const nsa_tensor& k, const nsa_tensor& v,
+                       int32_t num_threads, void* stream);
+Status kv_cache_prefill(nsa_kv_cache& c, int64_t seq, FwdProblem& fwd);
+Status decode(const DecodeProblem& pr);  // DecodeProblem::dense: the dense baseline
 
 }  // namespace nsa::cuda

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# The CUDA backend on a GPU machine: its tests, then its benchmark against PyTorch SDPA.
+#
+#   scripts/gpu-check.sh prepare   here (no GPU needed): builds the CUDA build (sm_80, sm_90) and
+#                                  packs the test and benchmark binaries with the libraries a
+#                                  bare GPU machine lacks (OpenMP, Highway, OpenBLAS) into
+#                                  .gpu/bundle.tar.xz (git-ignored; carry it to the GPU machine).
+#   scripts/gpu-check.sh run       on the GPU machine (CUDA driver, python3 with torch; no
+#                                  network): unpacks the bundle, runs the `cuda` tests (every
+#                                  parameterised case on the cuda backend, and test_cuda), a
+#                                  compute-sanitizer pass, then nsa_cuda_bench and
+#                                  scripts/sdpa_bench.py, and writes $OUT (default gpu-out/):
+#                                  gpu-check.json (every row, with speedups), log.txt.
+# Budget: `run` is sized to finish in about 8 minutes on an H100; each step has its own timeout,
+# and a step that fails or times out is recorded and the next one runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-run}
+bundle=.gpu/bundle.tar.xz
+bins=(test_cuda test_cpu_vs_ref test_dense nsa nsa_cuda_bench)
+
+prepare() {
+  set -e
+  BUILD_DIR=build-gpu scripts/build.sh -DNSA_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=80;90" \
+    -DNSA_BUILD_BENCH=OFF
+  rm -rf .gpu/stage && mkdir -p .gpu/stage/bin .gpu/stage/lib
+  cp build-gpu/tests/{test_cuda,test_cpu_vs_ref,test_dense} build-gpu/tools/{nsa,nsa_cuda_bench} \
+    .gpu/stage/bin/
+  strip .gpu/stage/bin/*
+  # The shared libraries outside glibc, the C++ runtime and CUDA (the GPU machine has those).
+  ldd .gpu/stage/bin/test_cuda | awk '/=>/ {print $3}' |
+    grep -E 'libgomp|libhwy|libopenblas|libgfortran|libquadmath' |
+    while read -r lib; do cp -L "$lib" .gpu/stage/lib/; done
+  tar -C .gpu/stage -cJf "$bundle" bin lib
+  rm -rf .gpu/stage
+  echo "gpu-check: $bundle, $(du -h "$bundle" | cut -f1); run it there with: scripts/gpu-check.sh run"
+}
+
+# step NAME SECONDS CMD...: runs CMD with a timeout, its output into the log; never stops the run.
+step() {
+  local name=$1 secs=$2
+  shift 2
+  echo "== $name (limit ${secs}s)" | tee -a "$log"
+  local t0=$SECONDS
+  timeout "$secs" "$@" 2>&1 | tee -a "$log" | tail -n 40
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc in $((SECONDS - t0))s" | tee -a "$log"
+  results+=("{\"step\": \"$name\", \"exit\": $rc, \"seconds\": $((SECONDS - t0))}")
+}
+
+run() {
+  out=${OUT:-gpu-out}
+  mkdir -p "$out"
+  log="$out/log.txt"
+  : >"$log"
+  results=()
+  [ -f "$bundle" ] || { echo "gpu-check: $bundle missing: run 'scripts/gpu-check.sh prepare' first"; exit 1; }
+  dir=$(mktemp -d)
+  tar -C "$dir" -xJf "$bundle"
+  export LD_LIBRARY_PATH="$dir/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+  bin=$dir/bin
+  step device 30 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  step info 30 "$bin/nsa" info
+  # Every parameterised case on the cuda backend (the reference runs on this machine's cores).
+  step test_cuda 120 "$bin/test_cuda"
+  step fwd_vs_ref 150 "$bin/test_cpu_vs_ref" --gtest_filter='*cuda*'
+  step dense_vs_ref 90 "$bin/test_dense" --gtest_filter='*cuda*'
+  if command -v compute-sanitizer >/dev/null; then
+    step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 3 "$bin/test_cuda" \
+      --gtest_filter='CudaFwd.*:-CudaFwd.SharedMemoryLimitIsReported'
+  fi
+  rows="$out/rows.jsonl"
+  : >"$rows"
+  # The paper's heads: Dk = Dv = 128 against FlashAttention-2 (it needs equal dims), Dk = 192,
+  # Dv = 128 against cuDNN; G = 4 (Hq = 16) for the per-head comparison with G = 16.
+  step nsa_fwd_128 150 sh -c "'$bin/nsa_cuda_bench' fwd --dk 128 --dv 128 >> '$rows'"
+  step nsa_fwd_192 150 sh -c "'$bin/nsa_cuda_bench' fwd --dk 192 --dv 128 >> '$rows'"
+  step nsa_fwd_g4 90 sh -c "'$bin/nsa_cuda_bench' fwd --hq 16 --dk 192 --dv 128 >> '$rows'"
+  step sdpa_128 90 sh -c "python3 scripts/sdpa_bench.py --dk 128 --dv 128 >> '$rows'"
+  step sdpa_192 90 sh -c "python3 scripts/sdpa_bench.py --dk 192 --dv 128 --backends cudnn >> '$rows'"
+  printf '%s\n' "${results[@]}" >"$out/steps.jsonl"
+  python3 - "$rows" "$out/steps.jsonl" "$out/gpu-check.json" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
+steps = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
+key = lambda r: (r["T"], r["Hq"], r["Hkv"], r["Dk"], r["Dv"])
+nsa = {key(r): r for r in rows if r["op"] == "nsa_fwd"}
+for r in rows:
+    if r["op"] == "sdpa" and "ms" in r and key(r) in nsa:
+        r["nsa_ms"] = nsa[key(r)]["ms"]
+        r["speedup"] = r["ms"] / r["nsa_ms"]
+        print(f"T={r['T']:6d} Dk={r['Dk']} {r['backend']:6s} {r['ms']:9.3f} ms, "
+              f"NSA {r['nsa_ms']:9.3f} ms: {r['speedup']:.2f}x")
+for r in rows:
+    if r["op"] == "nsa_fwd" and r["Hq"] == 16:
+        g16 = nsa.get((r["T"], 64, r["Hkv"], r["Dk"], r["Dv"]))
+        if g16:
+            r["per_head_vs_g16"] = (r["ms"] / 16) / (g16["ms"] / 64)
+            print(f"T={r['T']:6d} G=4 per head / G=16 per head: {r['per_head_vs_g16']:.2f}")
+json.dump({"steps": steps, "rows": rows}, open(sys.argv[3], "w"), indent=1)
+EOF
+  rm -rf "$dir"
+}
+
+case $mode in
+  prepare) prepare ;;
+  run) run ;;
+  *) echo "usage: scripts/gpu-check.sh prepare|run" >&2; exit 2 ;;
+esac
