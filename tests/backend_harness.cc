@@ -50,7 +50,8 @@ std::vector<BackendUnderTest> all_backends() {
   std::vector<BackendUnderTest> v = {{NSA_BACKEND_REF, "ref", &host_buffers(), nullptr},
                                      {NSA_BACKEND_CPU, "cpu", &host_buffers(), &cpu_cache_cmp}};
 #ifdef NSA_HAVE_CUDA
-  v.push_back({NSA_BACKEND_CUDA, "cuda", &cuda_buffers(), nullptr, kOpFwd | kOpCompress | kOpDense});
+  v.push_back({NSA_BACKEND_CUDA, "cuda", &cuda_buffers(), &cuda_cache_cmp,
+               kOpFwd | kOpCompress | kOpDense | kOpDecode});
 #endif
   return v;
 }

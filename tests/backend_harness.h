@@ -72,6 +72,9 @@ const BufferHelper& host_buffers();
 // CUDA: device copies (cuda_buffers.cc). download waits for the device first, since the ops
 // return before their kernels ran (nsa_cuda.h).
 const BufferHelper& cuda_buffers();
+// The CUDA cache's compressed tokens, as cache_cmp below reads them.
+void cuda_cache_cmp(const nsa_kv_cache& cache, int64_t seq, int64_t b, int64_t row0, Tensor& k_cmp,
+                    Tensor& v_cmp);
 #endif
 // The bytes a view spans, [data, data + end) (nsa.h, "Tensors"): 0 when a size is 0.
 int64_t view_bytes(const nsa_tensor& t);

@@ -4,7 +4,12 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <cstring>
+#include <vector>
+
 #include "backend_harness.h"
+#include "common/kv_cache.h"
+#include "cuda/ops.h"
 
 namespace nsa_test {
 namespace {
@@ -51,6 +56,40 @@ class CudaBuffers final : public BufferHelper {
 };
 
 }  // namespace
+
+void cuda_cache_cmp(const nsa_kv_cache& c, int64_t seq, int64_t b, int64_t row0, Tensor& k_cmp,
+                    Tensor& v_cmp) {
+  const nsa::cuda::CacheCmpView view = nsa::cuda::cache_cmp_view(c);
+  const int64_t Tc = c.cmp_len(seq), esize = static_cast<int64_t>(nsa_dtype_size(c.dtype));
+  for (int kind = 0; kind < 2; ++kind) {
+    const int64_t D = kind == 0 ? c.Dk : c.Dv;
+    // The sequence's rows [0, Tc) of [num_seqs, rows, Hkv, D], read back as the cache's dtype.
+    std::vector<unsigned char> bytes(static_cast<size_t>(Tc * c.Hkv * D * esize));
+    const char* src =
+        static_cast<const char*>(kind == 0 ? view.k : view.v) + seq * view.rows * c.Hkv * D * esize;
+    if (!bytes.empty()) {
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(bytes.data(), src, bytes.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+    }
+    Tensor& dst = kind == 0 ? k_cmp : v_cmp;
+    for (int64_t i = 0; i < Tc; ++i) {
+      for (int64_t h = 0; h < c.Hkv; ++h) {
+        for (int64_t x = 0; x < D; ++x) {
+          const int64_t e = (i * c.Hkv + h) * D + x;
+          float f;
+          if (c.dtype == NSA_DTYPE_BF16) {
+            uint16_t u;
+            std::memcpy(&u, &bytes[static_cast<size_t>(e * 2)], 2);
+            f = bf16_bits_to_float(u);
+          } else {
+            std::memcpy(&f, &bytes[static_cast<size_t>(e * 4)], 4);
+          }
+          dst.set({b, row0 + i, h, x}, f);
+        }
+      }
+    }
+  }
+}
 
 const BufferHelper& cuda_buffers() {
   static const CudaBuffers c;

@@ -74,16 +74,16 @@ __global__ void mean_kernel(const CmpArgs a) {
   }
 }
 
-// mlp, step 1: X[h][r] = flatten(x block + P[h]) as f32 rows of l D.
-__global__ void gather_kernel(const CmpArgs a, const MlpArgs m, float* X) {
+// mlp, step 1: X[h][r] = flatten(x block + P[h]) as f32 rows of l D (P: f32 [H][l D]).
+__global__ void gather_kernel(const CmpArgs a, const float* pos, float* X) {
   const int64_t r = blockIdx.x, h = blockIdx.y, L = int64_t(a.l) * a.D;
   const CmpRow c = place_row(a, r);
   float* dst = X + (h * a.rows + r) * L;
   for (int64_t e = threadIdx.x; e < L; e += kThreads) {
     const int64_t u = e / a.D, x = e % a.D;
-    const float pos = load(m.pos, m.bf16, h * m.pos_s0 + u * m.pos_s1 + x);
     // Rows cu_seqlens cannot place get zeros: the GEMMs stay in bounds, the row is not stored.
-    dst[e] = c.ok ? load(a.x, a.x_bf16, c.b * a.xs0 + (c.first + u) * a.xs1 + h * a.xs2 + x) + pos
+    dst[e] = c.ok ? load(a.x, a.x_bf16, c.b * a.xs0 + (c.first + u) * a.xs1 + h * a.xs2 + x) +
+                        pos[h * L + e]
                   : 0.0f;
   }
 }
@@ -145,44 +145,15 @@ Status gemm_abt(cublasHandle_t handle, const float* A, const float* B, float* C,
 
 Status compress_mlp(const CompressProblem& pr, const CmpArgs& a) {
   const nsa_compress_params& p = pr.p;
-  const int64_t H = pr.Hkv, R = a.rows, L = int64_t(a.l) * a.D, Dh = pr.Dh, D = a.D;
-  // Workspace: X [H, R, L], hidden [H, R, Dh], Y [H, R, D], and the parameters as f32.
-  const int64_t floats = H * (R * L + R * Dh + R * D + Dh * L + D * Dh + Dh + D);
+  const MlpShape m{pr.Hkv, a.l, a.D, pr.Dh};
+  // Workspace: the parameters as f32, then the rows' intermediates.
   DeviceWorkspace* ws = nullptr;
-  NSA_RETURN_IF_ERROR(workspace(pr.workspace, size_t(floats) * 4, &ws));
-  cublasHandle_t handle = nullptr;
-  NSA_RETURN_IF_ERROR(ws->cublas(&handle));
-  NSA_RETURN_IF_ERROR(cublas_status(cublasSetStream(handle, stream_of(pr)), "set stream"));
-  float* X = static_cast<float*>(ws->data());
-  float* hidden = X + H * R * L;
-  float* Y = hidden + H * R * Dh;
-  float* w1 = Y + H * R * D;
-  float* w2 = w1 + H * Dh * L;
-  float* b1 = w2 + H * D * Dh;
-  float* b2 = b1 + H * Dh;
+  NSA_RETURN_IF_ERROR(workspace(
+      pr.workspace, size_t(mlp_weight_floats(m) + mlp_scratch_floats(m, a.rows)) * 4, &ws));
+  float* weights = static_cast<float*>(ws->data());
   const cudaStream_t st = stream_of(pr);
-  auto widen = [&](const nsa_tensor& t, int64_t rows, int64_t cols, float* dst) {
-    const int64_t s1 = t.ndim == 3 ? t.stride[1] : 0;
-    widen_kernel<<<elementwise_grid(rows * cols, H), kThreads, 0, st>>>(
-        t.data, t.dtype == NSA_DTYPE_BF16, t.stride[0], s1, rows, cols, dst);
-  };
-  widen(p.w1, Dh, L, w1);
-  widen(p.w2, D, Dh, w2);
-  widen(p.b1, 1, Dh, b1);
-  widen(p.b2, 1, D, b2);
-  MlpArgs m;
-  m.pos = p.pos.data;
-  m.bf16 = p.pos.dtype == NSA_DTYPE_BF16;
-  m.pos_s0 = p.pos.stride[0];
-  m.pos_s1 = p.pos.stride[1];
-  const dim3 grid(static_cast<unsigned>(R), static_cast<unsigned>(H));
-  gather_kernel<<<grid, kThreads, 0, st>>>(a, m, X);
-  NSA_RETURN_IF_ERROR(launch_status("nsa_compress (mlp)"));
-  NSA_RETURN_IF_ERROR(gemm_abt(handle, X, w1, hidden, R, Dh, L, H));
-  relu_kernel<<<elementwise_grid(R * Dh, H), kThreads, 0, st>>>(hidden, b1, R, Dh);
-  NSA_RETURN_IF_ERROR(gemm_abt(handle, hidden, w2, Y, R, D, Dh, H));
-  scatter_kernel<<<grid, kThreads, 0, st>>>(a, Y, b2);
-  return launch_status("nsa_compress (mlp)");
+  NSA_RETURN_IF_ERROR(widen_mlp(m, p.pos, p.w1, p.b1, p.w2, p.b2, weights, st));
+  return mlp_rows(a, m, weights, weights + mlp_weight_floats(m), ws, st);
 }
 
 }  // namespace
@@ -205,6 +176,59 @@ Status compress(const CompressProblem& pr) {
     return compress_mlp(pr, a);
   }
   return launch_mean(a, pr.Hkv, stream_of(pr));
+}
+
+int64_t mlp_weight_floats(const MlpShape& m) {
+  const int64_t L = int64_t(m.l) * m.D;
+  return m.H * (L + m.Dh * L + m.Dh + m.D * m.Dh + m.D);
+}
+
+int64_t mlp_scratch_floats(const MlpShape& m, int64_t rows) {
+  return m.H * rows * (int64_t(m.l) * m.D + m.Dh + m.D);
+}
+
+Status widen_mlp(const MlpShape& m, const nsa_tensor& pos, const nsa_tensor& w1,
+                 const nsa_tensor& b1, const nsa_tensor& w2, const nsa_tensor& b2, float* dst,
+                 cudaStream_t stream) {
+  const int64_t L = int64_t(m.l) * m.D;
+  // Each an [H, R, C] view (the 2-D biases: R = 1), widened to contiguous f32.
+  struct Part {
+    const nsa_tensor* t;
+    int64_t rows, cols;
+  } parts[5] = {{&pos, m.l, m.D}, {&w1, m.Dh, L}, {&b1, 1, m.Dh}, {&w2, m.D, m.Dh}, {&b2, 1, m.D}};
+  for (const Part& part : parts) {
+    const nsa_tensor& t = *part.t;
+    const int64_t s1 = t.ndim == 3 ? t.stride[1] : 0;
+    widen_kernel<<<elementwise_grid(part.rows * part.cols, m.H), kThreads, 0, stream>>>(
+        t.data, t.dtype == NSA_DTYPE_BF16, t.stride[0], s1, part.rows, part.cols, dst);
+    dst += m.H * part.rows * part.cols;
+  }
+  return launch_status("mlp parameters");
+}
+
+Status mlp_rows(const CmpArgs& a, const MlpShape& m, const float* weights, float* scratch,
+                DeviceWorkspace* ws, cudaStream_t stream) {
+  if (a.rows == 0) return Status::ok();
+  const int64_t H = m.H, R = a.rows, L = int64_t(m.l) * m.D, Dh = m.Dh, D = m.D;
+  cublasHandle_t handle = nullptr;
+  NSA_RETURN_IF_ERROR(ws->cublas(&handle));
+  NSA_RETURN_IF_ERROR(cublas_status(cublasSetStream(handle, stream), "set stream"));
+  const float* pos = weights;
+  const float* w1 = pos + H * L;
+  const float* b1 = w1 + H * Dh * L;
+  const float* w2 = b1 + H * Dh;
+  const float* b2 = w2 + H * D * Dh;
+  float* X = scratch;
+  float* hidden = X + H * R * L;
+  float* Y = hidden + H * R * Dh;
+  const dim3 grid(static_cast<unsigned>(R), static_cast<unsigned>(H));
+  gather_kernel<<<grid, kThreads, 0, stream>>>(a, pos, X);
+  NSA_RETURN_IF_ERROR(launch_status("compress (mlp)"));
+  NSA_RETURN_IF_ERROR(gemm_abt(handle, X, w1, hidden, R, Dh, L, H));
+  relu_kernel<<<elementwise_grid(R * Dh, H), kThreads, 0, stream>>>(hidden, b1, R, Dh);
+  NSA_RETURN_IF_ERROR(gemm_abt(handle, hidden, w2, Y, R, D, Dh, H));
+  scatter_kernel<<<grid, kThreads, 0, stream>>>(a, Y, b2);
+  return launch_status("compress (mlp)");
 }
 
 Status launch_mean(const CmpArgs& a, int64_t heads, cudaStream_t stream) {

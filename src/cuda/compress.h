@@ -26,15 +26,29 @@ struct CmpArgs {
   int l = 0, d = 0;
 };
 
-// mlp: the intra-block position encoding P [Hkv, l, D].
-struct MlpArgs {
-  const void* pos = nullptr;
-  bool bf16 = false;
-  int64_t pos_s0 = 0, pos_s1 = 0;
+// mlp (SPEC 5): the sizes of phi's parameters, one set per KV head.
+struct MlpShape {
+  int64_t H = 0;
+  int l = 0;
+  int64_t D = 0, Dh = 0;
 };
+
+class DeviceWorkspace;
 
 // Enqueues the mean compression of a.rows rows for `heads` KV heads (compress.cu).
 Status launch_mean(const CmpArgs& a, int64_t heads, cudaStream_t stream);
+
+// mlp, in three parts so that a cache widens its parameters once (decode.cu) and nsa_compress on
+// every call: floats of the widened parameters (pos, w1, b1, w2, b2, each [H][...] contiguous),
+// floats of the intermediates for `rows` rows, the widening, and phi over a.rows rows (gather,
+// two cuBLAS GEMMs batched over heads, bias and relu, scatter; ws lends its cuBLAS handle).
+int64_t mlp_weight_floats(const MlpShape& m);
+int64_t mlp_scratch_floats(const MlpShape& m, int64_t rows);
+Status widen_mlp(const MlpShape& m, const nsa_tensor& pos, const nsa_tensor& w1,
+                 const nsa_tensor& b1, const nsa_tensor& w2, const nsa_tensor& b2, float* dst,
+                 cudaStream_t stream);
+Status mlp_rows(const CmpArgs& a, const MlpShape& m, const float* weights, float* scratch,
+                DeviceWorkspace* ws, cudaStream_t stream);
 
 inline CmpArgs cmp_args(const nsa_config& cfg, const nsa_tensor& x, const nsa_tensor& out,
                         const int32_t* cu, int64_t num_seqs, int64_t B, int64_t T) {

@@ -19,13 +19,18 @@ namespace {
 class CudaCache final : public CacheStorage {
  public:
   ~CudaCache() override {
-    for (void* p : {k, v, kc, vc}) cudaFree(p);
+    for (void* p : {k, v, kc, vc, static_cast<void*>(mlp)}) cudaFree(p);
   }
   void* k = nullptr;  // raw [num_seqs, rows, Hkv, Dk]
   void* v = nullptr;
   void* kc = nullptr;  // compressed [num_seqs, cmp_rows, Hkv, Dk]
   void* vc = nullptr;
   int64_t rows = 0, cmp_rows = 0;
+  // mlp: phi's parameters for keys then values, widened to f32 at creation (compress.h), and the
+  // cache's own scratch for the rows an append compresses (with its cuBLAS handle).
+  float* mlp = nullptr;
+  MlpShape mlp_k, mlp_v;
+  DeviceWorkspace scratch;
 };
 
 CudaCache& storage(const nsa_kv_cache& c) { return static_cast<CudaCache&>(*c.storage); }
@@ -75,7 +80,7 @@ Status append_one(const nsa_kv_cache& c, const nsa_tensor& x, void* base, int64_
 // Compressed rows [before, after) of sequence seq from its raw rows (SPEC 7: each exactly once).
 Status compress_new(const nsa_kv_cache& c, int64_t seq, int64_t before, int64_t after,
                     cudaStream_t stream) {
-  const CudaCache& st = storage(c);
+  CudaCache& st = storage(c);
   const size_t esize = nsa_dtype_size(c.dtype);
   for (int kind = 0; kind < 2; ++kind) {
     const int64_t D = kind == 0 ? c.Dk : c.Dv;
@@ -93,9 +98,29 @@ Status compress_new(const nsa_kv_cache& c, int64_t seq, int64_t before, int64_t 
     a.d = c.cfg.cmp_stride;
     a.Tc = a.rows = after - before;
     a.row0 = before;
-    NSA_RETURN_IF_ERROR(launch_mean(a, c.Hkv, stream));
+    if (c.cmp_kind == NSA_CMP_MEAN) {
+      NSA_RETURN_IF_ERROR(launch_mean(a, c.Hkv, stream));
+      continue;
+    }
+    const MlpShape& m = kind == 0 ? st.mlp_k : st.mlp_v;
+    const float* weights = kind == 0 ? st.mlp : st.mlp + mlp_weight_floats(st.mlp_k);
+    NSA_RETURN_IF_ERROR(st.scratch.reserve(size_t(mlp_scratch_floats(m, a.rows)) * 4));
+    NSA_RETURN_IF_ERROR(
+        mlp_rows(a, m, weights, static_cast<float*>(st.scratch.data()), &st.scratch, stream));
   }
   return Status::ok();
+}
+
+// mlp: phi's parameters, copied at creation (nsa.h) as f32 into st.mlp. Creation waits for the
+// copy, so that an append on any stream reads finished parameters.
+Status copy_mlp(const nsa_kv_cache_params& p, CudaCache& st) {
+  st.mlp_k = {p.num_kv_heads, p.cfg.cmp_block, p.head_dim_k, p.k_w1.shape[1]};
+  st.mlp_v = {p.num_kv_heads, p.cfg.cmp_block, p.head_dim_v, p.v_w1.shape[1]};
+  const int64_t fk = mlp_weight_floats(st.mlp_k), fv = mlp_weight_floats(st.mlp_v);
+  NSA_RETURN_IF_ERROR(cuda_status(cudaMalloc(&st.mlp, size_t(fk + fv) * 4), "nsa_kv_cache_create"));
+  NSA_RETURN_IF_ERROR(widen_mlp(st.mlp_k, p.k_pos, p.k_w1, p.k_b1, p.k_w2, p.k_b2, st.mlp, 0));
+  NSA_RETURN_IF_ERROR(widen_mlp(st.mlp_v, p.v_pos, p.v_w1, p.v_b1, p.v_w2, p.v_b2, st.mlp + fk, 0));
+  return cuda_status(cudaStreamSynchronize(0), "nsa_kv_cache_create");
 }
 
 // The rows of one decode launch: kernel parameters, so a step reads nothing the host must copy.
@@ -197,11 +222,6 @@ void launch_dense(const DenseArgs& a, const StepRows& r, const LaunchShape& ls, 
 }  // namespace
 
 Status kv_cache_create(const nsa_kv_cache_params& p, nsa_kv_cache* cache) {
-  if (p.cmp_kind != NSA_CMP_MEAN) {
-    return error(NSA_ERR_UNSUPPORTED,
-                 "nsa_kv_cache_create: the cuda backend's cache compresses "
-                 "with mean only (cmp_kind NSA_CMP_MLP is not built yet)");
-  }
   auto st = std::make_unique<CudaCache>();
   st->rows = p.capacity;
   st->cmp_rows = nsa_cmp_len(&p.cfg, p.capacity);
@@ -216,6 +236,7 @@ Status kv_cache_create(const nsa_kv_cache_params& p, nsa_kv_cache* cache) {
     NSA_RETURN_IF_ERROR(
         cuda_status(cudaMalloc(bufs[i], sizes[i] > 0 ? sizes[i] : 1), "nsa_kv_cache_create"));
   }
+  if (p.cmp_kind == NSA_CMP_MLP) NSA_RETURN_IF_ERROR(copy_mlp(p, *st));
   cache->storage = std::move(st);
   return Status::ok();
 }
@@ -246,6 +267,11 @@ Status kv_cache_prefill(nsa_kv_cache& c, int64_t seq, FwdProblem& fwd) {
         4, shape);
   }
   return forward(fwd);
+}
+
+CacheCmpView cache_cmp_view(const nsa_kv_cache& c) {
+  const CudaCache& st = storage(c);
+  return {st.kc, st.vc, st.cmp_rows};
 }
 
 Status decode(const DecodeProblem& pr) {

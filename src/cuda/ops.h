@@ -20,4 +20,13 @@ Status kv_cache_append(nsa_kv_cache& c, int64_t seq, const nsa_tensor& k, const 
 Status kv_cache_prefill(nsa_kv_cache& c, int64_t seq, FwdProblem& fwd);
 Status decode(const DecodeProblem& pr);  // DecodeProblem::dense: the dense baseline
 
+// A CUDA cache's compressed tokens, [num_seqs, rows, Hkv, D] in device memory (the test harness
+// reads them back to give the reference what decode read).
+struct CacheCmpView {
+  const void* k = nullptr;
+  const void* v = nullptr;
+  int64_t rows = 0;
+};
+CacheCmpView cache_cmp_view(const nsa_kv_cache& c);
+
 }  // namespace nsa::cuda
