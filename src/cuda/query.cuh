@@ -12,6 +12,7 @@
 
 #include "cuda/attend.cuh"
 #include "cuda/seqs.cuh"
+#include "common/problem.h"
 #include "nsa/nsa.h"
 
 namespace nsa::cuda {
@@ -168,7 +169,7 @@ __device__ void block_scores(const Smem& s, const Group& g, RowView kc, int64_t 
       s.p[h * kChunk + lane] = lane < nk && s.l[h] != 0.0f ? expf(sc - lse) : 0.0f;
     }
     __syncthreads();
-    if (threadIdx.x < nk) {  // Eq. 10: the group's heads add up, in head order
+    if (int(threadIdx.x) < nk) {  // Eq. 10: the group's heads add up, in head order
       float sum = 0.0f;
       for (int h = 0; h < g.G; ++h) sum += s.p[h * kChunk + threadIdx.x];
       ps[threadIdx.x] = sum;
@@ -313,6 +314,62 @@ __device__ void dense_query(const DenseArgs& a, const Loc& L, float* smem) {
   end_branch(s, g, bo);
   __syncthreads();
   store_out(s, g, any_ptr(a.o, b, tok, h0), a.o.bf16, a.o.s2);
+}
+
+// The forward's arguments from a validated problem (host code; forward.cu, test_cuda_emu.cc).
+inline FwdArgs fwd_args(const FwdProblem& pr) {
+  const nsa_fwd_params& p = pr.p;
+  const nsa_config& cfg = p.in.cfg;
+  FwdArgs a;
+  a.q = t4(p.in.q);
+  a.k_slc = t4(p.in.k_slc), a.v_slc = t4(p.in.v_slc);
+  a.k_win = t4(p.in.k_win), a.v_win = t4(p.in.v_win);
+  a.k_cmp = t4(p.in.k_cmp), a.v_cmp = t4(p.in.v_cmp);
+  const nsa_tensor* gates[3] = {&p.in.g_cmp, &p.in.g_slc, &p.in.g_win};
+  const nsa_tensor* obr[3] = {&p.o_cmp, &p.o_slc, &p.o_win};
+  const nsa_tensor* lses[3] = {&p.lse_cmp, &p.lse_slc, &p.lse_win};
+  for (int c = 0; c < 3; ++c)
+    a.gate[c] = t4(*gates[c]), a.o_br[c] = t4(*obr[c]), a.lse[c] = t4(*lses[c]);
+  a.o = t4(p.o), a.idx_in = t4(p.slc_indices_in), a.idx_out = t4(p.slc_indices_out);
+  a.cu = p.in.cu_seqlens;
+  a.S = p.in.num_seqs;
+  a.T = pr.T;
+  a.Tc_rows = p.in.k_cmp.shape[1];
+  a.G = int(pr.G), a.Dk = int(pr.Dk), a.Dv = int(pr.Dv);
+  a.l = cfg.cmp_block, a.d = cfg.cmp_stride, a.lp = cfg.slc_block, a.n = cfg.slc_count;
+  a.n_init = cfg.slc_init, a.n_local = cfg.slc_local, a.w = cfg.window;
+  a.scale = cfg.scale;
+  a.nblk = int((pr.T - 1) / cfg.slc_block + 1);
+  return a;
+}
+
+// One block of the forward: token blockIdx.x of the [B, T] batch, KV head blockIdx.y.
+template <typename In>
+__device__ void fwd_block(const FwdArgs& a, float* smem) {
+  const int64_t b = blockIdx.x / a.T, tok = blockIdx.x % a.T;
+  const Place pl = place_token(a.cu, a.S, b, tok, a.T, a.l, a.d);
+  if (!pl.ok) return;  // invalid cu_seqlens: this row is left as it was
+  nsa_query<In>(a, {b, tok, b, pl.start, pl.t, pl.len, pl.cmp_start, blockIdx.y}, smem);
+}
+
+inline DenseArgs dense_args(const DenseProblem& pr) {
+  const nsa_dense_fwd_params& p = pr.p;
+  DenseArgs a;
+  a.q = t4(p.q), a.k = t4(p.k), a.v = t4(p.v), a.o = t4(p.o), a.lse = t4(p.lse);
+  a.cu = p.cu_seqlens;
+  a.S = p.num_seqs;
+  a.T = pr.T;
+  a.G = int(pr.G), a.Dk = int(pr.Dk), a.Dv = int(pr.Dv), a.w = p.window;
+  a.scale = p.scale;
+  return a;
+}
+
+template <typename In>
+__device__ void dense_block(const DenseArgs& a, float* smem) {
+  const int64_t b = blockIdx.x / a.T, tok = blockIdx.x % a.T;
+  const Place pl = place_token(a.cu, a.S, b, tok, a.T, 1, 1);
+  if (!pl.ok) return;
+  dense_query<In>(a, {b, tok, b, pl.start, pl.t, pl.len, 0, blockIdx.y}, smem);
 }
 
 }  // namespace
