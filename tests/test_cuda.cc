@@ -12,6 +12,7 @@
 #include <string>
 
 #include "backend_harness.h"
+#include "decode_util.h"
 #include "nsa/nsa_cuda.h"
 #include "test_util.h"
 
@@ -187,6 +188,58 @@ TEST(CudaFwd, SharedMemoryLimitIsReported) {
   std::string msg;
   EXPECT_EQ(run_on(cuda(), c.params(), 0, &msg), NSA_ERR_UNSUPPORTED);
   EXPECT_NE(msg.find("shared memory"), std::string::npos) << msg;
+}
+
+// A decode step is enqueued without waiting for the host (nsa_cuda.h), so it can be captured into
+// a CUDA graph: a step without an append, captured on the context's stream and replayed, writes
+// the bits a direct call writes. (A captured step keeps the lengths it was captured at: the
+// lengths are launch parameters.)
+TEST(CudaDecode, StepCapturesIntoAGraph) {
+  SKIP_WITHOUT_DEVICE();
+  const Shape s{1, 300, 16, 2, 64, 32};
+  const nsa_config cfg = config(32, 16, 64, 4, 1, 2, 128);
+  FwdCase c = make_case(s, cfg, NSA_DTYPE_BF16, 9), direct = make_case(s, cfg, NSA_DTYPE_BF16, 9),
+          graph = make_case(s, cfg, NSA_DTYPE_BF16, 9);
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  {
+    Ctx ctx(NSA_BACKEND_CUDA);
+    ASSERT_EQ(nsa_context_set_cuda_stream(ctx.get(), stream), NSA_OK);
+    CachePtr cache = make_cache(ctx.get(), cfg, 1, s.T, s, NSA_DTYPE_BF16, NSA_CMP_MEAN, nullptr,
+                                nullptr, cuda_buffers());
+    ASSERT_TRUE(cache);
+    Staging st(cuda()), sd(cuda()), sg(cuda());
+    const DecodeTensors x = DecodeTensors::staged(st, c, c);
+    const nsa_prefill_params pp = prefill_rows(x, s.T - 1);
+    ASSERT_EQ(nsa_prefill(ctx.get(), cache.get(), &pp), NSA_OK) << ctx.error();
+    const nsa_decode_params last = decode_row(x, s.T - 1, /*append=*/true);
+    ASSERT_EQ(nsa_decode(ctx.get(), cache.get(), &last), NSA_OK) << ctx.error();
+    // Two more steps at the full length, without an append: one direct, one through a graph.
+    const DecodeTensors xd = DecodeTensors::staged(sd, c, direct);
+    const DecodeTensors xg = DecodeTensors::staged(sg, c, graph);
+    const nsa_decode_params pd = decode_row(xd, s.T - 1, false), pg = decode_row(xg, s.T - 1, false);
+    ASSERT_EQ(nsa_decode(ctx.get(), cache.get(), &pd), NSA_OK) << ctx.error();
+    cudaGraph_t g = nullptr;
+    ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
+    const nsa_status captured = nsa_decode(ctx.get(), cache.get(), &pg);
+    ASSERT_EQ(cudaStreamEndCapture(stream, &g), cudaSuccess);
+    ASSERT_EQ(captured, NSA_OK) << ctx.error();
+    cudaGraphExec_t exec = nullptr;
+    ASSERT_EQ(cudaGraphInstantiate(&exec, g, 0), cudaSuccess);
+    ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(g);
+    sd.download_outputs();
+    sg.download_outputs();
+  }
+  cudaStreamDestroy(stream);
+  const int64_t t = s.T - 1;
+  for (int64_t h = 0; h < s.Hq; ++h) {
+    for (int64_t x = 0; x < s.Dv; ++x) {
+      ASSERT_EQ(direct.o.at({0, t, h, x}), graph.o.at({0, t, h, x})) << h << "," << x;
+    }
+  }
 }
 
 #endif  // NSA_HAVE_CUDA
