@@ -7,6 +7,7 @@
 #include <cmath>
 #include <memory>
 #include <random>
+#include <sstream>
 #include <string>
 
 #include "backend_harness.h"
@@ -169,8 +170,9 @@ inline int64_t count_off(const Tensor& got, const Tensor& want, int64_t t0, int6
     const double x = got.get_raw(off), y = want.get_raw(off);
     const bool ok = std::isinf(y) ? x == y : std::fabs(x - y) <= abs_tol + rel_tol * std::fabs(y);
     if (!ok && bad++ == 0) {
-      *first = "[" + std::to_string(a) + "," + std::to_string(b) + "," + std::to_string(c) + "," +
-               std::to_string(d) + "] got " + std::to_string(x) + " want " + std::to_string(y);
+      std::ostringstream os;  // (string + to_string chains trip GCC 12's -Wrestrict when inlined)
+      os << "[" << a << "," << b << "," << c << "," << d << "] got " << x << " want " << y;
+      *first = os.str();
     }
   });
   return bad;

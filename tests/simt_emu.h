@@ -139,18 +139,24 @@ class Machine {
       live = 0;
       for (int i = 0; i < kBlockThreads; ++i) {
         if (done_[size_t(i)]) continue;
-        cur_ = i;
-        if (_setjmp(sched_jb_) == 0) {
-          if (started_[size_t(i)]) _longjmp(jb_[size_t(i)].buf, 1);
-          started_[size_t(i)] = true;
-          swapcontext(&sched_, &ctx_[size_t(i)]);  // first entry; it comes back by _longjmp
-        }
+        resume(i);
         live += done_[size_t(i)] ? 0 : 1;
       }
       if (live > 0 && progress_ == before && ++idle_rounds_ > 2) {
         throw std::runtime_error("simt_emu: deadlock: a barrier is not reached by every thread");
       }
       if (progress_ != before) idle_rounds_ = 0;
+    }
+  }
+
+  // Runs fiber i until it waits or ends. Its own frame holds the _setjmp, so no local of the
+  // scheduler's loop lives across a _longjmp.
+  __attribute__((noinline)) void resume(int i) {
+    cur_ = i;
+    if (_setjmp(sched_jb_) == 0) {
+      if (started_[size_t(i)]) _longjmp(jb_[size_t(i)].buf, 1);
+      started_[size_t(i)] = true;
+      swapcontext(&sched_, &ctx_[size_t(i)]);  // first entry; it comes back by _longjmp
     }
   }
 

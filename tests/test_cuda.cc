@@ -217,7 +217,8 @@ TEST(CudaDecode, StepCapturesIntoAGraph) {
     // Two more steps at the full length, without an append: one direct, one through a graph.
     const DecodeTensors xd = DecodeTensors::staged(sd, c, direct);
     const DecodeTensors xg = DecodeTensors::staged(sg, c, graph);
-    const nsa_decode_params pd = decode_row(xd, s.T - 1, false), pg = decode_row(xg, s.T - 1, false);
+    const nsa_decode_params pd = decode_row(xd, s.T - 1, false),
+                            pg = decode_row(xg, s.T - 1, false);
     ASSERT_EQ(nsa_decode(ctx.get(), cache.get(), &pd), NSA_OK) << ctx.error();
     cudaGraph_t g = nullptr;
     ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);

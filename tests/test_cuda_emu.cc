@@ -19,6 +19,8 @@
 // Last: the emulator redefines CUDA's qualifiers and threadIdx for the device code after it.
 #include "simt_emu.h"
 //
+#include "cuda/compress.cuh"
+#include "cuda/decode.cuh"
 #include "cuda/query.cuh"
 
 namespace {
@@ -160,6 +162,161 @@ TEST(CudaEmuDense, WindowAndFull) {
     expect_near("o", emu.o, ref.o, tol, 0.0);
     expect_near("lse", emu.lse_win, ref.lse_win, tol, tol);
   }
+}
+
+// A CUDA cache's buffers in host memory, for the emulated kernels (decode.cuh's layout).
+struct EmuCache {
+  nsa_kv_cache c;
+  std::vector<unsigned char> k, v, kc, vc;
+  nsa::cuda::CacheBufs bufs;
+  EmuCache(const nsa_config& cfg, int64_t seqs, int64_t capacity, const Shape& s, nsa_dtype dt) {
+    c.cfg = cfg;
+    if (c.cfg.scale == 0.0f) c.cfg.scale = float(1.0 / std::sqrt(double(s.Dk)));
+    c.num_seqs = seqs, c.capacity = capacity, c.Hkv = s.Hkv, c.Dk = s.Dk, c.Dv = s.Dv;
+    c.dtype = dt;
+    c.len.assign(size_t(seqs), 0);
+    const size_t e = nsa_dtype_size(dt), cmp = size_t(nsa_cmp_len(&cfg, capacity));
+    k.assign(size_t(seqs * capacity * s.Hkv * s.Dk) * e, 0);
+    v.assign(size_t(seqs * capacity * s.Hkv * s.Dv) * e, 0);
+    kc.assign(size_t(seqs) * cmp * size_t(s.Hkv * s.Dk) * e, 0);
+    vc.assign(size_t(seqs) * cmp * size_t(s.Hkv * s.Dv) * e, 0);
+    bufs = {k.data(), v.data(), kc.data(), vc.data(), capacity, int64_t(cmp)};
+  }
+  // Appends row t of x [1, T, Hkv, D] to sequence seq as decode.cu does: the rows, then the
+  // compressed tokens they complete.
+  void append(int64_t seq, const Tensor& xk, const Tensor& xv, int64_t t) {
+    auto& m = simt_emu::Machine::get();
+    const size_t e = nsa_dtype_size(c.dtype);
+    const int64_t len = c.len[size_t(seq)];
+    for (int kind = 0; kind < 2; ++kind) {
+      const nsa_tensor x = rows(kind == 0 ? xk : xv, t, 1);
+      const int64_t D = kind == 0 ? c.Dk : c.Dv;
+      void* slice = (kind == 0 ? k.data() : v.data()) + size_t(seq * c.capacity * c.Hkv * D) * e;
+      m.launch({1, unsigned(c.Hkv), 1}, 0, [&] {
+        nsa::cuda::append_block(x.data, x.dtype == NSA_DTYPE_BF16, x.stride[0], x.stride[1], slice,
+                                c.dtype == NSA_DTYPE_BF16, len, c.Hkv, D);
+      });
+    }
+    const int64_t before = nsa_cmp_len(&c.cfg, len), after = nsa_cmp_len(&c.cfg, len + 1);
+    for (int kind = 0; kind < 2 && after > before; ++kind) {
+      const nsa::cuda::CmpArgs a = nsa::cuda::cache_cmp_args(c, bufs, seq, kind, before, after);
+      m.launch({unsigned(after - before), unsigned(c.Hkv), 1}, 0,
+               [&] { nsa::cuda::mean_block(a); });
+    }
+    ++c.len[size_t(seq)];
+  }
+};
+
+// One decode step of row t of case x into out, on the emulated cache (decode.cu's launch).
+template <typename In>
+void emu_step(EmuCache& ec, int64_t seq, FwdCase& x, FwdCase& out, int64_t t, bool dense,
+              int32_t window) {
+  nsa_decode_params p = decode_row(x, out, t, false);
+  nsa::DecodeProblem pr;
+  pr.cache = &ec.c;
+  pr.nsa = &p;
+  pr.dense = dense;
+  pr.q = p.q, pr.o = p.o, pr.lse = p.lse_win;
+  pr.scale = ec.c.cfg.scale;
+  pr.window = window;
+  pr.S = 1, pr.Hq = x.shape.Hq, pr.G = x.shape.Hq / x.shape.Hkv;
+  pr.seqs = {seq};
+  std::vector<int32_t> pos;
+  const int64_t t_max = nsa::cuda::step_positions(pr, &pos);
+  const nsa::cuda::StepRows rows = nsa::cuda::step_rows(pr, pos, 0);
+  auto& m = simt_emu::Machine::get();
+  const simt_emu::Dim grid{1, unsigned(ec.c.Hkv), 1};
+  if (dense) {
+    const nsa::cuda::DenseArgs a = nsa::cuda::dense_step_args(pr, ec.bufs);
+    m.launch(grid, size_t(4 * nsa::cuda::smem_floats(a.G, a.Dk, a.Dv)),
+             [&] { nsa::cuda::dense_decode_block<In>(a, rows, m.smem()); });
+  } else {
+    const nsa::cuda::FwdArgs a = nsa::cuda::nsa_step_args(pr, ec.bufs, t_max);
+    m.launch(grid, size_t(nsa::cuda::nsa_smem_bytes(a.G, a.Dk, a.Dv, a.nblk, a.n)),
+             [&] { nsa::cuda::decode_block<In>(a, rows, m.smem()); });
+  }
+}
+
+// Decode position by position into sequence 1 of a two-sequence emulated cache, then the
+// reference forward over the whole sequence with the cache's compressed tokens: equal outputs
+// (decode_tol: the f32 bound of test_decode.cc) and selections.
+TEST(CudaEmuDecode, EveryPositionMatchesTheReference) {
+  for (nsa_dtype dt : {NSA_DTYPE_F32, NSA_DTYPE_BF16}) {
+    SCOPED_TRACE(nsa_dtype_name(dt));
+    const Shape s{1, 90, 6, 2, 20, 12};
+    const nsa_config cfg = small_cfg();
+    FwdCase c = make_case(s, cfg, dt, 31), got = make_case(s, cfg, dt, 31);
+    EmuCache ec(cfg, 2, s.T + 7, s, dt);
+    for (int64_t t = 0; t < s.T; ++t) {
+      ec.append(1, c.k, c.v, t);
+      if (dt == NSA_DTYPE_BF16) {
+        emu_step<__nv_bfloat16>(ec, 1, c, got, t, false, 0);
+      } else {
+        emu_step<float>(ec, 1, c, got, t, false, 0);
+      }
+    }
+    // The reference reads the compressed tokens the cache holds (SPEC 7).
+    const size_t e = nsa_dtype_size(dt);
+    for (int kind = 0; kind < 2; ++kind) {
+      const int64_t D = kind == 0 ? s.Dk : s.Dv;
+      const unsigned char* base =
+          (kind == 0 ? ec.kc.data() : ec.vc.data()) + size_t(1 * ec.bufs.cmp_rows * s.Hkv * D) * e;
+      Tensor& dst = kind == 0 ? c.k_cmp : c.v_cmp;
+      for (int64_t i = 0; i < nsa_cmp_len(&cfg, s.T); ++i) {
+        for (int64_t h = 0; h < s.Hkv; ++h) {
+          for (int64_t x = 0; x < D; ++x) {
+            const size_t off = size_t((i * s.Hkv + h) * D + x) * e;
+            float f;
+            if (dt == NSA_DTYPE_BF16) {
+              uint16_t u;
+              std::memcpy(&u, base + off, 2);
+              f = bf16_bits_to_float(u);
+            } else {
+              std::memcpy(&f, base + off, 4);
+            }
+            dst.set({0, i, h, x}, f);
+          }
+        }
+      }
+    }
+    std::string msg;
+    ASSERT_EQ(run_on(oracle(), c.params(), 0, &msg), NSA_OK) << msg;
+    const int64_t keys =
+        std::min<int64_t>(s.T, std::max<int64_t>(cfg.slc_count * cfg.slc_block, cfg.window));
+    const double tol = 16.0 * double(s.Dk + keys) * kEps;
+    expect_near("o", got.o, c.o, tol, 0.0);
+    expect_near("lse_cmp", got.lse_cmp, c.lse_cmp, tol, tol);
+    expect_near("lse_slc", got.lse_slc, c.lse_slc, tol, tol);
+    expect_near("lse_win", got.lse_win, c.lse_win, tol, tol);
+    int64_t diff = 0;
+    got.idx_out.for_each([&](int64_t a, int64_t b, int64_t x, int64_t y) {
+      diff += got.idx_out.at_i32({a, b, x, y}) != c.idx_out.at_i32({a, b, x, y});
+    });
+    EXPECT_EQ(diff, 0) << "selected blocks differ";
+  }
+}
+
+// The dense decode baseline over the emulated cache against the reference's dense attention.
+TEST(CudaEmuDecode, DenseStepMatchesTheReference) {
+  const Shape s{1, 60, 6, 2, 20, 12};
+  const int32_t window = 9;
+  FwdCase c = make_case(s, small_cfg(), NSA_DTYPE_BF16, 8),
+          got = make_case(s, small_cfg(), NSA_DTYPE_BF16, 8);
+  EmuCache ec(small_cfg(), 1, s.T, s, NSA_DTYPE_BF16);
+  for (int64_t t = 0; t < s.T; ++t) {
+    ec.append(0, c.k, c.v, t);
+    emu_step<__nv_bfloat16>(ec, 0, c, got, t, true, window);
+  }
+  nsa_dense_fwd_params p;
+  nsa_dense_fwd_params_init(&p);
+  p.q = c.q.desc(), p.k = c.k.desc(), p.v = c.v.desc(), p.o = c.o.desc();
+  p.lse = c.lse_win.desc();
+  p.window = window;
+  std::string msg;
+  ASSERT_EQ(run_on(oracle(), p, 0, &msg), NSA_OK) << msg;
+  const double tol = 16.0 * (s.Dk + window) * kEps;
+  expect_near("o", got.o, c.o, tol, 0.0);
+  expect_near("lse", got.lse_win, c.lse_win, tol, tol);
 }
 
 // The emulator itself: a barrier that only some threads reach is reported, not hung on.

@@ -110,7 +110,7 @@ nsa_status nsa_kv_cache_create(nsa_context* ctx, const nsa_kv_cache_params* p, n
     cache->cmp_kind = p->cmp_kind;
     cache->backend = be;
     cache->len.assign(static_cast<size_t>(p->num_seqs), 0);
-    NSA_RETURN_IF_ERROR(be->cache_create(*p, cache.get()));
+    NSA_RETURN_IF_ERROR(be->cache_create(*p, cache.get(), ctx->cuda_stream));
     *out = cache.release();
     return Status::ok();
   });

@@ -61,14 +61,15 @@ struct Backend {
   Status (*dense_backward)(const DenseBwdProblem& pr) = nullptr;
 
   // The KV cache (SPEC 7). cache_create receives a handle whose common fields are set and
-  // attaches its storage; cache_append appends rows [0, n) of k [n, Hkv, Dk] / v [n, Hkv, Dv]
+  // attaches its storage (a device backend copies mlp parameters on `stream`, the context's); cache_append appends rows [0, n) of k [n, Hkv, Dk] / v [n, Hkv, Dv]
   // (on the context's thread count, or, for a device backend, its stream)
   // (checked to fit) to sequence seq and compresses what they complete, leaving the storage as
   // it was on failure (the API restores the lengths); prefill appends the prompt of `fwd` (a
   // validated forward of one sequence whose k_cmp/v_cmp the backend supplies from the cache) to
   // an empty sequence and runs its forward; decode runs one step (DecodeProblem::dense: the
   // dense baseline).
-  Status (*cache_create)(const nsa_kv_cache_params& p, nsa_kv_cache* cache) = nullptr;
+  Status (*cache_create)(const nsa_kv_cache_params& p, nsa_kv_cache* cache,
+                         void* stream) = nullptr;
   Status (*cache_append)(nsa_kv_cache& cache, int64_t seq, const nsa_tensor& k, const nsa_tensor& v,
                          int32_t num_threads, void* stream) = nullptr;
   Status (*prefill)(nsa_kv_cache& cache, int64_t seq, FwdProblem& fwd) = nullptr;

@@ -153,7 +153,7 @@ void TokenStore::read_v(int64_t seq, int64_t h, int64_t pos, float* row) const {
   }
 }
 
-Status kv_cache_create(const nsa_kv_cache_params& p, nsa_kv_cache* c) {
+Status kv_cache_create(const nsa_kv_cache_params& p, nsa_kv_cache* c, void* /*stream*/) {
   auto st = std::make_unique<CpuCache>();
   const bool bf16 = p.dtype == NSA_DTYPE_BF16;
   const int64_t cmp_rows = nsa_cmp_len(&p.cfg, p.capacity);

@@ -132,7 +132,7 @@ inline const CpuCache& storage(const nsa_kv_cache& c) {
 
 // The backend table's cache entries (common/backend.h).
 // Allocates the stores and copies the mlp parameters of a validated nsa_kv_cache_params.
-Status kv_cache_create(const nsa_kv_cache_params& p, nsa_kv_cache* c);
+Status kv_cache_create(const nsa_kv_cache_params& p, nsa_kv_cache* c, void* stream);  // stream: unused
 // Writes rows [0, n) of k [n, Hkv, Dk] and v [n, Hkv, Dv] (validated: fits the capacity) at the
 // positions after sequence seq's length, and computes every compressed token they complete
 // (SPEC 7): compressed token i exactly when position i*d + l - 1 arrives. The length is the

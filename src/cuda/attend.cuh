@@ -9,9 +9,11 @@
 // Every reduction runs in a fixed order, so two runs give the same bits.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cstdint>
 #include <math_constants.h>
+
+#include <cstdint>
+
+#include "cuda/elem.cuh"
 
 namespace nsa::cuda {
 
@@ -24,25 +26,6 @@ struct RowView {
   const void* p = nullptr;
   int64_t row = 0, head = 0;  // element strides of T and H
 };
-
-// Element loads, widened to f32 (bf16 is exact in f32).
-__device__ __forceinline__ float ld(const float* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ float ld(const __nv_bfloat16* p, int64_t i) {
-  return __bfloat162float(p[i]);
-}
-
-// An f32-or-bf16 tensor element, the dtype known only at run time (gates, outputs).
-__device__ __forceinline__ float ld_any(const void* p, bool bf16, int64_t i) {
-  return bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i])
-              : static_cast<const float*>(p)[i];
-}
-__device__ __forceinline__ void st_any(void* p, bool bf16, int64_t i, float x) {
-  if (bf16) {
-    static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(x);
-  } else {
-    static_cast<float*>(p)[i] = x;
-  }
-}
 
 // Shared memory of one block, carved from the dynamic allocation (sizes in floats: smem_floats).
 struct Smem {

@@ -10,79 +10,22 @@
 #include "cuda/compress.h"
 #include "cuda/device.h"
 #include "cuda/ops.h"
-#include "cuda/seqs.cuh"
+#include "cuda/compress.cuh"
 
 namespace nsa::cuda {
 namespace {
 
-constexpr int kThreads = 128;
-
-__device__ __forceinline__ float load(const void* p, bool bf16, int64_t i) {
-  return bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i])
-              : static_cast<const float*>(p)[i];
-}
-__device__ __forceinline__ void store(void* p, bool bf16, int64_t i, float x) {
-  if (bf16) {
-    static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(x);
-  } else {
-    static_cast<float*>(p)[i] = x;
-  }
-}
-
-// Compressed row r of out: its batch row and the raw token row of its block's first token, or
-// !ok when cu_seqlens does not place it (invalid contents: the row is left as it was).
-struct CmpRow {
-  int64_t b = 0, row = 0, first = 0;  // batch row, row of out, first raw token's row of x
-  bool ok = false;
-};
-
-__device__ CmpRow place_row(const CmpArgs& a, int64_t r) {
-  CmpRow c;
-  if (a.cu == nullptr) {
-    c.b = r / a.Tc;
-    c.row = a.row0 + r % a.Tc;
-    c.first = c.row * a.d;
-    c.ok = true;
-    return c;
-  }
-  int64_t cmp_start = 0;
-  for (int64_t s = 0; s < a.S; ++s) {
-    const int64_t begin = a.cu[s], end = a.cu[s + 1];
-    const int64_t n = end > begin ? cmp_len(end - begin, a.l, a.d) : 0;
-    if (r < cmp_start + n) {
-      c.row = r;
-      c.first = begin + (r - cmp_start) * a.d;
-      c.ok = begin >= 0 && end <= a.T;
-      return c;
-    }
-    cmp_start += n;
-  }
-  return c;
-}
-
-__global__ void mean_kernel(const CmpArgs a) {
-  const int64_t r = blockIdx.x, h = blockIdx.y;
-  const CmpRow c = place_row(a, r);
-  if (!c.ok) return;
-  const float inv_l = 1.0f / float(a.l);
-  for (int64_t x = threadIdx.x; x < a.D; x += kThreads) {
-    float acc = 0.0f;
-    for (int64_t u = 0; u < a.l; ++u) {
-      acc += load(a.x, a.x_bf16, c.b * a.xs0 + (c.first + u) * a.xs1 + h * a.xs2 + x);
-    }
-    store(a.out, a.out_bf16, c.b * a.os0 + c.row * a.os1 + h * a.os2 + x, acc * inv_l);
-  }
-}
+__global__ void mean_kernel(const CmpArgs a) { mean_block(a); }
 
 // mlp, step 1: X[h][r] = flatten(x block + P[h]) as f32 rows of l D (P: f32 [H][l D]).
 __global__ void gather_kernel(const CmpArgs a, const float* pos, float* X) {
   const int64_t r = blockIdx.x, h = blockIdx.y, L = int64_t(a.l) * a.D;
   const CmpRow c = place_row(a, r);
   float* dst = X + (h * a.rows + r) * L;
-  for (int64_t e = threadIdx.x; e < L; e += kThreads) {
+  for (int64_t e = threadIdx.x; e < L; e += kCmpThreads) {
     const int64_t u = e / a.D, x = e % a.D;
     // Rows cu_seqlens cannot place get zeros: the GEMMs stay in bounds, the row is not stored.
-    dst[e] = c.ok ? load(a.x, a.x_bf16, c.b * a.xs0 + (c.first + u) * a.xs1 + h * a.xs2 + x) +
+    dst[e] = c.ok ? ld_any(a.x, a.x_bf16, c.b * a.xs0 + (c.first + u) * a.xs1 + h * a.xs2 + x) +
                         pos[h * L + e]
                   : 0.0f;
   }
@@ -92,17 +35,17 @@ __global__ void gather_kernel(const CmpArgs a, const float* pos, float* X) {
 __global__ void widen_kernel(const void* p, bool bf16, int64_t s0, int64_t s1, int64_t R, int64_t C,
                              float* dst) {
   const int64_t h = blockIdx.y;
-  for (int64_t e = blockIdx.x * int64_t(kThreads) + threadIdx.x; e < R * C;
-       e += int64_t(gridDim.x) * kThreads) {
-    dst[h * R * C + e] = load(p, bf16, h * s0 + (e / C) * s1 + e % C);
+  for (int64_t e = blockIdx.x * int64_t(kCmpThreads) + threadIdx.x; e < R * C;
+       e += int64_t(gridDim.x) * kCmpThreads) {
+    dst[h * R * C + e] = ld_any(p, bf16, h * s0 + (e / C) * s1 + e % C);
   }
 }
 
 // hidden[h][r][j] = relu(hidden + b1[h][j]), in place.
 __global__ void relu_kernel(float* hidden, const float* b1, int64_t rows, int64_t Dh) {
   const int64_t h = blockIdx.y;
-  for (int64_t e = blockIdx.x * int64_t(kThreads) + threadIdx.x; e < rows * Dh;
-       e += int64_t(gridDim.x) * kThreads) {
+  for (int64_t e = blockIdx.x * int64_t(kCmpThreads) + threadIdx.x; e < rows * Dh;
+       e += int64_t(gridDim.x) * kCmpThreads) {
     float* v = hidden + h * rows * Dh + e;
     *v = fmaxf(*v + b1[h * Dh + e % Dh], 0.0f);
   }
@@ -113,14 +56,14 @@ __global__ void scatter_kernel(const CmpArgs a, const float* Y, const float* b2)
   const int64_t r = blockIdx.x, h = blockIdx.y;
   const CmpRow c = place_row(a, r);
   if (!c.ok) return;
-  for (int64_t x = threadIdx.x; x < a.D; x += kThreads) {
-    store(a.out, a.out_bf16, c.b * a.os0 + c.row * a.os1 + h * a.os2 + x,
-          Y[(h * a.rows + r) * a.D + x] + b2[h * a.D + x]);
+  for (int64_t x = threadIdx.x; x < a.D; x += kCmpThreads) {
+    st_any(a.out, a.out_bf16, c.b * a.os0 + c.row * a.os1 + h * a.os2 + x,
+           Y[(h * a.rows + r) * a.D + x] + b2[h * a.D + x]);
   }
 }
 
 dim3 elementwise_grid(int64_t n, int64_t heads) {
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  const int64_t blocks = (n + kCmpThreads - 1) / kCmpThreads;
   return dim3(static_cast<unsigned>(blocks < 4096 ? (blocks > 0 ? blocks : 1) : 4096),
               static_cast<unsigned>(heads));
 }
@@ -199,7 +142,7 @@ Status widen_mlp(const MlpShape& m, const nsa_tensor& pos, const nsa_tensor& w1,
   for (const Part& part : parts) {
     const nsa_tensor& t = *part.t;
     const int64_t s1 = t.ndim == 3 ? t.stride[1] : 0;
-    widen_kernel<<<elementwise_grid(part.rows * part.cols, m.H), kThreads, 0, stream>>>(
+    widen_kernel<<<elementwise_grid(part.rows * part.cols, m.H), kCmpThreads, 0, stream>>>(
         t.data, t.dtype == NSA_DTYPE_BF16, t.stride[0], s1, part.rows, part.cols, dst);
     dst += m.H * part.rows * part.cols;
   }
@@ -222,19 +165,19 @@ Status mlp_rows(const CmpArgs& a, const MlpShape& m, const float* weights, float
   float* hidden = X + H * R * L;
   float* Y = hidden + H * R * Dh;
   const dim3 grid(static_cast<unsigned>(R), static_cast<unsigned>(H));
-  gather_kernel<<<grid, kThreads, 0, stream>>>(a, pos, X);
+  gather_kernel<<<grid, kCmpThreads, 0, stream>>>(a, pos, X);
   NSA_RETURN_IF_ERROR(launch_status("compress (mlp)"));
   NSA_RETURN_IF_ERROR(gemm_abt(handle, X, w1, hidden, R, Dh, L, H));
-  relu_kernel<<<elementwise_grid(R * Dh, H), kThreads, 0, stream>>>(hidden, b1, R, Dh);
+  relu_kernel<<<elementwise_grid(R * Dh, H), kCmpThreads, 0, stream>>>(hidden, b1, R, Dh);
   NSA_RETURN_IF_ERROR(gemm_abt(handle, hidden, w2, Y, R, D, Dh, H));
-  scatter_kernel<<<grid, kThreads, 0, stream>>>(a, Y, b2);
+  scatter_kernel<<<grid, kCmpThreads, 0, stream>>>(a, Y, b2);
   return launch_status("compress (mlp)");
 }
 
 Status launch_mean(const CmpArgs& a, int64_t heads, cudaStream_t stream) {
   if (a.rows == 0) return Status::ok();
   const dim3 grid(static_cast<unsigned>(a.rows), static_cast<unsigned>(heads));
-  mean_kernel<<<grid, kThreads, 0, stream>>>(a);
+  mean_kernel<<<grid, kCmpThreads, 0, stream>>>(a);
   return launch_status("compress (mean)");
 }
 

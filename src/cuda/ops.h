@@ -14,7 +14,7 @@ Status dense_forward(const DenseProblem& problem);  // forward.cu
 Status compress(const CompressProblem& problem);    // compress.cu (SPEC 5)
 
 // decode.cu: the KV cache in device memory (SPEC 7), its appends, prefill and decode steps.
-Status kv_cache_create(const nsa_kv_cache_params& p, nsa_kv_cache* cache);
+Status kv_cache_create(const nsa_kv_cache_params& p, nsa_kv_cache* cache, void* stream);
 Status kv_cache_append(nsa_kv_cache& c, int64_t seq, const nsa_tensor& k, const nsa_tensor& v,
                        int32_t num_threads, void* stream);
 Status kv_cache_prefill(nsa_kv_cache& c, int64_t seq, FwdProblem& fwd);
