@@ -17,21 +17,21 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-run}
 bundle=.gpu/bundle.tar.xz
-bins=(test_cuda test_cpu_vs_ref test_dense nsa nsa_cuda_bench)
 
 prepare() {
   set -e
   BUILD_DIR=build-gpu scripts/build.sh -DNSA_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=80;90" \
     -DNSA_BUILD_BENCH=OFF
   rm -rf .gpu/stage && mkdir -p .gpu/stage/bin .gpu/stage/lib
-  cp build-gpu/tests/{test_cuda,test_cpu_vs_ref,test_dense} build-gpu/tools/{nsa,nsa_cuda_bench} \
-    .gpu/stage/bin/
+  cp build-gpu/tests/{test_cuda,test_cpu_vs_ref,test_dense,test_decode,test_nonfinite} \
+    build-gpu/tools/{nsa,nsa_cuda_bench} .gpu/stage/bin/
+  git rev-parse HEAD >.gpu/stage/commit  # which sources the binaries are (run prints it)
   strip .gpu/stage/bin/*
   # The shared libraries outside glibc, the C++ runtime and CUDA (the GPU machine has those).
   ldd .gpu/stage/bin/test_cuda | awk '/=>/ {print $3}' |
     grep -E 'libgomp|libhwy|libopenblas|libgfortran|libquadmath' |
     while read -r lib; do cp -L "$lib" .gpu/stage/lib/; done
-  tar -C .gpu/stage -cJf "$bundle" bin lib
+  tar -C .gpu/stage -cJf "$bundle" bin lib commit
   rm -rf .gpu/stage
   echo "gpu-check: $bundle, $(du -h "$bundle" | cut -f1); run it there with: scripts/gpu-check.sh run"
 }
@@ -42,10 +42,16 @@ step() {
   shift 2
   echo "== $name (limit ${secs}s)" | tee -a "$log"
   local t0=$SECONDS
-  timeout "$secs" "$@" 2>&1 | tee -a "$log" | tail -n 40
+  timeout "$secs" "$@" 2>&1 | tee "$log.step" | tail -n 40
   local rc=${PIPESTATUS[0]}
-  echo "== $name: exit $rc in $((SECONDS - t0))s" | tee -a "$log"
-  results+=("{\"step\": \"$name\", \"exit\": $rc, \"seconds\": $((SECONDS - t0))}")
+  cat "$log.step" >>"$log"
+  # GoogleTest's counts, so that a filter matching nothing (no cuda cases: no device seen) shows.
+  local passed skipped
+  passed=$(grep -a -o '\[  PASSED  \] [0-9]*' "$log.step" | grep -o '[0-9]*$' || echo 0)
+  skipped=$(grep -a -o '\[  SKIPPED \] [0-9]* test' "$log.step" | grep -o '[0-9]*' || echo 0)
+  echo "== $name: exit $rc in $((SECONDS - t0))s (tests passed: ${passed:-0}, skipped: ${skipped:-0})" |
+    tee -a "$log"
+  results+=("{\"step\": \"$name\", \"exit\": $rc, \"seconds\": $((SECONDS - t0)), \"passed\": ${passed:-0}, \"skipped\": ${skipped:-0}}")
 }
 
 run() {
@@ -59,12 +65,15 @@ run() {
   tar -C "$dir" -xJf "$bundle"
   export LD_LIBRARY_PATH="$dir/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
   bin=$dir/bin
+  echo "gpu-check: binaries of commit $(cat "$dir/commit"), sources here at $(git rev-parse HEAD 2>/dev/null || echo '?')" | tee -a "$log"
   step device 30 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   step info 30 "$bin/nsa" info
   # Every parameterised case on the cuda backend (the reference runs on this machine's cores).
   step test_cuda 120 "$bin/test_cuda"
   step fwd_vs_ref 150 "$bin/test_cpu_vs_ref" --gtest_filter='*cuda*'
   step dense_vs_ref 90 "$bin/test_dense" --gtest_filter='*cuda*'
+  step decode_vs_ref 150 "$bin/test_decode" --gtest_filter='*cuda*'
+  step nonfinite 60 "$bin/test_nonfinite"
   if command -v compute-sanitizer >/dev/null; then
     step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 3 "$bin/test_cuda" \
       --gtest_filter='CudaFwd.*:-CudaFwd.SharedMemoryLimitIsReported'
@@ -99,7 +108,7 @@ for r in rows:
             print(f"T={r['T']:6d} G=4 per head / G=16 per head: {r['per_head_vs_g16']:.2f}")
 json.dump({"steps": steps, "rows": rows}, open(sys.argv[3], "w"), indent=1)
 EOF
-  rm -rf "$dir"
+  rm -rf "$dir" "$log.step"
 }
 
 case $mode in
