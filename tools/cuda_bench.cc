@@ -1,8 +1,11 @@
 // nsa_cuda_bench: times the CUDA backend through the public C API (nsa.h, nsa_cuda.h) with CUDA
 // events, on device buffers it allocates itself. One JSON object per line on stdout.
 //   fwd: the NSA forward as a model runs it, compression included: nsa_compress of k and v
-//        (mean), then nsa_fwd (cmp with in-kernel selection, slc, win, gates). Also reported
-//        apart: the compression alone and the forward alone.
+//        (mean), then nsa_fwd (cmp with in-kernel selection, slc, win, gates): "ms"; the
+//        forward alone: "fwd_ms".
+//   decode: one step (nsa_decode, and nsa_dense_decode on the same cache) for a batch of
+//        sequences of T cached tokens each, bf16 cache; the cache is filled by one append per
+//        sequence (the rows and their compressed tokens), not timed.
 // The baselines (PyTorch SDPA with FlashAttention-2 and cuDNN) are timed by scripts/sdpa_bench.py
 // on the same shapes; scripts/gpu-check.sh joins the two.
 #include <cuda_runtime.h>
@@ -100,7 +103,7 @@ double median_ms(cudaStream_t stream, int repeats, F&& run) {
 struct FwdOptions {
   std::string lengths = "8192,16384,32768,65536";
   int64_t hq = 64, hkv = 4, dk = 192, dv = 128;
-  int repeats = 5;
+  int repeats = 3;
 };
 
 std::vector<int64_t> parse_lengths(const std::string& s) {
@@ -143,7 +146,6 @@ int run_fwd(const FwdOptions& o) {
     };
     auto forward = [&] { check(ctx, nsa_fwd(ctx, &p), "nsa_fwd"); };
     std::fprintf(stderr, "nsa_cuda_bench fwd: T = %lld ...\n", (long long)T);
-    const double cmp_ms = median_ms(stream, o.repeats, compress);
     const double fwd_ms = median_ms(stream, o.repeats, forward);
     const double ms = median_ms(stream, o.repeats, [&] {
       compress();
@@ -151,10 +153,76 @@ int run_fwd(const FwdOptions& o) {
     });
     std::printf(
         "{\"op\": \"nsa_fwd\", \"T\": %lld, \"Hq\": %lld, \"Hkv\": %lld, \"Dk\": %lld, \"Dv\": "
-        "%lld, \"dtype\": \"bf16\", \"ms\": %.4f, \"fwd_ms\": %.4f, \"compress_ms\": %.4f}\n",
+        "%lld, \"dtype\": \"bf16\", \"ms\": %.4f, \"fwd_ms\": %.4f}\n",
         (long long)T, (long long)o.hq, (long long)o.hkv, (long long)o.dk, (long long)o.dv, ms,
-        fwd_ms, cmp_ms);
+        fwd_ms);
     std::fflush(stdout);
+  }
+  cudaStreamDestroy(stream);
+  nsa_context_destroy(ctx);
+  return 0;
+}
+
+struct DecodeOptions {
+  std::string lengths = "8192,16384,32768,65536", batches = "1,16";
+  int64_t hq = 64, hkv = 4, dk = 192, dv = 128;
+  int repeats = 20;
+};
+
+void run_decode_shape(nsa_context* ctx, cudaStream_t stream, const DecodeOptions& o, int64_t T,
+                      int64_t S, const std::vector<uint16_t>& qk,
+                      const std::vector<uint16_t>& vals) {
+  nsa_kv_cache_params cp;
+  nsa_kv_cache_params_init(&cp);
+  cp.num_seqs = S, cp.capacity = T, cp.num_kv_heads = o.hkv;
+  cp.head_dim_k = o.dk, cp.head_dim_v = o.dv, cp.dtype = NSA_DTYPE_BF16;
+  nsa_kv_cache* cache = nullptr;
+  check(ctx, nsa_kv_cache_create(ctx, &cp, &cache), "nsa_kv_cache_create");
+  {
+    DeviceTensor k(NSA_DTYPE_BF16, {T, o.hkv, o.dk}, qk), v(NSA_DTYPE_BF16, {T, o.hkv, o.dv}, vals);
+    for (int64_t s = 0; s < S; ++s) {
+      check(ctx, nsa_kv_cache_append(ctx, cache, s, &k.desc, &v.desc), "nsa_kv_cache_append");
+    }
+    CHECK_CUDA(cudaStreamSynchronize(stream));
+  }
+  DeviceTensor q(NSA_DTYPE_BF16, {S, o.hq, o.dk}, qk), out(NSA_DTYPE_BF16, {S, o.hq, o.dv}, vals);
+  const std::vector<uint16_t> gates = random_pool(1 << 16, 0.0f, 1.0f, 4);
+  DeviceTensor gc(NSA_DTYPE_BF16, {S, o.hq}, gates), gs(NSA_DTYPE_BF16, {S, o.hq}, gates),
+      gw(NSA_DTYPE_BF16, {S, o.hq}, gates);
+  nsa_decode_params dp;
+  nsa_decode_params_init(&dp);
+  dp.q = q.desc, dp.o = out.desc, dp.g_cmp = gc.desc, dp.g_slc = gs.desc, dp.g_win = gw.desc;
+  nsa_dense_decode_params dd;
+  nsa_dense_decode_params_init(&dd);
+  dd.q = q.desc, dd.o = out.desc;
+  std::fprintf(stderr, "nsa_cuda_bench decode: T = %lld, batch %lld ...\n", (long long)T,
+               (long long)S);
+  const double ms =
+      median_ms(stream, o.repeats, [&] { check(ctx, nsa_decode(ctx, cache, &dp), "nsa_decode"); });
+  const double dense_ms = median_ms(stream, o.repeats, [&] {
+    check(ctx, nsa_dense_decode(ctx, cache, &dd), "nsa_dense_decode");
+  });
+  std::printf(
+      "{\"op\": \"nsa_decode\", \"T\": %lld, \"batch\": %lld, \"Hq\": %lld, \"Hkv\": %lld, "
+      "\"Dk\": %lld, \"Dv\": %lld, \"dtype\": \"bf16\", \"ms\": %.4f, \"dense_ms\": %.4f, "
+      "\"speedup\": %.3f}\n",
+      (long long)T, (long long)S, (long long)o.hq, (long long)o.hkv, (long long)o.dk,
+      (long long)o.dv, ms, dense_ms, dense_ms / ms);
+  std::fflush(stdout);
+  nsa_kv_cache_destroy(cache);
+}
+
+int run_decode(const DecodeOptions& o) {
+  nsa_context* ctx = nullptr;
+  nsa_context_create(&ctx);
+  check(ctx, nsa_context_set_backend(ctx, NSA_BACKEND_CUDA), "backend");
+  cudaStream_t stream;
+  CHECK_CUDA(cudaStreamCreate(&stream));
+  check(ctx, nsa_context_set_cuda_stream(ctx, stream), "stream");
+  const std::vector<uint16_t> qk = random_pool(1 << 20, -2.0f, 2.0f, 1);
+  const std::vector<uint16_t> vals = random_pool(1 << 20, -1.0f, 1.0f, 2);
+  for (int64_t T : parse_lengths(o.lengths)) {
+    for (int64_t S : parse_lengths(o.batches)) run_decode_shape(ctx, stream, o, T, S, qk, vals);
   }
   cudaStreamDestroy(stream);
   nsa_context_destroy(ctx);
@@ -174,11 +242,21 @@ int main(int argc, char** argv) {
   fwd->add_option("--dk", f.dk)->check(CLI::PositiveNumber);
   fwd->add_option("--dv", f.dv)->check(CLI::PositiveNumber);
   fwd->add_option("--repeats", f.repeats)->check(CLI::PositiveNumber);
+  DecodeOptions d;
+  CLI::App* dec = app.add_subcommand("decode", "one decode step, NSA and dense, bf16 cache");
+  dec->add_option("--lengths", d.lengths, "comma-separated cached tokens T");
+  dec->add_option("--batch", d.batches, "comma-separated batch sizes");
+  dec->add_option("--hq", d.hq)->check(CLI::PositiveNumber);
+  dec->add_option("--hkv", d.hkv)->check(CLI::PositiveNumber);
+  dec->add_option("--dk", d.dk)->check(CLI::PositiveNumber);
+  dec->add_option("--dv", d.dv)->check(CLI::PositiveNumber);
+  dec->add_option("--repeats", d.repeats)->check(CLI::PositiveNumber);
   CLI11_PARSE(app, argc, argv);
   if (nsa_cuda_device_count() == 0) {
     std::fprintf(stderr, "nsa_cuda_bench: no CUDA device (nsa info says why)\n");
     return 2;
   }
   if (*fwd) return run_fwd(f);
+  if (*dec) return run_decode(d);
   return 0;
 }
