@@ -1,6 +1,7 @@
 // The backend list and the host buffer helper (backend_harness.h).
 #include "backend_harness.h"
 
+#include <cstring>
 #include <ostream>
 
 #include "cpu/kv_cache.h"
@@ -65,6 +66,27 @@ int64_t view_bytes(const nsa_tensor& t) {
     end += (t.shape[i] - 1) * t.stride[i];
   }
   return end * static_cast<int64_t>(nsa_dtype_size(t.dtype));
+}
+
+void copy_rows_into(const void* bytes, nsa_dtype dt, int64_t n, int64_t H, int64_t D, int64_t b,
+                    int64_t row0, Tensor& t) {
+  const auto* base = static_cast<const unsigned char*>(bytes);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t x = 0; x < D; ++x) {
+        const int64_t e = (i * H + h) * D + x;
+        float f;
+        if (dt == NSA_DTYPE_BF16) {
+          uint16_t u;
+          std::memcpy(&u, base + e * 2, 2);
+          f = bf16_bits_to_float(u);
+        } else {
+          std::memcpy(&f, base + e * 4, 4);
+        }
+        t.set({b, row0 + i, h, x}, f);
+      }
+    }
+  }
 }
 
 const BufferHelper& host_buffers() {

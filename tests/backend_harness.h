@@ -78,6 +78,10 @@ void cuda_cache_cmp(const nsa_kv_cache& cache, int64_t seq, int64_t b, int64_t r
 #endif
 // The bytes a view spans, [data, data + end) (nsa.h, "Tensors"): 0 when a size is 0.
 int64_t view_bytes(const nsa_tensor& t);
+// Rows [0, n) of a contiguous [n, H, D] host buffer of dtype dt (f32 or bf16) into rows
+// row0 .. row0 + n of batch row b of t ([B, T, H, D]): a device cache's tokens, read back.
+void copy_rows_into(const void* bytes, nsa_dtype dt, int64_t n, int64_t H, int64_t D, int64_t b,
+                    int64_t row0, Tensor& t);
 
 // The op families a backend implements (its table's entries): a parameterised suite runs on the
 // backends that have its op, so a backend with part of the API still runs every case it can.

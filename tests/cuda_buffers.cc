@@ -71,23 +71,7 @@ void cuda_cache_cmp(const nsa_kv_cache& c, int64_t seq, int64_t b, int64_t row0,
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
       ASSERT_EQ(cudaMemcpy(bytes.data(), src, bytes.size(), cudaMemcpyDeviceToHost), cudaSuccess);
     }
-    Tensor& dst = kind == 0 ? k_cmp : v_cmp;
-    for (int64_t i = 0; i < Tc; ++i) {
-      for (int64_t h = 0; h < c.Hkv; ++h) {
-        for (int64_t x = 0; x < D; ++x) {
-          const int64_t e = (i * c.Hkv + h) * D + x;
-          float f;
-          if (c.dtype == NSA_DTYPE_BF16) {
-            uint16_t u;
-            std::memcpy(&u, &bytes[static_cast<size_t>(e * 2)], 2);
-            f = bf16_bits_to_float(u);
-          } else {
-            std::memcpy(&f, &bytes[static_cast<size_t>(e * 4)], 4);
-          }
-          dst.set({b, row0 + i, h, x}, f);
-        }
-      }
-    }
+    copy_rows_into(bytes.data(), c.dtype, Tc, c.Hkv, D, b, row0, kind == 0 ? k_cmp : v_cmp);
   }
 }
 

@@ -67,6 +67,20 @@ void expect_near(const char* name, const Tensor& got, const Tensor& want, double
       << name << ": " << first;
 }
 
+// o, the three LSEs (lse = max s + log(sum): the sum's relative error on a value of size |lse|)
+// and the selected blocks (integers: equal; the seeds avoid near-ties).
+void expect_outputs(const FwdCase& got, const FwdCase& want, double tol, double rel) {
+  expect_near("o", got.o, want.o, tol, rel);
+  expect_near("lse_cmp", got.lse_cmp, want.lse_cmp, tol, tol);
+  expect_near("lse_slc", got.lse_slc, want.lse_slc, tol, tol);
+  expect_near("lse_win", got.lse_win, want.lse_win, tol, tol);
+  int64_t diff = 0;
+  got.idx_out.for_each([&](int64_t a, int64_t b, int64_t c, int64_t d) {
+    diff += got.idx_out.at_i32({a, b, c, d}) != want.idx_out.at_i32({a, b, c, d});
+  });
+  EXPECT_EQ(diff, 0) << "selected blocks differ";
+}
+
 // The forward of case (s, cfg, dt, ...) on the emulator against the reference: values to the
 // f32 bound of test_cpu_vs_ref.cc (K terms per sum, 2^-24 each, x16 for |s| up to ~16), bf16
 // outputs one bf16 rounding apart, selections equal.
@@ -89,18 +103,10 @@ void compare(const Shape& s, const nsa_config& cfg, nsa_dtype dt, bool padded,
       s.T, std::max<int64_t>({int64_t{cfg.slc_count} * cfg.slc_block, cfg.window}));
   const double tol = 16.0 * static_cast<double>(s.Dk + keys) * kEps;
   const double rel = out_dt == NSA_DTYPE_BF16 ? 1.0 / (1 << 7) : 0.0;  // one bf16 ulp
-  expect_near("o", emu.o, ref.o, tol, rel);
+  expect_outputs(emu, ref, tol, rel);
   expect_near("o_cmp", emu.o_cmp, ref.o_cmp, tol, rel);
   expect_near("o_slc", emu.o_slc, ref.o_slc, tol, rel);
   expect_near("o_win", emu.o_win, ref.o_win, tol, rel);
-  expect_near("lse_cmp", emu.lse_cmp, ref.lse_cmp, tol, tol);
-  expect_near("lse_slc", emu.lse_slc, ref.lse_slc, tol, tol);
-  expect_near("lse_win", emu.lse_win, ref.lse_win, tol, tol);
-  int64_t diff = 0;
-  emu.idx_out.for_each([&](int64_t a, int64_t b, int64_t c, int64_t d) {
-    diff += emu.idx_out.at_i32({a, b, c, d}) != ref.idx_out.at_i32({a, b, c, d});
-  });
-  EXPECT_EQ(diff, 0) << "selected blocks differ";
 }
 
 // Small blocks, so that the top-n binds at small T; the paper's proportions.
@@ -257,42 +263,16 @@ TEST(CudaEmuDecode, EveryPositionMatchesTheReference) {
     }
     // The reference reads the compressed tokens the cache holds (SPEC 7).
     const size_t e = nsa_dtype_size(dt);
-    for (int kind = 0; kind < 2; ++kind) {
-      const int64_t D = kind == 0 ? s.Dk : s.Dv;
-      const unsigned char* base =
-          (kind == 0 ? ec.kc.data() : ec.vc.data()) + size_t(1 * ec.bufs.cmp_rows * s.Hkv * D) * e;
-      Tensor& dst = kind == 0 ? c.k_cmp : c.v_cmp;
-      for (int64_t i = 0; i < nsa_cmp_len(&cfg, s.T); ++i) {
-        for (int64_t h = 0; h < s.Hkv; ++h) {
-          for (int64_t x = 0; x < D; ++x) {
-            const size_t off = size_t((i * s.Hkv + h) * D + x) * e;
-            float f;
-            if (dt == NSA_DTYPE_BF16) {
-              uint16_t u;
-              std::memcpy(&u, base + off, 2);
-              f = bf16_bits_to_float(u);
-            } else {
-              std::memcpy(&f, base + off, 4);
-            }
-            dst.set({0, i, h, x}, f);
-          }
-        }
-      }
-    }
+    const int64_t Tc = nsa_cmp_len(&cfg, s.T);
+    copy_rows_into(ec.kc.data() + size_t(ec.bufs.cmp_rows * s.Hkv * s.Dk) * e, dt, Tc, s.Hkv, s.Dk,
+                   0, 0, c.k_cmp);
+    copy_rows_into(ec.vc.data() + size_t(ec.bufs.cmp_rows * s.Hkv * s.Dv) * e, dt, Tc, s.Hkv, s.Dv,
+                   0, 0, c.v_cmp);
     std::string msg;
     ASSERT_EQ(run_on(oracle(), c.params(), 0, &msg), NSA_OK) << msg;
     const int64_t keys =
         std::min<int64_t>(s.T, std::max<int64_t>(cfg.slc_count * cfg.slc_block, cfg.window));
-    const double tol = 16.0 * double(s.Dk + keys) * kEps;
-    expect_near("o", got.o, c.o, tol, 0.0);
-    expect_near("lse_cmp", got.lse_cmp, c.lse_cmp, tol, tol);
-    expect_near("lse_slc", got.lse_slc, c.lse_slc, tol, tol);
-    expect_near("lse_win", got.lse_win, c.lse_win, tol, tol);
-    int64_t diff = 0;
-    got.idx_out.for_each([&](int64_t a, int64_t b, int64_t x, int64_t y) {
-      diff += got.idx_out.at_i32({a, b, x, y}) != c.idx_out.at_i32({a, b, x, y});
-    });
-    EXPECT_EQ(diff, 0) << "selected blocks differ";
+    expect_outputs(got, c, 16.0 * double(s.Dk + keys) * kEps, 0.0);
   }
 }
 

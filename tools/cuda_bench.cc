@@ -113,16 +113,32 @@ std::vector<int64_t> parse_lengths(const std::string& s) {
   return v;
 }
 
-int run_fwd(const FwdOptions& o) {
+// A CUDA context on its own stream, and the random pools the tensors are filled from.
+struct Session {
   nsa_context* ctx = nullptr;
-  nsa_context_create(&ctx);
-  check(ctx, nsa_context_set_backend(ctx, NSA_BACKEND_CUDA), "backend");
-  cudaStream_t stream;
-  CHECK_CUDA(cudaStreamCreate(&stream));
-  check(ctx, nsa_context_set_cuda_stream(ctx, stream), "stream");
-  const std::vector<uint16_t> qk = random_pool(1 << 20, -2.0f, 2.0f, 1);
-  const std::vector<uint16_t> vals = random_pool(1 << 20, -1.0f, 1.0f, 2);
-  const std::vector<uint16_t> gates = random_pool(1 << 20, 0.0f, 1.0f, 3);
+  cudaStream_t stream = nullptr;
+  std::vector<uint16_t> qk = random_pool(1 << 20, -2.0f, 2.0f, 1);
+  std::vector<uint16_t> vals = random_pool(1 << 20, -1.0f, 1.0f, 2);
+  std::vector<uint16_t> gates = random_pool(1 << 20, 0.0f, 1.0f, 3);
+  Session() {
+    nsa_context_create(&ctx);
+    check(ctx, nsa_context_set_backend(ctx, NSA_BACKEND_CUDA), "backend");
+    CHECK_CUDA(cudaStreamCreate(&stream));
+    check(ctx, nsa_context_set_cuda_stream(ctx, stream), "stream");
+  }
+  ~Session() {
+    cudaStreamDestroy(stream);
+    nsa_context_destroy(ctx);
+  }
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
+};
+
+int run_fwd(const FwdOptions& o) {
+  const Session ss;
+  nsa_context* ctx = ss.ctx;
+  const cudaStream_t stream = ss.stream;
+  const std::vector<uint16_t>&qk = ss.qk, &vals = ss.vals, &gates = ss.gates;
   for (int64_t T : parse_lengths(o.lengths)) {
     nsa_fwd_params p;
     nsa_fwd_params_init(&p);
@@ -158,8 +174,6 @@ int run_fwd(const FwdOptions& o) {
         fwd_ms);
     std::fflush(stdout);
   }
-  cudaStreamDestroy(stream);
-  nsa_context_destroy(ctx);
   return 0;
 }
 
@@ -169,9 +183,10 @@ struct DecodeOptions {
   int repeats = 20;
 };
 
-void run_decode_shape(nsa_context* ctx, cudaStream_t stream, const DecodeOptions& o, int64_t T,
-                      int64_t S, const std::vector<uint16_t>& qk,
-                      const std::vector<uint16_t>& vals) {
+void run_decode_shape(const Session& ss, const DecodeOptions& o, int64_t T, int64_t S) {
+  nsa_context* ctx = ss.ctx;
+  const cudaStream_t stream = ss.stream;
+  const std::vector<uint16_t>&qk = ss.qk, &vals = ss.vals, &gates = ss.gates;
   nsa_kv_cache_params cp;
   nsa_kv_cache_params_init(&cp);
   cp.num_seqs = S, cp.capacity = T, cp.num_kv_heads = o.hkv;
@@ -186,7 +201,6 @@ void run_decode_shape(nsa_context* ctx, cudaStream_t stream, const DecodeOptions
     CHECK_CUDA(cudaStreamSynchronize(stream));
   }
   DeviceTensor q(NSA_DTYPE_BF16, {S, o.hq, o.dk}, qk), out(NSA_DTYPE_BF16, {S, o.hq, o.dv}, vals);
-  const std::vector<uint16_t> gates = random_pool(1 << 16, 0.0f, 1.0f, 4);
   DeviceTensor gc(NSA_DTYPE_BF16, {S, o.hq}, gates), gs(NSA_DTYPE_BF16, {S, o.hq}, gates),
       gw(NSA_DTYPE_BF16, {S, o.hq}, gates);
   nsa_decode_params dp;
@@ -213,19 +227,10 @@ void run_decode_shape(nsa_context* ctx, cudaStream_t stream, const DecodeOptions
 }
 
 int run_decode(const DecodeOptions& o) {
-  nsa_context* ctx = nullptr;
-  nsa_context_create(&ctx);
-  check(ctx, nsa_context_set_backend(ctx, NSA_BACKEND_CUDA), "backend");
-  cudaStream_t stream;
-  CHECK_CUDA(cudaStreamCreate(&stream));
-  check(ctx, nsa_context_set_cuda_stream(ctx, stream), "stream");
-  const std::vector<uint16_t> qk = random_pool(1 << 20, -2.0f, 2.0f, 1);
-  const std::vector<uint16_t> vals = random_pool(1 << 20, -1.0f, 1.0f, 2);
+  const Session ss;
   for (int64_t T : parse_lengths(o.lengths)) {
-    for (int64_t S : parse_lengths(o.batches)) run_decode_shape(ctx, stream, o, T, S, qk, vals);
+    for (int64_t S : parse_lengths(o.batches)) run_decode_shape(ss, o, T, S);
   }
-  cudaStreamDestroy(stream);
-  nsa_context_destroy(ctx);
   return 0;
 }
 

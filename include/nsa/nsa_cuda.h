@@ -10,15 +10,29 @@
  *
  * Streams: every CUDA call is enqueued on the context's stream and returns without waiting for
  * the device; its outputs are ready when the stream reaches that point (cudaStreamSynchronize,
- * an event, or later work on the same stream). A status other than NSA_OK means nothing was
- * enqueued.
+ * an event, or later work on the same stream). A status other than NSA_OK means no output was
+ * written (an nsa_decode whose k/v were appended may have written those rows into the cache's
+ * storage past the restored length, where nothing reads them). A KV cache orders its own work:
+ * a call on a stream other than the cache's last one first waits for that work (an event), so
+ * appends and steps from several contexts or streams never overlap on the device. Inside a
+ * stream capture a decode step enqueues only kernels; its positions are launch parameters, so a
+ * captured step replays at the lengths it was captured at.
  *
  * Scratch: calls that need device scratch (the mlp compression's hidden layer) take it from a
  * workspace the context owns. It grows when a call needs more than it holds (one cudaMalloc on
  * the first such call, none afterwards for calls of the same size or smaller), is kept for the
  * next call, and is freed by nsa_context_destroy; nsa_context_reserve_cuda_workspace grows it
  * ahead of time, so that a timed or graph-captured call allocates nothing. The forward needs no
- * scratch: its block scores and selection live in shared memory (paper, Section 3.4).
+ * scratch: its block scores and selection live in shared memory (paper, Section 3.4). A cache
+ * with mlp compression makes its own scratch, cuBLAS handle and copy of the parameters at
+ * creation (which waits for the context's stream), and nothing afterwards; the whole capacity is
+ * allocated at creation (cudaMalloc commits it).
+ *
+ * Limits of this version, answered NSA_ERR_UNSUPPORTED with the reason: one thread block per
+ * (token, KV head) holds the group's queries and accumulators and the block scores in shared
+ * memory, so G (Dk + 2 Dv) + 32 (Dk + Dv + G) + T / slc_block floats must fit one block's shared
+ * memory (about 227 KiB on an H100); at most 65535 KV heads; a cache's capacity at most
+ * 2^31 - 1. Decode runs one block per (sequence, KV head): keys are not yet split across blocks.
  */
 #ifndef NSA_NSA_CUDA_H_
 #define NSA_NSA_CUDA_H_

@@ -1,8 +1,8 @@
 // The CUDA backend's attention building block, shared by the forward, the dense baseline and
 // decode: one thread block holds the G query heads of one KV group at one query position and
-// streams key chunks through shared memory once for all of them (paper, Section 3.4: "load all
-// query heads of a GQA group, then fetch each K/V block once"). Arithmetic is f32 (bf16 inputs
-// widened exactly), with an online softmax per head and one branch finished before the next.
+// streams key chunks through shared memory once for all of them (paper, Section 3.4:
+// group-centric data loading and shared KV fetching). Arithmetic is f32 (bf16 inputs widened
+// exactly), with an online softmax per head and one branch finished before the next.
 //
 // Layout of the work: a block of kThreads threads, one warp per head (heads w, w + kWarps, ...);
 // for scores, lane i holds key i of the chunk; for P V, lane x holds value dims x, x + 32, ...
@@ -21,10 +21,11 @@ constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kChunk = 32;  // keys per shared-memory chunk: one per lane
 
-// A [rows, H, D] slice of a [B, T, H, D] tensor (D contiguous), already offset to its batch row.
+// The rows of one head of one batch row of a [B, T, H, D] tensor (D contiguous): element r, x at
+// p + r * row + x.
 struct RowView {
   const void* p = nullptr;
-  int64_t row = 0, head = 0;  // element strides of T and H
+  int64_t row = 0;  // element stride of T
 };
 
 // Shared memory of one block, carved from the dynamic allocation (sizes in floats: smem_floats).

@@ -52,7 +52,7 @@ __device__ __forceinline__ void* any_ptr(const T4& x, int64_t b, int64_t t, int6
 // The rows of head h of batch row b, for chunk loads.
 template <typename In>
 __device__ RowView rows(const T4& x, int64_t b, int64_t h) {
-  return {static_cast<const In*>(x.p) + b * x.s0 + h * x.s2, x.s1, x.s2};
+  return {static_cast<const In*>(x.p) + b * x.s0 + h * x.s2, x.s1};
 }
 
 struct FwdArgs {
