@@ -13,6 +13,7 @@
 
 #include "backend_harness.h"
 #include "decode_util.h"
+#include "nsa/nsa.hpp"
 #include "nsa/nsa_cuda.h"
 #include "test_util.h"
 
@@ -65,6 +66,9 @@ TEST(CudaApi, StreamIsAContextSetting) {
   EXPECT_EQ(nsa_context_cuda_stream(a.get()), nullptr);
   EXPECT_EQ(nsa_context_set_cuda_stream(nullptr, &token), NSA_ERR_NULL_POINTER);
   EXPECT_EQ(nsa_context_cuda_stream(nullptr), nullptr);
+  nsa::Context cpp;  // the C++ layer
+  cpp.set_cuda_stream(&token);
+  EXPECT_EQ(nsa_context_cuda_stream(cpp.get()), &token);
 }
 
 TEST(CudaApi, WorkspaceNeedsTheBackend) {

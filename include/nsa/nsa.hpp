@@ -10,6 +10,7 @@
 #include <type_traits>
 
 #include "nsa/nsa.h"
+#include "nsa/nsa_cuda.h"
 
 namespace nsa {
 
@@ -85,6 +86,8 @@ class Context {
 
   void set_backend(nsa_backend b) { check(nsa_context_set_backend(get(), b)); }
   void set_num_threads(int32_t n) { check(nsa_context_set_num_threads(get(), n)); }
+  // The CUDA backend's stream (a cudaStream_t; nsa_cuda.h).
+  void set_cuda_stream(void* stream) { check(nsa_context_set_cuda_stream(get(), stream)); }
   nsa_backend backend() const { return nsa_context_backend(ctx_.get()); }
 
   void validate(const nsa_config& cfg) { check(nsa_config_validate(get(), &cfg)); }
