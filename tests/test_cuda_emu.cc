@@ -125,6 +125,13 @@ TEST(CudaEmuFwd, SelectionBindsBf16OddDims) {
   compare({2, 90, 16, 1, 40, 24}, small_cfg(5), NSA_DTYPE_BF16, false, {}, NSA_DTYPE_BF16);
 }
 
+// The paper's head dims (Dk = 192, Dv = 128) with G = 16 and G = 32 (two heads per warp pass):
+// the shared-memory carve at its largest here.
+TEST(CudaEmuFwd, PaperHeadDimsLargeGroups) {
+  compare({1, 100, 16, 1, 192, 128}, small_cfg(5), NSA_DTYPE_BF16, false);
+  compare({1, 40, 32, 1, 64, 48}, small_cfg(3), NSA_DTYPE_F32, false);
+}
+
 TEST(CudaEmuFwd, PaperConfigAtT1100) {
   nsa_config def;
   nsa_config_default(&def);  // J + 1 = 18 > n = 16 from t = 1024: the top-n binds at the end
