@@ -100,10 +100,22 @@ double median_ms(cudaStream_t stream, int repeats, F&& run) {
   return ms[ms.size() / 2];
 }
 
-struct FwdOptions {
-  std::string lengths = "8192,16384,32768,65536";
+// The heads and timing options both commands take.
+struct HeadOptions {
   int64_t hq = 64, hkv = 4, dk = 192, dv = 128;
   int repeats = 3;
+};
+
+void add_head_options(CLI::App* cmd, HeadOptions& o) {
+  cmd->add_option("--hq", o.hq)->check(CLI::PositiveNumber);
+  cmd->add_option("--hkv", o.hkv)->check(CLI::PositiveNumber);
+  cmd->add_option("--dk", o.dk)->check(CLI::PositiveNumber);
+  cmd->add_option("--dv", o.dv)->check(CLI::PositiveNumber);
+  cmd->add_option("--repeats", o.repeats)->check(CLI::PositiveNumber);
+}
+
+struct FwdOptions : HeadOptions {
+  std::string lengths = "8192,16384,32768,65536";
 };
 
 std::vector<int64_t> parse_lengths(const std::string& s) {
@@ -177,10 +189,9 @@ int run_fwd(const FwdOptions& o) {
   return 0;
 }
 
-struct DecodeOptions {
+struct DecodeOptions : HeadOptions {
+  DecodeOptions() { repeats = 20; }
   std::string lengths = "8192,16384,32768,65536", batches = "1,16";
-  int64_t hq = 64, hkv = 4, dk = 192, dv = 128;
-  int repeats = 20;
 };
 
 void run_decode_shape(const Session& ss, const DecodeOptions& o, int64_t T, int64_t S) {
@@ -242,20 +253,12 @@ int main(int argc, char** argv) {
   FwdOptions f;
   CLI::App* fwd = app.add_subcommand("fwd", "NSA forward with compression, bf16");
   fwd->add_option("--lengths", f.lengths, "comma-separated T");
-  fwd->add_option("--hq", f.hq)->check(CLI::PositiveNumber);
-  fwd->add_option("--hkv", f.hkv)->check(CLI::PositiveNumber);
-  fwd->add_option("--dk", f.dk)->check(CLI::PositiveNumber);
-  fwd->add_option("--dv", f.dv)->check(CLI::PositiveNumber);
-  fwd->add_option("--repeats", f.repeats)->check(CLI::PositiveNumber);
+  add_head_options(fwd, f);
   DecodeOptions d;
   CLI::App* dec = app.add_subcommand("decode", "one decode step, NSA and dense, bf16 cache");
   dec->add_option("--lengths", d.lengths, "comma-separated cached tokens T");
   dec->add_option("--batch", d.batches, "comma-separated batch sizes");
-  dec->add_option("--hq", d.hq)->check(CLI::PositiveNumber);
-  dec->add_option("--hkv", d.hkv)->check(CLI::PositiveNumber);
-  dec->add_option("--dk", d.dk)->check(CLI::PositiveNumber);
-  dec->add_option("--dv", d.dv)->check(CLI::PositiveNumber);
-  dec->add_option("--repeats", d.repeats)->check(CLI::PositiveNumber);
+  add_head_options(dec, d);
   CLI11_PARSE(app, argc, argv);
   if (nsa_cuda_device_count() == 0) {
     std::fprintf(stderr, "nsa_cuda_bench: no CUDA device (nsa info says why)\n");

@@ -23,40 +23,33 @@ __global__ void __launch_bounds__(kThreads) dense_kernel(const DenseArgs a) {
 
 }  // namespace
 
+// One block per (token, KV head) of a [B, T] batch: the kernel for the inputs' dtype, its shape
+// checked before the launch.
+template <typename Args>
+Status launch_tokens(const char* call, bool bf16, void (*k_bf16)(Args), void (*k_f32)(Args),
+                     const Args& a, int64_t smem, int64_t tokens, int64_t heads, void* stream) {
+  void (*kernel)(Args) = bf16 ? k_bf16 : k_f32;
+  LaunchShape ls;
+  NSA_RETURN_IF_ERROR(
+      launch_shape(call, reinterpret_cast<const void*>(kernel), smem, tokens, heads, &ls));
+  kernel<<<ls.grid, kThreads, ls.smem, static_cast<cudaStream_t>(stream)>>>(a);
+  return launch_status(call);
+}
+
 Status forward(const FwdProblem& pr) {
-  const nsa_fwd_params& p = pr.p;
   if (pr.B * pr.T == 0) return Status::ok();
   const FwdArgs a = fwd_args(pr);
-  const bool bf16 = p.in.q.dtype == NSA_DTYPE_BF16;
-  const void* fn = bf16 ? reinterpret_cast<const void*>(&fwd_kernel<__nv_bfloat16>)
-                        : reinterpret_cast<const void*>(&fwd_kernel<float>);
-  LaunchShape ls;
-  NSA_RETURN_IF_ERROR(launch_shape("nsa_fwd", fn, nsa_smem_bytes(a.G, a.Dk, a.Dv, a.nblk, a.n),
-                                   pr.B * pr.T, pr.Hkv, &ls));
-  if (bf16) {
-    fwd_kernel<__nv_bfloat16><<<ls.grid, kThreads, ls.smem, stream_of(pr)>>>(a);
-  } else {
-    fwd_kernel<float><<<ls.grid, kThreads, ls.smem, stream_of(pr)>>>(a);
-  }
-  return launch_status("nsa_fwd");
+  return launch_tokens<FwdArgs>(
+      "nsa_fwd", pr.p.in.q.dtype == NSA_DTYPE_BF16, fwd_kernel<__nv_bfloat16>, fwd_kernel<float>, a,
+      nsa_smem_bytes(a.G, a.Dk, a.Dv, a.nblk, a.n), pr.B * pr.T, pr.Hkv, pr.stream);
 }
 
 Status dense_forward(const DenseProblem& pr) {
-  const nsa_dense_fwd_params& p = pr.p;
   if (pr.B * pr.T == 0) return Status::ok();
   const DenseArgs a = dense_args(pr);
-  const bool bf16 = p.q.dtype == NSA_DTYPE_BF16;
-  const void* fn = bf16 ? reinterpret_cast<const void*>(&dense_kernel<__nv_bfloat16>)
-                        : reinterpret_cast<const void*>(&dense_kernel<float>);
-  LaunchShape ls;
-  NSA_RETURN_IF_ERROR(launch_shape("nsa_dense_fwd", fn, smem_floats(a.G, a.Dk, a.Dv) * 4,
-                                   pr.B * pr.T, pr.Hkv, &ls));
-  if (bf16) {
-    dense_kernel<__nv_bfloat16><<<ls.grid, kThreads, ls.smem, stream_of(pr)>>>(a);
-  } else {
-    dense_kernel<float><<<ls.grid, kThreads, ls.smem, stream_of(pr)>>>(a);
-  }
-  return launch_status("nsa_dense_fwd");
+  return launch_tokens<DenseArgs>("nsa_dense_fwd", pr.p.q.dtype == NSA_DTYPE_BF16,
+                                  dense_kernel<__nv_bfloat16>, dense_kernel<float>, a,
+                                  smem_floats(a.G, a.Dk, a.Dv) * 4, pr.B * pr.T, pr.Hkv, pr.stream);
 }
 
 }  // namespace nsa::cuda
