@@ -76,11 +76,13 @@ class Machine {
   // smem_bytes is handed to body through smem().
   void launch(Dim grid, size_t smem_bytes, const std::function<void()>& body) {
     smem_.assign((smem_bytes + 3) / 4, std::numeric_limits<float>::quiet_NaN());
-    for (unsigned y = 0; y < std::max(grid.y, 1u); ++y) {
-      for (unsigned x = 0; x < std::max(grid.x, 1u); ++x) {
-        block_ = {x, y, 0};
-        std::fill(smem_.begin(), smem_.end(), std::numeric_limits<float>::quiet_NaN());
-        run_block(body);
+    for (unsigned z = 0; z < std::max(grid.z, 1u); ++z) {
+      for (unsigned y = 0; y < std::max(grid.y, 1u); ++y) {
+        for (unsigned x = 0; x < std::max(grid.x, 1u); ++x) {
+          block_ = {x, y, z};
+          std::fill(smem_.begin(), smem_.end(), std::numeric_limits<float>::quiet_NaN());
+          run_block(body);
+        }
       }
     }
   }

@@ -197,10 +197,10 @@ TEST(CudaFwd, SharedMemoryLimitIsReported) {
 // A decode step is enqueued without waiting for the host (nsa_cuda.h), so it can be captured into
 // a CUDA graph: a step without an append, captured on the context's stream and replayed, writes
 // the bits a direct call writes. (A captured step keeps the lengths it was captured at: the
-// lengths are launch parameters.)
-TEST(CudaDecode, StepCapturesIntoAGraph) {
-  SKIP_WITHOUT_DEVICE();
-  const Shape s{1, 300, 16, 2, 64, 32};
+// lengths are launch parameters.) At T = 1500 the step splits its keys (cuda/split.cuh): its
+// scratch, grown by the direct call, is reused inside the capture.
+void expect_graph_equals_direct(int64_t T) {
+  const Shape s{1, T, 16, 2, 64, 32};
   const nsa_config cfg = config(32, 16, 64, 4, 1, 2, 128);
   FwdCase c = make_case(s, cfg, NSA_DTYPE_BF16, 9), direct = make_case(s, cfg, NSA_DTYPE_BF16, 9),
           graph = make_case(s, cfg, NSA_DTYPE_BF16, 9);
@@ -245,6 +245,12 @@ TEST(CudaDecode, StepCapturesIntoAGraph) {
       ASSERT_EQ(direct.o.at({0, t, h, x}), graph.o.at({0, t, h, x})) << h << "," << x;
     }
   }
+}
+
+TEST(CudaDecode, StepCapturesIntoAGraph) {
+  SKIP_WITHOUT_DEVICE();
+  expect_graph_equals_direct(300);
+  expect_graph_equals_direct(1500);
 }
 
 #endif  // NSA_HAVE_CUDA

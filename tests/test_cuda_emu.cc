@@ -22,6 +22,7 @@
 #include "cuda/compress.cuh"
 #include "cuda/decode.cuh"
 #include "cuda/query.cuh"
+#include "cuda/split.cuh"
 
 namespace {
 using namespace nsa_test;
@@ -220,10 +221,47 @@ struct EmuCache {
   }
 };
 
-// One decode step of row t of case x into out, on the emulated cache (decode.cu's launch).
+// A split step's launches (decode.cu's launch_split) with scratch in host memory, refilled with
+// NaN first so that a slot no launch wrote shows up.
+template <typename In>
+void emu_split(const nsa::DecodeProblem& pr, const nsa::cuda::StepRows& rows, int64_t t_max,
+               nsa::cuda::SplitPlan plan, const nsa::cuda::CacheBufs& cb) {
+  using namespace nsa::cuda;
+  auto& m = simt_emu::Machine::get();
+  const nsa_kv_cache& c = *pr.cache;
+  SplitScratch w;
+  w.plan = plan;
+  w.Hkv = c.Hkv, w.G = int(pr.G), w.Dv = int(c.Dv);
+  if (!pr.dense) {
+    w.ncmax = std::min(cmp_len(t_max + 1, c.cfg.cmp_block, c.cfg.cmp_stride), cb.cmp_rows);
+    w.n = c.cfg.slc_count;
+  }
+  std::vector<float> scratch(size_t(split_scratch_bytes(w, pr.S) / 4),
+                             std::numeric_limits<float>::quiet_NaN());
+  w.base = scratch.data();
+  const unsigned S = unsigned(pr.S), H = unsigned(c.Hkv);
+  if (pr.dense) {
+    const DenseArgs a = dense_step_args(pr, cb);
+    const size_t smem = size_t(4 * smem_floats(a.G, a.Dk, a.Dv));
+    m.launch({S, H, unsigned(plan.win)}, smem, [&] { dense_part_block<In>(a, rows, w, m.smem()); });
+    m.launch({S, H, 1}, smem, [&] { dense_combine_block(a, rows, w, m.smem()); });
+    return;
+  }
+  const FwdArgs a = nsa_step_args(pr, cb, t_max);
+  const size_t smem = size_t(nsa_smem_bytes(a.G, a.Dk, a.Dv, a.nblk, a.n));
+  const unsigned cmp = unsigned(plan.cmp), sw = unsigned(plan.slc + plan.win);
+  m.launch({S, H, cmp}, smem, [&] { cmp_part_block<In>(a, rows, w, m.smem()); });
+  m.launch({S, H, cmp}, smem, [&] { probs_block<In>(a, rows, w, m.smem()); });
+  m.launch({S, H, 1}, smem, [&] { select_block(a, rows, w, m.smem()); });
+  m.launch({S, H, sw}, smem, [&] { sw_part_block<In>(a, rows, w, m.smem()); });
+  m.launch({S, H, 1}, smem, [&] { combine_block(a, rows, w, m.smem()); });
+}
+
+// One decode step of row t of case x into out, on the emulated cache (decode.cu's launches):
+// one block per KV head, or split by `plan`.
 template <typename In>
 void emu_step(EmuCache& ec, int64_t seq, FwdCase& x, FwdCase& out, int64_t t, bool dense,
-              int32_t window) {
+              int32_t window, nsa::cuda::SplitPlan plan = {}) {
   nsa_decode_params p = decode_row(x, out, t, false);
   nsa::DecodeProblem pr;
   pr.cache = &ec.c;
@@ -237,6 +275,7 @@ void emu_step(EmuCache& ec, int64_t seq, FwdCase& x, FwdCase& out, int64_t t, bo
   std::vector<int32_t> pos;
   const int64_t t_max = nsa::cuda::step_positions(pr, &pos);
   const nsa::cuda::StepRows rows = nsa::cuda::step_rows(pr, pos, 0);
+  if (plan.parts() > 0) return emu_split<In>(pr, rows, t_max, plan, ec.bufs);
   auto& m = simt_emu::Machine::get();
   const simt_emu::Dim grid{1, unsigned(ec.c.Hkv), 1};
   if (dense) {
@@ -250,49 +289,69 @@ void emu_step(EmuCache& ec, int64_t seq, FwdCase& x, FwdCase& out, int64_t t, bo
   }
 }
 
-// Decode position by position into sequence 1 of a two-sequence emulated cache, then the
-// reference forward over the whole sequence with the cache's compressed tokens: equal outputs
-// (decode_tol: the f32 bound of test_decode.cc) and selections.
+// Decodes case c position by position into sequence 1 of a two-sequence emulated cache (steps
+// at t >= split_from split by plan), then runs the reference forward over the whole sequence
+// with the cache's compressed tokens: equal outputs (decode_tol: the f32 bound of
+// test_decode.cc) and selections.
+void decode_vs_reference(const Shape& s, const nsa_config& cfg, nsa_dtype dt,
+                         nsa::cuda::SplitPlan plan = {}, int64_t split_from = 0) {
+  FwdCase c = make_case(s, cfg, dt, 31), got = make_case(s, cfg, dt, 31);
+  EmuCache ec(cfg, 2, s.T + 7, s, dt);
+  for (int64_t t = 0; t < s.T; ++t) {
+    ec.append(1, c.k, c.v, t);
+    const nsa::cuda::SplitPlan pt = t >= split_from ? plan : nsa::cuda::SplitPlan{};
+    if (dt == NSA_DTYPE_BF16) {
+      emu_step<__nv_bfloat16>(ec, 1, c, got, t, false, 0, pt);
+    } else {
+      emu_step<float>(ec, 1, c, got, t, false, 0, pt);
+    }
+  }
+  // The reference reads the compressed tokens the cache holds (SPEC 7).
+  const size_t e = nsa_dtype_size(dt);
+  const int64_t Tc = nsa_cmp_len(&cfg, s.T);
+  copy_rows_into(ec.kc.data() + size_t(ec.bufs.cmp_rows * s.Hkv * s.Dk) * e, dt, Tc, s.Hkv, s.Dk, 0,
+                 0, c.k_cmp);
+  copy_rows_into(ec.vc.data() + size_t(ec.bufs.cmp_rows * s.Hkv * s.Dv) * e, dt, Tc, s.Hkv, s.Dv, 0,
+                 0, c.v_cmp);
+  std::string msg;
+  ASSERT_EQ(run_on(oracle(), c.params(), 0, &msg), NSA_OK) << msg;
+  const int64_t keys = std::min<int64_t>(
+      s.T, std::max<int64_t>({int64_t{cfg.slc_count} * cfg.slc_block, cfg.window, Tc}));
+  expect_outputs(got, c, 16.0 * double(s.Dk + keys) * kEps, 0.0);
+}
+
 TEST(CudaEmuDecode, EveryPositionMatchesTheReference) {
   for (nsa_dtype dt : {NSA_DTYPE_F32, NSA_DTYPE_BF16}) {
     SCOPED_TRACE(nsa_dtype_name(dt));
-    const Shape s{1, 90, 6, 2, 20, 12};
-    const nsa_config cfg = small_cfg();
-    FwdCase c = make_case(s, cfg, dt, 31), got = make_case(s, cfg, dt, 31);
-    EmuCache ec(cfg, 2, s.T + 7, s, dt);
-    for (int64_t t = 0; t < s.T; ++t) {
-      ec.append(1, c.k, c.v, t);
-      if (dt == NSA_DTYPE_BF16) {
-        emu_step<__nv_bfloat16>(ec, 1, c, got, t, false, 0);
-      } else {
-        emu_step<float>(ec, 1, c, got, t, false, 0);
-      }
-    }
-    // The reference reads the compressed tokens the cache holds (SPEC 7).
-    const size_t e = nsa_dtype_size(dt);
-    const int64_t Tc = nsa_cmp_len(&cfg, s.T);
-    copy_rows_into(ec.kc.data() + size_t(ec.bufs.cmp_rows * s.Hkv * s.Dk) * e, dt, Tc, s.Hkv, s.Dk,
-                   0, 0, c.k_cmp);
-    copy_rows_into(ec.vc.data() + size_t(ec.bufs.cmp_rows * s.Hkv * s.Dv) * e, dt, Tc, s.Hkv, s.Dv,
-                   0, 0, c.v_cmp);
-    std::string msg;
-    ASSERT_EQ(run_on(oracle(), c.params(), 0, &msg), NSA_OK) << msg;
-    const int64_t keys =
-        std::min<int64_t>(s.T, std::max<int64_t>(cfg.slc_count * cfg.slc_block, cfg.window));
-    expect_outputs(got, c, 16.0 * double(s.Dk + keys) * kEps, 0.0);
+    decode_vs_reference({1, 90, 6, 2, 20, 12}, small_cfg(), dt);
   }
 }
 
-// The dense decode baseline over the emulated cache against the reference's dense attention.
-TEST(CudaEmuDecode, DenseStepMatchesTheReference) {
-  const Shape s{1, 60, 6, 2, 20, 12};
-  const int32_t window = 9;
+// Split-key steps (split.cuh) against the reference. Parts are whole 32-key chunks, so the
+// stride 4 and the 80-key window give every branch several non-empty parts at T = 400: cmp 3
+// parts of up to 97 tokens, slc 3 shares of 4 blocks (the last empty), win 3 parts (32, 32, 16).
+// Positions 0-5 (no compressed token yet, J + 1 <= n) and the last 30 run split.
+TEST(CudaEmuDecode, SplitStepsMatchTheReference) {
+  const nsa_config cfg = config(16, 4, 16, 4, 1, 1, 80);
+  for (nsa_dtype dt : {NSA_DTYPE_F32, NSA_DTYPE_BF16}) {
+    SCOPED_TRACE(nsa_dtype_name(dt));
+    decode_vs_reference({1, 6, 6, 2, 20, 12}, cfg, dt, {3, 3, 3});
+    decode_vs_reference({1, 400, 6, 2, 20, 12}, cfg, dt, {3, 3, 3}, 370);
+  }
+  // More parts than chunks (empty parts weigh nothing), G = 16 and odd head dims.
+  decode_vs_reference({1, 300, 16, 1, 17, 33}, cfg, NSA_DTYPE_BF16, {9, 5, 7}, 290);
+}
+
+// The dense decode baseline over the emulated cache against the reference's dense attention,
+// one block per KV head or split into parts (window 0: every key).
+void dense_vs_reference(int64_t T, int32_t window, nsa::cuda::SplitPlan plan) {
+  const Shape s{1, T, 6, 2, 20, 12};
   FwdCase c = make_case(s, small_cfg(), NSA_DTYPE_BF16, 8),
           got = make_case(s, small_cfg(), NSA_DTYPE_BF16, 8);
   EmuCache ec(small_cfg(), 1, s.T, s, NSA_DTYPE_BF16);
   for (int64_t t = 0; t < s.T; ++t) {
     ec.append(0, c.k, c.v, t);
-    emu_step<__nv_bfloat16>(ec, 0, c, got, t, true, window);
+    emu_step<__nv_bfloat16>(ec, 0, c, got, t, true, window, plan);
   }
   nsa_dense_fwd_params p;
   nsa_dense_fwd_params_init(&p);
@@ -301,9 +360,17 @@ TEST(CudaEmuDecode, DenseStepMatchesTheReference) {
   p.window = window;
   std::string msg;
   ASSERT_EQ(run_on(oracle(), p, 0, &msg), NSA_OK) << msg;
-  const double tol = 16.0 * (s.Dk + window) * kEps;
+  const double tol = 16.0 * double(s.Dk + (window > 0 ? window : T)) * kEps;
   expect_near("o", got.o, c.o, tol, 0.0);
   expect_near("lse", got.lse_win, c.lse_win, tol, tol);
+}
+
+TEST(CudaEmuDecode, DenseStepMatchesTheReference) { dense_vs_reference(60, 9, {}); }
+
+// Parts of 32 keys from 130 keys on: 1 to 5 of them non-empty.
+TEST(CudaEmuDecode, DenseSplitStepsMatchTheReference) {
+  dense_vs_reference(130, 0, {0, 0, 5});
+  dense_vs_reference(100, 70, {0, 0, 3});
 }
 
 // The emulator itself: a barrier that only some threads reach is reported, not hung on.

@@ -45,6 +45,9 @@ std::vector<DecodeCase> cases() {
        NSA_DTYPE_BF16, NSA_CMP_MLP, 150},
       {"G3_strided_views", Shape{1, 150, 6, 2, 24, 20}, config(16, 8, 32, 4, 1, 2, 40),
        NSA_DTYPE_F32, NSA_CMP_MEAN, 40, true},
+      // Past 1024 keys: on a GPU the last 200 steps take the split-key path (cuda/split.cuh).
+      {"long_G4_bf16_split_keys", Shape{1, 1500, 8, 2, 32, 32}, def, NSA_DTYPE_BF16, NSA_CMP_MEAN,
+       1300},
   };
 }
 

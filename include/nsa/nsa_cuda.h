@@ -18,11 +18,13 @@
  * stream capture a decode step enqueues only kernels; its positions are launch parameters, so a
  * captured step replays at the lengths it was captured at.
  *
- * Scratch: calls that need device scratch (the mlp compression's hidden layer) take it from a
- * workspace the context owns. It grows when a call needs more than it holds (one cudaMalloc on
+ * Scratch: calls that need device scratch (the mlp compression's hidden layer; a decode step that
+ * splits its keys across blocks, for its partial results) take it from a workspace the context
+ * owns. It grows when a call needs more than it holds (one cudaMalloc on
  * the first such call, none afterwards for calls of the same size or smaller), is kept for the
  * next call, and is freed by nsa_context_destroy; nsa_context_reserve_cuda_workspace grows it
- * ahead of time, so that a timed or graph-captured call allocates nothing. The forward needs no
+ * ahead of time, so that a timed or graph-captured call allocates nothing (a decode step captured
+ * while the workspace is too small for its split runs unsplit rather than allocate). The forward needs no
  * scratch: its block scores and selection live in shared memory (paper, Section 3.4). A cache
  * with mlp compression makes its own scratch, cuBLAS handle and copy of the parameters at
  * creation (which waits for the context's stream), and nothing afterwards; the whole capacity is
@@ -32,7 +34,13 @@
  * (token, KV head) holds the group's queries and accumulators and the block scores in shared
  * memory, so G (Dk + 2 Dv) + 32 (Dk + Dv + G) + T / slc_block floats must fit one block's shared
  * memory (about 227 KiB on an H100); at most 65535 KV heads; a cache's capacity at most
- * 2^31 - 1. Decode runs one block per (sequence, KV head): keys are not yet split across blocks.
+ * 2^31 - 1.
+ *
+ * Decode: one block per (sequence, KV head) when the step has enough of them to fill the device;
+ * otherwise, from 1024 keys on, each branch's keys are split across blocks and the parts merged
+ * by their log-sum-exps in a fixed order (FlashDecoding). The choice depends only on the step's
+ * shape and the device, so a step gives the same bits on every run; the two ways round
+ * differently (within the tolerances of the float64 reference's tests).
  */
 #ifndef NSA_NSA_CUDA_H_
 #define NSA_NSA_CUDA_H_

@@ -1,9 +1,11 @@
 // The CUDA KV cache and decode (nsa.h, "Decode with a KV cache"; SPEC 7). The cache lives in
 // device memory in the forward's own layout (decode.cuh), so a decode step is query.cuh's work at
-// one position per row: the same code as the forward, the same bits. An append copies its rows
-// and compresses exactly the compressed tokens they complete (mean, or mlp through cuBLAS). The
-// lengths are the host's (common/kv_cache.h) and reach the kernels as launch parameters: a step
-// never waits for the device.
+// one position per row: the same code as the forward, the same bits; or, when its (row, KV head)
+// blocks are too few to fill the device, that work with each branch's keys split across blocks
+// (split.cuh; bits of its own, as fixed). An append copies its rows and compresses exactly the
+// compressed tokens they complete (mean, or mlp through cuBLAS). The lengths are the host's
+// (common/kv_cache.h) and reach the kernels as launch parameters: a step never waits for the
+// device.
 //
 // Streams: each call runs on its context's stream. A cache remembers the stream of its last call
 // and an event recorded after it; a call on another stream first waits for that event, so work
@@ -17,6 +19,7 @@
 #include "cuda/decode.cuh"
 #include "cuda/device.h"
 #include "cuda/ops.h"
+#include "cuda/split.cuh"
 
 namespace nsa::cuda {
 namespace {
@@ -175,20 +178,156 @@ void launch_dense(const DenseArgs& a, const StepRows& r, const LaunchShape& ls, 
   dense_decode_kernel<In><<<ls.grid, kThreads, ls.smem, s>>>(a, r);
 }
 
+// Split-key steps (split.cuh): the kernels of each launch, over (row, KV head, part).
+template <typename In>
+__global__ void __launch_bounds__(kThreads)
+    cmp_part_kernel(const FwdArgs a, const StepRows r, const SplitScratch w) {
+  extern __shared__ float smem[];
+  cmp_part_block<In>(a, r, w, smem);
+}
+template <typename In>
+__global__ void __launch_bounds__(kThreads)
+    probs_kernel(const FwdArgs a, const StepRows r, const SplitScratch w) {
+  extern __shared__ float smem[];
+  probs_block<In>(a, r, w, smem);
+}
+__global__ void __launch_bounds__(kThreads)
+    select_kernel(const FwdArgs a, const StepRows r, const SplitScratch w) {
+  extern __shared__ float smem[];
+  select_block(a, r, w, smem);
+}
+template <typename In>
+__global__ void __launch_bounds__(kThreads)
+    sw_part_kernel(const FwdArgs a, const StepRows r, const SplitScratch w) {
+  extern __shared__ float smem[];
+  sw_part_block<In>(a, r, w, smem);
+}
+__global__ void __launch_bounds__(kThreads)
+    combine_kernel(const FwdArgs a, const StepRows r, const SplitScratch w) {
+  extern __shared__ float smem[];
+  combine_block(a, r, w, smem);
+}
+template <typename In>
+__global__ void __launch_bounds__(kThreads)
+    dense_part_kernel(const DenseArgs a, const StepRows r, const SplitScratch w) {
+  extern __shared__ float smem[];
+  dense_part_block<In>(a, r, w, smem);
+}
+__global__ void __launch_bounds__(kThreads)
+    dense_combine_kernel(const DenseArgs a, const StepRows r, const SplitScratch w) {
+  extern __shared__ float smem[];
+  dense_combine_block(a, r, w, smem);
+}
+
+// A split step's kernels, in order, each with its parts (grid.z); launch k of a row range runs
+// kernel k. Every shape is checked before anything is enqueued.
+template <typename Args, int N>
+Status launch_split(const DecodeProblem& pr, const Args& a, const std::vector<int32_t>& t,
+                    const SplitScratch& w, const void* const (&fns)[N], const int (&parts)[N],
+                    int64_t smem, const char* call,
+                    void (*launch)(int k, const Args&, const StepRows&, const SplitScratch&,
+                                   const LaunchShape&, cudaStream_t)) {
+  LaunchShape ls[N];
+  const int64_t first = std::min<int64_t>(pr.S, kRowsPerLaunch);
+  for (int k = 0; k < N; ++k) {
+    NSA_RETURN_IF_ERROR(launch_shape(call, fns[k], smem, first, pr.cache->Hkv, &ls[k]));
+    ls[k].grid.z = static_cast<unsigned>(parts[k]);
+  }
+  for (int64_t r0 = 0; r0 < pr.S; r0 += kRowsPerLaunch) {
+    const StepRows rows = step_rows(pr, t, r0);
+    for (int k = 0; k < N; ++k) {
+      ls[k].grid.x = static_cast<unsigned>(std::min<int64_t>(pr.S - r0, kRowsPerLaunch));
+      launch(k, a, rows, w, ls[k], stream_of(pr));
+      NSA_RETURN_IF_ERROR(launch_status(call));
+    }
+  }
+  return Status::ok();
+}
+
+template <typename In>
+void launch_nsa_split(int k, const FwdArgs& a, const StepRows& r, const SplitScratch& w,
+                      const LaunchShape& ls, cudaStream_t s) {
+  switch (k) {
+    case 0: cmp_part_kernel<In><<<ls.grid, kThreads, ls.smem, s>>>(a, r, w); break;
+    case 1: probs_kernel<In><<<ls.grid, kThreads, ls.smem, s>>>(a, r, w); break;
+    case 2: select_kernel<<<ls.grid, kThreads, ls.smem, s>>>(a, r, w); break;
+    case 3: sw_part_kernel<In><<<ls.grid, kThreads, ls.smem, s>>>(a, r, w); break;
+    default: combine_kernel<<<ls.grid, kThreads, ls.smem, s>>>(a, r, w); break;
+  }
+}
+template <typename In>
+void launch_dense_split(int k, const DenseArgs& a, const StepRows& r, const SplitScratch& w,
+                        const LaunchShape& ls, cudaStream_t s) {
+  if (k == 0) {
+    dense_part_kernel<In><<<ls.grid, kThreads, ls.smem, s>>>(a, r, w);
+  } else {
+    dense_combine_kernel<<<ls.grid, kThreads, ls.smem, s>>>(a, r, w);
+  }
+}
+
+// The step's split plan and its scratch in the context's workspace, or no split (plan all zero)
+// when the step fills the device as it is, or when a stream capture would have to grow the
+// workspace (cudaMalloc is not allowed there; nsa_context_reserve_cuda_workspace avoids it).
+Status plan_split(const DecodeProblem& pr, int64_t t_max, int64_t ncmax, SplitScratch* w) {
+  int dev = 0, sms = 0;
+  const char* call = pr.dense ? "nsa_dense_decode" : "nsa_decode";
+  NSA_RETURN_IF_ERROR(cuda_status(cudaGetDevice(&dev), call));
+  NSA_RETURN_IF_ERROR(
+      cuda_status(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), call));
+  const int64_t rows = std::min<int64_t>(pr.S, kRowsPerLaunch), blocks = rows * pr.cache->Hkv;
+  const nsa_kv_cache& c = *pr.cache;
+  w->plan = pr.dense ? dense_split_plan(blocks, sms, t_max, pr.window)
+                     : nsa_split_plan(blocks, sms, t_max, c.cfg);
+  if (w->plan.parts() == 0 || pr.workspace == nullptr) return w->plan = {}, Status::ok();
+  w->Hkv = c.Hkv, w->G = int(pr.G), w->Dv = int(c.Dv);
+  if (!pr.dense) w->ncmax = ncmax, w->n = c.cfg.slc_count;
+  const size_t bytes = size_t(split_scratch_bytes(*w, rows));
+  const size_t held = *pr.workspace ? (*pr.workspace)->size() : 0;
+  if (bytes > held && capturing(stream_of(pr))) {
+    w->plan = {};
+    return Status::ok();
+  }
+  DeviceWorkspace* ws = nullptr;
+  NSA_RETURN_IF_ERROR(workspace(pr.workspace, bytes, &ws));
+  w->base = static_cast<float*>(ws->data());
+  return Status::ok();
+}
+
 template <typename In>
 Status run_step(const DecodeProblem& pr, const CacheBufs& cb) {
   std::vector<int32_t> t;
   const int64_t t_max = step_positions(pr, &t);
+  const nsa_config& cfg = pr.cache->cfg;
+  SplitScratch w;
+  NSA_RETURN_IF_ERROR(plan_split(
+      pr, t_max, std::min(cmp_len(t_max + 1, cfg.cmp_block, cfg.cmp_stride), cb.cmp_rows), &w));
   if (pr.dense) {
     const DenseArgs a = dense_step_args(pr, cb);
+    const int64_t smem = 4 * smem_floats(a.G, a.Dk, a.Dv);
+    if (w.plan.parts() > 0) {
+      const void* const fns[2] = {reinterpret_cast<const void*>(&dense_part_kernel<In>),
+                                  reinterpret_cast<const void*>(&dense_combine_kernel)};
+      const int parts[2] = {w.plan.win, 1};
+      return launch_split<DenseArgs, 2>(pr, a, t, w, fns, parts, smem, "nsa_dense_decode",
+                                        launch_dense_split<In>);
+    }
     return launch_step<DenseArgs>(pr, a, t, reinterpret_cast<const void*>(&dense_decode_kernel<In>),
-                                  4 * smem_floats(a.G, a.Dk, a.Dv), "nsa_dense_decode",
-                                  launch_dense<In>);
+                                  smem, "nsa_dense_decode", launch_dense<In>);
   }
   const FwdArgs a = nsa_step_args(pr, cb, t_max);
-  return launch_step<FwdArgs>(pr, a, t, reinterpret_cast<const void*>(&decode_kernel<In>),
-                              nsa_smem_bytes(a.G, a.Dk, a.Dv, a.nblk, a.n), "nsa_decode",
-                              launch_nsa<In>);
+  const int64_t smem = nsa_smem_bytes(a.G, a.Dk, a.Dv, a.nblk, a.n);
+  if (w.plan.parts() > 0) {
+    const void* const fns[5] = {reinterpret_cast<const void*>(&cmp_part_kernel<In>),
+                                reinterpret_cast<const void*>(&probs_kernel<In>),
+                                reinterpret_cast<const void*>(&select_kernel),
+                                reinterpret_cast<const void*>(&sw_part_kernel<In>),
+                                reinterpret_cast<const void*>(&combine_kernel)};
+    const int parts[5] = {w.plan.cmp, w.plan.cmp, 1, w.plan.slc + w.plan.win, 1};
+    return launch_split<FwdArgs, 5>(pr, a, t, w, fns, parts, smem, "nsa_decode",
+                                    launch_nsa_split<In>);
+  }
+  return launch_step<FwdArgs>(pr, a, t, reinterpret_cast<const void*>(&decode_kernel<In>), smem,
+                              "nsa_decode", launch_nsa<In>);
 }
 
 }  // namespace

@@ -149,47 +149,86 @@ __device__ int given_set(const int32_t* in, int* sel, int* tmp, const FwdArgs& a
   return count;
 }
 
+// Eq. 10 for one chunk of nk compressed keys from row first of kc: ps[r] = sum over the group's
+// heads of exp(score - lse), in head order, from each head's final cmp m and l (s.m, s.l). A head
+// with no finite score (l = 0) adds nothing, as the reference's p = 0.
+template <typename In>
+__device__ void group_probs(const Smem& s, const Group& g, RowView kc, int64_t first, int nk,
+                            float* ps) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  load_chunk<In>(
+      s, g, kc, kc, nk, [&](int r) { return first + r; }, false);
+  __syncthreads();
+  for (int h = warp; h < g.G; h += kWarps) {
+    const float lse = s.m[h] + logf(s.l[h]);
+    const float sc = chunk_score(s, g, h, lane, nk);
+    s.p[h * kChunk + lane] = lane < nk && s.l[h] != 0.0f ? expf(sc - lse) : 0.0f;
+  }
+  __syncthreads();
+  if (int(threadIdx.x) < nk) {
+    float sum = 0.0f;
+    for (int h = 0; h < g.G; ++h) sum += s.p[h * kChunk + threadIdx.x];
+    ps[threadIdx.x] = sum;
+  }
+  __syncthreads();
+}
+
+// Eq. 9: compressed tokens c0 .. c0 + nk - 1 (group probabilities ps) spread onto the selection
+// blocks 0..J of score. Compressed token i covers [i d, i d + l); it weighs on block j by the
+// overlap in strides. Each block's sum runs in token order. Callers sync after.
+__device__ inline void spread_probs(const float* ps, int64_t c0, int nk, float* score,
+                                    const FwdArgs& a, int64_t J) {
+  const int64_t j_lo = (c0 * a.d) / a.lp;
+  int64_t j_hi = ((c0 + nk - 1) * a.d + a.l - 1) / a.lp;
+  if (j_hi > J) j_hi = J;
+  for (int64_t j = j_lo + threadIdx.x; j <= j_hi; j += kThreads) {
+    float acc = score[j];
+    for (int r = 0; r < nk; ++r) {
+      const int64_t i = c0 + r;
+      const int64_t lo = max(i * a.d, j * a.lp), hi = min(i * a.d + a.l, (j + 1) * a.lp);
+      if (hi > lo) acc = fmaf(ps[r], float(hi - lo) / float(a.d), acc);
+    }
+    score[j] = acc;
+  }
+}
+
 // SPEC 4 step 2: the group-summed cmp probabilities spread onto the selection blocks 0..J of
 // score, from the branch's final m and l (s.m, s.l), chunk by chunk in key order.
 template <typename In>
 __device__ void block_scores(const Smem& s, const Group& g, RowView kc, int64_t cmp0, int64_t nc,
                              float* score, float* ps, const FwdArgs& a, int64_t J) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int64_t j = threadIdx.x; j <= J; j += kThreads) score[j] = 0.0f;
   for (int64_t c0 = 0; c0 < nc; c0 += kChunk) {
     const int nk = int(nc - c0 < kChunk ? nc - c0 : kChunk);
-    __syncthreads();
-    load_chunk<In>(
-        s, g, kc, kc, nk, [&](int r) { return cmp0 + c0 + r; }, false);
-    __syncthreads();
-    for (int h = warp; h < g.G; h += kWarps) {
-      const float lse = s.m[h] + logf(s.l[h]);
-      const float sc = chunk_score(s, g, h, lane, nk);
-      // A head with no finite score (l = 0) adds nothing, as the reference's p = 0.
-      s.p[h * kChunk + lane] = lane < nk && s.l[h] != 0.0f ? expf(sc - lse) : 0.0f;
-    }
-    __syncthreads();
-    if (int(threadIdx.x) < nk) {  // Eq. 10: the group's heads add up, in head order
-      float sum = 0.0f;
-      for (int h = 0; h < g.G; ++h) sum += s.p[h * kChunk + threadIdx.x];
-      ps[threadIdx.x] = sum;
-    }
-    __syncthreads();
-    // Compressed token i covers [i d, i d + l); it weighs on block j by the overlap in strides.
-    const int64_t j_lo = (c0 * a.d) / a.lp;
-    int64_t j_hi = ((c0 + nk - 1) * a.d + a.l - 1) / a.lp;
-    if (j_hi > J) j_hi = J;
-    for (int64_t j = j_lo + threadIdx.x; j <= j_hi; j += kThreads) {
-      float acc = score[j];
-      for (int r = 0; r < nk; ++r) {
-        const int64_t i = c0 + r;
-        const int64_t lo = max(i * a.d, j * a.lp), hi = min(i * a.d + a.l, (j + 1) * a.lp);
-        if (hi > lo) acc = fmaf(ps[r], float(hi - lo) / float(a.d), acc);
-      }
-      score[j] = acc;
-    }
+    group_probs<In>(s, g, kc, cmp0 + c0, nk, ps);
+    spread_probs(ps, c0, nk, score, a, J);
   }
   __syncthreads();
+}
+
+// SPEC 4 steps 2-3: the group's selection into sel (ascending; returns the count) and, when
+// asked, idx_out. scores() fills score[0..J] when the block scores are needed (neither caller
+// indices nor J + 1 <= n).
+template <typename Scores>
+__device__ int choose_blocks(const FwdArgs& a, int64_t b, int64_t tok, int64_t hk, int64_t J,
+                             float* score, int* sel, int* tmp, Scores scores) {
+  int count;
+  if (a.idx_in.p) {
+    count = given_set(ptr<const int32_t>(a.idx_in, b, tok, hk), sel, tmp, a, J);
+  } else if (J + 1 <= a.n) {
+    for (int i = threadIdx.x; i <= J; i += kThreads) sel[i] = i;
+    count = int(J + 1);
+  } else {
+    scores();
+    count = top_n(score, sel, tmp, a, J);
+  }
+  __syncthreads();
+  if (a.idx_out.p) {
+    int32_t* io = ptr<int32_t>(a.idx_out, b, tok, hk);
+    for (int i = threadIdx.x; i < a.n; i += kThreads) io[i] = i < count ? sel[i] : -1;
+  }
+  return count;
 }
 
 // Where one query and its keys are: q, the gates and every output at [qb, qt, head]; its keys
@@ -197,6 +236,38 @@ __device__ void block_scores(const Smem& s, const Group& g, RowView kc, int64_t 
 // its compressed keys from row cmp_start of kb; hk its KV head.
 struct Loc {
   int64_t qb = 0, qt = 0, kb = 0, start = 0, t = 0, len = 0, cmp_start = 0, hk = 0;
+};
+
+// SPEC 4 step 1: the complete compressed blocks of L's query, clamped to the rows the tensor has.
+__device__ inline int64_t cmp_count(const FwdArgs& a, const Loc& L) {
+  int64_t nc = L.t + 1 >= a.l ? (L.t + 1 - a.l) / a.d + 1 : 0;
+  nc = min(nc, cmp_len(L.len, a.l, a.d));
+  return max(int64_t(0), min(nc, a.Tc_rows - L.cmp_start));
+}
+
+// Where the branches of the G heads from h0 at [b, tok] go: ungated outputs and LSEs when asked
+// for, and their gates.
+__device__ inline void branch_outs(const FwdArgs& a, int64_t b, int64_t tok, int64_t h0,
+                                   BranchOut* out) {
+  for (int c = 0; c < 3; ++c) {
+    BranchOut& o = out[c];
+    if (a.o_br[c].p) o = {any_ptr(a.o_br[c], b, tok, h0), a.o_br[c].bf16, a.o_br[c].s2};
+    if (a.lse[c].p) o.lse = ptr<float>(a.lse[c], b, tok, h0), o.lse_hs = a.lse[c].s2;
+    o.gate = any_ptr(a.gate[c], b, tok, h0);
+    o.gate_bf16 = a.gate[c].bf16;
+    o.gate_hs = a.gate[c].s2;
+  }
+}
+
+// The slc branch's keys of L's query: span i of the selection sel (block sel[i], up to t).
+struct SlcSpans {
+  const int* sel;
+  int64_t start, t, lp;
+  __device__ void operator()(int i, int64_t* f, int64_t* n) const {
+    const int64_t first = int64_t(sel[i]) * lp;
+    *f = start + first;
+    *n = min(lp, t + 1 - first);
+  }
 };
 
 // Dynamic shared memory of nsa_query, in bytes.
@@ -219,19 +290,10 @@ __device__ void nsa_query(const FwdArgs& a, const Loc& L, float* smem) {
   load_group(s, g, any_ptr(a.q, b, tok, h0), a.q.bf16, a.q.s2);
 
   BranchOut out[3];
-  for (int c = 0; c < 3; ++c) {
-    BranchOut& o = out[c];
-    if (a.o_br[c].p) o = {any_ptr(a.o_br[c], b, tok, h0), a.o_br[c].bf16, a.o_br[c].s2};
-    if (a.lse[c].p) o.lse = ptr<float>(a.lse[c], b, tok, h0), o.lse_hs = a.lse[c].s2;
-    o.gate = any_ptr(a.gate[c], b, tok, h0);
-    o.gate_bf16 = a.gate[c].bf16;
-    o.gate_hs = a.gate[c].s2;
-  }
+  branch_outs(a, b, tok, h0, out);
 
-  // Step 1: cmp over the complete compressed blocks, clamped to the rows the tensor has.
-  int64_t nc = t + 1 >= a.l ? (t + 1 - a.l) / a.d + 1 : 0;
-  nc = min(nc, cmp_len(L.len, a.l, a.d));
-  nc = max(int64_t(0), min(nc, a.Tc_rows - L.cmp_start));
+  // Step 1: cmp over the complete compressed blocks.
+  const int64_t nc = cmp_count(a, L);
   const RowView kc = rows<In>(a.k_cmp, kb, hk), vc = rows<In>(a.v_cmp, kb, hk);
   begin_branch(s, g);
   attend_spans<In>(s, g, kc, vc, 1, [&](int, int64_t* f, int64_t* n) {
@@ -241,31 +303,15 @@ __device__ void nsa_query(const FwdArgs& a, const Loc& L, float* smem) {
   end_branch(s, g, out[0]);
 
   // Steps 2-3: the group's selection.
-  int count;
-  if (a.idx_in.p) {
-    count = given_set(ptr<const int32_t>(a.idx_in, b, tok, hk), sel, tmp, a, J);
-  } else if (J + 1 <= a.n) {
-    for (int i = threadIdx.x; i <= J; i += kThreads) sel[i] = i;
-    count = int(J + 1);
-  } else {
+  const int count = choose_blocks(a, b, tok, hk, J, score, sel, tmp, [&] {
     block_scores<In>(s, g, kc, L.cmp_start, nc, score, ps, a, J);
-    count = top_n(score, sel, tmp, a, J);
-  }
-  __syncthreads();
-  if (a.idx_out.p) {
-    int32_t* io = ptr<int32_t>(a.idx_out, b, tok, hk);
-    for (int i = threadIdx.x; i < a.n; i += kThreads) io[i] = i < count ? sel[i] : -1;
-  }
+  });
 
   // Step 4: slc over the selected blocks' keys up to t.
   begin_branch(s, g);
   __syncthreads();
   attend_spans<In>(s, g, rows<In>(a.k_slc, kb, hk), rows<In>(a.v_slc, kb, hk), count,
-                   [&](int i, int64_t* f, int64_t* n) {
-                     const int64_t first = int64_t(sel[i]) * a.lp;
-                     *f = L.start + first;
-                     *n = min(int64_t(a.lp), t + 1 - first);
-                   });
+                   SlcSpans{sel, L.start, t, a.lp});
   end_branch(s, g, out[1]);
   __syncthreads();
 
