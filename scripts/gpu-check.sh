@@ -24,7 +24,7 @@ prepare() {
   BUILD_DIR=build-gpu scripts/build.sh -DNSA_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=80;90" \
     -DNSA_BUILD_BENCH=OFF
   rm -rf .gpu/stage && mkdir -p .gpu/stage/bin .gpu/stage/lib
-  cp build-gpu/tests/{test_cuda,test_cpu_vs_ref,test_dense,test_decode,test_nonfinite} \
+  cp build-gpu/tests/{test_cuda,test_cpu_vs_ref,test_dense,test_decode,test_nonfinite,test_f16} \
     build-gpu/tools/{nsa,nsa_cuda_bench} .gpu/stage/bin/
   git rev-parse HEAD >.gpu/stage/commit  # which sources the binaries are (run prints it)
   strip .gpu/stage/bin/*
@@ -85,6 +85,7 @@ run() {
   # Every parameterised case on the cuda backend (the reference runs on this machine's cores).
   step fwd_vs_ref 90 "$bin/test_cpu_vs_ref" --gtest_filter='*cuda*'
   step decode_vs_ref 90 "$bin/test_decode" --gtest_filter='*cuda*'
+  step f16 30 "$bin/test_f16" --gtest_filter='*cuda*'
   # The paper's heads: Dk = Dv = 128 against FlashAttention-2 (it needs equal dims), Dk = 192,
   # Dv = 128 against cuDNN; G = 4 (Hq = 16) for the per-head comparison with G = 16.
   step nsa_fwd_128 90 sh -c "'$bin/nsa_cuda_bench' fwd --dk 128 --dv 128 >> '$rows'"

@@ -194,7 +194,7 @@ inline BwdCase make_bwd(Rng& r) {
   }
   for (int i = 0; i < 6; ++i) c.saved[i] = f.present[i < 3 ? 4 + i : i - 2];
   c.dkv = !c.both_own() || chance(r, 0.5);
-  auto dt = [&] { return chance(r, 0.5) ? NSA_DTYPE_F32 : NSA_DTYPE_BF16; };
+  auto dt = [&] { return pick_float(r); };
   c.d_o = Buf(dt(), os, r);
   c.d_o.fill_uniform(r, -1.0, 1.0);
   const std::vector<int64_t> ks = {f.B, f.T, f.Hkv, f.Dk}, vs = {f.B, f.T, f.Hkv, f.Dv},
@@ -224,8 +224,7 @@ struct BwdCall {
 };
 
 inline std::vector<TArg> bwd_args(nsa_bwd_params& p, bool both_own) {
-  const std::vector<int> fl = {NSA_DTYPE_F32, NSA_DTYPE_BF16}, f32 = {NSA_DTYPE_F32},
-                         i32 = {NSA_DTYPE_I32};
+  const std::vector<int> fl = float_tags(), f32 = {NSA_DTYPE_F32}, i32 = {NSA_DTYPE_I32};
   const std::vector<TArg> a = {{"slc_indices", &p.slc_indices, i32, true},
                                {"d_o", &p.d_o, fl, true},
                                {"lse_cmp", &p.lse_cmp, f32},
@@ -321,8 +320,7 @@ inline bool unwanted_grad(Rng& r, BwdCase& c, BwdCall& call) {
   if (options.empty()) return false;
   const int o = pick(r, options);
   const FwdCase& f = c.f;
-  c.extra = Buf(chance(r, 0.5) ? NSA_DTYPE_F32 : NSA_DTYPE_BF16,
-                {f.B, f.T, f.Hkv, o % 2 ? f.Dv : f.Dk}, r, LayoutOpts{false, false});
+  c.extra = Buf(pick_float(r), {f.B, f.T, f.Hkv, o % 2 ? f.Dv : f.Dk}, r, LayoutOpts{false, false});
   nsa_tensor* t[4] = {&call.p.dk_slc, &call.p.dv_slc, &call.p.dk_win, &call.p.dv_win};
   const char* names[4] = {"dk_slc", "dv_slc", "dk_win", "dv_win"};
   *t[o] = c.extra.desc();
@@ -436,8 +434,7 @@ inline void fuzz_bwd_valid(Rng& r, BwdCase& c) {
   for (size_t i = 0; i < g.size(); ++i) {
     Buf& b = *g[i].second;
     const std::vector<unsigned char>& want = ref[i];
-    expect_close_to_ref(g[i].first, b, want, 16.0 * K * kEps, 1.0,
-                        b.dtype() == NSA_DTYPE_BF16 ? kBf16Rel : 0.0);
+    expect_close_to_ref(g[i].first, b, want, 16.0 * K * kEps, 1.0, out_rel(b.dtype()));
   }
 }
 

@@ -19,6 +19,12 @@ constexpr double kEps = 1.0 / (1 << 24);  // f32 unit roundoff, 2^-24
 // Both results are rounded to bf16 on store and may land on the two sides of one rounding
 // boundary: one bf16 ulp, at most 2^-7 of the value.
 constexpr double kBf16Rel = 1.0 / (1 << 7);
+// Likewise for f16: one f16 ulp, at most 2^-10 of the value.
+constexpr double kF16Rel = 1.0 / (1 << 10);
+// The relative share of a tolerance that an output's own dtype adds.
+inline double out_rel(nsa_dtype dt) {
+  return dt == NSA_DTYPE_BF16 ? kBf16Rel : dt == NSA_DTYPE_F16 ? kF16Rel : 0.0;
+}
 
 // Every logical element of the present outputs holds a value a kernel wrote: o and the branch
 // outputs finite, LSEs not NaN or +inf (-inf is an empty branch), indices -1 or a visible block.
@@ -149,8 +155,7 @@ inline void compare_fwd(FwdCase& c, const std::vector<std::vector<unsigned char>
   for (int i = 0; i < 7; ++i) {
     if (!c.present[i]) continue;
     const Buf& o = *outs[i];
-    const double rel =
-        i < 4 ? (o.dtype() == NSA_DTYPE_BF16 ? kBf16Rel : 0.0) : tol;  // lse: |lse| tol
+    const double rel = i < 4 ? out_rel(o.dtype()) : tol;  // lse: |lse| tol
     o.for_each([&](int64_t b, int64_t t, int64_t h, int64_t e, int64_t off) {
       const double x = o.get(off), y = o.get_in(ref[i], off);
       const double abs_tol = i < 4 ? tol_o : tol;
@@ -203,7 +208,7 @@ inline void compare_cmp(const CmpCase& c, const std::vector<unsigned char>& ref)
   ++compare_count();
   const double terms =
       c.kind == NSA_CMP_MEAN ? double(c.cfg.cmp_block) : double(c.cfg.cmp_block) * c.D + c.Dh;
-  const double tol = 4.0 * terms * kEps, rel = c.out.dtype() == NSA_DTYPE_BF16 ? kBf16Rel : 0.0;
+  const double tol = 4.0 * terms * kEps, rel = out_rel(c.out.dtype());
   int64_t bad = 0;
   c.out.for_each([&](int64_t b, int64_t t, int64_t h, int64_t e, int64_t off) {
     const double x = c.out.get(off), y = c.out.get_in(ref, off);

@@ -52,7 +52,7 @@ struct CmpCase {
 inline CmpCase make_cmp(Rng& r, CmpBad bad = CmpBad::kNone) {
   CmpCase c;
   c.kind = chance(r, 0.5) || bad == CmpBad::kDh0 ? NSA_CMP_MLP : NSA_CMP_MEAN;
-  c.dt = chance(r, 0.5) ? NSA_DTYPE_F32 : NSA_DTYPE_BF16;
+  c.dt = pick_float(r);
   c.B = chance(r, 0.05) ? 0 : uni(r, 1, 3);
   const int64_t tsize = uni(r, 0, 9);
   c.T = chance(r, 0.04) ? 0
@@ -90,7 +90,7 @@ inline CmpCase make_cmp(Rng& r, CmpBad bad = CmpBad::kNone) {
   } else {
     c.junk_params = chance(r, 0.2);
   }
-  const nsa_dtype odt = chance(r, 0.5) ? NSA_DTYPE_F32 : NSA_DTYPE_BF16;
+  const nsa_dtype odt = pick_float(r);
   c.out = Buf(odt, {c.B, c.Tc, c.H, c.D}, r, LayoutOpts{false, false});
   std::ostringstream os;
   os << (c.kind == NSA_CMP_MLP ? "mlp" : "mean") << (c.junk_params ? "+junk" : "") << " B=" << c.B
@@ -109,7 +109,7 @@ struct CmpCall {
 };
 
 inline std::vector<TArg> cmp_args(nsa_compress_params& p, const CmpCase& c) {
-  const std::vector<int> floats = {NSA_DTYPE_F32, NSA_DTYPE_BF16}, same = {c.dt};
+  const std::vector<int> floats = float_tags(), same = {c.dt};
   const bool mlp = c.kind == NSA_CMP_MLP;
   // x sets B, T, H, D. A new T may leave Tc (and so `out`) unchanged: valid, never mutated.
   // With mlp, a float x of the other dtype is reported at pos.

@@ -66,7 +66,7 @@ inline CmpBwdCase make_cmp_bwd(Rng& r) {
   CmpBwdCase b;
   b.c = make_cmp(r);
   const CmpCase& c = b.c;
-  auto dt = [&] { return chance(r, 0.5) ? NSA_DTYPE_F32 : NSA_DTYPE_BF16; };
+  auto dt = [&] { return pick_float(r); };
   const LayoutOpts out{false, false};
   b.dout = Buf(dt(), {c.B, c.Tc, c.H, c.D}, r);
   b.dout.fill_uniform(r, -1.0, 1.0);
@@ -101,7 +101,7 @@ struct CmpBwdCall {
 };
 
 inline std::vector<TArg> cmp_bwd_args(nsa_compress_bwd_params& p, bool mlp) {
-  const std::vector<int> fl = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
+  const std::vector<int> fl = float_tags();
   std::vector<TArg> a = {{"dout", &p.dout, fl, true}, {"dx", &p.dx, fl, true, true}};
   if (p.cu_seqlens != nullptr) a[0].content_sized = 1 << 1;  // dout's rows: packed Tc
   if (mlp) {
@@ -250,7 +250,7 @@ inline void cmp_bwd_compare(CmpBwdCase& b, const std::vector<std::vector<unsigne
                                                 {"db2", blocks}};
   const std::vector<std::pair<const char*, Buf*>> g = b.grads();
   for (size_t i = 0; i < g.size(); ++i) {
-    const double rel = g[i].second->dtype() == NSA_DTYPE_BF16 ? kBf16Rel : 0.0;
+    const double rel = out_rel(g[i].second->dtype());
     expect_close_to_ref(g[i].first, *g[i].second, ref[i], 4.0 * double(chain.at(g[i].first)) * kEps,
                         0.0, rel);
   }

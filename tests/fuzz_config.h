@@ -195,7 +195,7 @@ inline void check_contiguous(Rng& r) {
         count = std::min<__int128>(count * shape[i], big + static_cast<__int128>(1));
     }
   }
-  const bool f = dt == NSA_DTYPE_F32 || dt == NSA_DTYPE_BF16;
+  const bool f = dt == NSA_DTYPE_F32 || dt == NSA_DTYPE_BF16 || dt == NSA_DTYPE_F16;
   const bool too_big = !empty && count * static_cast<__int128>(esize(dt)) > big;
   if (!f || (rank_ok && ndim == 4 && !negative && !too_big)) return;  // an op would accept it
   nsa_compress_params p;

@@ -51,7 +51,7 @@ inline DenseCase make_dense(Rng& r, BadDims bad, bool need_lse) {
   c.v = Buf(c.dt, {c.B, c.T, c.Hkv, c.Dv}, r);
   c.q.fill_uniform(r, -2.0, 2.0), c.k.fill_uniform(r, -2.0, 2.0), c.v.fill_uniform(r, -1.0, 1.0);
   const LayoutOpts out{false, false};
-  c.o = Buf(chance(r, 0.5) ? NSA_DTYPE_F32 : NSA_DTYPE_BF16, {c.B, c.T, c.Hq, c.Dv}, r, out);
+  c.o = Buf(pick_float(r), {c.B, c.T, c.Hq, c.Dv}, r, out);
   c.has_lse = need_lse || chance(r, 0.6);
   c.lse = Buf(NSA_DTYPE_F32, {c.B, c.T, c.Hq}, r, out);
   std::ostringstream s;
@@ -139,7 +139,7 @@ inline DenseCall make_dense_fwd_call(Rng& r, const DenseCase& c, nsa_dense_fwd_p
     call.e = bad_dims_expect(c);
     return call;
   }
-  const std::vector<int> fl = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
+  const std::vector<int> fl = float_tags();
   for (;;) {
     const int64_t m = uni(r, 0, 99);
     if (m < 35) {
@@ -203,7 +203,7 @@ inline void fuzz_dense(Rng& r) {
   const double tol = 16.0 * (4.0 * c.Dk + c.keys()) * kEps;
   const bool bf16_math = c.dt == NSA_DTYPE_BF16 && nsa_bf16_math_auto() != NSA_BF16_MATH_F32;
   expect_close_to_ref("o", c.o, ref[0], tol + (bf16_math ? 1.0 / 256 : 0.0), 1.0,
-                      c.o.dtype() == NSA_DTYPE_BF16 ? kBf16Rel : 0.0);
+                      out_rel(c.o.dtype()));
   if (c.has_lse) expect_close_to_ref("lse", c.lse, ref[1], tol, 1.0, 0.0);
 }
 
@@ -236,7 +236,7 @@ inline DenseBwdCase make_dense_bwd(Rng& r, BadDims bad) {
   c.cheap = 3.0 * d.cost() <= budget().compare_cost && nsa_backend_available(NSA_BACKEND_CPU);
   if (c.cheap && d.o.dtype() != NSA_DTYPE_F32)
     d.o = Buf(NSA_DTYPE_F32, {d.B, d.T, d.Hq, d.Dv}, r, LayoutOpts{false, false});
-  auto dt = [&] { return chance(r, 0.5) ? NSA_DTYPE_F32 : NSA_DTYPE_BF16; };
+  auto dt = [&] { return pick_float(r); };
   c.d_o =
       Buf(chance(r, 0.5) ? NSA_DTYPE_F32 : d.dt, {d.B, d.T, d.Hq, d.Dv}, r);  // f32 or q's dtype
   c.d_o.fill_uniform(r, -1.0, 1.0);
@@ -253,7 +253,7 @@ inline DenseCall make_dense_bwd_call(Rng& r, DenseBwdCase& c, nsa_dense_bwd_para
     call.e = bad_dims_expect(c.d);
     return call;
   }
-  const std::vector<int> fl = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
+  const std::vector<int> fl = float_tags();
   for (;;) {
     const int64_t m = uni(r, 0, 99);
     if (m < 35) {
@@ -351,7 +351,7 @@ inline void fuzz_dense_bwd(Rng& r) {
   const double n = 4.0 * d.Dk + d.Dv + double(d.Hq / d.Hkv) * d.keys();
   const char* names[3] = {"dq", "dk", "dv"};
   for (int i = 0; i < 3; ++i) {
-    const double rel = outv[i]->dtype() == NSA_DTYPE_BF16 ? kBf16Rel : 0.0;
+    const double rel = out_rel(outv[i]->dtype());
     expect_close_to_ref(names[i], *outv[i], ref[static_cast<size_t>(i)], 16.0 * std::sqrt(n) * kEps,
                         1.0, rel);
   }

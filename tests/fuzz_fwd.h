@@ -19,7 +19,7 @@ enum class BadDims { kNone, kRatio, kHq0, kHkv0, kDk0, kDv0 };
 template <typename Case>
 inline void draw_dims(Rng& r, BadDims bad, Case* cp) {
   Case& c = *cp;
-  c.dt = chance(r, 0.5) ? NSA_DTYPE_F32 : NSA_DTYPE_BF16;
+  c.dt = pick_float(r);
   c.B = chance(r, 0.05) ? 0 : uni(r, 1, 3);
   const int64_t tsize = uni(r, 0, 9);
   c.T = chance(r, 0.04) ? 0
@@ -136,8 +136,8 @@ inline FwdCase make_fwd(Rng& r, BadDims bad = BadDims::kNone) {
   for (Buf* b : {&c.q, &c.k, &c.k_cmp, &c.k_slc, &c.k_win}) b->fill_uniform(r, -2.0, 2.0);
   for (Buf* b : {&c.v, &c.v_cmp, &c.v_slc, &c.v_win}) b->fill_uniform(r, -1.0, 1.0);
   for (Buf* g : {&c.g_cmp, &c.g_slc, &c.g_win}) {
-    const bool f32 = c.dt == NSA_DTYPE_F32 || chance(r, 0.5);  // bf16 inputs take f32 gates too
-    *g = Buf(f32 ? NSA_DTYPE_F32 : NSA_DTYPE_BF16, gs, r);
+    const bool f32 = c.dt == NSA_DTYPE_F32 || chance(r, 0.5);  // 16-bit inputs take f32 gates too
+    *g = Buf(f32 ? NSA_DTYPE_F32 : c.dt, gs, r);
     g->fill_uniform(r, 0.0, 1.0);
   }
   if (c.has_idx_in) {
@@ -155,7 +155,7 @@ inline FwdCase make_fwd(Rng& r, BadDims bad = BadDims::kNone) {
     const bool want = i == 0 || chance(r, 0.6);
     if (i == 7 && !idx_ok) continue;
     c.present[i] = want;
-    const nsa_dtype odt = chance(r, 0.5) ? NSA_DTYPE_F32 : NSA_DTYPE_BF16;
+    const nsa_dtype odt = pick_float(r);
     if (i < 4) *c.outs()[i] = Buf(odt, os, r, out);
     else if (i < 7) *c.outs()[i] = Buf(NSA_DTYPE_F32, gs, r, out);
     else c.idx_out = Buf(NSA_DTYPE_I32, is, r, out);
@@ -185,9 +185,10 @@ struct FwdCall {
 
 // The present tensor arguments of `p`, with the dtypes each accepts (given q's dtype `dt`).
 inline std::vector<TArg> fwd_args(nsa_fwd_params& p, nsa_dtype dt) {
-  const std::vector<int> same = {dt}, out = {NSA_DTYPE_F32, NSA_DTYPE_BF16}, f32 = {NSA_DTYPE_F32},
+  const std::vector<int> same = {dt}, out = float_tags(), f32 = {NSA_DTYPE_F32},
                          i32 = {NSA_DTYPE_I32};
-  const std::vector<int> gate = dt == NSA_DTYPE_F32 ? f32 : out;  // bf16 inputs take f32 gates
+  // 16-bit inputs take f32 gates or their own dtype's.
+  const std::vector<int> gate = dt == NSA_DTYPE_F32 ? f32 : std::vector<int>{NSA_DTYPE_F32, dt};
   // q alone would take f32 or bf16, but k must match it: a float q is reported at k.
   std::vector<TArg> a = {{"q", &p.in.q, same, true, false, 0xF, true},
                          {"k", &p.in.k, same, true, false, 1 << 2},

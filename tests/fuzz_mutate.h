@@ -94,7 +94,7 @@ inline bool mutate_tensor(Rng& r, const std::vector<TArg>& args, TMut m, Expect*
       }
       const int tag = pick(r, bad);
       set_dtype_int(t, tag);
-      if (a.float_elsewhere && (tag == NSA_DTYPE_F32 || tag == NSA_DTYPE_BF16)) e->needle.clear();
+      if (a.float_elsewhere && is_float_tag(tag)) e->needle.clear();
       e->want = NSA_ERR_INVALID_DTYPE, e->what += "dtype tag " + std::to_string(tag);
       return true;
     }

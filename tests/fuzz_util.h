@@ -58,6 +58,19 @@ inline int dtype_int(const nsa_tensor& t) {
 inline void set_dtype_int(nsa_tensor& t, int v) { std::memcpy(&t.dtype, &v, sizeof v); }
 inline size_t esize(nsa_dtype dt) { return dt == NSA_DTYPE_BF16 || dt == NSA_DTYPE_F16 ? 2 : 4; }
 
+// The dtype tags an op accepts for a float data tensor (nsa.h: f32, bf16 or f16).
+inline const std::vector<int>& float_tags() {
+  static const std::vector<int> v = {NSA_DTYPE_F32, NSA_DTYPE_BF16, NSA_DTYPE_F16};
+  return v;
+}
+inline bool is_float_tag(int tag) {
+  return tag == NSA_DTYPE_F32 || tag == NSA_DTYPE_BF16 || tag == NSA_DTYPE_F16;
+}
+// A float dtype for generated data: f16 one time in five, else f32 or bf16 alike.
+inline nsa_dtype pick_float(Rng& r) {
+  return chance(r, 0.2) ? NSA_DTYPE_F16 : chance(r, 0.5) ? NSA_DTYPE_F32 : NSA_DTYPE_BF16;
+}
+
 // Dtype tags the fuzzer tries: every enum value and a few that are none.
 inline const std::vector<int>& all_dtype_tags() {
   static const std::vector<int> v = {NSA_DTYPE_F32,
@@ -162,10 +175,11 @@ class Buf {
   // The element at `off` as stored in `bytes` (a snapshot of this buffer).
   double get_in(const std::vector<unsigned char>& bytes, int64_t off) const {
     const unsigned char* p = bytes.data() + (base_ + off) * esize(d_.dtype);
-    if (d_.dtype == NSA_DTYPE_BF16) {
+    if (d_.dtype == NSA_DTYPE_BF16 || d_.dtype == NSA_DTYPE_F16) {
       uint16_t h;
       std::memcpy(&h, p, 2);
-      return nsa_test::bf16_bits_to_float(h);
+      return d_.dtype == NSA_DTYPE_BF16 ? nsa_test::bf16_bits_to_float(h)
+                                        : nsa_test::f16_bits_to_float(h);
     }
     if (d_.dtype == NSA_DTYPE_I32) {
       int32_t i;
@@ -194,8 +208,10 @@ class Buf {
  private:
   void set_abs(int64_t i, double v) {
     unsigned char* p = bytes_.data() + i * esize(d_.dtype);
-    if (d_.dtype == NSA_DTYPE_BF16) {
-      const uint16_t h = nsa_test::float_to_bf16_bits(static_cast<float>(v));
+    if (d_.dtype == NSA_DTYPE_BF16 || d_.dtype == NSA_DTYPE_F16) {
+      const uint16_t h = d_.dtype == NSA_DTYPE_BF16
+                             ? nsa_test::float_to_bf16_bits(static_cast<float>(v))
+                             : nsa_test::float_to_f16_bits(static_cast<float>(v));
       std::memcpy(p, &h, 2);
     } else if (d_.dtype == NSA_DTYPE_I32) {
       const int32_t x =

@@ -251,7 +251,7 @@ TEST(ApiBwdArgs, WrongDtypes) {
   };
   for (const Case& k : {Case{"d_o", &nsa_bwd_params::d_o, NSA_DTYPE_I32},
                         Case{"dq", &nsa_bwd_params::dq, NSA_DTYPE_I32},
-                        Case{"dk_cmp", &nsa_bwd_params::dk_cmp, NSA_DTYPE_F16},
+                        Case{"dk_cmp", &nsa_bwd_params::dk_cmp, NSA_DTYPE_I32},
                         Case{"slc_indices", &nsa_bwd_params::slc_indices, NSA_DTYPE_F32},
                         Case{"lse_cmp", &nsa_bwd_params::lse_cmp, NSA_DTYPE_BF16}}) {
     nsa_bwd_params p = call.params();

@@ -27,10 +27,9 @@ TEST(ApiFwdArgs, WrongDtypes) {
     nsa_dtype dtype;
     const char* says;  // the rejected dtype, as the message prints it
   };
-  // f16 is reserved; i32 is for indices only; lse is f32 only; k, k_cmp and gates must follow q
-  // (f32 here); indices are i32 only.
-  const Case cases[] = {{"q", NSA_DTYPE_F16, "f16"},
-                        {"q", NSA_DTYPE_I32, "i32"},
+  // i32 is for indices only; lse is f32 only; k, v, k_cmp and gates must follow q (f32 here);
+  // indices are i32 only.
+  const Case cases[] = {{"q", NSA_DTYPE_I32, "i32"},
                         {"k", NSA_DTYPE_BF16, "bf16"},
                         {"v", NSA_DTYPE_F16, "f16"},
                         {"k_cmp", NSA_DTYPE_BF16, "bf16"},
@@ -38,9 +37,9 @@ TEST(ApiFwdArgs, WrongDtypes) {
                         {"g_cmp", NSA_DTYPE_BF16, "bf16"},
                         {"g_win", NSA_DTYPE_I32, "i32"},
                         {"k_slc", NSA_DTYPE_BF16, "bf16"},
-                        {"o", NSA_DTYPE_F16, "f16"},
+                        {"g_slc", NSA_DTYPE_F16, "f16"},
                         {"o", NSA_DTYPE_I32, "i32"},
-                        {"o_win", NSA_DTYPE_F16, "f16"},
+                        {"o_win", NSA_DTYPE_I32, "i32"},
                         {"lse_cmp", NSA_DTYPE_BF16, "bf16"},
                         {"lse_slc", NSA_DTYPE_I32, "i32"},
                         {"slc_indices_in", NSA_DTYPE_F32, "f32"},

@@ -29,6 +29,18 @@ using namespace nsa_test;
 
 constexpr double kEps = 1.0 / (1 << 24);  // f32 unit roundoff
 
+// Calls f with a value of the kernels' input type for dtype dt (forward.cu's dispatch).
+template <typename F>
+void with_in(nsa_dtype dt, F&& f) {
+  if (dt == NSA_DTYPE_BF16) {
+    f(__nv_bfloat16{});
+  } else if (dt == NSA_DTYPE_F16) {
+    f(__half{});
+  } else {
+    f(float{});
+  }
+}
+
 // Runs the forward's blocks of validated params p on the emulator, as forward.cu launches them.
 void emu_forward(const nsa_fwd_params& p) {
   nsa::FwdProblem pr;
@@ -39,11 +51,9 @@ void emu_forward(const nsa_fwd_params& p) {
   const size_t smem = size_t(nsa::cuda::nsa_smem_bytes(a.G, a.Dk, a.Dv, a.nblk, a.n));
   auto& m = simt_emu::Machine::get();
   const simt_emu::Dim grid{unsigned(pr.B * pr.T), unsigned(pr.Hkv), 1};
-  if (p.in.q.dtype == NSA_DTYPE_BF16) {
-    m.launch(grid, smem, [&] { nsa::cuda::fwd_block<__nv_bfloat16>(a, m.smem()); });
-  } else {
-    m.launch(grid, smem, [&] { nsa::cuda::fwd_block<float>(a, m.smem()); });
-  }
+  with_in(p.in.q.dtype, [&](auto in) {
+    m.launch(grid, smem, [&] { nsa::cuda::fwd_block<decltype(in)>(a, m.smem()); });
+  });
 }
 
 void emu_dense(const nsa_dense_fwd_params& p) {
@@ -54,11 +64,9 @@ void emu_dense(const nsa_dense_fwd_params& p) {
   const size_t smem = size_t(4 * nsa::cuda::smem_floats(a.G, a.Dk, a.Dv));
   auto& m = simt_emu::Machine::get();
   const simt_emu::Dim grid{unsigned(pr.B * pr.T), unsigned(pr.Hkv), 1};
-  if (p.q.dtype == NSA_DTYPE_BF16) {
-    m.launch(grid, smem, [&] { nsa::cuda::dense_block<__nv_bfloat16>(a, m.smem()); });
-  } else {
-    m.launch(grid, smem, [&] { nsa::cuda::dense_block<float>(a, m.smem()); });
-  }
+  with_in(p.q.dtype, [&](auto in) {
+    m.launch(grid, smem, [&] { nsa::cuda::dense_block<decltype(in)>(a, m.smem()); });
+  });
 }
 
 void expect_near(const char* name, const Tensor& got, const Tensor& want, double abs_tol,
@@ -103,7 +111,11 @@ void compare(const Shape& s, const nsa_config& cfg, nsa_dtype dt, bool padded,
   const int64_t keys = std::min<int64_t>(
       s.T, std::max<int64_t>({int64_t{cfg.slc_count} * cfg.slc_block, cfg.window}));
   const double tol = 16.0 * static_cast<double>(s.Dk + keys) * kEps;
-  const double rel = out_dt == NSA_DTYPE_BF16 ? 1.0 / (1 << 7) : 0.0;  // one bf16 ulp
+  // One rounding of the output: 2^-8 (bf16) or 2^-11 (f16) relative, doubled for the reference's
+  // own rounding of the same value.
+  const double rel = out_dt == NSA_DTYPE_BF16  ? 1.0 / (1 << 7)
+                     : out_dt == NSA_DTYPE_F16 ? 1.0 / (1 << 10)
+                                               : 0.0;
   expect_outputs(emu, ref, tol, rel);
   expect_near("o_cmp", emu.o_cmp, ref.o_cmp, tol, rel);
   expect_near("o_slc", emu.o_slc, ref.o_slc, tol, rel);
@@ -133,6 +145,13 @@ TEST(CudaEmuFwd, PaperHeadDimsLargeGroups) {
   compare({1, 40, 32, 1, 64, 48}, small_cfg(3), NSA_DTYPE_F32, false);
 }
 
+// f16 inputs (the kernels' __half instantiation) and f16 outputs: inputs widen exactly, so the
+// f32 bounds hold, plus one f16 rounding of the output.
+TEST(CudaEmuFwd, F16InputsAndOutputs) {
+  compare({1, 90, 6, 2, 20, 12}, small_cfg(), NSA_DTYPE_F16, false);
+  compare({1, 120, 16, 1, 24, 17}, small_cfg(5), NSA_DTYPE_F16, true, {}, NSA_DTYPE_F16);
+}
+
 TEST(CudaEmuFwd, PaperConfigAtT1100) {
   nsa_config def;
   nsa_config_default(&def);  // J + 1 = 18 > n = 16 from t = 1024: the top-n binds at the end
@@ -158,9 +177,11 @@ TEST(CudaEmuFwd, CallerIndices) {
 
 TEST(CudaEmuDense, WindowAndFull) {
   for (int32_t window : {0, 7}) {
+    const nsa_dtype dt = window == 0 ? NSA_DTYPE_BF16 : NSA_DTYPE_F16;
+    SCOPED_TRACE(nsa_dtype_name(dt));
     const Shape s{1, 50, 6, 2, 24, 20};
-    FwdCase ref = make_case(s, small_cfg(), NSA_DTYPE_BF16, 5);
-    FwdCase emu = make_case(s, small_cfg(), NSA_DTYPE_BF16, 5);
+    FwdCase ref = make_case(s, small_cfg(), dt, 5);
+    FwdCase emu = make_case(s, small_cfg(), dt, 5);
     auto params = [&](FwdCase& c) {
       nsa_dense_fwd_params p;
       nsa_dense_fwd_params_init(&p);
@@ -207,8 +228,8 @@ struct EmuCache {
       const int64_t D = kind == 0 ? c.Dk : c.Dv;
       void* slice = (kind == 0 ? k.data() : v.data()) + size_t(seq * c.capacity * c.Hkv * D) * e;
       m.launch({1, unsigned(c.Hkv), 1}, 0, [&] {
-        nsa::cuda::append_block(x.data, x.dtype == NSA_DTYPE_BF16, x.stride[0], x.stride[1], slice,
-                                c.dtype == NSA_DTYPE_BF16, len, c.Hkv, D);
+        nsa::cuda::append_block(x.data, nsa::cuda::elem_of(x.dtype), x.stride[0], x.stride[1],
+                                slice, nsa::cuda::elem_of(c.dtype), len, c.Hkv, D);
       });
     }
     const int64_t before = nsa_cmp_len(&c.cfg, len), after = nsa_cmp_len(&c.cfg, len + 1);

@@ -15,6 +15,10 @@
 
 #include "nsa/nsa.h"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace nsa_test {
 
 inline float bf16_bits_to_float(uint16_t h) {
@@ -30,6 +34,29 @@ inline uint16_t float_to_bf16_bits(float f) {
   if (std::isnan(f)) return static_cast<uint16_t>((u >> 16) | 0x40);
   return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
+
+// f16 through the CPU's own conversion instructions (F16C), an oracle independent of the
+// library's bit arithmetic (common/dtype.h); every x86-64 machine these tests run on has F16C.
+#if defined(__x86_64__)
+__attribute__((target("f16c"))) inline float f16_bits_to_float(uint16_t h) {
+  return _cvtsh_ss(h);
+}
+__attribute__((target("f16c"))) inline uint16_t float_to_f16_bits(float f) {
+  return static_cast<uint16_t>(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
+}
+#else
+inline float f16_bits_to_float(uint16_t h) {
+  _Float16 x;
+  std::memcpy(&x, &h, 2);
+  return static_cast<float>(x);
+}
+inline uint16_t float_to_f16_bits(float f) {
+  const _Float16 x = static_cast<_Float16>(f);
+  uint16_t h;
+  std::memcpy(&h, &x, 2);
+  return h;
+}
+#endif
 
 // An owned buffer and its descriptor. With `padded`, every dimension but the last gets extra room
 // (stride > extent), which makes the descriptor a strided view into a larger buffer.
@@ -96,6 +123,8 @@ class Tensor {
     switch (desc_.dtype) {
       case NSA_DTYPE_BF16:
         return bf16_bits_to_float(reinterpret_cast<const uint16_t*>(bytes_.data())[off]);
+      case NSA_DTYPE_F16:
+        return f16_bits_to_float(reinterpret_cast<const uint16_t*>(bytes_.data())[off]);
       case NSA_DTYPE_I32: return reinterpret_cast<const int32_t*>(bytes_.data())[off];
       default: return reinterpret_cast<const float*>(bytes_.data())[off];
     }
@@ -104,6 +133,9 @@ class Tensor {
     switch (desc_.dtype) {
       case NSA_DTYPE_BF16:
         reinterpret_cast<uint16_t*>(bytes_.data())[off] = float_to_bf16_bits(static_cast<float>(v));
+        break;
+      case NSA_DTYPE_F16:
+        reinterpret_cast<uint16_t*>(bytes_.data())[off] = float_to_f16_bits(static_cast<float>(v));
         break;
       case NSA_DTYPE_I32:
         // NaN has no int32 value; padding of index tensors gets INT32_MIN, which no index is.

@@ -226,9 +226,10 @@ NSA_API int64_t nsa_cmp_len(const nsa_config* cfg, int64_t t);
  *     0, the dimensions of size > 1, sorted by stride, must each have a stride >= the previous
  *     one's stride * size (the first: >= 1); else NSA_ERR_INVALID_STRIDE. Inputs may overlap
  *     themselves (stride 0 broadcasts).
- *   - a dtype the argument does not accept (f16 is accepted nowhere, values outside the enum
- *     never): NSA_ERR_INVALID_DTYPE. "f32 or bf16" lets each tensor choose on its own; "q's
- *     dtype" means equal to q's.
+ *   - a dtype the argument does not accept (values outside the enum never):
+ *     NSA_ERR_INVALID_DTYPE. "float" is f32, bf16 or f16, each tensor choosing on its own (16-bit
+ *     values widen exactly to f32 for the arithmetic; 16-bit outputs are the f32 result rounded
+ *     to nearest even); "q's dtype" means equal to q's.
  * Between tensors: the backward calls (nsa_bwd, nsa_compress_bwd, nsa_dense_bwd) reject an
  * output whose bytes [data, data + end) meet those of another output or of an input
  * (NSA_ERR_INVALID_ARGUMENT; absent and empty tensors meet nothing). The other calls do not
@@ -255,7 +256,7 @@ NSA_API int64_t nsa_cmp_len(const nsa_config* cfg, int64_t t);
 typedef enum nsa_dtype {
   NSA_DTYPE_F32 = 0,
   NSA_DTYPE_BF16 = 1,
-  NSA_DTYPE_F16 = 2, /* reserved: no op accepts it yet */
+  NSA_DTYPE_F16 = 2, /* IEEE binary16; a "float" everywhere but a KV cache's storage */
   NSA_DTYPE_I32 = 3  /* indices only */
 } nsa_dtype;
 
@@ -289,7 +290,7 @@ typedef struct nsa_fwd_inputs {
   nsa_config cfg; /* must be valid (nsa_config_validate) */
 
   /* Required except the per-branch K/V. */
-  nsa_tensor q;     /* [B, T, Hq, Dk] f32 or bf16 */
+  nsa_tensor q;     /* [B, T, Hq, Dk] float */
   nsa_tensor k;     /* [B, T, Hkv, Dk] q's dtype, Hq % Hkv == 0 (else NSA_ERR_INVALID_SHAPE):
                        raw keys, shared by the slc and win branches */
   nsa_tensor v;     /* [B, T, Hkv, Dv] q's dtype: raw values, likewise */
@@ -328,14 +329,14 @@ typedef struct nsa_fwd_params {
   nsa_tensor slc_indices_in;
 
   /* Outputs: o required, the others optional. */
-  nsa_tensor o;               /* [B, T, Hq, Dv] f32 or bf16 */
+  nsa_tensor o;               /* [B, T, Hq, Dv] float */
   nsa_tensor lse_cmp;         /* [B, T, Hq] f32 only: per-branch log-sum-exp (natural log, scaled
                                  scores); -inf where the branch is empty */
   nsa_tensor lse_slc;         /* [B, T, Hq] f32 only */
   nsa_tensor lse_win;         /* [B, T, Hq] f32 only */
-  nsa_tensor o_cmp;           /* [B, T, Hq, Dv] f32 or bf16: the ungated branch outputs */
-  nsa_tensor o_slc;           /* [B, T, Hq, Dv] f32 or bf16 */
-  nsa_tensor o_win;           /* [B, T, Hq, Dv] f32 or bf16 */
+  nsa_tensor o_cmp;           /* [B, T, Hq, Dv] float: the ungated branch outputs */
+  nsa_tensor o_slc;           /* [B, T, Hq, Dv] float */
+  nsa_tensor o_win;           /* [B, T, Hq, Dv] float */
   nsa_tensor slc_indices_out; /* [B, T, Hkv, n] int32: sorted ascending, -1 padded */
 } nsa_fwd_params;
 
@@ -381,12 +382,12 @@ NSA_API nsa_status nsa_cmp_seqlens(nsa_context* ctx, const nsa_config* cfg,
  * the byte-range rule of "Tensors"). The check is conservative: outputs interleaved in one
  * buffer are rejected even when their elements do not collide.
  *
- * Backends: NSA_BACKEND_AUTO and NSA_BACKEND_CPU run the CPU backward: f32 accumulation (bf16
+ * Backends: NSA_BACKEND_AUTO and NSA_BACKEND_CPU run the CPU backward: f32 accumulation (16-bit
  * inputs widened exactly), one FlashAttention-2 pass over the (query, key) pairs from the saved
  * LSEs and branch outputs (about T * Hq * (n l' + w + Tc) * (3 Dk + 2 Dv) multiply-adds), dk/dv
  * summed in a fixed order (4 fixed chunks of queries, so its main pass uses up to 4 threads), so
  * results are bitwise identical for any thread count. Its scratch, all linear in T: 4 copies of
- * the K/V gradients, packed copies of K/V, f32 copies of q, d_o and o_* when they are bf16, and,
+ * the K/V gradients, packed copies of K/V, f32 copies of q, d_o and o_* when they are 16-bit, and,
  * when saved state is missing, the rerun forward's f32 outputs (4 T Hq Dv floats).
  * NSA_BACKEND_REF runs the float64 reference: exact but slow, single-threaded per KV head. */
 typedef struct nsa_bwd_params {
@@ -407,13 +408,13 @@ typedef struct nsa_bwd_params {
   nsa_tensor lse_cmp; /* [B, T, Hq] f32 only */
   nsa_tensor lse_slc;
   nsa_tensor lse_win;
-  nsa_tensor o_cmp; /* [B, T, Hq, Dv] f32 or bf16 */
+  nsa_tensor o_cmp; /* [B, T, Hq, Dv] float */
   nsa_tensor o_slc;
   nsa_tensor o_win;
 
-  nsa_tensor d_o; /* [B, T, Hq, Dv] f32 or bf16 (whatever q's dtype), required: dL/do */
+  nsa_tensor d_o; /* [B, T, Hq, Dv] float (whatever q's dtype), required: dL/do */
 
-  /* Outputs, each f32 or bf16 (whatever the inputs' dtypes), each shaped as its input. */
+  /* Outputs, each float (whatever the inputs' dtypes), each shaped as its input. */
   nsa_tensor dq;                     /* [B, T, Hq, Dk], required */
   nsa_tensor dk, dv;                 /* [B, T, Hkv, Dk|Dv]: the branches that read k/v */
   nsa_tensor dk_slc, dv_slc;         /* exactly when k_slc/v_slc were given */
@@ -439,7 +440,7 @@ typedef struct nsa_compress_params {
   nsa_config cfg;    /* uses cmp_block (l) and cmp_stride (d); all of it must be valid */
   nsa_cmp_kind kind; /* another value: NSA_ERR_INVALID_ARGUMENT */
 
-  nsa_tensor x;              /* [B, T, Hkv, D] raw keys or values; f32 or bf16 */
+  nsa_tensor x;              /* [B, T, Hkv, D] raw keys or values; float */
   const int32_t* cu_seqlens; /* optional, as in nsa_fwd_params */
   int64_t num_seqs;
 
@@ -451,7 +452,7 @@ typedef struct nsa_compress_params {
   nsa_tensor w2;  /* [Hkv, D, Dh] */
   nsa_tensor b2;  /* [Hkv, D] */
 
-  nsa_tensor out; /* [B, Tc, Hkv, D] (packed per sequence with cu_seqlens), f32 or bf16 */
+  nsa_tensor out; /* [B, Tc, Hkv, D] (packed per sequence with cu_seqlens), float */
 } nsa_compress_params;
 
 NSA_API void nsa_compress_params_init(nsa_compress_params* p);
@@ -474,10 +475,10 @@ typedef struct nsa_compress_bwd_params {
   int64_t num_seqs;
   nsa_tensor pos, w1, b1, w2, b2; /* kind == NSA_CMP_MLP only */
 
-  nsa_tensor dout; /* [B, Tc, Hkv, D] f32 or bf16 (whatever x's dtype), required:
+  nsa_tensor dout; /* [B, Tc, Hkv, D] float (whatever x's dtype), required:
                       dL/d(nsa_compress's out) */
 
-  /* Outputs, each f32 or bf16 (whatever the inputs' dtypes). */
+  /* Outputs, each float (whatever the inputs' dtypes). */
   nsa_tensor dx; /* [B, T, Hkv, D], required */
   /* kind == NSA_CMP_MLP: required (absent: NSA_ERR_NULL_POINTER), shaped as pos, w1, b1, w2, b2;
    * kind == NSA_CMP_MEAN: ignored (not checked) */
@@ -495,7 +496,7 @@ NSA_API nsa_status nsa_compress_bwd(nsa_context* ctx, const nsa_compress_bwd_par
  * care as the NSA kernels (tiles, online softmax, SIMD). It is the baseline of every speedup that
  * nsa reports, and FlashAttention's op with window_size = (window - 1, 0). */
 typedef struct nsa_dense_fwd_params {
-  nsa_tensor q; /* [B, T, Hq, Dk], f32 or bf16 */
+  nsa_tensor q; /* [B, T, Hq, Dk], float */
   nsa_tensor k; /* [B, T, Hkv, Dk], q's dtype; Hq % Hkv == 0 (else NSA_ERR_INVALID_SHAPE) */
   nsa_tensor v; /* [B, T, Hkv, Dv], q's dtype */
   const int32_t* cu_seqlens; /* optional, as in nsa_fwd_params */
@@ -503,7 +504,7 @@ typedef struct nsa_dense_fwd_params {
   float scale;    /* finite, >= 0 (else NSA_ERR_INVALID_ARGUMENT); 0: 1/sqrt(Dk) */
   int32_t window; /* >= 0 (else NSA_ERR_INVALID_ARGUMENT); 0: every earlier key; w >= 1: keys
                      t - w + 1 .. t */
-  nsa_tensor o;   /* [B, T, Hq, Dv], f32 or bf16, required */
+  nsa_tensor o;   /* [B, T, Hq, Dv], float, required */
   nsa_tensor lse; /* optional [B, T, Hq] f32 only */
 } nsa_dense_fwd_params;
 
@@ -521,17 +522,17 @@ NSA_API nsa_status nsa_dense_fwd(nsa_context* ctx, const nsa_dense_fwd_params* p
  * lse, d_o). */
 typedef struct nsa_dense_bwd_params {
   /* q, k, v, cu_seqlens, scale and window: checked exactly as nsa_dense_fwd checks them. */
-  nsa_tensor q;              /* [B, T, Hq, Dk], f32 or bf16 */
+  nsa_tensor q;              /* [B, T, Hq, Dk], float */
   nsa_tensor k;              /* [B, T, Hkv, Dk], q's dtype */
   nsa_tensor v;              /* [B, T, Hkv, Dv], q's dtype */
-  nsa_tensor o;              /* [B, T, Hq, Dv], f32 or bf16, required: nsa_dense_fwd's output */
+  nsa_tensor o;              /* [B, T, Hq, Dv], float, required: nsa_dense_fwd's output */
   nsa_tensor lse;            /* [B, T, Hq] f32 only, required: nsa_dense_fwd's lse */
   nsa_tensor d_o;            /* [B, T, Hq, Dv], f32 or q's dtype, required: dL/do */
   const int32_t* cu_seqlens; /* optional, as in nsa_dense_fwd_params */
   int64_t num_seqs;
   float scale;    /* as in nsa_dense_fwd_params; must be the forward's */
   int32_t window; /* as in nsa_dense_fwd_params; must be the forward's */
-  /* Outputs, each f32 or bf16, required, overwritten. */
+  /* Outputs, each float, required, overwritten. */
   nsa_tensor dq; /* [B, T, Hq, Dk] */
   nsa_tensor dk; /* [B, T, Hkv, Dk] */
   nsa_tensor dv; /* [B, T, Hkv, Dv] */
@@ -580,7 +581,7 @@ typedef struct nsa_kv_cache_params {
   nsa_cmp_kind cmp_kind; /* another value: NSA_ERR_INVALID_ARGUMENT */
   /* cmp_kind == NSA_CMP_MLP: required, phi's parameters for keys (k_*) and values (v_*), shaped
    * as in nsa_compress_params with D = Dk resp. Dv (each set its own Dh >= 1; l * D past
-   * INT64_MAX is NSA_ERR_INVALID_SHAPE); each f32 or bf16, whatever dtype. Copied at creation.
+   * INT64_MAX is NSA_ERR_INVALID_SHAPE); each float, whatever dtype. Copied at creation.
    * cmp_kind == NSA_CMP_MEAN: ignored (not checked). */
   nsa_tensor k_pos, k_w1, k_b1, k_w2, k_b2;
   nsa_tensor v_pos, v_w1, v_b1, v_w2, v_b2;
@@ -603,7 +604,7 @@ NSA_API int64_t nsa_kv_cache_len(const nsa_kv_cache* cache, int64_t seq);
 NSA_API nsa_status nsa_kv_cache_reset(nsa_context* ctx, nsa_kv_cache* cache, int64_t seq);
 
 /* Appends n tokens to sequence seq: k [n, Hkv, Dk], v [n, Hkv, Dv] (n is k's shape[0]), each
- * f32 or bf16 whatever the cache's dtype (rounded to it). The pointers k and v are required
+ * float whatever the cache's dtype (rounded to it). The pointers k and v are required
  * (NULL: NSA_ERR_NULL_POINTER), and so are their data. The compressed tokens these complete are
  * computed. Going past the capacity is NSA_ERR_INVALID_SHAPE and appends nothing; n = 0 appends
  * nothing. */
@@ -624,7 +625,7 @@ typedef struct nsa_prefill_params {
   nsa_tensor g_cmp; /* [T, Hq], f32 or the cache's dtype */
   nsa_tensor g_slc;
   nsa_tensor g_win;
-  nsa_tensor o;       /* [T, Hq, Dv], f32 or bf16 */
+  nsa_tensor o;       /* [T, Hq, Dv], float */
   nsa_tensor lse_cmp; /* optional [T, Hq] f32 only, as in nsa_fwd_params */
   nsa_tensor lse_slc;
   nsa_tensor lse_win;
@@ -643,9 +644,9 @@ NSA_API nsa_status nsa_prefill(nsa_context* ctx, nsa_kv_cache* cache, const nsa_
  * without, none may be empty (NSA_ERR_INVALID_ARGUMENT). S = 0 is valid and does nothing. A
  * failure after the checks (NSA_ERR_OUT_OF_MEMORY) leaves every sequence's length as it was. */
 typedef struct nsa_decode_params {
-  nsa_tensor q; /* [S, Hq, Dk], f32 or bf16 (whatever the cache's dtype); Hq >= 1, a
+  nsa_tensor q; /* [S, Hq, Dk], float (whatever the cache's dtype); Hq >= 1, a
                    multiple of the cache's Hkv (else NSA_ERR_INVALID_SHAPE) */
-  nsa_tensor k; /* optional [S, Hkv, Dk]: the new tokens' keys, appended first; f32 or bf16
+  nsa_tensor k; /* optional [S, Hkv, Dk]: the new tokens' keys, appended first; float
                    whatever q's dtype, rounded to the cache's (as nsa_kv_cache_append) */
   nsa_tensor v; /* optional [S, Hkv, Dv], likewise; give both k and v or neither (one
                    alone: NSA_ERR_NULL_POINTER) */
@@ -655,7 +656,7 @@ typedef struct nsa_decode_params {
   nsa_tensor g_cmp;       /* [S, Hq], f32 or q's dtype */
   nsa_tensor g_slc;
   nsa_tensor g_win;
-  nsa_tensor o;       /* [S, Hq, Dv], f32 or bf16, required */
+  nsa_tensor o;       /* [S, Hq, Dv], float, required */
   nsa_tensor lse_cmp; /* optional [S, Hq] f32 only */
   nsa_tensor lse_slc;
   nsa_tensor lse_win;
@@ -669,14 +670,14 @@ NSA_API nsa_status nsa_decode(nsa_context* ctx, nsa_kv_cache* cache, const nsa_d
  * its sequence (or the last `window` ones), with the same split-key kernels. q, k, v and seq_ids
  * and the sequences' state obey nsa_decode's rules. */
 typedef struct nsa_dense_decode_params {
-  nsa_tensor q; /* [S, Hq, Dk], f32 or bf16 */
+  nsa_tensor q; /* [S, Hq, Dk], float */
   nsa_tensor k; /* optional [S, Hkv, Dk]: appended first, as in nsa_decode_params */
   nsa_tensor v; /* optional [S, Hkv, Dv] */
   const int32_t* seq_ids;
   float scale;    /* finite, >= 0 (else NSA_ERR_INVALID_ARGUMENT); 0: 1/sqrt(Dk) */
   int32_t window; /* >= 0 (else NSA_ERR_INVALID_ARGUMENT); 0: every cached token; w >= 1: the
                      last w */
-  nsa_tensor o;   /* [S, Hq, Dv], f32 or bf16, required */
+  nsa_tensor o;   /* [S, Hq, Dv], float, required */
   nsa_tensor lse; /* optional [S, Hq] f32 only */
 } nsa_dense_decode_params;
 

@@ -8,8 +8,8 @@ import torch
 from . import _core
 from ._desc import Descs
 
-# nsa_dtype codes (nsa.h). f16 is passed through: the C API refuses it with a message naming the
-# argument, as it will accept it once a backend computes in it.
+# nsa_dtype codes (nsa.h): data tensors are float32, bfloat16 or float16 (widened exactly to
+# float32 for the arithmetic); indices and cu_seqlens int32.
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int32: 3}
 
 
@@ -32,7 +32,7 @@ def desc(t: Optional[torch.Tensor], name: str, op: str):
     check_device(t, name, op)
     code = _DTYPES.get(t.dtype)
     if code is None:
-        raise TypeError(f"{op}: {name} has dtype {t.dtype}; nsa takes float32 or bfloat16 "
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}; nsa takes float32, bfloat16 or float16 "
                         "(int32 for indices and cu_seqlens)")
     return (t.data_ptr(), code, tuple(t.shape), t.stride())
 

@@ -20,7 +20,7 @@ def compress(x: Tensor, config: Optional[Config] = None, mlp: Optional[MlpParams
     """Compressed tokens of raw keys or values (SPEC 5), differentiable in ``x`` and ``mlp``.
 
     Args:
-        x: ``[B, T, H, D]`` float32 or bfloat16.
+        x: ``[B, T, H, D]`` float32, bfloat16 or float16.
         config: uses ``cmp_block`` (l) and ``cmp_stride`` (d); default :class:`Config`.
         mlp: None for the mean of each block, or the learned compressor's parameters
             ``(pos [H, l, D], w1 [H, Dh, l*D], b1 [H, Dh], w2 [H, D, Dh], b2 [H, D])``,
@@ -58,7 +58,7 @@ def native_sparse_attention(
     **win** to the last ``w`` keys. Causal throughout.
 
     Args:
-        q: ``[B, T, Hq, Dk]`` float32 or bfloat16.
+        q: ``[B, T, Hq, Dk]`` float32, bfloat16 or float16.
         k, v: ``[B, T, Hkv, Dk]`` and ``[B, T, Hkv, Dv]``, q's dtype, ``Hq % Hkv == 0`` (any
             group size). The compressor's input, and the slc/win branches' K/V unless those
             branches get their own.

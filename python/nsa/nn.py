@@ -36,6 +36,12 @@ def _positions(T: int, B: int, cu_seqlens: Optional[Tensor], device) -> Tensor:
     return (t - cu[seq]).unsqueeze(0)
 
 
+def _cache_dtype(dtype: torch.dtype) -> torch.dtype:
+    """A cache's storage for a layer of ``dtype``: its own, float32 for float16 (nsa.h: a cache
+    holds float32 or bfloat16; float16 widens into float32 exactly)."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 class NativeSparseAttention(nn.Module):
     """Native Sparse Attention (arXiv 2502.11089, §3): projections, gates, compression, RoPE.
 
@@ -152,12 +158,13 @@ class NativeSparseAttention(nn.Module):
     def new_cache(self, batch_size: int, capacity: int,
                   dtype: Optional[torch.dtype] = None) -> KVCache:
         """A cache for ``batch_size`` sequences of up to ``capacity`` tokens, holding this
-        layer's compressor parameters as they are now; dtype: the layer's by default."""
+        layer's compressor parameters as they are now; dtype: the layer's by default (float32
+        for a float16 layer: a cache stores float32 or bfloat16)."""
         if self.separate_kv:
             raise NotImplementedError("separate_kv: the KV cache holds one K/V for the three "
                                       "branches (nsa_decode); decode needs separate_kv=False")
         return KVCache(batch_size, capacity, self.num_kv_heads, self.head_dim, self.head_dim_v,
-                       config=self.config, dtype=dtype or self.q_proj.weight.dtype,
+                       config=self.config, dtype=dtype or _cache_dtype(self.q_proj.weight.dtype),
                        k_mlp=self.mlp_params("k"), v_mlp=self.mlp_params("v"))
 
     @torch.no_grad()
@@ -168,7 +175,7 @@ class NativeSparseAttention(nn.Module):
         q, k, v, g = self._project(x, _positions(T, B, None, x.device))
         dt = cache.dtype
         rows = [cache.prefill(b, q[b].to(dt), k[b, :, 0].to(dt), v[b, :, 0].to(dt),
-                              *(gi[b] for gi in g))[0] for b in range(B)]
+                              *(gi[b].to(dt) for gi in g))[0] for b in range(B)]
         return self.o_proj(torch.stack(rows).to(x.dtype).reshape(B, T, -1))
 
     @torch.no_grad()

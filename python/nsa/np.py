@@ -26,10 +26,12 @@ def _code(a: np.ndarray, name: str) -> int:
         return 0
     if a.dtype.name == "bfloat16":
         return 1
+    if a.dtype == np.float16:
+        return 2
     if a.dtype == np.int32:
         return 3
-    raise TypeError(f"{name}: dtype {a.dtype} is not accepted; nsa takes float32 (bfloat16 via "
-                    "ml_dtypes) and int32 for indices; convert with .astype(np.float32)")
+    raise TypeError(f"{name}: dtype {a.dtype} is not accepted; nsa takes float32, float16 (bfloat16 "
+                    "via ml_dtypes) and int32 for indices; convert with .astype(np.float32)")
 
 
 def _desc(a: np.ndarray, name: str) -> tuple:

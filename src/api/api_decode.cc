@@ -10,6 +10,7 @@
 
 #include "api/call.h"
 #include "api/validate.h"
+#include "api/validate_util.h"
 #include "common/bf16_math.h"
 
 using nsa::Backend;
@@ -19,8 +20,6 @@ using nsa::present;
 using nsa::Status;
 
 namespace {
-
-const std::vector<nsa_dtype> kFloats = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
 
 // The preamble of the calls on a cache with params: a context, a cache, params, and a context
 // whose backend has `entry` and is the cache's; then `body`, guarded.
@@ -142,7 +141,7 @@ nsa_status nsa_kv_cache_append(nsa_context* ctx, nsa_kv_cache* cache, int64_t se
     if (k == nullptr || v == nullptr) return error(NSA_ERR_NULL_POINTER, "k/v: NULL");
     NSA_RETURN_IF_ERROR(nsa::check_cache_seq(*cache, seq, "seq"));
     const int64_t n = k->shape[0] >= 0 ? k->shape[0] : -1;
-    NSA_RETURN_IF_ERROR(nsa::check_append(*cache, seq, *k, *v, n, kFloats));
+    NSA_RETURN_IF_ERROR(nsa::check_append(*cache, seq, *k, *v, n, nsa::kFloatDtypes));
     if (n == 0) return Status::ok();
     NSA_RETURN_IF_ERROR(
         cache->backend->cache_append(*cache, seq, *k, *v, append_threads(ctx), ctx->cuda_stream));

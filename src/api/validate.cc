@@ -234,7 +234,7 @@ Status validate_config(const nsa_config& c) {
 // q [B, T, Hq, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv] and the head counts: the sizes of an
 // attention problem, NSA's and the dense baseline's alike.
 Status check_qkv(const nsa_tensor& q, const nsa_tensor& k, const nsa_tensor& v, AttnDims* d) {
-  const std::vector<nsa_dtype> floats = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
+  const std::vector<nsa_dtype>& floats = kFloatDtypes;
   NSA_RETURN_IF_ERROR(check_tensor("q", q, {-1, -1, -1, -1}, floats, Role::kInput));
   d->B = q.shape[0];
   d->T = q.shape[1];
@@ -314,7 +314,7 @@ Status check_fwd_inputs(FwdProblem* problem) {
       check_cmp_tensor("v_cmp", in.v_cmp, rows, pr.B, pr.Hkv, pr.Dv, same, Role::kInput));
   const std::vector<nsa_dtype> gate_dtypes =
       in.q.dtype == NSA_DTYPE_F32 ? std::vector<nsa_dtype>{NSA_DTYPE_F32}
-                                  : std::vector<nsa_dtype>{NSA_DTYPE_F32, NSA_DTYPE_BF16};
+                                  : std::vector<nsa_dtype>{NSA_DTYPE_F32, in.q.dtype};
   const std::vector<int64_t> per_head = {pr.B, pr.T, pr.Hq};
   NSA_RETURN_IF_ERROR(check_tensor("g_cmp", in.g_cmp, per_head, gate_dtypes, Role::kInput));
   NSA_RETURN_IF_ERROR(check_tensor("g_slc", in.g_slc, per_head, gate_dtypes, Role::kInput));
@@ -333,7 +333,7 @@ Status make_fwd_problem(const nsa_fwd_params& params, const Backend& be, FwdProb
   pr.p = params;
   nsa_fwd_params& p = pr.p;
   NSA_RETURN_IF_ERROR(check_fwd_inputs(&pr));
-  const std::vector<nsa_dtype> floats = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
+  const std::vector<nsa_dtype>& floats = kFloatDtypes;
   const std::vector<int64_t> per_head = {pr.B, pr.T, pr.Hq};
 
   const std::vector<int64_t> idx_shape = {pr.B, pr.T, pr.Hkv, p.in.cfg.slc_count};
@@ -374,7 +374,7 @@ Status check_compress_inputs(CompressProblem* problem) {
                                                " (expected NSA_CMP_MEAN or "
                                                "NSA_CMP_MLP)"));
   }
-  const std::vector<nsa_dtype> floats = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
+  const std::vector<nsa_dtype>& floats = kFloatDtypes;
   NSA_RETURN_IF_ERROR(check_tensor("x", p.x, {-1, -1, -1, -1}, floats, Role::kInput));
   pr.B = p.x.shape[0];
   pr.T = p.x.shape[1];
@@ -417,7 +417,7 @@ Status check_compressed_rows(const char* name, const nsa_tensor& t, Role role,
   const nsa_compress_params& p = pr->p;
   const CmpRows rows = cmp_rows(p.cfg, pr->T, p.cu_seqlens != nullptr);
   NSA_RETURN_IF_ERROR(check_cmp_tensor(name, t, rows, pr->B, pr->Hkv, pr->D,
-                                       {NSA_DTYPE_F32, NSA_DTYPE_BF16}, role));
+                                       kFloatDtypes, role));
   pr->Tc = t.shape[1];
   return Status::ok();
 }
@@ -474,7 +474,7 @@ Status make_dense_problem(const nsa_dense_fwd_params& in, const Backend& be, Den
   pr.p = in;
   nsa_dense_fwd_params& p = pr.p;
   NSA_RETURN_IF_ERROR(check_dense_inputs(&p, &pr));
-  const std::vector<nsa_dtype> floats = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
+  const std::vector<nsa_dtype>& floats = kFloatDtypes;
   NSA_RETURN_IF_ERROR(check_tensor("o", p.o, {pr.B, pr.T, pr.Hq, pr.Dv}, floats, Role::kOutput));
   NSA_RETURN_IF_ERROR(
       check_optional("lse", p.lse, {pr.B, pr.T, pr.Hq}, {NSA_DTYPE_F32}, Role::kOutput));

@@ -43,7 +43,7 @@ bool spans_intersect(const nsa_tensor& a, const nsa_tensor& b) {
 Status check_required_output(const char* name, const nsa_tensor& t,
                              const std::vector<int64_t>& shape, const char* why) {
   if (!present(t)) return error(NSA_ERR_NULL_POINTER, cat(name, ": data is NULL (", why, ")"));
-  return check_tensor(name, t, shape, {NSA_DTYPE_F32, NSA_DTYPE_BF16}, Role::kOutput);
+  return check_tensor(name, t, shape, kFloatDtypes, Role::kOutput);
 }
 
 // The routing of one branch's raw K/V gradients (nsa.h): to its own outputs exactly when the
@@ -103,7 +103,7 @@ Status make_bwd_problem(const nsa_bwd_params& in, const Backend& be, BwdProblem*
   pr.win_own_kv = present(in.in.k_win);
   p.in = fwd.p.in;  // k_slc .. v_win: k/v when the branch has no K/V of its own
 
-  const std::vector<nsa_dtype> floats = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
+  const std::vector<nsa_dtype>& floats = kFloatDtypes;
   const std::vector<nsa_dtype> f32 = {NSA_DTYPE_F32};
   const std::vector<int64_t> per_head = {pr.B, pr.T, pr.Hq};
   NSA_RETURN_IF_ERROR(check_tensor("slc_indices", p.slc_indices,
@@ -213,7 +213,7 @@ Status make_compress_bwd_problem(const nsa_compress_bwd_params& in, const Backen
   const nsa_compress_bwd_params& p = pr.p;
   static_cast<CmpDims&>(pr) = fwd;
 
-  const std::vector<nsa_dtype> floats = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
+  const std::vector<nsa_dtype>& floats = kFloatDtypes;
   NSA_RETURN_IF_ERROR(check_tensor("dx", p.dx, {pr.B, pr.T, pr.Hkv, pr.D}, floats, Role::kOutput));
   std::vector<NamedTensor> outputs = {{"dx", p.dx}};
   std::vector<NamedTensor> inputs = {{"x", p.x}, {"dout", p.dout}};
@@ -259,7 +259,7 @@ Status make_dense_bwd_problem(const nsa_dense_bwd_params& in, const Backend& be,
   static_cast<AttnDims&>(pr) = sizes;
   pr.seqs = std::move(sizes.seqs);
 
-  const std::vector<nsa_dtype> floats = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
+  const std::vector<nsa_dtype>& floats = kFloatDtypes;
   const std::vector<int64_t> per_q = {pr.B, pr.T, pr.Hq, pr.Dv};
   NSA_RETURN_IF_ERROR(check_tensor("o", p.o, per_q, floats, Role::kInput));
   // The backward recomputes P from lse (FlashAttention-2): without it there is nothing to

@@ -12,8 +12,6 @@
 namespace nsa {
 namespace {
 
-const std::vector<nsa_dtype> kFloats = {NSA_DTYPE_F32, NSA_DTYPE_BF16};
-
 // Upper bounds of the cache's sizes (nsa.h): every scratch size decode derives from them fits
 // in 64 bits, and seq_ids (int32) can name every sequence.
 constexpr int64_t kMaxCacheHeadDim = int64_t{1} << 20;
@@ -121,8 +119,8 @@ Status check_cache_params(const nsa_kv_cache_params& p) {
     const nsa_tensor k[5] = {p.k_pos, p.k_w1, p.k_b1, p.k_w2, p.k_b2};
     const nsa_tensor v[5] = {p.v_pos, p.v_w1, p.v_b1, p.v_w2, p.v_b2};
     int64_t Dh = 0;
-    NSA_RETURN_IF_ERROR(check_mlp_params("k_", k, H, l, p.head_dim_k, kFloats, &Dh));
-    NSA_RETURN_IF_ERROR(check_mlp_params("v_", v, H, l, p.head_dim_v, kFloats, &Dh));
+    NSA_RETURN_IF_ERROR(check_mlp_params("k_", k, H, l, p.head_dim_k, kFloatDtypes, &Dh));
+    NSA_RETURN_IF_ERROR(check_mlp_params("v_", v, H, l, p.head_dim_v, kFloatDtypes, &Dh));
   }
   return Status::ok();
 }
@@ -169,7 +167,7 @@ Status make_prefill_problem(const nsa_kv_cache& c, const nsa_prefill_params& p, 
 // The rows of a decode call: q [S, Hq, Dk], optional k/v to append, seq_ids.
 Status make_decode_rows(const nsa_kv_cache& c, const nsa_tensor& q, const nsa_tensor& k,
                         const nsa_tensor& v, const int32_t* seq_ids, DecodeProblem* pr) {
-  NSA_RETURN_IF_ERROR(check_tensor("q", q, {-1, -1, c.Dk}, kFloats, Role::kInput));
+  NSA_RETURN_IF_ERROR(check_tensor("q", q, {-1, -1, c.Dk}, kFloatDtypes, Role::kInput));
   pr->S = q.shape[0];
   pr->Hq = q.shape[1];
   if (pr->Hq < 1 || pr->Hq % c.Hkv != 0) {
@@ -210,8 +208,8 @@ Status make_decode_rows(const nsa_kv_cache& c, const nsa_tensor& q, const nsa_te
   }
   if (present(k)) {
     // Like nsa_kv_cache_append: f32 or bf16, rounded to the cache's dtype when stored.
-    NSA_RETURN_IF_ERROR(check_tensor("k", k, {pr->S, c.Hkv, c.Dk}, kFloats, Role::kInput));
-    NSA_RETURN_IF_ERROR(check_tensor("v", v, {pr->S, c.Hkv, c.Dv}, kFloats, Role::kInput));
+    NSA_RETURN_IF_ERROR(check_tensor("k", k, {pr->S, c.Hkv, c.Dk}, kFloatDtypes, Role::kInput));
+    NSA_RETURN_IF_ERROR(check_tensor("v", v, {pr->S, c.Hkv, c.Dv}, kFloatDtypes, Role::kInput));
   }
   return Status::ok();
 }
@@ -223,7 +221,7 @@ Status make_decode_problem(nsa_kv_cache& c, const nsa_decode_params& p, DecodePr
   NSA_RETURN_IF_ERROR(check_tensor("g_cmp", p.g_cmp, per_head, gate, Role::kInput));
   NSA_RETURN_IF_ERROR(check_tensor("g_slc", p.g_slc, per_head, gate, Role::kInput));
   NSA_RETURN_IF_ERROR(check_tensor("g_win", p.g_win, per_head, gate, Role::kInput));
-  NSA_RETURN_IF_ERROR(check_tensor("o", p.o, {pr->S, pr->Hq, c.Dv}, kFloats, Role::kOutput));
+  NSA_RETURN_IF_ERROR(check_tensor("o", p.o, {pr->S, pr->Hq, c.Dv}, kFloatDtypes, Role::kOutput));
   const std::vector<nsa_dtype> f32 = {NSA_DTYPE_F32}, i32 = {NSA_DTYPE_I32};
   NSA_RETURN_IF_ERROR(check_optional("lse_cmp", p.lse_cmp, per_head, f32, Role::kOutput));
   NSA_RETURN_IF_ERROR(check_optional("lse_slc", p.lse_slc, per_head, f32, Role::kOutput));
@@ -247,7 +245,7 @@ Status make_dense_decode_problem(nsa_kv_cache& c, const nsa_dense_decode_params&
   if (!(std::isfinite(p.scale) && p.scale >= 0.0f)) {
     return error(NSA_ERR_INVALID_ARGUMENT, "scale: must be finite and >= 0 (0: 1/sqrt(Dk))");
   }
-  NSA_RETURN_IF_ERROR(check_tensor("o", p.o, {pr->S, pr->Hq, c.Dv}, kFloats, Role::kOutput));
+  NSA_RETURN_IF_ERROR(check_tensor("o", p.o, {pr->S, pr->Hq, c.Dv}, kFloatDtypes, Role::kOutput));
   NSA_RETURN_IF_ERROR(
       check_optional("lse", p.lse, {pr->S, pr->Hq}, {NSA_DTYPE_F32}, Role::kOutput));
   pr->cache = &c;

@@ -21,6 +21,10 @@ std::string shape_str(const nsa_tensor& t);
 
 enum class Role { kInput, kOutput };
 
+// The float dtypes a data tensor may have (nsa.h, "f32, bf16 or f16"): each is widened exactly to
+// f32 for the arithmetic and rounded back on output.
+inline const std::vector<nsa_dtype> kFloatDtypes = {NSA_DTYPE_F32, NSA_DTYPE_BF16, NSA_DTYPE_F16};
+
 // Checks presence, rank, shape, strides and dtype of one tensor. `shape` entries of -1 accept any
 // size. `dtypes` lists the accepted dtypes.
 Status check_tensor(const char* name, const nsa_tensor& t, const std::vector<int64_t>& shape,

@@ -368,12 +368,7 @@ void query_tile(const DenseProblem& pr, const Packed& packed, int64_t seq_index,
     const float inv = empty ? 0.0f : 1.0f / w.l[r];
     for (int64_t c = 0; c < Dv; ++c) o[c] *= inv;
     const int64_t off = offset_of(p.o, b, tok, h);
-    if (p.o.dtype == NSA_DTYPE_F32) {
-      std::copy(o, o + Dv, static_cast<float*>(p.o.data) + off);
-    } else {
-      uint16_t* dst = static_cast<uint16_t*>(p.o.data) + off;
-      for (int64_t c = 0; c < Dv; ++c) dst[c] = f32_to_bf16(o[c]);
-    }
+    store_row(p.o, off, o, Dv);
     if (present(p.lse)) {
       static_cast<float*>(p.lse.data)[offset_of(p.lse, b, tok, h)] =
           softmax::row_lse(w.m[r], w.l[r]);

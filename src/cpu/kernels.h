@@ -58,11 +58,15 @@ inline int64_t mlp_chunk_rows(const std::vector<Sequence>& seqs) {
 // ---- Element access (offsets from offset_of, so strided views work). ----
 
 // The n elements at `off` of a float tensor as f32: a pointer into the tensor when it holds f32
-// (no copy), else the row converted into `buf`.
+// (no copy), else the row widened (exactly) into `buf`.
 inline const float* row_f32(const nsa_tensor& t, int64_t off, int64_t n, float* buf) {
   if (t.dtype == NSA_DTYPE_F32) return static_cast<const float*>(t.data) + off;
   const uint16_t* src = static_cast<const uint16_t*>(t.data) + off;
-  for (int64_t i = 0; i < n; ++i) buf[i] = bf16_to_f32(src[i]);
+  if (t.dtype == NSA_DTYPE_F16) {
+    for (int64_t i = 0; i < n; ++i) buf[i] = f16_to_f32(src[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = bf16_to_f32(src[i]);
+  }
   return buf;
 }
 
@@ -76,14 +80,18 @@ inline void load_row(const nsa_tensor& t, int64_t off, int64_t n, float* dst) {
 
 inline float load_f32(const nsa_tensor& t, int64_t off) {
   if (t.dtype == NSA_DTYPE_F32) return static_cast<const float*>(t.data)[off];
-  return bf16_to_f32(static_cast<const uint16_t*>(t.data)[off]);
+  const uint16_t h = static_cast<const uint16_t*>(t.data)[off];
+  return t.dtype == NSA_DTYPE_F16 ? f16_to_f32(h) : bf16_to_f32(h);
 }
 
-// Writes n floats at `off`, rounding to the tensor's dtype (f32 or bf16).
+// Writes n floats at `off`, rounding to the tensor's dtype (f32, bf16 or f16).
 inline void store_row(const nsa_tensor& t, int64_t off, const float* src, int64_t n) {
   if (t.dtype == NSA_DTYPE_F32) {
     float* dst = static_cast<float*>(t.data) + off;
     for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+  } else if (t.dtype == NSA_DTYPE_F16) {
+    uint16_t* dst = static_cast<uint16_t*>(t.data) + off;
+    for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_f16(src[i]);
   } else {
     uint16_t* dst = static_cast<uint16_t*>(t.data) + off;
     for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_bf16(src[i]);

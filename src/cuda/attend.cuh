@@ -1,8 +1,8 @@
 // The CUDA backend's attention building block, shared by the forward, the dense baseline and
 // decode: one thread block holds the G query heads of one KV group at one query position and
 // streams key chunks through shared memory once for all of them (paper, Section 3.4:
-// group-centric data loading and shared KV fetching). Arithmetic is f32 (bf16 inputs widened
-// exactly), with an online softmax per head and one branch finished before the next.
+// group-centric data loading and shared KV fetching). Arithmetic is f32 (bf16 and f16 inputs
+// widened exactly), with an online softmax per head and one branch finished before the next.
 //
 // Layout of the work: a block of kThreads threads, one warp per head (heads w, w + kWarps, ...);
 // for scores, lane i holds key i of the chunk; for P V, lane x holds value dims x, x + 32, ...
@@ -70,13 +70,13 @@ struct Group {
   float scale;
 };
 
-// Loads the G queries of a group ([G, Dk] at q, f32 or bf16, head stride hs) and clears out.
-// q's dtype is a run-time fact: decode takes f32 or bf16 queries whatever the cache holds.
-__device__ inline void load_group(const Smem& s, const Group& g, const void* q, bool bf16,
+// Loads the G queries of a group ([G, Dk] at q, any float dtype, head stride hs) and clears out.
+// q's dtype is a run-time fact: decode takes any float queries whatever the cache holds.
+__device__ inline void load_group(const Smem& s, const Group& g, const void* q, Elem el,
                                   int64_t hs) {
   for (int i = threadIdx.x; i < g.G * g.Dk; i += kThreads) {
     const int h = i / g.Dk, x = i % g.Dk;
-    s.q[i] = ld_any(q, bf16, h * hs + x);
+    s.q[i] = ld_any(q, el, h * hs + x);
   }
   for (int i = threadIdx.x; i < g.G * g.Dv; i += kThreads) s.out[i] = 0.0f;
 }
@@ -182,13 +182,13 @@ __device__ void attend_spans(const Smem& s, const Group& g, RowView k, RowView v
 
 // Where a finished branch goes: its ungated output and LSE (each optional) and its gate.
 struct BranchOut {
-  void* o = nullptr;  // [Hq, Dv] slice of this position (head stride o_hs), f32 or bf16
-  bool o_bf16 = false;
+  void* o = nullptr;  // [Hq, Dv] slice of this position (head stride o_hs), any float dtype
+  Elem o_el = Elem::kF32;
   int64_t o_hs = 0;
   float* lse = nullptr;  // [Hq] slice (stride lse_hs)
   int64_t lse_hs = 0;
-  const void* gate = nullptr;  // [Hq] slice (stride gate_hs), f32 or bf16; nullptr: weight 1
-  bool gate_bf16 = false;
+  const void* gate = nullptr;  // [Hq] slice (stride gate_hs), any float dtype; nullptr: weight 1
+  Elem gate_el = Elem::kF32;
   int64_t gate_hs = 0;
 };
 
@@ -200,10 +200,10 @@ __device__ inline void end_branch(const Smem& s, const Group& g, const BranchOut
   for (int h = warp; h < g.G; h += kWarps) {
     const float l = s.l[h];
     const float inv = l == 0.0f ? 0.0f : 1.0f / l;
-    const float gate = b.gate ? ld_any(b.gate, b.gate_bf16, h * b.gate_hs) : 1.0f;
+    const float gate = b.gate ? ld_any(b.gate, b.gate_el, h * b.gate_hs) : 1.0f;
     for (int x = lane; x < g.Dv; x += 32) {
       const float o = s.o[h * g.Dv + x] * inv;
-      if (b.o) st_any(b.o, b.o_bf16, h * b.o_hs + x, o);
+      if (b.o) st_any(b.o, b.o_el, h * b.o_hs + x, o);
       s.out[h * g.Dv + x] = fmaf(gate, o, s.out[h * g.Dv + x]);
     }
     if (b.lse && lane == 0) b.lse[h * b.lse_hs] = l == 0.0f ? -CUDART_INF_F : s.m[h] + logf(l);
@@ -211,10 +211,10 @@ __device__ inline void end_branch(const Smem& s, const Group& g, const BranchOut
 }
 
 // Stores out ([G, Dv]) to o (head stride hs).
-__device__ inline void store_out(const Smem& s, const Group& g, void* o, bool bf16, int64_t hs) {
+__device__ inline void store_out(const Smem& s, const Group& g, void* o, Elem el, int64_t hs) {
   for (int i = threadIdx.x; i < g.G * g.Dv; i += kThreads) {
     const int h = i / g.Dv, x = i % g.Dv;
-    st_any(o, bf16, h * hs + x, s.out[i]);
+    st_any(o, el, h * hs + x, s.out[i]);
   }
 }
 

@@ -25,19 +25,19 @@ __global__ void gather_kernel(const CmpArgs a, const float* pos, float* X) {
   for (int64_t e = threadIdx.x; e < L; e += kCmpThreads) {
     const int64_t u = e / a.D, x = e % a.D;
     // Rows cu_seqlens cannot place get zeros: the GEMMs stay in bounds, the row is not stored.
-    dst[e] = c.ok ? ld_any(a.x, a.x_bf16, c.b * a.xs0 + (c.first + u) * a.xs1 + h * a.xs2 + x) +
+    dst[e] = c.ok ? ld_any(a.x, a.x_el, c.b * a.xs0 + (c.first + u) * a.xs1 + h * a.xs2 + x) +
                         pos[h * L + e]
                   : 0.0f;
   }
 }
 
 // A [H, R, C] parameter (last dim contiguous) as contiguous f32.
-__global__ void widen_kernel(const void* p, bool bf16, int64_t s0, int64_t s1, int64_t R, int64_t C,
+__global__ void widen_kernel(const void* p, Elem el, int64_t s0, int64_t s1, int64_t R, int64_t C,
                              float* dst) {
   const int64_t h = blockIdx.y;
   for (int64_t e = blockIdx.x * int64_t(kCmpThreads) + threadIdx.x; e < R * C;
        e += int64_t(gridDim.x) * kCmpThreads) {
-    dst[h * R * C + e] = ld_any(p, bf16, h * s0 + (e / C) * s1 + e % C);
+    dst[h * R * C + e] = ld_any(p, el, h * s0 + (e / C) * s1 + e % C);
   }
 }
 
@@ -57,7 +57,7 @@ __global__ void scatter_kernel(const CmpArgs a, const float* Y, const float* b2)
   const CmpRow c = place_row(a, r);
   if (!c.ok) return;
   for (int64_t x = threadIdx.x; x < a.D; x += kCmpThreads) {
-    st_any(a.out, a.out_bf16, c.b * a.os0 + c.row * a.os1 + h * a.os2 + x,
+    st_any(a.out, a.out_el, c.b * a.os0 + c.row * a.os1 + h * a.os2 + x,
            Y[(h * a.rows + r) * a.D + x] + b2[h * a.D + x]);
   }
 }
@@ -143,7 +143,7 @@ Status widen_mlp(const MlpShape& m, const nsa_tensor& pos, const nsa_tensor& w1,
     const nsa_tensor& t = *part.t;
     const int64_t s1 = t.ndim == 3 ? t.stride[1] : 0;
     widen_kernel<<<elementwise_grid(part.rows * part.cols, m.H), kCmpThreads, 0, stream>>>(
-        t.data, t.dtype == NSA_DTYPE_BF16, t.stride[0], s1, part.rows, part.cols, dst);
+        t.data, elem_of(t.dtype), t.stride[0], s1, part.rows, part.cols, dst);
     dst += m.H * part.rows * part.cols;
   }
   return launch_status("mlp parameters");

@@ -50,9 +50,9 @@ __device__ inline void mean_block(const CmpArgs& a) {
   for (int64_t x = threadIdx.x; x < a.D; x += kCmpThreads) {
     float acc = 0.0f;
     for (int64_t u = 0; u < a.l; ++u) {
-      acc += ld_any(a.x, a.x_bf16, c.b * a.xs0 + (c.first + u) * a.xs1 + h * a.xs2 + x);
+      acc += ld_any(a.x, a.x_el, c.b * a.xs0 + (c.first + u) * a.xs1 + h * a.xs2 + x);
     }
-    st_any(a.out, a.out_bf16, c.b * a.os0 + c.row * a.os1 + h * a.os2 + x, acc * inv_l);
+    st_any(a.out, a.out_el, c.b * a.os0 + c.row * a.os1 + h * a.os2 + x, acc * inv_l);
   }
 }
 

@@ -7,16 +7,17 @@
 #include <cuda_runtime.h>
 
 #include "common/status.h"
+#include "cuda/elem.h"
 #include "nsa/nsa.h"
 
 namespace nsa::cuda {
 
 struct CmpArgs {
   const void* x = nullptr;  // [B, T, Hkv, D]
-  bool x_bf16 = false;
+  Elem x_el = Elem::kF32;
   int64_t xs0 = 0, xs1 = 0, xs2 = 0;
   void* out = nullptr;  // [B, Tc, Hkv, D] (packed: [1, sum of Tc, Hkv, D])
-  bool out_bf16 = false;
+  Elem out_el = Elem::kF32;
   int64_t os0 = 0, os1 = 0, os2 = 0;
   const int32_t* cu = nullptr;  // device memory; nullptr: B fixed-length sequences
   int64_t S = 0, T = 0, D = 0;
@@ -54,10 +55,10 @@ inline CmpArgs cmp_args(const nsa_config& cfg, const nsa_tensor& x, const nsa_te
                         const int32_t* cu, int64_t num_seqs, int64_t B, int64_t T) {
   CmpArgs a;
   a.x = x.data;
-  a.x_bf16 = x.dtype == NSA_DTYPE_BF16;
+  a.x_el = elem_of(x.dtype);
   a.xs0 = x.stride[0], a.xs1 = x.stride[1], a.xs2 = x.stride[2];
   a.out = out.data;
-  a.out_bf16 = out.dtype == NSA_DTYPE_BF16;
+  a.out_el = elem_of(out.dtype);
   a.os0 = out.stride[0], a.os1 = out.stride[1], a.os2 = out.stride[2];
   a.cu = cu;
   a.S = num_seqs;

@@ -69,9 +69,9 @@ Status mark_last(CudaCache& st, cudaStream_t s, const char* call) {
   return cuda_status(cudaEventRecord(st.done, s), call);
 }
 
-__global__ void append_kernel(const void* x, bool x_bf16, int64_t xs0, int64_t xs1, void* dst,
-                              bool dst_bf16, int64_t pos0, int64_t Hkv, int64_t D) {
-  append_block(x, x_bf16, xs0, xs1, dst, dst_bf16, pos0, Hkv, D);
+__global__ void append_kernel(const void* x, Elem x_el, int64_t xs0, int64_t xs1, void* dst,
+                              Elem dst_el, int64_t pos0, int64_t Hkv, int64_t D) {
+  append_block(x, x_el, xs0, xs1, dst, dst_el, pos0, Hkv, D);
 }
 
 Status append_one(const nsa_kv_cache& c, const nsa_tensor& x, void* base, int64_t rows, int64_t D,
@@ -79,9 +79,8 @@ Status append_one(const nsa_kv_cache& c, const nsa_tensor& x, void* base, int64_
   const size_t esize = nsa_dtype_size(c.dtype);
   void* slice = static_cast<char*>(base) + size_t(seq * rows * c.Hkv * D) * esize;
   const dim3 grid(static_cast<unsigned>(x.shape[0]), static_cast<unsigned>(c.Hkv));
-  append_kernel<<<grid, kThreads, 0, stream>>>(x.data, x.dtype == NSA_DTYPE_BF16, x.stride[0],
-                                               x.stride[1], slice, c.dtype == NSA_DTYPE_BF16, pos0,
-                                               c.Hkv, D);
+  append_kernel<<<grid, kThreads, 0, stream>>>(x.data, elem_of(x.dtype), x.stride[0], x.stride[1],
+                                               slice, elem_of(c.dtype), pos0, c.Hkv, D);
   return launch_status("nsa_kv_cache_append");
 }
 

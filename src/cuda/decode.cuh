@@ -30,7 +30,7 @@ inline T4 cache_view(void* p, int64_t rows, int64_t Hkv, int64_t D, nsa_dtype dt
   v.s0 = rows * Hkv * D;
   v.s1 = Hkv * D;
   v.s2 = D;
-  v.bf16 = dt == NSA_DTYPE_BF16;
+  v.el = elem_of(dt);
   return v;
 }
 
@@ -40,17 +40,17 @@ inline T4 rows_view(const nsa_tensor& t) {
   v.p = t.data;
   v.s1 = t.stride[0];
   v.s2 = t.ndim > 1 ? t.stride[1] : 0;
-  v.bf16 = t.dtype == NSA_DTYPE_BF16;
+  v.el = elem_of(t.dtype);
   return v;
 }
 
-// Row blockIdx.x of x [n, Hkv, D] (f32 or bf16), head blockIdx.y, into position pos0 + row of
+// Row blockIdx.x of x [n, Hkv, D] (any float dtype), head blockIdx.y, into position pos0 + row of
 // the sequence slice dst ([rows, Hkv, D], the cache's dtype).
-__device__ inline void append_block(const void* x, bool x_bf16, int64_t xs0, int64_t xs1, void* dst,
-                                    bool dst_bf16, int64_t pos0, int64_t Hkv, int64_t D) {
+__device__ inline void append_block(const void* x, Elem x_el, int64_t xs0, int64_t xs1, void* dst,
+                                    Elem dst_el, int64_t pos0, int64_t Hkv, int64_t D) {
   const int64_t r = blockIdx.x, h = blockIdx.y;
   for (int64_t i = threadIdx.x; i < D; i += kThreads) {
-    st_any(dst, dst_bf16, ((pos0 + r) * Hkv + h) * D + i, ld_any(x, x_bf16, r * xs0 + h * xs1 + i));
+    st_any(dst, dst_el, ((pos0 + r) * Hkv + h) * D + i, ld_any(x, x_el, r * xs0 + h * xs1 + i));
   }
 }
 
@@ -147,7 +147,7 @@ inline CmpArgs cache_cmp_args(const nsa_kv_cache& c, const CacheBufs& cb, int64_
       static_cast<const char*>(kind == 0 ? cb.k : cb.v) + size_t(seq * cb.rows * c.Hkv * D) * esize;
   a.out =
       static_cast<char*>(kind == 0 ? cb.kc : cb.vc) + size_t(seq * cb.cmp_rows * c.Hkv * D) * esize;
-  a.x_bf16 = a.out_bf16 = c.dtype == NSA_DTYPE_BF16;
+  a.x_el = a.out_el = elem_of(c.dtype);
   a.xs1 = a.os1 = c.Hkv * D;
   a.xs2 = a.os2 = D;
   a.T = cb.rows;

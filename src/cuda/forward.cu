@@ -26,9 +26,9 @@ __global__ void __launch_bounds__(kThreads) dense_kernel(const DenseArgs a) {
 // One block per (token, KV head) of a [B, T] batch: the kernel for the inputs' dtype, its shape
 // checked before the launch.
 template <typename Args>
-Status launch_tokens(const char* call, bool bf16, void (*k_bf16)(Args), void (*k_f32)(Args),
+Status launch_tokens(const char* call, nsa_dtype dt, void (*const (&kernels)[3])(Args),
                      const Args& a, int64_t smem, int64_t tokens, int64_t heads, void* stream) {
-  void (*kernel)(Args) = bf16 ? k_bf16 : k_f32;
+  void (*kernel)(Args) = kernels[static_cast<int>(elem_of(dt))];
   LaunchShape ls;
   NSA_RETURN_IF_ERROR(
       launch_shape(call, reinterpret_cast<const void*>(kernel), smem, tokens, heads, &ls));
@@ -39,16 +39,19 @@ Status launch_tokens(const char* call, bool bf16, void (*k_bf16)(Args), void (*k
 Status forward(const FwdProblem& pr) {
   if (pr.B * pr.T == 0) return Status::ok();
   const FwdArgs a = fwd_args(pr);
-  return launch_tokens<FwdArgs>(
-      "nsa_fwd", pr.p.in.q.dtype == NSA_DTYPE_BF16, fwd_kernel<__nv_bfloat16>, fwd_kernel<float>, a,
-      nsa_smem_bytes(a.G, a.Dk, a.Dv, a.nblk, a.n), pr.B * pr.T, pr.Hkv, pr.stream);
+  void (*const kernels[3])(FwdArgs) = {fwd_kernel<float>, fwd_kernel<__nv_bfloat16>,
+                                       fwd_kernel<__half>};  // Elem order
+  return launch_tokens<FwdArgs>("nsa_fwd", pr.p.in.q.dtype, kernels, a,
+                                nsa_smem_bytes(a.G, a.Dk, a.Dv, a.nblk, a.n), pr.B * pr.T, pr.Hkv,
+                                pr.stream);
 }
 
 Status dense_forward(const DenseProblem& pr) {
   if (pr.B * pr.T == 0) return Status::ok();
   const DenseArgs a = dense_args(pr);
-  return launch_tokens<DenseArgs>("nsa_dense_fwd", pr.p.q.dtype == NSA_DTYPE_BF16,
-                                  dense_kernel<__nv_bfloat16>, dense_kernel<float>, a,
+  void (*const kernels[3])(DenseArgs) = {dense_kernel<float>, dense_kernel<__nv_bfloat16>,
+                                         dense_kernel<__half>};  // Elem order
+  return launch_tokens<DenseArgs>("nsa_dense_fwd", pr.p.q.dtype, kernels, a,
                                   smem_floats(a.G, a.Dk, a.Dv) * 4, pr.B * pr.T, pr.Hkv, pr.stream);
 }
 

@@ -22,7 +22,7 @@ namespace {
 struct T4 {
   void* p = nullptr;
   int64_t s0 = 0, s1 = 0, s2 = 0;
-  bool bf16 = false;
+  Elem el = Elem::kF32;
 };
 
 T4 t4(const nsa_tensor& t) {
@@ -31,7 +31,7 @@ T4 t4(const nsa_tensor& t) {
   v.s0 = t.stride[0];
   v.s1 = t.ndim > 1 ? t.stride[1] : 0;
   v.s2 = t.ndim > 2 ? t.stride[2] : 0;
-  v.bf16 = t.dtype == NSA_DTYPE_BF16;
+  v.el = elem_of(t.dtype);
   return v;
 }
 
@@ -45,8 +45,8 @@ __device__ __forceinline__ E* ptr(const T4& x, int64_t b, int64_t t, int64_t h) 
 }
 __device__ __forceinline__ void* any_ptr(const T4& x, int64_t b, int64_t t, int64_t h) {
   const int64_t off = at(x, b, t, h);
-  return x.bf16 ? static_cast<void*>(static_cast<__nv_bfloat16*>(x.p) + off)
-                : static_cast<void*>(static_cast<float*>(x.p) + off);
+  return x.el == Elem::kF32 ? static_cast<void*>(static_cast<float*>(x.p) + off)
+                            : static_cast<void*>(static_cast<uint16_t*>(x.p) + off);
 }
 
 // The rows of head h of batch row b, for chunk loads.
@@ -251,10 +251,10 @@ __device__ inline void branch_outs(const FwdArgs& a, int64_t b, int64_t tok, int
                                    BranchOut* out) {
   for (int c = 0; c < 3; ++c) {
     BranchOut& o = out[c];
-    if (a.o_br[c].p) o = {any_ptr(a.o_br[c], b, tok, h0), a.o_br[c].bf16, a.o_br[c].s2};
+    if (a.o_br[c].p) o = {any_ptr(a.o_br[c], b, tok, h0), a.o_br[c].el, a.o_br[c].s2};
     if (a.lse[c].p) o.lse = ptr<float>(a.lse[c], b, tok, h0), o.lse_hs = a.lse[c].s2;
     o.gate = any_ptr(a.gate[c], b, tok, h0);
-    o.gate_bf16 = a.gate[c].bf16;
+    o.gate_el = a.gate[c].el;
     o.gate_hs = a.gate[c].s2;
   }
 }
@@ -287,7 +287,7 @@ __device__ void nsa_query(const FwdArgs& a, const Loc& L, float* smem) {
   int* sel = reinterpret_cast<int*>(ps + kChunk);
   int* tmp = sel + a.n;
   const int64_t t = L.t, J = t / a.lp, h0 = hk * a.G;
-  load_group(s, g, any_ptr(a.q, b, tok, h0), a.q.bf16, a.q.s2);
+  load_group(s, g, any_ptr(a.q, b, tok, h0), a.q.el, a.q.s2);
 
   BranchOut out[3];
   branch_outs(a, b, tok, h0, out);
@@ -328,7 +328,7 @@ __device__ void nsa_query(const FwdArgs& a, const Loc& L, float* smem) {
   __syncthreads();
 
   // Step 6: the gated sum.
-  store_out(s, g, any_ptr(a.o, b, tok, h0), a.o.bf16, a.o.s2);
+  store_out(s, g, any_ptr(a.o, b, tok, h0), a.o.el, a.o.s2);
 }
 
 // The dense baseline (nsa_dense_fwd): one branch over keys max(0, t - w + 1) .. t (w = 0: all).
@@ -346,7 +346,7 @@ __device__ void dense_query(const DenseArgs& a, const Loc& L, float* smem) {
   const Group g{a.G, a.Dk, a.Dv, a.scale};
   const Smem s = carve(smem, a.G, a.Dk, a.Dv);
   const int64_t t = L.t, h0 = hk * a.G;
-  load_group(s, g, any_ptr(a.q, b, tok, h0), a.q.bf16, a.q.s2);
+  load_group(s, g, any_ptr(a.q, b, tok, h0), a.q.el, a.q.s2);
   begin_branch(s, g);
   __syncthreads();
   const int64_t w0 = a.w > 0 ? max(int64_t(0), t - a.w + 1) : 0;
@@ -359,7 +359,7 @@ __device__ void dense_query(const DenseArgs& a, const Loc& L, float* smem) {
   if (a.lse.p) bo.lse = ptr<float>(a.lse, b, tok, h0), bo.lse_hs = a.lse.s2;
   end_branch(s, g, bo);
   __syncthreads();
-  store_out(s, g, any_ptr(a.o, b, tok, h0), a.o.bf16, a.o.s2);
+  store_out(s, g, any_ptr(a.o, b, tok, h0), a.o.el, a.o.s2);
 }
 
 // The forward's arguments from a validated problem (host code; forward.cu, test_cuda_emu.cc).

@@ -163,7 +163,7 @@ __device__ void cmp_part_block(const FwdArgs& a, const StepRows& r, const SplitS
   const Loc L = step_loc(r);
   const Group g{a.G, a.Dk, a.Dv, a.scale};
   const Smem s = carve(smem, a.G, a.Dk, a.Dv);
-  load_group(s, g, any_ptr(a.q, 0, L.qt, L.hk * a.G), a.q.bf16, a.q.s2);
+  load_group(s, g, any_ptr(a.q, 0, L.qt, L.hk * a.G), a.q.el, a.q.s2);
   int64_t first = 0, n = 0;
   part_range(cmp_count(a, L), w.plan.cmp, blockIdx.z, &first, &n);
   attend_part<In>(s, g, rows<In>(a.k_cmp, L.kb, L.hk), rows<In>(a.v_cmp, L.kb, L.hk),
@@ -185,7 +185,7 @@ __device__ void probs_block(const FwdArgs& a, const StepRows& r, const SplitScra
   const Group g{a.G, a.Dk, a.Dv, a.scale};
   const Smem s = carve(smem, a.G, a.Dk, a.Dv);
   const Slot sl = slot(w, blockIdx.x, L.hk);
-  load_group(s, g, any_ptr(a.q, 0, L.qt, L.hk * a.G), a.q.bf16, a.q.s2);
+  load_group(s, g, any_ptr(a.q, 0, L.qt, L.hk * a.G), a.q.el, a.q.s2);
   merge_parts(s, g, w, sl, 0, w.plan.cmp, false);
   int64_t first = 0, n = 0;
   part_range(cmp_count(a, L), w.plan.cmp, blockIdx.z, &first, &n);
@@ -232,7 +232,7 @@ __device__ void sw_part_block(const FwdArgs& a, const StepRows& r, const SplitSc
   const Group g{a.G, a.Dk, a.Dv, a.scale};
   const Smem s = carve(smem, a.G, a.Dk, a.Dv);
   const Slot sl = slot(w, blockIdx.x, L.hk);
-  load_group(s, g, any_ptr(a.q, 0, L.qt, L.hk * a.G), a.q.bf16, a.q.s2);
+  load_group(s, g, any_ptr(a.q, 0, L.qt, L.hk * a.G), a.q.el, a.q.s2);
   const int z = blockIdx.z;
   if (z < w.plan.slc) {
     int* sel = reinterpret_cast<int*>(s.extra);
@@ -273,7 +273,7 @@ __device__ inline void combine_block(const FwdArgs& a, const StepRows& r, const 
     end_branch(s, g, out[c]);
   }
   __syncthreads();
-  store_out(s, g, any_ptr(a.o, 0, L.qt, h0), a.o.bf16, a.o.s2);
+  store_out(s, g, any_ptr(a.o, 0, L.qt, h0), a.o.el, a.o.s2);
 }
 
 // The dense baseline, launch 1: part blockIdx.z of its keys.
@@ -283,7 +283,7 @@ __device__ void dense_part_block(const DenseArgs& a, const StepRows& r, const Sp
   const Loc L = step_loc(r);
   const Group g{a.G, a.Dk, a.Dv, a.scale};
   const Smem s = carve(smem, a.G, a.Dk, a.Dv);
-  load_group(s, g, any_ptr(a.q, 0, L.qt, L.hk * a.G), a.q.bf16, a.q.s2);
+  load_group(s, g, any_ptr(a.q, 0, L.qt, L.hk * a.G), a.q.el, a.q.s2);
   const int64_t w0 = a.w > 0 ? max(int64_t(0), L.t - a.w + 1) : 0;
   int64_t first = 0, n = 0;
   part_range(L.t - w0 + 1, w.plan.win, blockIdx.z, &first, &n);
@@ -306,7 +306,7 @@ __device__ inline void dense_combine_block(const DenseArgs& a, const StepRows& r
   if (a.lse.p) bo.lse = ptr<float>(a.lse, 0, L.qt, h0), bo.lse_hs = a.lse.s2;
   end_branch(s, g, bo);
   __syncthreads();
-  store_out(s, g, any_ptr(a.o, 0, L.qt, h0), a.o.bf16, a.o.s2);
+  store_out(s, g, any_ptr(a.o, 0, L.qt, h0), a.o.el, a.o.s2);
 }
 
 }  // namespace

@@ -160,3 +160,31 @@ def test_bf16_gradients():
         return run_oracle(xs[0], xs[1], xs[2], xs[3:6], SMALL, k_cmp=xs[6], v_cmp=xs[7])
 
     compare(names, [q, k, v, *g, kc, vc], run_nsa, run_ref, tol=2e-2)
+
+
+def test_f16_equals_f32_of_the_same_values():
+    """float16 widens exactly to float32 (nsa.h): the forward of float16 inputs is the float32
+    run's on the same values rounded once to float16, bit for bit. The gradients differ by what
+    the float16 run rounds before its backward: d_o and the saved branch outputs (D = rowsum(d_o
+    o_c)), 2^-11 relative each, then the gradient's own rounding; 2.5e-3 of the largest gradient
+    (test_bf16_gradients' 2e-2 for bf16's 2^-8, scaled by the 8x finer f16 step). The compressed
+    tokens are given (leaves), so that both runs read the same values."""
+    q, k, v, g = make_inputs(1, 70, 6, 2, 16, 12, dtype=torch.float16)
+    tc = SMALL.cmp_len(70)
+    kc, vc = torch.randn(1, tc, 2, 16).half(), torch.randn(1, tc, 2, 12).half()
+    h = [x.detach().requires_grad_() for x in (q, k, v, *g, kc, vc)]
+    f = [x.detach().float().requires_grad_() for x in (q, k, v, *g, kc, vc)]
+    outs = []
+    for xs in (h, f):
+        o, lse, idx = native_sparse_attention(*xs[:6], config=SMALL, k_cmp=xs[6], v_cmp=xs[7],
+                                              return_lse=True, return_indices=True)
+        assert o.dtype == xs[0].dtype
+        w = torch.linspace(-1, 1, o.numel()).reshape(o.shape)
+        (o.float() * w).sum().backward()
+        outs.append((o, lse, idx))
+    assert torch.equal(outs[0][0], outs[1][0].half())
+    assert torch.equal(outs[0][1], outs[1][1]) and torch.equal(outs[0][2], outs[1][2])
+    names = ["q", "k", "v", "g_cmp", "g_slc", "g_win", "k_cmp", "v_cmp"]
+    for name, a, b in zip(names, h, f):
+        assert a.grad.dtype == torch.float16, name
+        assert_close(a.grad.float(), b.grad, 2.5e-3, f"d{name}")

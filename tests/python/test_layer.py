@@ -204,3 +204,20 @@ def test_torch_compile_decode_step():
     steps = torch.cat([step(x[:, t:t + 1], cache) for t in range(40)], 1)
     assert cache.lengths.tolist() == [40, 40]
     assert (steps - full).abs().max() <= STEP_TOL
+
+
+def test_f16_layer_decodes_on_a_float32_cache():
+    """A float16 layer: its cache stores float32 (a cache holds float32 or bfloat16), prefill and
+    steps take float16 queries, and both equal the forward within two float16 roundings of the
+    output at |y| < 1 (the attention output, then the projection's result: 2 * 2^-11), plus the
+    float32 cache's own compressed tokens against the forward's float16 ones (2^-11)."""
+    torch.manual_seed(3)
+    m = layer(dtype=torch.float16)
+    x = torch.randn(2, 40, 64, dtype=torch.float16)
+    y = m(x)
+    cache = m.new_cache(2, 64)
+    assert cache.dtype == torch.float32
+    pre = m.prefill(x[:, :20], cache)
+    steps = torch.cat([pre] + [m.step(x[:, t:t + 1], cache) for t in range(20, 40)], 1)
+    assert steps.dtype == torch.float16 and y.abs().max() < 1
+    assert (steps.float() - y.float()).abs().max() <= 4 * 2.0 ** -11

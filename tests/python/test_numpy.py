@@ -49,6 +49,19 @@ def test_forward_equals_torch_op(mlp):
         assert np.array_equal(a, b.numpy())  # the same C call on the same values
 
 
+def test_float16_arrays():
+    """float16 arrays widen exactly: the float32 result of the same values, rounded to float16
+    (the compressed tokens given, float16 in both: compressing in float16 rounds them)."""
+    q, k, v, g = arrays(1, 60, 4, 2, 8)
+    h = [x.astype(np.float16) for x in (q, k, v, *g)]
+    kc, vc = (nsa.np.compress(x, SMALL) for x in h[1:3])
+    o16 = nsa.np.forward(*h, config=SMALL, k_cmp=kc, v_cmp=vc)
+    o32 = nsa.np.forward(*(x.astype(np.float32) for x in h), config=SMALL,
+                         k_cmp=kc.astype(np.float32), v_cmp=vc.astype(np.float32))
+    assert kc.dtype == o16.dtype == np.float16
+    assert np.array_equal(o16, o32.astype(np.float16))
+
+
 def test_reference_backend_agrees():
     """backend="ref" runs the float64 reference; the CPU kernels agree to f32 rounding."""
     q, k, v, g = arrays(2, 70, 6, 3, 8)
