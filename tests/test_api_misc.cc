@@ -301,6 +301,8 @@ TEST(ApiCpp, TensorHelpers) {
   EXPECT_EQ(s.dtype, NSA_DTYPE_BF16);
   EXPECT_EQ(s.stride[0], 4);
   EXPECT_EQ(s.stride[1], 1);
+  nsa::f16 hh[3];
+  EXPECT_EQ(nsa::tensor(hh, {3}).dtype, NSA_DTYPE_F16);
   int32_t ib[3];
   EXPECT_EQ(nsa::tensor(ib, {3}).dtype, NSA_DTYPE_I32);
 }

@@ -18,6 +18,10 @@ namespace nsa {
 struct bf16 {
   uint16_t bits;
 };
+// An f16 element: the bits of an IEEE binary16.
+struct f16 {
+  uint16_t bits;
+};
 
 template <typename T>
 constexpr nsa_dtype dtype_of();
@@ -28,6 +32,10 @@ constexpr nsa_dtype dtype_of<float>() {
 template <>
 constexpr nsa_dtype dtype_of<bf16>() {
   return NSA_DTYPE_BF16;
+}
+template <>
+constexpr nsa_dtype dtype_of<f16>() {
+  return NSA_DTYPE_F16;
 }
 template <>
 constexpr nsa_dtype dtype_of<int32_t>() {

@@ -24,7 +24,9 @@
  * the first such call, none afterwards for calls of the same size or smaller), is kept for the
  * next call, and is freed by nsa_context_destroy; nsa_context_reserve_cuda_workspace grows it
  * ahead of time, so that a timed or graph-captured call allocates nothing (a decode step captured
- * while the workspace is too small for its split runs unsplit rather than allocate). The forward needs no
+ * while the workspace is too small for its split runs unsplit rather than allocate). A captured
+ * graph keeps the workspace's address: a later call that grows the workspace frees the old one,
+ * so reserve the largest size before capturing. The forward needs no
  * scratch: its block scores and selection live in shared memory (paper, Section 3.4). A cache
  * with mlp compression makes its own scratch, cuBLAS handle and copy of the parameters at
  * creation (which waits for the context's stream), and nothing afterwards; the whole capacity is
