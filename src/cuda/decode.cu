@@ -177,91 +177,37 @@ void launch_dense(const DenseArgs& a, const StepRows& r, const LaunchShape& ls, 
   dense_decode_kernel<In><<<ls.grid, kThreads, ls.smem, s>>>(a, r);
 }
 
-// Split-key steps (split.cuh): the kernels of each launch, over (row, KV head, part).
-template <typename In>
+// Split-key steps (split.cuh): one kernel per block function, over (row, KV head, part).
+template <typename Args, void (*Block)(const Args&, const StepRows&, const SplitScratch&, float*)>
 __global__ void __launch_bounds__(kThreads)
-    cmp_part_kernel(const FwdArgs a, const StepRows r, const SplitScratch w) {
+    split_kernel(const Args a, const StepRows r, const SplitScratch w) {
   extern __shared__ float smem[];
-  cmp_part_block<In>(a, r, w, smem);
-}
-template <typename In>
-__global__ void __launch_bounds__(kThreads)
-    probs_kernel(const FwdArgs a, const StepRows r, const SplitScratch w) {
-  extern __shared__ float smem[];
-  probs_block<In>(a, r, w, smem);
-}
-__global__ void __launch_bounds__(kThreads)
-    select_kernel(const FwdArgs a, const StepRows r, const SplitScratch w) {
-  extern __shared__ float smem[];
-  select_block(a, r, w, smem);
-}
-template <typename In>
-__global__ void __launch_bounds__(kThreads)
-    sw_part_kernel(const FwdArgs a, const StepRows r, const SplitScratch w) {
-  extern __shared__ float smem[];
-  sw_part_block<In>(a, r, w, smem);
-}
-__global__ void __launch_bounds__(kThreads)
-    combine_kernel(const FwdArgs a, const StepRows r, const SplitScratch w) {
-  extern __shared__ float smem[];
-  combine_block(a, r, w, smem);
-}
-template <typename In>
-__global__ void __launch_bounds__(kThreads)
-    dense_part_kernel(const DenseArgs a, const StepRows r, const SplitScratch w) {
-  extern __shared__ float smem[];
-  dense_part_block<In>(a, r, w, smem);
-}
-__global__ void __launch_bounds__(kThreads)
-    dense_combine_kernel(const DenseArgs a, const StepRows r, const SplitScratch w) {
-  extern __shared__ float smem[];
-  dense_combine_block(a, r, w, smem);
+  Block(a, r, w, smem);
 }
 
-// A split step's kernels, in order, each with its parts (grid.z); launch k of a row range runs
-// kernel k. Every shape is checked before anything is enqueued.
+// A split step's kernels, in order, each with its parts (grid.z). Every shape is checked before
+// anything is enqueued.
 template <typename Args, int N>
 Status launch_split(const DecodeProblem& pr, const Args& a, const std::vector<int32_t>& t,
-                    const SplitScratch& w, const void* const (&fns)[N], const int (&parts)[N],
-                    int64_t smem, const char* call,
-                    void (*launch)(int k, const Args&, const StepRows&, const SplitScratch&,
-                                   const LaunchShape&, cudaStream_t)) {
+                    const SplitScratch& w,
+                    void (*const (&kernels)[N])(const Args, const StepRows, const SplitScratch),
+                    const int (&parts)[N], int64_t smem, const char* call) {
   LaunchShape ls[N];
   const int64_t first = std::min<int64_t>(pr.S, kRowsPerLaunch);
   for (int k = 0; k < N; ++k) {
-    NSA_RETURN_IF_ERROR(launch_shape(call, fns[k], smem, first, pr.cache->Hkv, &ls[k]));
+    NSA_RETURN_IF_ERROR(launch_shape(call, reinterpret_cast<const void*>(kernels[k]), smem, first,
+                                     pr.cache->Hkv, &ls[k]));
     ls[k].grid.z = static_cast<unsigned>(parts[k]);
   }
   for (int64_t r0 = 0; r0 < pr.S; r0 += kRowsPerLaunch) {
     const StepRows rows = step_rows(pr, t, r0);
     for (int k = 0; k < N; ++k) {
       ls[k].grid.x = static_cast<unsigned>(std::min<int64_t>(pr.S - r0, kRowsPerLaunch));
-      launch(k, a, rows, w, ls[k], stream_of(pr));
+      kernels[k]<<<ls[k].grid, kThreads, ls[k].smem, stream_of(pr)>>>(a, rows, w);
       NSA_RETURN_IF_ERROR(launch_status(call));
     }
   }
   return Status::ok();
-}
-
-template <typename In>
-void launch_nsa_split(int k, const FwdArgs& a, const StepRows& r, const SplitScratch& w,
-                      const LaunchShape& ls, cudaStream_t s) {
-  switch (k) {
-    case 0: cmp_part_kernel<In><<<ls.grid, kThreads, ls.smem, s>>>(a, r, w); break;
-    case 1: probs_kernel<In><<<ls.grid, kThreads, ls.smem, s>>>(a, r, w); break;
-    case 2: select_kernel<<<ls.grid, kThreads, ls.smem, s>>>(a, r, w); break;
-    case 3: sw_part_kernel<In><<<ls.grid, kThreads, ls.smem, s>>>(a, r, w); break;
-    default: combine_kernel<<<ls.grid, kThreads, ls.smem, s>>>(a, r, w); break;
-  }
-}
-template <typename In>
-void launch_dense_split(int k, const DenseArgs& a, const StepRows& r, const SplitScratch& w,
-                        const LaunchShape& ls, cudaStream_t s) {
-  if (k == 0) {
-    dense_part_kernel<In><<<ls.grid, kThreads, ls.smem, s>>>(a, r, w);
-  } else {
-    dense_combine_kernel<<<ls.grid, kThreads, ls.smem, s>>>(a, r, w);
-  }
 }
 
 // The step's split plan and its scratch in the context's workspace, or no split (plan all zero)
@@ -304,11 +250,11 @@ Status run_step(const DecodeProblem& pr, const CacheBufs& cb) {
     const DenseArgs a = dense_step_args(pr, cb);
     const int64_t smem = 4 * smem_floats(a.G, a.Dk, a.Dv);
     if (w.plan.parts() > 0) {
-      const void* const fns[2] = {reinterpret_cast<const void*>(&dense_part_kernel<In>),
-                                  reinterpret_cast<const void*>(&dense_combine_kernel)};
+      void (*const kernels[2])(const DenseArgs, const StepRows, const SplitScratch) = {
+          split_kernel<DenseArgs, dense_part_block<In>>,
+          split_kernel<DenseArgs, dense_combine_block>};
       const int parts[2] = {w.plan.win, 1};
-      return launch_split<DenseArgs, 2>(pr, a, t, w, fns, parts, smem, "nsa_dense_decode",
-                                        launch_dense_split<In>);
+      return launch_split<DenseArgs, 2>(pr, a, t, w, kernels, parts, smem, "nsa_dense_decode");
     }
     return launch_step<DenseArgs>(pr, a, t, reinterpret_cast<const void*>(&dense_decode_kernel<In>),
                                   smem, "nsa_dense_decode", launch_dense<In>);
@@ -316,14 +262,13 @@ Status run_step(const DecodeProblem& pr, const CacheBufs& cb) {
   const FwdArgs a = nsa_step_args(pr, cb, t_max);
   const int64_t smem = nsa_smem_bytes(a.G, a.Dk, a.Dv, a.nblk, a.n);
   if (w.plan.parts() > 0) {
-    const void* const fns[5] = {reinterpret_cast<const void*>(&cmp_part_kernel<In>),
-                                reinterpret_cast<const void*>(&probs_kernel<In>),
-                                reinterpret_cast<const void*>(&select_kernel),
-                                reinterpret_cast<const void*>(&sw_part_kernel<In>),
-                                reinterpret_cast<const void*>(&combine_kernel)};
+    // split.cuh's five launches: cmp parts, probabilities, selection, slc/win parts, combine.
+    void (*const kernels[5])(const FwdArgs, const StepRows, const SplitScratch) = {
+        split_kernel<FwdArgs, cmp_part_block<In>>, split_kernel<FwdArgs, probs_block<In>>,
+        split_kernel<FwdArgs, select_block>, split_kernel<FwdArgs, sw_part_block<In>>,
+        split_kernel<FwdArgs, combine_block>};
     const int parts[5] = {w.plan.cmp, w.plan.cmp, 1, w.plan.slc + w.plan.win, 1};
-    return launch_split<FwdArgs, 5>(pr, a, t, w, fns, parts, smem, "nsa_decode",
-                                    launch_nsa_split<In>);
+    return launch_split<FwdArgs, 5>(pr, a, t, w, kernels, parts, smem, "nsa_decode");
   }
   return launch_step<FwdArgs>(pr, a, t, reinterpret_cast<const void*>(&decode_kernel<In>), smem,
                               "nsa_decode", launch_nsa<In>);
