@@ -252,11 +252,9 @@ void emu_split(const nsa::DecodeProblem& pr, const nsa::cuda::StepRows& rows, in
   const nsa_kv_cache& c = *pr.cache;
   SplitScratch w;
   w.plan = plan;
+  w.P = plan.parts() + 1;  // room past the plan's parts, as decode.cu lays it out
   w.Hkv = c.Hkv, w.G = int(pr.G), w.Dv = int(c.Dv);
-  if (!pr.dense) {
-    w.ncmax = std::min(cmp_len(t_max + 1, c.cfg.cmp_block, c.cfg.cmp_stride), cb.cmp_rows);
-    w.n = c.cfg.slc_count;
-  }
+  if (!pr.dense) w.ncmax = cb.cmp_rows, w.n = c.cfg.slc_count;
   std::vector<float> scratch(size_t(split_scratch_bytes(w, pr.S) / 4),
                              std::numeric_limits<float>::quiet_NaN());
   w.base = scratch.data();
@@ -361,6 +359,98 @@ TEST(CudaEmuDecode, SplitStepsMatchTheReference) {
   }
   // More parts than chunks (empty parts weigh nothing), G = 16 and odd head dims.
   decode_vs_reference({1, 300, 16, 1, 17, 33}, cfg, NSA_DTYPE_BF16, {9, 5, 7}, 290);
+}
+
+// Two rows at different lengths (sequences 0 and 1 of one cache) in one split step: each row's
+// outputs are the bits of that row stepped alone (slot i > 0 of the scratch, per-row positions).
+TEST(CudaEmuDecode, SplitStepOfTwoRowsEqualsEachRowAlone) {
+  using nsa::cuda::SplitPlan;
+  const Shape s{1, 300, 6, 2, 20, 12};
+  const nsa_config cfg = config(16, 4, 16, 4, 1, 1, 80);
+  const nsa_dtype dt = NSA_DTYPE_BF16;
+  FwdCase c = make_case(s, cfg, dt, 41), alone = make_case(s, cfg, dt, 41);
+  EmuCache ec(cfg, 2, s.T, s, dt);
+  const int64_t len[2] = {300, 257};
+  for (int64_t seq = 0; seq < 2; ++seq) {
+    for (int64_t t = 0; t < len[seq]; ++t) ec.append(seq, c.k, c.v, t);
+  }
+  const SplitPlan plan{3, 2, 3};
+  for (int64_t seq = 0; seq < 2; ++seq) {
+    emu_step<__nv_bfloat16>(ec, seq, c, alone, len[seq] - 1, false, 0, plan);
+  }
+  // The same rows as one step of S = 2.
+  Tensor q(dt, {2, s.Hq, s.Dk}), o(NSA_DTYPE_F32, {2, s.Hq, s.Dv}), g[3], lse[3];
+  Tensor idx(NSA_DTYPE_I32, {2, s.Hkv, cfg.slc_count});
+  for (int i = 0; i < 3; ++i) {
+    g[i] = Tensor(dt, {2, s.Hq});
+    lse[i] = Tensor(NSA_DTYPE_F32, {2, s.Hq});
+  }
+  const Tensor* cg[3] = {&c.g_cmp, &c.g_slc, &c.g_win};
+  for (int64_t r = 0; r < 2; ++r) {
+    for (int64_t h = 0; h < s.Hq; ++h) {
+      for (int64_t x = 0; x < s.Dk; ++x) q.set({r, h, x}, c.q.at({0, len[r] - 1, h, x}));
+      for (int i = 0; i < 3; ++i) g[i].set({r, h}, cg[i]->at({0, len[r] - 1, h}));
+    }
+  }
+  nsa_decode_params p;
+  nsa_decode_params_init(&p);
+  p.q = q.desc(), p.o = o.desc(), p.slc_indices_out = idx.desc();
+  p.g_cmp = g[0].desc(), p.g_slc = g[1].desc(), p.g_win = g[2].desc();
+  p.lse_cmp = lse[0].desc(), p.lse_slc = lse[1].desc(), p.lse_win = lse[2].desc();
+  nsa::DecodeProblem pr;
+  pr.cache = &ec.c;
+  pr.nsa = &p;
+  pr.q = p.q, pr.o = p.o;
+  pr.scale = ec.c.cfg.scale;
+  pr.S = 2, pr.Hq = s.Hq, pr.G = s.Hq / s.Hkv;
+  pr.seqs = {0, 1};
+  std::vector<int32_t> pos;
+  const int64_t t_max = nsa::cuda::step_positions(pr, &pos);
+  ASSERT_EQ(t_max, 299);
+  emu_split<__nv_bfloat16>(pr, nsa::cuda::step_rows(pr, pos, 0), t_max, plan, ec.bufs);
+  int64_t off = 0;
+  for (int64_t r = 0; r < 2; ++r) {
+    const int64_t t = len[r] - 1;
+    for (int64_t h = 0; h < s.Hq; ++h) {
+      for (int64_t x = 0; x < s.Dv; ++x) off += o.at({r, h, x}) != alone.o.at({0, t, h, x});
+      off += lse[0].at({r, h}) != alone.lse_cmp.at({0, t, h});
+      off += lse[2].at({r, h}) != alone.lse_win.at({0, t, h});
+    }
+    for (int64_t hk = 0; hk < s.Hkv; ++hk) {
+      for (int64_t i = 0; i < cfg.slc_count; ++i) {
+        off += idx.at_i32({r, hk, i}) != alone.idx_out.at_i32({0, t, hk, i});
+      }
+    }
+  }
+  EXPECT_EQ(off, 0);
+}
+
+// The host plan (decode.cu's choice): batch 1 at 64k on an H100's 132 SMs splits cmp into 64
+// parts of 64 compressed tokens, slc into its 16 blocks, win into 8 parts of 64 keys; batch 16
+// into 5 each; nothing where the blocks are already two per SM or below 1024 keys; dense by 4
+// chunks from 1024 keys of its window on. Every plan fits the scratch's layout (max_split_parts).
+TEST(CudaSplitPlan, PaperShapes) {
+  using nsa::cuda::SplitPlan;
+  nsa_config def;
+  nsa_config_default(&def);
+  auto same = [](SplitPlan a, SplitPlan b) {
+    return a.cmp == b.cmp && a.slc == b.slc && a.win == b.win;
+  };
+  EXPECT_TRUE(same(nsa::cuda::nsa_split_plan(4, 132, 65535, def), {64, 16, 8}));
+  EXPECT_TRUE(same(nsa::cuda::nsa_split_plan(64, 132, 65535, def), {5, 5, 5}));
+  EXPECT_EQ(nsa::cuda::nsa_split_plan(264, 132, 65535, def).parts(), 0);
+  EXPECT_EQ(nsa::cuda::nsa_split_plan(4, 132, 1022, def).parts(), 0);
+  EXPECT_EQ(nsa::cuda::dense_split_plan(4, 132, 65535, 0).win, 66);
+  EXPECT_EQ(nsa::cuda::dense_split_plan(4, 132, 65535, 100).parts(), 0);
+  EXPECT_EQ(nsa::cuda::dense_split_plan(4, 132, 1500, 0).win, 12);
+  for (int64_t blocks : {1, 4, 64, 131}) {
+    for (int64_t t = 0; t < 70000; t += 997) {
+      const SplitPlan n = nsa::cuda::nsa_split_plan(blocks, 132, t, def);
+      const SplitPlan d = nsa::cuda::dense_split_plan(blocks, 132, t, 0);
+      EXPECT_LE(n.parts(), nsa::cuda::max_split_parts(blocks, 132, &def)) << blocks << " " << t;
+      EXPECT_LE(d.parts(), nsa::cuda::max_split_parts(blocks, 132, nullptr)) << blocks << " " << t;
+    }
+  }
 }
 
 // The dense decode baseline over the emulated cache against the reference's dense attention,

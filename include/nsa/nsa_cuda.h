@@ -26,7 +26,10 @@
  * ahead of time, so that a timed or graph-captured call allocates nothing (a decode step captured
  * while the workspace is too small for its split runs unsplit rather than allocate). A captured
  * graph keeps the workspace's address: a later call that grows the workspace frees the old one,
- * so reserve the largest size before capturing. The forward needs no
+ * so reserve the largest size before capturing. A split decode step's scratch depends on its
+ * batch size, not on the sequences' lengths, so it is allocated by the first such step. The
+ * workspace is used in the order of the context's stream: after changing the stream while such
+ * work is still queued on the old one, order the two yourself (an event). The forward needs no
  * scratch: its block scores and selection live in shared memory (paper, Section 3.4). A cache
  * with mlp compression makes its own scratch, cuBLAS handle and copy of the parameters at
  * creation (which waits for the context's stream), and nothing afterwards; the whole capacity is

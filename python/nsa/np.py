@@ -1,9 +1,9 @@
 """NSA on NumPy arrays, without torch: the forward, the compression and KV-cache decode.
 
-Arrays are float32 (bfloat16 through ``ml_dtypes`` where installed) and int32 for indices and
-``cu_seqlens``; strided views go to the C API as they are (strides must be non-negative and the
-last dimension contiguous). Outputs are new arrays. ``threads`` 0 uses OpenMP's default; the
-GIL is released during each C call. Shapes and semantics are those of
+Arrays are float32 or float16 (bfloat16 through ``ml_dtypes`` where installed) and int32 for
+indices and ``cu_seqlens``; strided views go to the C API as they are (strides must be
+non-negative and the last dimension contiguous). Outputs are new arrays. ``threads`` 0 uses
+OpenMP's default; the GIL is released during each C call. Shapes and semantics are those of
 :func:`nsa.functional.native_sparse_attention` and nsa.h.
 """
 from __future__ import annotations

@@ -213,7 +213,7 @@ Status launch_split(const DecodeProblem& pr, const Args& a, const std::vector<in
 // The step's split plan and its scratch in the context's workspace, or no split (plan all zero)
 // when the step fills the device as it is, or when a stream capture would have to grow the
 // workspace (cudaMalloc is not allowed there; nsa_context_reserve_cuda_workspace avoids it).
-Status plan_split(const DecodeProblem& pr, int64_t t_max, int64_t ncmax, SplitScratch* w) {
+Status plan_split(const DecodeProblem& pr, int64_t t_max, int64_t cmp_rows, SplitScratch* w) {
   int dev = 0, sms = 0;
   const char* call = pr.dense ? "nsa_dense_decode" : "nsa_decode";
   NSA_RETURN_IF_ERROR(cuda_status(cudaGetDevice(&dev), call));
@@ -224,8 +224,9 @@ Status plan_split(const DecodeProblem& pr, int64_t t_max, int64_t ncmax, SplitSc
   w->plan = pr.dense ? dense_split_plan(blocks, sms, t_max, pr.window)
                      : nsa_split_plan(blocks, sms, t_max, c.cfg);
   if (w->plan.parts() == 0 || pr.workspace == nullptr) return w->plan = {}, Status::ok();
+  w->P = max_split_parts(blocks, sms, pr.dense ? nullptr : &c.cfg);
   w->Hkv = c.Hkv, w->G = int(pr.G), w->Dv = int(c.Dv);
-  if (!pr.dense) w->ncmax = ncmax, w->n = c.cfg.slc_count;
+  if (!pr.dense) w->ncmax = cmp_rows, w->n = c.cfg.slc_count;
   const size_t bytes = size_t(split_scratch_bytes(*w, rows));
   const size_t held = *pr.workspace ? (*pr.workspace)->size() : 0;
   if (bytes > held && capturing(stream_of(pr))) {
@@ -242,10 +243,8 @@ template <typename In>
 Status run_step(const DecodeProblem& pr, const CacheBufs& cb) {
   std::vector<int32_t> t;
   const int64_t t_max = step_positions(pr, &t);
-  const nsa_config& cfg = pr.cache->cfg;
   SplitScratch w;
-  NSA_RETURN_IF_ERROR(plan_split(
-      pr, t_max, std::min(cmp_len(t_max + 1, cfg.cmp_block, cfg.cmp_stride), cb.cmp_rows), &w));
+  NSA_RETURN_IF_ERROR(plan_split(pr, t_max, cb.cmp_rows, &w));
   if (pr.dense) {
     const DenseArgs a = dense_step_args(pr, cb);
     const int64_t smem = 4 * smem_floats(a.G, a.Dk, a.Dv);

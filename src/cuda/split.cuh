@@ -42,7 +42,8 @@ inline int64_t split_want(int64_t blocks, int sms) {
 }
 
 // NSA: cmp parts of at least two chunks of compressed tokens, slc parts of whole selected
-// blocks, win parts of at least two chunks of keys.
+// blocks, win parts of at least two chunks of keys. No split where every branch would be one
+// part.
 inline SplitPlan nsa_split_plan(int64_t blocks, int sms, int64_t t_max, const nsa_config& cfg) {
   const int64_t want = split_want(blocks, sms);
   if (want <= 1 || t_max + 1 < kMinSplitKeys) return {};
@@ -52,31 +53,41 @@ inline SplitPlan nsa_split_plan(int64_t blocks, int sms, int64_t t_max, const ns
   p.cmp = int(clamp_parts(want, (nc + 2 * kChunk - 1) / (2 * kChunk)));
   p.slc = int(clamp_parts(want, cfg.slc_count));
   p.win = int(clamp_parts(want, (win + 2 * kChunk - 1) / (2 * kChunk)));
-  return p;
+  return p.parts() > 3 ? p : SplitPlan{};
 }
 
-// Dense: parts of at least four chunks of keys.
+// Dense: parts of at least four chunks of keys, from kMinSplitKeys keys (the window's) on.
 inline SplitPlan dense_split_plan(int64_t blocks, int sms, int64_t t_max, int32_t window) {
   const int64_t want = split_want(blocks, sms);
-  if (want <= 1 || t_max + 1 < kMinSplitKeys) return {};
   const int64_t keys = window > 0 ? std::min<int64_t>(window, t_max + 1) : t_max + 1;
+  if (want <= 1 || keys < kMinSplitKeys) return {};
   SplitPlan p;
   p.win = int(clamp_parts(want, (keys + 4 * kChunk - 1) / (4 * kChunk)));
   return p;
 }
 
+// The most parts a plan of this step shape can have (blocks per launch, the device, the
+// config): the scratch is laid out for that many, so its size does not change as the sequences
+// grow and a step never reallocates it (a workspace grown once, or reserved, serves every later
+// step of the same batch size).
+inline int max_split_parts(int64_t blocks, int sms, const nsa_config* cfg) {
+  const int64_t want = split_want(blocks, sms);
+  return int(cfg ? 2 * want + std::min<int64_t>(want, cfg->slc_count) : want);
+}
+
 // A split step's scratch (the context's workspace), one slot per (launch row, KV head): the
-// parts' outputs [P][G][Dv] and LSEs [P][G], the group probabilities [ncmax] and the selection
-// [n] (-1 past its count).
+// parts' outputs [P][G][Dv] and LSEs [P][G] (P >= plan.parts()), the group probabilities
+// [ncmax] (the cache's compressed rows) and the selection [n] (-1 past its count).
 struct SplitScratch {
   float* base = nullptr;
   SplitPlan plan;
+  int P = 0;
   int64_t Hkv = 0, ncmax = 0;
   int G = 0, Dv = 0, n = 0;
 };
 
 __host__ __device__ inline int64_t slot_floats(const SplitScratch& w) {
-  return int64_t(w.plan.parts()) * w.G * (w.Dv + 1) + w.ncmax + w.n;
+  return int64_t(w.P) * w.G * (w.Dv + 1) + w.ncmax + w.n;
 }
 inline int64_t split_scratch_bytes(const SplitScratch& w, int64_t rows) {
   return 4 * rows * w.Hkv * slot_floats(w);
@@ -91,8 +102,8 @@ struct Slot {
 __device__ inline Slot slot(const SplitScratch& w, int64_t i, int64_t hk) {
   Slot s;
   s.o = w.base + (i * w.Hkv + hk) * slot_floats(w);
-  s.lse = s.o + int64_t(w.plan.parts()) * w.G * w.Dv;
-  s.ps = s.lse + int64_t(w.plan.parts()) * w.G;
+  s.lse = s.o + int64_t(w.P) * w.G * w.Dv;
+  s.ps = s.lse + int64_t(w.P) * w.G;
   s.sel = reinterpret_cast<int*>(s.ps + w.ncmax);
   return s;
 }
