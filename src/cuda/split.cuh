@@ -36,7 +36,8 @@ inline int64_t clamp_parts(int64_t want, int64_t most) {
   return std::max<int64_t>(1, std::min(want, most));
 }
 
-// Blocks the step runs per launch without splitting: the plan aims at about two per SM.
+// Parts per (row, KV head) that would give a launch of `blocks` such blocks about two blocks per
+// SM.
 inline int64_t split_want(int64_t blocks, int sms) {
   return (2 * int64_t(sms) + blocks - 1) / blocks;
 }
