@@ -182,17 +182,9 @@ TEST(CudaEmuDense, WindowAndFull) {
     const Shape s{1, 50, 6, 2, 24, 20};
     FwdCase ref = make_case(s, small_cfg(), dt, 5);
     FwdCase emu = make_case(s, small_cfg(), dt, 5);
-    auto params = [&](FwdCase& c) {
-      nsa_dense_fwd_params p;
-      nsa_dense_fwd_params_init(&p);
-      p.q = c.q.desc(), p.k = c.k.desc(), p.v = c.v.desc(), p.o = c.o.desc();
-      p.lse = c.lse_win.desc();
-      p.window = window;
-      return p;
-    };
     std::string msg;
-    ASSERT_EQ(run_on(oracle(), params(ref), 0, &msg), NSA_OK) << msg;
-    emu_dense(params(emu));
+    ASSERT_EQ(run_on(oracle(), dense_params(ref, window), 0, &msg), NSA_OK) << msg;
+    emu_dense(dense_params(emu, window));
     const double tol = 16.0 * (s.Dk + s.T) * kEps;
     expect_near("o", emu.o, ref.o, tol, 0.0);
     expect_near("lse", emu.lse_win, ref.lse_win, tol, tol);
@@ -464,13 +456,8 @@ void dense_vs_reference(int64_t T, int32_t window, nsa::cuda::SplitPlan plan) {
     ec.append(0, c.k, c.v, t);
     emu_step<__nv_bfloat16>(ec, 0, c, got, t, true, window, plan);
   }
-  nsa_dense_fwd_params p;
-  nsa_dense_fwd_params_init(&p);
-  p.q = c.q.desc(), p.k = c.k.desc(), p.v = c.v.desc(), p.o = c.o.desc();
-  p.lse = c.lse_win.desc();
-  p.window = window;
   std::string msg;
-  ASSERT_EQ(run_on(oracle(), p, 0, &msg), NSA_OK) << msg;
+  ASSERT_EQ(run_on(oracle(), dense_params(c, window), 0, &msg), NSA_OK) << msg;
   const double tol = 16.0 * double(s.Dk + (window > 0 ? window : T)) * kEps;
   expect_near("o", got.o, c.o, tol, 0.0);
   expect_near("lse", got.lse_win, c.lse_win, tol, tol);

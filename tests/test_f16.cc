@@ -142,17 +142,9 @@ TEST_P(F16Dense, EqualsF32OfTheSameValues) {
   for (int32_t window : {0, 9}) {
     SCOPED_TRACE(window);
     Twins t = twins(s, config(16, 8, 16, 4, 1, 1, 24), true, window > 0);
-    auto params = [&](FwdCase& c) {
-      nsa_dense_fwd_params p;
-      nsa_dense_fwd_params_init(&p);
-      p.q = c.q.desc(), p.k = c.k.desc(), p.v = c.v.desc(), p.o = c.o.desc();
-      p.lse = c.lse_win.desc();
-      p.window = window;
-      return p;
-    };
     std::string msg;
-    ASSERT_EQ(run_on(GetParam(), params(t.f), 0, &msg), NSA_OK) << msg;
-    ASSERT_EQ(run_on(GetParam(), params(t.h), 0, &msg), NSA_OK) << msg;
+    ASSERT_EQ(run_on(GetParam(), dense_params(t.f, window), 0, &msg), NSA_OK) << msg;
+    ASSERT_EQ(run_on(GetParam(), dense_params(t.h, window), 0, &msg), NSA_OK) << msg;
     expect_same("o", t.h.o, t.f.o);
     expect_same("lse", t.h.lse_win, t.f.lse_win);
   }

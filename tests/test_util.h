@@ -38,9 +38,7 @@ inline uint16_t float_to_bf16_bits(float f) {
 // f16 through the CPU's own conversion instructions (F16C), an oracle independent of the
 // library's bit arithmetic (common/dtype.h); every x86-64 machine these tests run on has F16C.
 #if defined(__x86_64__)
-__attribute__((target("f16c"))) inline float f16_bits_to_float(uint16_t h) {
-  return _cvtsh_ss(h);
-}
+__attribute__((target("f16c"))) inline float f16_bits_to_float(uint16_t h) { return _cvtsh_ss(h); }
 __attribute__((target("f16c"))) inline uint16_t float_to_f16_bits(float f) {
   return static_cast<uint16_t>(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
 }
@@ -248,6 +246,16 @@ inline FwdCase make_case(const Shape& s, const nsa_config& cfg, nsa_dtype dtype,
     *l = Tensor(NSA_DTYPE_F32, {s.B, s.T, s.Hq}, padded);
   c.idx_out = Tensor(NSA_DTYPE_I32, {s.B, s.T, s.Hkv, cfg.slc_count}, padded);
   return c;
+}
+
+// The dense forward over case c's q, k and v into its o and lse_win (window 0: every key).
+inline nsa_dense_fwd_params dense_params(FwdCase& c, int32_t window) {
+  nsa_dense_fwd_params p;
+  nsa_dense_fwd_params_init(&p);
+  p.q = c.q.desc(), p.k = c.k.desc(), p.v = c.v.desc(), p.o = c.o.desc();
+  p.lse = c.lse_win.desc();
+  p.window = window;
+  return p;
 }
 
 inline nsa_config config(int32_t l, int32_t d, int32_t lp, int32_t n, int32_t n_init,
