@@ -226,10 +226,9 @@ NSA_API int64_t nsa_cmp_len(const nsa_config* cfg, int64_t t);
  *     0, the dimensions of size > 1, sorted by stride, must each have a stride >= the previous
  *     one's stride * size (the first: >= 1); else NSA_ERR_INVALID_STRIDE. Inputs may overlap
  *     themselves (stride 0 broadcasts).
- *   - a dtype the argument does not accept (values outside the enum never):
- *     NSA_ERR_INVALID_DTYPE. "float" is f32, bf16 or f16, each tensor choosing on its own (16-bit
- *     values widen exactly to f32 for the arithmetic; 16-bit outputs are the f32 result rounded
- *     to nearest even); "q's dtype" means equal to q's.
+ *   - a dtype the argument does not accept: NSA_ERR_INVALID_DTYPE. "float" is f32, bf16 or f16,
+ *     each tensor choosing on its own (16-bit values widen exactly to f32; 16-bit outputs are the
+ *     f32 result rounded to nearest even); "q's dtype" means equal to q's.
  * Between tensors: the backward calls (nsa_bwd, nsa_compress_bwd, nsa_dense_bwd) reject an
  * output whose bytes [data, data + end) meet those of another output or of an input
  * (NSA_ERR_INVALID_ARGUMENT; absent and empty tensors meet nothing). The other calls do not
