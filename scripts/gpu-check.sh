@@ -6,8 +6,9 @@
 #                                  bare GPU machine lacks (OpenMP, Highway, OpenBLAS) into
 #                                  .gpu/bundle.tar.xz (git-ignored; carry it to the GPU machine).
 #   scripts/gpu-check.sh run       on the GPU machine (CUDA driver, python3 with torch; no
-#                                  network): unpacks the bundle, runs the `cuda` tests (every
-#                                  parameterised case on the cuda backend, and test_cuda), a
+#                                  network): unpacks the bundle, runs the `cuda` tests (the
+#                                  tensor-core layout, every parameterised case on the cuda
+#                                  backend, and test_cuda), a
 #                                  compute-sanitizer pass, then nsa_cuda_bench (fwd, decode) and
 #                                  scripts/sdpa_bench.py, and writes $OUT (default gpu-out/):
 #                                  gpu-check.json (every row, with speedups), log.txt.
@@ -24,7 +25,7 @@ prepare() {
   BUILD_DIR=build-gpu scripts/build.sh -DNSA_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=80;90" \
     -DNSA_BUILD_BENCH=OFF
   rm -rf .gpu/stage && mkdir -p .gpu/stage/bin .gpu/stage/lib
-  cp build-gpu/tests/{test_cuda,test_cpu_vs_ref,test_dense,test_decode,test_nonfinite,test_f16} \
+  cp build-gpu/tests/{test_cuda_mma,test_cuda,test_cpu_vs_ref,test_dense,test_decode,test_nonfinite,test_f16} \
     build-gpu/tools/{nsa,nsa_cuda_bench} .gpu/stage/bin/
   git rev-parse HEAD >.gpu/stage/commit  # which sources the binaries are (run prints it)
   strip .gpu/stage/bin/*
@@ -81,6 +82,8 @@ run() {
   # its limit still leaves the shapes it finished.
   step device 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   step info 20 "$bin/nsa" info
+  # The tensor cores' fragment layout first: every bf16 and f16 kernel rests on it.
+  step mma_layout 20 "$bin/test_cuda_mma"
   step test_cuda 60 "$bin/test_cuda"
   # Every parameterised case on the cuda backend (the reference runs on this machine's cores).
   step fwd_vs_ref 90 "$bin/test_cpu_vs_ref" --gtest_filter='*cuda*'

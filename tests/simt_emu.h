@@ -30,6 +30,9 @@
 #include <stdexcept>
 #include <vector>
 
+// The device code's tensor-core calls (mma.cuh) come here.
+#define NSA_SIMT_EMU 1
+
 #undef __global__
 #undef __device__
 #undef __host__
@@ -105,6 +108,39 @@ class Machine {
     std::memcpy(&r, &slots_[warp][lane ^ mask], 4);
     sync_warp();
     return r;
+  }
+
+  // One warp's mma.sync m16n8k16 (src/cuda/mma.cuh): every lane posts its A and B registers,
+  // then each computes its own four accumulators from the whole warp's, with the PTX ISA's
+  // fragment layout written out independently of mma.cuh's loads. Products are exact and summed
+  // in double, then added to c in f32 (the hardware's order of additions is not specified; the
+  // tests' tolerances cover either).
+  void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], bool f16) {
+    const int warp = cur_ / kWarpSize, lane = cur_ % kWarpSize;
+    uint32_t* mine = mma_[warp][lane];
+    for (int i = 0; i < 4; ++i) mine[i] = a[i];
+    mine[4] = b[0], mine[5] = b[1];
+    sync_warp();
+    const auto half_of = [&](uint32_t w, int k) -> double {
+      const uint16_t bits = uint16_t(k % 2 ? w >> 16 : w & 0xffffu);
+      return f16 ? double(__half2float(__ushort_as_half(bits)))
+                 : double(__bfloat162float(__ushort_as_bfloat16(bits)));
+    };
+    // A(row, k) is in lane 4 (row % 8) + (k % 8) / 2, register (row >= 8) + 2 (k >= 8);
+    // B(k, n) in lane 4 n + (k % 8) / 2, register b[k >= 8]; the low half holds the even k.
+    const auto A = [&](int row, int k) {
+      return half_of(mma_[warp][4 * (row % 8) + (k % 8) / 2][(row >= 8) + 2 * (k >= 8)], k);
+    };
+    const auto B = [&](int k, int n) {
+      return half_of(mma_[warp][4 * n + (k % 8) / 2][4 + (k >= 8)], k);
+    };
+    for (int i = 0; i < 4; ++i) {
+      const int row = lane / 4 + 8 * (i / 2), n = 2 * (lane % 4) + i % 2;
+      double acc = 0.0;
+      for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, n);
+      c[i] = c[i] + float(acc);
+    }
+    sync_warp();
   }
 
  private:
@@ -189,6 +225,7 @@ class Machine {
   jmp_buf sched_jb_;
   Barrier block_bar_, warp_bar_[kWarps];
   uint32_t slots_[kWarps][kWarpSize] = {};
+  uint32_t mma_[kWarps][kWarpSize][6] = {};
   Dim block_;
   int cur_ = 0, idle_rounds_ = 0;
   uint64_t progress_ = 0;

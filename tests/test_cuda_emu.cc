@@ -7,6 +7,7 @@
 // cannot see); the same cases run on a real device through the parameterised suites.
 #include <gtest/gtest.h>
 
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -23,6 +24,7 @@
 #include "cuda/decode.cuh"
 #include "cuda/query.cuh"
 #include "cuda/split.cuh"
+#include "mma_tile.cuh"
 
 namespace {
 using namespace nsa_test;
@@ -124,6 +126,27 @@ void compare(const Shape& s, const nsa_config& cfg, nsa_dtype dt, bool padded,
 
 // Small blocks, so that the top-n binds at small T; the paper's proportions.
 nsa_config small_cfg(int32_t n = 4) { return config(16, 8, 16, n, 1, 1, 24); }
+
+// The emulator's tensor-core tile (simt_emu.h) through mma.cuh's loads gives the plain products,
+// as test_cuda_mma checks the device's.
+template <typename In>
+void expect_emulated_tiles(const char* name) {
+  SCOPED_TRACE(name);
+  const mma_tile::Tiles t = mma_tile::make_tiles<In>();
+  std::vector<float> qk(128, -1.0f), pv(128, -1.0f);
+  auto& m = simt_emu::Machine::get();
+  m.launch({1, 1, 1}, 3 * 16 * mma_tile::kLd * 2, [&] {
+    mma_tile::tile_block<In>(t.a.data(), t.keys.data(), t.vals.data(), qk.data(), pv.data(),
+                             reinterpret_cast<uint16_t*>(m.smem()));
+  });
+  EXPECT_EQ(qk, t.qk);
+  EXPECT_EQ(pv, t.pv);
+}
+
+TEST(CudaEmuMma, TileProductsMatchTheHost) {
+  expect_emulated_tiles<__nv_bfloat16>("bf16");
+  expect_emulated_tiles<__half>("f16");
+}
 
 TEST(CudaEmuFwd, ShortShapesEveryGroupSize) {
   for (int64_t T : {1, 15, 16, 17, 70}) {
@@ -303,27 +326,37 @@ void emu_step(EmuCache& ec, int64_t seq, FwdCase& x, FwdCase& out, int64_t t, bo
 // Decodes case c position by position into sequence 1 of a two-sequence emulated cache (steps
 // at t >= split_from split by plan), then runs the reference forward over the whole sequence
 // with the cache's compressed tokens: equal outputs (decode_tol: the f32 bound of
-// test_decode.cc) and selections.
+// test_decode.cc) and selections. A bf16 cache under f32 or f16 queries (cache_dt) holds the
+// case's keys and values rounded to bf16 first, so the reference sees the values it holds.
 void decode_vs_reference(const Shape& s, const nsa_config& cfg, nsa_dtype dt,
-                         nsa::cuda::SplitPlan plan = {}, int64_t split_from = 0) {
+                         nsa::cuda::SplitPlan plan = {}, int64_t split_from = 0,
+                         std::optional<nsa_dtype> cache = std::nullopt) {
+  const nsa_dtype cache_dt = cache.value_or(dt);
   FwdCase c = make_case(s, cfg, dt, 31), got = make_case(s, cfg, dt, 31);
-  EmuCache ec(cfg, 2, s.T + 7, s, dt);
+  if (cache_dt != dt) {
+    for (Tensor* x : {&c.k, &c.v}) {
+      x->for_each([&](int64_t a, int64_t b, int64_t h, int64_t d) {
+        x->set({a, b, h, d}, bf16_bits_to_float(float_to_bf16_bits(float(x->at({a, b, h, d})))));
+      });
+    }
+  }
+  EmuCache ec(cfg, 2, s.T + 7, s, cache_dt);
   for (int64_t t = 0; t < s.T; ++t) {
     ec.append(1, c.k, c.v, t);
     const nsa::cuda::SplitPlan pt = t >= split_from ? plan : nsa::cuda::SplitPlan{};
-    if (dt == NSA_DTYPE_BF16) {
+    if (cache_dt == NSA_DTYPE_BF16) {
       emu_step<__nv_bfloat16>(ec, 1, c, got, t, false, 0, pt);
     } else {
       emu_step<float>(ec, 1, c, got, t, false, 0, pt);
     }
   }
   // The reference reads the compressed tokens the cache holds (SPEC 7).
-  const size_t e = nsa_dtype_size(dt);
+  const size_t e = nsa_dtype_size(cache_dt);
   const int64_t Tc = nsa_cmp_len(&cfg, s.T);
-  copy_rows_into(ec.kc.data() + size_t(ec.bufs.cmp_rows * s.Hkv * s.Dk) * e, dt, Tc, s.Hkv, s.Dk, 0,
-                 0, c.k_cmp);
-  copy_rows_into(ec.vc.data() + size_t(ec.bufs.cmp_rows * s.Hkv * s.Dv) * e, dt, Tc, s.Hkv, s.Dv, 0,
-                 0, c.v_cmp);
+  copy_rows_into(ec.kc.data() + size_t(ec.bufs.cmp_rows * s.Hkv * s.Dk) * e, cache_dt, Tc, s.Hkv,
+                 s.Dk, 0, 0, c.k_cmp);
+  copy_rows_into(ec.vc.data() + size_t(ec.bufs.cmp_rows * s.Hkv * s.Dv) * e, cache_dt, Tc, s.Hkv,
+                 s.Dv, 0, 0, c.v_cmp);
   std::string msg;
   ASSERT_EQ(run_on(oracle(), c.params(), 0, &msg), NSA_OK) << msg;
   const int64_t keys = std::min<int64_t>(
@@ -335,6 +368,15 @@ TEST(CudaEmuDecode, EveryPositionMatchesTheReference) {
   for (nsa_dtype dt : {NSA_DTYPE_F32, NSA_DTYPE_BF16}) {
     SCOPED_TRACE(nsa_dtype_name(dt));
     decode_vs_reference({1, 90, 6, 2, 20, 12}, small_cfg(), dt);
+  }
+}
+
+// f32 and f16 queries on a bf16 cache: the tensor cores take the queries as bf16 hi + lo pairs
+// (attend.cuh), within the f32 bound of the reference's full-precision queries.
+TEST(CudaEmuDecode, WiderQueriesOnABf16Cache) {
+  for (nsa_dtype dt : {NSA_DTYPE_F32, NSA_DTYPE_F16}) {
+    SCOPED_TRACE(nsa_dtype_name(dt));
+    decode_vs_reference({1, 90, 6, 2, 20, 12}, small_cfg(), dt, {}, 0, NSA_DTYPE_BF16);
   }
 }
 

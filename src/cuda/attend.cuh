@@ -4,8 +4,13 @@
 // group-centric data loading and shared KV fetching). Arithmetic is f32 (bf16 and f16 inputs
 // widened exactly), with an online softmax per head and one branch finished before the next.
 //
-// Layout of the work: a block of kThreads threads, one warp per head (heads w, w + kWarps, ...);
-// for scores, lane i holds key i of the chunk; for P V, lane x holds value dims x, x + 32, ...
+// Layout of the work: a block of kThreads threads, one warp per head (heads w, w + kWarps, ...)
+// for the softmax, lane i holding key i of the chunk. f32 inputs stay on the CUDA cores: for
+// scores each lane sums its key's products, for P V lane x holds value dims x, x + 32, ...
+// bf16 and f16 inputs take the tensor cores (mma.cuh): warp w computes the scores of keys
+// 8w .. 8w + 7 for 16 heads at a time, then P V for value columns 8w, 8w + 32, ...; the queries
+// are staged as 16-bit hi + lo pairs when their dtype is wider than the keys' (decode), and P as
+// hi + lo always, so that the only roundings are f32 ones, as on the CUDA-core path.
 // Every reduction runs in a fixed order, so two runs give the same bits.
 #pragma once
 
@@ -14,6 +19,7 @@
 #include <cstdint>
 
 #include "cuda/elem.cuh"
+#include "cuda/mma.cuh"
 
 namespace nsa::cuda {
 
@@ -29,38 +35,68 @@ struct RowView {
 };
 
 // Shared memory of one block, carved from the dynamic allocation (sizes in floats: smem_floats).
+// The 16-bit tiles of the tensor-core path share the f32 chunk areas, which it does not use.
 struct Smem {
-  float* q;      // [G][Dk] the group's queries
-  float* k;      // [kChunk][kstride(Dk)] a key chunk
-  float* v;      // [kChunk][Dv] the chunk's values
-  float* p;      // [G][kChunk] the chunk's softmax weights
-  float* o;      // [G][Dv] the branch being computed, unnormalised
-  float* out;    // [G][Dv] the gated sum of finished branches (SPEC 4 step 6)
-  float* m;      // [G] running max of the scaled scores
-  float* l;      // [G] running sum of exp(score - m)
-  float* extra;  // what a kernel adds after these (block scores, ...)
+  float* q;       // [G][Dk] the group's queries
+  float* k;       // [kChunk][kstride(Dk)] a key chunk (f32 inputs)
+  float* v;       // [kChunk][Dv] the chunk's values (f32 inputs)
+  uint16_t* k16;  // [kChunk][k16_ld(Dk)] a key chunk (16-bit inputs), over k
+  uint16_t* v16;  // [kChunk][v16_ld(Dv)] its values, over v
+  uint16_t* q16;  // [2][mma_rows(G)][k16_ld(Dk)] the queries' hi and lo parts (16-bit inputs)
+  int* q_lo;      // whether the lo parts are not all zero
+  float* p;       // [G][kChunk] the chunk's scores, then its softmax weights
+  float* o;       // [G][Dv] the branch being computed, unnormalised
+  float* out;     // [G][Dv] the gated sum of finished branches (SPEC 4 step 6)
+  float* m;       // [G] running max of the scaled scores
+  float* l;       // [G] running sum of exp(score - m)
+  float* corr;    // [mma_rows(G)] the chunk's rescaling of o per head (16-bit inputs)
+  float* extra;   // what a kernel adds after these (block scores, ...)
 };
 
-// The row stride of a key chunk in shared memory: odd, so that lane i reading row i meets no other
-// lane's bank.
+// The row stride of an f32 key chunk in shared memory: odd, so that lane i reading row i meets no
+// other lane's bank.
 __host__ __device__ inline int kstride(int Dk) { return Dk | 1; }
 
+// The tensor-core path's sizes: heads padded to whole 16-row tiles, key dims to whole k-steps of
+// 16 (zeros), value dims to whole 8-column tiles; rows 8 elements longer than that, so that the
+// fragment loads of the 8 row groups fall in different banks.
+__host__ __device__ inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+__host__ __device__ inline int mma_rows(int G) { return round_up(G, 16); }
+__host__ __device__ inline int k16_ld(int Dk) { return round_up(Dk, 16) + 8; }
+__host__ __device__ inline int v16_ld(int Dv) { return round_up(Dv, 8) + 8; }
+
+// The chunk areas hold either path's tiles.
+__host__ __device__ inline int64_t chunk_k_floats(int Dk) {
+  const int64_t f32 = int64_t(kChunk) * kstride(Dk), b16 = int64_t(kChunk) * k16_ld(Dk) / 2;
+  return f32 > b16 ? f32 : b16;
+}
+__host__ __device__ inline int64_t chunk_v_floats(int Dv) {
+  const int64_t f32 = int64_t(kChunk) * Dv, b16 = int64_t(kChunk) * v16_ld(Dv) / 2;
+  return f32 > b16 ? f32 : b16;
+}
+
 __host__ __device__ inline int64_t smem_floats(int G, int Dk, int Dv) {
-  return int64_t(G) * Dk + int64_t(kChunk) * kstride(Dk) + int64_t(kChunk) * Dv +
-         int64_t(G) * kChunk + 2 * int64_t(G) * Dv + 2 * int64_t(G);
+  return int64_t(G) * Dk + chunk_k_floats(Dk) + chunk_v_floats(Dv) + int64_t(G) * kChunk +
+         2 * int64_t(G) * Dv + 2 * int64_t(G) + mma_rows(G) + int64_t(mma_rows(G)) * k16_ld(Dk) + 1;
 }
 
 __device__ inline Smem carve(float* base, int G, int Dk, int Dv) {
   Smem s;
   s.q = base;
   s.k = s.q + G * Dk;
-  s.v = s.k + kChunk * kstride(Dk);
-  s.p = s.v + kChunk * Dv;
+  s.v = s.k + chunk_k_floats(Dk);
+  s.k16 = reinterpret_cast<uint16_t*>(s.k);
+  s.v16 = reinterpret_cast<uint16_t*>(s.v);
+  s.p = s.v + chunk_v_floats(Dv);
   s.o = s.p + G * kChunk;
   s.out = s.o + G * Dv;
   s.m = s.out + G * Dv;
   s.l = s.m + G;
-  s.extra = s.l + G;
+  s.corr = s.l + G;
+  float* q16 = s.corr + mma_rows(G);
+  s.q16 = reinterpret_cast<uint16_t*>(q16);
+  s.q_lo = reinterpret_cast<int*>(q16 + mma_rows(G) * k16_ld(Dk));
+  s.extra = reinterpret_cast<float*>(s.q_lo + 1);
   return s;
 }
 
@@ -70,8 +106,21 @@ struct Group {
   float scale;
 };
 
-// Loads the G queries of a group ([G, Dk] at q, any float dtype, head stride hs) and clears out.
-// q's dtype is a run-time fact: decode takes any float queries whatever the cache holds.
+// The hi + lo parts of x in In: hi rounded to nearest, lo the rest rounded, so hi + lo is x to
+// 2^-16 relative (bf16; exact for f16 queries on bf16 keys). A non-finite hi leaves lo 0, so that
+// an infinite x stays infinite rather than inf - inf.
+template <typename In>
+__device__ __forceinline__ void split16(float x, uint16_t* hi, uint16_t* lo) {
+  *hi = to16<In>(x);
+  const float h = from16<In>(*hi);
+  *lo = isfinite(h) ? to16<In>(x - h) : uint16_t(0);
+}
+
+// Loads the G queries of a group ([G, Dk] at q, any float dtype, head stride hs) and clears out;
+// for the tensor cores also their 16-bit hi and lo tiles, zero past G and Dk (padding meets zero
+// key dims). q's dtype is a run-time fact: decode takes any float queries whatever the cache
+// holds.
+template <typename In>
 __device__ inline void load_group(const Smem& s, const Group& g, const void* q, Elem el,
                                   int64_t hs) {
   for (int i = threadIdx.x; i < g.G * g.Dk; i += kThreads) {
@@ -79,6 +128,15 @@ __device__ inline void load_group(const Smem& s, const Group& g, const void* q, 
     s.q[i] = ld_any(q, el, h * hs + x);
   }
   for (int i = threadIdx.x; i < g.G * g.Dv; i += kThreads) s.out[i] = 0.0f;
+  if constexpr (kMma<In>) {
+    const int M = mma_rows(g.G), ld = k16_ld(g.Dk);
+    for (int i = threadIdx.x; i < M * ld; i += kThreads) {
+      const int h = i / ld, x = i % ld;
+      split16<In>(h < g.G && x < g.Dk ? ld_any(q, el, h * hs + x) : 0.0f, &s.q16[i],
+                  &s.q16[M * ld + i]);
+    }
+    if (threadIdx.x == 0) *s.q_lo = el != elem_v<In>;
+  }
 }
 
 // Starts a branch: empty accumulators for every head. Callers sync before and after.
@@ -91,20 +149,36 @@ __device__ inline void begin_branch(const Smem& s, const Group& g) {
 }
 
 // Copies nk <= kChunk rows (key r at position pos(r)) of K (and V when want_v) into shared
-// memory. Callers sync before (the previous chunk is consumed) and after.
+// memory: widened to f32 for the CUDA cores, as they are for the tensor cores, with zeros in the
+// padding the tiles read (key dims past Dk, value rows past nk up to the k-step: P is 0 there,
+// and 0 times a stale NaN would not be). Callers sync before (the previous chunk is consumed)
+// and after.
 template <typename In, typename Pos>
 __device__ void load_chunk(const Smem& s, const Group& g, RowView k, RowView v, int nk, Pos pos,
                            bool want_v) {
   const In* kp = static_cast<const In*>(k.p);
-  for (int i = threadIdx.x; i < nk * g.Dk; i += kThreads) {
-    const int r = i / g.Dk, x = i % g.Dk;
-    s.k[r * kstride(g.Dk) + x] = ld(kp, pos(r) * k.row + x);
-  }
-  if (!want_v) return;
   const In* vp = static_cast<const In*>(v.p);
-  for (int i = threadIdx.x; i < nk * g.Dv; i += kThreads) {
-    const int r = i / g.Dv, x = i % g.Dv;
-    s.v[r * g.Dv + x] = ld(vp, pos(r) * v.row + x);
+  if constexpr (kMma<In>) {
+    const int dk = round_up(g.Dk, 16), ldk = k16_ld(g.Dk), ldv = v16_ld(g.Dv);
+    for (int i = threadIdx.x; i < nk * dk; i += kThreads) {
+      const int r = i / dk, x = i % dk;
+      s.k16[r * ldk + x] = x < g.Dk ? bits16(kp[pos(r) * k.row + x]) : uint16_t(0);
+    }
+    if (!want_v) return;
+    for (int i = threadIdx.x; i < round_up(nk, 16) * g.Dv; i += kThreads) {
+      const int r = i / g.Dv, x = i % g.Dv;
+      s.v16[r * ldv + x] = r < nk ? bits16(vp[pos(r) * v.row + x]) : uint16_t(0);
+    }
+  } else {
+    for (int i = threadIdx.x; i < nk * g.Dk; i += kThreads) {
+      const int r = i / g.Dk, x = i % g.Dk;
+      s.k[r * kstride(g.Dk) + x] = ld(kp, pos(r) * k.row + x);
+    }
+    if (!want_v) return;
+    for (int i = threadIdx.x; i < nk * g.Dv; i += kThreads) {
+      const int r = i / g.Dv, x = i % g.Dv;
+      s.v[r * g.Dv + x] = ld(vp, pos(r) * v.row + x);
+    }
   }
 }
 
@@ -121,22 +195,110 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-// Scaled score of head h with chunk key `lane` (-inf past nk).
-__device__ __forceinline__ float chunk_score(const Smem& s, const Group& g, int h, int lane,
-                                             int nk) {
+// The tensor cores' scores of the loaded chunk, scaled, into s.p for every head (keys past nk
+// hold leftovers: score_of never reads them). Warp w takes keys 8w .. 8w + 7, 16 heads a tile;
+// each k-step adds the queries' hi part and, when there is one, their lo part.
+template <typename In>
+__device__ void mma_scores(const Smem& s, const Group& g, int nk) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n0 = 8 * warp;
+  if (n0 >= nk) return;  // the whole warp: mma.sync needs all its lanes
+  const int ld = k16_ld(g.Dk), dk = round_up(g.Dk, 16), M = mma_rows(g.G);
+  const bool lo = *s.q_lo != 0;
+  for (int m0 = 0; m0 < M; m0 += 16) {
+    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int k0 = 0; k0 < dk; k0 += 16) {
+      uint32_t a[4], b[2];
+      load_b_rows(b, s.k16 + n0 * ld + k0, ld, lane);
+      load_a(a, s.q16 + m0 * ld + k0, ld, lane);
+      mma16816<In>(c, a, b);
+      if (lo) {
+        load_a(a, s.q16 + (M + m0) * ld + k0, ld, lane);
+        mma16816<In>(c, a, b);
+      }
+    }
+    for (int i = 0; i < 4; ++i) {
+      const int h = m0 + acc_row(lane) + 8 * (i / 2);
+      if (h < g.G) s.p[h * kChunk + n0 + acc_col(lane) + i % 2] = c[i] * g.scale;
+    }
+  }
+}
+
+// Scaled score of head h with chunk key `lane` (-inf past nk): summed here on the CUDA cores,
+// read from s.p after mma_scores on the tensor cores.
+template <typename In>
+__device__ __forceinline__ float score_of(const Smem& s, const Group& g, int h, int lane, int nk) {
   if (lane >= nk) return -CUDART_INF_F;
-  const float* qh = s.q + h * g.Dk;
-  const float* kr = s.k + lane * kstride(g.Dk);
-  float acc = 0.0f;
-  for (int x = 0; x < g.Dk; ++x) acc = fmaf(qh[x], kr[x], acc);
-  return acc * g.scale;
+  if constexpr (kMma<In>) {
+    return s.p[h * kChunk + lane];
+  } else {
+    const float* qh = s.q + h * g.Dk;
+    const float* kr = s.k + lane * kstride(g.Dk);
+    float acc = 0.0f;
+    for (int x = 0; x < g.Dk; ++x) acc = fmaf(qh[x], kr[x], acc);
+    return acc * g.scale;
+  }
+}
+
+// Every score of the loaded chunk ready for score_of: the tensor cores' pass and a barrier on
+// that path, nothing on the CUDA cores'.
+template <typename In>
+__device__ __forceinline__ void chunk_scores(const Smem& s, const Group& g, int nk) {
+  if constexpr (kMma<In>) {
+    mma_scores<In>(s, g, nk);
+    __syncthreads();
+  }
+}
+
+// The A fragments of P's 16x16 tile at heads m0, keys k0 (zero past G and nk), as hi + lo parts.
+template <typename In>
+__device__ inline void p_frags(const Smem& s, const Group& g, int m0, int k0, int nk, int lane,
+                               uint32_t (&hi)[4], uint32_t (&lo)[4]) {
+  for (int i = 0; i < 4; ++i) {  // load_a's order: rows +8 in registers 1 and 3, keys +8 in 2, 3
+    const int h = m0 + lane / 4 + 8 * (i % 2), key = k0 + 2 * (lane % 4) + 8 * (i / 2);
+    uint16_t ph[2], pl[2];
+    for (int j = 0; j < 2; ++j) {
+      split16<In>(h < g.G && key + j < nk ? s.p[h * kChunk + key + j] : 0.0f, &ph[j], &pl[j]);
+    }
+    hi[i] = pack(ph[0], ph[1]);
+    lo[i] = pack(pl[0], pl[1]);
+  }
+}
+
+// o = o corr + P V on the tensor cores, for the chunk's weights in s.p: warp w takes the value
+// columns of tiles w, w + kWarps, ..., 16 heads a tile.
+template <typename In>
+__device__ void mma_pv(const Smem& s, const Group& g, int nk) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int ld = v16_ld(g.Dv), M = mma_rows(g.G), tiles = (g.Dv + 7) / 8;
+  for (int m0 = 0; m0 < M; m0 += 16) {
+    for (int t = warp; t < tiles; t += kWarps) {
+      float c[4];
+      for (int i = 0; i < 4; ++i) {
+        const int h = m0 + acc_row(lane) + 8 * (i / 2), x = 8 * t + acc_col(lane) + i % 2;
+        c[i] = h < g.G && x < g.Dv ? s.o[h * g.Dv + x] * s.corr[h] : 0.0f;
+      }
+      for (int k0 = 0; k0 < nk; k0 += 16) {
+        uint32_t b[2], hi[4], lo[4];
+        load_b_cols(b, s.v16 + k0 * ld + 8 * t, ld, lane);
+        p_frags<In>(s, g, m0, k0, nk, lane, hi, lo);
+        mma16816<In>(c, hi, b);
+        mma16816<In>(c, lo, b);
+      }
+      for (int i = 0; i < 4; ++i) {
+        const int h = m0 + acc_row(lane) + 8 * (i / 2), x = 8 * t + acc_col(lane) + i % 2;
+        if (h < g.G && x < g.Dv) s.o[h * g.Dv + x] = c[i];
+      }
+    }
+  }
 }
 
 // One chunk of the online softmax for every head (the chunk is loaded): m, l and o updated.
+template <typename In>
 __device__ inline void attend_chunk(const Smem& s, const Group& g, int nk) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  chunk_scores<In>(s, g, nk);
   for (int h = warp; h < g.G; h += kWarps) {
-    const float sc = chunk_score(s, g, h, lane, nk);
+    const float sc = score_of<In>(s, g, h, lane, nk);
     const float m_old = s.m[h];
     const float m_new = nan_max(m_old, warp_max(sc));
     // m_new is finite once a key was seen (nk >= 1); -inf only for -inf scores from the input.
@@ -145,17 +307,24 @@ __device__ inline void attend_chunk(const Smem& s, const Group& g, int nk) {
     const float psum = warp_sum(p);
     s.p[h * kChunk + lane] = p;
     __syncwarp();
-    for (int x = lane; x < g.Dv; x += 32) {
-      float acc = s.o[h * g.Dv + x] * corr;
-      for (int r = 0; r < nk; ++r) acc = fmaf(s.p[h * kChunk + r], s.v[r * g.Dv + x], acc);
-      s.o[h * g.Dv + x] = acc;
+    if constexpr (!kMma<In>) {
+      for (int x = lane; x < g.Dv; x += 32) {
+        float acc = s.o[h * g.Dv + x] * corr;
+        for (int r = 0; r < nk; ++r) acc = fmaf(s.p[h * kChunk + r], s.v[r * g.Dv + x], acc);
+        s.o[h * g.Dv + x] = acc;
+      }
+      __syncwarp();
     }
-    __syncwarp();
     if (lane == 0) {
       s.l[h] = s.l[h] * corr + psum;
       s.m[h] = m_new;
+      s.corr[h] = corr;
     }
     __syncwarp();
+  }
+  if constexpr (kMma<In>) {
+    __syncthreads();
+    mma_pv<In>(s, g, nk);
   }
 }
 
@@ -174,7 +343,7 @@ __device__ void attend_spans(const Smem& s, const Group& g, RowView k, RowView v
       load_chunk<In>(
           s, g, k, v, nk, [&](int r) { return base + r; }, true);
       __syncthreads();
-      attend_chunk(s, g, nk);
+      attend_chunk<In>(s, g, nk);
     }
   }
   __syncthreads();

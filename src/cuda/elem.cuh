@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/elem.h"
 
@@ -17,6 +18,12 @@ __device__ __forceinline__ float ld(const __nv_bfloat16* p, int64_t i) {
   return __bfloat162float(p[i]);
 }
 __device__ __forceinline__ float ld(const __half* p, int64_t i) { return __half2float(p[i]); }
+
+// The Elem of a kernel's input type.
+template <typename In>
+constexpr Elem elem_v = std::is_same_v<In, __half>          ? Elem::kF16
+                        : std::is_same_v<In, __nv_bfloat16> ? Elem::kBf16
+                                                            : Elem::kF32;
 
 // A tensor element whose dtype is known only at run time (queries, gates, outputs).
 __device__ __forceinline__ float ld_any(const void* p, Elem e, int64_t i) {

@@ -160,9 +160,10 @@ __device__ void group_probs(const Smem& s, const Group& g, RowView kc, int64_t f
   load_chunk<In>(
       s, g, kc, kc, nk, [&](int r) { return first + r; }, false);
   __syncthreads();
+  chunk_scores<In>(s, g, nk);
   for (int h = warp; h < g.G; h += kWarps) {
     const float lse = s.m[h] + logf(s.l[h]);
-    const float sc = chunk_score(s, g, h, lane, nk);
+    const float sc = score_of<In>(s, g, h, lane, nk);
     s.p[h * kChunk + lane] = lane < nk && s.l[h] != 0.0f ? expf(sc - lse) : 0.0f;
   }
   __syncthreads();
@@ -287,7 +288,7 @@ __device__ void nsa_query(const FwdArgs& a, const Loc& L, float* smem) {
   int* sel = reinterpret_cast<int*>(ps + kChunk);
   int* tmp = sel + a.n;
   const int64_t t = L.t, J = t / a.lp, h0 = hk * a.G;
-  load_group(s, g, any_ptr(a.q, b, tok, h0), a.q.el, a.q.s2);
+  load_group<In>(s, g, any_ptr(a.q, b, tok, h0), a.q.el, a.q.s2);
 
   BranchOut out[3];
   branch_outs(a, b, tok, h0, out);
@@ -346,7 +347,7 @@ __device__ void dense_query(const DenseArgs& a, const Loc& L, float* smem) {
   const Group g{a.G, a.Dk, a.Dv, a.scale};
   const Smem s = carve(smem, a.G, a.Dk, a.Dv);
   const int64_t t = L.t, h0 = hk * a.G;
-  load_group(s, g, any_ptr(a.q, b, tok, h0), a.q.el, a.q.s2);
+  load_group<In>(s, g, any_ptr(a.q, b, tok, h0), a.q.el, a.q.s2);
   begin_branch(s, g);
   __syncthreads();
   const int64_t w0 = a.w > 0 ? max(int64_t(0), t - a.w + 1) : 0;

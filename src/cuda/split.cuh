@@ -175,7 +175,7 @@ __device__ void cmp_part_block(const FwdArgs& a, const StepRows& r, const SplitS
   const Loc L = step_loc(r);
   const Group g{a.G, a.Dk, a.Dv, a.scale};
   const Smem s = carve(smem, a.G, a.Dk, a.Dv);
-  load_group(s, g, any_ptr(a.q, 0, L.qt, L.hk * a.G), a.q.el, a.q.s2);
+  load_group<In>(s, g, any_ptr(a.q, 0, L.qt, L.hk * a.G), a.q.el, a.q.s2);
   int64_t first = 0, n = 0;
   part_range(cmp_count(a, L), w.plan.cmp, blockIdx.z, &first, &n);
   attend_part<In>(s, g, rows<In>(a.k_cmp, L.kb, L.hk), rows<In>(a.v_cmp, L.kb, L.hk),
@@ -197,7 +197,7 @@ __device__ void probs_block(const FwdArgs& a, const StepRows& r, const SplitScra
   const Group g{a.G, a.Dk, a.Dv, a.scale};
   const Smem s = carve(smem, a.G, a.Dk, a.Dv);
   const Slot sl = slot(w, blockIdx.x, L.hk);
-  load_group(s, g, any_ptr(a.q, 0, L.qt, L.hk * a.G), a.q.el, a.q.s2);
+  load_group<In>(s, g, any_ptr(a.q, 0, L.qt, L.hk * a.G), a.q.el, a.q.s2);
   merge_parts(s, g, w, sl, 0, w.plan.cmp, false);
   int64_t first = 0, n = 0;
   part_range(cmp_count(a, L), w.plan.cmp, blockIdx.z, &first, &n);
@@ -244,7 +244,7 @@ __device__ void sw_part_block(const FwdArgs& a, const StepRows& r, const SplitSc
   const Group g{a.G, a.Dk, a.Dv, a.scale};
   const Smem s = carve(smem, a.G, a.Dk, a.Dv);
   const Slot sl = slot(w, blockIdx.x, L.hk);
-  load_group(s, g, any_ptr(a.q, 0, L.qt, L.hk * a.G), a.q.el, a.q.s2);
+  load_group<In>(s, g, any_ptr(a.q, 0, L.qt, L.hk * a.G), a.q.el, a.q.s2);
   const int z = blockIdx.z;
   if (z < w.plan.slc) {
     int* sel = reinterpret_cast<int*>(s.extra);
@@ -295,7 +295,7 @@ __device__ void dense_part_block(const DenseArgs& a, const StepRows& r, const Sp
   const Loc L = step_loc(r);
   const Group g{a.G, a.Dk, a.Dv, a.scale};
   const Smem s = carve(smem, a.G, a.Dk, a.Dv);
-  load_group(s, g, any_ptr(a.q, 0, L.qt, L.hk * a.G), a.q.el, a.q.s2);
+  load_group<In>(s, g, any_ptr(a.q, 0, L.qt, L.hk * a.G), a.q.el, a.q.s2);
   const int64_t w0 = a.w > 0 ? max(int64_t(0), L.t - a.w + 1) : 0;
   int64_t first = 0, n = 0;
   part_range(L.t - w0 + 1, w.plan.win, blockIdx.z, &first, &n);
