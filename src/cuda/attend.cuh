@@ -148,9 +148,35 @@ __device__ inline void begin_branch(const Smem& s, const Group& g) {
   }
 }
 
+// Rows 0 .. rows - 1 of a 16-bit tile at dst (row stride ld): element (r, x < width) is row
+// pos(r) of src (stride row), column x, when r < n and x < D, else 0. 16 bytes a thread where
+// every row and both ends are 16-byte aligned (head dims a multiple of 8, the usual case),
+// element by element otherwise.
+template <typename In, typename Pos>
+__device__ void copy_rows16(uint16_t* dst, int ld, const In* src, int64_t row, Pos pos, int n,
+                            int D, int width, int rows) {
+  const bool vec = D % 8 == 0 && width % 8 == 0 && row % 8 == 0 &&
+                   reinterpret_cast<uintptr_t>(src) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(dst) % 16 == 0;  // ld: a multiple of 8 already
+  if (vec) {
+    const int per = width / 8;
+    for (int i = threadIdx.x; i < rows * per; i += kThreads) {
+      const int r = i / per, x = 8 * (i % per);
+      uint4 w = make_uint4(0u, 0u, 0u, 0u);
+      if (r < n && x < D) w = load16B(src + pos(r) * row + x);
+      store16B(dst + r * ld + x, w);
+    }
+    return;
+  }
+  for (int i = threadIdx.x; i < rows * width; i += kThreads) {
+    const int r = i / width, x = i % width;
+    dst[r * ld + x] = r < n && x < D ? bits16(src[pos(r) * row + x]) : uint16_t(0);
+  }
+}
+
 // Copies nk <= kChunk rows (key r at position pos(r)) of K (and V when want_v) into shared
-// memory: widened to f32 for the CUDA cores, as they are for the tensor cores, with zeros in the
-// padding the tiles read (key dims past Dk, value rows past nk up to the k-step: P is 0 there,
+// memory: widened to f32 for the CUDA cores; as 16-bit tiles for the tensor cores, with zeros in
+// the padding the tiles read (key dims past Dk, value rows past nk up to the k-step: P is 0 there,
 // and 0 times a stale NaN would not be). Callers sync before (the previous chunk is consumed)
 // and after.
 template <typename In, typename Pos>
@@ -159,16 +185,8 @@ __device__ void load_chunk(const Smem& s, const Group& g, RowView k, RowView v, 
   const In* kp = static_cast<const In*>(k.p);
   const In* vp = static_cast<const In*>(v.p);
   if constexpr (kMma<In>) {
-    const int dk = round_up(g.Dk, 16), ldk = k16_ld(g.Dk), ldv = v16_ld(g.Dv);
-    for (int i = threadIdx.x; i < nk * dk; i += kThreads) {
-      const int r = i / dk, x = i % dk;
-      s.k16[r * ldk + x] = x < g.Dk ? bits16(kp[pos(r) * k.row + x]) : uint16_t(0);
-    }
-    if (!want_v) return;
-    for (int i = threadIdx.x; i < round_up(nk, 16) * g.Dv; i += kThreads) {
-      const int r = i / g.Dv, x = i % g.Dv;
-      s.v16[r * ldv + x] = r < nk ? bits16(vp[pos(r) * v.row + x]) : uint16_t(0);
-    }
+    copy_rows16(s.k16, k16_ld(g.Dk), kp, k.row, pos, nk, g.Dk, round_up(g.Dk, 16), nk);
+    if (want_v) copy_rows16(s.v16, v16_ld(g.Dv), vp, v.row, pos, nk, g.Dv, g.Dv, round_up(nk, 16));
   } else {
     for (int i = threadIdx.x; i < nk * g.Dk; i += kThreads) {
       const int r = i / g.Dk, x = i % g.Dk;
