@@ -17,8 +17,8 @@ constexpr int kThreads = 128;  // the block: four warps, as the kernels run
 // a [16][16] row major, keys [8][16] (row n, dims k), vals [16][8] (row k, dims n), all 16-bit
 // bits; qk [16][8] = a keys^T and pv [16][8] = a vals, f32. smem holds 3 * 16 * kLd elements.
 template <typename In>
-__device__ void tile_block(const uint16_t* a, const uint16_t* keys, const uint16_t* vals,
-                           float* qk, float* pv, uint16_t* smem) {
+__device__ void tile_block(const uint16_t* a, const uint16_t* keys, const uint16_t* vals, float* qk,
+                           float* pv, uint16_t* smem) {
   uint16_t* sa = smem;
   uint16_t* sk = sa + 16 * kLd;
   uint16_t* sv = sk + 16 * kLd;

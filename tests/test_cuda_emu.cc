@@ -50,9 +50,9 @@ void emu_forward(const nsa_fwd_params& p) {
   ASSERT_TRUE(st.is_ok()) << st.message;
   if (pr.B * pr.T == 0) return;
   const nsa::cuda::FwdArgs a = nsa::cuda::fwd_args(pr);
-  const size_t smem = size_t(nsa::cuda::nsa_smem_bytes(a.G, a.Dk, a.Dv, a.nblk, a.n));
+  const size_t smem = size_t(nsa::cuda::nsa_smem_bytes(a.G, a.Dk, a.Dv, a.nblk, a.n, a.P));
   auto& m = simt_emu::Machine::get();
-  const simt_emu::Dim grid{unsigned(pr.B * pr.T), unsigned(pr.Hkv), 1};
+  const simt_emu::Dim grid{unsigned(pr.B * nsa::cuda::fwd_tiles(a)), unsigned(pr.Hkv), 1};
   with_in(p.in.q.dtype, [&](auto in) {
     m.launch(grid, smem, [&] { nsa::cuda::fwd_block<decltype(in)>(a, m.smem()); });
   });
@@ -184,6 +184,42 @@ TEST(CudaEmuFwd, PaperConfigAtT1100) {
 TEST(CudaEmuFwd, StridedViewsAndPackedSequences) {
   compare({1, 120, 6, 2, 20, 12}, small_cfg(), NSA_DTYPE_F32, /*padded=*/true);
   compare({1, 150, 6, 2, 20, 12}, small_cfg(), NSA_DTYPE_BF16, false, {0, 37, 37, 40, 150});
+}
+
+// A window narrower than a block's positions (G = 1: 16 positions a block, window 7): the
+// positions share no window key and each takes its own.
+TEST(CudaEmuFwd, BlocksWiderThanTheWindow) {
+  compare({1, 70, 2, 2, 24, 16}, config(16, 8, 16, 4, 1, 1, 7), NSA_DTYPE_BF16, false);
+  compare({1, 45, 2, 2, 24, 16}, config(16, 8, 16, 4, 1, 1, 7), NSA_DTYPE_F32, false, {0, 13, 45});
+}
+
+// A NaN value poisons exactly the positions whose branches read it (SPEC 4), also where a
+// block's positions share key chunks (G = 1: 16 positions a block): the positions before it in
+// the same block stay equal to the reference. v row 40 is in the windows of t >= 40 (and the
+// slc of some); compressed token 2 covers keys [16, 32) and is seen from t = 31.
+TEST(CudaEmuFwd, NonFiniteValuesStayWithThePositionsThatReadThem) {
+  const Shape s{1, 70, 2, 2, 24, 16};
+  struct Poison {
+    const char* what;
+    bool cmp;
+    int64_t row, first_seen;
+  };
+  for (const Poison& x : {Poison{"v", false, 40, 40}, Poison{"v_cmp", true, 2, 31}}) {
+    for (nsa_dtype dt : {NSA_DTYPE_F32, NSA_DTYPE_BF16}) {
+      SCOPED_TRACE(std::string(x.what) + " " + nsa_dtype_name(dt));
+      FwdCase ref = make_case(s, small_cfg(), dt, 13), emu = make_case(s, small_cfg(), dt, 13);
+      for (FwdCase* c : {&ref, &emu}) {
+        (x.cmp ? c->v_cmp : c->v).set({0, x.row, 0, 3}, std::numeric_limits<double>::quiet_NaN());
+      }
+      std::string msg;
+      ASSERT_EQ(run_on(oracle(), ref.params(), 0, &msg), NSA_OK) << msg;
+      emu_forward(emu.params());
+      const double tol = 16.0 * double(s.Dk + s.T) * kEps;
+      EXPECT_EQ(count_off(emu.o, ref.o, 0, x.first_seen, tol, 0.0, &msg), 0) << msg;
+      EXPECT_TRUE(std::isnan(emu.o.at({0, x.first_seen, 0, 3})));
+      EXPECT_FALSE(std::isnan(emu.o.at({0, x.first_seen, 1, 3})));  // the other KV head's
+    }
+  }
 }
 
 TEST(CudaEmuFwd, CallerIndices) {

@@ -100,11 +100,31 @@ __device__ inline Smem carve(float* base, int G, int Dk, int Dv) {
   return s;
 }
 
-// The problem sizes a block works with.
+// The problem sizes a block works with: the G heads of one KV group at P consecutive positions
+// of one sequence (P > 1 only in the forward), row r of its tiles head r % G at position r / G.
 struct Group {
   int G, Dk, Dv;
   float scale;
+  int P = 1;
+  __host__ __device__ int rows() const { return P * G; }
 };
+
+// The rows a span of keys updates, [r0, r1) (r1 < 0: every row): a position's own keys update
+// only its rows, whose state the others' keys never touch, not even by 0 * NaN.
+struct Rows {
+  int r0 = 0, r1 = -1;
+};
+__device__ __forceinline__ Rows all_of(const Group& g, Rows rr) {
+  return rr.r1 < 0 ? Rows{0, g.rows()} : rr;
+}
+__device__ __forceinline__ Rows rows_of_position(const Group& g, int p) {
+  return {p * g.G, (p + 1) * g.G};
+}
+
+// Where row r of a [T, H, ...] slice is: head stride hs, position stride ps.
+__device__ __forceinline__ int64_t row_at(const Group& g, int r, int64_t hs, int64_t ps) {
+  return (r / g.G) * ps + (r % g.G) * hs;
+}
 
 // The hi + lo parts of x in In: hi rounded to nearest, lo the rest rounded, so hi + lo is x to
 // 2^-16 relative (bf16; exact for f16 queries on bf16 keys). A non-finite hi leaves lo 0, so that
@@ -116,33 +136,34 @@ __device__ __forceinline__ void split16(float x, uint16_t* hi, uint16_t* lo) {
   *lo = isfinite(h) ? to16<In>(x - h) : uint16_t(0);
 }
 
-// Loads the G queries of a group ([G, Dk] at q, any float dtype, head stride hs) and clears out;
-// for the tensor cores also their 16-bit hi and lo tiles, zero past G and Dk (padding meets zero
-// key dims). q's dtype is a run-time fact: decode takes any float queries whatever the cache
-// holds.
+// Loads the group's queries (row r at q + row_at(r, hs, ps), any float dtype) and clears out;
+// for the tensor cores also their 16-bit hi and lo tiles, zero past the rows and Dk (padding
+// meets zero key dims). q's dtype is a run-time fact: decode takes any float queries whatever the
+// cache holds.
 template <typename In>
-__device__ inline void load_group(const Smem& s, const Group& g, const void* q, Elem el,
-                                  int64_t hs) {
-  for (int i = threadIdx.x; i < g.G * g.Dk; i += kThreads) {
-    const int h = i / g.Dk, x = i % g.Dk;
-    s.q[i] = ld_any(q, el, h * hs + x);
+__device__ inline void load_group(const Smem& s, const Group& g, const void* q, Elem el, int64_t hs,
+                                  int64_t ps = 0) {
+  const int R = g.rows();
+  for (int i = threadIdx.x; i < R * g.Dk; i += kThreads) {
+    const int r = i / g.Dk, x = i % g.Dk;
+    s.q[i] = ld_any(q, el, row_at(g, r, hs, ps) + x);
   }
-  for (int i = threadIdx.x; i < g.G * g.Dv; i += kThreads) s.out[i] = 0.0f;
+  for (int i = threadIdx.x; i < R * g.Dv; i += kThreads) s.out[i] = 0.0f;
   if constexpr (kMma<In>) {
-    const int M = mma_rows(g.G), ld = k16_ld(g.Dk);
+    const int M = mma_rows(R), ld = k16_ld(g.Dk);
     for (int i = threadIdx.x; i < M * ld; i += kThreads) {
-      const int h = i / ld, x = i % ld;
-      split16<In>(h < g.G && x < g.Dk ? ld_any(q, el, h * hs + x) : 0.0f, &s.q16[i],
+      const int r = i / ld, x = i % ld;
+      split16<In>(r < R && x < g.Dk ? ld_any(q, el, row_at(g, r, hs, ps) + x) : 0.0f, &s.q16[i],
                   &s.q16[M * ld + i]);
     }
     if (threadIdx.x == 0) *s.q_lo = el != elem_v<In>;
   }
 }
 
-// Starts a branch: empty accumulators for every head. Callers sync before and after.
+// Starts a branch: empty accumulators for every row. Callers sync before and after.
 __device__ inline void begin_branch(const Smem& s, const Group& g) {
-  for (int i = threadIdx.x; i < g.G * g.Dv; i += kThreads) s.o[i] = 0.0f;
-  for (int h = threadIdx.x; h < g.G; h += kThreads) {
+  for (int i = threadIdx.x; i < g.rows() * g.Dv; i += kThreads) s.o[i] = 0.0f;
+  for (int h = threadIdx.x; h < g.rows(); h += kThreads) {
     s.m[h] = -CUDART_INF_F;
     s.l[h] = 0.0f;
   }
@@ -213,16 +234,16 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-// The tensor cores' scores of the loaded chunk, scaled, into s.p for every head (keys past nk
-// hold leftovers: score_of never reads them). Warp w takes keys 8w .. 8w + 7, 16 heads a tile;
-// each k-step adds the queries' hi part and, when there is one, their lo part.
+// The tensor cores' scores of the loaded chunk, scaled, into s.p for rows rr (keys past nk hold
+// leftovers: score_of never reads them). Warp w takes keys 8w .. 8w + 7, 16 rows a tile; each
+// k-step adds the queries' hi part and, when there is one, their lo part.
 template <typename In>
-__device__ void mma_scores(const Smem& s, const Group& g, int nk) {
+__device__ void mma_scores(const Smem& s, const Group& g, int nk, Rows rr) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n0 = 8 * warp;
   if (n0 >= nk) return;  // the whole warp: mma.sync needs all its lanes
-  const int ld = k16_ld(g.Dk), dk = round_up(g.Dk, 16), M = mma_rows(g.G);
+  const int ld = k16_ld(g.Dk), dk = round_up(g.Dk, 16), M = mma_rows(g.rows());
   const bool lo = *s.q_lo != 0;
-  for (int m0 = 0; m0 < M; m0 += 16) {
+  for (int m0 = rr.r0 / 16 * 16; m0 < rr.r1; m0 += 16) {
     float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int k0 = 0; k0 < dk; k0 += 16) {
       uint32_t a[4], b[2];
@@ -236,7 +257,7 @@ __device__ void mma_scores(const Smem& s, const Group& g, int nk) {
     }
     for (int i = 0; i < 4; ++i) {
       const int h = m0 + acc_row(lane) + 8 * (i / 2);
-      if (h < g.G) s.p[h * kChunk + n0 + acc_col(lane) + i % 2] = c[i] * g.scale;
+      if (h >= rr.r0 && h < rr.r1) s.p[h * kChunk + n0 + acc_col(lane) + i % 2] = c[i] * g.scale;
     }
   }
 }
@@ -260,62 +281,64 @@ __device__ __forceinline__ float score_of(const Smem& s, const Group& g, int h, 
 // Every score of the loaded chunk ready for score_of: the tensor cores' pass and a barrier on
 // that path, nothing on the CUDA cores'.
 template <typename In>
-__device__ __forceinline__ void chunk_scores(const Smem& s, const Group& g, int nk) {
+__device__ __forceinline__ void chunk_scores(const Smem& s, const Group& g, int nk, Rows rr) {
   if constexpr (kMma<In>) {
-    mma_scores<In>(s, g, nk);
+    mma_scores<In>(s, g, nk, rr);
     __syncthreads();
   }
 }
 
-// The A fragments of P's 16x16 tile at heads m0, keys k0 (zero past G and nk), as hi + lo parts.
+// The A fragments of P's 16x16 tile at rows m0, keys k0 (zero outside rr and past nk), as hi +
+// lo parts.
 template <typename In>
-__device__ inline void p_frags(const Smem& s, const Group& g, int m0, int k0, int nk, int lane,
+__device__ inline void p_frags(const Smem& s, Rows rr, int m0, int k0, int nk, int lane,
                                uint32_t (&hi)[4], uint32_t (&lo)[4]) {
   for (int i = 0; i < 4; ++i) {  // load_a's order: rows +8 in registers 1 and 3, keys +8 in 2, 3
     const int h = m0 + lane / 4 + 8 * (i % 2), key = k0 + 2 * (lane % 4) + 8 * (i / 2);
     uint16_t ph[2], pl[2];
     for (int j = 0; j < 2; ++j) {
-      split16<In>(h < g.G && key + j < nk ? s.p[h * kChunk + key + j] : 0.0f, &ph[j], &pl[j]);
+      const bool in = h >= rr.r0 && h < rr.r1 && key + j < nk;
+      split16<In>(in ? s.p[h * kChunk + key + j] : 0.0f, &ph[j], &pl[j]);
     }
     hi[i] = pack(ph[0], ph[1]);
     lo[i] = pack(pl[0], pl[1]);
   }
 }
 
-// o = o corr + P V on the tensor cores, for the chunk's weights in s.p: warp w takes the value
-// columns of tiles w, w + kWarps, ..., 16 heads a tile.
+// o = o corr + P V on the tensor cores for rows rr, from the chunk's weights in s.p: warp w takes
+// the value columns of tiles w, w + kWarps, ..., 16 rows a tile.
 template <typename In>
-__device__ void mma_pv(const Smem& s, const Group& g, int nk) {
+__device__ void mma_pv(const Smem& s, const Group& g, int nk, Rows rr) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int ld = v16_ld(g.Dv), M = mma_rows(g.G), tiles = (g.Dv + 7) / 8;
-  for (int m0 = 0; m0 < M; m0 += 16) {
+  const int ld = v16_ld(g.Dv), tiles = (g.Dv + 7) / 8;
+  for (int m0 = rr.r0 / 16 * 16; m0 < rr.r1; m0 += 16) {
     for (int t = warp; t < tiles; t += kWarps) {
       float c[4];
       for (int i = 0; i < 4; ++i) {
         const int h = m0 + acc_row(lane) + 8 * (i / 2), x = 8 * t + acc_col(lane) + i % 2;
-        c[i] = h < g.G && x < g.Dv ? s.o[h * g.Dv + x] * s.corr[h] : 0.0f;
+        c[i] = h >= rr.r0 && h < rr.r1 && x < g.Dv ? s.o[h * g.Dv + x] * s.corr[h] : 0.0f;
       }
       for (int k0 = 0; k0 < nk; k0 += 16) {
         uint32_t b[2], hi[4], lo[4];
         load_b_cols(b, s.v16 + k0 * ld + 8 * t, ld, lane);
-        p_frags<In>(s, g, m0, k0, nk, lane, hi, lo);
+        p_frags<In>(s, rr, m0, k0, nk, lane, hi, lo);
         mma16816<In>(c, hi, b);
         mma16816<In>(c, lo, b);
       }
       for (int i = 0; i < 4; ++i) {
         const int h = m0 + acc_row(lane) + 8 * (i / 2), x = 8 * t + acc_col(lane) + i % 2;
-        if (h < g.G && x < g.Dv) s.o[h * g.Dv + x] = c[i];
+        if (h >= rr.r0 && h < rr.r1 && x < g.Dv) s.o[h * g.Dv + x] = c[i];
       }
     }
   }
 }
 
-// One chunk of the online softmax for every head (the chunk is loaded): m, l and o updated.
+// One chunk of the online softmax for rows rr (the chunk is loaded): their m, l and o updated.
 template <typename In>
-__device__ inline void attend_chunk(const Smem& s, const Group& g, int nk) {
+__device__ inline void attend_chunk(const Smem& s, const Group& g, int nk, Rows rr) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  chunk_scores<In>(s, g, nk);
-  for (int h = warp; h < g.G; h += kWarps) {
+  chunk_scores<In>(s, g, nk, rr);
+  for (int h = rr.r0 + warp; h < rr.r1; h += kWarps) {
     const float sc = score_of<In>(s, g, h, lane, nk);
     const float m_old = s.m[h];
     const float m_new = nan_max(m_old, warp_max(sc));
@@ -342,15 +365,16 @@ __device__ inline void attend_chunk(const Smem& s, const Group& g, int nk) {
   }
   if constexpr (kMma<In>) {
     __syncthreads();
-    mma_pv<In>(s, g, nk);
+    mma_pv<In>(s, g, nk, rr);
   }
 }
 
-// Softmax attention of the group over a list of key spans: spans(i, &first, &count) gives span i
-// of nspans, each split into chunks of kChunk keys; pos maps a span's key to its row in k/v.
+// Softmax attention of rows rr (default every row) over a list of key spans: spans(i, &first,
+// &count) gives span i of nspans, each split into chunks of kChunk keys.
 template <typename In, typename Spans>
 __device__ void attend_spans(const Smem& s, const Group& g, RowView k, RowView v, int nspans,
-                             Spans spans) {
+                             Spans spans, Rows rr = {}) {
+  rr = all_of(g, rr);
   for (int i = 0; i < nspans; ++i) {
     int64_t first = 0, count = 0;
     spans(i, &first, &count);
@@ -361,22 +385,23 @@ __device__ void attend_spans(const Smem& s, const Group& g, RowView k, RowView v
       load_chunk<In>(
           s, g, k, v, nk, [&](int r) { return base + r; }, true);
       __syncthreads();
-      attend_chunk<In>(s, g, nk);
+      attend_chunk<In>(s, g, nk, rr);
     }
   }
   __syncthreads();
 }
 
-// Where a finished branch goes: its ungated output and LSE (each optional) and its gate.
+// Where a finished branch goes: its ungated output and LSE (each optional) and its gate, from the
+// block's first row (head strides *_hs, position strides *_ps).
 struct BranchOut {
-  void* o = nullptr;  // [Hq, Dv] slice of this position (head stride o_hs), any float dtype
+  void* o = nullptr;  // [T, Hq, Dv] slice, any float dtype
   Elem o_el = Elem::kF32;
-  int64_t o_hs = 0;
-  float* lse = nullptr;  // [Hq] slice (stride lse_hs)
-  int64_t lse_hs = 0;
-  const void* gate = nullptr;  // [Hq] slice (stride gate_hs), any float dtype; nullptr: weight 1
+  int64_t o_hs = 0, o_ps = 0;
+  float* lse = nullptr;  // [T, Hq] slice
+  int64_t lse_hs = 0, lse_ps = 0;
+  const void* gate = nullptr;  // [T, Hq] slice, any float dtype; nullptr: weight 1
   Elem gate_el = Elem::kF32;
-  int64_t gate_hs = 0;
+  int64_t gate_hs = 0, gate_ps = 0;
 };
 
 // Normalises the branch (o / l; 0 and lse = -inf when it saw no key, SPEC 4 step 1; NaN stays
@@ -384,24 +409,28 @@ struct BranchOut {
 // after.
 __device__ inline void end_branch(const Smem& s, const Group& g, const BranchOut& b) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int h = warp; h < g.G; h += kWarps) {
+  for (int h = warp; h < g.rows(); h += kWarps) {
     const float l = s.l[h];
     const float inv = l == 0.0f ? 0.0f : 1.0f / l;
-    const float gate = b.gate ? ld_any(b.gate, b.gate_el, h * b.gate_hs) : 1.0f;
+    const float gate =
+        b.gate ? ld_any(b.gate, b.gate_el, row_at(g, h, b.gate_hs, b.gate_ps)) : 1.0f;
     for (int x = lane; x < g.Dv; x += 32) {
       const float o = s.o[h * g.Dv + x] * inv;
-      if (b.o) st_any(b.o, b.o_el, h * b.o_hs + x, o);
+      if (b.o) st_any(b.o, b.o_el, row_at(g, h, b.o_hs, b.o_ps) + x, o);
       s.out[h * g.Dv + x] = fmaf(gate, o, s.out[h * g.Dv + x]);
     }
-    if (b.lse && lane == 0) b.lse[h * b.lse_hs] = l == 0.0f ? -CUDART_INF_F : s.m[h] + logf(l);
+    if (b.lse && lane == 0) {
+      b.lse[row_at(g, h, b.lse_hs, b.lse_ps)] = l == 0.0f ? -CUDART_INF_F : s.m[h] + logf(l);
+    }
   }
 }
 
-// Stores out ([G, Dv]) to o (head stride hs).
-__device__ inline void store_out(const Smem& s, const Group& g, void* o, Elem el, int64_t hs) {
-  for (int i = threadIdx.x; i < g.G * g.Dv; i += kThreads) {
+// Stores out (a row per head and position) to o (head stride hs, position stride ps).
+__device__ inline void store_out(const Smem& s, const Group& g, void* o, Elem el, int64_t hs,
+                                 int64_t ps = 0) {
+  for (int i = threadIdx.x; i < g.rows() * g.Dv; i += kThreads) {
     const int h = i / g.Dv, x = i % g.Dv;
-    st_any(o, el, h * hs + x, s.out[i]);
+    st_any(o, el, row_at(g, h, hs, ps) + x, s.out[i]);
   }
 }
 

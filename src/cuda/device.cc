@@ -9,6 +9,17 @@ Status cuda_status(cudaError_t e, const char* what) {
                cat(what, ": CUDA error ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ")"));
 }
 
+Status smem_limit(const char* call, const void* kernel, int64_t* limit) {
+  int dev = 0, optin = 0;
+  NSA_RETURN_IF_ERROR(cuda_status(cudaGetDevice(&dev), call));
+  NSA_RETURN_IF_ERROR(cuda_status(
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), call));
+  cudaFuncAttributes fa{};
+  NSA_RETURN_IF_ERROR(cuda_status(cudaFuncGetAttributes(&fa, kernel), call));
+  *limit = int64_t(optin) - int64_t(fa.sharedSizeBytes);  // static shared memory counts too
+  return Status::ok();
+}
+
 Status launch_shape(const char* call, const void* kernel, int64_t smem_bytes, int64_t rows,
                     int64_t heads, LaunchShape* out) {
   if (rows > INT32_MAX || heads > 65535) {
@@ -17,13 +28,8 @@ Status launch_shape(const char* call, const void* kernel, int64_t smem_bytes, in
                                           "and KV head: at most 2^31 - 1 tokens (B T = ",
                                           rows, ") and 65535 KV heads (", heads, ")"));
   }
-  int dev = 0, limit = 0;
-  NSA_RETURN_IF_ERROR(cuda_status(cudaGetDevice(&dev), call));
-  NSA_RETURN_IF_ERROR(cuda_status(
-      cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), call));
-  cudaFuncAttributes fa{};
-  NSA_RETURN_IF_ERROR(cuda_status(cudaFuncGetAttributes(&fa, kernel), call));
-  limit -= int(fa.sharedSizeBytes);  // the kernel's static shared memory counts against it
+  int64_t limit = 0;
+  NSA_RETURN_IF_ERROR(smem_limit(call, kernel, &limit));
   if (smem_bytes > limit) {
     return error(NSA_ERR_UNSUPPORTED,
                  cat(call,

@@ -27,6 +27,9 @@ struct LaunchShape {
 // shared-memory limit when it needs more than the default 48 KiB.
 Status launch_shape(const char* call, const void* kernel, int64_t smem_bytes, int64_t rows,
                     int64_t heads, LaunchShape* out);
+// The dynamic shared memory one block of `kernel` may have on the current device (its opt-in
+// limit less the kernel's static shared memory).
+Status smem_limit(const char* call, const void* kernel, int64_t* limit);
 // The status of the launches just enqueued (cudaGetLastError).
 Status launch_status(const char* call);
 

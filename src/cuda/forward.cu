@@ -1,5 +1,6 @@
 // The CUDA forward (SPEC 4) and the dense baseline over [B, T] batches, fixed-length or packed
-// (cu_seqlens, read on the device): one block per (token, KV head) running query.cuh.
+// (cu_seqlens, read on the device): one block per (tile of tokens, KV head) running query.cuh
+// (the dense baseline: one token a block).
 #include <cuda_runtime.h>
 
 #include "cuda/device.h"
@@ -38,12 +39,17 @@ Status launch_tokens(const char* call, nsa_dtype dt, void (*const (&kernels)[3])
 
 Status forward(const FwdProblem& pr) {
   if (pr.B * pr.T == 0) return Status::ok();
-  const FwdArgs a = fwd_args(pr);
   void (*const kernels[3])(FwdArgs) = {fwd_kernel<float>, fwd_kernel<__nv_bfloat16>,
                                        fwd_kernel<__half>};  // Elem order
+  // Positions per block as this device's shared memory allows (query.cuh, fwd_positions).
+  int64_t limit = 0;
+  NSA_RETURN_IF_ERROR(smem_limit(
+      "nsa_fwd", reinterpret_cast<const void*>(kernels[static_cast<int>(elem_of(pr.p.in.q.dtype))]),
+      &limit));
+  const FwdArgs a = fwd_args(pr, limit);
   return launch_tokens<FwdArgs>("nsa_fwd", pr.p.in.q.dtype, kernels, a,
-                                nsa_smem_bytes(a.G, a.Dk, a.Dv, a.nblk, a.n), pr.B * pr.T, pr.Hkv,
-                                pr.stream);
+                                nsa_smem_bytes(a.G, a.Dk, a.Dv, a.nblk, a.n, a.P),
+                                pr.B * fwd_tiles(a), pr.Hkv, pr.stream);
 }
 
 Status dense_forward(const DenseProblem& pr) {

@@ -67,6 +67,7 @@ struct FwdArgs {
   // Block-score slots: (T - 1) / l' + 1, T the batch's row length (for a packed batch the host
   // does not know the longest sequence, so it sizes for the whole row).
   int nblk = 0;
+  int P = 1;  // positions per forward block (fwd_positions)
 };
 
 // Block-scope reduction slots of the top-n.
@@ -149,28 +150,32 @@ __device__ int given_set(const int32_t* in, int* sel, int* tmp, const FwdArgs& a
   return count;
 }
 
-// Eq. 10 for one chunk of nk compressed keys from row first of kc: ps[r] = sum over the group's
-// heads of exp(score - lse), in head order, from each head's final cmp m and l (s.m, s.l). A head
-// with no finite score (l = 0) adds nothing, as the reference's p = 0.
-template <typename In>
+// Eq. 10 for one chunk of nk compressed keys from row first of kc, at each of the group's
+// positions p: ps[p kChunk + r] = sum over its heads of exp(score - lse), in head order, from
+// each head's final cmp m and l (s.m, s.l), for its first lim(p) keys (the ones it sees; 0 past
+// them). A head with no finite score (l = 0) adds nothing, as the reference's p = 0.
+template <typename In, typename Lim>
 __device__ void group_probs(const Smem& s, const Group& g, RowView kc, int64_t first, int nk,
-                            float* ps) {
+                            float* ps, Lim lim) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   __syncthreads();
   load_chunk<In>(
       s, g, kc, kc, nk, [&](int r) { return first + r; }, false);
   __syncthreads();
-  chunk_scores<In>(s, g, nk);
-  for (int h = warp; h < g.G; h += kWarps) {
+  chunk_scores<In>(s, g, nk, Rows{0, g.rows()});
+  for (int h = warp; h < g.rows(); h += kWarps) {
+    const int seen = lim(h / g.G);
     const float lse = s.m[h] + logf(s.l[h]);
-    const float sc = score_of<In>(s, g, h, lane, nk);
-    s.p[h * kChunk + lane] = lane < nk && s.l[h] != 0.0f ? expf(sc - lse) : 0.0f;
+    const float sc = score_of<In>(s, g, h, lane, seen);
+    s.p[h * kChunk + lane] = lane < seen && s.l[h] != 0.0f ? expf(sc - lse) : 0.0f;
   }
   __syncthreads();
-  if (int(threadIdx.x) < nk) {
+  for (int i = threadIdx.x; i < g.P * kChunk; i += kThreads) {
+    const int p = i / kChunk, r = i % kChunk;
+    if (r >= nk) continue;
     float sum = 0.0f;
-    for (int h = 0; h < g.G; ++h) sum += s.p[h * kChunk + threadIdx.x];
-    ps[threadIdx.x] = sum;
+    for (int h = 0; h < g.G; ++h) sum += s.p[(p * g.G + h) * kChunk + r];
+    ps[i] = sum;
   }
   __syncthreads();
 }
@@ -194,16 +199,24 @@ __device__ inline void spread_probs(const float* ps, int64_t c0, int nk, float* 
   }
 }
 
-// SPEC 4 step 2: the group-summed cmp probabilities spread onto the selection blocks 0..J of
-// score, from the branch's final m and l (s.m, s.l), chunk by chunk in key order.
-template <typename In>
-__device__ void block_scores(const Smem& s, const Group& g, RowView kc, int64_t cmp0, int64_t nc,
-                             float* score, float* ps, const FwdArgs& a, int64_t J) {
-  for (int64_t j = threadIdx.x; j <= J; j += kThreads) score[j] = 0.0f;
-  for (int64_t c0 = 0; c0 < nc; c0 += kChunk) {
-    const int nk = int(nc - c0 < kChunk ? nc - c0 : kChunk);
-    group_probs<In>(s, g, kc, cmp0 + c0, nk, ps);
-    spread_probs(ps, c0, nk, score, a, J);
+// SPEC 4 step 2 at each of the group's positions p: its group-summed cmp probabilities spread
+// onto its selection blocks 0..J(p) of score + p nblk, from the branch's final m and l (s.m,
+// s.l), chunk by chunk in key order, each chunk loaded once for every position. nc(p) counts
+// the compressed tokens p sees (nondecreasing in p).
+template <typename In, typename Nc, typename Jp>
+__device__ void block_scores(const Smem& s, const Group& g, RowView kc, int64_t cmp0, Nc nc,
+                             float* score, float* ps, const FwdArgs& a, Jp J) {
+  for (int p = 0; p < g.P; ++p) {
+    for (int64_t j = threadIdx.x; j <= J(p); j += kThreads) score[p * a.nblk + j] = 0.0f;
+  }
+  const int64_t last = nc(g.P - 1);
+  for (int64_t c0 = 0; c0 < last; c0 += kChunk) {
+    const int nk = int(last - c0 < kChunk ? last - c0 : kChunk);
+    group_probs<In>(s, g, kc, cmp0 + c0, nk, ps,
+                    [&](int p) { return int(min(int64_t(nk), max(int64_t(0), nc(p) - c0))); });
+    for (int p = 0; p < g.P; ++p) {
+      spread_probs(ps + p * kChunk, c0, nk, score + p * a.nblk, a, J(p));
+    }
   }
   __syncthreads();
 }
@@ -232,31 +245,38 @@ __device__ int choose_blocks(const FwdArgs& a, int64_t b, int64_t tok, int64_t h
   return count;
 }
 
-// Where one query and its keys are: q, the gates and every output at [qb, qt, head]; its keys
-// at rows start .. start + t of batch row kb (its position is t, its sequence len tokens long),
-// its compressed keys from row cmp_start of kb; hk its KV head.
+// Where a block's queries and their keys are: q, the gates and every output of the first at
+// [qb, qt, head]; its keys at rows start .. start + t of batch row kb (its position is t, its
+// sequence len tokens long), its compressed keys from row cmp_start of kb; hk its KV head. The
+// forward's blocks take n consecutive positions t .. t + n - 1 of that sequence (tokens qt ..
+// qt + n - 1); decode one.
 struct Loc {
   int64_t qb = 0, qt = 0, kb = 0, start = 0, t = 0, len = 0, cmp_start = 0, hk = 0;
+  int n = 1;
 };
 
-// SPEC 4 step 1: the complete compressed blocks of L's query, clamped to the rows the tensor has.
-__device__ inline int64_t cmp_count(const FwdArgs& a, const Loc& L) {
-  int64_t nc = L.t + 1 >= a.l ? (L.t + 1 - a.l) / a.d + 1 : 0;
+// SPEC 4 step 1: the complete compressed blocks of L's query p (position t + p), clamped to the
+// rows the tensor has.
+__device__ inline int64_t cmp_count(const FwdArgs& a, const Loc& L, int p = 0) {
+  const int64_t t = L.t + p;
+  int64_t nc = t + 1 >= a.l ? (t + 1 - a.l) / a.d + 1 : 0;
   nc = min(nc, cmp_len(L.len, a.l, a.d));
   return max(int64_t(0), min(nc, a.Tc_rows - L.cmp_start));
 }
 
-// Where the branches of the G heads from h0 at [b, tok] go: ungated outputs and LSEs when asked
-// for, and their gates.
+// Where the branches of the G heads from h0 at [b, tok] (and the positions after it) go: ungated
+// outputs and LSEs when asked for, and their gates.
 __device__ inline void branch_outs(const FwdArgs& a, int64_t b, int64_t tok, int64_t h0,
                                    BranchOut* out) {
   for (int c = 0; c < 3; ++c) {
     BranchOut& o = out[c];
-    if (a.o_br[c].p) o = {any_ptr(a.o_br[c], b, tok, h0), a.o_br[c].el, a.o_br[c].s2};
-    if (a.lse[c].p) o.lse = ptr<float>(a.lse[c], b, tok, h0), o.lse_hs = a.lse[c].s2;
-    o.gate = any_ptr(a.gate[c], b, tok, h0);
-    o.gate_el = a.gate[c].el;
-    o.gate_hs = a.gate[c].s2;
+    const T4 &ob = a.o_br[c], &lse = a.lse[c], &gate = a.gate[c];
+    if (ob.p) o.o = any_ptr(ob, b, tok, h0), o.o_el = ob.el, o.o_hs = ob.s2, o.o_ps = ob.s1;
+    if (lse.p) o.lse = ptr<float>(lse, b, tok, h0), o.lse_hs = lse.s2, o.lse_ps = lse.s1;
+    o.gate = any_ptr(gate, b, tok, h0);
+    o.gate_el = gate.el;
+    o.gate_hs = gate.s2;
+    o.gate_ps = gate.s1;
   }
 }
 
@@ -271,65 +291,114 @@ struct SlcSpans {
   }
 };
 
-// Dynamic shared memory of nsa_query, in bytes.
-inline int64_t nsa_smem_bytes(int G, int Dk, int Dv, int nblk, int n) {
-  return 4 * (smem_floats(G, Dk, Dv) + nblk + kChunk + 2 * int64_t(n));
+// Dynamic shared memory of nsa_query for P positions, in bytes: the tiles of P G rows, then
+// each position's block scores and group probabilities, the selection and top-n scratch.
+inline int64_t nsa_smem_bytes(int G, int Dk, int Dv, int nblk, int n, int P = 1) {
+  return 4 * (smem_floats(P * G, Dk, Dv) + int64_t(P) * (nblk + kChunk) + 2 * int64_t(n));
 }
 
-// SPEC 4 for the G query heads of KV head L.hk at one query position (L), the block's work in
-// the forward and in a decode step alike.
+// Positions per forward block: enough to fill the tensor cores' 16 rows (16 / G for G < 16, so a
+// small group shares its cmp and win keys across positions instead of padding), fewer when
+// their block scores would not fit in smem_limit bytes; at least 1.
+inline int fwd_positions(int G, int Dk, int Dv, int nblk, int n, int64_t smem_limit) {
+  int P = G < 16 ? 16 / G : 1;
+  while (P > 1 && nsa_smem_bytes(G, Dk, Dv, nblk, n, P) > smem_limit) --P;
+  return P;
+}
+
+// A span of keys [first, first + count) for attend_spans.
+struct Span {
+  int64_t first, count;
+  __device__ void operator()(int, int64_t* f, int64_t* n) const { *f = first, *n = count; }
+};
+
+// Step 1 at L's positions: cmp over the compressed tokens every position sees, loaded once for
+// all of them, then the few that only the later positions see (the count grows by one every d
+// positions), for their rows alone.
 template <typename In>
-__device__ void nsa_query(const FwdArgs& a, const Loc& L, float* smem) {
-  const int64_t b = L.qb, tok = L.qt, kb = L.kb, hk = L.hk;
-  const Group g{a.G, a.Dk, a.Dv, a.scale};
-  const Smem s = carve(smem, a.G, a.Dk, a.Dv);
-  float* score = s.extra;
-  float* ps = score + a.nblk;
-  int* sel = reinterpret_cast<int*>(ps + kChunk);
-  int* tmp = sel + a.n;
-  const int64_t t = L.t, J = t / a.lp, h0 = hk * a.G;
-  load_group<In>(s, g, any_ptr(a.q, b, tok, h0), a.q.el, a.q.s2);
-
-  BranchOut out[3];
-  branch_outs(a, b, tok, h0, out);
-
-  // Step 1: cmp over the complete compressed blocks.
-  const int64_t nc = cmp_count(a, L);
-  const RowView kc = rows<In>(a.k_cmp, kb, hk), vc = rows<In>(a.v_cmp, kb, hk);
+__device__ void cmp_branch(const FwdArgs& a, const Loc& L, const Group& g, const Smem& s,
+                           RowView kc, RowView vc, const BranchOut& out) {
+  const int64_t nc0 = cmp_count(a, L);
   begin_branch(s, g);
-  attend_spans<In>(s, g, kc, vc, 1, [&](int, int64_t* f, int64_t* n) {
-    *f = L.cmp_start;
-    *n = nc;
-  });
-  end_branch(s, g, out[0]);
+  attend_spans<In>(s, g, kc, vc, 1, Span{L.cmp_start, nc0});
+  for (int p = 1; p < L.n; ++p) {
+    const int64_t nc = cmp_count(a, L, p);
+    if (nc > nc0) {
+      attend_spans<In>(s, g, kc, vc, 1, Span{L.cmp_start + nc0, nc - nc0}, rows_of_position(g, p));
+    }
+  }
+  end_branch(s, g, out);
+}
 
-  // Steps 2-3: the group's selection.
-  const int count = choose_blocks(a, b, tok, hk, J, score, sel, tmp, [&] {
-    block_scores<In>(s, g, kc, L.cmp_start, nc, score, ps, a, J);
-  });
-
-  // Step 4: slc over the selected blocks' keys up to t.
+// Step 5 at L's positions t .. t + n - 1: each sees [max(0, t + p - w + 1), t + p]. The keys
+// they all see, [max(0, t + n - w), t], are loaded once for every row; each position's own
+// first and last keys only for its rows. Each row still takes its keys in ascending order.
+template <typename In>
+__device__ void win_branch(const FwdArgs& a, const Loc& L, const Group& g, const Smem& s,
+                           RowView kw, RowView vw, const BranchOut& out) {
+  const int64_t t0 = L.t, common = max(int64_t(0), t0 + L.n - a.w);
   begin_branch(s, g);
   __syncthreads();
-  attend_spans<In>(s, g, rows<In>(a.k_slc, kb, hk), rows<In>(a.v_slc, kb, hk), count,
-                   SlcSpans{sel, L.start, t, a.lp});
+  for (int p = 0; p < L.n; ++p) {
+    const int64_t lo = max(int64_t(0), t0 + p - a.w + 1);
+    const int64_t hi = common <= t0 ? min(common, t0 + p + 1) : t0 + p + 1;  // own keys below
+    if (hi > lo) {
+      attend_spans<In>(s, g, kw, vw, 1, Span{L.start + lo, hi - lo}, rows_of_position(g, p));
+    }
+  }
+  if (common <= t0) {
+    attend_spans<In>(s, g, kw, vw, 1, Span{L.start + common, t0 - common + 1});
+    for (int p = 1; p < L.n; ++p) {
+      attend_spans<In>(s, g, kw, vw, 1, Span{L.start + t0 + 1, p}, rows_of_position(g, p));
+    }
+  }
+  end_branch(s, g, out);
+}
+
+// SPEC 4 for the G query heads of KV head L.hk at L's positions (one in decode, up to a.P in the
+// forward), the block's work in the forward and in a decode step alike. cmp and win load the
+// keys the positions share once for all of them (a group of G < 16 heads fills the tensor
+// cores' 16 rows with 16 / G positions rather than padding); the selection and slc are each
+// position's own.
+template <typename In>
+__device__ void nsa_query(const FwdArgs& a, const Loc& L, float* smem) {
+  const int64_t b = L.qb, tok = L.qt, kb = L.kb, hk = L.hk, h0 = hk * a.G;
+  const Group g{a.G, a.Dk, a.Dv, a.scale, L.n};
+  const Smem s = carve(smem, g.rows(), a.Dk, a.Dv);
+  float* score = s.extra;            // [n][nblk]
+  float* ps = score + L.n * a.nblk;  // [n][kChunk]
+  int* sel = reinterpret_cast<int*>(ps + L.n * kChunk);
+  int* tmp = sel + a.n;
+  load_group<In>(s, g, any_ptr(a.q, b, tok, h0), a.q.el, a.q.s2, a.q.s1);
+  BranchOut out[3];
+  branch_outs(a, b, tok, h0, out);
+  const RowView kc = rows<In>(a.k_cmp, kb, hk), vc = rows<In>(a.v_cmp, kb, hk);
+  cmp_branch<In>(a, L, g, s, kc, vc, out[0]);
+
+  // Step 2: the block scores of every position that needs them, in one pass.
+  const auto J = [&](int p) { return (L.t + p) / a.lp; };
+  if (a.idx_in.p == nullptr && J(L.n - 1) + 1 > a.n) {
+    block_scores<In>(
+        s, g, kc, L.cmp_start, [&](int p) { return cmp_count(a, L, p); }, score, ps, a, J);
+  }
+
+  // Steps 3-4: each position's selection, then slc over its blocks' keys up to its t.
+  __syncthreads();  // cmp's end_branch has read every row's m and l
+  begin_branch(s, g);
+  __syncthreads();
+  for (int p = 0; p < L.n; ++p) {
+    const int count = choose_blocks(a, b, tok + p, hk, J(p), score + p * a.nblk, sel, tmp, [] {});
+    attend_spans<In>(s, g, rows<In>(a.k_slc, kb, hk), rows<In>(a.v_slc, kb, hk), count,
+                     SlcSpans{sel, L.start, L.t + p, a.lp}, rows_of_position(g, p));
+  }
   end_branch(s, g, out[1]);
   __syncthreads();
 
-  // Step 5: win over max(0, t - w + 1) .. t.
-  begin_branch(s, g);
-  __syncthreads();
-  const int64_t w0 = max(int64_t(0), t - a.w + 1);
-  attend_spans<In>(s, g, rows<In>(a.k_win, kb, hk), rows<In>(a.v_win, kb, hk), 1,
-                   [&](int, int64_t* f, int64_t* n) {
-                     *f = L.start + w0;
-                     *n = t - w0 + 1;
-                   });
-  end_branch(s, g, out[2]);
+  win_branch<In>(a, L, g, s, rows<In>(a.k_win, kb, hk), rows<In>(a.v_win, kb, hk), out[2]);
   __syncthreads();
 
   // Step 6: the gated sum.
-  store_out(s, g, any_ptr(a.o, b, tok, h0), a.o.el, a.o.s2);
+  store_out(s, g, any_ptr(a.o, b, tok, h0), a.o.el, a.o.s2, a.o.s1);
 }
 
 // The dense baseline (nsa_dense_fwd): one branch over keys max(0, t - w + 1) .. t (w = 0: all).
@@ -363,8 +432,9 @@ __device__ void dense_query(const DenseArgs& a, const Loc& L, float* smem) {
   store_out(s, g, any_ptr(a.o, b, tok, h0), a.o.el, a.o.s2);
 }
 
-// The forward's arguments from a validated problem (host code; forward.cu, test_cuda_emu.cc).
-inline FwdArgs fwd_args(const FwdProblem& pr) {
+// The forward's arguments from a validated problem (host code; forward.cu, test_cuda_emu.cc), for
+// blocks of at most smem_limit bytes of dynamic shared memory (an H100's by default).
+inline FwdArgs fwd_args(const FwdProblem& pr, int64_t smem_limit = 227 * 1024) {
   const nsa_fwd_params& p = pr.p;
   const nsa_config& cfg = p.in.cfg;
   FwdArgs a;
@@ -387,16 +457,30 @@ inline FwdArgs fwd_args(const FwdProblem& pr) {
   a.n_init = cfg.slc_init, a.n_local = cfg.slc_local, a.w = cfg.window;
   a.scale = cfg.scale;
   a.nblk = int((pr.T - 1) / cfg.slc_block + 1);
+  a.P = fwd_positions(a.G, a.Dk, a.Dv, a.nblk, a.n, smem_limit);
   return a;
 }
 
-// One block of the forward: token blockIdx.x of the [B, T] batch, KV head blockIdx.y.
+// Forward blocks per batch row: its tokens in tiles of a.P.
+__host__ __device__ inline int64_t fwd_tiles(const FwdArgs& a) { return (a.T + a.P - 1) / a.P; }
+
+// One block of the forward: tile blockIdx.x of the [B, T] batch (a.P tokens), KV head
+// blockIdx.y. A tile that crosses a sequence's end (packed batches) runs one part per sequence.
 template <typename In>
 __device__ void fwd_block(const FwdArgs& a, float* smem) {
-  const int64_t b = blockIdx.x / a.T, tok = blockIdx.x % a.T;
-  const Place pl = place_token(a.cu, a.S, b, tok, a.T, a.l, a.d);
-  if (!pl.ok) return;  // invalid cu_seqlens: this row is left as it was
-  nsa_query<In>(a, {b, tok, b, pl.start, pl.t, pl.len, pl.cmp_start, blockIdx.y}, smem);
+  const int64_t tiles = fwd_tiles(a), b = blockIdx.x / tiles, tok0 = blockIdx.x % tiles * a.P;
+  const int64_t end = min(tok0 + a.P, a.T);
+  for (int64_t tok = tok0; tok < end;) {
+    const Place pl = place_token(a.cu, a.S, b, tok, a.T, a.l, a.d);
+    if (!pl.ok) {  // invalid cu_seqlens: this token is left as it was
+      ++tok;
+      continue;
+    }
+    const int n = int(min(end - tok, pl.len - pl.t));
+    nsa_query<In>(a, {b, tok, b, pl.start, pl.t, pl.len, pl.cmp_start, blockIdx.y, n}, smem);
+    __syncthreads();  // the next part carves the same shared memory
+    tok += n;
+  }
 }
 
 inline DenseArgs dense_args(const DenseProblem& pr) {

@@ -205,7 +205,7 @@ __device__ void probs_block(const FwdArgs& a, const StepRows& r, const SplitScra
   float* ps = s.extra;
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int nk = int(min(int64_t(kChunk), n - c0));
-    group_probs<In>(s, g, kc, L.cmp_start + first + c0, nk, ps);
+    group_probs<In>(s, g, kc, L.cmp_start + first + c0, nk, ps, [&](int) { return nk; });
     if (int(threadIdx.x) < nk) sl.ps[first + c0 + threadIdx.x] = ps[threadIdx.x];
   }
 }
