@@ -35,11 +35,19 @@
  * creation (which waits for the context's stream), and nothing afterwards; the whole capacity is
  * allocated at creation (cudaMalloc commits it).
  *
+ * Arithmetic: bf16 and f16 inputs (and a bf16 cache) run on the tensor cores: exact products
+ * summed in f32, queries wider than the keys and the softmax weights taken as 16-bit hi + lo
+ * pairs (about 2^-16 relative). f32 inputs run on the CUDA cores in f32. Results are within the
+ * f32 bound of the float64 reference either way, but f16 inputs do not give the bits of f32
+ * inputs of the same values here, as they do on the CPU. The forward gives a block 16 / G
+ * consecutive positions when G < 16 (fewer when shared memory is short); the bits are the same
+ * on every run of a shape on one device.
+ *
  * Limits of this version, answered NSA_ERR_UNSUPPORTED with the reason: one thread block per
  * (token, KV head) holds the group's queries and accumulators and the block scores in shared
- * memory, so G (Dk + 2 Dv) + 32 (Dk + Dv + G) + T / slc_block floats must fit one block's shared
- * memory (about 227 KiB on an H100); at most 65535 KV heads; a cache's capacity at most
- * 2^31 - 1.
+ * memory, so roughly G (Dk + 2 Dv) + 32 (Dk + Dv + G) + T / slc_block floats must fit one
+ * block's shared memory (about 227 KiB on an H100); at most 65535 KV heads; a cache's capacity
+ * at most 2^31 - 1.
  *
  * Decode: one block per (sequence, KV head) when the step has enough of them to fill the device;
  * otherwise, from 1024 keys on, each branch's keys are split across blocks and the parts merged

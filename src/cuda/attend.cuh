@@ -1,16 +1,20 @@
 // The CUDA backend's attention building block, shared by the forward, the dense baseline and
-// decode: one thread block holds the G query heads of one KV group at one query position and
-// streams key chunks through shared memory once for all of them (paper, Section 3.4:
-// group-centric data loading and shared KV fetching). Arithmetic is f32 (bf16 and f16 inputs
-// widened exactly), with an online softmax per head and one branch finished before the next.
+// decode: one thread block holds the G query heads of one KV group at one query position (or at
+// a few consecutive ones, Group) and streams key chunks through shared memory once for all of
+// them (paper, Section 3.4: group-centric data loading and shared KV fetching). Arithmetic is f32
+// (bf16 and f16 inputs widened exactly, or multiplied exactly by the tensor cores), with an
+// online softmax per row and one branch finished before the next.
 //
-// Layout of the work: a block of kThreads threads, one warp per head (heads w, w + kWarps, ...)
-// for the softmax, lane i holding key i of the chunk. f32 inputs stay on the CUDA cores: for
-// scores each lane sums its key's products, for P V lane x holds value dims x, x + 32, ...
-// bf16 and f16 inputs take the tensor cores (mma.cuh): warp w computes the scores of keys
-// 8w .. 8w + 7 for 16 heads at a time, then P V for value columns 8w, 8w + 32, ...; the queries
-// are staged as 16-bit hi + lo pairs when their dtype is wider than the keys' (decode), and P as
-// hi + lo always, so that the only roundings are f32 ones, as on the CUDA-core path.
+// Layout of the work: a block of kThreads threads, one warp per row (a head at a position; rows
+// w, w + kWarps, ...) for the softmax, lane i holding key i of the chunk. f32 inputs stay on the
+// CUDA cores: for scores each lane sums its key's products, for P V lane x holds value dims
+// x, x + 32, ... bf16 and f16 inputs take the tensor cores (mma.cuh): warp w computes the scores
+// of keys 8w .. 8w + 7 for 16 rows at a time, then P V for value columns 8w, 8w + 32, ...; the
+// queries are staged as 16-bit hi + lo pairs when their dtype is wider than the keys' (decode),
+// and P as hi + lo always, so that their rounding to 16 bits costs about 2^-16 relative rather
+// than a single rounding's 2^-8 (bf16). The tensor cores' f32 sums are not IEEE-rounded per
+// addition, so 16-bit inputs agree with f32 inputs of the same values within the f32 bound, not
+// bit for bit.
 // Every reduction runs in a fixed order, so two runs give the same bits.
 #pragma once
 
@@ -34,22 +38,23 @@ struct RowView {
   int64_t row = 0;  // element stride of T
 };
 
-// Shared memory of one block, carved from the dynamic allocation (sizes in floats: smem_floats).
-// The 16-bit tiles of the tensor-core path share the f32 chunk areas, which it does not use.
+// Shared memory of one block, carved from the dynamic allocation (sizes in floats: smem_floats)
+// for R rows (a head at a position, Group). The 16-bit tiles of the tensor-core path share the
+// f32 query and chunk areas, which it does not use.
 struct Smem {
-  float* q;       // [G][Dk] the group's queries
+  float* q;       // [R][Dk] the rows' queries (f32 inputs)
   float* k;       // [kChunk][kstride(Dk)] a key chunk (f32 inputs)
   float* v;       // [kChunk][Dv] the chunk's values (f32 inputs)
   uint16_t* k16;  // [kChunk][k16_ld(Dk)] a key chunk (16-bit inputs), over k
   uint16_t* v16;  // [kChunk][v16_ld(Dv)] its values, over v
-  uint16_t* q16;  // [2][mma_rows(G)][k16_ld(Dk)] the queries' hi and lo parts (16-bit inputs)
+  uint16_t* q16;  // [2][mma_rows(R)][k16_ld(Dk)] the queries' hi and lo parts (16-bit), over q
   int* q_lo;      // whether the lo parts are not all zero
-  float* p;       // [G][kChunk] the chunk's scores, then its softmax weights
-  float* o;       // [G][Dv] the branch being computed, unnormalised
-  float* out;     // [G][Dv] the gated sum of finished branches (SPEC 4 step 6)
-  float* m;       // [G] running max of the scaled scores
-  float* l;       // [G] running sum of exp(score - m)
-  float* corr;    // [mma_rows(G)] the chunk's rescaling of o per head (16-bit inputs)
+  float* p;       // [R][kChunk] the chunk's scores, then its softmax weights
+  float* o;       // [R][Dv] the branch being computed, unnormalised
+  float* out;     // [R][Dv] the gated sum of finished branches (SPEC 4 step 6)
+  float* m;       // [R] running max of the scaled scores
+  float* l;       // [R] running sum of exp(score - m)
+  float* corr;    // [mma_rows(R)] the chunk's rescaling of o per row (16-bit inputs)
   float* extra;   // what a kernel adds after these (block scores, ...)
 };
 
@@ -57,15 +62,19 @@ struct Smem {
 // other lane's bank.
 __host__ __device__ inline int kstride(int Dk) { return Dk | 1; }
 
-// The tensor-core path's sizes: heads padded to whole 16-row tiles, key dims to whole k-steps of
+// The tensor-core path's sizes: rows padded to whole 16-row tiles, key dims to whole k-steps of
 // 16 (zeros), value dims to whole 8-column tiles; rows 8 elements longer than that, so that the
 // fragment loads of the 8 row groups fall in different banks.
 __host__ __device__ inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
-__host__ __device__ inline int mma_rows(int G) { return round_up(G, 16); }
+__host__ __device__ inline int mma_rows(int R) { return round_up(R, 16); }
 __host__ __device__ inline int k16_ld(int Dk) { return round_up(Dk, 16) + 8; }
 __host__ __device__ inline int v16_ld(int Dv) { return round_up(Dv, 8) + 8; }
 
-// The chunk areas hold either path's tiles.
+// The query and chunk areas hold either path's tiles.
+__host__ __device__ inline int64_t q_floats(int R, int Dk) {
+  const int64_t f32 = int64_t(R) * Dk, b16 = int64_t(mma_rows(R)) * k16_ld(Dk);
+  return f32 > b16 ? f32 : b16;
+}
 __host__ __device__ inline int64_t chunk_k_floats(int Dk) {
   const int64_t f32 = int64_t(kChunk) * kstride(Dk), b16 = int64_t(kChunk) * k16_ld(Dk) / 2;
   return f32 > b16 ? f32 : b16;
@@ -75,27 +84,26 @@ __host__ __device__ inline int64_t chunk_v_floats(int Dv) {
   return f32 > b16 ? f32 : b16;
 }
 
-__host__ __device__ inline int64_t smem_floats(int G, int Dk, int Dv) {
-  return int64_t(G) * Dk + chunk_k_floats(Dk) + chunk_v_floats(Dv) + int64_t(G) * kChunk +
-         2 * int64_t(G) * Dv + 2 * int64_t(G) + mma_rows(G) + int64_t(mma_rows(G)) * k16_ld(Dk) + 1;
+__host__ __device__ inline int64_t smem_floats(int R, int Dk, int Dv) {
+  return q_floats(R, Dk) + chunk_k_floats(Dk) + chunk_v_floats(Dv) + int64_t(R) * kChunk +
+         2 * int64_t(R) * Dv + 2 * int64_t(R) + mma_rows(R) + 1;
 }
 
-__device__ inline Smem carve(float* base, int G, int Dk, int Dv) {
+__device__ inline Smem carve(float* base, int R, int Dk, int Dv) {
   Smem s;
   s.q = base;
-  s.k = s.q + G * Dk;
+  s.q16 = reinterpret_cast<uint16_t*>(base);
+  s.k = s.q + q_floats(R, Dk);
   s.v = s.k + chunk_k_floats(Dk);
   s.k16 = reinterpret_cast<uint16_t*>(s.k);
   s.v16 = reinterpret_cast<uint16_t*>(s.v);
   s.p = s.v + chunk_v_floats(Dv);
-  s.o = s.p + G * kChunk;
-  s.out = s.o + G * Dv;
-  s.m = s.out + G * Dv;
-  s.l = s.m + G;
-  s.corr = s.l + G;
-  float* q16 = s.corr + mma_rows(G);
-  s.q16 = reinterpret_cast<uint16_t*>(q16);
-  s.q_lo = reinterpret_cast<int*>(q16 + mma_rows(G) * k16_ld(Dk));
+  s.o = s.p + R * kChunk;
+  s.out = s.o + R * Dv;
+  s.m = s.out + R * Dv;
+  s.l = s.m + R;
+  s.corr = s.l + R;
+  s.q_lo = reinterpret_cast<int*>(s.corr + mma_rows(R));
   s.extra = reinterpret_cast<float*>(s.q_lo + 1);
   return s;
 }
@@ -144,12 +152,13 @@ template <typename In>
 __device__ inline void load_group(const Smem& s, const Group& g, const void* q, Elem el, int64_t hs,
                                   int64_t ps = 0) {
   const int R = g.rows();
-  for (int i = threadIdx.x; i < R * g.Dk; i += kThreads) {
-    const int r = i / g.Dk, x = i % g.Dk;
-    s.q[i] = ld_any(q, el, row_at(g, r, hs, ps) + x);
-  }
   for (int i = threadIdx.x; i < R * g.Dv; i += kThreads) s.out[i] = 0.0f;
-  if constexpr (kMma<In>) {
+  if constexpr (!kMma<In>) {
+    for (int i = threadIdx.x; i < R * g.Dk; i += kThreads) {
+      const int r = i / g.Dk, x = i % g.Dk;
+      s.q[i] = ld_any(q, el, row_at(g, r, hs, ps) + x);
+    }
+  } else {
     const int M = mma_rows(R), ld = k16_ld(g.Dk);
     for (int i = threadIdx.x; i < M * ld; i += kThreads) {
       const int r = i / ld, x = i % ld;
