@@ -39,8 +39,8 @@
  * summed in f32, queries wider than the keys and the softmax weights taken as 16-bit hi + lo
  * pairs (about 2^-16 relative). f32 inputs run on the CUDA cores in f32. Results are within the
  * f32 bound of the float64 reference either way, but f16 inputs do not give the bits of f32
- * inputs of the same values here, as they do on the CPU. The forward gives a block 16 / G
- * consecutive positions when G < 16 (fewer when shared memory is short); the bits are the same
+ * inputs of the same values here, as they do on the CPU. The forward gives a block 32 / G
+ * consecutive positions (at least 1; fewer when shared memory is short); the bits are the same
  * on every run of a shape on one device.
  *
  * Limits of this version, answered NSA_ERR_UNSUPPORTED with the reason: one thread block per

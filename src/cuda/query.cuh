@@ -297,11 +297,16 @@ inline int64_t nsa_smem_bytes(int G, int Dk, int Dv, int nblk, int n, int P = 1)
   return 4 * (smem_floats(P * G, Dk, Dv) + int64_t(P) * (nblk + kChunk) + 2 * int64_t(n));
 }
 
-// Positions per forward block: enough to fill the tensor cores' 16 rows (16 / G for G < 16, so a
-// small group shares its cmp and win keys across positions instead of padding), fewer when
-// their block scores would not fit in smem_limit bytes; at least 1.
+// Rows (heads times positions) a forward block aims at: two of the tensor cores' 16-row tiles.
+// A small group fills them instead of padding, and every group shares its cmp and win keys
+// across positions: at G = 16 each compressed key is read for two positions at once, at G = 4
+// for eight, so G = 4 reads as many cmp and win keys per head as G = 16.
+constexpr int kTileRows = 32;
+
+// Positions per forward block: kTileRows / G (at least 1), fewer when their block scores would
+// not fit in smem_limit bytes.
 inline int fwd_positions(int G, int Dk, int Dv, int nblk, int n, int64_t smem_limit) {
-  int P = G < 16 ? 16 / G : 1;
+  int P = G < kTileRows ? kTileRows / G : 1;
   while (P > 1 && nsa_smem_bytes(G, Dk, Dv, nblk, n, P) > smem_limit) --P;
   return P;
 }
@@ -357,8 +362,7 @@ __device__ void win_branch(const FwdArgs& a, const Loc& L, const Group& g, const
 
 // SPEC 4 for the G query heads of KV head L.hk at L's positions (one in decode, up to a.P in the
 // forward), the block's work in the forward and in a decode step alike. cmp and win load the
-// keys the positions share once for all of them (a group of G < 16 heads fills the tensor
-// cores' 16 rows with 16 / G positions rather than padding); the selection and slc are each
+// keys the positions share once for all of them (fwd_positions); the selection and slc are each
 // position's own.
 template <typename In>
 __device__ void nsa_query(const FwdArgs& a, const Loc& L, float* smem) {
