@@ -186,7 +186,7 @@ TEST(CudaEmuFwd, StridedViewsAndPackedSequences) {
   compare({1, 150, 6, 2, 20, 12}, small_cfg(), NSA_DTYPE_BF16, false, {0, 37, 37, 40, 150});
 }
 
-// A window narrower than a block's positions (G = 1: 16 positions a block, window 7): the
+// A window narrower than a block's positions (G = 1: 32 positions a block, window 7): the
 // positions share no window key and each takes its own.
 TEST(CudaEmuFwd, BlocksWiderThanTheWindow) {
   compare({1, 70, 2, 2, 24, 16}, config(16, 8, 16, 4, 1, 1, 7), NSA_DTYPE_BF16, false);
@@ -194,7 +194,7 @@ TEST(CudaEmuFwd, BlocksWiderThanTheWindow) {
 }
 
 // A NaN value poisons exactly the positions whose branches read it (SPEC 4), also where a
-// block's positions share key chunks (G = 1: 16 positions a block): the positions before it in
+// block's positions share key chunks (G = 1: 32 positions a block): the positions before it in
 // the same block stay equal to the reference. v row 40 is in the windows of t >= 40 (and the
 // slc of some); compressed token 2 covers keys [16, 32) and is seen from t = 31.
 TEST(CudaEmuFwd, NonFiniteValuesStayWithThePositionsThatReadThem) {

@@ -72,7 +72,7 @@ void expect_same(const char* name, const Tensor& got, const Tensor& want, double
     const double g = got.get_raw(got.logical_offset(a, b, c, d));
     double w = want.get_raw(want.logical_offset(a, b, c, d));
     if (round && tol == 0.0) w = f16_bits_to_float(float_to_f16_bits(float(w)));
-    const double bound = tol + (round ? std::ldexp(std::fabs(w), -11) : 0.0);
+    const double bound = tol > 0.0 ? tol + (round ? std::ldexp(std::fabs(w), -11) : 0.0) : 0.0;
     const bool ok = g == w || (std::isnan(g) && std::isnan(w)) || std::fabs(g - w) <= bound;
     if (!ok && bad++ < 3) {
       ADD_FAILURE() << name << " at " << a << "," << b << "," << c << "," << d << ": " << g

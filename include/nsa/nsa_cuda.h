@@ -35,19 +35,22 @@
  * creation (which waits for the context's stream), and nothing afterwards; the whole capacity is
  * allocated at creation (cudaMalloc commits it).
  *
- * Arithmetic: bf16 and f16 inputs (and a bf16 cache) run on the tensor cores: exact products
- * summed in f32, queries wider than the keys and the softmax weights taken as 16-bit hi + lo
- * pairs (about 2^-16 relative). f32 inputs run on the CUDA cores in f32. Results are within the
- * f32 bound of the float64 reference either way, but f16 inputs do not give the bits of f32
- * inputs of the same values here, as they do on the CPU. The forward gives a block 32 / G
- * consecutive positions (at least 1; fewer when shared memory is short); the bits are the same
- * on every run of a shape on one device.
+ * Arithmetic: attention over 16-bit keys and values (bf16 or f16 forward and dense inputs, a
+ * bf16 cache) runs on the tensor cores: exact products summed in f32, queries wider than the
+ * keys and the softmax weights taken as 16-bit hi + lo pairs (about 2^-16 relative). Over f32
+ * keys (f32 inputs, an f32 cache whatever the queries) it runs on the CUDA cores in f32. Results
+ * are within the f32 bound of the float64 reference either way, but f16 forward and dense
+ * inputs do not give the bits of f32 inputs of the same values here, as they do on the CPU
+ * (decode and compression still do). The forward gives a block 32 / G consecutive positions (at
+ * least 1; fewer when shared memory is short); the bits are the same on every run of a shape on
+ * one device.
  *
  * Limits of this version, answered NSA_ERR_UNSUPPORTED with the reason: one thread block per
- * (token, KV head) holds the group's queries and accumulators and the block scores in shared
- * memory, so roughly G (Dk + 2 Dv) + 32 (Dk + Dv + G) + T / slc_block floats must fit one
- * block's shared memory (about 227 KiB on an H100); at most 65535 KV heads; a cache's capacity
- * at most 2^31 - 1.
+ * (positions, KV head) holds the rows' queries and accumulators and the block scores in shared
+ * memory, so roughly R (Dk + 2 Dv + 32) + 32 (Dk + Dv) + P T / slc_block floats (R = P G rows,
+ * P positions, G at least 16 rows for 16-bit inputs) must fit one block's shared memory (about
+ * 227 KiB on an H100; a forward block takes fewer positions before this fails); at most 65535
+ * KV heads; a cache's capacity at most 2^31 - 1.
  *
  * Decode: one block per (sequence, KV head) when the step has enough of them to fill the device;
  * otherwise, from 1024 keys on, each branch's keys are split across blocks and the parts merged
