@@ -8,8 +8,8 @@
 #   scripts/gpu-check.sh run       on the GPU machine (CUDA driver, python3 with torch; no
 #                                  network): unpacks the bundle, runs the `cuda` tests (the
 #                                  tensor-core layout, every parameterised case on the cuda
-#                                  backend, and test_cuda), a
-#                                  compute-sanitizer pass, then nsa_cuda_bench (fwd, decode) and
+#                                  backend, and test_cuda), compute-sanitizer (memcheck,
+#                                  racecheck, synccheck), then nsa_cuda_bench (fwd, decode) and
 #                                  scripts/sdpa_bench.py, and writes $OUT (default gpu-out/):
 #                                  gpu-check.json (every row, with speedups), log.txt.
 # Budget: `run` finishes within GPU_CHECK_BUDGET seconds (default 480, the issue's 8 minutes on
@@ -102,6 +102,12 @@ run() {
   if command -v compute-sanitizer >/dev/null; then
     step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 3 "$bin/test_cuda" \
       --gtest_filter='CudaFwd.*:-CudaFwd.SharedMemoryLimitIsReported'
+    # Shared-memory hazards and barrier misuse in a bf16 forward (tensor cores, cp.async chunks
+    # in two buffers): what the emulator's fibers cannot see.
+    step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 3 "$bin/test_cuda" \
+      --gtest_filter='CudaFwd.TwoRunsGiveTheSameBits'
+    step synccheck 45 compute-sanitizer --tool synccheck --error-exitcode 3 "$bin/test_cuda" \
+      --gtest_filter='CudaFwd.TwoRunsGiveTheSameBits'
   fi
   printf '%s\n' "${results[@]}" >"$out/steps.jsonl"
   python3 - "$rows" "$out/steps.jsonl" "$out/gpu-check.json" <<'EOF'

@@ -9,7 +9,9 @@
 //
 // What it checks: the kernels' arithmetic and indexing against the reference on a machine
 // without a GPU, and that every barrier is reached by every thread (a barrier some threads skip
-// never completes: reported as a deadlock). What it cannot check: data races between threads
+// never completes: reported as a deadlock), and that asynchronous copies (cp.async) are waited
+// for before their data is read and never land in a buffer still being read (Machine::
+// cp_async16 lands them at either extreme). What it cannot check: data races between threads
 // (fibers switch only at barriers), memory-model and timing questions, the real expf/logf
 // (host libm here), and anything about performance. A GPU run (scripts/gpu-check.sh) is still
 // the test of record.
@@ -25,7 +27,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <functional>
+#include <string>
 #include <limits>
 #include <stdexcept>
 #include <vector>
@@ -110,6 +114,40 @@ class Machine {
     return r;
   }
 
+  // cp.async (src/cuda/async_copy.cuh): the source is read at issue (the kernels' global inputs
+  // do not change during a launch); the 16 bytes land at the issuing thread's wait for their
+  // group (kLate, the default: as late as the hardware may land them, so a read before the wait
+  // and its barrier sees stale data) or at once (kEarly: as soon as it may, so a copy into a
+  // buffer that other threads still read corrupts their reads). A misaligned copy, or one never
+  // waited for by the end of the block, fails the launch.
+  enum class AsyncCopies { kLate, kEarly };
+  void set_async_copies(AsyncCopies m) { async_ = m; }
+  void cp_async16(void* dst, const void* src) {
+    if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
+      if (fault_.empty()) fault_ = "simt_emu: cp.async of 16 bytes needs 16-byte aligned addresses";
+      return;
+    }
+    Copy c{dst, {}};
+    std::memcpy(c.bytes, src, 16);
+    if (async_ == AsyncCopies::kEarly) {
+      std::memcpy(dst, c.bytes, 16);
+      return;
+    }
+    copies_[size_t(cur_)].open.push_back(c);
+  }
+  void cp_async_commit() {
+    Pending& p = copies_[size_t(cur_)];
+    p.groups.push_back(std::move(p.open));
+    p.open.clear();
+  }
+  void cp_async_wait(int n) {
+    Pending& p = copies_[size_t(cur_)];
+    while (int(p.groups.size()) > n) {
+      for (const Copy& c : p.groups.front()) std::memcpy(c.dst, c.bytes, 16);
+      p.groups.pop_front();
+    }
+  }
+
   // One warp's mma.sync m16n8k16 (src/cuda/mma.cuh): every lane posts its A and B registers,
   // then each computes its own four accumulators from the whole warp's, with the PTX ISA's
   // fragment layout written out independently of mma.cuh's loads. Products are exact and summed
@@ -162,6 +200,8 @@ class Machine {
     ctx_.resize(kBlockThreads);
     jb_.resize(kBlockThreads);
     done_.assign(kBlockThreads, false);
+    copies_.assign(kBlockThreads, Pending{});
+    fault_.clear();
     started_.assign(kBlockThreads, false);
     for (int i = 0; i < kBlockThreads; ++i) {
       stacks_[size_t(i)].resize(256 * 1024);
@@ -186,6 +226,12 @@ class Machine {
       }
       if (progress_ != before) idle_rounds_ = 0;
     }
+    for (const Pending& p : copies_) {
+      if (fault_.empty() && (!p.open.empty() || !p.groups.empty())) {
+        fault_ = "simt_emu: a thread ended with cp.async copies it never waited for";
+      }
+    }
+    if (!fault_.empty()) throw std::runtime_error(fault_);
   }
 
   // Runs fiber i until it waits or ends. Its own frame holds the _setjmp, so no local of the
@@ -212,6 +258,17 @@ class Machine {
     }
   }
 
+  struct Copy {
+    void* dst;
+    unsigned char bytes[16];
+  };
+  struct Pending {
+    std::vector<Copy> open;                // issued since the last commit
+    std::deque<std::vector<Copy>> groups;  // committed, oldest first
+  };
+  std::vector<Pending> copies_;
+  AsyncCopies async_ = AsyncCopies::kLate;
+  std::string fault_;  // a fiber's error, thrown by run_block once the block ended
   std::function<void()> body_;
   std::vector<float> smem_;
   std::vector<std::vector<char>> stacks_;

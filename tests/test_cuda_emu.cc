@@ -7,6 +7,7 @@
 // cannot see); the same cases run on a real device through the parameterised suites.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -291,7 +292,74 @@ struct EmuCache {
     }
     ++c.len[size_t(seq)];
   }
+  // A decode step's appends as decode.cu's append_step_rows makes them: rows [t0, t0 + S) of x
+  // [1, T, Hkv, D] to sequences seqs (distinct) in one launch each for k and v, then the mean of
+  // every compressed token they complete in one launch each.
+  void append_step(const std::vector<int32_t>& seqs, const Tensor& xk, const Tensor& xv,
+                   int64_t t0) {
+    auto& m = simt_emu::Machine::get();
+    const unsigned S = unsigned(seqs.size());
+    nsa::cuda::StepRows r, done;
+    r.row0 = 0;
+    unsigned nc = 0;
+    for (unsigned i = 0; i < S; ++i) {
+      const int64_t len = c.len[size_t(seqs[i])], before = nsa_cmp_len(&c.cfg, len);
+      r.seq[i] = seqs[i], r.t[i] = int32_t(len);
+      if (nsa_cmp_len(&c.cfg, len + 1) > before) {
+        done.seq[nc] = seqs[i];
+        done.t[nc++] = int32_t(before);
+      }
+    }
+    for (int kind = 0; kind < 2; ++kind) {
+      const nsa_tensor x = rows(kind == 0 ? xk : xv, t0, S);
+      m.launch({S, unsigned(c.Hkv), 1}, 0, [&] {
+        nsa::cuda::append_step_block(x.data, nsa::cuda::elem_of(x.dtype), x.stride[0], x.stride[1],
+                                     kind == 0 ? k.data() : v.data(), nsa::cuda::elem_of(c.dtype),
+                                     c.capacity, c.Hkv, kind == 0 ? c.Dk : c.Dv, r);
+      });
+    }
+    for (int kind = 0; kind < 2 && nc > 0; ++kind) {
+      const nsa::cuda::CmpArgs a = nsa::cuda::cache_cmp_all(c, bufs, kind);
+      m.launch({nc, unsigned(c.Hkv), 1}, 0, [&] { nsa::cuda::mean_step_block(a, done); });
+    }
+    for (int32_t s : seqs) ++c.len[size_t(s)];
+  }
 };
+
+// A step's appends to sequences at different lengths, in one launch each (decode.cu,
+// kv_cache_append_rows), leave the cache's raw and compressed tokens bit for bit as appending
+// each row alone does: three sequences in the order 2, 0, 1, from lengths 5, 0 and 11, over 20
+// steps that complete compressed tokens of different sequences at different steps (l = 16, d = 8).
+TEST(CudaEmuDecode, StepAppendsEqualRowByRowAppends) {
+  const Shape s{1, 80, 6, 2, 24, 20};
+  const nsa_config cfg = small_cfg();
+  const FwdCase x = make_case(s, cfg, NSA_DTYPE_F32, 3);
+  EmuCache rowwise(cfg, 3, 40, s, NSA_DTYPE_BF16), stepped(cfg, 3, 40, s, NSA_DTYPE_BF16);
+  for (EmuCache* c : {&rowwise, &stepped}) {
+    for (int64_t t = 0; t < 5; ++t) c->append(0, x.k, x.v, t);
+    for (int64_t t = 5; t < 16; ++t) c->append(2, x.k, x.v, t);
+  }
+  const std::vector<int32_t> order = {2, 0, 1};
+  for (int64_t j = 0; j < 20; ++j) {
+    const int64_t t0 = 16 + 3 * j;  // rows 16 .. 75 of x
+    for (size_t i = 0; i < order.size(); ++i) rowwise.append(order[i], x.k, x.v, t0 + int64_t(i));
+    stepped.append_step(order, x.k, x.v, t0);
+  }
+  EXPECT_EQ(stepped.c.len, rowwise.c.len);
+  EXPECT_EQ(stepped.c.len, (std::vector<int64_t>{25, 20, 31}));
+  EXPECT_TRUE(stepped.k == rowwise.k && stepped.v == rowwise.v) << "raw tokens differ";
+  EXPECT_TRUE(stepped.kc == rowwise.kc && stepped.vc == rowwise.vc) << "compressed tokens differ";
+  // Each sequence's last compressed token (2, 1 and 3 of them) was written: not all zero bytes.
+  const size_t e = 2, per_seq = size_t(nsa_cmp_len(&cfg, 40) * s.Hkv * s.Dk) * e;
+  const size_t token = size_t(s.Hkv * s.Dk) * e;
+  for (int64_t q = 0; q < 3; ++q) {
+    const size_t at =
+        size_t(q) * per_seq + size_t(nsa_cmp_len(&cfg, stepped.c.len[size_t(q)]) - 1) * token;
+    EXPECT_TRUE(std::any_of(stepped.kc.begin() + long(at), stepped.kc.begin() + long(at + token),
+                            [](unsigned char b) { return b != 0; }))
+        << "sequence " << q;
+  }
+}
 
 // A split step's launches (decode.cu's launch_split) with scratch in host memory, refilled with
 // NaN first so that a slot no launch wrote shows up.
@@ -547,6 +615,61 @@ TEST(CudaEmuDecode, DenseStepMatchesTheReference) { dense_vs_reference(60, 9, {}
 TEST(CudaEmuDecode, DenseSplitStepsMatchTheReference) {
   dense_vs_reference(130, 0, {0, 0, 5});
   dense_vs_reference(100, 70, {0, 0, 3});
+}
+
+// The emulator lands cp.async copies at the issuing thread's wait by default, so a chunk read
+// before its wait and barrier shows stale data. Here they land at once instead, so that a copy
+// into buffers that other threads still read (attend.cuh, stream_keys: the next chunk's) would
+// corrupt their reads: the 16-bit cases with head dims a multiple of 8 (the cp.async path) again,
+// G = 16 and G = 1 (32 positions a block), packed sequences, a split decode step.
+TEST(CudaEmuAsync, CopiesThatLandAtOnceGiveTheSameResults) {
+  using simt_emu::Machine;
+  struct Early {
+    Early() { Machine::get().set_async_copies(Machine::AsyncCopies::kEarly); }
+    ~Early() { Machine::get().set_async_copies(Machine::AsyncCopies::kLate); }
+  } early;
+  compare({1, 100, 16, 1, 192, 128}, small_cfg(5), NSA_DTYPE_BF16, false);
+  compare({1, 150, 6, 2, 24, 16}, small_cfg(), NSA_DTYPE_F16, false, {0, 37, 37, 40, 150});
+  compare({1, 70, 2, 2, 24, 16}, config(16, 8, 16, 4, 1, 1, 7), NSA_DTYPE_BF16, false);
+  decode_vs_reference({1, 400, 6, 2, 24, 16}, config(16, 4, 16, 4, 1, 1, 80), NSA_DTYPE_BF16,
+                      {3, 3, 3}, 390);
+}
+
+// The emulator's cp.async: a copy is not visible before its wait, is visible to the block after
+// the wait and a barrier, and a copy never waited for or misaligned fails the launch.
+TEST(CudaEmu, AsyncCopiesLandAtTheWait) {
+  auto& m = simt_emu::Machine::get();
+  std::vector<uint4> src(128);
+  for (unsigned i = 0; i < 128; ++i) src[i] = make_uint4(i, i + 1, i + 2, i + 3);
+  std::vector<unsigned> before(128, 7), after(128, 7);
+  m.launch({1, 1, 1}, 128 * 16, [&] {
+    uint4* sm = reinterpret_cast<uint4*>(m.smem());
+    const unsigned t = threadIdx.x;
+    sm[t] = make_uint4(0, 0, 0, 0);
+    nsa::cuda::cp_async16(&sm[t], &src[t]);
+    nsa::cuda::cp_async_commit();
+    before[t] = sm[t].y;
+    nsa::cuda::cp_async_wait<0>();
+    __syncthreads();
+    after[t] = sm[(t + 1) % 128].y;
+  });
+  for (unsigned i = 0; i < 128; ++i) {
+    EXPECT_EQ(before[i], 0u) << i;
+    EXPECT_EQ(after[i], (i + 1) % 128 + 1) << i;
+  }
+  EXPECT_THROW(m.launch({1, 1, 1}, 128 * 16,
+                        [&] {
+                          nsa::cuda::cp_async16(m.smem() + 4 * threadIdx.x, &src[threadIdx.x]);
+                          nsa::cuda::cp_async_commit();
+                        }),
+               std::runtime_error);
+  EXPECT_THROW(m.launch({1, 1, 1}, 128 * 16 + 4,
+                        [&] {
+                          nsa::cuda::cp_async16(m.smem() + 1 + 4 * threadIdx.x, &src[threadIdx.x]);
+                          nsa::cuda::cp_async_commit();
+                          nsa::cuda::cp_async_wait<0>();
+                        }),
+               std::runtime_error);
 }
 
 // The emulator itself: a barrier that only some threads reach is reported, not hung on.

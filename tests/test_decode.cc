@@ -175,13 +175,12 @@ TEST(CpuDecodeBf16Math, MatchesReferenceAndEmulation) {
   const std::vector<nsa_bf16_math> maths = runnable_bf16_maths();
   if (maths.empty()) GTEST_SKIP() << "no bf16 arithmetic variant runs on this CPU (no AVX-512)";
   const BackendUnderTest cpu = backend(NSA_BACKEND_CPU);
-  const DecodeCase dcs[] = {
-      {"G16_mean", Shape{1, 300, 16, 1, 24, 20}, config(16, 8, 32, 4, 1, 1, 40), NSA_DTYPE_BF16,
-       NSA_CMP_MEAN, 100},
-      {"G12_mlp", Shape{1, 150, 24, 2, 17, 33}, config(16, 8, 16, 3, 1, 1, 24), NSA_DTYPE_BF16,
-       NSA_CMP_MLP, 0},
-      {"G3_mean", Shape{1, 130, 3, 1, 40, 24}, config(16, 8, 16, 3, 1, 1, 24), NSA_DTYPE_BF16,
-       NSA_CMP_MEAN, 20}};
+  const DecodeCase dcs[] = {{"G16_mean", Shape{1, 300, 16, 1, 24, 20},
+                             config(16, 8, 32, 4, 1, 1, 40), NSA_DTYPE_BF16, NSA_CMP_MEAN, 100},
+                            {"G12_mlp", Shape{1, 150, 24, 2, 17, 33},
+                             config(16, 8, 16, 3, 1, 1, 24), NSA_DTYPE_BF16, NSA_CMP_MLP, 0},
+                            {"G3_mean", Shape{1, 130, 3, 1, 40, 24}, config(16, 8, 16, 3, 1, 1, 24),
+                             NSA_DTYPE_BF16, NSA_CMP_MEAN, 20}};
   for (const DecodeCase& dc : dcs) {
     SCOPED_TRACE(dc.name);
     const FwdCase f32 = run_decode_case(cpu, dc, NSA_BF16_MATH_F32);
@@ -221,8 +220,8 @@ class DecodeOnBackend : public ::testing::TestWithParam<BackendUnderTest> {
     if (GetParam().cache_cmp == nullptr) GTEST_SKIP() << GetParam().name << " has no KV cache";
   }
 };
-INSTANTIATE_TEST_SUITE_P(Backends, DecodeOnBackend, ::testing::ValuesIn(backends_under_test(kOpDecode)),
-                         backend_test_name);
+INSTANTIATE_TEST_SUITE_P(Backends, DecodeOnBackend,
+                         ::testing::ValuesIn(backends_under_test(kOpDecode)), backend_test_name);
 
 // Incremental compression computes each compressed token once, from the cached rows: it must
 // equal the whole-sequence compression (nsa_compress, float64 reference).
@@ -276,6 +275,87 @@ TEST_P(DecodeOnBackend, IncrementalCompressionEqualsCompress) {
           << (kv == 0 ? "k_cmp: " : "v_cmp: ") << first;
     }
     nsa_context_destroy(ref);
+  }
+}
+
+// A decode step's appends (its k and v, several sequences at once: on CUDA one launch for all of
+// them, Backend::cache_append_rows) leave the cache as appending each row alone does, raw rows
+// (seen through the step's outputs) and compressed tokens bit for bit, for mean and mlp
+// compression: three sequences from lengths 5, 0 and 11, each step's rows going to sequences
+// 2, 0, 1, so that compressed tokens complete in different sequences at different steps.
+TEST_P(DecodeOnBackend, StepAppendsEqualAppends) {
+  const BackendUnderTest& be = GetParam();
+  ASSERT_NE(be.cache_cmp, nullptr);
+  for (nsa_cmp_kind kind : {NSA_CMP_MEAN, NSA_CMP_MLP}) {
+    SCOPED_TRACE(kind == NSA_CMP_MEAN ? "mean" : "mlp");
+    const Shape s{1, 90, 6, 2, 24, 40};
+    const nsa_config cfg = config(16, 8, 32, 4, 1, 2, 64);
+    FwdCase c = make_case(s, cfg, NSA_DTYPE_F32, 31), out = make_case(s, cfg, NSA_DTYPE_F32, 1);
+    std::mt19937_64 rng(6);
+    MlpTensors mlp;
+    make_mlp(mlp.k, s.Hkv, cfg.cmp_block, s.Dk, 16, NSA_DTYPE_F32, rng);
+    make_mlp(mlp.v, s.Hkv, cfg.cmp_block, s.Dv, 16, NSA_DTYPE_F32, rng);
+    Context cx(0, be.id);
+    CachePtr rowwise =
+        make_cache(cx.ctx, cfg, 3, 40, s, NSA_DTYPE_F32, kind, &mlp, nullptr, *be.buffers);
+    CachePtr stepped =
+        make_cache(cx.ctx, cfg, 3, 40, s, NSA_DTYPE_F32, kind, &mlp, nullptr, *be.buffers);
+    Staging st(be);
+    const DecodeTensors x = DecodeTensors::staged(st, c, out);
+    const auto append = [&](nsa_kv_cache* cache, int64_t seq, int64_t t0, int64_t n) {
+      nsa_tensor k = rows(x.k, t0, n), v = rows(x.v, t0, n);
+      ASSERT_EQ(nsa_kv_cache_append(cx.ctx, cache, seq, &k, &v), NSA_OK) << cx.error();
+    };
+    for (nsa_kv_cache* cache : {rowwise.get(), stepped.get()}) {
+      append(cache, 0, 0, 5);
+      append(cache, 2, 5, 11);
+    }
+    const int32_t order[3] = {2, 0, 1};
+    for (int64_t j = 0; j < 20; ++j) {
+      const int64_t t0 = 16 + 3 * j;  // rows 16 .. 75
+      for (int64_t i = 0; i < 3; ++i) append(rowwise.get(), order[i], t0 + i, 1);
+      nsa_decode_params p = decode_row(x, t0, /*append=*/true);
+      for (nsa_tensor* t : {&p.q, &p.k, &p.v, &p.g_cmp, &p.g_slc, &p.g_win, &p.o, &p.lse_cmp,
+                            &p.lse_slc, &p.lse_win, &p.slc_indices_out}) {
+        t->shape[0] = 3;
+      }
+      p.seq_ids = order;
+      ASSERT_EQ(nsa_decode(cx.ctx, stepped.get(), &p), NSA_OK) << j << ": " << cx.error();
+    }
+    const int64_t lens[3] = {25, 20, 31}, Tc = nsa_cmp_len(&cfg, 40);
+    Tensor k_row(NSA_DTYPE_F32, {3, Tc, s.Hkv, s.Dk}), v_row(NSA_DTYPE_F32, {3, Tc, s.Hkv, s.Dv});
+    Tensor k_step(NSA_DTYPE_F32, {3, Tc, s.Hkv, s.Dk}), v_step(NSA_DTYPE_F32, {3, Tc, s.Hkv, s.Dv});
+    for (int64_t q = 0; q < 3; ++q) {
+      ASSERT_EQ(nsa_kv_cache_len(rowwise.get(), q), lens[q]);
+      ASSERT_EQ(nsa_kv_cache_len(stepped.get(), q), lens[q]);
+      be.cache_cmp(*rowwise, q, q, 0, k_row, v_row);
+      be.cache_cmp(*stepped, q, q, 0, k_step, v_step);
+    }
+    EXPECT_TRUE(k_step.storage() == k_row.storage()) << "compressed keys differ";
+    EXPECT_TRUE(v_step.storage() == v_row.storage()) << "compressed values differ";
+    // The same compressed tokens, not both untouched: each sequence's last one (2, 1 and 2 of
+    // them) is not zeros.
+    for (int64_t q = 0; q < 3; ++q) {
+      EXPECT_NE(k_step.at({q, nsa_cmp_len(&cfg, lens[q]) - 1, 1, 0}), 0.0) << q;
+    }
+    // The raw rows: the last step's outputs equal a step over the row-by-row cache (no append).
+    FwdCase again = make_case(s, cfg, NSA_DTYPE_F32, 1);
+    Staging st2(be);
+    const DecodeTensors y = DecodeTensors::staged(st2, c, again);
+    nsa_decode_params p = decode_row(y, 16 + 3 * 19, /*append=*/false);
+    for (nsa_tensor* t : {&p.q, &p.g_cmp, &p.g_slc, &p.g_win, &p.o, &p.lse_cmp, &p.lse_slc,
+                          &p.lse_win, &p.slc_indices_out}) {
+      t->shape[0] = 3;
+    }
+    p.seq_ids = order;
+    ASSERT_EQ(nsa_decode(cx.ctx, rowwise.get(), &p), NSA_OK) << cx.error();
+    st.download_outputs();
+    st2.download_outputs();
+    int64_t diff = 0;
+    out.o.for_each([&](int64_t b, int64_t t, int64_t h, int64_t d) {
+      if (t >= 73 && t < 76) diff += out.o.at({b, t, h, d}) != again.o.at({b, t, h, d});
+    });
+    EXPECT_EQ(diff, 0) << "outputs of the last step differ";
   }
 }
 

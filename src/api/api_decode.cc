@@ -47,21 +47,27 @@ int32_t append_threads(const nsa_context* ctx) {
   return ctx->num_threads > 0 ? ctx->num_threads : 0;
 }
 
-// Appends row s of k/v (each [S, Hkv, D]) to its sequence, then runs the step. A failure on the
-// way (out of memory) restores every length, so the call changes nothing (nsa.h).
+// Appends row s of k/v (each [S, Hkv, D]) to its sequence (all at once where the backend can),
+// then runs the step. A failure on the way (out of memory) restores every length, so the call
+// changes nothing (nsa.h).
 Status append_and_decode(nsa_context* ctx, nsa_kv_cache* c, const nsa::DecodeProblem& pr,
                          const nsa_tensor& k, const nsa_tensor& v,
                          Status (*step)(const nsa::DecodeProblem&)) {
   const std::vector<int64_t> lens = c->len;
   Status s = Status::ok();
-  for (int64_t r = 0; r < pr.S && present(k) && s.is_ok(); ++r) {
+  const Backend& be = *c->backend;
+  if (present(k) && be.cache_append_rows != nullptr) {
+    s = be.cache_append_rows(*c, pr.seqs.data(), pr.S, k, v, append_threads(ctx), ctx->cuda_stream);
+    for (int64_t r = 0; r < pr.S && s.is_ok(); ++r) ++c->len[static_cast<size_t>(pr.seqs[r])];
+  }
+  for (int64_t r = 0; r < pr.S && present(k) && !be.cache_append_rows && s.is_ok(); ++r) {
     nsa_tensor ks = k, vs = v;
     ks.data = static_cast<char*>(k.data) + r * k.stride[0] * nsa_dtype_size(k.dtype);
     vs.data = static_cast<char*>(v.data) + r * v.stride[0] * nsa_dtype_size(v.dtype);
     ks.shape[0] = vs.shape[0] = 1;
     // One thread per token unless asked: a team for one token's rows costs more than it saves.
     const int32_t threads = ctx->num_threads > 0 ? ctx->num_threads : 1;
-    s = c->backend->cache_append(*c, pr.seqs[r], ks, vs, threads, ctx->cuda_stream);
+    s = be.cache_append(*c, pr.seqs[r], ks, vs, threads, ctx->cuda_stream);
     if (s.is_ok()) ++c->len[static_cast<size_t>(pr.seqs[r])];
   }
   if (s.is_ok()) s = step(pr);

@@ -61,17 +61,23 @@ struct Backend {
   Status (*dense_backward)(const DenseBwdProblem& pr) = nullptr;
 
   // The KV cache (SPEC 7). cache_create receives a handle whose common fields are set and
-  // attaches its storage (a device backend copies mlp parameters on `stream`, the context's); cache_append appends rows [0, n) of k [n, Hkv, Dk] / v [n, Hkv, Dv]
-  // (on the context's thread count, or, for a device backend, its stream)
-  // (checked to fit) to sequence seq and compresses what they complete, leaving the storage as
-  // it was on failure (the API restores the lengths); prefill appends the prompt of `fwd` (a
-  // validated forward of one sequence whose k_cmp/v_cmp the backend supplies from the cache) to
-  // an empty sequence and runs its forward; decode runs one step (DecodeProblem::dense: the
-  // dense baseline).
-  Status (*cache_create)(const nsa_kv_cache_params& p, nsa_kv_cache* cache,
-                         void* stream) = nullptr;
+  // attaches its storage (a device backend copies mlp parameters on `stream`, the context's);
+  // cache_append appends rows [0, n) of k [n, Hkv, Dk] / v [n, Hkv, Dv] (on the context's thread
+  // count, or, for a device backend, its stream) (checked to fit) to sequence seq and compresses
+  // what they complete, leaving the storage as it was on failure (the API restores the lengths);
+  // prefill appends the prompt of `fwd` (a validated forward of one sequence whose k_cmp/v_cmp the
+  // backend supplies from the cache) to an empty sequence and runs its forward; decode runs one
+  // step (DecodeProblem::dense: the dense baseline).
+  Status (*cache_create)(const nsa_kv_cache_params& p, nsa_kv_cache* cache, void* stream) = nullptr;
   Status (*cache_append)(nsa_kv_cache& cache, int64_t seq, const nsa_tensor& k, const nsa_tensor& v,
                          int32_t num_threads, void* stream) = nullptr;
+  // Optional, a decode step's appends at once: row r of k [S, Hkv, Dk] / v [S, Hkv, Dv] to
+  // sequence seqs[r] (distinct, none full; checked), as cache_append would append each, and with
+  // its failure rule. Without it the API appends the rows one by one through cache_append; a
+  // device backend has it so that a step's appends cost a few launches, not a few per row.
+  Status (*cache_append_rows)(nsa_kv_cache& cache, const int64_t* seqs, int64_t S,
+                              const nsa_tensor& k, const nsa_tensor& v, int32_t num_threads,
+                              void* stream) = nullptr;
   Status (*prefill)(nsa_kv_cache& cache, int64_t seq, FwdProblem& fwd) = nullptr;
   Status (*decode)(const DecodeProblem& pr) = nullptr;
   Status (*dense_decode)(const DecodeProblem& pr) = nullptr;

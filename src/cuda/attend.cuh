@@ -15,6 +15,8 @@
 // than a single rounding's 2^-8 (bf16). The tensor cores' f32 sums are not IEEE-rounded per
 // addition, so 16-bit inputs agree with f32 inputs of the same values within the f32 bound, not
 // bit for bit.
+// The 16-bit path streams key chunks through two buffers: the next chunk's copies (cp.async) are
+// in flight while the block computes on the current one (stream_keys).
 // Every reduction runs in a fixed order, so two runs give the same bits.
 #pragma once
 
@@ -22,6 +24,7 @@
 
 #include <cstdint>
 
+#include "cuda/async_copy.cuh"
 #include "cuda/elem.cuh"
 #include "cuda/mma.cuh"
 
@@ -40,13 +43,16 @@ struct RowView {
 
 // Shared memory of one block, carved from the dynamic allocation (sizes in floats: smem_floats)
 // for R rows (a head at a position, Group). The 16-bit tiles of the tensor-core path share the
-// f32 query and chunk areas, which it does not use.
+// f32 query and chunk areas, which it does not use; its chunk areas hold two chunks, the one
+// being computed on and the one being fetched (swap_chunks exchanges them).
 struct Smem {
-  float* q;       // [R][Dk] the rows' queries (f32 inputs)
-  float* k;       // [kChunk][kstride(Dk)] a key chunk (f32 inputs)
-  float* v;       // [kChunk][Dv] the chunk's values (f32 inputs)
-  uint16_t* k16;  // [kChunk][k16_ld(Dk)] a key chunk (16-bit inputs), over k
-  uint16_t* v16;  // [kChunk][v16_ld(Dv)] its values, over v
+  float* q;            // [R][Dk] the rows' queries (f32 inputs)
+  float* k;            // [kChunk][kstride(Dk)] a key chunk (f32 inputs)
+  float* v;            // [kChunk][Dv] the chunk's values (f32 inputs)
+  uint16_t* k16;       // [kChunk][k16_ld(Dk)] a key chunk (16-bit inputs), in k's area
+  uint16_t* v16;       // [kChunk][v16_ld(Dv)] its values, in v's area
+  uint16_t* k16_next;  // the same for the next chunk, after them
+  uint16_t* v16_next;
   uint16_t* q16;  // [2][mma_rows(R)][k16_ld(Dk)] the queries' hi and lo parts (16-bit), over q
   int* q_lo;      // whether the lo parts are not all zero
   float* p;       // [R][kChunk] the chunk's scores, then its softmax weights
@@ -68,20 +74,22 @@ __host__ __device__ inline int kstride(int Dk) { return Dk | 1; }
 __host__ __device__ inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 __host__ __device__ inline int mma_rows(int R) { return round_up(R, 16); }
 __host__ __device__ inline int k16_ld(int Dk) { return round_up(Dk, 16) + 8; }
+__host__ __device__ inline int64_t whole16B(int64_t floats) { return (floats + 3) / 4 * 4; }
 __host__ __device__ inline int v16_ld(int Dv) { return round_up(Dv, 8) + 8; }
 
-// The query and chunk areas hold either path's tiles.
+// The query and chunk areas hold either path's tiles (the 16-bit chunks twice), in whole
+// multiples of 16 bytes, so that every 16-bit tile starts 16-byte aligned for cp.async.
 __host__ __device__ inline int64_t q_floats(int R, int Dk) {
   const int64_t f32 = int64_t(R) * Dk, b16 = int64_t(mma_rows(R)) * k16_ld(Dk);
-  return f32 > b16 ? f32 : b16;
+  return whole16B(f32 > b16 ? f32 : b16);
 }
 __host__ __device__ inline int64_t chunk_k_floats(int Dk) {
-  const int64_t f32 = int64_t(kChunk) * kstride(Dk), b16 = int64_t(kChunk) * k16_ld(Dk) / 2;
-  return f32 > b16 ? f32 : b16;
+  const int64_t f32 = int64_t(kChunk) * kstride(Dk), b16 = int64_t(kChunk) * k16_ld(Dk);
+  return whole16B(f32 > b16 ? f32 : b16);
 }
 __host__ __device__ inline int64_t chunk_v_floats(int Dv) {
-  const int64_t f32 = int64_t(kChunk) * Dv, b16 = int64_t(kChunk) * v16_ld(Dv) / 2;
-  return f32 > b16 ? f32 : b16;
+  const int64_t f32 = int64_t(kChunk) * Dv, b16 = int64_t(kChunk) * v16_ld(Dv);
+  return whole16B(f32 > b16 ? f32 : b16);
 }
 
 __host__ __device__ inline int64_t smem_floats(int R, int Dk, int Dv) {
@@ -97,6 +105,8 @@ __device__ inline Smem carve(float* base, int R, int Dk, int Dv) {
   s.v = s.k + chunk_k_floats(Dk);
   s.k16 = reinterpret_cast<uint16_t*>(s.k);
   s.v16 = reinterpret_cast<uint16_t*>(s.v);
+  s.k16_next = s.k16 + kChunk * k16_ld(Dk);
+  s.v16_next = s.v16 + kChunk * v16_ld(Dv);
   s.p = s.v + chunk_v_floats(Dv);
   s.o = s.p + R * kChunk;
   s.out = s.o + R * Dv;
@@ -179,9 +189,10 @@ __device__ inline void begin_branch(const Smem& s, const Group& g) {
 }
 
 // Rows 0 .. rows - 1 of a 16-bit tile at dst (row stride ld): element (r, x < width) is row
-// pos(r) of src (stride row), column x, when r < n and x < D, else 0. 16 bytes a thread where
-// every row and both ends are 16-byte aligned (head dims a multiple of 8, the usual case),
-// element by element otherwise.
+// pos(r) of src (stride row), column x, when r < n and x < D, else 0. Where every row and both
+// ends are 16-byte aligned (head dims a multiple of 8, the usual case) the rows go 16 bytes a
+// thread by cp.async, which the caller commits and waits for (stream_keys); element by element
+// otherwise. The zeros are plain stores.
 template <typename In, typename Pos>
 __device__ void copy_rows16(uint16_t* dst, int ld, const In* src, int64_t row, Pos pos, int n,
                             int D, int width, int rows) {
@@ -192,9 +203,11 @@ __device__ void copy_rows16(uint16_t* dst, int ld, const In* src, int64_t row, P
     const int per = width / 8;
     for (int i = threadIdx.x; i < rows * per; i += kThreads) {
       const int r = i / per, x = 8 * (i % per);
-      uint4 w = make_uint4(0u, 0u, 0u, 0u);
-      if (r < n && x < D) w = load16B(src + pos(r) * row + x);
-      store16B(dst + r * ld + x, w);
+      if (r < n && x < D) {
+        cp_async16(dst + r * ld + x, src + pos(r) * row + x);
+      } else {
+        store16B(dst + r * ld + x, make_uint4(0u, 0u, 0u, 0u));
+      }
     }
     return;
   }
@@ -207,8 +220,8 @@ __device__ void copy_rows16(uint16_t* dst, int ld, const In* src, int64_t row, P
 // Copies nk <= kChunk rows (key r at position pos(r)) of K (and V when want_v) into shared
 // memory: widened to f32 for the CUDA cores; as 16-bit tiles for the tensor cores, with zeros in
 // the padding the tiles read (key dims past Dk, value rows past nk up to the k-step: P is 0 there,
-// and 0 times a stale NaN would not be). Callers sync before (the previous chunk is consumed)
-// and after.
+// and 0 times a stale NaN would not be). stream_keys calls it: the buffers it fills are not
+// being read, and the 16-bit path's copies are committed and waited for there.
 template <typename In, typename Pos>
 __device__ void load_chunk(const Smem& s, const Group& g, RowView k, RowView v, int nk, Pos pos,
                            bool want_v) {
@@ -378,26 +391,101 @@ __device__ inline void attend_chunk(const Smem& s, const Group& g, int nk, Rows 
   }
 }
 
-// Softmax attention of rows rr (default every row) over a list of key spans: spans(i, &first,
-// &count) gives span i of nspans, each split into chunks of kChunk keys.
+// A cursor over the chunks of a list of key spans, in order: spans(i, &first, &count) gives span
+// i of nspans, each split into chunks of kChunk keys (empty spans have none). next() moves to the
+// next chunk and says whether there is one; a new cursor stands before the first. The spans are
+// passed to next() rather than held, so that a cursor is a few plain registers.
+struct KeyChunks {
+  int i = -1;
+  int64_t first = 0, count = 0, c0 = 0;  // span i is [first, first + count); the chunk from c0
+  template <typename Spans>
+  __device__ bool next(const Spans& spans, int nspans) {
+    if (i >= 0) c0 += kChunk;
+    while (i < 0 || c0 >= count) {
+      if (++i >= nspans) return false;
+      spans(i, &first, &count);
+      c0 = 0;
+    }
+    return true;
+  }
+  __device__ int nk() const { return static_cast<int>(count - c0 < kChunk ? count - c0 : kChunk); }
+  __device__ int64_t base() const { return first + c0; }  // the chunk's first key
+};
+
+// A single span of keys [first, first + count), for KeyChunks.
+struct Span {
+  int64_t first, count;
+  __device__ void operator()(int, int64_t* f, int64_t* n) const { *f = first, *n = count; }
+};
+
+// Exchanges the current and next 16-bit chunk buffers of s.
+__device__ __forceinline__ void swap_chunks(Smem* s) {
+  uint16_t* k = s->k16;
+  uint16_t* v = s->v16;
+  s->k16 = s->k16_next, s->v16 = s->v16_next;
+  s->k16_next = k, s->v16_next = v;
+}
+
+// Streams the chunks of a list of key spans (KeyChunks) through shared memory: their keys (and
+// values when want_v) loaded by load_chunk, then use(s, c) on them, c the chunk's cursor. On the
+// tensor-core path the next chunk's copies are issued before the current chunk is used, into the
+// other buffers, so they are in flight meanwhile (paper, Section 3.4); the f32 path widens its
+// keys as it copies them, into one buffer, so it loads and then uses. A barrier before every use
+// (the chunk is in place) and after it (its buffers may be refilled); the first load waits for
+// the block's earlier reads.
+template <typename In, typename Spans, typename Use>
+__device__ void stream_keys(const Smem& s, const Group& g, RowView k, RowView v, bool want_v,
+                            int nspans, const Spans& spans, Use use) {
+  const auto load = [&](const Smem& b, const KeyChunks& c) {
+    const int64_t base = c.base();
+    load_chunk<In>(
+        b, g, k, v, c.nk(), [&](int r) { return base + r; }, want_v);
+  };
+  KeyChunks c;
+  __syncthreads();
+  bool have = c.next(spans, nspans);
+  if constexpr (!kMma<In>) {
+    for (; have; have = c.next(spans, nspans)) {
+      load(s, c);
+      __syncthreads();
+      use(s, c);
+      __syncthreads();
+    }
+  } else {
+    Smem b = s;
+    if (have) {
+      load(b, c);
+      cp_async_commit();
+    }
+    while (have) {
+      KeyChunks n = c;
+      const bool more = n.next(spans, nspans);
+      swap_chunks(&b);
+      if (more) load(b, n);  // into the other buffers
+      swap_chunks(&b);
+      cp_async_commit();  // one group per chunk, possibly empty: the waits below count chunks
+      if (more) {
+        cp_async_wait<1>();  // all but the chunk just issued
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();
+      use(b, c);
+      __syncthreads();
+      swap_chunks(&b);
+      c = n;
+      have = more;
+    }
+  }
+}
+
+// Softmax attention of rows rr (default every row) over a list of key spans (KeyChunks).
 template <typename In, typename Spans>
 __device__ void attend_spans(const Smem& s, const Group& g, RowView k, RowView v, int nspans,
                              Spans spans, Rows rr = {}) {
   rr = all_of(g, rr);
-  for (int i = 0; i < nspans; ++i) {
-    int64_t first = 0, count = 0;
-    spans(i, &first, &count);
-    for (int64_t c0 = 0; c0 < count; c0 += kChunk) {
-      const int nk = static_cast<int>(count - c0 < kChunk ? count - c0 : kChunk);
-      const int64_t base = first + c0;
-      __syncthreads();
-      load_chunk<In>(
-          s, g, k, v, nk, [&](int r) { return base + r; }, true);
-      __syncthreads();
-      attend_chunk<In>(s, g, nk, rr);
-    }
-  }
-  __syncthreads();
+  stream_keys<In>(s, g, k, v, true, nspans, spans,
+                  [&](const Smem& b, const auto& c) { attend_chunk<In>(b, g, c.nk(), rr); });
 }
 
 // Where a finished branch goes: its ungated output and LSE (each optional) and its gate, from the

@@ -41,11 +41,8 @@ __device__ inline CmpRow place_row(const CmpArgs& a, int64_t r) {
   return c;
 }
 
-// SPEC 5 mean: compressed row blockIdx.x of head blockIdx.y, the average of its block's l rows.
-__device__ inline void mean_block(const CmpArgs& a) {
-  const int64_t r = blockIdx.x, h = blockIdx.y;
-  const CmpRow c = place_row(a, r);
-  if (!c.ok) return;
+// SPEC 5 mean: compressed row c of head h, the average of its block's l rows.
+__device__ inline void mean_row(const CmpArgs& a, const CmpRow& c, int64_t h) {
   const float inv_l = 1.0f / float(a.l);
   for (int64_t x = threadIdx.x; x < a.D; x += kCmpThreads) {
     float acc = 0.0f;
@@ -54,6 +51,12 @@ __device__ inline void mean_block(const CmpArgs& a) {
     }
     st_any(a.out, a.out_el, c.b * a.os0 + c.row * a.os1 + h * a.os2 + x, acc * inv_l);
   }
+}
+
+// Compressed row blockIdx.x of head blockIdx.y, where the problem places it.
+__device__ inline void mean_block(const CmpArgs& a) {
+  const CmpRow c = place_row(a, blockIdx.x);
+  if (c.ok) mean_row(a, c, blockIdx.y);
 }
 
 }  // namespace nsa::cuda

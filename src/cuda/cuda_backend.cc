@@ -33,6 +33,7 @@ Backend make_table() {
   b.dense_forward = dense_forward;
   b.cache_create = kv_cache_create;
   b.cache_append = kv_cache_append;
+  b.cache_append_rows = kv_cache_append_rows;
   b.prefill = kv_cache_prefill;
   b.decode = decode;
   b.dense_decode = decode;

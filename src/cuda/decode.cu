@@ -84,6 +84,14 @@ Status append_one(const nsa_kv_cache& c, const nsa_tensor& x, void* base, int64_
   return launch_status("nsa_kv_cache_append");
 }
 
+__global__ void append_step_kernel(const void* x, Elem x_el, int64_t xs0, int64_t xs1, void* dst,
+                                   Elem dst_el, int64_t rows, int64_t Hkv, int64_t D,
+                                   const StepRows r) {
+  append_step_block(x, x_el, xs0, xs1, dst, dst_el, rows, Hkv, D, r);
+}
+
+__global__ void mean_step_kernel(const CmpArgs a, const StepRows r) { mean_step_block(a, r); }
+
 // Compressed rows [before, after) of sequence seq from its raw rows (SPEC 7: each exactly once).
 Status compress_new(const nsa_kv_cache& c, int64_t seq, int64_t before, int64_t after,
                     cudaStream_t stream) {
@@ -317,6 +325,64 @@ Status kv_cache_append(nsa_kv_cache& c, int64_t seq, const nsa_tensor& k, const 
   NSA_RETURN_IF_ERROR(append_one(c, v, st.bufs.v, st.bufs.rows, c.Dv, seq, len, stream));
   NSA_RETURN_IF_ERROR(
       compress_new(c, seq, nsa_cmp_len(&c.cfg, len), nsa_cmp_len(&c.cfg, len + n), stream));
+  return mark_last(st, stream, call);
+}
+
+// Rows [r0, r0 + n) of a step's appends: k and v in one launch each, then the compressed
+// tokens they complete (mean: one launch each for keys and values; mlp: per sequence, through
+// cuBLAS, once every d steps of it).
+Status append_step_rows(const nsa_kv_cache& c, const int64_t* seqs, int64_t r0, int64_t n,
+                        const nsa_tensor& k, const nsa_tensor& v, cudaStream_t stream) {
+  CudaCache& st = storage(c);
+  StepRows rows, done;
+  rows.row0 = r0;
+  int nc = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t seq = seqs[r0 + i], len = c.len[size_t(seq)];
+    rows.seq[i] = int32_t(seq);
+    rows.t[i] = int32_t(len);
+    const int64_t before = nsa_cmp_len(&c.cfg, len);
+    if (nsa_cmp_len(&c.cfg, len + 1) > before) {  // at most one a row (stride d >= 1)
+      done.seq[nc] = int32_t(seq);
+      done.t[nc++] = int32_t(before);
+    }
+  }
+  const char* call = "nsa_decode (appending k and v)";
+  const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(c.Hkv));
+  void* dst[2] = {st.bufs.k, st.bufs.v};
+  const nsa_tensor* x[2] = {&k, &v};
+  const int64_t D[2] = {c.Dk, c.Dv};
+  for (int i = 0; i < 2; ++i) {
+    append_step_kernel<<<grid, kThreads, 0, stream>>>(
+        x[i]->data, elem_of(x[i]->dtype), x[i]->stride[0], x[i]->stride[1], dst[i],
+        elem_of(c.dtype), st.bufs.rows, c.Hkv, D[i], rows);
+    NSA_RETURN_IF_ERROR(launch_status(call));
+  }
+  if (nc == 0) return Status::ok();
+  if (c.cmp_kind == NSA_CMP_MEAN) {
+    const dim3 cgrid(static_cast<unsigned>(nc), static_cast<unsigned>(c.Hkv));
+    for (int kind = 0; kind < 2; ++kind) {
+      mean_step_kernel<<<cgrid, kCmpThreads, 0, stream>>>(cache_cmp_all(c, st.bufs, kind), done);
+      NSA_RETURN_IF_ERROR(launch_status(call));
+    }
+    return Status::ok();
+  }
+  for (int i = 0; i < nc; ++i) {
+    NSA_RETURN_IF_ERROR(compress_new(c, done.seq[i], done.t[i], done.t[i] + 1, stream));
+  }
+  return Status::ok();
+}
+
+Status kv_cache_append_rows(nsa_kv_cache& c, const int64_t* seqs, int64_t S, const nsa_tensor& k,
+                            const nsa_tensor& v, int32_t, void* stream_ptr) {
+  const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  CudaCache& st = storage(c);
+  const char* call = "nsa_decode (appending k and v)";
+  NSA_RETURN_IF_ERROR(order_after_last(st, stream, call));
+  for (int64_t r0 = 0; r0 < S; r0 += kRowsPerLaunch) {
+    NSA_RETURN_IF_ERROR(
+        append_step_rows(c, seqs, r0, std::min<int64_t>(S - r0, kRowsPerLaunch), k, v, stream));
+  }
   return mark_last(st, stream, call);
 }
 

@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "common/kv_cache.h"
-#include "cuda/compress.h"
+#include "cuda/compress.cuh"
 #include "cuda/query.cuh"
 
 namespace nsa::cuda {
@@ -44,14 +44,20 @@ inline T4 rows_view(const nsa_tensor& t) {
   return v;
 }
 
+// D elements of x from element `from` (any float dtype) to dst from element `to` (the cache's).
+__device__ inline void copy_row(const void* x, Elem x_el, int64_t from, void* dst, Elem dst_el,
+                                int64_t to, int64_t D) {
+  for (int64_t i = threadIdx.x; i < D; i += kThreads) {
+    st_any(dst, dst_el, to + i, ld_any(x, x_el, from + i));
+  }
+}
+
 // Row blockIdx.x of x [n, Hkv, D] (any float dtype), head blockIdx.y, into position pos0 + row of
 // the sequence slice dst ([rows, Hkv, D], the cache's dtype).
 __device__ inline void append_block(const void* x, Elem x_el, int64_t xs0, int64_t xs1, void* dst,
                                     Elem dst_el, int64_t pos0, int64_t Hkv, int64_t D) {
   const int64_t r = blockIdx.x, h = blockIdx.y;
-  for (int64_t i = threadIdx.x; i < D; i += kThreads) {
-    st_any(dst, dst_el, ((pos0 + r) * Hkv + h) * D + i, ld_any(x, x_el, r * xs0 + h * xs1 + i));
-  }
+  copy_row(x, x_el, r * xs0 + h * xs1, dst, dst_el, ((pos0 + r) * Hkv + h) * D, D);
 }
 
 // The rows of one decode launch: kernel parameters, so a step reads nothing the host must copy.
@@ -61,6 +67,28 @@ struct StepRows {
   int32_t seq[kRowsPerLaunch];
   int32_t t[kRowsPerLaunch];  // the query's position: the sequence's length - 1
 };
+
+// A step's appends (decode.cu, kv_cache_append_rows): row r.row0 + i of x [S, Hkv, D] (i =
+// blockIdx.x), head blockIdx.y, into position r.t[i] (the length before it) of sequence r.seq[i]
+// of the cache buffer dst [num_seqs, rows, Hkv, D].
+__device__ inline void append_step_block(const void* x, Elem x_el, int64_t xs0, int64_t xs1,
+                                         void* dst, Elem dst_el, int64_t rows, int64_t Hkv,
+                                         int64_t D, const StepRows& r) {
+  const int64_t i = blockIdx.x, h = blockIdx.y;
+  const int64_t to = ((int64_t(r.seq[i]) * rows + r.t[i]) * Hkv + h) * D;
+  copy_row(x, x_el, (r.row0 + i) * xs0 + h * xs1, dst, dst_el, to, D);
+}
+
+// The compressed tokens a step's appends complete (at most one a sequence, SPEC 7): token r.t[i]
+// of sequence r.seq[i] (i = blockIdx.x), head blockIdx.y, the mean of its raw rows; a spans every
+// sequence of the cache (cache_cmp_all).
+__device__ inline void mean_step_block(const CmpArgs& a, const StepRows& r) {
+  CmpRow c;
+  c.b = r.seq[blockIdx.x];
+  c.row = r.t[blockIdx.x];
+  c.first = c.row * a.d;
+  mean_row(a, c, blockIdx.y);
+}
 
 template <typename In>
 __device__ void decode_block(const FwdArgs& a, const StepRows& r, float* smem) {
@@ -156,6 +184,15 @@ inline CmpArgs cache_cmp_args(const nsa_kv_cache& c, const CacheBufs& cb, int64_
   a.d = c.cfg.cmp_stride;
   a.Tc = a.rows = after - before;
   a.row0 = before;
+  return a;
+}
+
+// The mean's arguments over every sequence of the cache (batch row: a sequence), for
+// mean_step_block.
+inline CmpArgs cache_cmp_all(const nsa_kv_cache& c, const CacheBufs& cb, int kind) {
+  CmpArgs a = cache_cmp_args(c, cb, 0, kind, 0, 0);
+  a.xs0 = a.xs1 * cb.rows;
+  a.os0 = a.os1 * cb.cmp_rows;
   return a;
 }
 

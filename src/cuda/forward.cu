@@ -10,8 +10,11 @@
 namespace nsa::cuda {
 namespace {
 
+// Two blocks an SM: all that the shared memory of a long sequence's block allows (about 100 KiB
+// at G = 16, 64k; query.cuh). Saying so lets ptxas keep the 16-bit kernels' state in registers
+// (about 215 of them) where it would otherwise cap them at 168 and spill some 400 bytes.
 template <typename In>
-__global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdArgs a) {
+__global__ void __launch_bounds__(kThreads, 2) fwd_kernel(const FwdArgs a) {
   extern __shared__ float smem[];
   fwd_block<In>(a, smem);
 }

@@ -63,16 +63,7 @@ __device__ __forceinline__ uint32_t word(const uint16_t* p) {
 #endif
 }
 
-// 16 bytes (16-byte aligned) at once: a quarter of a key row of 64 bf16 per thread.
-__device__ __forceinline__ uint4 load16B(const void* p) {
-#if defined(__CUDA_ARCH__)
-  return *reinterpret_cast<const uint4*>(p);
-#else
-  uint4 w;
-  std::memcpy(&w, p, 16);
-  return w;
-#endif
-}
+// 16 bytes (16-byte aligned) at once: the zero padding of a key chunk's tiles.
 __device__ __forceinline__ void store16B(void* p, uint4 w) {
 #if defined(__CUDA_ARCH__)
   *reinterpret_cast<uint4*>(p) = w;

@@ -17,6 +17,8 @@ Status compress(const CompressProblem& problem);    // compress.cu (SPEC 5)
 Status kv_cache_create(const nsa_kv_cache_params& p, nsa_kv_cache* cache, void* stream);
 Status kv_cache_append(nsa_kv_cache& c, int64_t seq, const nsa_tensor& k, const nsa_tensor& v,
                        int32_t num_threads, void* stream);
+Status kv_cache_append_rows(nsa_kv_cache& c, const int64_t* seqs, int64_t S, const nsa_tensor& k,
+                            const nsa_tensor& v, int32_t num_threads, void* stream);
 Status kv_cache_prefill(nsa_kv_cache& c, int64_t seq, FwdProblem& fwd);
 Status decode(const DecodeProblem& pr);  // DecodeProblem::dense: the dense baseline
 

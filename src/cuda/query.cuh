@@ -150,18 +150,13 @@ __device__ int given_set(const int32_t* in, int* sel, int* tmp, const FwdArgs& a
   return count;
 }
 
-// Eq. 10 for one chunk of nk compressed keys from row first of kc, at each of the group's
-// positions p: ps[p kChunk + r] = sum over its heads of exp(score - lse), in head order, from
-// each head's final cmp m and l (s.m, s.l), for its first lim(p) keys (the ones it sees; 0 past
-// them). A head with no finite score (l = 0) adds nothing, as the reference's p = 0.
+// Eq. 10 for one loaded chunk of nk compressed keys, at each of the group's positions p:
+// ps[p kChunk + r] = sum over its heads of exp(score - lse), in head order, from each head's
+// final cmp m and l (s.m, s.l), for its first lim(p) keys (the ones it sees; 0 past them). A head
+// with no finite score (l = 0) adds nothing, as the reference's p = 0. Ends with a barrier.
 template <typename In, typename Lim>
-__device__ void group_probs(const Smem& s, const Group& g, RowView kc, int64_t first, int nk,
-                            float* ps, Lim lim) {
+__device__ void group_probs(const Smem& s, const Group& g, int nk, float* ps, Lim lim) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();
-  load_chunk<In>(
-      s, g, kc, kc, nk, [&](int r) { return first + r; }, false);
-  __syncthreads();
   chunk_scores<In>(s, g, nk, Rows{0, g.rows()});
   for (int h = warp; h < g.rows(); h += kWarps) {
     const int seen = lim(h / g.G);
@@ -201,24 +196,24 @@ __device__ inline void spread_probs(const float* ps, int64_t c0, int nk, float* 
 
 // SPEC 4 step 2 at each of the group's positions p: its group-summed cmp probabilities spread
 // onto its selection blocks 0..J(p) of score + p nblk, from the branch's final m and l (s.m,
-// s.l), chunk by chunk in key order, each chunk loaded once for every position. nc(p) counts
-// the compressed tokens p sees (nondecreasing in p).
+// s.l), chunk by chunk in key order (stream_keys), each chunk loaded once for every position.
+// nc(p) counts the compressed tokens p sees (nondecreasing in p).
 template <typename In, typename Nc, typename Jp>
 __device__ void block_scores(const Smem& s, const Group& g, RowView kc, int64_t cmp0, Nc nc,
                              float* score, float* ps, const FwdArgs& a, Jp J) {
   for (int p = 0; p < g.P; ++p) {
     for (int64_t j = threadIdx.x; j <= J(p); j += kThreads) score[p * a.nblk + j] = 0.0f;
   }
-  const int64_t last = nc(g.P - 1);
-  for (int64_t c0 = 0; c0 < last; c0 += kChunk) {
-    const int nk = int(last - c0 < kChunk ? last - c0 : kChunk);
-    group_probs<In>(s, g, kc, cmp0 + c0, nk, ps,
-                    [&](int p) { return int(min(int64_t(nk), max(int64_t(0), nc(p) - c0))); });
-    for (int p = 0; p < g.P; ++p) {
-      spread_probs(ps + p * kChunk, c0, nk, score + p * a.nblk, a, J(p));
-    }
-  }
-  __syncthreads();
+  stream_keys<In>(
+      s, g, kc, kc, false, 1, Span{cmp0, nc(g.P - 1)}, [&](const Smem& b, const auto& c) {
+        const int nk = c.nk();
+        const int64_t c0 = c.c0;
+        group_probs<In>(b, g, nk, ps,
+                        [&](int p) { return int(min(int64_t(nk), max(int64_t(0), nc(p) - c0))); });
+        for (int p = 0; p < g.P; ++p) {
+          spread_probs(ps + p * kChunk, c0, nk, score + p * a.nblk, a, J(p));
+        }
+      });
 }
 
 // SPEC 4 steps 2-3: the group's selection into sel (ascending; returns the count) and, when
@@ -310,12 +305,6 @@ inline int fwd_positions(int G, int Dk, int Dv, int nblk, int n, int64_t smem_li
   while (P > 1 && nsa_smem_bytes(G, Dk, Dv, nblk, n, P) > smem_limit) --P;
   return P;
 }
-
-// A span of keys [first, first + count) for attend_spans.
-struct Span {
-  int64_t first, count;
-  __device__ void operator()(int, int64_t* f, int64_t* n) const { *f = first, *n = count; }
-};
 
 // Step 1 at L's positions: cmp over the compressed tokens every position sees, loaded once for
 // all of them, then the few that only the later positions see (the count grows by one every d
@@ -425,10 +414,7 @@ __device__ void dense_query(const DenseArgs& a, const Loc& L, float* smem) {
   __syncthreads();
   const int64_t w0 = a.w > 0 ? max(int64_t(0), t - a.w + 1) : 0;
   attend_spans<In>(s, g, rows<In>(a.k, kb, hk), rows<In>(a.v, kb, hk), 1,
-                   [&](int, int64_t* f, int64_t* n) {
-                     *f = L.start + w0;
-                     *n = t - w0 + 1;
-                   });
+                   Span{L.start + w0, t - w0 + 1});
   BranchOut bo;
   if (a.lse.p) bo.lse = ptr<float>(a.lse, b, tok, h0), bo.lse_hs = a.lse.s2;
   end_branch(s, g, bo);

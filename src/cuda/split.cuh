@@ -161,10 +161,7 @@ template <typename In>
 __device__ void attend_part(const Smem& s, const Group& g, RowView k, RowView v, int64_t first,
                             int64_t n, const SplitScratch& w, const Slot& sl, int p) {
   begin_branch(s, g);
-  attend_spans<In>(s, g, k, v, 1, [&](int, int64_t* f, int64_t* c) {
-    *f = first;
-    *c = n;
-  });
+  attend_spans<In>(s, g, k, v, 1, Span{first, n});
   end_branch(s, g, part_out(w, sl, p));
 }
 
@@ -203,11 +200,12 @@ __device__ void probs_block(const FwdArgs& a, const StepRows& r, const SplitScra
   part_range(cmp_count(a, L), w.plan.cmp, blockIdx.z, &first, &n);
   const RowView kc = rows<In>(a.k_cmp, L.kb, L.hk);
   float* ps = s.extra;
-  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
-    const int nk = int(min(int64_t(kChunk), n - c0));
-    group_probs<In>(s, g, kc, L.cmp_start + first + c0, nk, ps, [&](int) { return nk; });
-    if (int(threadIdx.x) < nk) sl.ps[first + c0 + threadIdx.x] = ps[threadIdx.x];
-  }
+  stream_keys<In>(s, g, kc, kc, false, 1, Span{L.cmp_start + first, n},
+                  [&](const Smem& b, const auto& c) {
+                    const int nk = c.nk();
+                    group_probs<In>(b, g, nk, ps, [&](int) { return nk; });
+                    if (int(threadIdx.x) < nk) sl.ps[first + c.c0 + threadIdx.x] = ps[threadIdx.x];
+                  });
 }
 
 // Launch 3: the selection, from the probabilities in token order (as block_scores sums them).
