@@ -359,6 +359,58 @@ TEST_P(DecodeOnBackend, StepAppendsEqualAppends) {
   }
 }
 
+// More sequences in one step than one launch takes (256 on CUDA): 300 sequences of 15 tokens,
+// a step (ids in reverse) completing each one's first compressed token, equal to appending
+// each row alone.
+TEST_P(DecodeOnBackend, StepAppendsOfManySequences) {
+  const BackendUnderTest& be = GetParam();
+  ASSERT_NE(be.cache_cmp, nullptr);
+  constexpr int32_t kSeqs = 300;
+  const Shape s{1, 15 + kSeqs, 2, 1, 16, 8};
+  const nsa_config cfg = config(16, 8, 32, 4, 1, 2, 64);
+  FwdCase c = make_case(s, cfg, NSA_DTYPE_BF16, 12), out = make_case(s, cfg, NSA_DTYPE_BF16, 1);
+  Context cx(0, be.id);
+  CachePtr rowwise = make_cache(cx.ctx, cfg, kSeqs, 16, s, NSA_DTYPE_BF16, NSA_CMP_MEAN, nullptr,
+                                nullptr, *be.buffers);
+  CachePtr stepped = make_cache(cx.ctx, cfg, kSeqs, 16, s, NSA_DTYPE_BF16, NSA_CMP_MEAN, nullptr,
+                                nullptr, *be.buffers);
+  Staging st(be);
+  const DecodeTensors x = DecodeTensors::staged(st, c, out);
+  std::vector<int32_t> ids(kSeqs);
+  for (int32_t q = 0; q < kSeqs; ++q) {
+    ids[size_t(q)] = kSeqs - 1 - q;
+    nsa_tensor k = rows(x.k, 0, 15), v = rows(x.v, 0, 15);
+    for (nsa_kv_cache* cache : {rowwise.get(), stepped.get()}) {
+      ASSERT_EQ(nsa_kv_cache_append(cx.ctx, cache, q, &k, &v), NSA_OK) << cx.error();
+    }
+  }
+  for (int32_t r = 0; r < kSeqs; ++r) {
+    nsa_tensor k = rows(x.k, 15 + r, 1), v = rows(x.v, 15 + r, 1);
+    ASSERT_EQ(nsa_kv_cache_append(cx.ctx, rowwise.get(), ids[size_t(r)], &k, &v), NSA_OK);
+  }
+  nsa_decode_params p = decode_row(x, 15, /*append=*/true);
+  for (nsa_tensor* t : {&p.q, &p.k, &p.v, &p.g_cmp, &p.g_slc, &p.g_win, &p.o, &p.lse_cmp,
+                        &p.lse_slc, &p.lse_win, &p.slc_indices_out}) {
+    t->shape[0] = kSeqs;
+  }
+  p.seq_ids = ids.data();
+  ASSERT_EQ(nsa_decode(cx.ctx, stepped.get(), &p), NSA_OK) << cx.error();
+  Tensor k_row(NSA_DTYPE_F32, {kSeqs, 1, s.Hkv, s.Dk}),
+      v_row(NSA_DTYPE_F32, {kSeqs, 1, s.Hkv, s.Dv});
+  Tensor k_step(NSA_DTYPE_F32, {kSeqs, 1, s.Hkv, s.Dk}),
+      v_step(NSA_DTYPE_F32, {kSeqs, 1, s.Hkv, s.Dv});
+  for (int32_t q = 0; q < kSeqs; ++q) {
+    ASSERT_EQ(nsa_kv_cache_len(stepped.get(), q), 16);
+    be.cache_cmp(*rowwise, q, q, 0, k_row, v_row);
+    be.cache_cmp(*stepped, q, q, 0, k_step, v_step);
+  }
+  EXPECT_TRUE(k_step.storage() == k_row.storage()) << "compressed keys differ";
+  EXPECT_TRUE(v_step.storage() == v_row.storage()) << "compressed values differ";
+  // Sequence 0's token averages rows 0..14 and its own last row (step row 299): not zeros, and
+  // not sequence 299's (step row 0).
+  EXPECT_NE(k_step.at({0, 0, 0, 0}), k_step.at({kSeqs - 1, 0, 0, 0}));
+}
+
 // A batch of sequences at different lengths in one call gives, bit for bit, what each sequence
 // gives alone (chunks, not the batch, fix the arithmetic), in any order of seq_ids. CPU only:
 // bitwise batch invariance is a property of the CPU kernels, not a promise of nsa.h (every

@@ -46,11 +46,11 @@
  * one device.
  *
  * Limits of this version, answered NSA_ERR_UNSUPPORTED with the reason: one thread block per
- * (positions, KV head) holds the rows' queries and accumulators and the block scores in shared
- * memory, so roughly R (Dk + 2 Dv + 32) + 32 (Dk + Dv) + P T / slc_block floats (R = P G rows,
- * P positions, G at least 16 rows for 16-bit inputs) must fit one block's shared memory (about
- * 227 KiB on an H100; a forward block takes fewer positions before this fails); at most 65535
- * KV heads; a cache's capacity at most 2^31 - 1.
+ * (positions, KV head) holds the rows' queries and accumulators, two key chunks and the block
+ * scores in shared memory, so roughly R (Dk + 2 Dv + 32) + 32 (Dk + Dv + 16) + P T / slc_block
+ * floats (R = P G rows, P positions, G at least 16 rows for 16-bit inputs) must fit one block's
+ * shared memory (about 227 KiB on an H100; a forward block takes fewer positions before this
+ * fails); at most 65535 KV heads; a cache's capacity at most 2^31 - 1.
  *
  * Decode: one block per (sequence, KV head) when the step has enough of them to fill the device;
  * otherwise, from 1024 keys on, each branch's keys are split across blocks and the parts merged

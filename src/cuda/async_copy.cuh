@@ -22,7 +22,8 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
   simt_emu::Machine::get().cp_async16(dst, src);
 #elif defined(__CUDA_ARCH__)
   const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
+  const size_t s = __cvta_generic_to_global(src);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(s) : "memory");
 #endif
 }
 

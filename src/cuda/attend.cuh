@@ -444,6 +444,7 @@ __device__ void stream_keys(const Smem& s, const Group& g, RowView k, RowView v,
   KeyChunks c;
   __syncthreads();
   bool have = c.next(spans, nspans);
+  const bool none = !have;
   if constexpr (!kMma<In>) {
     for (; have; have = c.next(spans, nspans)) {
       load(s, c);
@@ -477,6 +478,9 @@ __device__ void stream_keys(const Smem& s, const Group& g, RowView k, RowView v,
       have = more;
     }
   }
+  // No chunk: the spans were still read (spans() may read shared memory, as SlcSpans' sel) and
+  // the caller may rewrite them next; the barrier after the last use stands in otherwise.
+  if (none) __syncthreads();
 }
 
 // Softmax attention of rows rr (default every row) over a list of key spans (KeyChunks).

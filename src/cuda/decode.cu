@@ -165,14 +165,14 @@ Status launch_step(const DecodeProblem& pr, const Args& a, const std::vector<int
 
 template <typename In>
 __global__ void __launch_bounds__(kThreads) decode_kernel(const FwdArgs a, const StepRows r) {
-  extern __shared__ float smem[];
+  extern __shared__ __align__(16) float smem[];  // 16: cp.async's chunk tiles (attend.cuh)
   decode_block<In>(a, r, smem);
 }
 
 template <typename In>
 __global__ void __launch_bounds__(kThreads)
     dense_decode_kernel(const DenseArgs a, const StepRows r) {
-  extern __shared__ float smem[];
+  extern __shared__ __align__(16) float smem[];  // 16: cp.async's chunk tiles (attend.cuh)
   dense_decode_block<In>(a, r, smem);
 }
 
@@ -189,7 +189,7 @@ void launch_dense(const DenseArgs& a, const StepRows& r, const LaunchShape& ls, 
 template <typename Args, void (*Block)(const Args&, const StepRows&, const SplitScratch&, float*)>
 __global__ void __launch_bounds__(kThreads)
     split_kernel(const Args a, const StepRows r, const SplitScratch w) {
-  extern __shared__ float smem[];
+  extern __shared__ __align__(16) float smem[];  // 16: cp.async's chunk tiles (attend.cuh)
   Block(a, r, w, smem);
 }
 

@@ -15,13 +15,13 @@ namespace {
 // (about 215 of them) where it would otherwise cap them at 168 and spill some 400 bytes.
 template <typename In>
 __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(const FwdArgs a) {
-  extern __shared__ float smem[];
+  extern __shared__ __align__(16) float smem[];  // 16: cp.async's chunk tiles (attend.cuh)
   fwd_block<In>(a, smem);
 }
 
 template <typename In>
 __global__ void __launch_bounds__(kThreads) dense_kernel(const DenseArgs a) {
-  extern __shared__ float smem[];
+  extern __shared__ __align__(16) float smem[];  // 16: cp.async's chunk tiles (attend.cuh)
   dense_block<In>(a, smem);
 }
 
