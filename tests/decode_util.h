@@ -72,6 +72,13 @@ inline void make_mlp(Tensor* t, int64_t H, int64_t l, int64_t D, int64_t Dh, nsa
   t[4].fill_uniform(rng, -0.1, 0.1);
 }
 
+// phi's parameters for the keys and the values of shape s (hidden width Dh).
+inline void make_mlps(MlpTensors* m, const Shape& s, int64_t l, int64_t Dh, nsa_dtype dt,
+                      std::mt19937_64& rng) {
+  make_mlp(m->k, s.Hkv, l, s.Dk, Dh, dt, rng);
+  make_mlp(m->v, s.Hkv, l, s.Dv, Dh, dt, rng);
+}
+
 inline CachePtr make_cache(nsa_context* ctx, const nsa_config& cfg, int64_t seqs, int64_t capacity,
                            const Shape& s, nsa_dtype dt, nsa_cmp_kind kind,
                            MlpTensors* mlp = nullptr, std::string* err = nullptr,

@@ -142,8 +142,7 @@ FwdCase run_decode_case(const BackendUnderTest& be, const DecodeCase& dc,
   std::mt19937_64 rng(99);
   MlpTensors mlp;
   if (dc.kind == NSA_CMP_MLP) {
-    make_mlp(mlp.k, s.Hkv, dc.cfg.cmp_block, s.Dk, 24, dc.dtype, rng);
-    make_mlp(mlp.v, s.Hkv, dc.cfg.cmp_block, s.Dv, 24, dc.dtype, rng);
+    make_mlps(&mlp, s, dc.cfg.cmp_block, 24, dc.dtype, rng);
   }
   decode_then_reference(be, c, got, dc.kind, &mlp, dc.prefill, math);
   if (::testing::Test::HasFatalFailure() || ::testing::Test::IsSkipped()) return got;
@@ -234,8 +233,7 @@ TEST_P(DecodeOnBackend, IncrementalCompressionEqualsCompress) {
     FwdCase c = make_case(s, cfg, NSA_DTYPE_F32, 77);
     std::mt19937_64 rng(5);
     MlpTensors mlp;
-    make_mlp(mlp.k, s.Hkv, cfg.cmp_block, s.Dk, 16, NSA_DTYPE_F32, rng);
-    make_mlp(mlp.v, s.Hkv, cfg.cmp_block, s.Dv, 16, NSA_DTYPE_F32, rng);
+    make_mlps(&mlp, s, cfg.cmp_block, 16, NSA_DTYPE_F32, rng);
     Context cx(0, be.id);
     CachePtr cache =
         make_cache(cx.ctx, cfg, 1, s.T, s, NSA_DTYPE_F32, kind, &mlp, nullptr, *be.buffers);
@@ -293,8 +291,7 @@ TEST_P(DecodeOnBackend, StepAppendsEqualAppends) {
     FwdCase c = make_case(s, cfg, NSA_DTYPE_F32, 31), out = make_case(s, cfg, NSA_DTYPE_F32, 1);
     std::mt19937_64 rng(6);
     MlpTensors mlp;
-    make_mlp(mlp.k, s.Hkv, cfg.cmp_block, s.Dk, 16, NSA_DTYPE_F32, rng);
-    make_mlp(mlp.v, s.Hkv, cfg.cmp_block, s.Dv, 16, NSA_DTYPE_F32, rng);
+    make_mlps(&mlp, s, cfg.cmp_block, 16, NSA_DTYPE_F32, rng);
     Context cx(0, be.id);
     CachePtr rowwise =
         make_cache(cx.ctx, cfg, 3, 40, s, NSA_DTYPE_F32, kind, &mlp, nullptr, *be.buffers);
