@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <functional>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -223,6 +224,35 @@ TEST(CudaEmuFwd, NonFiniteValuesStayWithThePositionsThatReadThem) {
   }
 }
 
+// An infinite value under a weight exact in 16 bits (1 for the only key position 0 sees, and for
+// the largest score of any chunk) stays infinite, as in the reference: the lo parts' 0 * inf =
+// NaN does not reach the output (attend.cuh, add_lo). Every output is NaN, infinite (same sign)
+// or within the f32 bound exactly where the reference's is.
+TEST(CudaEmuFwd, InfiniteValuesStayInfinite) {
+  const Shape s{1, 70, 2, 2, 24, 16};
+  for (nsa_dtype dt : {NSA_DTYPE_BF16, NSA_DTYPE_F16}) {
+    SCOPED_TRACE(nsa_dtype_name(dt));
+    FwdCase ref = make_case(s, small_cfg(), dt, 17), emu = make_case(s, small_cfg(), dt, 17);
+    for (FwdCase* c : {&ref, &emu}) c->v.set({0, 0, 0, 3}, std::numeric_limits<double>::infinity());
+    std::string msg;
+    ASSERT_EQ(run_on(oracle(), ref.params(), 0, &msg), NSA_OK) << msg;
+    emu_forward(emu.params());
+    const double tol = 16.0 * double(s.Dk + s.T) * kEps;
+    int64_t off = 0, infs = 0;
+    ref.o.for_each([&](int64_t b, int64_t t, int64_t h, int64_t d) {
+      const double want = ref.o.at({b, t, h, d}), got = emu.o.at({b, t, h, d});
+      infs += std::isinf(want);
+      const bool same = std::isnan(want)   ? std::isnan(got)
+                        : std::isinf(want) ? got == want
+                                           : std::fabs(got - want) <= tol * (1.0 + std::fabs(want));
+      if (!same && off++ == 0)
+        ADD_FAILURE() << "t=" << t << " h=" << h << " d=" << d << ": " << got << " vs " << want;
+    });
+    EXPECT_EQ(off, 0);
+    EXPECT_GT(infs, 0);  // the case does reach infinite outputs
+  }
+}
+
 TEST(CudaEmuFwd, CallerIndices) {
   const Shape s{1, 80, 3, 1, 16, 16};
   const nsa_config cfg = small_cfg();
@@ -434,9 +464,11 @@ void emu_step(EmuCache& ec, int64_t seq, FwdCase& x, FwdCase& out, int64_t t, bo
 // case's keys and values rounded to bf16 first, so the reference sees the values it holds.
 void decode_vs_reference(const Shape& s, const nsa_config& cfg, nsa_dtype dt,
                          nsa::cuda::SplitPlan plan = {}, int64_t split_from = 0,
-                         std::optional<nsa_dtype> cache = std::nullopt) {
+                         std::optional<nsa_dtype> cache = std::nullopt,
+                         const std::function<void(FwdCase&)>& edit = {}) {
   const nsa_dtype cache_dt = cache.value_or(dt);
   FwdCase c = make_case(s, cfg, dt, 31), got = make_case(s, cfg, dt, 31);
+  if (edit) edit(c), edit(got);
   if (cache_dt != dt) {
     for (Tensor* x : {&c.k, &c.v}) {
       x->for_each([&](int64_t a, int64_t b, int64_t h, int64_t d) {
@@ -482,6 +514,19 @@ TEST(CudaEmuDecode, WiderQueriesOnABf16Cache) {
     SCOPED_TRACE(nsa_dtype_name(dt));
     decode_vs_reference({1, 90, 6, 2, 20, 12}, small_cfg(), dt, {}, 0, NSA_DTYPE_BF16);
   }
+}
+
+// An infinite key channel under a query channel exact in bf16 (1.0, so its lo part is 0): the
+// score is -inf and the key weighs nothing, as in the reference, not 0 * -inf = NaN from the lo
+// part (attend.cuh, add_lo). f32 queries on a bf16 cache take the hi + lo path.
+TEST(CudaEmuDecode, InfiniteKeyUnderAnExactQueryWeighsNothing) {
+  decode_vs_reference({1, 90, 6, 2, 24, 16}, small_cfg(), NSA_DTYPE_F32, {}, 0, NSA_DTYPE_BF16,
+                      [](FwdCase& c) {
+                        c.q.for_each([&](int64_t b, int64_t t, int64_t h, int64_t d) {
+                          if (d == 0) c.q.set({b, t, h, d}, 1.0);
+                        });
+                        c.k.set({0, 50, 0, 0}, -std::numeric_limits<double>::infinity());
+                      });
 }
 
 // Split-key steps (split.cuh) against the reference. Parts are whole 32-key chunks, so the

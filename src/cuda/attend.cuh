@@ -154,6 +154,12 @@ __device__ __forceinline__ void split16(float x, uint16_t* hi, uint16_t* lo) {
   *lo = isfinite(h) ? to16<In>(x - h) : uint16_t(0);
 }
 
+// A tensor-core sum of hi parts plus the sum of the lo parts. A value exact in 16 bits (a weight
+// of 1, a query of 1.0) has lo = 0, and 0 times an infinite key or value is NaN in the lo sum
+// where the reference's single product is that infinity: an infinite hi sum stands alone (a NaN
+// one stays NaN).
+__device__ __forceinline__ float add_lo(float hi, float lo) { return isinf(hi) ? hi : hi + lo; }
+
 // Loads the group's queries (row r at q + row_at(r, hs, ps), any float dtype) and clears out;
 // for the tensor cores also their 16-bit hi and lo tiles, zero past the rows and Dk (padding
 // meets zero key dims). q's dtype is a run-time fact: decode takes any float queries whatever the
@@ -266,7 +272,7 @@ __device__ void mma_scores(const Smem& s, const Group& g, int nk, Rows rr) {
   const int ld = k16_ld(g.Dk), dk = round_up(g.Dk, 16), M = mma_rows(g.rows());
   const bool lo = *s.q_lo != 0;
   for (int m0 = rr.r0 / 16 * 16; m0 < rr.r1; m0 += 16) {
-    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f}, c_lo[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int k0 = 0; k0 < dk; k0 += 16) {
       uint32_t a[4], b[2];
       load_b_rows(b, s.k16 + n0 * ld + k0, ld, lane);
@@ -274,12 +280,13 @@ __device__ void mma_scores(const Smem& s, const Group& g, int nk, Rows rr) {
       mma16816<In>(c, a, b);
       if (lo) {
         load_a(a, s.q16 + (M + m0) * ld + k0, ld, lane);
-        mma16816<In>(c, a, b);
+        mma16816<In>(c_lo, a, b);
       }
     }
     for (int i = 0; i < 4; ++i) {
       const int h = m0 + acc_row(lane) + 8 * (i / 2);
-      if (h >= rr.r0 && h < rr.r1) s.p[h * kChunk + n0 + acc_col(lane) + i % 2] = c[i] * g.scale;
+      const float sc = add_lo(c[i], c_lo[i]) * g.scale;
+      if (h >= rr.r0 && h < rr.r1) s.p[h * kChunk + n0 + acc_col(lane) + i % 2] = sc;
     }
   }
 }
@@ -335,7 +342,7 @@ __device__ void mma_pv(const Smem& s, const Group& g, int nk, Rows rr) {
   const int ld = v16_ld(g.Dv), tiles = (g.Dv + 7) / 8;
   for (int m0 = rr.r0 / 16 * 16; m0 < rr.r1; m0 += 16) {
     for (int t = warp; t < tiles; t += kWarps) {
-      float c[4];
+      float c[4], c_lo[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       for (int i = 0; i < 4; ++i) {
         const int h = m0 + acc_row(lane) + 8 * (i / 2), x = 8 * t + acc_col(lane) + i % 2;
         c[i] = h >= rr.r0 && h < rr.r1 && x < g.Dv ? s.o[h * g.Dv + x] * s.corr[h] : 0.0f;
@@ -345,11 +352,11 @@ __device__ void mma_pv(const Smem& s, const Group& g, int nk, Rows rr) {
         load_b_cols(b, s.v16 + k0 * ld + 8 * t, ld, lane);
         p_frags<In>(s, rr, m0, k0, nk, lane, hi, lo);
         mma16816<In>(c, hi, b);
-        mma16816<In>(c, lo, b);
+        mma16816<In>(c_lo, lo, b);
       }
       for (int i = 0; i < 4; ++i) {
         const int h = m0 + acc_row(lane) + 8 * (i / 2), x = 8 * t + acc_col(lane) + i % 2;
-        if (h >= rr.r0 && h < rr.r1 && x < g.Dv) s.o[h * g.Dv + x] = c[i];
+        if (h >= rr.r0 && h < rr.r1 && x < g.Dv) s.o[h * g.Dv + x] = add_lo(c[i], c_lo[i]);
       }
     }
   }

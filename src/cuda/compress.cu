@@ -68,12 +68,6 @@ dim3 elementwise_grid(int64_t n, int64_t heads) {
               static_cast<unsigned>(heads));
 }
 
-Status cublas_status(cublasStatus_t s, const char* what) {
-  if (s == CUBLAS_STATUS_SUCCESS) return Status::ok();
-  return error(s == CUBLAS_STATUS_ALLOC_FAILED ? NSA_ERR_OUT_OF_MEMORY : NSA_ERR_INTERNAL,
-               cat("nsa_compress (mlp): cuBLAS ", what, " failed with status ", int(s)));
-}
-
 // Row-major C[h] = A[h] B[h]^T for every head h: A [rows, k], B [m, k], C [rows, m]; cuBLAS is
 // column-major, so it computes C^T = B A^T.
 Status gemm_abt(cublasHandle_t handle, const float* A, const float* B, float* C, int64_t rows,
@@ -83,7 +77,7 @@ Status gemm_abt(cublasHandle_t handle, const float* A, const float* B, float* C,
       cublasSgemmStridedBatched(handle, CUBLAS_OP_T, CUBLAS_OP_N, int(m), int(rows), int(k), &one,
                                 B, int(k), m * k, A, int(k), rows * k, &zero, C, int(m), rows * m,
                                 int(heads)),
-      "sgemm");
+      "compress (mlp): sgemm");
 }
 
 Status compress_mlp(const CompressProblem& pr, const CmpArgs& a) {
@@ -154,8 +148,7 @@ Status mlp_rows(const CmpArgs& a, const MlpShape& m, const float* weights, float
   if (a.rows == 0) return Status::ok();
   const int64_t H = m.H, R = a.rows, L = int64_t(m.l) * m.D, Dh = m.Dh, D = m.D;
   cublasHandle_t handle = nullptr;
-  NSA_RETURN_IF_ERROR(ws->cublas(&handle));
-  NSA_RETURN_IF_ERROR(cublas_status(cublasSetStream(handle, stream), "set stream"));
+  NSA_RETURN_IF_ERROR(ws->cublas(stream, &handle));
   const float* pos = weights;
   const float* w1 = pos + H * L;
   const float* b1 = w1 + H * Dh * L;

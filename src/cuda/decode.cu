@@ -33,7 +33,7 @@ class CudaCache final : public CacheStorage {
  public:
   ~CudaCache() override {
     if (done != nullptr) cudaEventDestroy(done);
-    for (void* p : {bufs.k, bufs.v, bufs.kc, bufs.vc, static_cast<void*>(mlp), cublas_ws}) {
+    for (void* p : {bufs.k, bufs.v, bufs.kc, bufs.vc, static_cast<void*>(mlp)}) {
       cudaFree(p);
     }
   }
@@ -44,7 +44,6 @@ class CudaCache final : public CacheStorage {
   float* mlp = nullptr;
   MlpShape mlp_k, mlp_v;
   DeviceWorkspace scratch;
-  void* cublas_ws = nullptr;
   // The last call's stream and an event after its work.
   cudaEvent_t done = nullptr;
   cudaStream_t last = nullptr;
@@ -67,6 +66,15 @@ Status mark_last(CudaCache& st, cudaStream_t s, const char* call) {
   if (capturing(s)) return Status::ok();
   st.last = s;
   return cuda_status(cudaEventRecord(st.done, s), call);
+}
+// The end of a call whose work() enqueues on s: marked whether or not all of it was enqueued, so
+// that a later call on another stream still waits for what was; work's failure comes first.
+template <typename Work>
+Status on_stream(CudaCache& st, cudaStream_t s, const char* call, Work work) {
+  NSA_RETURN_IF_ERROR(order_after_last(st, s, call));
+  const Status w = work();
+  const Status m = mark_last(st, s, call);
+  return w.is_ok() ? m : w;
 }
 
 __global__ void append_kernel(const void* x, Elem x_el, int64_t xs0, int64_t xs1, void* dst,
@@ -137,13 +145,9 @@ Status prepare_mlp(const nsa_kv_cache_params& p, CudaCache& st, cudaStream_t str
   NSA_RETURN_IF_ERROR(st.scratch.reserve(
       size_t(std::max(mlp_scratch_floats(st.mlp_k, rows), mlp_scratch_floats(st.mlp_v, rows))) *
       4));
+  NSA_RETURN_IF_ERROR(st.scratch.reserve_cublas_scratch(kCublasWorkspace));
   cublasHandle_t handle = nullptr;
-  NSA_RETURN_IF_ERROR(st.scratch.cublas(&handle));
-  NSA_RETURN_IF_ERROR(cuda_status(cudaMalloc(&st.cublas_ws, kCublasWorkspace), call));
-  if (cublasSetWorkspace(handle, st.cublas_ws, kCublasWorkspace) != CUBLAS_STATUS_SUCCESS) {
-    return error(NSA_ERR_INTERNAL, "nsa_kv_cache_create: cublasSetWorkspace failed");
-  }
-  return Status::ok();
+  return st.scratch.cublas(stream, &handle);  // created now: no step creates it
 }
 
 // The launches of one step: every shape checked before anything is enqueued, so a refused step
@@ -318,14 +322,12 @@ Status kv_cache_append(nsa_kv_cache& c, int64_t seq, const nsa_tensor& k, const 
                        int32_t, void* stream_ptr) {
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   CudaCache& st = storage(c);
-  const char* call = "nsa_kv_cache_append";
-  NSA_RETURN_IF_ERROR(order_after_last(st, stream, call));
-  const int64_t len = c.len[size_t(seq)], n = k.shape[0];
-  NSA_RETURN_IF_ERROR(append_one(c, k, st.bufs.k, st.bufs.rows, c.Dk, seq, len, stream));
-  NSA_RETURN_IF_ERROR(append_one(c, v, st.bufs.v, st.bufs.rows, c.Dv, seq, len, stream));
-  NSA_RETURN_IF_ERROR(
-      compress_new(c, seq, nsa_cmp_len(&c.cfg, len), nsa_cmp_len(&c.cfg, len + n), stream));
-  return mark_last(st, stream, call);
+  return on_stream(st, stream, "nsa_kv_cache_append", [&]() -> Status {
+    const int64_t len = c.len[size_t(seq)], n = k.shape[0];
+    NSA_RETURN_IF_ERROR(append_one(c, k, st.bufs.k, st.bufs.rows, c.Dk, seq, len, stream));
+    NSA_RETURN_IF_ERROR(append_one(c, v, st.bufs.v, st.bufs.rows, c.Dv, seq, len, stream));
+    return compress_new(c, seq, nsa_cmp_len(&c.cfg, len), nsa_cmp_len(&c.cfg, len + n), stream);
+  });
 }
 
 // Rows [r0, r0 + n) of a step's appends: k and v in one launch each, then the compressed
@@ -377,13 +379,13 @@ Status kv_cache_append_rows(nsa_kv_cache& c, const int64_t* seqs, int64_t S, con
                             const nsa_tensor& v, int32_t, void* stream_ptr) {
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   CudaCache& st = storage(c);
-  const char* call = "nsa_decode (appending k and v)";
-  NSA_RETURN_IF_ERROR(order_after_last(st, stream, call));
-  for (int64_t r0 = 0; r0 < S; r0 += kRowsPerLaunch) {
-    NSA_RETURN_IF_ERROR(
-        append_step_rows(c, seqs, r0, std::min<int64_t>(S - r0, kRowsPerLaunch), k, v, stream));
-  }
-  return mark_last(st, stream, call);
+  return on_stream(st, stream, "nsa_decode (appending k and v)", [&]() -> Status {
+    for (int64_t r0 = 0; r0 < S; r0 += kRowsPerLaunch) {
+      NSA_RETURN_IF_ERROR(
+          append_step_rows(c, seqs, r0, std::min<int64_t>(S - r0, kRowsPerLaunch), k, v, stream));
+    }
+    return Status::ok();
+  });
 }
 
 Status kv_cache_prefill(nsa_kv_cache& c, int64_t seq, FwdProblem& fwd) {
@@ -401,8 +403,9 @@ Status kv_cache_prefill(nsa_kv_cache& c, int64_t seq, FwdProblem& fwd) {
         static_cast<char*>(base[i]) + size_t(seq * st.bufs.cmp_rows * c.Hkv * dims[i]) * esize,
         c.dtype, 4, shape);
   }
-  NSA_RETURN_IF_ERROR(forward(fwd));
-  return mark_last(st, static_cast<cudaStream_t>(fwd.stream), "nsa_prefill");
+  const Status w = forward(fwd);  // on the stream the append just marked: nothing to wait for
+  const Status m = mark_last(st, static_cast<cudaStream_t>(fwd.stream), "nsa_prefill");
+  return w.is_ok() ? m : w;
 }
 
 CacheCmpView cache_cmp_view(const nsa_kv_cache& c) {
@@ -413,11 +416,10 @@ CacheCmpView cache_cmp_view(const nsa_kv_cache& c) {
 Status decode(const DecodeProblem& pr) {
   CudaCache& st = storage(*pr.cache);
   const cudaStream_t stream = stream_of(pr);
-  const char* call = pr.dense ? "nsa_dense_decode" : "nsa_decode";
-  NSA_RETURN_IF_ERROR(order_after_last(st, stream, call));
-  NSA_RETURN_IF_ERROR(pr.cache->dtype == NSA_DTYPE_BF16 ? run_step<__nv_bfloat16>(pr, st.bufs)
-                                                        : run_step<float>(pr, st.bufs));
-  return mark_last(st, stream, call);
+  return on_stream(st, stream, pr.dense ? "nsa_dense_decode" : "nsa_decode", [&] {
+    return pr.cache->dtype == NSA_DTYPE_BF16 ? run_step<__nv_bfloat16>(pr, st.bufs)
+                                             : run_step<float>(pr, st.bufs);
+  });
 }
 
 }  // namespace nsa::cuda

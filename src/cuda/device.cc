@@ -33,16 +33,17 @@ Status launch_shape(const char* call, const void* kernel, int64_t smem_bytes, in
   if (smem_bytes > limit) {
     return error(NSA_ERR_UNSUPPORTED,
                  cat(call,
-                     ": one thread block holds the group's queries and accumulators, a "
-                     "key chunk and the block scores in shared memory: ",
+                     ": one thread block holds the group's queries and accumulators, two "
+                     "key chunks and the block scores in shared memory: ",
                      smem_bytes,
                      " bytes for these sizes (G, Dk, Dv, T / slc_block), more "
                      "than the ",
                      limit, " this device allows"));
   }
+  // The device's whole allowance, the same value on every call: a call never lowers what another
+  // host thread's launch of the same kernel, between its check and its launch, relies on.
   NSA_RETURN_IF_ERROR(cuda_status(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes)),
-      call));
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(limit)), call));
   out->grid = dim3(static_cast<unsigned>(rows), static_cast<unsigned>(heads));
   out->smem = static_cast<size_t>(smem_bytes);
   return Status::ok();
@@ -52,19 +53,40 @@ Status launch_status(const char* call) { return cuda_status(cudaGetLastError(), 
 
 DeviceWorkspace::~DeviceWorkspace() {
   if (cublas_ != nullptr) cublasDestroy(cublas_);
+  if (cublas_ws_ != nullptr) cudaFree(cublas_ws_);
   if (ptr_ != nullptr) cudaFree(ptr_);
 }
 
-Status DeviceWorkspace::cublas(cublasHandle_t* out) {
+Status cublas_status(cublasStatus_t s, const char* what) {
+  if (s == CUBLAS_STATUS_SUCCESS) return Status::ok();
+  return error(s == CUBLAS_STATUS_ALLOC_FAILED ? NSA_ERR_OUT_OF_MEMORY : NSA_ERR_INTERNAL,
+               cat("cuBLAS: ", what, " failed with status ", int(s)));
+}
+
+Status DeviceWorkspace::cublas(cudaStream_t stream, cublasHandle_t* out) {
   if (cublas_ == nullptr) {
-    const cublasStatus_t s = cublasCreate(&cublas_);
-    if (s != CUBLAS_STATUS_SUCCESS) {
+    const Status st = cublas_status(cublasCreate(&cublas_), "creating a handle");
+    if (!st.is_ok()) {
       cublas_ = nullptr;
-      return error(s == CUBLAS_STATUS_ALLOC_FAILED ? NSA_ERR_OUT_OF_MEMORY : NSA_ERR_INTERNAL,
-                   cat("cuBLAS: cannot create a handle (status ", int(s), ")"));
+      return st;
     }
   }
+  NSA_RETURN_IF_ERROR(cublas_status(cublasSetStream(cublas_, stream), "cublasSetStream"));
+  if (cublas_ws_ != nullptr) {
+    NSA_RETURN_IF_ERROR(cublas_status(cublasSetWorkspace(cublas_, cublas_ws_, cublas_ws_bytes_),
+                                      "cublasSetWorkspace"));
+  }
   *out = cublas_;
+  return Status::ok();
+}
+
+Status DeviceWorkspace::reserve_cublas_scratch(size_t bytes) {
+  if (bytes <= cublas_ws_bytes_) return Status::ok();
+  void* p = nullptr;
+  NSA_RETURN_IF_ERROR(cuda_status(cudaMalloc(&p, bytes), "cuBLAS scratch"));
+  if (cublas_ws_ != nullptr) cudaFree(cublas_ws_);
+  cublas_ws_ = p;
+  cublas_ws_bytes_ = bytes;
   return Status::ok();
 }
 

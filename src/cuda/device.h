@@ -32,6 +32,8 @@ Status launch_shape(const char* call, const void* kernel, int64_t smem_bytes, in
 Status smem_limit(const char* call, const void* kernel, int64_t* limit);
 // The status of the launches just enqueued (cudaGetLastError).
 Status launch_status(const char* call);
+// A cuBLAS status as nsa's, naming what failed (out of memory where cuBLAS says so).
+Status cublas_status(cublasStatus_t s, const char* what);
 
 template <typename Problem>
 cudaStream_t stream_of(const Problem& pr) {
@@ -46,13 +48,19 @@ class DeviceWorkspace final : public Workspace {
   void* data() const { return ptr_; }
   // Grows to at least `bytes` (the contents are not kept); on failure it stays as it was.
   Status reserve(size_t bytes);
-  // The context's cuBLAS handle (mlp compression), created on first use.
-  Status cublas(cublasHandle_t* out);
+  // The cuBLAS handle (mlp compression), created on first use, set to run on `stream` with this
+  // workspace's own cuBLAS scratch when it has one (cublasSetStream resets cuBLAS to its default
+  // pool, which may allocate during a call: a KV cache's steps must not).
+  Status cublas(cudaStream_t stream, cublasHandle_t* out);
+  // Gives the handle `bytes` of cuBLAS scratch of its own (a KV cache, at creation).
+  Status reserve_cublas_scratch(size_t bytes);
 
  private:
   void* ptr_ = nullptr;
   size_t bytes_ = 0;
   cublasHandle_t cublas_ = nullptr;
+  void* cublas_ws_ = nullptr;
+  size_t cublas_ws_bytes_ = 0;
 };
 
 // The workspace of a call's context, created on first use, holding at least `bytes`.
