@@ -453,10 +453,11 @@ __device__ void stream_keys(const Smem& s, const Group& g, RowView k, RowView v,
   bool have = c.next(spans, nspans);
   const bool none = !have;
   if constexpr (!kMma<In>) {
-    for (; have; have = c.next(spans, nspans)) {
+    while (have) {
       load(s, c);
       __syncthreads();
       use(s, c);
+      have = c.next(spans, nspans);  // before the barrier, as every read of the spans
       __syncthreads();
     }
   } else {
