@@ -88,12 +88,15 @@ run() {
   # What the emulator's fibers cannot see, before the benchmarks so that the budget never skips
   # it: out-of-bounds accesses, shared-memory hazards between warps (tensor cores, cp.async
   # chunks in two buffers) and barrier misuse, in a bf16 forward and a split decode step.
-  if command -v compute-sanitizer >/dev/null; then
-    step memcheck 45 compute-sanitizer --tool memcheck --error-exitcode 3 "$bin/test_cuda" \
+  # (Not on PATH on every image: CUDA's own bin folder too. gVisor machines refuse it: the step
+  # then fails in seconds and says so in the log.)
+  san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  if [ -x "$san" ]; then
+    step memcheck 45 "$san" --tool memcheck --error-exitcode 3 "$bin/test_cuda" \
       --gtest_filter='CudaFwd.*:CudaDecode.*:-CudaFwd.SharedMemoryLimitIsReported'
-    step racecheck 45 compute-sanitizer --tool racecheck --error-exitcode 3 "$bin/test_cuda" \
+    step racecheck 45 "$san" --tool racecheck --error-exitcode 3 "$bin/test_cuda" \
       --gtest_filter='CudaFwd.TwoRunsGiveTheSameBits:CudaDecode.StepCapturesIntoAGraph'
-    step synccheck 30 compute-sanitizer --tool synccheck --error-exitcode 3 "$bin/test_cuda" \
+    step synccheck 30 "$san" --tool synccheck --error-exitcode 3 "$bin/test_cuda" \
       --gtest_filter='CudaFwd.TwoRunsGiveTheSameBits:CudaDecode.StepCapturesIntoAGraph'
   fi
   # Every parameterised case on the cuda backend (the reference runs on this machine's cores).
