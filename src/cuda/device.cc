@@ -80,26 +80,26 @@ Status DeviceWorkspace::cublas(cudaStream_t stream, cublasHandle_t* out) {
   return Status::ok();
 }
 
-Status DeviceWorkspace::reserve_cublas_scratch(size_t bytes) {
-  if (bytes <= cublas_ws_bytes_) return Status::ok();
+namespace {
+// Grows the device buffer *ptr (*have bytes) to at least `bytes`, contents not kept; on failure
+// it stays as it was. The old buffer may still be read by work queued on a stream: cudaFree
+// waits for the device.
+Status grow(void** ptr, size_t* have, size_t bytes, const char* what) {
+  if (bytes <= *have) return Status::ok();
   void* p = nullptr;
-  NSA_RETURN_IF_ERROR(cuda_status(cudaMalloc(&p, bytes), "cuBLAS scratch"));
-  if (cublas_ws_ != nullptr) cudaFree(cublas_ws_);
-  cublas_ws_ = p;
-  cublas_ws_bytes_ = bytes;
+  NSA_RETURN_IF_ERROR(cuda_status(cudaMalloc(&p, bytes), what));
+  if (*ptr != nullptr) cudaFree(*ptr);
+  *ptr = p;
+  *have = bytes;
   return Status::ok();
+}
+}  // namespace
+
+Status DeviceWorkspace::reserve_cublas_scratch(size_t bytes) {
+  return grow(&cublas_ws_, &cublas_ws_bytes_, bytes, "cuBLAS scratch");
 }
 
-Status DeviceWorkspace::reserve(size_t bytes) {
-  if (bytes <= bytes_) return Status::ok();
-  void* p = nullptr;
-  NSA_RETURN_IF_ERROR(cuda_status(cudaMalloc(&p, bytes), "workspace"));
-  // The old buffer may still be read by work queued on a stream: cudaFree waits for the device.
-  if (ptr_ != nullptr) cudaFree(ptr_);
-  ptr_ = p;
-  bytes_ = bytes;
-  return Status::ok();
-}
+Status DeviceWorkspace::reserve(size_t bytes) { return grow(&ptr_, &bytes_, bytes, "workspace"); }
 
 Status workspace(std::unique_ptr<Workspace>* slot, size_t bytes, DeviceWorkspace** out) {
   if (*slot == nullptr) *slot = std::make_unique<DeviceWorkspace>();
